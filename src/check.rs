@@ -1,0 +1,214 @@
+//! One role check: `GET check.path` on a node's role endpoint → [`Role`], and the per-backend loop
+//! that repeats it.
+//!
+//! The endpoint is untrusted input: the whole exchange has a deadline and the body a size cap, so
+//! a hung or hostile endpoint costs one timeout, never memory or a stuck loop.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{CONNECTION, HOST, USER_AGENT};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::leader::{Event, Role, Route};
+use crate::metrics as m;
+
+/// A role answer larger than this is not a role; it is an error.
+pub const MAX_BODY: usize = 1024;
+
+/// How every backend is checked.
+#[derive(Debug, Clone)]
+pub struct CheckSettings {
+    pub port: u16,
+    pub path: String,
+    pub timeout: Duration,
+    pub interval: Duration,
+    /// Used while there is no route, so a new leader is found quickly.
+    pub fast_interval: Duration,
+    /// Lower-case words that mean leader.
+    pub leader: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CheckError {
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("bad request: {0}")]
+    Request(#[from] hyper::http::Error),
+    #[error("answer larger than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("reading answer: {0}")]
+    Body(String),
+}
+
+/// Maps an HTTP answer to a role (DESIGN.md rule 1). Pure.
+pub fn role_from_answer(status: u16, body: &[u8], leader: &[String]) -> Role {
+    let text = String::from_utf8_lossy(body);
+    let word = text.trim().to_ascii_lowercase();
+    match status {
+        200..=299 => {
+            if leader.contains(&word) {
+                Role::Leader
+            } else if word == "replica" {
+                Role::Replica
+            } else if word.is_empty() {
+                Role::Down(format!("HTTP {status} with an empty body"))
+            } else {
+                Role::Other(shorten(&word, 64))
+            }
+        }
+        404 => Role::Maintenance,
+        _ => Role::Down(format!("HTTP {status}: {}", shorten(text.trim(), 200))),
+    }
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// Checks one endpoint once. Never fails: an error is `Role::Down` with the reason.
+pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Role {
+    match tokio::time::timeout(settings.timeout, fetch(endpoint, &settings.path)).await {
+        Ok(Ok((status, body))) => role_from_answer(status, &body, &settings.leader),
+        Ok(Err(e)) => Role::Down(e.to_string()),
+        Err(_) => Role::Down(CheckError::Timeout(settings.timeout).to_string()),
+    }
+}
+
+async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckError> {
+    let stream = TcpStream::connect(endpoint)
+        .await
+        .map_err(CheckError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    // The connection is driven by its own task, dropped (aborted) with this check.
+    let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
+    let request = Request::get(path)
+        .header(HOST, endpoint.ip().to_string())
+        .header(USER_AGENT, concat!("roleproxy/", env!("CARGO_PKG_VERSION")))
+        .header(CONNECTION, "close")
+        .body(Empty::new())?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                CheckError::TooLarge
+            } else {
+                CheckError::Body(e.to_string())
+            }
+        })?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// Starts the check loop of one backend. It reports every result to the leader view and stops
+/// when `cancel` fires or the view is gone.
+pub fn spawn_loop(
+    backend: SocketAddr,
+    settings: Arc<CheckSettings>,
+    events: mpsc::Sender<Event>,
+    mut recheck: watch::Receiver<u64>,
+    route: watch::Receiver<Route>,
+    cancel: CancellationToken,
+) {
+    let endpoint = SocketAddr::new(backend.ip(), settings.port);
+    tokio::spawn(async move {
+        recheck.mark_unchanged();
+        loop {
+            let started = Instant::now();
+            let role = tokio::select! {
+                _ = cancel.cancelled() => return,
+                role = check_role(endpoint, &settings) => role,
+            };
+            let latency = started.elapsed();
+            m::check_result(backend, &role, latency);
+            if let Role::Down(error) = &role {
+                tracing::debug!(backend = %backend, %error, "check failed");
+            }
+            let event = Event::Checked {
+                addr: backend,
+                role,
+                latency,
+            };
+            if events.send(event).await.is_err() {
+                return;
+            }
+            let wait = if route.borrow().leader().is_some() {
+                settings.interval
+            } else {
+                settings.fast_interval
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                changed = recheck.changed() => if changed.is_err() { return },
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_map_to_roles() {
+        let leader = vec!["leader".to_string(), "primary".to_string()];
+        let rows: &[(u16, &[u8], Role)] = &[
+            (200, b"leader", Role::Leader),
+            (200, b"  Leader\n", Role::Leader),
+            (200, b"PRIMARY", Role::Leader),
+            (204, b"primary", Role::Leader),
+            (200, b"replica", Role::Replica),
+            (200, b"readonly", Role::Other("readonly".into())),
+            (200, b"zombie", Role::Other("zombie".into())),
+            (200, b"not the leader", Role::Other("not the leader".into())),
+            (200, b"leaderboard", Role::Other("leaderboard".into())),
+            (200, b"", Role::Down("HTTP 200 with an empty body".into())),
+            (404, b"leader", Role::Maintenance),
+            (
+                500,
+                b"failed to connect to local node",
+                Role::Down("HTTP 500: failed to connect to local node".into()),
+            ),
+            (503, b"", Role::Down("HTTP 503: ".into())),
+            (301, b"leader", Role::Down("HTTP 301: leader".into())),
+        ];
+        for (status, body, expected) in rows {
+            assert_eq!(
+                &role_from_answer(*status, body, &leader),
+                expected,
+                "HTTP {status} {:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn long_error_text_is_shortened() {
+        let body = "x".repeat(5000);
+        match role_from_answer(500, body.as_bytes(), &[]) {
+            Role::Down(text) => assert!(text.len() < 220, "{}", text.len()),
+            other => panic!("expected down, got {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! `proxy.toml`: file → raw serde structs → `${VAR}` expansion → validated runtime [`Config`].
+//!
+//! Every error names the key it is about, so a bad deploy fails at start-up with a message an
+//! operator can act on instead of a proxy that routes wrongly.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// The validated configuration the proxy runs with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub listen: ListenConfig,
+    pub backends: BackendsConfig,
+    pub check: CheckConfig,
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenConfig {
+    pub addresses: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    Ipv6,
+    Ipv4,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendsConfig {
+    pub dns_names: Vec<String>,
+    pub port: u16,
+    pub nameservers: Vec<SocketAddr>,
+    pub prefer: IpFamily,
+    pub max: usize,
+    #[serde(serialize_with = "human")]
+    pub resolve_interval: Duration,
+    #[serde(serialize_with = "human")]
+    pub resolve_timeout: Duration,
+    pub backup: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckConfig {
+    pub port: u16,
+    pub path: String,
+    #[serde(serialize_with = "human")]
+    pub interval: Duration,
+    #[serde(serialize_with = "human")]
+    pub fast_interval: Duration,
+    #[serde(serialize_with = "human")]
+    pub timeout: Duration,
+    pub leader: Vec<String>,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyConfig {
+    #[serde(serialize_with = "human")]
+    pub connect_timeout: Duration,
+    pub connect_retries: u32,
+    #[serde(serialize_with = "human")]
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    #[serde(serialize_with = "human")]
+    pub leader_wait: Duration,
+    #[serde(serialize_with = "human")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminConfig {
+    /// `None` when `admin.address = ""`: no admin listener.
+    pub address: Option<SocketAddr>,
+}
+
+fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+// ---- the file as written -------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    listen: RawListen,
+    backends: RawBackends,
+    check: RawCheck,
+    proxy: RawProxy,
+    admin: RawAdmin,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawListen {
+    addresses: Vec<String>,
+}
+
+impl Default for RawListen {
+    fn default() -> Self {
+        Self {
+            addresses: vec!["0.0.0.0:5432".into(), "[::]:5432".into()],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBackends {
+    dns_names: Vec<String>,
+    port: u16,
+    nameservers: Vec<String>,
+    prefer: String,
+    max: usize,
+    resolve_interval: String,
+    resolve_timeout: String,
+    backup: Vec<String>,
+}
+
+impl Default for RawBackends {
+    fn default() -> Self {
+        Self {
+            dns_names: vec!["${PRIMARY_REGION}.${FLY_APP_NAME}.internal".into()],
+            port: 5433,
+            nameservers: vec!["[fdaa::3]:53".into()],
+            prefer: "ipv6".into(),
+            max: 10,
+            resolve_interval: "1s".into(),
+            resolve_timeout: "2s".into(),
+            backup: vec!["[${PG_LISTEN_ADDRESS}]:5433".into()],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawCheck {
+    port: u16,
+    path: String,
+    interval: String,
+    fast_interval: String,
+    timeout: String,
+    leader: Vec<String>,
+    rise: u32,
+    fall: u32,
+}
+
+impl Default for RawCheck {
+    fn default() -> Self {
+        Self {
+            port: 5500,
+            path: "/flycheck/role".into(),
+            interval: "2s".into(),
+            fast_interval: "250ms".into(),
+            timeout: "5s".into(),
+            leader: vec!["leader".into(), "primary".into()],
+            rise: 1,
+            fall: 2,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    connect_timeout: String,
+    connect_retries: u32,
+    idle_timeout: String,
+    max_connections: usize,
+    leader_wait: String,
+    shutdown_grace: String,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            connect_timeout: "4s".into(),
+            connect_retries: 2,
+            idle_timeout: "30m".into(),
+            max_connections: 1000,
+            leader_wait: "10s".into(),
+            shutdown_grace: "10s".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    address: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            address: "[::]:8404".into(),
+        }
+    }
+}
+
+// ---- loading --------------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates a file, expanding variables from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML text; `env` looks up variables so tests need not touch the process environment.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        raw.validate(&Expander { env })
+    }
+
+    /// A name for the cluster in logs and client errors, e.g. `iad.app.internal`.
+    pub fn cluster_name(&self) -> String {
+        if self.backends.dns_names.is_empty() {
+            "backup".to_string()
+        } else {
+            self.backends
+                .dns_names
+                .iter()
+                .map(|n| n.trim_end_matches('.'))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+    }
+}
+
+struct Expander<'a> {
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Expander<'_> {
+    fn string(&self, key: &str, value: &str) -> Result<String, ConfigError> {
+        expand(value, self.env).map_err(|reason| invalid(key, reason))
+    }
+
+    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
+        let text = self.string(key, value)?;
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            invalid(
+                key,
+                format!("bad duration {text:?} ({e}); use e.g. \"250ms\", \"2s\", \"30m\""),
+            )
+        })?;
+        if d.is_zero() {
+            return Err(invalid(key, "must be greater than zero"));
+        }
+        Ok(d)
+    }
+
+    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        let text = self.string(key, value)?;
+        parse_socket_addr(&text).ok_or_else(|| {
+            invalid(
+                key,
+                format!("bad address {text:?}; expected IP:PORT, e.g. \"0.0.0.0:5432\" or \"[::]:5432\""),
+            )
+        })
+    }
+
+    fn addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| self.addr(&format!("{key}[{i}]"), v))
+            .collect()
+    }
+}
+
+/// Accepts `1.2.3.4:5`, `[::1]:5` and also `[1.2.3.4]:5`, which the Fly template produces
+/// when `PG_LISTEN_ADDRESS` holds an IPv4 address.
+fn parse_socket_addr(text: &str) -> Option<SocketAddr> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse() {
+        return Some(addr);
+    }
+    let rest = text.strip_prefix('[')?;
+    let (ip, port) = rest.split_once("]:")?;
+    let ip: IpAddr = ip.parse().ok()?;
+    Some(SocketAddr::new(ip, port.parse().ok()?))
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` (default used when VAR is unset or empty).
+fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated \"${{\" in {value:?}"))?;
+        let expr = &after[..end];
+        let (name, default) = match expr.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (expr, None),
+        };
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit());
+        if !valid_name {
+            return Err(format!("bad variable name {name:?} in {value:?}"));
+        }
+        match (env(name), default) {
+            (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(format!(
+                    "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl RawConfig {
+    fn validate(self, x: &Expander) -> Result<Config, ConfigError> {
+        let listen = ListenConfig {
+            addresses: x.addrs("listen.addresses", &self.listen.addresses)?,
+        };
+        if listen.addresses.is_empty() {
+            return Err(invalid(
+                "listen.addresses",
+                "must list at least one address",
+            ));
+        }
+
+        let b = self.backends;
+        let mut dns_names = Vec::new();
+        for (i, name) in b.dns_names.iter().enumerate() {
+            let key = format!("backends.dns_names[{i}]");
+            let name = x.string(&key, name)?;
+            let name = name.trim();
+            let bad_label = name
+                .trim_end_matches('.')
+                .split('.')
+                .any(|label| label.is_empty() || label.len() > 63);
+            if name.is_empty() || bad_label || name.contains(char::is_whitespace) {
+                return Err(invalid(&key, format!("bad DNS name {name:?}")));
+            }
+            dns_names.push(name.to_string());
+        }
+        let prefer = match x.string("backends.prefer", &b.prefer)?.as_str() {
+            "ipv6" => IpFamily::Ipv6,
+            "ipv4" => IpFamily::Ipv4,
+            other => {
+                return Err(invalid(
+                    "backends.prefer",
+                    format!("expected \"ipv6\" or \"ipv4\", got {other:?}"),
+                ))
+            }
+        };
+        if b.max == 0 {
+            return Err(invalid("backends.max", "must be at least 1"));
+        }
+        if b.port == 0 {
+            return Err(invalid("backends.port", "must not be 0"));
+        }
+        let backends = BackendsConfig {
+            port: b.port,
+            nameservers: x.addrs("backends.nameservers", &b.nameservers)?,
+            prefer,
+            max: b.max,
+            resolve_interval: x.duration("backends.resolve_interval", &b.resolve_interval)?,
+            resolve_timeout: x.duration("backends.resolve_timeout", &b.resolve_timeout)?,
+            backup: x.addrs("backends.backup", &b.backup)?,
+            dns_names,
+        };
+        if backends.dns_names.is_empty() && backends.backup.is_empty() {
+            return Err(invalid(
+                "backends.dns_names",
+                "must list at least one name when backends.backup is empty",
+            ));
+        }
+
+        let c = self.check;
+        let path = x.string("check.path", &c.path)?;
+        if !path.starts_with('/') {
+            return Err(invalid(
+                "check.path",
+                format!("must start with '/', got {path:?}"),
+            ));
+        }
+        let leader: Vec<String> = c
+            .leader
+            .iter()
+            .enumerate()
+            .map(|(i, w)| x.string(&format!("check.leader[{i}]"), w))
+            .map(|w| w.map(|w| w.trim().to_ascii_lowercase()))
+            .collect::<Result<_, _>>()?;
+        if leader.is_empty() || leader.iter().any(String::is_empty) {
+            return Err(invalid(
+                "check.leader",
+                "must list at least one non-empty word",
+            ));
+        }
+        if c.rise == 0 {
+            return Err(invalid("check.rise", "must be at least 1"));
+        }
+        if c.fall == 0 {
+            return Err(invalid("check.fall", "must be at least 1"));
+        }
+        if c.port == 0 {
+            return Err(invalid("check.port", "must not be 0"));
+        }
+        let check = CheckConfig {
+            port: c.port,
+            path,
+            interval: x.duration("check.interval", &c.interval)?,
+            fast_interval: x.duration("check.fast_interval", &c.fast_interval)?,
+            timeout: x.duration("check.timeout", &c.timeout)?,
+            leader,
+            rise: c.rise,
+            fall: c.fall,
+        };
+
+        let p = self.proxy;
+        if p.max_connections == 0 {
+            return Err(invalid("proxy.max_connections", "must be at least 1"));
+        }
+        let proxy = ProxyConfig {
+            connect_timeout: x.duration("proxy.connect_timeout", &p.connect_timeout)?,
+            connect_retries: p.connect_retries,
+            idle_timeout: x.duration("proxy.idle_timeout", &p.idle_timeout)?,
+            max_connections: p.max_connections,
+            leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
+            shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
+        };
+
+        let admin_text = x.string("admin.address", &self.admin.address)?;
+        let admin = AdminConfig {
+            address: if admin_text.trim().is_empty() {
+                None
+            } else {
+                Some(x.addr("admin.address", &admin_text)?)
+            },
+        };
+
+        Ok(Config {
+            listen,
+            backends,
+            check,
+            proxy,
+            admin,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fly_env(name: &str) -> Option<String> {
+        match name {
+            "PRIMARY_REGION" => Some("iad".into()),
+            "FLY_APP_NAME" => Some("app".into()),
+            "PG_LISTEN_ADDRESS" => Some("fdaa::7".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, &fly_env)
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(_) => panic!("expected an error for {text:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_the_fly_defaults() {
+        let c = parse("").expect("defaults are valid");
+        assert_eq!(c.listen.addresses.len(), 2);
+        assert_eq!(c.backends.dns_names, vec!["iad.app.internal"]);
+        assert_eq!(c.backends.port, 5433);
+        assert_eq!(
+            c.backends.nameservers,
+            vec!["[fdaa::3]:53".parse().unwrap()]
+        );
+        assert_eq!(c.backends.prefer, IpFamily::Ipv6);
+        assert_eq!(c.backends.max, 10);
+        assert_eq!(c.backends.resolve_interval, Duration::from_secs(1));
+        assert_eq!(c.backends.backup, vec!["[fdaa::7]:5433".parse().unwrap()]);
+        assert_eq!(c.check.port, 5500);
+        assert_eq!(c.check.path, "/flycheck/role");
+        assert_eq!(c.check.interval, Duration::from_secs(2));
+        assert_eq!(c.check.timeout, Duration::from_secs(5));
+        assert_eq!(c.check.leader, vec!["leader", "primary"]);
+        assert_eq!(c.proxy.connect_timeout, Duration::from_secs(4));
+        assert_eq!(c.proxy.connect_retries, 2);
+        assert_eq!(c.proxy.idle_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(c.proxy.max_connections, 1000);
+        assert_eq!(c.proxy.leader_wait, Duration::from_secs(10));
+        assert_eq!(c.admin.address, Some("[::]:8404".parse().unwrap()));
+        assert_eq!(c.cluster_name(), "iad.app.internal");
+    }
+
+    #[test]
+    fn shipped_proxy_toml_is_valid() {
+        let text = include_str!("../proxy.toml");
+        let c = parse(text).expect("proxy.toml is valid");
+        assert_eq!(c.backends.dns_names, vec!["iad.app.internal"]);
+    }
+
+    #[test]
+    fn expansion() {
+        let env = fly_env;
+        assert_eq!(expand("a${PRIMARY_REGION}b", &env).unwrap(), "aiadb");
+        assert_eq!(expand("${NOPE:-x}", &env).unwrap(), "x");
+        assert_eq!(expand("${EMPTY:-x}", &env).unwrap(), "x");
+        assert_eq!(expand("${EMPTY}", &env).unwrap(), "");
+        assert_eq!(expand("${NOPE:-}", &env).unwrap(), "");
+        assert_eq!(expand("no vars", &env).unwrap(), "no vars");
+        assert!(expand("${NOPE}", &env)
+            .unwrap_err()
+            .contains("NOPE is not set"));
+        assert!(expand("${OPEN", &env).unwrap_err().contains("unterminated"));
+        assert!(expand("${9X}", &env)
+            .unwrap_err()
+            .contains("bad variable name"));
+    }
+
+    #[test]
+    fn bracketed_ipv4_is_accepted() {
+        assert_eq!(
+            parse_socket_addr("[127.0.0.1]:5433"),
+            Some("127.0.0.1:5433".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket_addr("[::1]:1"),
+            Some("[::1]:1".parse().unwrap())
+        );
+        assert_eq!(parse_socket_addr("localhost:1"), None);
+    }
+
+    /// Each row: a config fragment and words the error must contain (the key and the reason).
+    #[test]
+    fn errors_name_the_key() {
+        let rows: &[(&str, &[&str])] = &[
+            ("[listen]\nport = 1", &["unknown field", "port"]),
+            ("[bogus]\n", &["unknown field", "bogus"]),
+            (
+                "[check]\nintervall = \"2s\"",
+                &["unknown field", "intervall"],
+            ),
+            (
+                "[check]\ninterval = \"2 parsecs\"",
+                &["check.interval", "bad duration"],
+            ),
+            (
+                "[check]\ninterval = \"0s\"",
+                &["check.interval", "greater than zero"],
+            ),
+            (
+                "[check]\ntimeout = \"\"",
+                &["check.timeout", "bad duration"],
+            ),
+            (
+                "[proxy]\nleader_wait = \"soon\"",
+                &["proxy.leader_wait", "bad duration"],
+            ),
+            (
+                "[listen]\naddresses = []",
+                &["listen.addresses", "at least one"],
+            ),
+            (
+                "[listen]\naddresses = [\"nowhere\"]",
+                &["listen.addresses[0]", "bad address"],
+            ),
+            (
+                "[listen]\naddresses = [\"1.2.3.4:99999\"]",
+                &["listen.addresses[0]"],
+            ),
+            (
+                "[admin]\naddress = \"8404\"",
+                &["admin.address", "bad address"],
+            ),
+            (
+                "[backends]\nnameservers = [\"dns\"]",
+                &["backends.nameservers[0]"],
+            ),
+            (
+                "[backends]\nbackup = [\"[${NOPE}]:5433\"]",
+                &["backends.backup[0]", "NOPE"],
+            ),
+            (
+                "[backends]\ndns_names = [\"${MISSING}.x\"]",
+                &["backends.dns_names[0]", "MISSING is not set"],
+            ),
+            (
+                "[backends]\ndns_names = [\"a..b\"]",
+                &["backends.dns_names[0]", "bad DNS name"],
+            ),
+            (
+                "[backends]\ndns_names = []\nbackup = []",
+                &["backends.dns_names", "at least one"],
+            ),
+            (
+                "[backends]\nprefer = \"ipv5\"",
+                &["backends.prefer", "ipv5"],
+            ),
+            ("[backends]\nmax = 0", &["backends.max"]),
+            ("[backends]\nport = \"x\"", &["port", "invalid type"]),
+            ("[check]\nleader = []", &["check.leader", "at least one"]),
+            (
+                "[check]\npath = \"flycheck\"",
+                &["check.path", "start with"],
+            ),
+            ("[check]\nrise = 0", &["check.rise"]),
+            ("[check]\nfall = 0", &["check.fall"]),
+            ("[proxy]\nmax_connections = 0", &["proxy.max_connections"]),
+            ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
+            ("not toml at all", &["TOML parse error"]),
+        ];
+        for (text, words) in rows {
+            let message = error(text);
+            for word in *words {
+                assert!(
+                    message.contains(word),
+                    "error for {text:?} should mention {word:?}: {message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn admin_can_be_disabled_and_values_override_defaults() {
+        let c = parse(
+            "[admin]\naddress = \"\"\n[backends]\ndns_names = [\"${X:-db}.internal\"]\nprefer = \"ipv4\"\n[check]\nleader = [\" Primary \"]",
+        )
+        .expect("valid");
+        assert_eq!(c.admin.address, None);
+        assert_eq!(c.backends.dns_names, vec!["db.internal"]);
+        assert_eq!(c.backends.prefer, IpFamily::Ipv4);
+        assert_eq!(c.check.leader, vec!["primary"]);
+    }
+
+    #[test]
+    fn effective_config_serializes() {
+        let c = parse("").expect("valid");
+        let text = toml::to_string(&c).expect("serializes");
+        assert!(text.contains("interval = \"2s\""), "{text}");
+        assert!(text.contains("idle_timeout = \"30m\""), "{text}");
+    }
+}

@@ -1,0 +1,292 @@
+//! Names → addresses: resolves `backends.dns_names` every `resolve_interval`, adds the backup
+//! addresses, and sends the backend set to the leader view whenever it changes.
+//!
+//! A failed lookup keeps that name's last good answer: a DNS outage must not look like every
+//! node leaving. Only [`DnsResolver`] touches hickory.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::NetError;
+use hickory_resolver::TokioResolver;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendsConfig, IpFamily};
+use crate::leader::{Backend, Event, Source};
+use crate::metrics as m;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot build the DNS resolver: {0}")]
+    Resolver(NetError),
+    #[error("timed out")]
+    Timeout,
+    #[error("no such name (NXDOMAIN)")]
+    NxDomain,
+    #[error("no address records")]
+    NoRecords,
+    #[error("{0}")]
+    Lookup(NetError),
+}
+
+impl DiscoveryError {
+    /// A short label for the `result` metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DiscoveryError::Resolver(_) => "resolver",
+            DiscoveryError::Timeout => "timeout",
+            DiscoveryError::NxDomain => "nxdomain",
+            DiscoveryError::NoRecords => "no_records",
+            DiscoveryError::Lookup(_) => "error",
+        }
+    }
+}
+
+/// The one wrapper around hickory: asks for A and AAAA, never caches (every tick is a fresh
+/// answer), and bounds each lookup.
+pub struct DnsResolver {
+    inner: TokioResolver,
+    timeout: Duration,
+}
+
+impl DnsResolver {
+    pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Self, DiscoveryError> {
+        let provider = TokioRuntimeProvider::default();
+        let mut builder = if nameservers.is_empty() {
+            TokioResolver::builder(provider).map_err(DiscoveryError::Resolver)?
+        } else {
+            let servers = nameservers
+                .iter()
+                .map(|ns| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = ns.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = ns.port();
+                    NameServerConfig::new(ns.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
+        };
+        let opts = builder.options_mut();
+        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+        opts.cache_size = 0;
+        opts.timeout = timeout;
+        opts.attempts = 1;
+        opts.ndots = 0;
+        let inner = builder.build().map_err(DiscoveryError::Resolver)?;
+        Ok(Self { inner, timeout })
+    }
+
+    /// Every address of `name`, both families.
+    pub async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>, DiscoveryError> {
+        // Absolute name: search domains must never turn `iad.app.internal` into something else.
+        let fqdn = if name.ends_with('.') {
+            name.to_string()
+        } else {
+            format!("{name}.")
+        };
+        // The resolver's own timeout covers each query; this bounds the whole lookup.
+        let lookup = tokio::time::timeout(self.timeout * 2, self.inner.lookup_ip(fqdn))
+            .await
+            .map_err(|_| DiscoveryError::Timeout)?;
+        match lookup {
+            Ok(found) => Ok(found.iter().collect()),
+            Err(e) if e.is_nx_domain() => Err(DiscoveryError::NxDomain),
+            Err(e) if e.is_no_records_found() => Err(DiscoveryError::NoRecords),
+            Err(NetError::Timeout) => Err(DiscoveryError::Timeout),
+            Err(e) => Err(DiscoveryError::Lookup(e)),
+        }
+    }
+}
+
+/// Picks the addresses kept for one name: the preferred family when the name has it, sorted,
+/// deduplicated, at most `max`. Pure.
+pub fn select_addresses(ips: &[IpAddr], prefer: IpFamily, max: usize) -> Vec<IpAddr> {
+    let is_preferred = |ip: &IpAddr| match prefer {
+        IpFamily::Ipv6 => ip.is_ipv6(),
+        IpFamily::Ipv4 => ip.is_ipv4(),
+    };
+    let has_preferred = ips.iter().any(is_preferred);
+    let set: BTreeSet<IpAddr> = ips
+        .iter()
+        .copied()
+        .filter(|ip| is_preferred(ip) == has_preferred)
+        .collect();
+    set.into_iter().take(max).collect()
+}
+
+/// Builds the backend set from each name's addresses and the backups. Pure.
+pub fn backend_set(
+    resolved: &BTreeMap<String, Vec<IpAddr>>,
+    port: u16,
+    backup: &[SocketAddr],
+) -> Vec<Backend> {
+    let mut set: BTreeMap<SocketAddr, Vec<Source>> = BTreeMap::new();
+    for (name, ips) in resolved {
+        for ip in ips {
+            set.entry(SocketAddr::new(*ip, port))
+                .or_default()
+                .push(Source::Dns(name.clone()));
+        }
+    }
+    for addr in backup {
+        set.entry(*addr).or_default().push(Source::Backup);
+    }
+    set.into_iter()
+        .map(|(addr, sources)| Backend { addr, sources })
+        .collect()
+}
+
+/// Resolves every name each interval and reports changes, until cancelled.
+pub async fn run(config: BackendsConfig, events: mpsc::Sender<Event>, cancel: CancellationToken) {
+    let resolver = match DnsResolver::new(&config.nameservers, config.resolve_timeout) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "DNS discovery disabled; only backup addresses are used");
+            None
+        }
+    };
+    let mut last_good: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+    let mut last_sent: Option<Vec<Backend>> = None;
+    let mut tick = tokio::time::interval(config.resolve_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some(resolver) = &resolver {
+            for name in &config.dns_names {
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    r = resolver.resolve(name) => r,
+                };
+                match result {
+                    Ok(ips) => {
+                        m::dns_resolution(name, "ok");
+                        let kept = select_addresses(&ips, config.prefer, config.max);
+                        if last_good.get(name) != Some(&kept) {
+                            tracing::info!(name = %name, addresses = ?kept, "DNS answer changed");
+                        }
+                        last_good.insert(name.clone(), kept);
+                    }
+                    Err(e) => {
+                        m::dns_resolution(name, e.label());
+                        tracing::warn!(name = %name, error = %e, kept = ?last_good.get(name), "DNS lookup failed; keeping the last good answer");
+                    }
+                }
+            }
+        }
+        let set = backend_set(&last_good, config.port, &config.backup);
+        if last_sent.as_ref() != Some(&set) {
+            if events.send(Event::Backends(set.clone())).await.is_err() {
+                return;
+            }
+            last_sent = Some(set);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn address_selection() {
+        let v4a = ip("10.0.0.2");
+        let v4b = ip("10.0.0.1");
+        let v6a = ip("fdaa::2");
+        let v6b = ip("fdaa::1");
+        let rows: Vec<(&str, Vec<IpAddr>, IpFamily, usize, Vec<IpAddr>)> = vec![
+            (
+                "both families, prefer v6",
+                vec![v4a, v6a, v6b],
+                IpFamily::Ipv6,
+                10,
+                vec![v6b, v6a],
+            ),
+            (
+                "both families, prefer v4",
+                vec![v4a, v6a, v4b],
+                IpFamily::Ipv4,
+                10,
+                vec![v4b, v4a],
+            ),
+            (
+                "only v4 while v6 preferred",
+                vec![v4a, v4b],
+                IpFamily::Ipv6,
+                10,
+                vec![v4b, v4a],
+            ),
+            (
+                "duplicates removed",
+                vec![v6a, v6a, v6b],
+                IpFamily::Ipv6,
+                10,
+                vec![v6b, v6a],
+            ),
+            (
+                "at most max, lowest first",
+                vec![v6a, v6b],
+                IpFamily::Ipv6,
+                1,
+                vec![v6b],
+            ),
+            ("nothing", vec![], IpFamily::Ipv6, 10, vec![]),
+        ];
+        for (what, ips, prefer, max, expected) in rows {
+            assert_eq!(select_addresses(&ips, prefer, max), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn backend_set_merges_sources() {
+        let mut resolved = BTreeMap::new();
+        resolved.insert(
+            "a.internal".to_string(),
+            vec![ip("127.0.0.11"), ip("127.0.0.12")],
+        );
+        resolved.insert("b.internal".to_string(), vec![ip("127.0.0.12")]);
+        let backup: SocketAddr = "127.0.0.12:5433".parse().unwrap();
+        let other_backup: SocketAddr = "127.0.0.1:6000".parse().unwrap();
+        let set = backend_set(&resolved, 5433, &[backup, other_backup]);
+        let got: Vec<(String, Vec<String>)> = set
+            .iter()
+            .map(|b| {
+                (
+                    b.addr.to_string(),
+                    b.sources.iter().map(ToString::to_string).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("127.0.0.1:6000".to_string(), vec!["backup".to_string()]),
+                (
+                    "127.0.0.11:5433".to_string(),
+                    vec!["dns:a.internal".to_string()]
+                ),
+                (
+                    "127.0.0.12:5433".to_string(),
+                    vec![
+                        "dns:a.internal".to_string(),
+                        "dns:b.internal".to_string(),
+                        "backup".to_string()
+                    ]
+                ),
+            ]
+        );
+    }
+}

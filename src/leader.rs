@@ -1,0 +1,846 @@
+//! The routing rules: from each backend's role history to one [`Route`].
+//!
+//! [`decide`] and [`RoleHistory`] are pure and table-tested; [`LeaderView`] is the one task that
+//! owns every backend's state, feeds check results through them and publishes the route on a
+//! `tokio::sync::watch` channel that every session listens to.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::check::{self, CheckSettings};
+use crate::metrics as m;
+
+/// What a backend's role endpoint said, reduced to what routing needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "role", content = "detail", rename_all = "lowercase")]
+pub enum Role {
+    /// Not checked yet.
+    Unknown,
+    Leader,
+    Replica,
+    /// Any other answer (`readonly`, `zombie`, `witness`, ...): a live node that is not leader.
+    Other(String),
+    /// HTTP 404: the node is in maintenance; no new sessions, existing ones stay.
+    Maintenance,
+    /// The check failed: timeout, refused, HTTP error, oversized or unparsable answer.
+    Down(String),
+}
+
+impl Role {
+    /// A label for metrics and logs; the detail of `Other` and `Down` is left out.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Leader => "leader",
+            Role::Replica => "replica",
+            Role::Other(_) => "other",
+            Role::Maintenance => "maintenance",
+            Role::Down(_) => "down",
+        }
+    }
+
+    pub const LABELS: [&'static str; 6] = [
+        "unknown",
+        "leader",
+        "replica",
+        "other",
+        "maintenance",
+        "down",
+    ];
+
+    fn same_kind(&self, other: &Role) -> bool {
+        match (self, other) {
+            (Role::Other(a), Role::Other(b)) => a == b,
+            _ => self.label() == other.label(),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Role::Other(word) => write!(f, "other ({word})"),
+            Role::Down(error) => write!(f, "down ({error})"),
+            _ => f.write_str(self.label()),
+        }
+    }
+}
+
+/// Consecutive-answer hysteresis for one backend, in the manner of HAProxy's rise/fall.
+///
+/// Becoming leader takes `rise` consecutive `leader` answers; going down takes `fall` consecutive
+/// failed checks, so one lost packet does not drain every session. Any definite non-leader answer
+/// (`replica`, 404, another word) counts at once: a node that says it is not leader must never
+/// get another write.
+#[derive(Debug, Clone)]
+pub struct RoleHistory {
+    confirmed: Role,
+    pending: Option<(Role, u32)>,
+}
+
+impl Default for RoleHistory {
+    fn default() -> Self {
+        Self {
+            confirmed: Role::Unknown,
+            pending: None,
+        }
+    }
+}
+
+impl RoleHistory {
+    pub fn role(&self) -> &Role {
+        &self.confirmed
+    }
+
+    /// Records one check result; returns true when the confirmed role changed kind.
+    pub fn observe(&mut self, observed: Role, rise: u32, fall: u32) -> bool {
+        if observed.same_kind(&self.confirmed) {
+            // Keep the freshest detail (e.g. the latest error text) without counting a flip.
+            self.confirmed = observed;
+            self.pending = None;
+            return false;
+        }
+        let needed = match &observed {
+            Role::Leader => rise,
+            Role::Down(_) => fall,
+            _ => 1,
+        };
+        let count = match &self.pending {
+            Some((role, n)) if role.same_kind(&observed) => n + 1,
+            _ => 1,
+        };
+        if count >= needed {
+            self.confirmed = observed;
+            self.pending = None;
+            true
+        } else {
+            self.pending = Some((observed, count));
+            false
+        }
+    }
+}
+
+/// Where a backend address came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// Discovered from this DNS name.
+    Dns(String),
+    /// A configured `backends.backup` address.
+    Backup,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Dns(name) => write!(f, "dns:{}", name.trim_end_matches('.')),
+            Source::Backup => f.write_str("backup"),
+        }
+    }
+}
+
+/// One backend as routing sees it.
+#[derive(Debug, Clone)]
+pub struct BackendView<'a> {
+    pub addr: SocketAddr,
+    /// Discovered through DNS (as opposed to only a backup address).
+    pub discovered: bool,
+    /// Still in the current backend set; a departed leader may hold its sessions.
+    pub present: bool,
+    pub role: &'a Role,
+}
+
+/// Why there is no route.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "leaders", rename_all = "snake_case")]
+pub enum NoRoute {
+    /// Nothing discovered and no backup: usually DNS has not answered yet.
+    NoBackends,
+    /// Backends exist but none has positively answered `leader`.
+    NoLeader,
+    /// Several backends claim leader; writes to any of them could be lost.
+    SplitBrain(Vec<SocketAddr>),
+}
+
+impl fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NoRoute::NoBackends => f.write_str("no backends discovered"),
+            NoRoute::NoLeader => f.write_str("no node reports leader"),
+            NoRoute::SplitBrain(addrs) => {
+                let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                write!(f, "split brain: {} all report leader", list.join(", "))
+            }
+        }
+    }
+}
+
+/// Where sessions go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", content = "detail", rename_all = "snake_case")]
+pub enum Target {
+    /// New sessions go to this leader.
+    Leader(SocketAddr),
+    /// The leader is in maintenance or left DNS: its sessions stay, new ones wait.
+    Held(SocketAddr),
+    None(NoRoute),
+}
+
+impl Target {
+    /// The backend that current sessions belong to.
+    pub fn backend(&self) -> Option<SocketAddr> {
+        match self {
+            Target::Leader(a) | Target::Held(a) => Some(*a),
+            Target::None(_) => None,
+        }
+    }
+}
+
+/// The route every session follows. Sessions bound to an older generation are shut down.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    pub generation: u64,
+    pub target: Target,
+}
+
+impl Route {
+    pub fn initial() -> Self {
+        Route {
+            generation: 0,
+            target: Target::None(NoRoute::NoBackends),
+        }
+    }
+
+    /// The leader new sessions may connect to.
+    pub fn leader(&self) -> Option<SocketAddr> {
+        match self.target {
+            Target::Leader(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// The routing rules (DESIGN.md, rules 1–5). Pure, so every case is a table row.
+pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
+    let leaders = |discovered: bool| -> Vec<SocketAddr> {
+        backends
+            .iter()
+            .filter(|b| b.present && b.discovered == discovered && *b.role == Role::Leader)
+            .map(|b| b.addr)
+            .collect()
+    };
+    let mut discovered_leaders = leaders(true);
+    // Rule 4: a backup counts only while no discovered backend is leader.
+    if discovered_leaders.is_empty() {
+        discovered_leaders = leaders(false);
+    }
+    discovered_leaders.sort();
+
+    let target = match discovered_leaders.as_slice() {
+        [one] => Target::Leader(*one),
+        [] => held(previous, backends).unwrap_or_else(|| {
+            if backends.iter().any(|b| b.present) {
+                Target::None(NoRoute::NoLeader)
+            } else {
+                Target::None(NoRoute::NoBackends)
+            }
+        }),
+        several => Target::None(NoRoute::SplitBrain(several.to_vec())),
+    };
+    let generation = if target.backend() == previous.target.backend() {
+        previous.generation
+    } else {
+        previous.generation + 1
+    };
+    Route { generation, target }
+}
+
+/// The previous leader keeps its sessions while it is in maintenance or has left DNS, as long as
+/// nothing else claims leader.
+fn held(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
+    let addr = previous.target.backend()?;
+    let view = backends.iter().find(|b| b.addr == addr)?;
+    let holds = *view.role == Role::Maintenance || (!view.present && *view.role == Role::Leader);
+    holds.then_some(Target::Held(addr))
+}
+
+// ---- the task that owns backend state -------------------------------------------------------
+
+/// A backend the discovery wants checked.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    /// Where client connections go (`ip:backends.port`, or the backup address).
+    pub addr: SocketAddr,
+    pub sources: Vec<Source>,
+}
+
+/// Input to the leader view.
+#[derive(Debug)]
+pub enum Event {
+    /// The full current backend set, from discovery.
+    Backends(Vec<Backend>),
+    Checked {
+        addr: SocketAddr,
+        role: Role,
+        latency: Duration,
+    },
+    /// A session could not connect to this backend.
+    ConnectFailed { addr: SocketAddr, error: String },
+}
+
+/// What `/status` shows for one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendStatus {
+    pub address: SocketAddr,
+    pub sources: Vec<String>,
+    pub present: bool,
+    pub role: Role,
+    pub last_check_unix_ms: Option<u64>,
+    pub last_check_latency_ms: Option<f64>,
+    pub last_error: Option<String>,
+    pub sessions: u64,
+}
+
+/// State shared with the proxy and the admin server.
+pub struct Shared {
+    pub route: watch::Receiver<Route>,
+    /// When the current route was published.
+    pub route_since: Mutex<SystemTime>,
+    pub backends: Mutex<Vec<BackendStatus>>,
+    /// Open sessions per backend, maintained by the proxy.
+    pub sessions: Mutex<BTreeMap<SocketAddr, u64>>,
+    pub events: mpsc::Sender<Event>,
+}
+
+impl Shared {
+    /// Counts a session against its backend until the guard is dropped.
+    pub fn session_guard(self: &Arc<Self>, addr: SocketAddr) -> SessionGuard {
+        if let Ok(mut map) = self.sessions.lock() {
+            *map.entry(addr).or_default() += 1;
+        }
+        SessionGuard {
+            shared: Arc::clone(self),
+            addr,
+        }
+    }
+}
+
+pub struct SessionGuard {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.shared.sessions.lock() {
+            if let Some(n) = map.get_mut(&self.addr) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    map.remove(&self.addr);
+                }
+            }
+        }
+    }
+}
+
+struct BackendState {
+    sources: Vec<Source>,
+    present: bool,
+    history: RoleHistory,
+    last_check: Option<(SystemTime, Duration)>,
+    last_error: Option<String>,
+    checker: Option<CancellationToken>,
+}
+
+/// Owns every backend's state; the only place where check results become a route.
+pub struct LeaderView {
+    settings: Arc<CheckSettings>,
+    rise: u32,
+    fall: u32,
+    backends: BTreeMap<SocketAddr, BackendState>,
+    route_tx: watch::Sender<Route>,
+    /// Bumped to make every check loop check now (rule 6).
+    recheck_tx: watch::Sender<u64>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl LeaderView {
+    /// Creates the view and the shared state; call [`LeaderView::run`] to start it.
+    pub fn new(
+        settings: CheckSettings,
+        rise: u32,
+        fall: u32,
+        cancel: CancellationToken,
+    ) -> (LeaderView, Arc<Shared>, mpsc::Receiver<Event>) {
+        let (route_tx, route_rx) = watch::channel(Route::initial());
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        let (recheck_tx, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            route: route_rx,
+            route_since: Mutex::new(SystemTime::now()),
+            backends: Mutex::new(Vec::new()),
+            sessions: Mutex::new(BTreeMap::new()),
+            events: events_tx,
+        });
+        let view = LeaderView {
+            settings: Arc::new(settings),
+            rise,
+            fall,
+            backends: BTreeMap::new(),
+            route_tx,
+            recheck_tx,
+            shared: Arc::clone(&shared),
+            cancel,
+        };
+        (view, shared, events_rx)
+    }
+
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+        m::set_route_generation(0);
+        loop {
+            let event = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                event = events.recv() => match event {
+                    Some(event) => event,
+                    None => break,
+                },
+            };
+            self.apply(event);
+            self.publish();
+        }
+        for state in self.backends.values() {
+            if let Some(token) = &state.checker {
+                token.cancel();
+            }
+        }
+    }
+
+    fn apply(&mut self, event: Event) {
+        match event {
+            Event::Backends(set) => self.set_backends(set),
+            Event::Checked {
+                addr,
+                role,
+                latency,
+            } => self.checked(addr, role, latency),
+            Event::ConnectFailed { addr, error } => {
+                if self.route_tx.borrow().leader() == Some(addr) {
+                    tracing::warn!(backend = %addr, %error, "connect to leader failed; re-checking every backend");
+                    self.recheck_all();
+                }
+            }
+        }
+    }
+
+    fn set_backends(&mut self, set: Vec<Backend>) {
+        let route_backend = self.route_tx.borrow().target.backend();
+        let wanted: BTreeMap<SocketAddr, Vec<Source>> =
+            set.into_iter().map(|b| (b.addr, b.sources)).collect();
+        self.backends.retain(|addr, state| {
+            if wanted.contains_key(addr) {
+                return true;
+            }
+            if let Some(token) = state.checker.take() {
+                token.cancel();
+            }
+            if state.present {
+                tracing::info!(backend = %addr, "backend left the backend set; no new sessions");
+                m::backend_role(*addr, None);
+            }
+            state.present = false;
+            // A departed leader is kept (unchecked) so its sessions can hold until another leader
+            // appears; anything else is forgotten.
+            Some(*addr) == route_backend
+        });
+        for (addr, sources) in wanted {
+            let state = self.backends.entry(addr).or_insert_with(|| BackendState {
+                sources: Vec::new(),
+                present: false,
+                history: RoleHistory::default(),
+                last_check: None,
+                last_error: None,
+                checker: None,
+            });
+            if !state.present {
+                tracing::info!(backend = %addr, sources = ?sources, "backend joined the backend set");
+                state.present = true;
+                m::backend_role(addr, Some(state.history.role()));
+            }
+            state.sources = sources;
+            if state.checker.is_none() {
+                let token = self.cancel.child_token();
+                check::spawn_loop(
+                    addr,
+                    Arc::clone(&self.settings),
+                    self.shared.events.clone(),
+                    self.recheck_tx.subscribe(),
+                    self.shared.route.clone(),
+                    token.clone(),
+                );
+                state.checker = Some(token);
+            }
+        }
+    }
+
+    fn checked(&mut self, addr: SocketAddr, role: Role, latency: Duration) {
+        let Some(state) = self.backends.get_mut(&addr) else {
+            return; // a result from a backend that has just left
+        };
+        state.last_check = Some((SystemTime::now(), latency));
+        if let Role::Down(error) = &role {
+            state.last_error = Some(error.clone());
+        }
+        let failed = matches!(role, Role::Down(_));
+        let before = state.history.role().clone();
+        if state.history.observe(role, self.rise, self.fall) {
+            let after = state.history.role();
+            tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
+            m::backend_role(addr, Some(after));
+        }
+        // Rule 6: a failing leader makes everyone check now, not at the next tick.
+        if failed && self.route_tx.borrow().target.backend() == Some(addr) {
+            self.recheck_all();
+        }
+    }
+
+    fn recheck_all(&self) {
+        self.recheck_tx.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn publish(&mut self) {
+        let previous = self.route_tx.borrow().clone();
+        let views: Vec<BackendView<'_>> = self
+            .backends
+            .iter()
+            .map(|(addr, state)| BackendView {
+                addr: *addr,
+                discovered: state.sources.iter().any(|s| matches!(s, Source::Dns(_))),
+                present: state.present,
+                role: state.history.role(),
+            })
+            .collect();
+        let route = decide(&previous, &views);
+        drop(views);
+        if route != previous {
+            log_route_change(&previous, &route);
+            if route.generation != previous.generation {
+                m::route_changed(route.generation);
+            }
+            if let Target::None(NoRoute::SplitBrain(_)) = &route.target {
+                if !matches!(previous.target, Target::None(NoRoute::SplitBrain(_))) {
+                    m::split_brain();
+                }
+            }
+            let lost_leader = previous.leader().is_some() && route.leader().is_none();
+            if let Ok(mut since) = self.shared.route_since.lock() {
+                *since = SystemTime::now();
+            }
+            self.route_tx.send_replace(route);
+            if lost_leader {
+                self.recheck_all();
+            }
+        }
+        // Forget a departed leader once the route no longer holds it.
+        let route_backend = self.route_tx.borrow().target.backend();
+        self.backends
+            .retain(|addr, state| state.present || Some(*addr) == route_backend);
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let sessions = self
+            .shared
+            .sessions
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
+        let status = self
+            .backends
+            .iter()
+            .map(|(addr, state)| BackendStatus {
+                address: *addr,
+                sources: state.sources.iter().map(ToString::to_string).collect(),
+                present: state.present,
+                role: state.history.role().clone(),
+                last_check_unix_ms: state.last_check.and_then(|(at, _)| {
+                    at.duration_since(SystemTime::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_millis() as u64)
+                }),
+                last_check_latency_ms: state
+                    .last_check
+                    .map(|(_, latency)| latency.as_secs_f64() * 1000.0),
+                last_error: state.last_error.clone(),
+                sessions: sessions.get(addr).copied().unwrap_or(0),
+            })
+            .collect();
+        if let Ok(mut backends) = self.shared.backends.lock() {
+            *backends = status;
+        }
+    }
+}
+
+fn log_route_change(previous: &Route, route: &Route) {
+    match &route.target {
+        Target::Leader(addr) => {
+            tracing::info!(generation = route.generation, leader = %addr, "route: sessions go to leader")
+        }
+        Target::Held(addr) => tracing::warn!(
+            generation = route.generation,
+            leader = %addr,
+            "route held: leader in maintenance or left DNS; existing sessions stay, new ones wait"
+        ),
+        Target::None(reason @ NoRoute::SplitBrain(_)) => tracing::error!(
+            generation = route.generation,
+            previous = ?previous.target.backend(),
+            reason = %reason,
+            "no route: refusing to write to several leaders"
+        ),
+        Target::None(reason) => tracing::warn!(
+            generation = route.generation,
+            previous = ?previous.target.backend(),
+            reason = %reason,
+            "no route"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 5433))
+    }
+
+    fn down() -> Role {
+        Role::Down("timed out".into())
+    }
+
+    fn route(generation: u64, target: Target) -> Route {
+        Route { generation, target }
+    }
+
+    /// (node, discovered, present, role)
+    type Row = (u8, bool, bool, Role);
+
+    fn run(previous: &Route, rows: &[Row]) -> Route {
+        let views: Vec<BackendView<'_>> = rows
+            .iter()
+            .map(|(n, discovered, present, role)| BackendView {
+                addr: addr(*n),
+                discovered: *discovered,
+                present: *present,
+                role,
+            })
+            .collect();
+        decide(previous, &views)
+    }
+
+    #[test]
+    fn routing_rules() {
+        use Role::*;
+        let none = route(0, Target::None(NoRoute::NoBackends));
+        let at_11 = route(4, Target::Leader(addr(11)));
+        let held_11 = route(4, Target::Held(addr(11)));
+        let cases: Vec<(&str, Route, Vec<Row>, Route)> = vec![
+            (
+                "nothing discovered: no route",
+                none.clone(),
+                vec![],
+                none.clone(),
+            ),
+            (
+                "nodes not checked yet: nothing is routed before a positive answer",
+                none.clone(),
+                vec![(11, true, true, Unknown), (12, true, true, Unknown)],
+                route(0, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "one leader: it is the route, and the generation moves",
+                none.clone(),
+                vec![(11, true, true, Leader), (12, true, true, Replica)],
+                route(1, Target::Leader(addr(11))),
+            ),
+            (
+                "same leader again: generation stays",
+                at_11.clone(),
+                vec![(11, true, true, Leader), (12, true, true, Replica)],
+                at_11.clone(),
+            ),
+            (
+                "leader moves: new generation",
+                at_11.clone(),
+                vec![(11, true, true, Replica), (12, true, true, Leader)],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "leader goes down: no route, new generation",
+                at_11.clone(),
+                vec![(11, true, true, down()), (12, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "two leaders: split brain, no route",
+                at_11.clone(),
+                vec![(11, true, true, Leader), (12, true, true, Leader)],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "HTTP 500 / other words are not leader",
+                none.clone(),
+                vec![
+                    (11, true, true, down()),
+                    (12, true, true, Other("zombie".into())),
+                ],
+                route(0, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "backup used while no discovered node is leader",
+                none.clone(),
+                vec![(11, true, true, Replica), (1, false, true, Leader)],
+                route(1, Target::Leader(addr(1))),
+            ),
+            (
+                "backup ignored once a discovered node is leader",
+                route(1, Target::Leader(addr(1))),
+                vec![(11, true, true, Leader), (1, false, true, Leader)],
+                route(2, Target::Leader(addr(11))),
+            ),
+            (
+                "backup that is not leader is no route",
+                none.clone(),
+                vec![(1, false, true, Replica)],
+                route(0, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "leader in maintenance: held, same generation",
+                at_11.clone(),
+                vec![(11, true, true, Maintenance), (12, true, true, Replica)],
+                held_11.clone(),
+            ),
+            (
+                "maintenance ends: leader again, same generation",
+                held_11.clone(),
+                vec![(11, true, true, Leader)],
+                at_11.clone(),
+            ),
+            (
+                "another leader while held: it takes over",
+                held_11.clone(),
+                vec![(11, true, true, Maintenance), (12, true, true, Leader)],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "a replica in maintenance is simply not leader",
+                none.clone(),
+                vec![(11, true, true, Maintenance)],
+                route(0, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "leader left DNS: held",
+                at_11.clone(),
+                vec![(11, true, false, Leader), (12, true, true, Replica)],
+                held_11.clone(),
+            ),
+            (
+                "a departed node is never a new route",
+                none.clone(),
+                vec![(11, true, false, Leader)],
+                route(0, Target::None(NoRoute::NoBackends)),
+            ),
+            (
+                "split brain resolves: route, generation moves",
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+                vec![(11, true, true, down()), (12, true, true, Leader)],
+                route(6, Target::Leader(addr(12))),
+            ),
+            (
+                "no route stays no route: generation stays",
+                route(5, Target::None(NoRoute::NoLeader)),
+                vec![(11, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
+        ];
+        for (what, previous, rows, expected) in cases {
+            assert_eq!(run(&previous, &rows), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn hysteresis() {
+        use Role::*;
+        // (rise, fall, answers, confirmed role after each answer)
+        let cases: Vec<(u32, u32, Vec<Role>, Vec<&str>)> = vec![
+            (1, 1, vec![Leader], vec!["leader"]),
+            (2, 1, vec![Leader, Leader], vec!["unknown", "leader"]),
+            (
+                2,
+                1,
+                vec![Leader, Replica, Leader],
+                vec!["unknown", "replica", "replica"],
+            ),
+            (
+                1,
+                2,
+                vec![Leader, down(), Leader],
+                vec!["leader", "leader", "leader"],
+            ),
+            (
+                1,
+                2,
+                vec![Leader, down(), down()],
+                vec!["leader", "leader", "down"],
+            ),
+            (1, 3, vec![Leader, Replica], vec!["leader", "replica"]),
+            (
+                1,
+                3,
+                vec![Leader, Maintenance],
+                vec!["leader", "maintenance"],
+            ),
+            (
+                1,
+                1,
+                vec![Other("zombie".into()), Other("witness".into())],
+                vec!["other", "other"],
+            ),
+        ];
+        for (rise, fall, answers, expected) in cases {
+            let mut history = RoleHistory::default();
+            let got: Vec<&str> = answers
+                .iter()
+                .map(|a| {
+                    history.observe(a.clone(), rise, fall);
+                    history.role().label()
+                })
+                .collect();
+            assert_eq!(got, expected, "rise {rise} fall {fall} answers {answers:?}");
+        }
+    }
+
+    #[test]
+    fn observe_reports_flips_only() {
+        let mut h = RoleHistory::default();
+        assert!(h.observe(Role::Leader, 1, 2));
+        assert!(!h.observe(Role::Leader, 1, 2));
+        assert!(!h.observe(down(), 1, 2));
+        assert!(h.observe(down(), 1, 2));
+        assert!(!h.observe(Role::Down("refused".into()), 1, 2));
+        assert_eq!(h.role(), &Role::Down("refused".into()));
+    }
+}

@@ -1,0 +1,173 @@
+//! roleproxy: a role-aware TCP proxy for Postgres high-availability clusters.
+//!
+//! It finds the cluster's nodes through DNS, asks each node's role endpoint who is leader, and
+//! sends every client connection to that one leader, closing sessions when the leader moves.
+//!
+//! # Layout
+//!
+//! Data flows one way: names → addresses → roles → one route → sessions.
+//!
+//! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming the bad key.
+//! - [`discovery`]: DNS names and backup addresses → the backend set.
+//! - [`check`]: one role check (HTTP GET → [`leader::Role`]) and the per-backend check loop.
+//! - [`leader`]: **the routing rules** ([`leader::decide`]) and the task that publishes the route.
+//! - [`proxy`]: listeners, connection limit, wait for a leader, connect, copy, drain.
+//! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`.
+//! - [`metrics`]: metric names and descriptions.
+//! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
+//!
+//! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
+
+pub mod admin;
+pub mod agent;
+pub mod check;
+pub mod config;
+pub mod discovery;
+pub mod leader;
+pub mod metrics;
+pub mod pgwire;
+pub mod proxy;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A proxy whose sockets are bound; [`Proxy::run`] serves them.
+pub struct Proxy {
+    config: Config,
+    listeners: Vec<TcpListener>,
+    admin: Option<TcpListener>,
+}
+
+impl Proxy {
+    /// Binds every listener and the admin port, so that a bad address fails before anything runs.
+    pub async fn bind(config: Config) -> Result<Proxy, Error> {
+        let bind =
+            |addr: SocketAddr| proxy::bind(addr).map_err(|source| Error::Bind { addr, source });
+        let listeners = config
+            .listen
+            .addresses
+            .iter()
+            .map(|a| bind(*a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let admin = config.admin.address.map(bind).transpose()?;
+        Ok(Proxy {
+            config,
+            listeners,
+            admin,
+        })
+    }
+
+    /// The bound client addresses (with real ports when the config said `:0`).
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until `shutdown` resolves, then stops accepting, gives sessions
+    /// `proxy.shutdown_grace` to finish, and closes the rest.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        metrics::install();
+        let config = self.config;
+        let cluster = config.cluster_name();
+        let background = CancellationToken::new();
+
+        let settings = check::CheckSettings {
+            port: config.check.port,
+            path: config.check.path.clone(),
+            timeout: config.check.timeout,
+            interval: config.check.interval,
+            fast_interval: config.check.fast_interval,
+            leader: config.check.leader.clone(),
+        };
+        let (view, shared, events) = leader::LeaderView::new(
+            settings,
+            config.check.rise,
+            config.check.fall,
+            background.clone(),
+        );
+        tokio::spawn(view.run(events));
+        tokio::spawn(discovery::run(
+            config.backends.clone(),
+            shared.events.clone(),
+            background.clone(),
+        ));
+        if let Some(listener) = self.admin {
+            let state = Arc::new(admin::AdminState {
+                shared: Arc::clone(&shared),
+                cluster: cluster.clone(),
+            });
+            tokio::spawn(admin::serve(listener, state, background.clone()));
+        }
+
+        let stop_accepting = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let sessions = proxy::Sessions::new(
+            shared,
+            config.proxy.clone(),
+            cluster.clone(),
+            hard_stop.clone(),
+            tracker.clone(),
+        );
+        let mut accepting = Vec::new();
+        for listener in self.listeners {
+            tracing::info!(address = ?listener.local_addr().ok(), cluster = %cluster, "listening");
+            accepting.push(tokio::spawn(proxy::accept_loop(
+                listener,
+                Arc::clone(&sessions),
+                stop_accepting.clone(),
+            )));
+        }
+
+        shutdown.await;
+        tracing::info!(grace = ?config.proxy.shutdown_grace, "shutting down: no new clients");
+        stop_accepting.cancel();
+        for task in accepting {
+            let _ = task.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(config.proxy.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = tracker.len(),
+                "grace period over; closing remaining sessions"
+            );
+            hard_stop.cancel();
+            tracker.wait().await;
+        }
+        background.cancel();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Binds and runs a proxy until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    Proxy::bind(config).await?.run(shutdown).await
+}

@@ -1,0 +1,139 @@
+//! The `roleproxy` command: CLI, logging and signals around the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use roleproxy::Config;
+use tokio::signal::unix::{signal, SignalKind};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "A role-aware TCP proxy for Postgres high-availability clusters"
+)]
+struct Cli {
+    /// The configuration file.
+    #[arg(long, short, global = true, default_value = "proxy.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and print the effective values.
+    Check,
+    /// Serve a Fly-style role endpoint (`GET /flycheck/role`) for a Postgres node.
+    Agent {
+        /// libpq-style connection string of the local node, e.g.
+        /// "host=127.0.0.1 port=5433 user=postgres dbname=postgres".
+        #[arg(long)]
+        postgres: String,
+        /// Address to serve on.
+        #[arg(long, default_value = "[::]:5500")]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("roleproxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => check(&cli.config),
+        Command::Run => match Config::load(&cli.config) {
+            Ok(config) => runtime.block_on(run(config)),
+            Err(e) => config_error(&cli.config, &e),
+        },
+        Command::Agent { postgres, listen } => runtime.block_on(agent(postgres, listen)),
+    }
+}
+
+fn config_error(path: &std::path::Path, e: &roleproxy::config::ConfigError) -> ExitCode {
+    eprintln!("roleproxy: invalid configuration {}: {e}", path.display());
+    ExitCode::from(2)
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_error(path, &e),
+    };
+    match toml::to_string(&config) {
+        Ok(text) => {
+            println!(
+                "# {} is valid; effective configuration:\n{text}",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("roleproxy: cannot print the configuration: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    let proxy = match roleproxy::Proxy::bind(config).await {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("roleproxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match proxy.run(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roleproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("roleproxy agent: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match roleproxy::agent::serve(listener, postgres, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("roleproxy agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

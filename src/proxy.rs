@@ -1,0 +1,382 @@
+//! Client side: listeners, the connection limit, waiting for a leader, connecting with retries,
+//! copying bytes both ways, and closing sessions when their route moves.
+//!
+//! Each session is one task that `select!`s on its copy, its route's generation, its idle timer
+//! and process shutdown; nothing scans sessions to kill them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::ProxyConfig;
+use crate::leader::{Event, Route, Shared, Target};
+use crate::metrics as m;
+use crate::pgwire;
+
+/// How long a refused client gets to send its StartupMessage before it is simply closed.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+/// Refusals answered at once; beyond this, excess clients are closed without a message so a
+/// flood cannot grow memory.
+const MAX_REFUSALS_IN_FLIGHT: usize = 256;
+/// Pause between connect attempts to the same leader, cut short by a route change.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Pause after an accept error (EMFILE and friends) so the loop does not spin.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// Binds one listening socket. IPv6 listeners are IPv6-only so `0.0.0.0` and `[::]` on the same
+/// port can coexist, as in the Fly HAProxy config.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Everything a session needs, shared by all of them.
+pub struct Sessions {
+    pub shared: Arc<Shared>,
+    pub config: ProxyConfig,
+    /// Names the cluster in client error messages.
+    pub cluster: String,
+    limit: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+    /// Stops sessions once the shutdown grace period is over.
+    pub hard_stop: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Sessions {
+    pub fn new(
+        shared: Arc<Shared>,
+        config: ProxyConfig,
+        cluster: String,
+        hard_stop: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            shared,
+            config,
+            cluster,
+            hard_stop,
+            tracker,
+        })
+    }
+}
+
+/// Accepts clients until `stop_accepting` fires.
+pub async fn accept_loop(
+    listener: TcpListener,
+    sessions: Arc<Sessions>,
+    stop_accepting: CancellationToken,
+) {
+    let local = listener.local_addr().ok();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop_accepting.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(listener = ?local, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        tune(&stream);
+        let span = tracing::info_span!("session", client = %peer, listener = ?local);
+        match Arc::clone(&sessions.limit).try_acquire_owned() {
+            Ok(permit) => {
+                let sessions2 = Arc::clone(&sessions);
+                sessions.tracker.spawn(
+                    async move {
+                        serve_client(stream, &sessions2).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                m::session_result("limit");
+                let Ok(slot) = Arc::clone(&sessions.refusals).try_acquire_owned() else {
+                    continue; // dropping the stream closes it
+                };
+                let message = format!(
+                    "sorry, too many clients already: roleproxy for {} has max_connections = {} sessions open",
+                    sessions.cluster, sessions.config.max_connections
+                );
+                tokio::spawn(
+                    async move {
+                        tracing::warn!("connection limit reached; refusing client");
+                        refuse(stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+    }
+}
+
+fn tune(stream: &TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10));
+    let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
+    match pgwire::refuse(&mut stream, code, message, REFUSAL_DEADLINE).await {
+        Ok(packet) => tracing::debug!(?packet, code, message, "client refused"),
+        Err(e) => {
+            tracing::debug!(error = %e, code, message, "client refused before a startup packet")
+        }
+    }
+}
+
+/// Why a client could not be given a leader.
+#[derive(Debug, thiserror::Error)]
+enum NoLeader {
+    #[error("{0}")]
+    NoRoute(String),
+    #[error("leader {0} is in maintenance or left DNS")]
+    Held(SocketAddr),
+    #[error("leader {addr} unreachable: {error}")]
+    Unreachable { addr: SocketAddr, error: String },
+    #[error("proxy is shutting down")]
+    Shutdown,
+}
+
+async fn serve_client(client: TcpStream, sessions: &Sessions) {
+    let accepted = Instant::now();
+    let mut route = sessions.shared.route.clone();
+    let connected = tokio::select! {
+        _ = sessions.hard_stop.cancelled() => Err(NoLeader::Shutdown),
+        c = connect_leader(&mut route, sessions, accepted) => c,
+    };
+    let (backend, addr, generation) = match connected {
+        Ok(found) => found,
+        Err(reason) => {
+            m::leader_wait(accepted.elapsed());
+            let result = match reason {
+                NoLeader::Unreachable { .. } => "unreachable",
+                NoLeader::Shutdown => "shutdown",
+                _ => "no_leader",
+            };
+            m::session_result(result);
+            let message = format!("no leader available for {}: {reason}", sessions.cluster);
+            tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
+            refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
+            return;
+        }
+    };
+    m::leader_wait(accepted.elapsed());
+    tune(&backend);
+    let _counted = sessions.shared.session_guard(addr);
+    m::session_started();
+    tracing::debug!(backend = %addr, generation, "session started");
+    let (result, up, down) = splice(client, backend, &mut route, generation, sessions).await;
+    tracing::debug!(backend = %addr, result, bytes_up = up, bytes_down = down, "session ended");
+    m::session_ended(result, up, down);
+}
+
+/// Waits for a route with a leader and connects to it. Connect failures are reported to the
+/// leader view (which re-checks every backend) and retried; once `connect_retries` are spent on
+/// one leader, the client waits for the route to move, within `leader_wait`.
+async fn connect_leader(
+    route: &mut watch::Receiver<Route>,
+    sessions: &Sessions,
+    accepted: Instant,
+) -> Result<(TcpStream, SocketAddr, u64), NoLeader> {
+    let config = &sessions.config;
+    let deadline = accepted + config.leader_wait;
+    let mut failures = 0u32;
+    let mut failed_generation = None;
+    let mut last_error: Option<(SocketAddr, String)> = None;
+    loop {
+        let waited = tokio::time::timeout_at(deadline, route.wait_for(|r| r.leader().is_some()))
+            .await
+            .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation))));
+        let (addr, generation) = match waited {
+            Ok(Ok(Some(found))) => found,
+            Ok(Ok(None)) => continue,
+            Ok(Err(_)) => return Err(NoLeader::Shutdown),
+            Err(_) => return Err(no_leader_reason(&route.borrow(), last_error)),
+        };
+        if failed_generation != Some(generation) {
+            failures = 0;
+        }
+        let attempt = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await;
+        let error = match attempt {
+            Ok(Ok(stream)) => return Ok((stream, addr, generation)),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
+        };
+        tracing::warn!(backend = %addr, %error, "connect to leader failed");
+        m::connect_failed(addr);
+        let _ = sessions.shared.events.try_send(Event::ConnectFailed {
+            addr,
+            error: error.clone(),
+        });
+        last_error = Some((addr, error));
+        failures += 1;
+        failed_generation = Some(generation);
+        // Once this leader's retries are spent, only a new route helps.
+        let pause_until = if failures > config.connect_retries {
+            deadline
+        } else {
+            Instant::now() + RETRY_PAUSE
+        };
+        let moved = tokio::time::timeout_at(
+            pause_until.min(deadline),
+            route.wait_for(|r| r.generation != generation),
+        )
+        .await
+        .is_ok();
+        if !moved && failures > config.connect_retries {
+            return Err(no_leader_reason(&route.borrow(), last_error));
+        }
+        if Instant::now() >= deadline {
+            return Err(no_leader_reason(&route.borrow(), last_error));
+        }
+    }
+}
+
+fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> NoLeader {
+    match (&route.target, last_error) {
+        (Target::Leader(addr), Some((failed, error))) if *addr == failed => NoLeader::Unreachable {
+            addr: failed,
+            error,
+        },
+        (Target::Leader(addr), _) => NoLeader::Unreachable {
+            addr: *addr,
+            error: "no attempt succeeded in time".into(),
+        },
+        (Target::Held(addr), _) => NoLeader::Held(*addr),
+        (Target::None(reason), _) => NoLeader::NoRoute(reason.to_string()),
+    }
+}
+
+/// Copies both ways until both sides are done, the route moves, the session idles out, or the
+/// process stops. Returns the result label and bytes copied (client→backend, backend→client).
+async fn splice(
+    client: TcpStream,
+    backend: TcpStream,
+    route: &mut watch::Receiver<Route>,
+    generation: u64,
+    sessions: &Sessions,
+) -> (&'static str, u64, u64) {
+    let start = Instant::now();
+    let last_activity = AtomicU64::new(0);
+    let mut client = Metered::new(client, start, &last_activity);
+    let mut backend = Metered::new(backend, start, &last_activity);
+    let idle_timeout = sessions.config.idle_timeout;
+    let idle = async {
+        loop {
+            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+            let due = start + last + idle_timeout;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    let result = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
+            Ok(_) => "closed",
+            Err(e) => {
+                tracing::debug!(error = %e, "session ended with an error");
+                "error"
+            }
+        },
+        _ = route.wait_for(|r| r.generation != generation) => {
+            tracing::info!(generation, "route moved; closing session");
+            "drained"
+        }
+        _ = idle => {
+            tracing::info!(?idle_timeout, "idle timeout; closing session");
+            "idle_timeout"
+        }
+        _ = sessions.hard_stop.cancelled() => "shutdown",
+    };
+    (result, client.read, backend.read)
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that counts what is read from it and stamps the session's last activity.
+    struct Metered<'a> {
+        #[pin]
+        inner: TcpStream,
+        read: u64,
+        start: Instant,
+        last_activity: &'a AtomicU64,
+    }
+}
+
+impl<'a> Metered<'a> {
+    fn new(inner: TcpStream, start: Instant, last_activity: &'a AtomicU64) -> Self {
+        Self {
+            inner,
+            read: 0,
+            start,
+            last_activity,
+        }
+    }
+}
+
+impl AsyncRead for Metered<'_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.inner.poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = (buf.filled().len() - before) as u64;
+            *this.read += n;
+            let now = this.start.elapsed().as_millis() as u64;
+            this.last_activity.store(now, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Metered<'_> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
