@@ -201,13 +201,16 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// (what, answer, prefer, max, kept)
+    type Row = (&'static str, Vec<IpAddr>, IpFamily, usize, Vec<IpAddr>);
+
     #[test]
     fn address_selection() {
         let v4a = ip("10.0.0.2");
         let v4b = ip("10.0.0.1");
         let v6a = ip("fdaa::2");
         let v6b = ip("fdaa::1");
-        let rows: Vec<(&str, Vec<IpAddr>, IpFamily, usize, Vec<IpAddr>)> = vec![
+        let rows: Vec<Row> = vec![
             (
                 "both families, prefer v6",
                 vec![v4a, v6a, v6b],

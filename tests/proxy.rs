@@ -1,0 +1,586 @@
+//! The proxy end to end on real sockets: a DNS server, role endpoints and TCP backends on
+//! loopback, each test on its own `127.N.0.0/24` so tests run in parallel.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use support::backend::{random_chunks, sha256_of_stream, SinkSourceBackend, TaggedBackend};
+use support::dns::{DnsMode, DnsServer};
+use support::harness::{postgres_refusal, Client, ConfigBuilder, RunningProxy};
+use support::loopback;
+use support::role::{RoleEndpoint, RoleReply};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const NAME: &str = "iad.test.internal";
+const LONG: Duration = Duration::from_secs(20);
+/// Long enough that a wrongly routed client would have been served.
+const SETTLE: Duration = Duration::from_millis(800);
+
+struct Node {
+    ip: IpAddr,
+    role: RoleEndpoint,
+    backend: TaggedBackend,
+}
+
+impl Node {
+    fn tag(&self) -> String {
+        format!("n{}", self.octet())
+    }
+
+    fn octet(&self) -> u8 {
+        match self.ip {
+            IpAddr::V4(v4) => v4.octets()[3],
+            IpAddr::V6(_) => 0,
+        }
+    }
+
+    fn addr(&self) -> String {
+        SocketAddr::new(self.ip, 5433).to_string()
+    }
+}
+
+/// A fake cluster: DNS on 127.N.0.1, node i on 127.N.0.(11+i), every node answering `replica`.
+struct Cluster {
+    net: u8,
+    dns: DnsServer,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    async fn start(net: u8, count: u8) -> Cluster {
+        let dns = DnsServer::start(loopback(net, 0, 1)).await;
+        let mut nodes = Vec::new();
+        for i in 0..count {
+            let ip = loopback(net, 0, 11 + i);
+            let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+            let backend =
+                TaggedBackend::start(SocketAddr::new(ip, 5433), &format!("n{}", 11 + i)).await;
+            nodes.push(Node { ip, role, backend });
+        }
+        let cluster = Cluster { net, dns, nodes };
+        cluster.dns_nodes(&(0..count as usize).collect::<Vec<_>>());
+        cluster
+    }
+
+    /// DNS answers the cluster name with these nodes.
+    fn dns_nodes(&self, which: &[usize]) {
+        self.dns
+            .set(NAME, which.iter().map(|&i| self.nodes[i].ip).collect());
+    }
+
+    fn config(&self) -> ConfigBuilder {
+        ConfigBuilder::new(&loopback(self.net, 0, 1).to_string(), self.dns.addr(), NAME)
+    }
+
+    async fn proxy(&self) -> RunningProxy {
+        RunningProxy::start(self.config().config()).await
+    }
+}
+
+async fn served_by(proxy: &RunningProxy, wait: Duration) -> Option<String> {
+    Client::connect(proxy.addr, wait).await.map(|c| c.tag)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_gets_connections_and_nothing_before_a_positive_check() {
+    let cluster = Cluster::start(1, 3).await;
+    let proxy = cluster.proxy().await;
+
+    // Every node says replica: a client waits instead of landing anywhere.
+    let waiting = tokio::spawn({
+        let addr = proxy.addr;
+        async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
+    });
+    tokio::time::sleep(SETTLE).await;
+    assert!(
+        !waiting.is_finished(),
+        "no client is served before a node says leader"
+    );
+    assert!(cluster.nodes.iter().all(|n| n.backend.connections() == 0));
+
+    cluster.nodes[1].role.set(RoleReply::leader());
+    assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[1].tag()));
+    for _ in 0..20 {
+        assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[1].tag()));
+    }
+    assert_eq!(cluster.nodes[0].backend.connections(), 0);
+    assert_eq!(cluster.nodes[2].backend.connections(), 0);
+    assert_eq!(cluster.nodes[1].backend.connections(), 21);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_flip_closes_old_sessions_and_moves_new_ones() {
+    let cluster = Cluster::start(2, 3).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let proxy = cluster.proxy().await;
+    let mut old = Client::connect(proxy.addr, LONG).await.expect("served");
+    assert_eq!(old.tag, cluster.nodes[0].tag());
+    assert!(old.echo("before the flip").await);
+
+    cluster.nodes[0].role.set(RoleReply::replica());
+    cluster.nodes[1].role.set(RoleReply::leader());
+    assert!(
+        old.closed_within(LONG).await,
+        "the old leader's session is shut down"
+    );
+    assert!(
+        cluster.nodes[0].backend.wait_open(0, LONG).await,
+        "backend side closed too"
+    );
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[1].tag()));
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics.contains("roleproxy_sessions_total{result=\"drained\"}"),
+        "{metrics}"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_means_no_route_until_resolved() {
+    let cluster = Cluster::start(3, 3).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let proxy = cluster.proxy().await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    assert_eq!(session.tag, cluster.nodes[0].tag());
+
+    cluster.nodes[1].role.set(RoleReply::leader());
+    assert!(
+        session.closed_within(LONG).await,
+        "sessions are drained on split brain"
+    );
+    assert!(proxy.wait_route(None, LONG).await);
+    let status = proxy.status().await;
+    assert_eq!(
+        status["route"]["target"]["detail"]["reason"], "split_brain",
+        "{status}"
+    );
+
+    let waiting = tokio::spawn({
+        let addr = proxy.addr;
+        async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
+    });
+    tokio::time::sleep(SETTLE).await;
+    assert!(
+        !waiting.is_finished(),
+        "no client is served during split brain"
+    );
+    let before = cluster.nodes[0].backend.connections() + cluster.nodes[1].backend.connections();
+    assert_eq!(before, 1, "only the first session ever reached a leader");
+
+    cluster.nodes[0].role.set(RoleReply::word("zombie"));
+    assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[1].tag()));
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(metrics.contains("roleproxy_split_brain_total"), "{metrics}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_leader_gets_a_postgres_error_after_leader_wait() {
+    let cluster = Cluster::start(4, 2).await;
+    let config = cluster
+        .config()
+        .set("proxy.leader_wait", "\"500ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    assert!(proxy.wait_route(None, LONG).await);
+
+    for ssl_first in [true, false] {
+        let (code, message) = postgres_refusal(proxy.addr, ssl_first).await;
+        assert_eq!(code, "57P03");
+        assert!(
+            message.contains("no leader available for iad.test.internal")
+                && message.contains("no node reports leader"),
+            "{message}"
+        );
+    }
+
+    // psql itself prints the message.
+    if let Ok(output) = std::process::Command::new("psql")
+        .arg(format!(
+            "host={} port={} user=app dbname=app sslmode=prefer connect_timeout=30",
+            proxy.addr.ip(),
+            proxy.addr.port()
+        ))
+        .arg("-c")
+        .arg("select 1")
+        .env("PGPASSWORD", "x")
+        .output()
+    {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            stderr.contains("no leader available for iad.test.internal"),
+            "psql prints the proxy's error: {stderr}"
+        );
+    }
+    let (code, body) = proxy.get("/ready").await;
+    assert_eq!(code, 503, "{body}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_down_at_start_then_up() {
+    let cluster = Cluster::start(5, 2).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    cluster.dns.set_mode(DnsMode::Silent);
+    let proxy = cluster.proxy().await;
+
+    let waiting = tokio::spawn({
+        let addr = proxy.addr;
+        async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
+    });
+    tokio::time::sleep(SETTLE).await;
+    assert!(!waiting.is_finished());
+    let status = proxy.status().await;
+    assert_eq!(
+        status["route"]["target"]["detail"]["reason"], "no_backends",
+        "{status}"
+    );
+
+    cluster.dns.set_mode(DnsMode::Answer);
+    assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[0].tag()));
+
+    // A later outage keeps the last good answer: the route stays.
+    cluster.dns.set_mode(DnsMode::ServFail);
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics.contains("roleproxy_dns_resolutions_total"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("result=\"timeout\""), "{metrics}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_added_to_and_removed_from_dns() {
+    let cluster = Cluster::start(6, 2).await;
+    cluster.dns_nodes(&[0]);
+    cluster.nodes[1].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("proxy.leader_wait", "\"500ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+
+    // The leader is not in DNS, so it is not a backend.
+    tokio::time::sleep(SETTLE).await;
+    let (code, _) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03");
+    assert_eq!(cluster.nodes[1].backend.connections(), 0);
+
+    cluster.dns_nodes(&[0, 1]);
+    assert!(proxy.wait_route(Some(&cluster.nodes[1].addr()), LONG).await);
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    assert_eq!(session.tag, cluster.nodes[1].tag());
+
+    // The leader leaves DNS: no new sessions, but its open session is not cut.
+    cluster.dns_nodes(&[0]);
+    assert!(proxy.wait_route(None, LONG).await);
+    let (code, message) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03");
+    assert!(message.contains("left DNS"), "{message}");
+    assert!(session.echo("still here").await);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_is_used_only_while_no_discovered_node_is_leader() {
+    let cluster = Cluster::start(7, 1).await;
+    let backup_ip = loopback(7, 0, 50);
+    let backup_role = RoleEndpoint::start(SocketAddr::new(backup_ip, 5500)).await;
+    let backup = TaggedBackend::start(SocketAddr::new(backup_ip, 5433), "backup").await;
+    backup_role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("backends.backup", &format!("[\"[{backup_ip}]:5433\"]"))
+        .config();
+    let proxy = RunningProxy::start(config).await;
+
+    let mut on_backup = Client::connect(proxy.addr, LONG).await.expect("served");
+    assert_eq!(on_backup.tag, "backup");
+
+    cluster.nodes[0].role.set(RoleReply::leader());
+    assert!(
+        on_backup.closed_within(LONG).await,
+        "backup sessions move to the discovered leader"
+    );
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+    assert_eq!(backup.connections(), 1);
+
+    let status = proxy.status().await;
+    let sources: Vec<String> = status["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["sources"][0].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(sources.contains(&"backup".to_string()), "{status}");
+    assert!(sources.contains(&format!("dns:{NAME}")), "{status}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_keeps_sessions_but_takes_no_new_ones() {
+    let cluster = Cluster::start(8, 2).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("proxy.leader_wait", "\"500ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+
+    cluster.nodes[0].role.set(RoleReply::status(404));
+    assert!(proxy.wait_route(None, LONG).await);
+    assert!(
+        session.echo("during maintenance").await,
+        "existing session stays"
+    );
+    let (code, message) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03");
+    assert!(message.contains("maintenance"), "{message}");
+
+    cluster.nodes[0].role.set(RoleReply::leader());
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+    assert!(
+        session.echo("after maintenance").await,
+        "same generation: never drained"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_role_endpoints_are_down_not_leader() {
+    let cluster = Cluster::start(9, 4).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    cluster.nodes[1].role.set(RoleReply::Hang);
+    cluster.nodes[2].role.set(RoleReply::Garbage);
+    cluster.nodes[3].role.set(RoleReply::Huge(5 * 1024 * 1024));
+    let proxy = cluster.proxy().await;
+    assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
+
+    // Wait until every hostile node has been judged down, then look at the reasons.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let status = loop {
+        let status = proxy.status().await;
+        let all_down = status["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["address"] != cluster.nodes[0].addr())
+            .all(|b| b["role"]["role"] == "down");
+        if all_down || tokio::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error_of = |node: &Node| {
+        status["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == node.addr())
+            .map(|b| b["last_error"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    assert!(
+        error_of(&cluster.nodes[1]).contains("timed out"),
+        "{status}"
+    );
+    assert!(error_of(&cluster.nodes[2]).contains("HTTP"), "{status}");
+    assert!(
+        error_of(&cluster.nodes[3]).contains("larger than 1024"),
+        "{status}"
+    );
+    for _ in 0..5 {
+        assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_refuses_with_53300() {
+    let cluster = Cluster::start(10, 1).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster.config().set("proxy.max_connections", "2").config();
+    let proxy = RunningProxy::start(config).await;
+    let first = Client::connect(proxy.addr, LONG).await.expect("served");
+    let _second = Client::connect(proxy.addr, LONG).await.expect("served");
+    let (code, message) = postgres_refusal(proxy.addr, true).await;
+    assert_eq!(code, "53300");
+    assert!(message.contains("too many clients"), "{message}");
+
+    drop(first);
+    assert!(cluster.nodes[0].backend.wait_open(1, LONG).await);
+    let mut third = None;
+    for _ in 0..50 {
+        third = Client::connect(proxy.addr, Duration::from_secs(2)).await;
+        if third.is_some() {
+            break;
+        }
+    }
+    assert!(third.is_some(), "a freed slot is reused");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_are_closed() {
+    let cluster = Cluster::start(11, 1).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("proxy.idle_timeout", "\"700ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let mut busy = Client::connect(proxy.addr, LONG).await.expect("served");
+    let mut idle = Client::connect(proxy.addr, LONG).await.expect("served");
+    // The busy session keeps talking past the idle timeout.
+    for i in 0..8 {
+        assert!(
+            busy.echo(&format!("ping {i}")).await,
+            "an active session is not idle"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(idle.closed_within(LONG).await);
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(metrics.contains("result=\"idle_timeout\""), "{metrics}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_arrive_intact_with_half_close() {
+    const LEN: u64 = 64 * 1024 * 1024;
+    let ip = loopback(12, 0, 11);
+    let dns = DnsServer::start(loopback(12, 0, 1)).await;
+    dns.set(NAME, vec![ip]);
+    let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+    role.set(RoleReply::leader());
+    let backend = SinkSourceBackend::start(SocketAddr::new(ip, 5433), LEN, 7).await;
+    let config = ConfigBuilder::new("127.12.0.1", dns.addr(), NAME).config();
+    let proxy = RunningProxy::start(config).await;
+
+    let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut read, mut write) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        for chunk in random_chunks(11, LEN) {
+            write.write_all(&chunk).await.expect("send");
+        }
+        // Half-close: the backend sees EOF while its own stream is still flowing to us.
+        write.shutdown().await.expect("half-close");
+    });
+    let receiver = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut total = 0u64;
+        loop {
+            let n = read.read(&mut buf).await.expect("receive");
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            hash.update(&buf[..n]);
+        }
+        (total, <[u8; 32]>::from(hash.finalize()))
+    });
+    tokio::time::timeout(Duration::from_secs(120), sender)
+        .await
+        .expect("send finishes")
+        .unwrap();
+    let (total, digest) = tokio::time::timeout(Duration::from_secs(120), receiver)
+        .await
+        .expect("receive finishes")
+        .unwrap();
+    assert_eq!(total, LEN);
+    assert_eq!(
+        digest,
+        sha256_of_stream(7, LEN),
+        "backend→client bytes intact"
+    );
+    assert_eq!(
+        backend.received_digest(LONG).await,
+        Some(sha256_of_stream(11, LEN)),
+        "client→backend bytes intact"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_report_route_and_backends() {
+    let cluster = Cluster::start(13, 2).await;
+    let proxy = cluster.proxy().await;
+    assert_eq!(proxy.get("/healthz").await.0, 200);
+    assert_eq!(proxy.get("/ready").await.0, 503);
+    cluster.nodes[0].role.set(RoleReply::leader());
+    assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
+    assert_eq!(proxy.get("/ready").await.0, 200);
+    let _session = Client::connect(proxy.addr, LONG).await.expect("served");
+
+    let status = proxy.status().await;
+    assert_eq!(status["cluster"], NAME);
+    let backends = status["backends"].as_array().unwrap();
+    assert_eq!(backends.len(), 2, "{status}");
+    let leader = backends
+        .iter()
+        .find(|b| b["address"] == cluster.nodes[0].addr())
+        .expect("leader listed");
+    assert_eq!(leader["role"]["role"], "leader");
+    assert_eq!(leader["sessions"], 1);
+    assert!(leader["last_check_unix_ms"].as_u64().is_some());
+    assert!(leader["last_check_latency_ms"].as_f64().is_some());
+
+    let (code, metrics) = proxy.get("/metrics").await;
+    assert_eq!(code, 200);
+    for name in [
+        "roleproxy_sessions_active",
+        "roleproxy_checks_total",
+        "roleproxy_check_duration_seconds_bucket",
+        "roleproxy_backend_role",
+        "roleproxy_leader_changes_total",
+        "roleproxy_route_generation",
+        "roleproxy_dns_resolutions_total",
+        "roleproxy_leader_wait_seconds_bucket",
+    ] {
+        assert!(metrics.contains(name), "/metrics has {name}");
+    }
+    assert_eq!(proxy.get("/nope").await.0, 404);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_sessions_finish_within_the_grace_period() {
+    let cluster = Cluster::start(14, 1).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("proxy.shutdown_grace", "\"1500ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let addr = proxy.addr;
+    let mut session = Client::connect(addr, LONG).await.expect("served");
+    let stopping = tokio::spawn(proxy.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        session.echo("during grace").await,
+        "sessions run during the grace period"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new clients once stopping"
+    );
+    assert!(
+        session.closed_within(LONG).await,
+        "closed when the grace period ends"
+    );
+    tokio::time::timeout(LONG, stopping)
+        .await
+        .expect("run returns")
+        .unwrap();
+}

@@ -1,0 +1,275 @@
+//! Starts a real roleproxy in-process with a test config, and talks to it like a client would.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Config values as `section.key` → TOML literal; [`ConfigBuilder::toml`] writes the file.
+pub struct ConfigBuilder {
+    values: BTreeMap<String, String>,
+}
+
+impl ConfigBuilder {
+    /// Fast-moving defaults for tests: everything on `ip`, short intervals, no backup.
+    pub fn new(ip: &str, dns: SocketAddr, name: &str) -> Self {
+        let mut values = BTreeMap::new();
+        let mut set = |k: &str, v: String| {
+            values.insert(k.to_string(), v);
+        };
+        set("listen.addresses", format!("[\"{ip}:0\"]"));
+        set("admin.address", format!("\"{ip}:0\""));
+        set("backends.dns_names", format!("[\"{name}\"]"));
+        set("backends.nameservers", format!("[\"{dns}\"]"));
+        set("backends.prefer", "\"ipv4\"".into());
+        set("backends.port", "5433".into());
+        set("backends.resolve_interval", "\"100ms\"".into());
+        set("backends.resolve_timeout", "\"300ms\"".into());
+        set("backends.backup", "[]".into());
+        set("check.port", "5500".into());
+        set("check.interval", "\"200ms\"".into());
+        set("check.fast_interval", "\"50ms\"".into());
+        set("check.timeout", "\"1s\"".into());
+        set("proxy.leader_wait", "\"3s\"".into());
+        set("proxy.connect_timeout", "\"1s\"".into());
+        set("proxy.shutdown_grace", "\"1s\"".into());
+        Self { values }
+    }
+
+    /// Sets `section.key` to a TOML literal, e.g. `set("proxy.max_connections", "2")`.
+    pub fn set(mut self, key: &str, literal: &str) -> Self {
+        self.values.insert(key.to_string(), literal.to_string());
+        self
+    }
+
+    pub fn toml(&self) -> String {
+        let mut sections: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (key, value) in &self.values {
+            let (section, name) = key.split_once('.').expect("keys are section.key");
+            sections
+                .entry(section)
+                .or_default()
+                .push(format!("{name} = {value}"));
+        }
+        sections
+            .iter()
+            .map(|(section, lines)| format!("[{section}]\n{}\n", lines.join("\n")))
+            .collect()
+    }
+
+    pub fn config(&self) -> roleproxy::Config {
+        roleproxy::Config::parse(&self.toml(), &|_| None).expect("test config is valid")
+    }
+}
+
+/// A proxy running in this process.
+pub struct RunningProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), roleproxy::Error>>>,
+}
+
+impl RunningProxy {
+    pub async fn start(config: roleproxy::Config) -> RunningProxy {
+        let proxy = roleproxy::Proxy::bind(config).await.expect("proxy binds");
+        let addr = proxy.listen_addrs()[0];
+        let admin = proxy.admin_addr().expect("admin enabled in tests");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(proxy.run(async move {
+            let _ = stopped.await;
+        }));
+        RunningProxy {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("proxy stops within 30 s")
+                .expect("proxy task did not panic");
+            result.expect("proxy run returned Ok");
+        }
+    }
+
+    /// GET on the admin port: (status, body).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    /// The `/status` document.
+    pub async fn status(&self) -> serde_json::Value {
+        let (code, body) = self.get("/status").await;
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("/status is JSON")
+    }
+
+    /// The leader of the current route, as `/status` reports it.
+    pub async fn route_leader(&self) -> Option<String> {
+        let status = self.status().await;
+        match status["route"]["target"]["state"].as_str() {
+            Some("leader") => status["route"]["target"]["detail"]
+                .as_str()
+                .map(str::to_string),
+            _ => None,
+        }
+    }
+
+    pub async fn wait_route(&self, leader: Option<&str>, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if self.route_leader().await.as_deref() == leader {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("admin port accepts");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("admin answers in time")
+    .expect("read");
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A client connection through the proxy to a tagged backend.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub tag: String,
+}
+
+impl Client {
+    /// Connects and reads the backend's tag line; `None` if no backend answered in `wait`.
+    pub async fn connect(proxy: SocketAddr, wait: Duration) -> Option<Client> {
+        let stream = TcpStream::connect(proxy).await.expect("proxy accepts");
+        let mut reader = BufReader::new(stream);
+        let mut tag = String::new();
+        match tokio::time::timeout(wait, reader.read_line(&mut tag)).await {
+            Ok(Ok(n)) if n > 0 => Some(Client {
+                reader,
+                tag: tag.trim().to_string(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Sends a line and expects it echoed.
+    pub async fn echo(&mut self, line: &str) -> bool {
+        let sent = format!("{line}\n");
+        if self
+            .reader
+            .get_mut()
+            .write_all(sent.as_bytes())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut got = String::new();
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.reader.read_line(&mut got)).await,
+            Ok(Ok(n)) if n > 0 && got == sent
+        )
+    }
+
+    /// True once the proxy has closed this session (EOF or reset).
+    pub async fn closed_within(&mut self, timeout: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.reader.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
+/// Speaks just enough Postgres to be refused: optional SSLRequest, a StartupMessage, then reads
+/// the ErrorResponse. Returns (SQLSTATE, message).
+pub async fn postgres_refusal(proxy: SocketAddr, ssl_first: bool) -> (String, String) {
+    let mut stream = TcpStream::connect(proxy).await.expect("proxy accepts");
+    if ssl_first {
+        let mut ssl = 8u32.to_be_bytes().to_vec();
+        ssl.extend_from_slice(&80_877_103u32.to_be_bytes());
+        stream.write_all(&ssl).await.expect("send SSLRequest");
+        let mut answer = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut answer))
+            .await
+            .expect("SSLRequest answered in time")
+            .expect("read SSL answer");
+        assert_eq!(&answer, b"N", "the proxy declines SSL when refusing");
+    }
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app\0database\0app\0\0");
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    stream
+        .write_all(&startup)
+        .await
+        .expect("send StartupMessage");
+    let mut reply = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut reply))
+        .await
+        .expect("refusal arrives in time")
+        .expect("read refusal");
+    assert_eq!(reply.first(), Some(&b'E'), "an ErrorResponse: {reply:?}");
+    let mut code = String::new();
+    let mut message = String::new();
+    for field in reply[5..].split(|&b| b == 0) {
+        match field.split_first() {
+            Some((b'C', v)) => code = String::from_utf8_lossy(v).into_owned(),
+            Some((b'M', v)) => message = String::from_utf8_lossy(v).into_owned(),
+            _ => {}
+        }
+    }
+    (code, message)
+}

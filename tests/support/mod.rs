@@ -1,0 +1,131 @@
+//! Fakes for the outside world the proxy talks to, all on real loopback sockets.
+//!
+//! The test topology mirrors a Fly cluster: node *i* lives on its own loopback
+//! address with Postgres on `:5433` and its role endpoint on `:5500`, and a DNS
+//! server answers the cluster name with the nodes' addresses. Each fake can be
+//! changed while a test runs, so failovers, flapping checks and DNS outages are
+//! driven from the test body.
+//!
+//! Every fake runs in tokio tasks and stops when its handle is dropped; the
+//! `stop` methods additionally wait until the sockets are really closed, which
+//! matters when a test rebinds the same address right away.
+#![allow(dead_code)]
+
+pub mod backend;
+pub mod dns;
+pub mod harness;
+pub mod pg;
+pub mod role;
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// How long `start` functions keep retrying a bind that fails with
+/// `AddrInUse`: a fake that was just dropped closes its listener a moment
+/// later, when the runtime gets to drop the aborted task.
+const BIND_RETRY_FOR: Duration = Duration::from_secs(5);
+
+/// Returns `127.a.b.c`; all of 127.0.0.0/8 answers on Linux, so tests can give
+/// every node its own address and still use the real ports.
+pub fn loopback(a: u8, b: u8, c: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, a, b, c))
+}
+
+/// Polls `f` every 20 ms until it returns true (then true) or `timeout`
+/// passes (then false, after one last look).
+pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs `bind` until it succeeds, retrying `AddrInUse` for a few seconds.
+async fn bind_with_retry<T, F, Fut>(what: &str, mut bind: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    let deadline = Instant::now() + BIND_RETRY_FOR;
+    loop {
+        match bind().await {
+            Ok(bound) => return bound,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot bind {what}: {e}"),
+        }
+    }
+}
+
+/// Accepts connections forever, running `handle`'s future for each one.
+///
+/// The connection tasks live in a `JoinSet` owned by this future, so aborting
+/// the accept task also aborts every open connection: dropping a fake closes
+/// its sockets the way a dying node would.
+async fn accept_loop<F, Fut>(listener: TcpListener, mut handle: F)
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _peer)) => {
+                // Reap finished connections so the set does not grow forever.
+                while connections.try_join_next().is_some() {}
+                connections.spawn(handle(stream));
+            }
+            // Per-connection failures (a peer resetting before accept, a
+            // momentary fd shortage) must not end the listener.
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// A spawned task that is aborted when this guard is dropped, so a fake's
+/// sockets never outlive its handle.
+struct TaskGuard(JoinHandle<()>);
+
+impl TaskGuard {
+    fn spawn<F>(future: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        Self(tokio::spawn(future))
+    }
+
+    /// Aborts the task and waits until the runtime has dropped it, which
+    /// closes every socket the task owned.
+    async fn stop(&mut self) {
+        self.0.abort();
+        // Cancellation is the expected outcome; a panic inside the fake has
+        // already been printed by the runtime.
+        let _ = (&mut self.0).await;
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Locks a fake's state, ignoring poisoning: a panicking test thread must not
+/// turn every later request into a second, confusing panic.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
