@@ -1,0 +1,120 @@
+//! The `roleproxy` binary: config validation, start-up errors, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_roleproxy");
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("roleproxy-cli-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_prints_the_effective_config_of_the_shipped_file() {
+    let output = Command::new(BIN)
+        .args(["check", "--config", "proxy.toml"])
+        .env("PRIMARY_REGION", "iad")
+        .env("FLY_APP_NAME", "app")
+        .env("PG_LISTEN_ADDRESS", "fdaa::7")
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("iad.app.internal"), "{stdout}");
+    assert!(stdout.contains("\"[fdaa::7]:5433\""), "{stdout}");
+    assert!(stdout.contains("leader_wait = \"10s\""), "{stdout}");
+}
+
+#[test]
+fn bad_configs_stop_start_up_naming_the_key() {
+    let rows = [
+        ("missing-var", "", "PRIMARY_REGION is not set"),
+        (
+            "unknown-key",
+            "[proxy]\nleader_wiat = \"1s\"\n",
+            "leader_wiat",
+        ),
+        (
+            "bad-duration",
+            "[check]\ninterval = \"fast\"\n",
+            "check.interval",
+        ),
+    ];
+    for (name, text, expected) in rows {
+        let path = write_config(name, text);
+        for command in ["check", "run"] {
+            let mut cmd = Command::new(BIN);
+            cmd.args([command, "--config"]).arg(&path);
+            if name == "missing-var" {
+                cmd.env_remove("PRIMARY_REGION");
+            } else {
+                cmd.env("PRIMARY_REGION", "iad");
+            }
+            let output = cmd
+                .env("FLY_APP_NAME", "app")
+                .env("PG_LISTEN_ADDRESS", "fdaa::7")
+                .output()
+                .expect("runs");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{name}/{command}: {stderr}");
+            assert!(stderr.contains(expected), "{name}/{command}: {stderr}");
+        }
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[test]
+fn sigterm_stops_the_proxy_with_exit_zero() {
+    let path = write_config(
+        "sigterm",
+        "[listen]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.0.0.1:1\"]\n[check]\nport = 1\n",
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    // Wait for the "listening" line so the signal handlers are installed.
+    let logs = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(logs).lines().map_while(Result::ok) {
+            if line.contains("listening") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("proxy reports listening");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "exit status {status:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "proxy did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(path);
+}
