@@ -584,3 +584,27 @@ async fn shutdown_lets_sessions_finish_within_the_grace_period() {
         .expect("run returns")
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_backends_from_aaaa_records() {
+    // Fly's private network is IPv6: the name has AAAA records and `prefer = "ipv6"` picks them.
+    let v6 = IpAddr::V6(std::net::Ipv6Addr::LOCALHOST);
+    let role = RoleEndpoint::start(SocketAddr::new(v6, 0)).await;
+    role.set(RoleReply::leader());
+    let backend = TaggedBackend::start(SocketAddr::new(v6, 0), "v6").await;
+    // The IPv4 twin of the node says replica: were it chosen, nothing would be served.
+    let v4 = loopback(15, 0, 11);
+    let v4_role = RoleEndpoint::start(SocketAddr::new(v4, role.addr().port())).await;
+    let dns = DnsServer::start(loopback(15, 0, 1)).await;
+    dns.set(NAME, vec![v4, v6]);
+    let config = ConfigBuilder::new("[::1]", dns.addr(), NAME)
+        .set("backends.prefer", "\"ipv6\"")
+        .set("backends.port", &backend.addr().port().to_string())
+        .set("check.port", &role.addr().port().to_string())
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    assert!(proxy.addr.is_ipv6());
+    assert_eq!(served_by(&proxy, LONG).await.as_deref(), Some("v6"));
+    assert_eq!(v4_role.requests(), 0, "the IPv4 address is not a backend");
+    proxy.stop().await;
+}
