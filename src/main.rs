@@ -91,6 +91,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(config: Config) -> ExitCode {
+    let shutdown = shutdown_signal();
     let proxy = match roleproxy::Proxy::bind(config).await {
         Ok(p) => p,
         Err(e) => {
@@ -98,7 +99,7 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match proxy.run(shutdown_signal()).await {
+    match proxy.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy: {e}");
@@ -115,7 +116,8 @@ async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match roleproxy::agent::serve(listener, postgres, shutdown_signal()).await {
+    let shutdown = shutdown_signal();
+    match roleproxy::agent::serve(listener, postgres, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy agent: {e}");
@@ -124,17 +126,21 @@ async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let (Ok(mut term), Ok(mut int)) = (
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled, so a signal right after start-up is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let handlers = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    );
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
     }
 }
