@@ -2,7 +2,7 @@
 //! primary as `leader`, the standby as `replica`, follow a promotion, and answer 500 for a
 //! node whose Postgres is down.
 
-mod support;
+use roleproxy_testkit as support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};

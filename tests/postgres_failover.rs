@@ -3,7 +3,7 @@
 //! loopback. A client writes through roleproxy; the leader dies, the replica is promoted, and
 //! writes resume on the new leader through the same proxy.
 
-mod support;
+use roleproxy_testkit as support;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The proxy end to end on real sockets: a DNS server, role endpoints and TCP backends on
 //! loopback, each test on its own `127.N.0.0/24` so tests run in parallel.
 
-mod support;
+use roleproxy_testkit as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

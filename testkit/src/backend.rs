@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
+use crate::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
 
 /// Read buffer size and the chunk size of [`random_chunks`].
 const CHUNK: usize = 64 * 1024;

@@ -6,8 +6,6 @@
 //! run as root every Postgres binary runs as the `postgres` user.
 //!
 //! All calls block; from async tests use them directly (short) or through `spawn_blocking`.
-// Each test binary uses a different subset of the fixture.
-#![allow(dead_code)]
 
 use std::fs;
 use std::net::Ipv4Addr;

@@ -17,7 +17,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use super::{accept_loop, lock, TaskGuard};
+use crate::{accept_loop, lock, TaskGuard};
 
 /// Payload limit for UDP answers to queries without EDNS (RFC 1035).
 const CLASSIC_UDP_PAYLOAD: usize = 512;

@@ -1,4 +1,6 @@
-//! Fakes for the outside world the proxy talks to, all on real loopback sockets.
+//! Test kit: fakes for the outside world the proxy talks to, all on real loopback sockets,
+//! a real Postgres cluster, and a harness that runs roleproxy in-process. The integration
+//! tests, the `local_cluster` example and the benchmarks all build on it.
 //!
 //! The test topology mirrors a Fly cluster: node *i* lives on its own loopback
 //! address with Postgres on `:5433` and its role endpoint on `:5500`, and a DNS
@@ -9,7 +11,6 @@
 //! Every fake runs in tokio tasks and stops when its handle is dropped; the
 //! `stop` methods additionally wait until the sockets are really closed, which
 //! matters when a test rebinds the same address right away.
-#![allow(dead_code)]
 
 pub mod backend;
 pub mod dns;
@@ -54,7 +55,7 @@ pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool
 }
 
 /// Runs `bind` until it succeeds, retrying `AddrInUse` for a few seconds.
-async fn bind_with_retry<T, F, Fut>(what: &str, mut bind: F) -> T
+pub(crate) async fn bind_with_retry<T, F, Fut>(what: &str, mut bind: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = io::Result<T>>,
@@ -76,7 +77,7 @@ where
 /// The connection tasks live in a `JoinSet` owned by this future, so aborting
 /// the accept task also aborts every open connection: dropping a fake closes
 /// its sockets the way a dying node would.
-async fn accept_loop<F, Fut>(listener: TcpListener, mut handle: F)
+pub(crate) async fn accept_loop<F, Fut>(listener: TcpListener, mut handle: F)
 where
     F: FnMut(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
@@ -98,10 +99,10 @@ where
 
 /// A spawned task that is aborted when this guard is dropped, so a fake's
 /// sockets never outlive its handle.
-struct TaskGuard(JoinHandle<()>);
+pub(crate) struct TaskGuard(JoinHandle<()>);
 
 impl TaskGuard {
-    fn spawn<F>(future: F) -> Self
+    pub(crate) fn spawn<F>(future: F) -> Self
     where
         F: Future<Output = ()> + Send + 'static,
     {
@@ -110,7 +111,7 @@ impl TaskGuard {
 
     /// Aborts the task and waits until the runtime has dropped it, which
     /// closes every socket the task owned.
-    async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         self.0.abort();
         // Cancellation is the expected outcome; a panic inside the fake has
         // already been printed by the runtime.
@@ -126,6 +127,6 @@ impl Drop for TaskGuard {
 
 /// Locks a fake's state, ignoring poisoning: a panicking test thread must not
 /// turn every later request into a second, confusing panic.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -16,7 +16,7 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
+use crate::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
 
 /// Largest request head accepted; longer ones get the connection closed.
 const MAX_HEAD: usize = 8 * 1024;
