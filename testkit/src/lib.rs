@@ -15,8 +15,10 @@
 pub mod backend;
 pub mod dns;
 pub mod harness;
+pub mod haproxy;
 pub mod pg;
 pub mod role;
+pub mod writer;
 
 use std::future::Future;
 use std::io;

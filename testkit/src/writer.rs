@@ -1,0 +1,175 @@
+//! A client that writes one row per new connection, as an app with no pool would, and records
+//! what it saw. The failover tests and benchmarks judge a proxy by these records.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_postgres::NoTls;
+
+/// The table every writer inserts into; create it on the leader with [`CREATE_TABLE`].
+pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS writes (
+    via text NOT NULL,
+    seq bigint NOT NULL,
+    server text NOT NULL,
+    at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (via, seq)
+)";
+
+/// One attempt: a new connection and one INSERT.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub seq: i64,
+    pub started: Instant,
+    pub finished: Instant,
+    /// The server address that acknowledged the row, or the error the client saw.
+    pub result: Result<String, String>,
+}
+
+impl Attempt {
+    pub fn ok(&self) -> bool {
+        self.result.is_ok()
+    }
+}
+
+/// A running writer; [`Writer::stop`] returns every attempt in order.
+pub struct Writer {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Vec<Attempt>>,
+}
+
+impl Writer {
+    /// Starts writing through `conninfo` every `period` (the next attempt starts `period` after
+    /// the previous one started, or at once if that one took longer). `via` labels the rows.
+    pub fn start(conninfo: String, via: &str, period: Duration) -> Writer {
+        let (stop, mut stopped) = watch::channel(false);
+        let via = via.to_string();
+        let task = tokio::spawn(async move {
+            let mut attempts = Vec::new();
+            let mut seq = 0i64;
+            loop {
+                if *stopped.borrow() {
+                    return attempts;
+                }
+                seq += 1;
+                let started = Instant::now();
+                let result = write_one(&conninfo, &via, seq).await;
+                attempts.push(Attempt {
+                    seq,
+                    started,
+                    finished: Instant::now(),
+                    result,
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep_until(started + period) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+        });
+        Writer { stop, task }
+    }
+
+    pub async fn stop(self) -> Vec<Attempt> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("writer task does not panic")
+    }
+}
+
+async fn write_one(conninfo: &str, via: &str, seq: i64) -> Result<String, String> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
+        .await
+        .map_err(|e| format!("connect: {}", full_error(&e)))?;
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let row = client
+        .query_one(
+            "INSERT INTO writes (via, seq, server) VALUES ($1, $2, host(inet_server_addr())) RETURNING server",
+            &[&via, &seq],
+        )
+        .await
+        .map_err(|e| format!("insert: {}", full_error(&e)));
+    drop(client);
+    let _ = driver.await;
+    row.map(|r| r.get(0))
+}
+
+/// The error with its sources, as a driver would log it.
+pub fn full_error(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// What one failover looked like to a writer.
+#[derive(Debug, Clone)]
+pub struct Outage {
+    /// From `event` to the first acknowledged write that started after it.
+    pub writes_down: Option<Duration>,
+    /// Attempts that ended in an error, from `event` on.
+    pub errors: usize,
+    /// Attempts from `event` until writes resumed.
+    pub attempts: usize,
+}
+
+/// Measures the outage a writer saw after `event` (a kill or a role change). Pure.
+pub fn outage(attempts: &[Attempt], event: Instant) -> Outage {
+    let after: Vec<&Attempt> = attempts.iter().filter(|a| a.finished >= event).collect();
+    let resumed = after.iter().find(|a| a.ok() && a.started >= event);
+    let until = resumed.map(|a| a.finished);
+    Outage {
+        writes_down: until.map(|t| t - event),
+        errors: after
+            .iter()
+            .filter(|a| !a.ok() && until.is_none_or(|u| a.finished <= u))
+            .count(),
+        attempts: after
+            .iter()
+            .filter(|a| until.is_none_or(|u| a.finished <= u))
+            .count(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(seq: i64, start_ms: u64, end_ms: u64, ok: bool, base: Instant) -> Attempt {
+        Attempt {
+            seq,
+            started: base + Duration::from_millis(start_ms),
+            finished: base + Duration::from_millis(end_ms),
+            result: if ok { Ok("a".into()) } else { Err("e".into()) },
+        }
+    }
+
+    #[test]
+    fn outage_counts_from_the_event_to_the_first_new_write() {
+        let base = Instant::now();
+        let attempts = vec![
+            attempt(1, 0, 5, true, base),
+            attempt(2, 50, 60, false, base),
+            attempt(3, 100, 900, true, base),
+            attempt(4, 950, 960, true, base),
+        ];
+        let seen = outage(&attempts, base + Duration::from_millis(40));
+        assert_eq!(seen.writes_down, Some(Duration::from_millis(860)));
+        assert_eq!(seen.errors, 1);
+        assert_eq!(seen.attempts, 2);
+    }
+
+    #[test]
+    fn no_resumption_is_reported_as_none() {
+        let base = Instant::now();
+        let attempts = vec![attempt(1, 0, 5, false, base)];
+        let seen = outage(&attempts, base);
+        assert_eq!(seen.writes_down, None);
+        assert_eq!(seen.errors, 1);
+    }
+}
