@@ -21,11 +21,17 @@ use crate::metrics;
 
 /// A slow client may not hold an admin connection open forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on one admin connection, however slowly its client reads.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Admin connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
 
 /// What the admin handlers read.
 pub struct AdminState {
     pub shared: Arc<Shared>,
     pub cluster: String,
+    /// Fires when the proxy stops accepting clients; `/ready` then answers 503.
+    pub stopping: CancellationToken,
 }
 
 /// The `/status` document.
@@ -78,7 +84,11 @@ pub fn unix_ms(t: SystemTime) -> u64 {
 
 /// Serves admin requests until `cancel` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         let stream = tokio::select! {
             _ = cancel.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -103,8 +113,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = cancel.cancelled() => {}
+                _ = tokio::time::sleep(CONNECTION_TIMEOUT) => {}
                 _ = connection => {}
             }
+            drop(slot);
         });
     }
 }
@@ -127,6 +139,10 @@ fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>>
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/ready" if state.stopping.is_cancelled() => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n".into(),
+        ),
         "/ready" => {
             let route = state.shared.route.borrow().clone();
             match route.leader() {

@@ -124,6 +124,7 @@ async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckEr
 /// when `cancel` fires or the view is gone.
 pub fn spawn_loop(
     backend: SocketAddr,
+    loop_id: u64,
     settings: Arc<CheckSettings>,
     events: mpsc::Sender<Event>,
     mut recheck: watch::Receiver<u64>,
@@ -146,6 +147,7 @@ pub fn spawn_loop(
             }
             let event = Event::Checked {
                 addr: backend,
+                loop_id,
                 role,
                 latency,
             };
@@ -161,6 +163,12 @@ pub fn spawn_loop(
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 changed = recheck.changed() => if changed.is_err() { return },
+            }
+            // However often a recheck is asked for, one endpoint is checked at most once per
+            // fast interval, so `check.fall` still spans real time.
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
             }
         }
     });

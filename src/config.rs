@@ -101,6 +101,9 @@ pub struct AdminConfig {
     pub address: Option<SocketAddr>,
 }
 
+/// Longer durations are surely typos, and would overflow deadline arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
 }
@@ -278,6 +281,12 @@ impl Expander<'_> {
         if d.is_zero() {
             return Err(invalid(key, "must be greater than zero"));
         }
+        if d > MAX_DURATION {
+            return Err(invalid(
+                key,
+                format!("{text:?} is longer than the limit of 365 days"),
+            ));
+        }
         Ok(d)
     }
 
@@ -412,10 +421,10 @@ impl RawConfig {
 
         let c = self.check;
         let path = x.string("check.path", &c.path)?;
-        if !path.starts_with('/') {
+        if !path.starts_with('/') || path.parse::<hyper::http::uri::PathAndQuery>().is_err() {
             return Err(invalid(
                 "check.path",
-                format!("must start with '/', got {path:?}"),
+                format!("must be a URL path starting with '/', got {path:?}"),
             ));
         }
         let leader: Vec<String> = c
@@ -645,7 +654,19 @@ mod tests {
             ("[check]\nleader = []", &["check.leader", "at least one"]),
             (
                 "[check]\npath = \"flycheck\"",
-                &["check.path", "start with"],
+                &["check.path", "starting with"],
+            ),
+            (
+                "[check]\npath = \"/fly check\"",
+                &["check.path", "URL path"],
+            ),
+            (
+                "[proxy]\nidle_timeout = \"500000000000y\"",
+                &["proxy.idle_timeout"],
+            ),
+            (
+                "[proxy]\nidle_timeout = \"400days\"",
+                &["proxy.idle_timeout", "limit of 365 days"],
             ),
             ("[check]\nrise = 0", &["check.rise"]),
             ("[check]\nfall = 0", &["check.fall"]),

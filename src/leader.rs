@@ -152,7 +152,8 @@ pub struct BackendView<'a> {
     pub addr: SocketAddr,
     /// Discovered through DNS (as opposed to only a backup address).
     pub discovered: bool,
-    /// Still in the current backend set; a departed leader may hold its sessions.
+    /// Still in the current backend set. A leader that left keeps being checked while it holds
+    /// its sessions.
     pub present: bool,
     pub role: &'a Role,
 }
@@ -229,30 +230,41 @@ impl Route {
 
 /// The routing rules (DESIGN.md, rules 1–5). Pure, so every case is a table row.
 pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
-    let leaders = |discovered: bool| -> Vec<SocketAddr> {
-        backends
-            .iter()
-            .filter(|b| b.present && b.discovered == discovered && *b.role == Role::Leader)
-            .map(|b| b.addr)
-            .collect()
-    };
-    let mut discovered_leaders = leaders(true);
-    // Rule 4: a backup counts only while no discovered backend is leader.
-    if discovered_leaders.is_empty() {
-        discovered_leaders = leaders(false);
-    }
-    discovered_leaders.sort();
+    let claims = |b: &&BackendView<'_>| *b.role == Role::Leader;
+    // A discovered node that left DNS but still says leader counts toward split brain: writes
+    // must never move from one live leader to another.
+    let mut discovered: Vec<&BackendView<'_>> = backends
+        .iter()
+        .filter(|b| b.discovered)
+        .filter(claims)
+        .collect();
+    discovered.sort_by_key(|b| b.addr);
+    let mut backups: Vec<SocketAddr> = backends
+        .iter()
+        .filter(|b| b.present && !b.discovered)
+        .filter(claims)
+        .map(|b| b.addr)
+        .collect();
+    backups.sort();
 
-    let target = match discovered_leaders.as_slice() {
-        [one] => Target::Leader(*one),
-        [] => held(previous, backends).unwrap_or_else(|| {
-            if backends.iter().any(|b| b.present) {
-                Target::None(NoRoute::NoLeader)
-            } else {
-                Target::None(NoRoute::NoBackends)
-            }
-        }),
-        several => Target::None(NoRoute::SplitBrain(several.to_vec())),
+    let target = match discovered.as_slice() {
+        [one] if one.present => Target::Leader(one.addr),
+        [one] if previous.target.backend() == Some(one.addr) => Target::Held(one.addr),
+        [_, _, ..] => Target::None(NoRoute::SplitBrain(
+            discovered.iter().map(|b| b.addr).collect(),
+        )),
+        // Rule 4: a backup counts only while no discovered backend is leader.
+        _ => match backups.as_slice() {
+            [one] => Target::Leader(*one),
+            [_, _, ..] => Target::None(NoRoute::SplitBrain(backups)),
+            [] => held(previous, backends).unwrap_or_else(|| {
+                if backends.iter().any(|b| b.present) {
+                    Target::None(NoRoute::NoLeader)
+                } else {
+                    Target::None(NoRoute::NoBackends)
+                }
+            }),
+        },
     };
     let generation = if target.backend() == previous.target.backend() {
         previous.generation
@@ -262,13 +274,12 @@ pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
     Route { generation, target }
 }
 
-/// The previous leader keeps its sessions while it is in maintenance or has left DNS, as long as
-/// nothing else claims leader.
+/// The previous leader keeps its sessions while it is in maintenance, as long as nothing else
+/// claims leader.
 fn held(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
     let addr = previous.target.backend()?;
     let view = backends.iter().find(|b| b.addr == addr)?;
-    let holds = *view.role == Role::Maintenance || (!view.present && *view.role == Role::Leader);
-    holds.then_some(Target::Held(addr))
+    (*view.role == Role::Maintenance).then_some(Target::Held(addr))
 }
 
 // ---- the task that owns backend state -------------------------------------------------------
@@ -288,10 +299,12 @@ pub enum Event {
     Backends(Vec<Backend>),
     Checked {
         addr: SocketAddr,
+        /// Which check loop sent it; results of a cancelled loop are ignored.
+        loop_id: u64,
         role: Role,
         latency: Duration,
     },
-    /// A session could not connect to this backend.
+    /// A session could not connect to this backend (refused or timed out).
     ConnectFailed { addr: SocketAddr, error: String },
 }
 
@@ -356,7 +369,16 @@ struct BackendState {
     history: RoleHistory,
     last_check: Option<(SystemTime, Duration)>,
     last_error: Option<String>,
-    checker: Option<CancellationToken>,
+    /// The running check loop: its id and its stop token.
+    checker: Option<(u64, CancellationToken)>,
+}
+
+impl BackendState {
+    fn stop_checking(&mut self) {
+        if let Some((_, token)) = self.checker.take() {
+            token.cancel();
+        }
+    }
 }
 
 /// Owns every backend's state; the only place where check results become a route.
@@ -368,6 +390,9 @@ pub struct LeaderView {
     route_tx: watch::Sender<Route>,
     /// Bumped to make every check loop check now (rule 6).
     recheck_tx: watch::Sender<u64>,
+    /// Rechecks are at most one per `fast_interval`, however many clients fail to connect.
+    last_recheck: Option<std::time::Instant>,
+    next_loop_id: u64,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 }
@@ -397,6 +422,8 @@ impl LeaderView {
             backends: BTreeMap::new(),
             route_tx,
             recheck_tx,
+            last_recheck: None,
+            next_loop_id: 0,
             shared: Arc::clone(&shared),
             cancel,
         };
@@ -416,10 +443,8 @@ impl LeaderView {
             self.apply(event);
             self.publish();
         }
-        for state in self.backends.values() {
-            if let Some(token) = &state.checker {
-                token.cancel();
-            }
+        for state in self.backends.values_mut() {
+            state.stop_checking();
         }
     }
 
@@ -428,13 +453,22 @@ impl LeaderView {
             Event::Backends(set) => self.set_backends(set),
             Event::Checked {
                 addr,
+                loop_id,
                 role,
                 latency,
-            } => self.checked(addr, role, latency),
+            } => {
+                let current = self.backends.get(&addr).and_then(|s| s.checker.as_ref());
+                if current.map(|(id, _)| *id) == Some(loop_id) {
+                    self.observe(addr, role, Some(latency));
+                }
+            }
             Event::ConnectFailed { addr, error } => {
+                // Like HAProxy's `observe layer4`: the data path failing counts as a failed
+                // check of the leader, so a dead leader is found without waiting for its
+                // role endpoint to time out.
                 if self.route_tx.borrow().leader() == Some(addr) {
                     tracing::warn!(backend = %addr, %error, "connect to leader failed; re-checking every backend");
-                    self.recheck_all();
+                    self.observe(addr, Role::Down(format!("connect: {error}")), None);
                 }
             }
         }
@@ -448,17 +482,18 @@ impl LeaderView {
             if wanted.contains_key(addr) {
                 return true;
             }
-            if let Some(token) = state.checker.take() {
-                token.cancel();
-            }
             if state.present {
                 tracing::info!(backend = %addr, "backend left the backend set; no new sessions");
                 m::backend_role(*addr, None);
             }
             state.present = false;
-            // A departed leader is kept (unchecked) so its sessions can hold until another leader
-            // appears; anything else is forgotten.
-            Some(*addr) == route_backend
+            // The route's backend is kept, and still checked, so its sessions can hold until
+            // another leader appears and its answers still count toward split brain.
+            let keep = Some(*addr) == route_backend;
+            if !keep {
+                state.stop_checking();
+            }
+            keep
         });
         for (addr, sources) in wanted {
             let state = self.backends.entry(addr).or_insert_with(|| BackendState {
@@ -477,24 +512,29 @@ impl LeaderView {
             state.sources = sources;
             if state.checker.is_none() {
                 let token = self.cancel.child_token();
+                self.next_loop_id += 1;
                 check::spawn_loop(
                     addr,
+                    self.next_loop_id,
                     Arc::clone(&self.settings),
                     self.shared.events.clone(),
                     self.recheck_tx.subscribe(),
                     self.shared.route.clone(),
                     token.clone(),
                 );
-                state.checker = Some(token);
+                state.checker = Some((self.next_loop_id, token));
             }
         }
     }
 
-    fn checked(&mut self, addr: SocketAddr, role: Role, latency: Duration) {
+    /// Feeds one observation through the backend's hysteresis.
+    fn observe(&mut self, addr: SocketAddr, role: Role, latency: Option<Duration>) {
         let Some(state) = self.backends.get_mut(&addr) else {
-            return; // a result from a backend that has just left
+            return;
         };
-        state.last_check = Some((SystemTime::now(), latency));
+        if let Some(latency) = latency {
+            state.last_check = Some((SystemTime::now(), latency));
+        }
         if let Role::Down(error) = &role {
             state.last_error = Some(error.clone());
         }
@@ -511,7 +551,15 @@ impl LeaderView {
         }
     }
 
-    fn recheck_all(&self) {
+    fn recheck_all(&mut self) {
+        let now = std::time::Instant::now();
+        if self
+            .last_recheck
+            .is_some_and(|at| now.duration_since(at) < self.settings.fast_interval)
+        {
+            return;
+        }
+        self.last_recheck = Some(now);
         self.recheck_tx.send_modify(|n| *n = n.wrapping_add(1));
     }
 
@@ -550,8 +598,13 @@ impl LeaderView {
         }
         // Forget a departed leader once the route no longer holds it.
         let route_backend = self.route_tx.borrow().target.backend();
-        self.backends
-            .retain(|addr, state| state.present || Some(*addr) == route_backend);
+        self.backends.retain(|addr, state| {
+            let keep = state.present || Some(*addr) == route_backend;
+            if !keep {
+                state.stop_checking();
+            }
+            keep
+        });
         self.publish_status();
     }
 
@@ -753,6 +806,33 @@ mod tests {
                 at_11.clone(),
                 vec![(11, true, false, Leader), (12, true, true, Replica)],
                 held_11.clone(),
+            ),
+            (
+                "a departed leader still claiming leader counts toward split brain",
+                at_11.clone(),
+                vec![(11, true, false, Leader), (12, true, true, Leader)],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "a departed leader that stops claiming leader lets the new one in",
+                held_11.clone(),
+                vec![(11, true, false, Replica), (12, true, true, Leader)],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "a departed leader that goes down loses the route",
+                held_11.clone(),
+                vec![(11, true, false, down()), (12, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "two backups claiming leader: split brain",
+                none.clone(),
+                vec![(1, false, true, Leader), (2, false, true, Leader)],
+                route(0, Target::None(NoRoute::SplitBrain(vec![addr(1), addr(2)]))),
             ),
             (
                 "a departed node is never a new route",

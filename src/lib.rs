@@ -59,15 +59,16 @@ pub struct Proxy {
 impl Proxy {
     /// Binds every listener and the admin port, so that a bad address fails before anything runs.
     pub async fn bind(config: Config) -> Result<Proxy, Error> {
-        let bind =
-            |addr: SocketAddr| proxy::bind(addr).map_err(|source| Error::Bind { addr, source });
+        let bind = |addr: SocketAddr, ipv6_only| {
+            proxy::bind(addr, ipv6_only).map_err(|source| Error::Bind { addr, source })
+        };
         let listeners = config
             .listen
             .addresses
             .iter()
-            .map(|a| bind(*a))
+            .map(|a| bind(*a, true))
             .collect::<Result<Vec<_>, _>>()?;
-        let admin = config.admin.address.map(bind).transpose()?;
+        let admin = config.admin.address.map(|a| bind(a, false)).transpose()?;
         Ok(Proxy {
             config,
             listeners,
@@ -115,15 +116,16 @@ impl Proxy {
             shared.events.clone(),
             background.clone(),
         ));
+        let stop_accepting = CancellationToken::new();
         if let Some(listener) = self.admin {
             let state = Arc::new(admin::AdminState {
                 shared: Arc::clone(&shared),
                 cluster: cluster.clone(),
+                stopping: stop_accepting.clone(),
             });
             tokio::spawn(admin::serve(listener, state, background.clone()));
         }
 
-        let stop_accepting = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let sessions = proxy::Sessions::new(

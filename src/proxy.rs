@@ -36,13 +36,13 @@ const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
-/// Binds one listening socket. IPv6 listeners are IPv6-only so `0.0.0.0` and `[::]` on the same
-/// port can coexist, as in the Fly HAProxy config.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds one listening socket. Client listeners on IPv6 are IPv6-only so `0.0.0.0` and `[::]`
+/// on the same port can coexist, as in the Fly HAProxy config; the admin port is dual-stack.
+pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
+        socket.set_only_v6(ipv6_only)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
@@ -201,8 +201,9 @@ async fn serve_client(client: TcpStream, sessions: &Sessions) {
 }
 
 /// Waits for a route with a leader and connects to it. Connect failures are reported to the
-/// leader view (which re-checks every backend) and retried; once `connect_retries` are spent on
-/// one leader, the client waits for the route to move, within `leader_wait`.
+/// leader view (which counts them against the leader and re-checks every backend) and retried;
+/// once `connect_retries` are spent on one leader, the client waits for the route to move,
+/// within `leader_wait`.
 async fn connect_leader(
     route: &mut watch::Receiver<Route>,
     sessions: &Sessions,
@@ -226,18 +227,45 @@ async fn connect_leader(
         if failed_generation != Some(generation) {
             failures = 0;
         }
-        let attempt = tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await;
-        let error = match attempt {
-            Ok(Ok(stream)) => return Ok((stream, addr, generation)),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
+        // A connect that outlives its route, or the client's patience, is abandoned.
+        let attempt_deadline = (Instant::now() + config.connect_timeout).min(deadline);
+        let attempt = tokio::select! {
+            a = tokio::time::timeout_at(attempt_deadline, TcpStream::connect(addr)) => a,
+            _ = route.wait_for(|r| r.generation != generation) => continue,
         };
+        let error = match attempt {
+            // The route may have moved while the handshake completed: never start a session
+            // on a leader the route has already left.
+            Ok(Ok(stream)) if route.borrow().generation == generation => {
+                return Ok((stream, addr, generation))
+            }
+            Ok(Ok(_)) => continue,
+            Ok(Err(e)) => {
+                let remote = matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused
+                        | io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::HostUnreachable
+                        | io::ErrorKind::NetworkUnreachable
+                        | io::ErrorKind::TimedOut
+                );
+                (e.to_string(), remote)
+            }
+            Err(_) => (
+                format!("connect timed out after {:?}", config.connect_timeout),
+                true,
+            ),
+        };
+        let (error, remote) = error;
         tracing::warn!(backend = %addr, %error, "connect to leader failed");
         m::connect_failed(addr);
-        let _ = sessions.shared.events.try_send(Event::ConnectFailed {
-            addr,
-            error: error.clone(),
-        });
+        // Local failures (no descriptors, no memory) say nothing about the leader.
+        if remote {
+            let _ = sessions.shared.events.try_send(Event::ConnectFailed {
+                addr,
+                error: error.clone(),
+            });
+        }
         last_error = Some((addr, error));
         failures += 1;
         failed_generation = Some(generation);
@@ -253,10 +281,7 @@ async fn connect_leader(
         )
         .await
         .is_ok();
-        if !moved && failures > config.connect_retries {
-            return Err(no_leader_reason(&route.borrow(), last_error));
-        }
-        if Instant::now() >= deadline {
+        if !moved && Instant::now() >= deadline {
             return Err(no_leader_reason(&route.borrow(), last_error));
         }
     }

@@ -608,3 +608,34 @@ async fn ipv6_backends_from_aaaa_records() {
     assert_eq!(v4_role.requests(), 0, "the IPv4 address is not a backend");
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failed_check_does_not_drop_the_leader() {
+    let cluster = Cluster::start(16, 2).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    // Slow checks, so the test can answer exactly one of them with an error.
+    let config = cluster
+        .config()
+        .set("check.interval", "\"1s\"")
+        .set("check.fast_interval", "\"600ms\"")
+        .set("check.fall", "2")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let generation = proxy.status().await["route"]["generation"].clone();
+
+    let seen = cluster.nodes[0].role.requests();
+    cluster.nodes[0]
+        .role
+        .set(RoleReply::error(500, "too many clients already"));
+    assert!(cluster.nodes[0].role.wait_requests(seen + 1, LONG).await);
+    cluster.nodes[0].role.set(RoleReply::leader());
+    // The failure made every node re-check; give those checks time to land.
+    assert!(cluster.nodes[0].role.wait_requests(seen + 3, LONG).await);
+
+    assert!(session.echo("still routed").await, "one failed check drains nothing");
+    let status = proxy.status().await;
+    assert_eq!(status["route"]["generation"], generation, "{status}");
+    assert_eq!(status["route"]["target"]["state"], "leader", "{status}");
+    proxy.stop().await;
+}
