@@ -93,6 +93,7 @@ pub struct ProxyConfig {
     pub leader_wait: Duration,
     #[serde(serialize_with = "human")]
     pub shutdown_grace: Duration,
+    pub copy: crate::copy::Mode,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,6 +200,7 @@ struct RawProxy {
     max_connections: usize,
     leader_wait: String,
     shutdown_grace: String,
+    copy: String,
 }
 
 impl Default for RawProxy {
@@ -210,6 +212,7 @@ impl Default for RawProxy {
             max_connections: 1000,
             leader_wait: "10s".into(),
             shutdown_grace: "10s".into(),
+            copy: "splice".into(),
         }
     }
 }
@@ -471,6 +474,16 @@ impl RawConfig {
             max_connections: p.max_connections,
             leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
             shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
+            copy: match x.string("proxy.copy", &p.copy)?.as_str() {
+                "splice" => crate::copy::Mode::Splice,
+                "buffered" => crate::copy::Mode::Buffered,
+                other => {
+                    return Err(invalid(
+                        "proxy.copy",
+                        format!("expected \"splice\" or \"buffered\", got {other:?}"),
+                    ))
+                }
+            },
         };
 
         let admin_text = x.string("admin.address", &self.admin.address)?;
@@ -672,6 +685,7 @@ mod tests {
             ("[check]\nfall = 0", &["check.fall"]),
             ("[proxy]\nmax_connections = 0", &["proxy.max_connections"]),
             ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
+            ("[proxy]\ncopy = \"zero\"", &["proxy.copy", "splice"]),
             ("not toml at all", &["TOML parse error"]),
         ];
         for (text, words) in rows {

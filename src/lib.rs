@@ -23,6 +23,7 @@ pub mod admin;
 pub mod agent;
 pub mod check;
 pub mod config;
+pub mod copy;
 pub mod discovery;
 pub mod leader;
 pub mod metrics;

@@ -6,14 +6,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -22,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::ProxyConfig;
+use crate::copy;
 use crate::leader::{Event, Route, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
@@ -311,15 +309,19 @@ async fn splice(
     generation: u64,
     sessions: &Sessions,
 ) -> (&'static str, u64, u64) {
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let mut client = Metered::new(client, start, &last_activity);
-    let mut backend = Metered::new(backend, start, &last_activity);
+    let activity = copy::Activity::new();
+    let sockets = copy::Socket::new(client).and_then(|c| Ok((c, copy::Socket::new(backend)?)));
+    let (client, backend) = match sockets {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot register session sockets");
+            return ("error", 0, 0);
+        }
+    };
     let idle_timeout = sessions.config.idle_timeout;
     let idle = async {
         loop {
-            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-            let due = start + last + idle_timeout;
+            let due = activity.last() + idle_timeout;
             if Instant::now() >= due {
                 return;
             }
@@ -327,8 +329,8 @@ async fn splice(
         }
     };
     let result = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut client, &mut backend) => match copied {
-            Ok(_) => "closed",
+        copied = copy::bidirectional(&client, &backend, sessions.config.copy, &activity) => match copied {
+            Ok(()) => "closed",
             Err(e) => {
                 tracing::debug!(error = %e, "session ended with an error");
                 "error"
@@ -344,64 +346,9 @@ async fn splice(
         }
         _ = sessions.hard_stop.cancelled() => "shutdown",
     };
-    (result, client.read, backend.read)
-}
-
-pin_project_lite::pin_project! {
-    /// A stream that counts what is read from it and stamps the session's last activity.
-    struct Metered<'a> {
-        #[pin]
-        inner: TcpStream,
-        read: u64,
-        start: Instant,
-        last_activity: &'a AtomicU64,
-    }
-}
-
-impl<'a> Metered<'a> {
-    fn new(inner: TcpStream, start: Instant, last_activity: &'a AtomicU64) -> Self {
-        Self {
-            inner,
-            read: 0,
-            start,
-            last_activity,
-        }
-    }
-}
-
-impl AsyncRead for Metered<'_> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled {
-            let n = (buf.filled().len() - before) as u64;
-            *this.read += n;
-            let now = this.start.elapsed().as_millis() as u64;
-            this.last_activity.store(now, Ordering::Relaxed);
-        }
-        polled
-    }
-}
-
-impl AsyncWrite for Metered<'_> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
+    (
+        result,
+        activity.up.load(Ordering::Relaxed),
+        activity.down.load(Ordering::Relaxed),
+    )
 }

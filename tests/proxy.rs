@@ -456,15 +456,26 @@ async fn idle_sessions_are_closed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_four_mib_each_way_arrive_intact_with_half_close() {
+async fn sixty_four_mib_each_way_arrive_intact_with_half_close_spliced() {
+    sixty_four_mib_each_way(12, "splice").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_arrive_intact_with_half_close_buffered() {
+    sixty_four_mib_each_way(17, "buffered").await;
+}
+
+async fn sixty_four_mib_each_way(net: u8, copy: &str) {
     const LEN: u64 = 64 * 1024 * 1024;
-    let ip = loopback(12, 0, 11);
-    let dns = DnsServer::start(loopback(12, 0, 1)).await;
+    let ip = loopback(net, 0, 11);
+    let dns = DnsServer::start(loopback(net, 0, 1)).await;
     dns.set(NAME, vec![ip]);
     let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
     role.set(RoleReply::leader());
     let backend = SinkSourceBackend::start(SocketAddr::new(ip, 5433), LEN, 7).await;
-    let config = ConfigBuilder::new("127.12.0.1", dns.addr(), NAME).config();
+    let config = ConfigBuilder::new(&loopback(net, 0, 1).to_string(), dns.addr(), NAME)
+        .set("proxy.copy", &format!("\"{copy}\""))
+        .config();
     let proxy = RunningProxy::start(config).await;
 
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
@@ -633,7 +644,10 @@ async fn one_failed_check_does_not_drop_the_leader() {
     // The failure made every node re-check; give those checks time to land.
     assert!(cluster.nodes[0].role.wait_requests(seen + 3, LONG).await);
 
-    assert!(session.echo("still routed").await, "one failed check drains nothing");
+    assert!(
+        session.echo("still routed").await,
+        "one failed check drains nothing"
+    );
     let status = proxy.status().await;
     assert_eq!(status["route"]["generation"], generation, "{status}");
     assert_eq!(status["route"]["target"]["state"], "leader", "{status}");
