@@ -98,12 +98,12 @@ impl Socket {
     async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             // Optimistic: a socket usually has room, so try before waiting.
-            match (&*self.0.get_ref()).write(bytes) {
+            match self.0.get_ref().write(bytes) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => bytes = &bytes[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut ready = self.0.writable().await?;
-                    match ready.try_io(|s| (&*s.get_ref()).write(bytes)) {
+                    match ready.try_io(|s| s.get_ref().write(bytes)) {
                         Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(Ok(n)) => bytes = &bytes[n..],
                         Ok(Err(e)) => return Err(e),
@@ -166,7 +166,7 @@ async fn buffered_once(from: &Socket, to: &Socket) -> io::Result<usize> {
     loop {
         let mut ready = from.0.readable().await?;
         let mut buffer = Buffers::take();
-        let read = ready.try_io(|s| (&*s.get_ref()).read(&mut buffer));
+        let read = ready.try_io(|s| s.get_ref().read(&mut buffer));
         let n = match read {
             Ok(Ok(n)) => n,
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
