@@ -83,7 +83,7 @@ async fn connect(conninfo: &str) -> tokio_postgres::Client {
 async fn start_cluster(ips: &[Ipv4Addr], port: u16) -> PgCluster {
     let ips = ips.to_vec();
     match tokio::task::spawn_blocking(move || PgCluster::start(&ips, port)).await {
-        Ok(cluster) => cluster,
+        Ok(cluster) => cluster.expect("cluster starts"),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(e) => panic!("cluster start task: {e}"),
     }
@@ -132,14 +132,14 @@ async fn agent_follows_a_real_failover() {
     drop(standby);
 
     // The primary crashes: its agent cannot tell, and the standby is still a standby.
-    cluster.stop_immediate(0);
+    cluster.stop_immediate(0).expect("kill node 0");
     let (status, body) = agent0.role().await;
     assert_eq!(status, 500, "node 0 is down, got body {body:?}");
     assert!(!body.is_empty(), "a 500 carries the error text");
     assert_eq!(agent1.role().await, (200, "replica".to_owned()));
 
     // After promotion node 1 leads and takes writes.
-    cluster.promote(1);
+    cluster.promote(1).expect("promote node 1");
     assert_eq!(agent1.role().await, (200, "leader".to_owned()));
     assert_eq!(agent0.role().await.0, 500);
     let new_primary = connect(&cluster.conninfo(1)).await;

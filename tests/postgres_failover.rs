@@ -43,6 +43,7 @@ async fn writes_resume_on_the_promoted_replica() {
     let cluster = Arc::new(
         tokio::task::spawn_blocking(|| PgCluster::start(&NODES, 5433))
             .await
+            .expect("cluster start task")
             .expect("cluster starts"),
     );
 
@@ -113,8 +114,8 @@ async fn writes_resume_on_the_promoted_replica() {
     tokio::task::spawn_blocking({
         let cluster = Arc::clone(&cluster);
         move || {
-            cluster.stop_immediate(0);
-            cluster.promote(1);
+            cluster.stop_immediate(0).expect("kill node 0");
+            cluster.promote(1).expect("promote node 1");
         }
     })
     .await

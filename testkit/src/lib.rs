@@ -13,6 +13,7 @@
 //! matters when a test rebinds the same address right away.
 
 pub mod backend;
+pub mod cluster;
 pub mod dns;
 pub mod harness;
 pub mod haproxy;

@@ -5,9 +5,14 @@
 //! clusters of parallel tests never meet. Postgres refuses to run as root, so when the tests
 //! run as root every Postgres binary runs as the `postgres` user.
 //!
-//! All calls block; from async tests use them directly (short) or through `spawn_blocking`.
+//! Operations return [`PgError`] instead of panicking, so an interactive program survives a
+//! failed command; tests call `.expect(..)`, and the error's `Debug` is its readable text.
+//!
+//! All calls block; from async code run them through `spawn_blocking`.
 
+use std::fmt;
 use std::fs;
+use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -19,7 +24,7 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 wal_level = replica
-max_wal_senders = 5
+max_wal_senders = 10
 hot_standby = on
 shared_buffers = 32MB
 max_connections = 50
@@ -38,8 +43,90 @@ host replication all 127.0.0.0/8 trust
 /// How long `pg_ctl -w` waits for start, stop and promote.
 const PG_CTL_TIMEOUT_SECS: &str = "60";
 
+/// Lines of the node's server log quoted in a [`PgError`].
+const LOG_TAIL_LINES: usize = 40;
+
 /// Distinguishes clusters created by the same test process.
 static NEXT_CLUSTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Why a cluster operation failed. The text names the command, what it printed and the tail
+/// of the node's server log, which is usually where the real reason is.
+pub enum PgError {
+    /// The binary could not be run at all (missing, not executable).
+    Spawn { command: String, source: io::Error },
+    /// The command ran and exited unsuccessfully (boxed: errors are the rare path, and a
+    /// small `Result` is cheap to pass around).
+    Failed(Box<CommandFailure>),
+    /// A file operation on the cluster's directories failed.
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// The request makes no sense for the cluster's current state (bad node index, ...).
+    Invalid(String),
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PgError::Spawn { command, source } => write!(f, "cannot run {command}: {source}"),
+            PgError::Failed(failure) => write!(
+                f,
+                "{} failed on {} ({}): {}\n--- {} (tail) ---\n{}",
+                failure.command,
+                failure.node,
+                failure.status,
+                failure.output.trim_end(),
+                failure.log.display(),
+                failure.log_tail
+            ),
+            PgError::Io {
+                action,
+                path,
+                source,
+            } => write!(f, "cannot {action} {}: {source}", path.display()),
+            PgError::Invalid(message) => f.write_str(message),
+        }
+    }
+}
+
+/// The same text as `Display`, so `.expect(..)` in a test prints the log tail readably.
+impl fmt::Debug for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PgError::Spawn { source, .. } | PgError::Io { source, .. } => Some(source),
+            PgError::Failed { .. } | PgError::Invalid(_) => None,
+        }
+    }
+}
+
+/// A Postgres command that exited unsuccessfully on one node.
+#[derive(Debug)]
+pub struct CommandFailure {
+    /// Which node, with its address.
+    pub node: String,
+    pub command: String,
+    pub status: std::process::ExitStatus,
+    /// Its stdout and stderr.
+    pub output: String,
+    /// The node's server log, and its last lines.
+    pub log: PathBuf,
+    pub log_tail: String,
+}
+
+/// How [`PgCluster::start_with`] sets the nodes up.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Serve TLS with a self-signed certificate (`ssl = on`); plain connections still work.
+    pub tls: bool,
+}
 
 /// One Postgres server of a [`PgCluster`].
 #[derive(Debug)]
@@ -58,15 +145,24 @@ pub struct PgNode {
 pub struct PgCluster {
     pub nodes: Vec<PgNode>,
     root: PathBuf,
+    /// Certificate and key shared by every node when TLS is on.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PgCluster {
     /// Creates node 0 with `initdb`, copies it to the other nodes with `pg_basebackup -R`
     /// and starts them all, each listening on `ips[i]:port` only.
-    pub fn start(ips: &[Ipv4Addr], port: u16) -> PgCluster {
-        assert!(!ips.is_empty(), "a cluster needs at least one node");
-        for ip in ips {
-            assert!(ip.is_loopback(), "{ip} is not a loopback address");
+    pub fn start(ips: &[Ipv4Addr], port: u16) -> Result<PgCluster, PgError> {
+        Self::start_with(ips, port, Options::default())
+    }
+
+    /// [`PgCluster::start`] with options.
+    pub fn start_with(ips: &[Ipv4Addr], port: u16, options: Options) -> Result<PgCluster, PgError> {
+        if ips.is_empty() {
+            return Err(PgError::Invalid("a cluster needs at least one node".into()));
+        }
+        if let Some(ip) = ips.iter().find(|ip| !ip.is_loopback()) {
+            return Err(PgError::Invalid(format!("{ip} is not a loopback address")));
         }
         let root = std::env::temp_dir().join(format!(
             "roleproxy-pg-{}-{}",
@@ -74,7 +170,7 @@ impl PgCluster {
             NEXT_CLUSTER.fetch_add(1, Ordering::Relaxed)
         ));
         if root.exists() {
-            fs::remove_dir_all(&root).expect("remove a stale cluster directory");
+            fs::remove_dir_all(&root).map_err(io_error("remove the stale directory", &root))?;
         }
         let nodes = ips
             .iter()
@@ -90,12 +186,18 @@ impl PgCluster {
                 }
             })
             .collect();
-        // Built before anything runs so that a panic below still stops and removes it all.
-        let cluster = PgCluster { nodes, root };
+        let tls = options
+            .tls
+            .then(|| (root.join("tls/server.crt"), root.join("tls/server.key")));
+        // Built before anything runs so that an error below still stops and removes it all.
+        let cluster = PgCluster { nodes, root, tls };
         for node in &cluster.nodes {
-            fs::create_dir_all(&node.dir).expect("create the node directory");
+            fs::create_dir_all(&node.dir).map_err(io_error("create", &node.dir))?;
         }
-        give_to_postgres(&cluster.root);
+        if let Some((cert, key)) = &cluster.tls {
+            make_certificate(cert, key, ips)?;
+        }
+        give_to_postgres(&cluster.root)?;
 
         let primary = &cluster.nodes[0];
         cluster.run_checked(
@@ -105,52 +207,158 @@ impl PgCluster {
                 .arg(&primary.data_dir)
                 .args(["-U", "postgres", "--auth=trust", "--no-sync"])
                 .args(["--encoding=UTF8", "--locale=C", "--no-instructions"]),
-        );
-        append(&primary.data_dir.join("postgresql.conf"), COMMON_CONF);
-        write(&primary.data_dir.join("pg_hba.conf"), PG_HBA);
-        cluster.write_node_conf(0);
-        cluster.start_node(0);
+        )?;
+        append(&primary.data_dir.join("postgresql.conf"), COMMON_CONF)?;
+        write(&primary.data_dir.join("pg_hba.conf"), PG_HBA)?;
+        cluster.write_node_conf(0)?;
+        cluster.start_node(0)?;
 
         for i in 1..cluster.nodes.len() {
-            let node = &cluster.nodes[i];
-            cluster.run_checked(
-                i,
-                pg_command("pg_basebackup")
-                    .arg("-D")
-                    .arg(&node.data_dir)
-                    .args(["-h", &primary.ip.to_string()])
-                    .args(["-p", &primary.port.to_string()])
-                    .args(["-U", "postgres", "-R", "-X", "stream"])
-                    .args(["--checkpoint=fast", "--no-sync"]),
-            );
-            // The copy carries node 0's listen address; give the replica its own.
-            cluster.write_node_conf(i);
-            cluster.start_node(i);
+            cluster.base_backup(i, 0)?;
+            cluster.start_node(i)?;
         }
-        cluster
+        Ok(cluster)
+    }
+
+    /// The self-signed certificate the nodes serve when TLS is on, for clients that verify it.
+    pub fn tls_cert(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(cert, _)| cert.as_path())
+    }
+
+    /// The directory holding every node; removed on drop.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Kills node `i` without a shutdown checkpoint, like a crash (`pg_ctl stop -m immediate`).
-    pub fn stop_immediate(&self, i: usize) {
-        self.pg_ctl(i, &["stop", "-m", "immediate"]);
+    pub fn stop_immediate(&self, i: usize) -> Result<(), PgError> {
+        self.pg_ctl(i, &["stop", "-m", "immediate"])
     }
 
     /// Stops node `i` cleanly (`pg_ctl stop -m fast`).
-    pub fn stop(&self, i: usize) {
-        self.pg_ctl(i, &["stop", "-m", "fast"]);
+    pub fn stop(&self, i: usize) -> Result<(), PgError> {
+        self.pg_ctl(i, &["stop", "-m", "fast"])
+    }
+
+    /// Kills every running node; errors are ignored because this is teardown.
+    pub fn stop_all(&self) {
+        for i in 0..self.nodes.len() {
+            if self.is_running(i) {
+                let _ = self.stop_immediate(i);
+            }
+        }
     }
 
     /// Starts node `i` again, as the primary or a standby depending on its data directory.
-    pub fn start_node(&self, i: usize) {
-        let log = self.nodes[i].log_file.clone();
+    pub fn start_node(&self, i: usize) -> Result<(), PgError> {
+        let node = self.node(i)?;
         let mut command = pg_command("pg_ctl");
-        command.arg("-l").arg(&log);
-        self.run_checked(i, pg_ctl_args(&mut command, &self.nodes[i], &["start"]));
+        command.arg("-l").arg(&node.log_file);
+        self.run_checked(i, pg_ctl_args(&mut command, node, &["start"]))
     }
 
-    /// Promotes standby `i` and waits until it accepts writes (`pg_ctl promote -w`).
-    pub fn promote(&self, i: usize) {
-        self.pg_ctl(i, &["promote"]);
+    /// Promotes standby `i` and waits until it accepts writes (`pg_ctl promote -w`, which
+    /// polls every 100 ms, so it returns up to that long after the promotion).
+    pub fn promote(&self, i: usize) -> Result<(), PgError> {
+        self.pg_ctl(i, &["promote"])
+    }
+
+    /// Whether node `i`'s postmaster is alive, from its pid file and `/proc`: cheap enough
+    /// to call from async code.
+    pub fn is_running(&self, i: usize) -> bool {
+        let Some(node) = self.nodes.get(i) else {
+            return false;
+        };
+        let Ok(pid_file) = fs::read_to_string(node.data_dir.join("postmaster.pid")) else {
+            return false;
+        };
+        let Some(pid) = pid_file
+            .lines()
+            .next()
+            .and_then(|line| line.trim().parse::<u32>().ok())
+        else {
+            return false;
+        };
+        // A crashed postmaster leaves its pid file behind, and may linger as a zombie.
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X"),
+            Err(_) => false,
+        }
+    }
+
+    /// Rebuilds node `i` as a streaming replica of `leader`: stops it if running, wipes its
+    /// data directory, copies the leader with `pg_basebackup -R` and starts it. A fresh copy
+    /// is fast for the small databases of tests and works whatever timeline `i` was on.
+    pub fn rejoin_as_replica(&self, i: usize, leader: usize) -> Result<(), PgError> {
+        self.node(leader)?;
+        if i == leader {
+            return Err(PgError::Invalid(format!(
+                "{} cannot be a replica of itself",
+                self.node(i)?.ip
+            )));
+        }
+        if self.is_running(i) {
+            self.stop_immediate(i)?;
+        }
+        let data_dir = &self.node(i)?.data_dir;
+        if data_dir.exists() {
+            fs::remove_dir_all(data_dir).map_err(io_error("remove", data_dir))?;
+        }
+        self.base_backup(i, leader)?;
+        self.start_node(i)
+    }
+
+    /// Points running replica `i` at `leader`. Postgres 15 applies `primary_conninfo` on
+    /// reload, and the default `recovery_target_timeline = latest` makes the replica follow
+    /// the new leader's timeline, provided it has not replayed past the point where it forked.
+    pub fn follow(&self, i: usize, leader: usize) -> Result<(), PgError> {
+        let upstream = self.replication_conninfo(leader)?;
+        self.set_primary_conninfo(i, &upstream)
+    }
+
+    /// Stops replica `i` from streaming (empty `primary_conninfo`), freezing what it has
+    /// received, so that a switchover can compare replicas that no longer move.
+    pub fn detach(&self, i: usize) -> Result<(), PgError> {
+        self.set_primary_conninfo(i, "")
+    }
+
+    /// Makes every new transaction on node `i` read-only (`default_transaction_read_only`),
+    /// so `SHOW transaction_read_only` says `on` while Postgres stays up; `false` undoes it.
+    pub fn set_read_only(&self, i: usize, read_only: bool) -> Result<(), PgError> {
+        let set = if read_only {
+            "ALTER SYSTEM SET default_transaction_read_only = on"
+        } else {
+            "ALTER SYSTEM RESET default_transaction_read_only"
+        };
+        self.sql(i, &[set, "SELECT pg_reload_conf()"]).map(drop)
+    }
+
+    /// Runs each statement with `psql` over node `i`'s unix socket, one `-c` each so that
+    /// statements like `ALTER SYSTEM` do not end up in a transaction block. Returns what the
+    /// statements printed, unaligned and without headers.
+    pub fn sql(&self, i: usize, statements: &[&str]) -> Result<String, PgError> {
+        let node = self.node(i)?;
+        let mut command = pg_command("psql");
+        command
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .arg("-h")
+            .arg(&node.dir)
+            .args([
+                "-p",
+                &node.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+            ]);
+        for statement in statements {
+            command.args(["-c", statement]);
+        }
+        let output = self.run_checked_output(i, &mut command)?;
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
     }
 
     /// A libpq conninfo for node `i` over TCP.
@@ -162,53 +370,119 @@ impl PgCluster {
         )
     }
 
-    fn pg_ctl(&self, i: usize, action: &[&str]) {
+    fn set_primary_conninfo(&self, i: usize, upstream: &str) -> Result<(), PgError> {
+        let set = format!("ALTER SYSTEM SET primary_conninfo = '{upstream}'");
+        self.sql(i, &[&set, "SELECT pg_reload_conf()"]).map(drop)
+    }
+
+    /// How a replica connects to `leader`; the same shape `pg_basebackup -R` writes.
+    fn replication_conninfo(&self, leader: usize) -> Result<String, PgError> {
+        let node = self.node(leader)?;
+        Ok(format!("host={} port={} user=postgres", node.ip, node.port))
+    }
+
+    /// Copies `source` into node `i`'s (absent) data directory as a standby of it, and gives
+    /// the copy `i`'s own listen address.
+    fn base_backup(&self, i: usize, source: usize) -> Result<(), PgError> {
+        let node = self.node(i)?;
+        let source = self.node(source)?;
+        self.run_checked(
+            i,
+            pg_command("pg_basebackup")
+                .arg("-D")
+                .arg(&node.data_dir)
+                .args(["-h", &source.ip.to_string()])
+                .args(["-p", &source.port.to_string()])
+                .args(["-U", "postgres", "-R", "-X", "stream"])
+                .args(["--checkpoint=fast", "--no-sync"]),
+        )?;
+        // A read-only source (the old leader of a switchover) must not pass that on: the
+        // copy may be promoted one day.
+        let auto_conf = node.data_dir.join("postgresql.auto.conf");
+        if let Ok(text) = fs::read_to_string(&auto_conf) {
+            let kept: String = text
+                .lines()
+                .filter(|line| {
+                    !line
+                        .trim_start()
+                        .starts_with("default_transaction_read_only")
+                })
+                .map(|line| format!("{line}\n"))
+                .collect();
+            write(&auto_conf, &kept)?;
+        }
+        // The copy carries the source's node.conf; give the replica its own.
+        self.write_node_conf(i)
+    }
+
+    fn node(&self, i: usize) -> Result<&PgNode, PgError> {
+        self.nodes.get(i).ok_or_else(|| {
+            PgError::Invalid(format!(
+                "no node {i}: the cluster has nodes 0..{}",
+                self.nodes.len()
+            ))
+        })
+    }
+
+    fn pg_ctl(&self, i: usize, action: &[&str]) -> Result<(), PgError> {
+        let node = self.node(i)?;
         let mut command = pg_command("pg_ctl");
-        self.run_checked(i, pg_ctl_args(&mut command, &self.nodes[i], action));
+        self.run_checked(i, pg_ctl_args(&mut command, node, action))
     }
 
     /// Per-node settings, included by the shared `postgresql.conf`.
-    fn write_node_conf(&self, i: usize) {
-        let node = &self.nodes[i];
-        let conf = format!(
-            "listen_addresses = '{}'\nport = {}\nunix_socket_directories = '{}'\n",
+    fn write_node_conf(&self, i: usize) -> Result<(), PgError> {
+        let node = self.node(i)?;
+        // cluster_name names the node in `ps` and is the walreceiver's application_name.
+        let mut conf = format!(
+            "listen_addresses = '{}'\nport = {}\nunix_socket_directories = '{}'\ncluster_name = 'node{i}'\n",
             node.ip,
             node.port,
             node.dir.display()
         );
+        if let Some((cert, key)) = &self.tls {
+            conf.push_str(&format!(
+                "ssl = on\nssl_cert_file = '{}'\nssl_key_file = '{}'\n",
+                cert.display(),
+                key.display()
+            ));
+        }
         let path = node.data_dir.join("node.conf");
-        write(&path, &conf);
-        give_to_postgres(&path);
+        write(&path, &conf)?;
+        give_to_postgres(&path)
     }
 
-    /// Runs a Postgres binary and panics with its output and the
-    /// tail of node `i`'s log when it fails.
-    fn run_checked(&self, i: usize, command: &mut Command) {
-        let description = format!("{command:?}");
-        let output = command
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {description}: {e}"));
-        if !output.status.success() {
-            panic!(
-                "{description} failed on node {i} ({}): {}\n--- {} (tail) ---\n{}",
-                output.status,
-                output_text(&output),
-                self.nodes[i].log_file.display(),
-                log_tail(&self.nodes[i].log_file, 40)
-            );
+    fn run_checked(&self, i: usize, command: &mut Command) -> Result<(), PgError> {
+        self.run_checked_output(i, command).map(drop)
+    }
+
+    /// Runs a Postgres binary; on failure the error carries its output and the tail of
+    /// node `i`'s log.
+    fn run_checked_output(&self, i: usize, command: &mut Command) -> Result<Output, PgError> {
+        let description = describe(command);
+        let output = command.output().map_err(|source| PgError::Spawn {
+            command: description.clone(),
+            source,
+        })?;
+        if output.status.success() {
+            return Ok(output);
         }
+        let node = self.node(i)?;
+        Err(PgError::Failed(Box::new(CommandFailure {
+            node: format!("node {i} ({}:{})", node.ip, node.port),
+            command: description,
+            status: output.status,
+            output: output_text(&output),
+            log: node.log_file.clone(),
+            log_tail: log_tail(&node.log_file, LOG_TAIL_LINES),
+        })))
     }
 }
 
 impl Drop for PgCluster {
     fn drop(&mut self) {
-        for node in &self.nodes {
-            if node.data_dir.join("postmaster.pid").exists() {
-                let mut command = pg_command("pg_ctl");
-                // Best effort: a failure here must not turn a test failure into an abort.
-                let _ = pg_ctl_args(&mut command, node, &["stop", "-m", "immediate"]).output();
-            }
-        }
+        // Best effort: a failure here must not turn a test failure into an abort.
+        self.stop_all();
         let _ = fs::remove_dir_all(&self.root);
     }
 }
@@ -221,8 +495,45 @@ fn pg_ctl_args<'a>(command: &'a mut Command, node: &PgNode, action: &[&str]) -> 
         .args(action)
 }
 
-/// Path of a Postgres server binary: in `pg_config --bindir` (Debian keeps them off `PATH`),
-/// else looked up on `PATH`.
+/// Writes a self-signed certificate for `localhost`, 127.0.0.1 and the nodes' addresses.
+/// Postgres insists that the key is private to its owner.
+fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = cert.parent() {
+        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
+    }
+    let names: Vec<String> = ["DNS:localhost".to_owned(), "IP:127.0.0.1".to_owned()]
+        .into_iter()
+        .chain(ips.iter().map(|ip| format!("IP:{ip}")))
+        .collect();
+    let mut command = Command::new("openssl");
+    command
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-addext"])
+        .arg(format!("subjectAltName={}", names.join(",")))
+        .arg("-keyout")
+        .arg(key)
+        .arg("-out")
+        .arg(cert);
+    let description = describe(&command);
+    let output = command.output().map_err(|source| PgError::Spawn {
+        command: description.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(PgError::Invalid(format!(
+            "{description} failed ({}): {}",
+            output.status,
+            output_text(&output)
+        )));
+    }
+    fs::set_permissions(key, fs::Permissions::from_mode(0o600)).map_err(io_error("chmod", key))
+}
+
+/// Path of a Postgres binary: in `pg_config --bindir` (Debian keeps the server binaries off
+/// `PATH`), else the standard Debian location, else looked up on `PATH`.
 fn pg_bin(name: &str) -> PathBuf {
     use std::sync::OnceLock;
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
@@ -235,6 +546,10 @@ fn pg_bin(name: &str) -> PathBuf {
                 .filter(|output| output.status.success())
                 .and_then(|output| String::from_utf8(output.stdout).ok())
                 .map(|dir| PathBuf::from(dir.trim()))
+                .or_else(|| {
+                    let debian = PathBuf::from("/usr/lib/postgresql/15/bin");
+                    debian.join("initdb").exists().then_some(debian)
+                })
                 .unwrap_or_default()
         })
         .join(name)
@@ -265,36 +580,55 @@ fn pg_command(name: &str) -> Command {
 }
 
 /// Hands `path` (recursively) to the `postgres` user when running as root.
-fn give_to_postgres(path: &Path) {
+fn give_to_postgres(path: &Path) -> Result<(), PgError> {
     if !is_root() {
-        return;
+        return Ok(());
     }
-    let output = Command::new("chown")
-        .arg("-R")
-        .arg("postgres:")
-        .arg(path)
-        .output()
-        .expect("run chown");
-    assert!(
-        output.status.success(),
-        "chown -R postgres: {} failed: {}",
-        path.display(),
-        output_text(&output)
-    );
+    let mut command = Command::new("chown");
+    command.arg("-R").arg("postgres:").arg(path);
+    let description = describe(&command);
+    let output = command.output().map_err(|source| PgError::Spawn {
+        command: description.clone(),
+        source,
+    })?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(PgError::Invalid(format!(
+            "{description} failed: {}",
+            output_text(&output)
+        )))
+    }
 }
 
-fn append(path: &Path, text: &str) {
+/// A command line as one readable string, for error messages.
+fn describe(command: &Command) -> String {
+    std::iter::once(command.get_program())
+        .chain(command.get_args())
+        .map(|part| part.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> PgError + 'a {
+    move |source| PgError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn append(path: &Path, text: &str) -> Result<(), PgError> {
     use std::io::Write;
-    let mut file = fs::OpenOptions::new()
+    fs::OpenOptions::new()
         .append(true)
         .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    file.write_all(text.as_bytes())
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(io_error("append to", path))
 }
 
-fn write(path: &Path, text: &str) {
-    fs::write(path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+fn write(path: &Path, text: &str) -> Result<(), PgError> {
+    fs::write(path, text).map_err(io_error("write", path))
 }
 
 fn output_text(output: &Output) -> String {
