@@ -81,13 +81,26 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// Checks one endpoint once. Never fails: an error is `Role::Down` with the reason.
-pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Role {
+/// Checks one endpoint once. A failure of the node is `Role::Down` with the reason; `None`
+/// means this process could not even try (out of descriptors or memory), which says nothing
+/// about the node and must not move the route.
+pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Option<Role> {
     match tokio::time::timeout(settings.timeout, fetch(endpoint, &settings.path)).await {
-        Ok(Ok((status, body))) => role_from_answer(status, &body, &settings.leader),
-        Ok(Err(e)) => Role::Down(e.to_string()),
-        Err(_) => Role::Down(CheckError::Timeout(settings.timeout).to_string()),
+        Ok(Ok((status, body))) => Some(role_from_answer(status, &body, &settings.leader)),
+        Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => None,
+        Ok(Err(e)) => Some(Role::Down(e.to_string())),
+        Err(_) => Some(Role::Down(
+            CheckError::Timeout(settings.timeout).to_string(),
+        )),
     }
+}
+
+/// Errors that come from this host running out of something, not from the peer.
+pub fn is_local_shortage(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckError> {
@@ -136,11 +149,18 @@ pub fn spawn_loop(
         recheck.mark_unchanged();
         loop {
             let started = Instant::now();
-            let role = tokio::select! {
+            let checked = tokio::select! {
                 _ = cancel.cancelled() => return,
                 role = check_role(endpoint, &settings) => role,
             };
             let latency = started.elapsed();
+            let Some(role) = checked else {
+                tracing::warn!(backend = %backend, "check skipped: out of local resources (descriptors or memory)");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(settings.fast_interval) => continue,
+                }
+            };
             m::check_result(backend, &role, latency);
             if let Role::Down(error) = &role {
                 tracing::debug!(backend = %backend, %error, "check failed");

@@ -9,18 +9,25 @@
 //! them through user space; when a pipe cannot be made it falls back to the buffered path.
 
 use std::cell::RefCell;
-use std::io::{self, Read, Write};
+use std::future::Future;
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream as StdTcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 
-use tokio::io::unix::AsyncFd;
+use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard, TryIoError};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Bytes moved per read; also the size of a pooled buffer.
 const CHUNK: usize = 64 * 1024;
+/// Pipe size asked for; pipes are only held while bytes move, so this costs nothing idle.
+const PIPE_SIZE: usize = 1024 * 1024;
+/// Linux's default pipe size.
+const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// Buffers or pipes kept per thread for reuse; more are freed.
 const POOL_CAP: usize = 64;
 
@@ -93,98 +100,262 @@ impl Socket {
         // The peer may already be gone; there is nothing left to tell it.
         let _ = self.0.get_ref().shutdown(Shutdown::Write);
     }
-
-    /// Writes all of `bytes`, waiting for room as needed.
-    async fn write_all(&self, mut bytes: &[u8]) -> io::Result<()> {
-        while !bytes.is_empty() {
-            // Optimistic: a socket usually has room, so try before waiting.
-            match self.0.get_ref().write(bytes) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let mut ready = self.0.writable().await?;
-                    match ready.try_io(|s| s.get_ref().write(bytes)) {
-                        Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                        Ok(Ok(n)) => bytes = &bytes[n..],
-                        Ok(Err(e)) => return Err(e),
-                        Err(_would_block) => {}
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
 }
 
 /// Copies both ways until both directions have ended (each end's EOF is passed on as a
 /// half-close), or until either fails. Counts bytes and activity in `activity` as it goes, so
 /// the counts survive the future being dropped (drain, idle timeout, shutdown).
-pub async fn bidirectional(
-    client: &Socket,
-    backend: &Socket,
+pub fn bidirectional<'a>(
+    client: &'a Socket,
+    backend: &'a Socket,
     mode: Mode,
-    activity: &Activity,
-) -> io::Result<()> {
-    let up = pump(client, backend, mode, activity, &activity.up);
-    let down = pump(backend, client, mode, activity, &activity.down);
-    tokio::try_join!(up, down).map(|_| ())
-}
-
-async fn pump(
-    from: &Socket,
-    to: &Socket,
-    mode: Mode,
-    activity: &Activity,
-    counter: &AtomicU64,
-) -> io::Result<()> {
-    let mut mode = mode;
-    loop {
-        let moved = match mode {
-            Mode::Splice => match splice_once(from, to).await {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    // This pair of sockets cannot splice; the buffered path always works.
-                    mode = Mode::Buffered;
-                    continue;
-                }
-                other => other?,
-            },
-            Mode::Buffered => buffered_once(from, to).await?,
-        };
-        if moved == 0 {
-            to.shutdown_write();
-            return Ok(());
-        }
-        counter.fetch_add(moved as u64, Ordering::Relaxed);
-        activity.touch();
+    activity: &'a Activity,
+) -> Bidirectional<'a> {
+    Bidirectional {
+        up: Pump::new(client, backend, mode, &activity.up, activity),
+        down: Pump::new(backend, client, mode, &activity.down, activity),
     }
 }
 
-/// Waits until `from` is readable, then moves what one read returns. 0 means EOF.
-async fn buffered_once(from: &Socket, to: &Socket) -> io::Result<usize> {
-    loop {
-        let mut ready = from.0.readable().await?;
-        let mut buffer = Buffers::take();
-        let read = ready.try_io(|s| s.get_ref().read(&mut buffer));
-        let n = match read {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => {
-                Buffers::give(buffer);
+/// The future of [`bidirectional`]. Hand-written rather than `async`: it waits with
+/// `poll_read_ready`, which needs no stored waiter, so an idle session's copy state is two
+/// small [`Pump`]s and nothing else.
+pub struct Bidirectional<'a> {
+    up: Pump<'a>,
+    down: Pump<'a>,
+}
+
+impl Future for Bidirectional<'_> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let up = this.up.poll(cx)?;
+        let down = this.down.poll(cx)?;
+        if up.is_ready() && down.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Bytes read but not yet written: borrowed from a pool only while they exist.
+enum Chunk {
+    Buffer {
+        buffer: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+    Pipe {
+        pipe: Pipe,
+        left: usize,
+    },
+}
+
+/// One direction: read from `from`, write to `to`, until EOF (then half-close `to`).
+struct Pump<'a> {
+    from: &'a Socket,
+    to: &'a Socket,
+    mode: Mode,
+    counter: &'a AtomicU64,
+    activity: &'a Activity,
+    chunk: Option<Chunk>,
+    done: bool,
+}
+
+impl<'a> Pump<'a> {
+    fn new(
+        from: &'a Socket,
+        to: &'a Socket,
+        mode: Mode,
+        counter: &'a AtomicU64,
+        activity: &'a Activity,
+    ) -> Self {
+        Self {
+            from,
+            to,
+            mode,
+            counter,
+            activity,
+            chunk: None,
+            done: false,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if self.chunk.is_some() {
+                ready!(self.poll_flush(cx))?;
                 continue;
             }
-        };
-        if n < buffer.len() {
-            // A short read drained the socket: skip the read that would only say EAGAIN.
-            ready.clear_ready();
+            let mut ready = ready!(self.from.0.poll_read_ready(cx))?;
+            let read = match self.mode {
+                Mode::Splice => match Pipe::take() {
+                    Ok(pipe) => read_spliced(&mut ready, pipe),
+                    // Out of descriptors: this chunk goes the buffered way.
+                    Err(_) => read_buffered(&mut ready),
+                },
+                Mode::Buffered => read_buffered(&mut ready),
+            };
+            let (n, chunk) = match read {
+                Ok(Ok(read)) => read,
+                Ok(Err(e))
+                    if e.raw_os_error() == Some(libc::EINVAL) && self.mode == Mode::Splice =>
+                {
+                    // This pair of sockets cannot splice; the buffered path always works.
+                    self.mode = Mode::Buffered;
+                    continue;
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // Readiness was stale and is now cleared; the next poll registers the waker.
+                Err(_would_block) => continue,
+            };
+            if n == 0 {
+                chunk.recycle();
+                self.to.shutdown_write();
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if chunk.drained_by(n) {
+                // A short read drained the socket: skip the read that would only say EAGAIN.
+                ready.clear_ready();
+            }
+            self.counter.fetch_add(n as u64, Ordering::Relaxed);
+            self.activity.touch();
+            self.chunk = Some(chunk);
         }
-        drop(ready);
-        let written = to.write_all(&buffer[..n]).await;
-        Buffers::give(buffer);
-        written?;
-        return Ok(n);
+    }
+
+    /// Writes the pending chunk to `to`; returns its buffer or pipe to the pool when done.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let to = self.to;
+        let Some(chunk) = self.chunk.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        loop {
+            let pending = match chunk {
+                Chunk::Buffer { start, end, .. } => *end - *start,
+                Chunk::Pipe { left, .. } => *left,
+            };
+            if pending == 0 {
+                if let Some(chunk) = self.chunk.take() {
+                    chunk.recycle();
+                }
+                return Poll::Ready(Ok(()));
+            }
+            // Optimistic: a socket usually has room, so write before asking for readiness.
+            let written = match write_chunk(to.fd(), chunk) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut ready = ready!(to.0.poll_write_ready(cx))?;
+                    match ready.try_io(|s| write_chunk(s.get_ref().as_raw_fd(), chunk)) {
+                        Ok(result) => result,
+                        Err(_would_block) => continue,
+                    }
+                }
+                other => other,
+            };
+            match written {
+                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Ok(n) => match chunk {
+                    Chunk::Buffer { start, .. } => *start += n,
+                    Chunk::Pipe { left, .. } => *left -= n,
+                },
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The chunk is dropped with the session; a half-written pipe is not reused.
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+fn read_buffered(
+    ready: &mut AsyncFdReadyGuard<'_, StdTcpStream>,
+) -> Result<io::Result<(usize, Chunk)>, TryIoError> {
+    let mut buffer = Buffers::take();
+    match ready.try_io(|s| s.get_ref().read(&mut buffer)) {
+        Ok(Ok(n)) => Ok(Ok((
+            n,
+            Chunk::Buffer {
+                buffer,
+                start: 0,
+                end: n,
+            },
+        ))),
+        Ok(Err(e)) => {
+            Buffers::give(buffer);
+            Ok(Err(e))
+        }
+        Err(would_block) => {
+            Buffers::give(buffer);
+            Err(would_block)
+        }
+    }
+}
+
+fn read_spliced(
+    ready: &mut AsyncFdReadyGuard<'_, StdTcpStream>,
+    pipe: Pipe,
+) -> Result<io::Result<(usize, Chunk)>, TryIoError> {
+    let capacity = pipe.capacity;
+    match ready.try_io(|s| splice(s.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), capacity)) {
+        Ok(Ok(n)) => Ok(Ok((n, Chunk::Pipe { pipe, left: n }))),
+        Ok(Err(e)) => {
+            pipe.give();
+            Ok(Err(e))
+        }
+        Err(would_block) => {
+            pipe.give();
+            Err(would_block)
+        }
+    }
+}
+
+/// One write of a chunk's pending bytes to `fd`.
+fn write_chunk(fd: RawFd, chunk: &Chunk) -> io::Result<usize> {
+    match chunk {
+        Chunk::Buffer { buffer, start, end } => {
+            // SAFETY: `fd` is a live socket borrowed from its owner for this call.
+            let n = unsafe {
+                libc::send(
+                    fd,
+                    buffer[*start..*end].as_ptr().cast(),
+                    end - start,
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        }
+        Chunk::Pipe { pipe, left } => splice(pipe.read.as_raw_fd(), fd, *left),
+    }
+}
+
+impl Chunk {
+    /// Whether reading `n` bytes into this chunk proves the socket was drained. A short
+    /// `read` does; a short `splice` does not, as it can stop early when the pipe runs out of
+    /// slots, and clearing readiness then could stall the session.
+    fn drained_by(&self, n: usize) -> bool {
+        match self {
+            Chunk::Buffer { buffer, .. } => n < buffer.len(),
+            Chunk::Pipe { .. } => false,
+        }
+    }
+
+    /// Returns the buffer or (empty) pipe to its pool.
+    fn recycle(self) {
+        match self {
+            Chunk::Buffer { buffer, .. } => Buffers::give(buffer),
+            Chunk::Pipe { pipe, left: 0 } => pipe.give(),
+            Chunk::Pipe { .. } => {}
+        }
     }
 }
 
@@ -217,6 +388,8 @@ impl Buffers {
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    /// Bytes one splice may move into it.
+    capacity: usize,
 }
 
 impl Pipe {
@@ -229,7 +402,25 @@ impl Pipe {
         }
         // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Pipe { read, write })
+        // A bigger pipe moves more per pair of syscalls; the kernel may grant less.
+        // SAFETY: F_SETPIPE_SZ on an open pipe descriptor; it returns the size granted.
+        let granted = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
+        let capacity = if granted > 0 {
+            granted as usize
+        } else {
+            DEFAULT_PIPE_SIZE
+        };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
     }
 
     fn take() -> io::Result<Pipe> {
@@ -272,49 +463,6 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
             return Err(e);
         }
     }
-}
-
-/// Waits until `from` is readable, then moves one pipeful to `to` without copying it through
-/// user space. 0 means EOF.
-async fn splice_once(from: &Socket, to: &Socket) -> io::Result<usize> {
-    let pipe = match Pipe::take() {
-        Ok(pipe) => pipe,
-        // Out of descriptors: this chunk goes the buffered way.
-        Err(_) => return buffered_once(from, to).await,
-    };
-    let moved = loop {
-        let mut ready = from.0.readable().await?;
-        match ready.try_io(|s| splice(s.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), CHUNK)) {
-            Ok(Ok(n)) => {
-                if n > 0 && n < CHUNK {
-                    ready.clear_ready();
-                }
-                break n;
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_would_block) => continue,
-        }
-    };
-    let mut left = moved;
-    while left > 0 {
-        match splice(pipe.read.as_raw_fd(), to.fd(), left) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => left -= n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut ready = to.0.writable().await?;
-                match ready.try_io(|s| splice(pipe.read.as_raw_fd(), s.get_ref().as_raw_fd(), left))
-                {
-                    Ok(Ok(n)) => left -= n,
-                    Ok(Err(e)) => return Err(e),
-                    Err(_would_block) => {}
-                }
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    // Only an empty pipe is reused; on an error above it is simply closed.
-    pipe.give();
-    Ok(moved)
 }
 
 #[cfg(test)]
@@ -366,6 +514,13 @@ mod tests {
         assert_eq!(back, expected, "{mode:?}: bytes intact and in order");
         assert_eq!(activity.up.load(Ordering::Relaxed), expected.len() as u64);
         assert_eq!(activity.down.load(Ordering::Relaxed), expected.len() as u64);
+    }
+
+    /// Every idle session holds one of these; it must stay small (no buffers, no waiters).
+    #[test]
+    fn idle_copy_state_is_small() {
+        let size = std::mem::size_of::<Bidirectional<'static>>();
+        assert!(size <= 256, "Bidirectional is {size} bytes");
     }
 
     #[tokio::test]

@@ -41,6 +41,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    raise_fd_limit();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -123,6 +124,31 @@ async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
             eprintln!("roleproxy agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Each session holds two sockets: raise the soft descriptor limit as far as allowed, as
+/// HAProxy does, so `max_connections` is not cut short by a default of 1024.
+fn raise_fd_limit() {
+    const WANTED: libc::rlim_t = 1 << 20;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for getrlimit to fill in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    let raised = libc::rlimit {
+        rlim_cur: WANTED.max(limit.rlim_cur),
+        rlim_max: WANTED.max(limit.rlim_max),
+    };
+    // SAFETY: a valid rlimit is passed; raising the hard limit needs privileges, and failing is
+    // handled by the fallback below.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above, the soft limit may always be raised up to the hard one.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     }
 }
 
