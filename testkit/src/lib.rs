@@ -13,10 +13,11 @@
 //! matters when a test rebinds the same address right away.
 
 pub mod backend;
+pub mod bulk;
 pub mod cluster;
 pub mod dns;
-pub mod harness;
 pub mod haproxy;
+pub mod harness;
 pub mod pg;
 pub mod role;
 pub mod writer;
