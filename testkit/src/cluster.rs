@@ -447,6 +447,12 @@ impl LocalCluster {
     pub async fn promote(&self, i: usize) -> Result<(), ClusterError> {
         let _ops = self.ops.lock().await;
         self.require_running(i)?;
+        if probe(&self.pg, i).await.in_recovery == Some(false) {
+            return Err(ClusterError::State(format!(
+                "{} is already a primary",
+                self.pg_addr(i)
+            )));
+        }
         self.blocking(move |pg| pg.promote(i)).await
     }
 
