@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,13 +83,35 @@ pub async fn serve(
     postgres: String,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    serve_with(listener, postgres, AgentOptions::default(), shutdown).await
+}
+
+/// Agent settings beyond the Postgres connection.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// While this file exists the agent answers `replica` without asking Postgres. A planned
+    /// switchover creates it first, so every proxy stops sending writes here before the node
+    /// is demoted and another is promoted: clients see a pause instead of read-only errors.
+    pub fence_file: Option<PathBuf>,
+}
+
+/// [`serve`] with [`AgentOptions`].
+pub async fn serve_with(
+    listener: TcpListener,
+    postgres: String,
+    options: AgentOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let mut config: Config = postgres
         .parse()
         .map_err(|e: tokio_postgres::Error| AgentError::Conninfo(error_text(&e)))?;
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
     }
-    let config = Arc::new(config);
+    let config = Arc::new(Node {
+        postgres: config,
+        fence_file: options.fence_file,
+    });
     let local = listener.local_addr().map_err(AgentError::LocalAddr)?;
     info!(%local, "role agent listening");
 
@@ -140,10 +163,16 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
     }
 }
 
+/// What one agent answers for.
+struct Node {
+    postgres: Config,
+    fence_file: Option<PathBuf>,
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    config: Arc<Config>,
+    config: Arc<Node>,
     cancel: CancellationToken,
 ) {
     let service = service_fn(move |request| {
@@ -167,7 +196,7 @@ async fn serve_connection(
     }
 }
 
-async fn handle(request: Request<Incoming>, config: &Config) -> Response<Full<Bytes>> {
+async fn handle(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
     if request.uri().path() != ROLE_PATH {
         return text_response(StatusCode::NOT_FOUND, "not found".to_owned());
     }
@@ -181,7 +210,11 @@ async fn handle(request: Request<Incoming>, config: &Config) -> Response<Full<By
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    let outcome = read_only(config).await;
+    if let Some(fence) = node.fence_file.as_deref().filter(|f| f.exists()) {
+        debug!(fence = %fence.display(), "fenced: answering replica");
+        return text_response(StatusCode::OK, "replica".to_owned());
+    }
+    let outcome = read_only(&node.postgres).await;
     let (status, body) = role_reply(outcome.as_deref());
     if status.is_success() {
         debug!(role = %body, "role check answered");

@@ -36,6 +36,10 @@ enum Command {
         /// Address to serve on.
         #[arg(long, default_value = "[::]:5500")]
         listen: SocketAddr,
+        /// While this file exists, answer `replica` without asking Postgres (fence the node
+        /// before a planned switchover).
+        #[arg(long)]
+        fence_file: Option<PathBuf>,
     },
 }
 
@@ -62,7 +66,11 @@ fn main() -> ExitCode {
             Ok(config) => runtime.block_on(run(config)),
             Err(e) => config_error(&cli.config, &e),
         },
-        Command::Agent { postgres, listen } => runtime.block_on(agent(postgres, listen)),
+        Command::Agent {
+            postgres,
+            listen,
+            fence_file,
+        } => runtime.block_on(agent(postgres, listen, fence_file)),
     }
 }
 
@@ -109,7 +117,7 @@ async fn run(config: Config) -> ExitCode {
     }
 }
 
-async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
+async fn agent(postgres: String, listen: SocketAddr, fence_file: Option<PathBuf>) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -118,7 +126,8 @@ async fn agent(postgres: String, listen: SocketAddr) -> ExitCode {
         }
     };
     let shutdown = shutdown_signal();
-    match roleproxy::agent::serve(listener, postgres, shutdown).await {
+    let options = roleproxy::agent::AgentOptions { fence_file };
+    match roleproxy::agent::serve_with(listener, postgres, options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy agent: {e}");

@@ -61,6 +61,10 @@ pub struct ClusterSpec {
     pub dns_ip: IpAddr,
     /// Nodes serve TLS with a self-signed certificate.
     pub tls: bool,
+    /// How long a switchover keeps the old leader fenced (its agent answering `replica`)
+    /// before demoting it: at least one proxy check interval, so every proxy has stopped
+    /// sending it writes.
+    pub fence_wait: Duration,
 }
 
 impl ClusterSpec {
@@ -75,6 +79,7 @@ impl ClusterSpec {
             agent_port: 5500,
             dns_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             tls: false,
+            fence_wait: Duration::from_millis(2500),
         }
     }
 
@@ -211,8 +216,7 @@ pub struct Failover {
     pub old: usize,
     /// The promoted replica.
     pub new: usize,
-    /// When the old leader stopped leading: killed (failover) or turned read-only
-    /// (switchover).
+    /// When the old leader stopped leading: killed (failover) or fenced (switchover).
     pub killed_at: Instant,
     /// When the promotion had finished (`pg_ctl promote -w` returned, up to 100 ms after the
     /// node accepted writes); the other replicas are repointed after this.
@@ -262,9 +266,13 @@ impl LocalCluster {
                     })?,
             );
             let mut stopped = stopped.clone();
-            agent_tasks.push(tokio::spawn(roleproxy::agent::serve(
+            let options = roleproxy::agent::AgentOptions {
+                fence_file: Some(fence_file(&pg, i)),
+            };
+            agent_tasks.push(tokio::spawn(roleproxy::agent::serve_with(
                 listener,
                 pg.conninfo(i),
+                options,
                 async move {
                     let _ = stopped.wait_for(|stop| *stop).await;
                 },
@@ -490,15 +498,25 @@ impl LocalCluster {
         })
     }
 
-    /// A switchover: the leader turns read-only while its Postgres stays up (so its agent
-    /// answers `replica`), the replicas receive what it wrote and stop streaming from it, the
-    /// one with the most WAL is promoted and the others follow it. The old leader stays a
-    /// read-only primary on its own timeline until [`LocalCluster::restore`].
+    /// A planned switchover: the leader is fenced (its agent answers `replica` while its
+    /// Postgres stays up and writable), and after `fence_wait`, when every proxy has stopped
+    /// sending it writes, it turns read-only; the replicas receive what it wrote and stop
+    /// streaming from it, the one with the most WAL is promoted and the others follow it.
+    /// The old leader stays a read-only primary on its own timeline until
+    /// [`LocalCluster::restore`].
     pub async fn switchover(&self) -> Result<Failover, ClusterError> {
         let _ops = self.ops.lock().await;
         let old = self.require_leader().await?;
-        self.blocking(move |pg| pg.set_read_only(old, true)).await?;
+        let fence = fence_file(&self.pg, old);
+        std::fs::write(&fence, b"switchover\n").map_err(|source| {
+            ClusterError::State(format!("cannot fence {}: {source}", self.pg_addr(old)))
+        })?;
         let killed_at = Instant::now();
+        tokio::time::sleep(self.spec.fence_wait).await;
+        let demoted = self.blocking(move |pg| pg.set_read_only(old, true)).await;
+        // Read-only now (or failed): either way the agent must speak for Postgres again.
+        let _ = std::fs::remove_file(&fence);
+        demoted?;
         let replicas = self.running_replicas().await;
         let promoted = self.switch_to_a_replica(old, &replicas).await;
         let new = match promoted {
@@ -875,6 +893,11 @@ pub async fn try_http_get(
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("GET http://{addr}{path}: not an HTTP response"))?;
     Ok((status, body.to_owned()))
+}
+
+/// The file whose presence makes node `i`'s agent answer `replica` (see `AgentOptions`).
+fn fence_file(pg: &PgCluster, i: usize) -> std::path::PathBuf {
+    pg.nodes[i].dir.join("fence")
 }
 
 #[cfg(test)]

@@ -1,0 +1,358 @@
+//! roleproxy in front of a real three-node Postgres 15 cluster (`LocalCluster`): failovers,
+//! switchovers, split brain, DNS changes, a whole-cluster outage and TLS. Each test asserts
+//! outcomes (where writes landed, what clients saw), never how fast.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
+use roleproxy_testkit::harness::RunningProxy;
+use roleproxy_testkit::writer::{Attempt, Writer, CREATE_TABLE};
+use tokio_postgres::NoTls;
+
+const WAIT: Duration = Duration::from_secs(60);
+const PERIOD: Duration = Duration::from_millis(50);
+
+fn spec(net: u8) -> ClusterSpec {
+    ClusterSpec {
+        name: format!("iad.net{net}.internal"),
+        dns_ip: Ipv4Addr::new(127, net, 0, 1).into(),
+        ..ClusterSpec::demo().with_ips((11..=13).map(|d| Ipv4Addr::new(127, net, 0, d)))
+    }
+}
+
+async fn start(spec: ClusterSpec, leader_wait: &str) -> (LocalCluster, RunningProxy, String) {
+    let listen = spec.dns_ip.to_string();
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let config = cluster
+        .proxy_config(&listen)
+        .set("proxy.leader_wait", &format!("\"{leader_wait}\""))
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=60",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    let leader = cluster.pg_addr(0).to_string();
+    assert!(
+        proxy.wait_route(Some(&leader), WAIT).await,
+        "routes to node 0"
+    );
+    let client = connect(&conninfo)
+        .await
+        .expect("connects through roleproxy");
+    client
+        .batch_execute(CREATE_TABLE)
+        .await
+        .expect("create table");
+    // Replication is asynchronous: make sure every replica has the table before anything is
+    // promoted, or the new leader would not know it.
+    for i in 1..cluster.len() {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let replicated = match connect(&cluster.conninfo(i)).await {
+                Ok(replica) => replica
+                    .query_one("SELECT to_regclass('writes') IS NOT NULL", &[])
+                    .await
+                    .map(|row| row.get::<_, bool>(0))
+                    .unwrap_or(false),
+                Err(_) => false,
+            };
+            if replicated {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the table never reached node {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (cluster, proxy, conninfo)
+}
+
+async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Waits until `writer`-style attempts have succeeded on `server` a few times.
+async fn wait_writes_on(conninfo: &str, server: &str) {
+    let deadline = Instant::now() + WAIT;
+    let mut seq = 1_000_000i64;
+    loop {
+        seq += 1;
+        if let Ok(client) = connect(conninfo).await {
+            let row = client
+                .query_one(
+                    "INSERT INTO writes (via, seq, server) VALUES ('probe', $1, host(inet_server_addr())) RETURNING server",
+                    &[&seq],
+                )
+                .await;
+            if let Ok(row) = row {
+                if row.get::<_, String>(0) == server {
+                    return;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "writes never reached {server}");
+        tokio::time::sleep(PERIOD).await;
+    }
+}
+
+fn servers(attempts: &[Attempt]) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for a in attempts {
+        if let Ok(server) = &a.result {
+            if seen.last() != Some(server) {
+                seen.push(server.clone());
+            }
+        }
+    }
+    seen
+}
+
+fn ip(cluster: &LocalCluster, i: usize) -> String {
+    cluster.spec().ips[i].to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_failover_is_a_pause_and_every_write_lands_on_the_leader_of_its_time() {
+    let (cluster, proxy, conninfo) = start(spec(30), "10s").await;
+    let writer = Writer::start(conninfo.clone(), "app", PERIOD);
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+
+    let failover = cluster.failover().await.expect("failover");
+    let new = ip(&cluster, failover.new);
+    wait_writes_on(&conninfo, &new).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = writer.stop().await;
+
+    // Writes went to the old leader, then to the new one, and nowhere else.
+    assert_eq!(
+        servers(&attempts),
+        vec![ip(&cluster, 0), new.clone()],
+        "{attempts:#?}"
+    );
+    // Clients that came after the kill waited; none saw an error. An INSERT already running
+    // on the old leader when it was killed can fail, and no proxy can prevent that.
+    let killed = tokio::time::Instant::from_std(failover.killed_at);
+    let errors: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.started >= killed && a.result.is_err())
+        .collect();
+    assert!(errors.is_empty(), "errors after the kill: {errors:#?}");
+    // Everything the new leader acknowledged is on it.
+    let leader = connect(&cluster.conninfo(failover.new))
+        .await
+        .expect("new leader");
+    for a in attempts
+        .iter()
+        .filter(|a| a.result.as_deref() == Ok(new.as_str()))
+    {
+        let row = leader
+            .query_one(
+                "SELECT server FROM writes WHERE via = 'app' AND seq = $1",
+                &[&a.seq],
+            )
+            .await
+            .expect("acknowledged write is on the new leader");
+        assert_eq!(row.get::<_, String>(0), new);
+    }
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_closes_old_sessions_and_moves_new_ones_without_errors() {
+    let (cluster, proxy, conninfo) = start(spec(31), "10s").await;
+    let old_session = connect(&conninfo).await.expect("session on the old leader");
+    let row = old_session
+        .query_one("SELECT host(inet_server_addr())", &[])
+        .await
+        .expect("query");
+    assert_eq!(row.get::<_, String>(0), ip(&cluster, 0));
+    let writer = Writer::start(conninfo.clone(), "app", PERIOD);
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+
+    let switch = cluster.switchover().await.expect("switchover");
+    let new = ip(&cluster, switch.new);
+    wait_writes_on(&conninfo, &new).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = writer.stop().await;
+
+    assert!(
+        old_session.simple_query("SELECT 1").await.is_err(),
+        "the session on the old leader was closed"
+    );
+    assert_eq!(servers(&attempts), vec![ip(&cluster, 0), new.clone()]);
+    let errors: Vec<&Attempt> = attempts.iter().filter(|a| a.result.is_err()).collect();
+    assert!(
+        errors.is_empty(),
+        "a switchover is a pause, not errors: {errors:#?}"
+    );
+    let fresh = connect(&conninfo).await.expect("new session");
+    let row = fresh
+        .query_one("SELECT host(inet_server_addr())", &[])
+        .await
+        .expect("query");
+    assert_eq!(
+        row.get::<_, String>(0),
+        new,
+        "new sessions go to the new leader"
+    );
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_lands_no_write_until_resolved() {
+    let (cluster, proxy, conninfo) = start(spec(32), "2s").await;
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+
+    // Promote a replica while the leader still runs: two nodes say leader.
+    cluster.promote(1).await.expect("promote node 1");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = proxy.status().await;
+        if status["route"]["target"]["detail"]["reason"] == "split_brain" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "split brain never detected: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let writer = Writer::start(conninfo.clone(), "during", Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let attempts = writer.stop().await;
+    assert!(!attempts.is_empty());
+    for a in &attempts {
+        match &a.result {
+            Ok(server) => panic!("a write landed on {server} during split brain"),
+            Err(e) => assert!(
+                e.contains("no leader available") && e.contains("split brain"),
+                "{e}"
+            ),
+        }
+    }
+    for i in [0, 1] {
+        let node = connect(&cluster.conninfo(i)).await.expect("node reachable");
+        let row = node
+            .query_one("SELECT count(*) FROM writes WHERE via = 'during'", &[])
+            .await
+            .expect("count");
+        assert_eq!(row.get::<_, i64>(0), 0, "no write on {}", ip(&cluster, i));
+    }
+
+    // Resolve it: the old leader goes away, the promoted node is the only leader.
+    cluster.kill(0).await.expect("kill node 0");
+    wait_writes_on(&conninfo, &ip(&cluster, 1)).await;
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_loses_and_regains_nodes() {
+    let (cluster, proxy, conninfo) = start(spec(33), "2s").await;
+    let leader = cluster.pg_addr(0).to_string();
+    let session = connect(&conninfo).await.expect("session");
+
+    // A replica leaves DNS: nothing changes for writers.
+    cluster.set_dns(&[0, 2]).expect("dns");
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+
+    // The leader leaves DNS: no new sessions, but its open session carries on.
+    cluster.set_dns(&[1, 2]).expect("dns");
+    assert!(proxy.wait_route(None, WAIT).await);
+    let Err(refused) = connect(&conninfo).await else {
+        panic!("no new session without a leader");
+    };
+    assert!(
+        refused.to_string().contains("no leader available")
+            || format!("{refused:?}").contains("no leader available"),
+        "{refused:?}"
+    );
+    session
+        .simple_query("SELECT 1")
+        .await
+        .expect("existing session still works");
+
+    // It comes back: writes resume, on the same generation of the route.
+    cluster.set_dns(&[0, 1, 2]).expect("dns");
+    assert!(proxy.wait_route(Some(&leader), WAIT).await);
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+    session
+        .simple_query("SELECT 1")
+        .await
+        .expect("session survived the DNS change");
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_down_then_back() {
+    let (cluster, proxy, conninfo) = start(spec(34), "2s").await;
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+    for i in [1, 2, 0] {
+        cluster.kill(i).await.expect("kill");
+    }
+    assert!(proxy.wait_route(None, WAIT).await);
+    let Err(refused) = connect(&conninfo).await else {
+        panic!("nothing to connect to");
+    };
+    assert!(
+        format!("{refused:?}").contains("no leader available"),
+        "{refused:?}"
+    );
+
+    for i in [0, 1, 2] {
+        cluster.start_node(i).await.expect("start");
+    }
+    wait_writes_on(&conninfo, &ip(&cluster, 0)).await;
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passes_through_untouched() {
+    let spec = ClusterSpec {
+        tls: true,
+        ..spec(35)
+    };
+    let (cluster, proxy, _) = start(spec, "10s").await;
+    let target = format!(
+        "host={} port={} user=postgres dbname=postgres sslmode=require",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("psql")
+            .arg(target)
+            .args([
+                "-Atc",
+                "SELECT ssl, version FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            ])
+            .output()
+    })
+    .await
+    .expect("psql thread")
+    .expect("psql runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("t|TLS"),
+        "the session is TLS end to end: {stdout}"
+    );
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
