@@ -17,9 +17,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use roleproxy_testkit::bulk::{self, BulkBackend};
+use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::dns::DnsServer;
 use roleproxy_testkit::haproxy::{FlyHaproxyConfig, Haproxy};
 use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
+use roleproxy_testkit::writer::{self, Attempt, Writer, CREATE_TABLE};
 use serde_json::json;
 
 const NAME: &str = "iad.bench.internal";
@@ -30,15 +32,29 @@ struct Args {
     json: PathBuf,
     bulk_mib: u64,
     idle: Vec<usize>,
+    /// Seconds per pgbench run.
+    pgbench_secs: u64,
+    /// Failovers of each kind.
+    failovers: usize,
+    /// Extra roleproxy targets with another `proxy.copy` mode, e.g. `buffered,splice`.
+    variants: Vec<String>,
 }
 
 fn args() -> Args {
     let mut args = Args {
         rounds: 5,
-        sections: vec!["bulk".into(), "idle".into()],
+        sections: vec![
+            "pgbench".into(),
+            "bulk".into(),
+            "idle".into(),
+            "failover".into(),
+        ],
         json: PathBuf::from("target/compare.json"),
         bulk_mib: 1024,
-        idle: vec![1000, 5000, 10000],
+        idle: vec![1000, 5000, 9000],
+        pgbench_secs: 10,
+        failovers: 10,
+        variants: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -60,6 +76,19 @@ fn args() -> Args {
                     .unwrap_or_default()
                     .split(',')
                     .filter_map(|v| v.parse().ok())
+                    .collect()
+            }
+            "--pgbench-secs" => {
+                args.pgbench_secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(10)
+            }
+            "--failovers" => args.failovers = it.next().and_then(|v| v.parse().ok()).unwrap_or(10),
+            "--variants" => {
+                args.variants = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|v| !v.is_empty())
+                    .map(str::to_string)
                     .collect()
             }
             _ => {} // cargo bench passes --bench
@@ -117,6 +146,33 @@ impl Results {
                 ratio(r, h),
                 ratio(r, d)
             ));
+        }
+        out
+    }
+
+    /// min / median / p90 / max of every metric whose name starts with `prefix`.
+    fn distribution(&self, prefix: &str) -> String {
+        let mut out = String::from(
+            "| metric | target | n | min | median | p90 | max |\n|---|---|---|---|---|---|---|\n",
+        );
+        for (metric, targets) in self.samples.iter().filter(|(m, _)| m.starts_with(prefix)) {
+            for (target, values) in targets {
+                let mut v = values.clone();
+                v.sort_by(|a, b| a.total_cmp(b));
+                if v.is_empty() {
+                    continue;
+                }
+                let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+                out.push_str(&format!(
+                    "| {metric} ({}) | {target} | {} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+                    self.units[metric],
+                    v.len(),
+                    at(0.0),
+                    at(0.5),
+                    at(0.9),
+                    at(1.0)
+                ));
+            }
         }
         out
     }
@@ -372,6 +428,344 @@ async fn idle_section(args: &Args, results: &mut Results) {
     }
 }
 
+/// The real cluster used by the Postgres sections, with both proxies in front of it.
+struct PgBench {
+    cluster: LocalCluster,
+    _roleproxies: Vec<RoleproxyProcess>,
+    _haproxy: Haproxy,
+    targets: Vec<(String, SocketAddr)>,
+}
+
+fn pg_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 8, 1)), port)
+}
+
+async fn pg_bench_setup(args: &Args) -> PgBench {
+    let spec = ClusterSpec {
+        name: "iad.bench.internal".into(),
+        dns_ip: IpAddr::V4(Ipv4Addr::new(127, 0, 8, 1)),
+        ..ClusterSpec::demo().with_ips((11..=13).map(|d| Ipv4Addr::new(127, 0, 8, d)))
+    };
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let local = cluster.pg_addr(0);
+    let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, copy: &str| {
+        cluster
+            .proxy_config(&listen.ip().to_string())
+            .set("listen.addresses", &format!("[\"{listen}\"]"))
+            .set("admin.address", &format!("\"{admin}\""))
+            // Like the Fly image: the node's own Postgres is the backup.
+            .set("backends.backup", &format!("[\"{local}\"]"))
+            .set("proxy.shutdown_grace", "\"10s\"")
+            .set("proxy.copy", &format!("\"{copy}\""))
+            .toml()
+    };
+    let mut targets = Vec::new();
+    let mut roleproxies = Vec::new();
+    for (i, mode) in std::iter::once("auto")
+        .chain(args.variants.iter().map(String::as_str))
+        .enumerate()
+    {
+        let listen = pg_addr(26480 + i as u16);
+        let admin = pg_addr(26490 + i as u16);
+        roleproxies.push(RoleproxyProcess::start(
+            &roleproxy_config(listen, admin, mode),
+            &format!("pg-{mode}"),
+        ));
+        let name = if mode == "auto" {
+            "roleproxy".to_string()
+        } else {
+            format!("roleproxy-{mode}")
+        };
+        targets.push((name, listen));
+    }
+    let hp = pg_addr(26463);
+    let haproxy = Haproxy::start(&FlyHaproxyConfig {
+        listen: hp,
+        stats: pg_addr(26475),
+        nameserver: cluster.dns_addr(),
+        name: cluster.spec().name.clone(),
+        pg_port: 5433,
+        check_port: 5500,
+        backup: local,
+        expect: "leader".into(),
+        maxconn: 1000,
+    })
+    .await
+    .expect("start haproxy");
+    let client = connect(&conninfo(local)).await.expect("leader");
+    client
+        .batch_execute(CREATE_TABLE)
+        .await
+        .expect("create table");
+    targets.push(("haproxy".to_string(), hp));
+    targets.push(("direct".to_string(), local));
+    for (name, a) in &targets {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while connect(&conninfo(*a)).await.is_err() {
+            assert!(Instant::now() < deadline, "{name} never routed");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    PgBench {
+        cluster,
+        _roleproxies: roleproxies,
+        _haproxy: haproxy,
+        targets,
+    }
+}
+
+fn conninfo(a: SocketAddr) -> String {
+    format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=30",
+        a.ip(),
+        a.port()
+    )
+}
+
+async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+fn pgbench_bin() -> PathBuf {
+    Command::new("pg_config")
+        .arg("--bindir")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|d| PathBuf::from(d.trim()).join("pgbench"))
+        .unwrap_or_else(|| PathBuf::from("pgbench"))
+}
+
+/// Runs pgbench against `a`; returns (tps, mean latency ms, p99 latency ms).
+fn pgbench(a: SocketAddr, extra: &[&str], secs: u64) -> Option<(f64, f64, f64)> {
+    let dir = std::env::temp_dir().join(format!(
+        "roleproxy-pgbench-{}-{}",
+        std::process::id(),
+        a.port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).ok()?;
+    let output = Command::new(pgbench_bin())
+        .current_dir(&dir)
+        .args([
+            "-h",
+            &a.ip().to_string(),
+            "-p",
+            &a.port().to_string(),
+            "-U",
+            "postgres",
+            "-n",
+        ])
+        .args(extra)
+        .args(["-T", &secs.to_string(), "-l", "--log-prefix=tx", "postgres"])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        eprintln!(
+            "pgbench failed: {text}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let tps = text
+        .lines()
+        .find(|l| l.starts_with("tps = "))?
+        .split_whitespace()
+        .nth(2)?
+        .parse()
+        .ok()?;
+    // Per-transaction log: the third column is the latency in microseconds.
+    let mut latencies: Vec<f64> = Vec::new();
+    for entry in std::fs::read_dir(&dir).ok()?.flatten() {
+        let log = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        latencies.extend(
+            log.lines()
+                .filter_map(|l| l.split_whitespace().nth(2))
+                .filter_map(|v| v.parse::<f64>().ok())
+                .map(|us| us / 1000.0),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if latencies.is_empty() {
+        return None;
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let mean = latencies.iter().sum::<f64>() / latencies.len() as f64;
+    let p99 = latencies[(latencies.len() - 1) * 99 / 100];
+    Some((tps, mean, p99))
+}
+
+async fn pgbench_section(args: &Args, results: &mut Results, bench: &PgBench) {
+    let leader = bench.cluster.pg_addr(0);
+    let init = Command::new(pgbench_bin())
+        .args([
+            "-h",
+            &leader.ip().to_string(),
+            "-p",
+            &leader.port().to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-i", "-q", "-s", "1", "postgres"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut targets = bench.targets.clone();
+    let secs = args.pgbench_secs;
+    for round in 0..args.rounds {
+        targets.rotate_left(usize::from(round > 0));
+        for (name, a) in &targets {
+            let a = *a;
+            let select = tokio::task::spawn_blocking(move || {
+                pgbench(a, &["-S", "-c", "8", "-j", "2"], secs)
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some((tps, mean, p99)) = select {
+                results.add("pgbench -S -c8 TPS", "tx/s", name, tps);
+                results.add("pgbench -S -c8 mean latency", "ms", name, mean);
+                results.add("pgbench -S -c8 p99 latency", "ms", name, p99);
+                eprintln!(
+                    "round {round} {name}: -S {tps:.0} tps, mean {mean:.3} ms, p99 {p99:.3} ms"
+                );
+            }
+            let connect = tokio::task::spawn_blocking(move || {
+                pgbench(a, &["-S", "-C", "-c", "4", "-j", "2"], secs)
+            })
+            .await
+            .ok()
+            .flatten();
+            if let Some((tps, _, _)) = connect {
+                results.add("pgbench -S -C -c4 connections", "conn/s", name, tps);
+                eprintln!("round {round} {name}: -C {tps:.0} tps");
+            }
+        }
+    }
+}
+
+/// A session opened before a failover: when did the proxy (or Postgres) close it?
+async fn watch_session(conninfo: String) -> Option<Instant> {
+    let client = connect(&conninfo).await.ok()?;
+    loop {
+        if client.simple_query("SELECT 1").await.is_err() {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn failover_section(args: &Args, results: &mut Results, bench: &PgBench) {
+    let proxies: Vec<(&str, SocketAddr)> = bench
+        .targets
+        .iter()
+        .filter(|(name, _)| name == "roleproxy" || name == "haproxy")
+        .map(|(name, a)| (name.as_str(), *a))
+        .collect();
+    let writers: Vec<(&str, Writer)> = proxies
+        .iter()
+        .map(|(name, a)| {
+            (
+                *name,
+                Writer::start(conninfo(*a), name, Duration::from_millis(50)),
+            )
+        })
+        .collect();
+    let mut events = Vec::new();
+    for round in 0..args.failovers * 2 {
+        let kind = if round % 2 == 0 {
+            "hard failover"
+        } else {
+            "switchover"
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let watchers: Vec<_> = proxies
+            .iter()
+            .map(|(name, a)| (*name, tokio::spawn(watch_session(conninfo(*a)))))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let event = if kind == "hard failover" {
+            bench.cluster.failover().await
+        } else {
+            bench.cluster.switchover().await
+        };
+        let event = match event {
+            Ok(event) => event,
+            Err(e) => {
+                eprintln!("round {round}: {kind} failed: {e}");
+                let _ = bench.cluster.restore().await;
+                continue;
+            }
+        };
+        // Let both proxies find the new leader before the old one is rebuilt.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        for (name, watcher) in watchers {
+            let closed = tokio::time::timeout(Duration::from_secs(1), watcher).await;
+            // After a kill Postgres itself ends the sessions; only a switchover tests the proxy.
+            if kind == "hard failover" {
+                continue;
+            }
+            if let Ok(Ok(Some(at))) = closed {
+                let after = at.saturating_duration_since(event.killed_at).as_secs_f64();
+                results.add(
+                    &format!("{kind}: old session closed after role change"),
+                    "s",
+                    name,
+                    after,
+                );
+            }
+        }
+        eprintln!("round {round}: {kind} {} -> {}", event.old, event.new);
+        events.push((kind, event));
+        if let Err(e) = bench.cluster.restore().await {
+            eprintln!("restore failed: {e}");
+        }
+    }
+    for (name, w) in writers {
+        let attempts = w.stop().await;
+        for (kind, event) in &events {
+            let killed = tokio::time::Instant::from_std(event.killed_at);
+            let promoted = tokio::time::Instant::from_std(event.promoted_at);
+            let seen = writer::outage(&attempts, killed);
+            if let Some(down) = seen.writes_down {
+                results.add(
+                    &format!("{kind}: writes down"),
+                    "s",
+                    name,
+                    down.as_secs_f64(),
+                );
+            }
+            results.add(
+                &format!("{kind}: client errors"),
+                "count",
+                name,
+                seen.errors as f64,
+            );
+            let resumed = attempts
+                .iter()
+                .find(|a: &&Attempt| a.ok() && a.started >= promoted)
+                .map(|a| a.finished.saturating_duration_since(promoted).as_secs_f64());
+            if let Some(resumed) = resumed {
+                results.add(
+                    &format!("{kind}: writes resumed after promotion"),
+                    "s",
+                    name,
+                    resumed,
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     let args = args();
     if !Haproxy::available() {
@@ -385,12 +779,26 @@ fn main() {
         .expect("runtime");
     let mut results = Results::default();
     runtime.block_on(async {
+        let needs_pg = args
+            .sections
+            .iter()
+            .any(|s| s == "pgbench" || s == "failover");
+        let pg = if needs_pg {
+            Some(pg_bench_setup(&args).await)
+        } else {
+            None
+        };
         for section in &args.sections {
-            match section.as_str() {
-                "bulk" => bulk_section(&args, &mut results).await,
-                "idle" => idle_section(&args, &mut results).await,
-                other => eprintln!("unknown section {other}"),
+            match (section.as_str(), &pg) {
+                ("bulk", _) => bulk_section(&args, &mut results).await,
+                ("idle", _) => idle_section(&args, &mut results).await,
+                ("pgbench", Some(pg)) => pgbench_section(&args, &mut results, pg).await,
+                ("failover", Some(pg)) => failover_section(&args, &mut results, pg).await,
+                (other, _) => eprintln!("unknown section {other}"),
             }
+        }
+        if let Some(pg) = pg {
+            pg.cluster.shutdown().await;
         }
     });
     let machine = format!(
@@ -412,6 +820,13 @@ fn main() {
     );
     println!("\nMachine: {machine}; rounds: {}\n", args.rounds);
     println!("{}", results.table());
+    let failovers = results.distribution("hard failover");
+    if failovers.lines().count() > 2 {
+        println!(
+            "Failovers, distribution over rounds:\n\n{failovers}\n{}",
+            results.distribution("switchover")
+        );
+    }
     let doc = json!({ "machine": machine, "rounds": args.rounds, "metrics": results.json() });
     if let Some(parent) = args.json.parent() {
         let _ = std::fs::create_dir_all(parent);

@@ -102,6 +102,8 @@ pub struct AdminConfig {
     pub address: Option<SocketAddr>,
 }
 
+/// Shorter durations would make loops spin.
+const MIN_DURATION: Duration = Duration::from_millis(1);
 /// Longer durations are surely typos, and would overflow deadline arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -212,7 +214,7 @@ impl Default for RawProxy {
             max_connections: 1000,
             leader_wait: "10s".into(),
             shutdown_grace: "10s".into(),
-            copy: "splice".into(),
+            copy: "auto".into(),
         }
     }
 }
@@ -284,6 +286,12 @@ impl Expander<'_> {
         if d.is_zero() {
             return Err(invalid(key, "must be greater than zero"));
         }
+        if d < MIN_DURATION {
+            return Err(invalid(
+                key,
+                format!("{text:?} is shorter than the minimum of 1ms"),
+            ));
+        }
         if d > MAX_DURATION {
             return Err(invalid(
                 key,
@@ -303,11 +311,22 @@ impl Expander<'_> {
         })
     }
 
+    /// Addresses to connect to: port 0 is never right there.
     fn addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
         values
             .iter()
             .enumerate()
-            .map(|(i, v)| self.addr(&format!("{key}[{i}]"), v))
+            .map(|(i, v)| {
+                let key = format!("{key}[{i}]");
+                let addr = self.addr(&key, v)?;
+                if addr.port() == 0 && !key.starts_with("listen.") {
+                    return Err(invalid(
+                        &key,
+                        format!("port 0 in {addr} cannot be connected to"),
+                    ));
+                }
+                Ok(addr)
+            })
             .collect()
     }
 }
@@ -384,7 +403,9 @@ impl RawConfig {
                 .trim_end_matches('.')
                 .split('.')
                 .any(|label| label.is_empty() || label.len() > 63);
-            if name.is_empty() || bad_label || name.contains(char::is_whitespace) {
+            // 253 characters is the most a DNS name can have (without the final dot).
+            let too_long = name.trim_end_matches('.').len() > 253;
+            if name.is_empty() || bad_label || too_long || name.contains(char::is_whitespace) {
                 return Err(invalid(&key, format!("bad DNS name {name:?}")));
             }
             dns_names.push(name.to_string());
@@ -475,12 +496,13 @@ impl RawConfig {
             leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
             shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
             copy: match x.string("proxy.copy", &p.copy)?.as_str() {
+                "auto" => crate::copy::Mode::Auto,
                 "splice" => crate::copy::Mode::Splice,
                 "buffered" => crate::copy::Mode::Buffered,
                 other => {
                     return Err(invalid(
                         "proxy.copy",
-                        format!("expected \"splice\" or \"buffered\", got {other:?}"),
+                        format!("expected \"auto\", \"splice\" or \"buffered\", got {other:?}"),
                     ))
                 }
             },
@@ -676,6 +698,14 @@ mod tests {
             (
                 "[proxy]\nidle_timeout = \"500000000000y\"",
                 &["proxy.idle_timeout"],
+            ),
+            (
+                "[check]\nfast_interval = \"1ns\"",
+                &["check.fast_interval", "minimum"],
+            ),
+            (
+                "[backends]\nbackup = [\"127.0.0.1:0\"]",
+                &["backends.backup[0]", "port 0"],
             ),
             (
                 "[proxy]\nidle_timeout = \"400days\"",

@@ -39,6 +39,9 @@ pub enum Mode {
     Buffered,
     /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
     Splice,
+    /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
+    /// direction is moving bulk data (a read filled the whole buffer).
+    Auto,
 }
 
 /// When the session last moved a byte, and how many it moved each way.
@@ -161,6 +164,8 @@ struct Pump<'a> {
     counter: &'a AtomicU64,
     activity: &'a Activity,
     chunk: Option<Chunk>,
+    /// In [`Mode::Auto`]: this direction is moving bulk data, so it splices.
+    bulk: bool,
     done: bool,
 }
 
@@ -179,6 +184,7 @@ impl<'a> Pump<'a> {
             counter,
             activity,
             chunk: None,
+            bulk: false,
             done: false,
         }
     }
@@ -193,19 +199,19 @@ impl<'a> Pump<'a> {
                 continue;
             }
             let mut ready = ready!(self.from.0.poll_read_ready(cx))?;
-            let read = match self.mode {
-                Mode::Splice => match Pipe::take() {
-                    Ok(pipe) => read_spliced(&mut ready, pipe),
-                    // Out of descriptors: this chunk goes the buffered way.
-                    Err(_) => read_buffered(&mut ready),
-                },
-                Mode::Buffered => read_buffered(&mut ready),
+            let splice = match self.mode {
+                Mode::Splice => true,
+                Mode::Buffered => false,
+                Mode::Auto => self.bulk,
+            };
+            let read = match splice.then(Pipe::take) {
+                Some(Ok(pipe)) => read_spliced(&mut ready, pipe),
+                // Out of descriptors: this chunk goes the buffered way.
+                Some(Err(_)) | None => read_buffered(&mut ready),
             };
             let (n, chunk) = match read {
                 Ok(Ok(read)) => read,
-                Ok(Err(e))
-                    if e.raw_os_error() == Some(libc::EINVAL) && self.mode == Mode::Splice =>
-                {
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) && splice => {
                     // This pair of sockets cannot splice; the buffered path always works.
                     self.mode = Mode::Buffered;
                     continue;
@@ -225,6 +231,8 @@ impl<'a> Pump<'a> {
                 // A short read drained the socket: skip the read that would only say EAGAIN.
                 ready.clear_ready();
             }
+            // A full buffer means bulk is flowing; a small splice means it has stopped.
+            self.bulk = n >= CHUNK;
             self.counter.fetch_add(n as u64, Ordering::Relaxed);
             self.activity.touch();
             self.chunk = Some(chunk);
@@ -531,5 +539,10 @@ mod tests {
     #[tokio::test]
     async fn splice_copies_both_ways_with_half_close() {
         round_trip(Mode::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn auto_copies_both_ways_with_half_close() {
+        round_trip(Mode::Auto).await;
     }
 }

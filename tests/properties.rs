@@ -939,7 +939,6 @@ proptest! {
     /// A name longer than DNS allows (253 characters) cannot be resolved, so it should stop
     /// start-up like any other bad value instead of failing every lookup at run time.
     #[test]
-    #[ignore = "known bug: backends.dns_names accepts names longer than 253 characters"]
     fn config_overlong_dns_names_are_refused(
         labels in vec("[a-z0-9]{40,63}", 5..=6),
         dot in any::<bool>(),
