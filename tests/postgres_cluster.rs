@@ -356,3 +356,26 @@ async fn tls_passes_through_untouched() {
     proxy.stop().await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_request_reaches_the_sessions_node() {
+    let (cluster, proxy, conninfo) = start(spec(36), "10s").await;
+    let client = connect(&conninfo).await.expect("session");
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The cancel travels on a new connection, through the proxy, carrying the backend key.
+    cancel.cancel_query(NoTls).await.expect("cancel request sent");
+    let result = tokio::time::timeout(Duration::from_secs(30), sleeping)
+        .await
+        .expect("the query ends long before pg_sleep(60) would")
+        .expect("task");
+    let error = result.expect_err("the query was cancelled");
+    assert_eq!(
+        error.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error:?}"
+    );
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
