@@ -136,6 +136,24 @@ pub fn outage(attempts: &[Attempt], event: Instant) -> Outage {
     }
 }
 
+/// The longest time between two acknowledged writes that finished within `window` around
+/// `event` (from `before` ahead of it to `after` past it): the pause the application felt,
+/// wherever in the failover it fell. Pure.
+pub fn longest_pause(
+    attempts: &[Attempt],
+    event: Instant,
+    before: Duration,
+    after: Duration,
+) -> Option<Duration> {
+    let (from, to) = (event - before, event + after);
+    let done: Vec<Instant> = attempts
+        .iter()
+        .filter(|a| a.ok() && a.finished >= from && a.finished <= to)
+        .map(|a| a.finished)
+        .collect();
+    done.windows(2).map(|w| w[1] - w[0]).max()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +180,25 @@ mod tests {
         assert_eq!(seen.writes_down, Some(Duration::from_millis(860)));
         assert_eq!(seen.errors, 1);
         assert_eq!(seen.attempts, 2);
+    }
+
+    #[test]
+    fn longest_pause_spans_the_gap_between_acknowledged_writes() {
+        let base = Instant::now() + Duration::from_secs(10);
+        let attempts = vec![
+            attempt(1, 0, 5, true, base),
+            attempt(2, 50, 55, true, base),
+            attempt(3, 100, 600, false, base),
+            attempt(4, 600, 1200, true, base),
+            attempt(5, 1250, 1255, true, base),
+        ];
+        let pause = longest_pause(
+            &attempts,
+            base + Duration::from_millis(100),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        );
+        assert_eq!(pause, Some(Duration::from_millis(1145)));
     }
 
     #[test]
