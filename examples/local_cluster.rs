@@ -34,8 +34,9 @@ commands (nodes are numbered from 1: node 1 is 127.0.0.11):
   status       each node's role per Postgres and per its agent, WAL position, and roleproxy's route
   failover     kill the leader (pg_ctl stop -m immediate), promote the most advanced replica,
                point the other replicas at it
-  switchover   make the leader read-only (its agent says replica) while it stays up, promote the
-               most advanced replica, point the other replicas at it
+  switchover   fence the leader (its agent says replica while it stays up) for one check
+               interval, then make it read-only, promote the most advanced replica and point
+               the other replicas at it
   kill N       stop node N like a crash (pg_ctl stop -m immediate)
   start N      start node N; rebuilt as a replica when another node leads
   promote N    promote node N (with a live leader: a split brain, on purpose)
@@ -286,7 +287,7 @@ async fn execute(cluster: &LocalCluster, admin: SocketAddr, words: &[&str]) -> R
         }
         ["switchover"] => {
             let done = cluster.switchover().await.map_err(|e| e.to_string())?;
-            report("switchover", "made read-only", cluster, &done);
+            report("switchover", "fenced", cluster, &done);
         }
         ["kill", n] => {
             let i = node(n)?;
