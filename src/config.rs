@@ -94,6 +94,7 @@ pub struct ProxyConfig {
     #[serde(serialize_with = "human")]
     pub shutdown_grace: Duration,
     pub copy: crate::copy::Mode,
+    pub preconnect: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -203,6 +204,7 @@ struct RawProxy {
     leader_wait: String,
     shutdown_grace: String,
     copy: String,
+    preconnect: usize,
 }
 
 impl Default for RawProxy {
@@ -215,6 +217,7 @@ impl Default for RawProxy {
             leader_wait: "10s".into(),
             shutdown_grace: "10s".into(),
             copy: "auto".into(),
+            preconnect: 0,
         }
     }
 }
@@ -488,6 +491,12 @@ impl RawConfig {
         if p.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be at least 1"));
         }
+        if p.preconnect > 100 {
+            return Err(invalid(
+                "proxy.preconnect",
+                "at most 100: each one holds a Postgres backend on the leader",
+            ));
+        }
         let proxy = ProxyConfig {
             connect_timeout: x.duration("proxy.connect_timeout", &p.connect_timeout)?,
             connect_retries: p.connect_retries,
@@ -495,6 +504,7 @@ impl RawConfig {
             max_connections: p.max_connections,
             leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
             shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
+            preconnect: p.preconnect,
             copy: match x.string("proxy.copy", &p.copy)?.as_str() {
                 "auto" => crate::copy::Mode::Auto,
                 "splice" => crate::copy::Mode::Splice,

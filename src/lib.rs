@@ -13,6 +13,8 @@
 //! - [`leader`]: **the routing rules** ([`leader::decide`]) and the task that publishes the route.
 //! - [`proxy`]: listeners, connection limit, wait for a leader, connect, copy, drain.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
+//! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`.
 //! - [`metrics`]: metric names and descriptions.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
@@ -28,6 +30,7 @@ pub mod discovery;
 pub mod leader;
 pub mod metrics;
 pub mod pgwire;
+pub mod preconnect;
 pub mod proxy;
 
 use std::future::Future;
@@ -136,6 +139,13 @@ impl Proxy {
             hard_stop.clone(),
             tracker.clone(),
         );
+        if let Some(pool) = &sessions.preconnect {
+            tokio::spawn(Arc::clone(pool).run(
+                sessions.shared.route.clone(),
+                config.proxy.connect_timeout,
+                background.clone(),
+            ));
+        }
         let mut accepting = Vec::new();
         for listener in self.listeners {
             tracing::info!(address = ?listener.local_addr().ok(), cluster = %cluster, "listening");

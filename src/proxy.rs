@@ -18,11 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::check::is_local_shortage;
 use crate::config::ProxyConfig;
 use crate::copy;
 use crate::leader::{Event, Route, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
+use crate::preconnect::Preconnect;
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
@@ -56,6 +58,8 @@ pub struct Sessions {
     pub cluster: String,
     limit: Arc<Semaphore>,
     refusals: Arc<Semaphore>,
+    /// Warm connections to the leader, when `proxy.preconnect` > 0.
+    pub preconnect: Option<Arc<Preconnect>>,
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
@@ -72,6 +76,7 @@ impl Sessions {
         Arc::new(Self {
             limit: Arc::new(Semaphore::new(config.max_connections)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            preconnect: (config.preconnect > 0).then(|| Preconnect::new(config.preconnect)),
             shared,
             config,
             cluster,
@@ -88,14 +93,32 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
+    let mut reserve = Reserve::open();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                Err(e) if is_local_shortage(&e) && reserve.release() => {
+                    // Out of descriptors: the one held in reserve lets this client in to hear
+                    // why, instead of waiting unseen in the backlog.
+                    if let Ok((stream, _)) = listener.accept().await {
+                        tracing::warn!(listener = ?local, error = %e, "out of descriptors; refusing client");
+                        m::session_result("limit");
+                        let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
+                        tokio::spawn(async move {
+                            refuse(stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                        });
+                    }
+                    reserve = Reserve::open();
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(listener = ?local, error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    if !reserve.held() {
+                        reserve = Reserve::open();
+                    }
                     continue;
                 }
             },
@@ -135,6 +158,24 @@ pub async fn accept_loop(
     }
 }
 
+/// One descriptor kept in reserve, released when accept fails for want of descriptors.
+struct Reserve(Option<std::fs::File>);
+
+impl Reserve {
+    fn open() -> Reserve {
+        Reserve(std::fs::File::open("/dev/null").ok())
+    }
+
+    fn held(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Closes the reserved descriptor; false if there was none to close.
+    fn release(&mut self) -> bool {
+        self.0.take().is_some()
+    }
+}
+
 fn tune(stream: &TcpStream) {
     let _ = stream.set_nodelay(true);
     let keepalive = TcpKeepalive::new()
@@ -163,6 +204,9 @@ enum NoLeader {
     Unreachable { addr: SocketAddr, error: String },
     #[error("proxy is shutting down")]
     Shutdown,
+    /// This host, not the leader, is out of descriptors or memory.
+    #[error("roleproxy is out of resources: {0}")]
+    OutOfResources(String),
 }
 
 async fn serve_client(client: TcpStream, sessions: &Sessions) {
@@ -176,15 +220,31 @@ async fn serve_client(client: TcpStream, sessions: &Sessions) {
         Ok(found) => found,
         Err(reason) => {
             m::leader_wait(accepted.elapsed());
-            let result = match reason {
-                NoLeader::Unreachable { .. } => "unreachable",
-                NoLeader::Shutdown => "shutdown",
-                _ => "no_leader",
+            let (result, code, message) = match &reason {
+                NoLeader::OutOfResources(_) => (
+                    "limit",
+                    pgwire::TOO_MANY_CONNECTIONS,
+                    format!("sorry, too many clients already: {reason}"),
+                ),
+                NoLeader::Unreachable { .. } => (
+                    "unreachable",
+                    pgwire::CANNOT_CONNECT_NOW,
+                    format!("no leader available for {}: {reason}", sessions.cluster),
+                ),
+                NoLeader::Shutdown => (
+                    "shutdown",
+                    pgwire::CANNOT_CONNECT_NOW,
+                    format!("no leader available for {}: {reason}", sessions.cluster),
+                ),
+                _ => (
+                    "no_leader",
+                    pgwire::CANNOT_CONNECT_NOW,
+                    format!("no leader available for {}: {reason}", sessions.cluster),
+                ),
             };
             m::session_result(result);
-            let message = format!("no leader available for {}: {reason}", sessions.cluster);
             tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
-            refuse(client, pgwire::CANNOT_CONNECT_NOW, &message).await;
+            refuse(client, code, &message).await;
             return;
         }
     };
@@ -225,6 +285,13 @@ async fn connect_leader(
         if failed_generation != Some(generation) {
             failures = 0;
         }
+        if let Some(warm) = sessions
+            .preconnect
+            .as_ref()
+            .and_then(|p| p.take(generation, addr))
+        {
+            return Ok((warm, addr, generation));
+        }
         // A connect that outlives its route, or the client's patience, is abandoned.
         let attempt_deadline = (Instant::now() + config.connect_timeout).min(deadline);
         let attempt = tokio::select! {
@@ -238,6 +305,10 @@ async fn connect_leader(
                 return Ok((stream, addr, generation))
             }
             Ok(Ok(_)) => continue,
+            // Waiting will not help a client while this host has no descriptors to give.
+            Ok(Err(e)) if is_local_shortage(&e) => {
+                return Err(NoLeader::OutOfResources(e.to_string()))
+            }
             Ok(Err(e)) => {
                 let remote = matches!(
                     e.kind(),

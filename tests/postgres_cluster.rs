@@ -365,7 +365,10 @@ async fn cancel_request_reaches_the_sessions_node() {
     let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The cancel travels on a new connection, through the proxy, carrying the backend key.
-    cancel.cancel_query(NoTls).await.expect("cancel request sent");
+    cancel
+        .cancel_query(NoTls)
+        .await
+        .expect("cancel request sent");
     let result = tokio::time::timeout(Duration::from_secs(30), sleeping)
         .await
         .expect("the query ends long before pg_sleep(60) would")

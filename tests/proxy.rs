@@ -9,80 +9,15 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use support::backend::{random_chunks, sha256_of_stream, SinkSourceBackend, TaggedBackend};
 use support::dns::{DnsMode, DnsServer};
+use support::fake_cluster::{served_by, FakeCluster as Cluster, FakeNode as Node, NAME};
 use support::harness::{postgres_refusal, Client, ConfigBuilder, RunningProxy};
 use support::loopback;
 use support::role::{RoleEndpoint, RoleReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const NAME: &str = "iad.test.internal";
 const LONG: Duration = Duration::from_secs(20);
 /// Long enough that a wrongly routed client would have been served.
 const SETTLE: Duration = Duration::from_millis(800);
-
-struct Node {
-    ip: IpAddr,
-    role: RoleEndpoint,
-    backend: TaggedBackend,
-}
-
-impl Node {
-    fn tag(&self) -> String {
-        format!("n{}", self.octet())
-    }
-
-    fn octet(&self) -> u8 {
-        match self.ip {
-            IpAddr::V4(v4) => v4.octets()[3],
-            IpAddr::V6(_) => 0,
-        }
-    }
-
-    fn addr(&self) -> String {
-        SocketAddr::new(self.ip, 5433).to_string()
-    }
-}
-
-/// A fake cluster: DNS on 127.N.0.1, node i on 127.N.0.(11+i), every node answering `replica`.
-struct Cluster {
-    net: u8,
-    dns: DnsServer,
-    nodes: Vec<Node>,
-}
-
-impl Cluster {
-    async fn start(net: u8, count: u8) -> Cluster {
-        let dns = DnsServer::start(loopback(net, 0, 1)).await;
-        let mut nodes = Vec::new();
-        for i in 0..count {
-            let ip = loopback(net, 0, 11 + i);
-            let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
-            let backend =
-                TaggedBackend::start(SocketAddr::new(ip, 5433), &format!("n{}", 11 + i)).await;
-            nodes.push(Node { ip, role, backend });
-        }
-        let cluster = Cluster { net, dns, nodes };
-        cluster.dns_nodes(&(0..count as usize).collect::<Vec<_>>());
-        cluster
-    }
-
-    /// DNS answers the cluster name with these nodes.
-    fn dns_nodes(&self, which: &[usize]) {
-        self.dns
-            .set(NAME, which.iter().map(|&i| self.nodes[i].ip).collect());
-    }
-
-    fn config(&self) -> ConfigBuilder {
-        ConfigBuilder::new(&loopback(self.net, 0, 1).to_string(), self.dns.addr(), NAME)
-    }
-
-    async fn proxy(&self) -> RunningProxy {
-        RunningProxy::start(self.config().config()).await
-    }
-}
-
-async fn served_by(proxy: &RunningProxy, wait: Duration) -> Option<String> {
-    Client::connect(proxy.addr, wait).await.map(|c| c.tag)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_gets_connections_and_nothing_before_a_positive_check() {

@@ -56,6 +56,8 @@ struct Zone {
     mode: DnsMode,
     /// Addresses by normalized name (see [`normalize`]).
     records: HashMap<String, Vec<IpAddr>>,
+    /// Names answered with one of their addresses per query, in turn.
+    rotating: HashMap<String, u64>,
 }
 
 impl DnsServer {
@@ -71,6 +73,7 @@ impl DnsServer {
             zone: Mutex::new(Zone {
                 mode: DnsMode::Answer,
                 records: HashMap::new(),
+                rotating: HashMap::new(),
             }),
             queries: AtomicU64::new(0),
         });
@@ -99,9 +102,9 @@ impl DnsServer {
     /// makes the name exist with no addresses (NOERROR, no answers). Names
     /// match case-insensitively, with or without the trailing dot.
     pub fn set(&self, name: &str, addrs: Vec<IpAddr>) {
-        lock(&self.shared.zone)
-            .records
-            .insert(normalize(name), addrs);
+        let mut zone = lock(&self.shared.zone);
+        zone.rotating.remove(&normalize(name));
+        zone.records.insert(normalize(name), addrs);
     }
 
     /// Forgets `name`, so it answers NXDOMAIN again.
@@ -110,6 +113,15 @@ impl DnsServer {
     }
 
     /// Changes how queries are treated from the next query on.
+    /// Sets `name`'s addresses, answered one per A query in turn: an answer that changes on
+    /// every query.
+    pub fn set_rotating(&self, name: &str, addrs: Vec<IpAddr>) {
+        let key = normalize(name);
+        let mut zone = lock(&self.shared.zone);
+        zone.records.insert(key.clone(), addrs);
+        zone.rotating.insert(key, 0);
+    }
+
     pub fn set_mode(&self, mode: DnsMode) {
         lock(&self.shared.zone).mode = mode;
     }
@@ -215,7 +227,7 @@ impl Shared {
         if request.metadata.message_type != MessageType::Query {
             return None;
         }
-        let zone = lock(&self.zone);
+        let mut zone = lock(&self.zone);
         let mut response = reply_to(&request);
         match zone.mode {
             DnsMode::Silent => return None,
@@ -237,11 +249,19 @@ impl Shared {
 impl Zone {
     /// Fills in the answer to one question: the matching records, or an SOA
     /// with TTL 0 for a negative answer so resolvers do not cache it.
-    fn answer(&self, query: &Query, response: &mut Message) {
-        let Some(addrs) = self.records.get(&normalize(&query.name().to_ascii())) else {
+    fn answer(&mut self, query: &Query, response: &mut Message) {
+        let key = normalize(&query.name().to_ascii());
+        let Some(all) = self.records.get(&key) else {
             response.metadata.response_code = ResponseCode::NXDomain;
             response.add_authority(negative_soa());
             return;
+        };
+        let addrs: Vec<IpAddr> = match self.rotating.get_mut(&key) {
+            Some(turn) if !all.is_empty() && query.query_type() == RecordType::A => {
+                *turn += 1;
+                vec![all[*turn as usize % all.len()]]
+            }
+            _ => all.clone(),
         };
         let name = query.name();
         let records: Vec<Record> = addrs

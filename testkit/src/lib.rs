@@ -16,6 +16,7 @@ pub mod backend;
 pub mod bulk;
 pub mod cluster;
 pub mod dns;
+pub mod fake_cluster;
 pub mod haproxy;
 pub mod harness;
 pub mod pg;

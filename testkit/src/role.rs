@@ -42,6 +42,8 @@ pub enum RoleReply {
     /// A valid `leader` response written one byte at a time with this delay
     /// between bytes: a check that limits only per-read time would pass it.
     SlowBytes(Duration),
+    /// Each request gets the next reply of this list, round and round: a flapping node.
+    Cycle(Vec<RoleReply>),
 }
 
 impl RoleReply {
@@ -151,8 +153,13 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
     if !read_head(&mut stream).await {
         return;
     }
-    let reply = lock(&shared.reply).clone();
-    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let mut reply = lock(&shared.reply).clone();
+    let n = shared.requests.fetch_add(1, Ordering::SeqCst);
+    if let RoleReply::Cycle(replies) = &reply {
+        if let Some(next) = replies.get(n as usize % replies.len().max(1)) {
+            reply = next.clone();
+        }
+    }
     // Write errors below mean the client went away, which is the client's
     // business (a check that timed out); the connection just ends.
     match reply {
@@ -163,7 +170,8 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
                 finish(stream).await;
             }
         }
-        RoleReply::Hang => drain(&mut stream).await,
+        // A cycle inside a cycle is not a reply; treat it as a hung endpoint.
+        RoleReply::Hang | RoleReply::Cycle(_) => drain(&mut stream).await,
         RoleReply::Garbage => {
             if stream.write_all(&garbage()).await.is_ok() {
                 finish(stream).await;

@@ -1,0 +1,385 @@
+//! Faults and hostile input, each asserting what roleproxy did: backends that reset or never
+//! answer, role endpoints that flap or trickle, DNS that changes on every query, clients that
+//! send garbage, stop reading or vanish, and running out of file descriptors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use roleproxy_testkit as support;
+use support::fake_cluster::{served_by, FakeCluster, NAME};
+use support::harness::{postgres_refusal, Client, RunningProxy};
+use support::loopback;
+use support::role::RoleReply;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LONG: Duration = Duration::from_secs(20);
+
+async fn generation(proxy: &RunningProxy) -> u64 {
+    proxy.status().await["route"]["generation"]
+        .as_u64()
+        .expect("generation")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
+    // A node whose "Postgres" sends a few bytes and then resets the connection.
+    let ip = loopback(40, 0, 11);
+    let dns = support::dns::DnsServer::start(loopback(40, 0, 1)).await;
+    dns.set(NAME, vec![ip]);
+    let role = support::role::RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+    role.set(RoleReply::leader());
+    let backend = TcpListener::bind(SocketAddr::new(ip, 5433)).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = backend.accept().await {
+            let _ = stream.write_all(b"partial").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Linger 0: close sends RST, as a crashing server's kernel would.
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+        }
+    });
+    let config = support::harness::ConfigBuilder::new("127.40.0.1", dns.addr(), NAME).config();
+    let proxy = RunningProxy::start(config).await;
+
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(LONG, async {
+            let mut buf = [0u8; 64];
+            loop {
+                match client.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "the client's session ends with the backend's"
+        );
+        assert_eq!(got, b"partial", "bytes before the reset were delivered");
+    }
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics.contains("result=\"error\"") || metrics.contains("result=\"closed\""),
+        "{metrics}"
+    );
+    assert_eq!(proxy.get("/healthz").await.0, 200, "the proxy carries on");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
+    let cluster = FakeCluster::start(41, 0).await;
+    // A "node" whose listener has a full accept queue: SYNs are dropped, so a connect hangs,
+    // as to a host that vanished. Its role endpoint still says leader.
+    let ip = loopback(41, 0, 11);
+    let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    hole.set_reuse_address(true).unwrap();
+    hole.bind(&SocketAddr::new(ip, 5433).into()).unwrap();
+    hole.listen(0).unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let connect = TcpStream::connect(SocketAddr::new(ip, 5433));
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(300), connect).await {
+            fillers.push(s);
+        }
+    }
+    let role = support::role::RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+    role.set(RoleReply::leader());
+    cluster.dns.set(NAME, vec![ip]);
+    let config = cluster
+        .config()
+        .set("proxy.connect_timeout", "\"300ms\"")
+        .set("proxy.connect_retries", "1")
+        .set("proxy.leader_wait", "\"2s\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let black_holed = SocketAddr::new(ip, 5433).to_string();
+    assert!(proxy.wait_route(Some(&black_holed), LONG).await);
+
+    let (code, message) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03");
+    assert!(
+        message.contains("timed out") || message.contains("no node reports leader"),
+        "{message}"
+    );
+    // Failed connects count against the leader, like failed checks: it is seen as down (until
+    // its next good check), with the reason.
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        let status = proxy.status().await;
+        let error = status["backends"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["address"] == black_holed))
+            .and_then(|b| b["last_error"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        if error.contains("connect") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(fillers);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_role_endpoint_does_not_move_the_route() {
+    let cluster = FakeCluster::start(42, 2).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("check.interval", "\"100ms\"")
+        .set("check.fast_interval", "\"50ms\"")
+        .set("check.fall", "2")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let before = generation(&proxy).await;
+
+    // Every other check fails: with fall = 2, never two failures in a row.
+    let seen = cluster.nodes[0].role.requests();
+    cluster.nodes[0].role.set(RoleReply::Cycle(vec![
+        RoleReply::error(500, "flap"),
+        RoleReply::leader(),
+    ]));
+    assert!(cluster.nodes[0].role.wait_requests(seen + 20, LONG).await);
+    assert_eq!(
+        generation(&proxy).await,
+        before,
+        "the route held through the flapping"
+    );
+    assert!(session.echo("still here").await);
+
+    // A node flapping leader/replica is never routed when two leader answers are required.
+    cluster.nodes[0].role.set(RoleReply::replica());
+    cluster.nodes[1].role.set(RoleReply::Cycle(vec![
+        RoleReply::leader(),
+        RoleReply::replica(),
+    ]));
+    proxy.stop().await;
+    let config = cluster
+        .config()
+        .set("check.rise", "2")
+        .set("check.interval", "\"100ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let seen = cluster.nodes[1].role.requests();
+    assert!(cluster.nodes[1].role.wait_requests(seen + 20, LONG).await);
+    assert_eq!(
+        proxy.route_leader().await,
+        None,
+        "never two leader answers in a row"
+    );
+    assert_eq!(cluster.nodes[1].backend.connections(), 0);
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_endpoint_that_trickles_bytes_is_judged_by_the_whole_check_timeout() {
+    let cluster = FakeCluster::start(43, 2).await;
+    // ~100 bytes at 10 ms each: about a second for the whole answer.
+    cluster.nodes[0]
+        .role
+        .set(RoleReply::SlowBytes(Duration::from_millis(10)));
+    let patient = cluster.config().set("check.timeout", "\"5s\"").config();
+    let proxy = RunningProxy::start(patient).await;
+    assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
+    proxy.stop().await;
+
+    let strict = cluster.config().set("check.timeout", "\"300ms\"").config();
+    let proxy = RunningProxy::start(strict).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        proxy.route_leader().await,
+        None,
+        "a trickle past the timeout is not an answer"
+    );
+    let status = proxy.status().await;
+    assert!(status.to_string().contains("timed out"), "{status}");
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_answers_that_change_on_every_query_never_drain_the_leader() {
+    let cluster = FakeCluster::start(44, 3).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster
+        .config()
+        .set("backends.resolve_interval", "\"50ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let before = generation(&proxy).await;
+
+    cluster
+        .dns
+        .set_rotating(NAME, cluster.nodes.iter().map(|n| n.ip).collect());
+    let queries = cluster.dns.queries();
+    support::wait_until(LONG, || cluster.dns.queries() > queries + 60).await;
+    // The leader came and went from the answers; its sessions held and nothing else was routed.
+    assert_eq!(generation(&proxy).await, before);
+    assert!(session.echo("through the churn").await);
+    for node in &cluster.nodes[1..] {
+        assert_eq!(node.backend.connections(), 0);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_do_not_hurt_others() {
+    let cluster = FakeCluster::start(45, 1).await;
+    let config = cluster
+        .config()
+        .set("proxy.leader_wait", "\"500ms\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+
+    // No route: garbage instead of a startup packet still gets an ErrorResponse.
+    let mut garbage = TcpStream::connect(proxy.addr).await.unwrap();
+    garbage.write_all(&[0xff; 64]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(LONG, garbage.read_to_end(&mut reply)).await;
+    assert_eq!(reply.first(), Some(&b'E'), "{reply:?}");
+
+    // Clients that vanish mid-handshake.
+    for _ in 0..20 {
+        let mut c = TcpStream::connect(proxy.addr).await.unwrap();
+        let _ = c.write_all(&[0, 0, 0, 8, 4]).await;
+    }
+
+    // Now a leader: a client that never reads while its backend echoes a flood.
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let mut stalled = Client::connect(proxy.addr, LONG).await.expect("served");
+    let flood = vec![b'x'; 1 << 20];
+    let writer = tokio::spawn(async move {
+        // Stops when the socket buffers on every hop are full: back-pressure, not memory.
+        for _ in 0..64 {
+            if tokio::time::timeout(
+                Duration::from_secs(2),
+                stalled.reader.get_mut().write_all(&flood),
+            )
+            .await
+            .is_err()
+            {
+                return true;
+            }
+        }
+        false
+    });
+    assert!(
+        writer.await.unwrap(),
+        "a client that stops reading is back-pressured"
+    );
+    for _ in 0..5 {
+        assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+    }
+    proxy.stop().await;
+}
+
+#[test]
+fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cluster = FakeCluster::start(46, 1).await;
+        cluster.nodes[0].role.set(RoleReply::leader());
+        let config = cluster
+            .config()
+            .set("listen.addresses", "[\"127.46.0.1:25460\"]")
+            .set("admin.address", "\"127.46.0.1:25461\"")
+            .toml();
+        let path = std::env::temp_dir().join(format!("roleproxy-fds-{}.toml", std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roleproxy"));
+        command.arg("--config").arg(&path).env("RUST_LOG", "error");
+        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 64,
+                    rlim_max: 64,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().expect("roleproxy starts");
+        let addr: SocketAddr = "127.46.0.1:25460".parse().unwrap();
+
+        // Fill it up: each session costs two descriptors.
+        let mut sessions = Vec::new();
+        let mut refused = None;
+        for _ in 0..60 {
+            let mut stream = match TcpStream::connect(addr).await {
+                Ok(s) => s,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first)).await
+            {
+                Ok(Ok(_)) if first[0] == b'n' => {
+                    // The tag line of the backend: a real session.
+                    let mut rest = [0u8; 3];
+                    let _ = stream.read_exact(&mut rest).await;
+                    sessions.push(stream);
+                }
+                _ => {
+                    refused = Some(stream);
+                    break;
+                }
+            }
+        }
+        assert!(
+            sessions.len() > 5,
+            "some sessions were served: {}",
+            sessions.len()
+        );
+        // The next client is told why, as Postgres would.
+        let (code, message) = postgres_refusal(addr, false).await;
+        assert_eq!(code, "53300", "{message}");
+        assert!(message.contains("too many clients"), "{message}");
+        drop(refused);
+
+        // Existing sessions carry on.
+        for s in sessions.iter_mut().take(3) {
+            s.write_all(b"ping\n").await.unwrap();
+            let mut echo = [0u8; 5];
+            tokio::time::timeout(LONG, s.read_exact(&mut echo))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&echo, b"ping\n");
+        }
+        // Descriptors free up: new clients are served again.
+        sessions.truncate(sessions.len() / 2);
+        let mut served = false;
+        for _ in 0..50 {
+            if Client::connect(addr, Duration::from_secs(2))
+                .await
+                .is_some()
+            {
+                served = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(served, "recovered once descriptors were free");
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(path);
+    });
+}
