@@ -52,16 +52,13 @@ impl Preconnect {
     pub fn take(&self, generation: u64, addr: SocketAddr) -> Option<TcpStream> {
         let mut found = None;
         if let Ok(mut pool) = self.pool.lock() {
-            while let Some(warm) = pool.pop_front() {
-                let fresh = warm.opened.elapsed() < MAX_AGE;
-                if warm.generation == generation
-                    && warm.addr == addr
-                    && fresh
-                    && alive(&warm.stream)
-                {
-                    found = Some(warm.stream);
-                    break;
-                }
+            // Closed or aged connections go; others of another route stay for the filler to judge.
+            pool.retain(|w| w.opened.elapsed() < MAX_AGE && alive(&w.stream));
+            if let Some(i) = pool
+                .iter()
+                .position(|w| w.generation == generation && w.addr == addr)
+            {
+                found = pool.remove(i).map(|w| w.stream);
             }
         }
         self.taken.notify_one();
