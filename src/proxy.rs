@@ -93,7 +93,7 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
-    let mut reserve = Reserve::open();
+    let reserve = Reserve::open();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -106,19 +106,22 @@ pub async fn accept_loop(
                         tracing::warn!(listener = ?local, error = %e, "out of descriptors; refusing client");
                         m::session_result("limit");
                         let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
+                        let reserve = reserve.clone();
                         tokio::spawn(async move {
                             refuse(stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                            // The refused socket is closed: take its descriptor back at once,
+                            // before a check or a lookup can.
+                            reserve.refill();
                         });
+                    } else {
+                        reserve.refill();
                     }
-                    reserve = Reserve::open();
                     continue;
                 }
                 Err(e) => {
                     tracing::warn!(listener = ?local, error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    if !reserve.held() {
-                        reserve = Reserve::open();
-                    }
+                    reserve.refill();
                     continue;
                 }
             },
@@ -158,21 +161,33 @@ pub async fn accept_loop(
     }
 }
 
-/// One descriptor kept in reserve, released when accept fails for want of descriptors.
-struct Reserve(Option<std::fs::File>);
+/// One descriptor kept in reserve, released when accept fails for want of descriptors, so
+/// the client can be told why; shared with the refusal that uses it.
+#[derive(Clone)]
+struct Reserve(Arc<std::sync::Mutex<Option<std::fs::File>>>);
 
 impl Reserve {
     fn open() -> Reserve {
-        Reserve(std::fs::File::open("/dev/null").ok())
+        let reserve = Reserve(Arc::new(std::sync::Mutex::new(None)));
+        reserve.refill();
+        reserve
     }
 
-    fn held(&self) -> bool {
-        self.0.is_some()
+    /// Takes a descriptor into reserve if none is held (and one is free).
+    fn refill(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            if slot.is_none() {
+                *slot = std::fs::File::open("/dev/null").ok();
+            }
+        }
     }
 
     /// Closes the reserved descriptor; false if there was none to close.
-    fn release(&mut self) -> bool {
-        self.0.take().is_some()
+    fn release(&self) -> bool {
+        self.0
+            .lock()
+            .map(|mut slot| slot.take().is_some())
+            .unwrap_or(false)
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use roleproxy_testkit as support;
 use support::fake_cluster::{served_by, FakeCluster, NAME};
-use support::harness::{postgres_refusal, Client, RunningProxy};
+use support::harness::{postgres_refusal, wait_served, Client, KillOnDrop, RunningProxy};
 use support::loopback;
 use support::role::RoleReply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -314,33 +314,43 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
                 Ok(())
             });
         }
-        let mut child = command.spawn().expect("roleproxy starts");
+        let _child = KillOnDrop(command.spawn().expect("roleproxy starts"));
         let addr: SocketAddr = "127.46.0.1:25460".parse().unwrap();
+        drop(wait_served(addr).await);
 
-        // Fill it up: each session costs two descriptors.
+        // Fill it up like real clients that send their StartupMessage at once; each session
+        // costs the proxy two descriptors. The first client it cannot serve is told why.
+        let mut startup = (3u32 << 16).to_be_bytes().to_vec();
+        startup.extend_from_slice(b"user\0app\0\0");
+        let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&startup);
         let mut sessions = Vec::new();
-        let mut refused = None;
+        let mut refusal = None;
+        let mut waiting: Option<TcpStream> = None;
         for _ in 0..60 {
-            let mut stream = match TcpStream::connect(addr).await {
-                Ok(s) => s,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
+            let Ok(mut stream) = TcpStream::connect(addr).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             };
+            stream.write_all(&packet).await.unwrap();
             let mut first = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut first)).await
-            {
-                Ok(Ok(_)) if first[0] == b'n' => {
-                    // The tag line of the backend: a real session.
-                    let mut rest = [0u8; 3];
-                    let _ = stream.read_exact(&mut rest).await;
-                    sessions.push(stream);
-                }
-                _ => {
-                    refused = Some(stream);
-                    break;
-                }
+            let read =
+                tokio::time::timeout(Duration::from_secs(3), stream.read_exact(&mut first)).await;
+            if !matches!(read, Ok(Ok(_))) {
+                // Not accepted: waiting in the listen backlog for a descriptor.
+                waiting = Some(stream);
+                break;
+            }
+            if first[0] == b'n' {
+                // The backend's tag line, then its echo of the startup packet: a session.
+                let mut rest = vec![0u8; 3 + packet.len()];
+                stream.read_exact(&mut rest).await.unwrap();
+                sessions.push(stream);
+            } else {
+                let mut reply = first.to_vec();
+                let _ = tokio::time::timeout(LONG, stream.read_to_end(&mut reply)).await;
+                refusal = Some(reply);
+                break;
             }
         }
         assert!(
@@ -348,11 +358,18 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
             "some sessions were served: {}",
             sessions.len()
         );
-        // The next client is told why, as Postgres would.
-        let (code, message) = postgres_refusal(addr, false).await;
-        assert_eq!(code, "53300", "{message}");
-        assert!(message.contains("too many clients"), "{message}");
-        drop(refused);
+        // The first client that could not be served was either told why (53300), or waits
+        // unaccepted in the backlog when not even one descriptor was free to tell it.
+        if let Some(reply) = refusal {
+            let text = String::from_utf8_lossy(&reply);
+            assert_eq!(reply.first(), Some(&b'E'), "{text}");
+            assert!(
+                text.contains("C53300") && text.contains("too many clients"),
+                "{text}"
+            );
+        } else {
+            assert!(waiting.is_some(), "descriptors ran out within 60 clients");
+        }
 
         // Existing sessions carry on.
         for s in sessions.iter_mut().take(3) {
@@ -364,8 +381,16 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
                 .unwrap();
             assert_eq!(&echo, b"ping\n");
         }
-        // Descriptors free up: new clients are served again.
+        // Descriptors free up: the waiting client and new ones are served.
         sessions.truncate(sessions.len() / 2);
+        if let Some(mut stream) = waiting {
+            let mut first = [0u8; 1];
+            tokio::time::timeout(LONG, stream.read_exact(&mut first))
+                .await
+                .expect("the waiting client is served once descriptors free up")
+                .expect("read");
+            assert_eq!(first[0], b'n');
+        }
         let mut served = false;
         for _ in 0..50 {
             if Client::connect(addr, Duration::from_secs(2))
@@ -378,8 +403,6 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(served, "recovered once descriptors were free");
-        let _ = child.kill();
-        let _ = child.wait();
         let _ = std::fs::remove_file(path);
     });
 }

@@ -273,3 +273,26 @@ pub async fn postgres_refusal(proxy: SocketAddr, ssl_first: bool) -> (String, St
     }
     (code, message)
 }
+
+/// A roleproxy process that does not outlive its test, even one that fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until a proxy process listens on `addr` and serves a client.
+pub async fn wait_served(addr: SocketAddr) -> Client {
+    for _ in 0..300 {
+        if TcpStream::connect(addr).await.is_ok() {
+            if let Some(client) = Client::connect(addr, Duration::from_secs(2)).await {
+                return client;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the proxy at {addr} never served a client");
+}
