@@ -36,7 +36,8 @@ struct Args {
     pgbench_secs: u64,
     /// Failovers of each kind.
     failovers: usize,
-    /// Extra roleproxy targets with another `proxy.copy` mode, e.g. `buffered,splice`.
+    /// Extra roleproxy targets: another `proxy.copy` mode (`buffered`, `splice`) or
+    /// `preconnect`.
     variants: Vec<String>,
 }
 
@@ -448,7 +449,12 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     };
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
     let local = cluster.pg_addr(0);
-    let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, copy: &str| {
+    // A variant is a `proxy.copy` mode, or `preconnect` (auto copy, 4 warm connections).
+    let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, variant: &str| {
+        let (copy, preconnect) = match variant {
+            "preconnect" => ("auto", 4),
+            mode => (mode, 0),
+        };
         cluster
             .proxy_config(&listen.ip().to_string())
             .set("listen.addresses", &format!("[\"{listen}\"]"))
@@ -457,6 +463,7 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
             .set("backends.backup", &format!("[\"{local}\"]"))
             .set("proxy.shutdown_grace", "\"10s\"")
             .set("proxy.copy", &format!("\"{copy}\""))
+            .set("proxy.preconnect", &preconnect.to_string())
             .toml()
     };
     let mut targets = Vec::new();
