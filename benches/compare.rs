@@ -13,13 +13,14 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use roleproxy_testkit::bulk::{self, BulkBackend};
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::dns::DnsServer;
 use roleproxy_testkit::haproxy::{FlyHaproxyConfig, Haproxy};
+use roleproxy_testkit::harness::ProxyProcess;
 use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
 use roleproxy_testkit::writer::{self, Attempt, Writer, CREATE_TABLE};
 use serde_json::json;
@@ -196,38 +197,14 @@ impl Results {
 }
 
 /// roleproxy as its own process, so its memory is its own.
-struct RoleproxyProcess {
-    child: Child,
-    config: PathBuf,
-}
-
-impl RoleproxyProcess {
-    fn start(toml: &str, tag: &str) -> RoleproxyProcess {
-        let config =
-            std::env::temp_dir().join(format!("roleproxy-bench-{}-{tag}.toml", std::process::id()));
-        std::fs::write(&config, toml).expect("write roleproxy config");
-        let child = Command::new(env!("CARGO_BIN_EXE_roleproxy"))
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start roleproxy");
-        RoleproxyProcess { child, config }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for RoleproxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
+fn roleproxy_process(toml: &str, name: &str) -> ProxyProcess {
+    ProxyProcess::start(
+        env!("CARGO_BIN_EXE_roleproxy"),
+        toml,
+        &format!("bench-{name}"),
+        "warn",
+        None,
+    )
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -330,7 +307,7 @@ fn addr(port: u16) -> SocketAddr {
 async fn bulk_section(args: &Args, results: &mut Results) {
     let cluster = raw_cluster().await;
     let rp = addr(26432);
-    let _roleproxy = RoleproxyProcess::start(
+    let _roleproxy = roleproxy_process(
         &roleproxy_toml(rp, addr(26404), cluster.dns.addr(), cluster.node, 1000),
         "bulk",
     );
@@ -378,7 +355,7 @@ async fn idle_section(args: &Args, results: &mut Results) {
         // Fresh processes per size, so memory kept by an earlier size does not hide growth.
         let max = n + 100;
         let rp = addr(26442);
-        let roleproxy = RoleproxyProcess::start(
+        let roleproxy = roleproxy_process(
             &roleproxy_toml(rp, addr(26414), cluster.dns.addr(), cluster.node, max),
             "idle",
         );
@@ -432,7 +409,7 @@ async fn idle_section(args: &Args, results: &mut Results) {
 /// The real cluster used by the Postgres sections, with both proxies in front of it.
 struct PgBench {
     cluster: LocalCluster,
-    _roleproxies: Vec<RoleproxyProcess>,
+    _roleproxies: Vec<ProxyProcess>,
     _haproxy: Haproxy,
     targets: Vec<(String, SocketAddr)>,
 }
@@ -474,7 +451,7 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     {
         let listen = pg_addr(26480 + i as u16);
         let admin = pg_addr(26490 + i as u16);
-        roleproxies.push(RoleproxyProcess::start(
+        roleproxies.push(roleproxy_process(
             &roleproxy_config(listen, admin, mode),
             &format!("pg-{mode}"),
         ));

@@ -69,7 +69,7 @@ pub enum QueryError {
 
 impl From<tokio_postgres::Error> for QueryError {
     fn from(error: tokio_postgres::Error) -> Self {
-        QueryError::Postgres(error_text(&error))
+        QueryError::Postgres(crate::error_chain(&error))
     }
 }
 
@@ -104,7 +104,7 @@ pub async fn serve_with(
 ) -> Result<(), AgentError> {
     let mut config: Config = postgres
         .parse()
-        .map_err(|e: tokio_postgres::Error| AgentError::Conninfo(error_text(&e)))?;
+        .map_err(|e: tokio_postgres::Error| AgentError::Conninfo(crate::error_chain(&e)))?;
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
     }
@@ -240,7 +240,9 @@ async fn show_read_only(config: &Config) -> Result<String, QueryError> {
     tokio::spawn(async move {
         match tokio::time::timeout(REQUEST_TIMEOUT, connection).await {
             Ok(Ok(())) => {}
-            Ok(Err(error)) => debug!(error = %error_text(&error), "postgres connection failed"),
+            Ok(Err(error)) => {
+                debug!(error = %crate::error_chain(&error), "postgres connection failed")
+            }
             Err(_) => debug!("postgres connection did not close in time"),
         }
     });
@@ -262,19 +264,6 @@ fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
-}
-
-/// The error and all its sources on one line: tokio-postgres keeps the useful part
-/// (`connection refused`, the server's FATAL message) in the source, not in `Display`.
-fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -608,13 +608,8 @@ impl LeaderView {
         self.publish_status();
     }
 
+    /// Session counts are left at 0 here; `/status` reads them live.
     fn publish_status(&self) {
-        let sessions = self
-            .shared
-            .sessions
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
         let status = self
             .backends
             .iter()
@@ -632,7 +627,7 @@ impl LeaderView {
                     .last_check
                     .map(|(_, latency)| latency.as_secs_f64() * 1000.0),
                 last_error: state.last_error.clone(),
-                sessions: sessions.get(addr).copied().unwrap_or(0),
+                sessions: 0,
             })
             .collect();
         if let Ok(mut backends) = self.shared.backends.lock() {

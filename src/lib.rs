@@ -180,6 +180,19 @@ impl Proxy {
     }
 }
 
+/// An error and all its sources on one line. Libraries such as tokio-postgres keep the useful
+/// part ("connection refused", the server's FATAL message) in the source, not in `Display`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// Binds and runs a proxy until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     Proxy::bind(config).await?.run(shutdown).await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use roleproxy_testkit as support;
 use support::fake_cluster::{served_by, FakeCluster, NAME};
-use support::harness::{postgres_refusal, wait_served, Client, KillOnDrop, RunningProxy};
+use support::harness::{postgres_refusal, wait_served, Client, ProxyProcess, RunningProxy};
 use support::loopback;
 use support::role::RoleReply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -296,25 +296,13 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
             .set("listen.addresses", "[\"127.46.0.1:25460\"]")
             .set("admin.address", "\"127.46.0.1:25461\"")
             .toml();
-        let path = std::env::temp_dir().join(format!("roleproxy-fds-{}.toml", std::process::id()));
-        std::fs::write(&path, config).unwrap();
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roleproxy"));
-        command.arg("--config").arg(&path).env("RUST_LOG", "error");
-        // SAFETY: setrlimit is async-signal-safe; the closure touches nothing else.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                let limit = libc::rlimit {
-                    rlim_cur: 64,
-                    rlim_max: 64,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let _child = KillOnDrop(command.spawn().expect("roleproxy starts"));
+        let _proxy = ProxyProcess::start(
+            env!("CARGO_BIN_EXE_roleproxy"),
+            &config,
+            "fds",
+            "error",
+            Some(64),
+        );
         let addr: SocketAddr = "127.46.0.1:25460".parse().unwrap();
         drop(wait_served(addr).await);
 
@@ -403,6 +391,5 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(served, "recovered once descriptors were free");
-        let _ = std::fs::remove_file(path);
     });
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use roleproxy_testkit as support;
 use support::fake_cluster::FakeCluster;
-use support::harness::{wait_served, Client, KillOnDrop};
+use support::harness::{wait_served, Client, ProxyProcess};
 use support::role::RoleReply;
 
 const LONG: Duration = Duration::from_secs(20);
@@ -45,16 +45,14 @@ fn ten_thousand_concurrent_sessions() {
             .set("admin.address", "\"127.47.0.1:25471\"")
             .set("proxy.max_connections", &(sessions + 100).to_string())
             .toml();
-        let path = std::env::temp_dir().join(format!("roleproxy-10k-{}.toml", std::process::id()));
-        std::fs::write(&path, config).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_roleproxy"))
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("roleproxy starts");
+        let _proxy = ProxyProcess::start(
+            env!("CARGO_BIN_EXE_roleproxy"),
+            &config,
+            "10k",
+            "error",
+            None,
+        );
         let addr: SocketAddr = "127.47.0.1:25470".parse().unwrap();
-        let _child = KillOnDrop(child);
         let first = wait_served(addr).await;
 
         let mut clients = Vec::with_capacity(sessions);
@@ -94,6 +92,5 @@ fn ten_thousand_concurrent_sessions() {
             cluster.nodes[0].backend.wait_open(0, LONG).await,
             "all closed again"
         );
-        let _ = std::fs::remove_file(path);
     });
 }

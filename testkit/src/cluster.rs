@@ -391,14 +391,7 @@ impl LocalCluster {
                 status
             });
         }
-        let mut nodes = Vec::with_capacity(self.len());
-        while let Some(joined) = probes.join_next().await {
-            if let Ok(status) = joined {
-                nodes.push(status);
-            }
-        }
-        nodes.sort_by_key(|node| node.index);
-        nodes
+        in_node_order(probes).await
     }
 
     /// The one writable primary, if there is exactly one (none during a failover or a
@@ -685,14 +678,7 @@ impl LocalCluster {
             let pg = Arc::clone(&self.pg);
             probes.spawn(async move { probe(&pg, i).await });
         }
-        let mut nodes = Vec::with_capacity(self.len());
-        while let Some(joined) = probes.join_next().await {
-            if let Ok(status) = joined {
-                nodes.push(status);
-            }
-        }
-        nodes.sort_by_key(|node| node.index);
-        nodes
+        in_node_order(probes).await
     }
 
     async fn require_leader(&self) -> Result<usize, ClusterError> {
@@ -780,7 +766,7 @@ async fn probe(pg: &PgCluster, i: usize) -> NodeStatus {
             status.upstream = row.5;
             status.configured_upstream = conninfo_host(&row.6);
         }
-        Ok(Err(error)) => status.error = Some(error_text(&error)),
+        Ok(Err(error)) => status.error = Some(roleproxy::error_chain(&error)),
         Err(_) => status.error = Some(format!("no answer within {PROBE_TIMEOUT:?}")),
     }
     status
@@ -835,17 +821,16 @@ fn conninfo_host(conninfo: &str) -> Option<String> {
     })
 }
 
-/// The error with its sources: tokio-postgres keeps the useful part ("connection refused",
-/// the server's message) in the source.
-fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// Every probe's status, by node index.
+async fn in_node_order(mut probes: JoinSet<NodeStatus>) -> Vec<NodeStatus> {
+    let mut nodes = Vec::with_capacity(probes.len());
+    while let Some(joined) = probes.join_next().await {
+        if let Ok(status) = joined {
+            nodes.push(status);
+        }
     }
-    text
+    nodes.sort_by_key(|node| node.index);
+    nodes
 }
 
 /// Binds an agent port, retrying briefly while an agent that just stopped releases it.

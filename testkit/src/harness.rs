@@ -274,13 +274,62 @@ pub async fn postgres_refusal(proxy: SocketAddr, ssl_first: bool) -> (String, St
     (code, message)
 }
 
-/// A roleproxy process that does not outlive its test, even one that fails.
-pub struct KillOnDrop(pub std::process::Child);
+/// roleproxy as its own process (its own memory, its own descriptor limit), killed and its
+/// config file removed on drop, even when the test fails.
+pub struct ProxyProcess {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+}
 
-impl Drop for KillOnDrop {
+impl ProxyProcess {
+    /// Runs `binary` (the caller's `env!("CARGO_BIN_EXE_roleproxy")`) with `toml` as its config,
+    /// logging at `log` to this process's stderr; `nofile` caps its descriptors.
+    pub fn start(
+        binary: &str,
+        toml: &str,
+        name: &str,
+        log: &str,
+        nofile: Option<u64>,
+    ) -> ProxyProcess {
+        let config =
+            std::env::temp_dir().join(format!("roleproxy-{name}-{}.toml", std::process::id()));
+        std::fs::write(&config, toml).expect("write the proxy config");
+        let mut command = std::process::Command::new(binary);
+        command
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::null());
+        if let Some(limit) = nofile {
+            // SAFETY: the closure only calls setrlimit, which is async-signal-safe.
+            unsafe {
+                use std::os::unix::process::CommandExt;
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn().expect("start roleproxy");
+        ProxyProcess { child, config }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ProxyProcess {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
     }
 }
 

@@ -79,7 +79,7 @@ impl Writer {
 async fn write_one(conninfo: &str, via: &str, seq: i64) -> Result<String, String> {
     let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
         .await
-        .map_err(|e| format!("connect: {}", full_error(&e)))?;
+        .map_err(|e| format!("connect: {}", roleproxy::error_chain(&e)))?;
     let driver = tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -89,22 +89,10 @@ async fn write_one(conninfo: &str, via: &str, seq: i64) -> Result<String, String
             &[&via, &seq],
         )
         .await
-        .map_err(|e| format!("insert: {}", full_error(&e)));
+        .map_err(|e| format!("insert: {}", roleproxy::error_chain(&e)));
     drop(client);
     let _ = driver.await;
     row.map(|r| r.get(0))
-}
-
-/// The error with its sources, as a driver would log it.
-pub fn full_error(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 /// What one failover looked like to a writer.
