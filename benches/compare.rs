@@ -751,6 +751,11 @@ async fn failover_section(args: &Args, results: &mut Results, bench: &PgBench) {
 }
 
 fn main() {
+    // `cargo test --all-targets` builds and runs benches too, without `--bench`: only build.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("benchmark: run it with `cargo bench --bench compare`");
+        return;
+    }
     let args = args();
     if !Haproxy::available() {
         eprintln!("haproxy is not installed: apt-get install -y haproxy");

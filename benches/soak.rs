@@ -139,6 +139,11 @@ fn rss_and_fds(pid: u32) -> (u64, usize) {
 }
 
 fn main() {
+    // `cargo test --all-targets` builds and runs benches too, without `--bench`: only build.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("benchmark: run it with `cargo bench --bench soak`");
+        return;
+    }
     let secs = secs();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
