@@ -102,7 +102,7 @@ pub async fn accept_loop(
                 Err(e) if is_local_shortage(&e) && reserve.release() => {
                     // Out of descriptors: the one held in reserve lets this client in to hear
                     // why, instead of waiting unseen in the backlog.
-                    if let Ok((stream, _)) = listener.accept().await {
+                    if let Ok(stream) = accept_now(&listener) {
                         tracing::warn!(listener = ?local, error = %e, "out of descriptors; refusing client");
                         m::session_result("limit");
                         let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
@@ -159,6 +159,27 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+/// Accepts a pending connection at once, with no await between: right after the reserve is
+/// released, any yield could let a check or a lookup take the descriptor first.
+fn accept_now(listener: &TcpListener) -> io::Result<TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: accept4 on the listener's open descriptor, with null address pointers (allowed).
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    TcpStream::from_std(stream)
 }
 
 /// One descriptor kept in reserve, released when accept fails for want of descriptors, so
