@@ -282,7 +282,15 @@ fn main() {
                         leader = event.new;
                     }
                 }
-                ack.server != ip(leader)
+                // `promoted_at` is taken when `pg_ctl promote -w` returns, a little after the
+                // new leader takes writes: between the old leader's end and that moment,
+                // either of the two is the leader of its time.
+                let changing = history.iter().any(|e| {
+                    ack.at >= e.killed_at
+                        && ack.at < e.promoted_at
+                        && (ack.server == ip(e.old) || ack.server == ip(e.new))
+                });
+                ack.server != ip(leader) && !changing
             })
             .count();
 
@@ -299,10 +307,13 @@ fn main() {
         println!("| bulk bytes read | {} MB |", *bulk.lock().unwrap() / 1_000_000);
         println!("| roleproxy RSS baseline → after | {} KiB → {} KiB |", baseline.0, after.0);
         println!("| roleproxy open fds baseline → after | {} → {} |", baseline.1, after.1);
+        // Each worker thread may keep a few pipes (two descriptors each) for the next transfer.
+        let pooled = 2 * roleproxy::copy::PIPE_POOL_CAP * 2;
+        println!("| (pipes kept for reuse: at most {pooled} descriptors) | |");
         drop(proxy);
         cluster.shutdown().await;
         assert_eq!(missing, 0, "acknowledged writes missing on the final leader");
         assert_eq!(wrong_node, 0, "writes acknowledged by a node that was not the leader");
-        assert!(after.1 <= baseline.1 + 2, "descriptors returned to baseline");
+        assert!(after.1 <= baseline.1 + pooled, "descriptors returned to baseline");
     });
 }

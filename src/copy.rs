@@ -28,8 +28,11 @@ const CHUNK: usize = 64 * 1024;
 const PIPE_SIZE: usize = 1024 * 1024;
 /// Linux's default pipe size.
 const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
-/// Buffers or pipes kept per thread for reuse; more are freed.
-const POOL_CAP: usize = 64;
+/// Buffers kept per thread for reuse; more are freed. Tasks move between threads, so a pool
+/// can fill with what other threads allocated: the caps bound what stays after a burst.
+const BUFFER_POOL_CAP: usize = 16;
+/// Pipes (two descriptors each) kept per thread for reuse; more are closed.
+pub const PIPE_POOL_CAP: usize = 4;
 
 /// How bytes are moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -385,7 +388,7 @@ impl Buffers {
     fn give(buffer: Box<[u8]>) {
         BUFFERS.with(|pool| {
             let mut pool = pool.borrow_mut();
-            if pool.len() < POOL_CAP {
+            if pool.len() < BUFFER_POOL_CAP {
                 pool.push(buffer);
             }
         });
@@ -441,7 +444,7 @@ impl Pipe {
     fn give(self) {
         PIPES.with(|pool| {
             let mut pool = pool.borrow_mut();
-            if pool.len() < POOL_CAP {
+            if pool.len() < PIPE_POOL_CAP {
                 pool.push(self);
             }
         });
