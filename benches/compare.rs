@@ -515,13 +515,7 @@ async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgre
 }
 
 fn pgbench_bin() -> PathBuf {
-    Command::new("pg_config")
-        .arg("--bindir")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .map(|d| PathBuf::from(d.trim()).join("pgbench"))
-        .unwrap_or_else(|| PathBuf::from("pgbench"))
+    roleproxy_testkit::pg::pg_bin("pgbench")
 }
 
 /// Runs pgbench against `a`; returns (tps, mean latency ms, p99 latency ms).

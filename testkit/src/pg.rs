@@ -534,7 +534,7 @@ fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgE
 
 /// Path of a Postgres binary: in `pg_config --bindir` (Debian keeps the server binaries off
 /// `PATH`), else the standard Debian location, else looked up on `PATH`.
-fn pg_bin(name: &str) -> PathBuf {
+pub fn pg_bin(name: &str) -> PathBuf {
     use std::sync::OnceLock;
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
     BINDIR
