@@ -22,7 +22,7 @@ use roleproxy_testkit::dns::DnsServer;
 use roleproxy_testkit::haproxy::{FlyHaproxyConfig, Haproxy};
 use roleproxy_testkit::harness::ProxyProcess;
 use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
-use roleproxy_testkit::writer::{self, Attempt, Writer, CREATE_TABLE};
+use roleproxy_testkit::writer::{self, connect, conninfo, Attempt, Writer, CREATE_TABLE};
 use serde_json::json;
 
 const NAME: &str = "iad.bench.internal";
@@ -496,22 +496,6 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         _haproxy: haproxy,
         targets,
     }
-}
-
-fn conninfo(a: SocketAddr) -> String {
-    format!(
-        "host={} port={} user=postgres dbname=postgres connect_timeout=30",
-        a.ip(),
-        a.port()
-    )
-}
-
-async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 fn pgbench_bin() -> PathBuf {

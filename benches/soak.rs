@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::harness::ProxyProcess;
-use roleproxy_testkit::writer::{Writer, CREATE_TABLE};
+use roleproxy_testkit::writer::{connect, conninfo, Writer, CREATE_TABLE};
 use tokio::sync::watch;
 
 /// A write acknowledged this close before a hard kill may not have reached any replica
@@ -31,22 +31,6 @@ fn secs() -> u64 {
         }
     }
     300
-}
-
-fn conninfo(a: SocketAddr) -> String {
-    format!(
-        "host={} port={} user=postgres dbname=postgres connect_timeout=30",
-        a.ip(),
-        a.port()
-    )
-}
-
-async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 /// One acknowledged write: which client, which row, which server, when.

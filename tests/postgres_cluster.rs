@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::harness::RunningProxy;
-use roleproxy_testkit::writer::{Attempt, Writer, CREATE_TABLE};
+use roleproxy_testkit::writer::{connect, Attempt, Writer, CREATE_TABLE};
 use tokio_postgres::NoTls;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,14 +70,6 @@ async fn start(spec: ClusterSpec, leader_wait: &str) -> (LocalCluster, RunningPr
         }
     }
     (cluster, proxy, conninfo)
-}
-
-async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 /// Waits until `writer`-style attempts have succeeded on `server` a few times.

@@ -12,19 +12,11 @@ use std::time::Duration;
 use support::dns::DnsServer;
 use support::harness::{ConfigBuilder, RunningProxy};
 use support::pg::PgCluster;
+use support::writer::connect;
 use tokio::sync::watch;
-use tokio_postgres::{Client, NoTls};
 
 const NAME: &str = "iad.pg.internal";
 const NODES: [Ipv4Addr; 2] = [Ipv4Addr::new(127, 0, 0, 11), Ipv4Addr::new(127, 0, 0, 12)];
-
-async fn connect(conninfo: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
 
 /// Inserts one row through `conninfo`; returns the address of the server that took it.
 async fn write_once(conninfo: &str, value: i32) -> Result<String, tokio_postgres::Error> {

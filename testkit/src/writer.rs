@@ -17,6 +17,24 @@ pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS writes (
     PRIMARY KEY (via, seq)
 )";
 
+/// A libpq conninfo for the `postgres` database at `addr`, as the tests and benchmarks connect.
+pub fn conninfo(addr: std::net::SocketAddr) -> String {
+    format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=30",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Connects and drives the connection in the background.
+pub async fn connect(conninfo: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
 /// One attempt: a new connection and one INSERT.
 #[derive(Debug, Clone)]
 pub struct Attempt {
