@@ -2,6 +2,7 @@
 //! `/ready` (a route exists). Read-only: nothing here changes what the proxy does.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -178,4 +179,194 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         response.headers_mut().insert(CACHE_CONTROL, value);
     }
     response
+}
+
+/// Why `roleproxy status` could not show the status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot reach the admin port {addr}: {error}")]
+    Unreachable { addr: SocketAddr, error: String },
+    #[error("the admin port {addr} answered HTTP {status}")]
+    Http { addr: SocketAddr, status: u16 },
+    #[error("the admin port {addr} sent something that is not a status document: {error}")]
+    Invalid { addr: SocketAddr, error: String },
+}
+
+/// Largest `/status` document `roleproxy status` accepts.
+const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
+
+/// Fetches `/status` from a running proxy's admin port.
+pub async fn fetch_status(addr: SocketAddr) -> Result<serde_json::Value, StatusError> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let unreachable = |error: String| StatusError::Unreachable { addr, error };
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
+        let request = Request::get("/status")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(StatusError::Http { addr, status });
+        }
+        let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
+            addr,
+            error: e.to_string(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
+}
+
+/// `/status` as a table for a terminal, like `patronictl list`. Pure.
+pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
+    let ago = |ms: Option<u64>| match ms {
+        Some(ms) => format!("{:.1}s ago", now_unix_ms.saturating_sub(ms) as f64 / 1000.0),
+        None => "never".to_string(),
+    };
+    let route = &status["route"];
+    let target = &route["target"];
+    let detail = match target["state"].as_str() {
+        Some("leader") => format!(
+            "sessions go to {}",
+            target["detail"].as_str().unwrap_or("?")
+        ),
+        Some("held") => format!(
+            "held: {} keeps its sessions, new clients wait",
+            target["detail"].as_str().unwrap_or("?")
+        ),
+        _ => {
+            let reason = target["detail"]["reason"].as_str().unwrap_or("unknown");
+            match target["detail"]["leaders"].as_array() {
+                Some(leaders) => {
+                    let list: Vec<&str> = leaders.iter().filter_map(|l| l.as_str()).collect();
+                    format!("no route ({reason}: {})", list.join(", "))
+                }
+                None => format!("no route ({reason})"),
+            }
+        }
+    };
+    let mut out = format!(
+        "cluster {}  route generation {}: {detail} (since {})\n",
+        status["cluster"].as_str().unwrap_or("?"),
+        route["generation"],
+        ago(status["route_since_unix_ms"].as_u64())
+    );
+    let header = [
+        "backend",
+        "sources",
+        "role",
+        "last check",
+        "latency",
+        "sessions",
+        "last error",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_string)];
+    for backend in status["backends"].as_array().into_iter().flatten() {
+        let role = &backend["role"];
+        let mut role_text = role["role"].as_str().unwrap_or("?").to_string();
+        if role_text == "other" {
+            role_text = format!("other ({})", role["detail"].as_str().unwrap_or("?"));
+        }
+        if backend["present"] == false {
+            role_text.push_str(", left DNS");
+        }
+        let sources: Vec<&str> = backend["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        rows.push([
+            backend["address"].as_str().unwrap_or("?").to_string(),
+            sources.join(","),
+            role_text,
+            ago(backend["last_check_unix_ms"].as_u64()),
+            backend["last_check_latency_ms"]
+                .as_f64()
+                .map(|ms| format!("{ms:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            backend["sessions"].to_string(),
+            backend["last_error"].as_str().unwrap_or("").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_renders_as_a_table() {
+        let status = serde_json::json!({
+            "cluster": "iad.app.internal",
+            "route": {"generation": 3, "target": {"state": "leader", "detail": "127.0.0.12:5433"}},
+            "route_since_unix_ms": 10_000,
+            "backends": [
+                {"address": "127.0.0.11:5433", "sources": ["dns:iad.app.internal"], "present": true,
+                 "role": {"role": "down", "detail": "HTTP 500: no"}, "last_check_unix_ms": 11_000,
+                 "last_check_latency_ms": 0.52, "last_error": "HTTP 500: no", "sessions": 0},
+                {"address": "127.0.0.12:5433", "sources": ["dns:iad.app.internal", "backup"], "present": true,
+                 "role": {"role": "leader"}, "last_check_unix_ms": 11_500,
+                 "last_check_latency_ms": 1.25, "last_error": null, "sessions": 7}
+            ]
+        });
+        let text = render_status(&status, 12_000);
+        assert!(text.starts_with("cluster iad.app.internal  route generation 3: sessions go to 127.0.0.12:5433 (since 2.0s ago)"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].starts_with("backend"), "{text}");
+        assert!(
+            lines[2].contains("down")
+                && lines[2].contains("1.0s ago")
+                && lines[2].contains("HTTP 500: no"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("leader") && lines[3].contains("1.2 ms") && lines[3].contains("7"),
+            "{text}"
+        );
+        assert!(lines[3].contains("dns:iad.app.internal,backup"), "{text}");
+    }
+
+    #[test]
+    fn split_brain_names_the_leaders() {
+        let status = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 4, "target": {"state": "none", "detail": {"reason": "split_brain", "leaders": ["a:1", "b:1"]}}},
+            "route_since_unix_ms": 0,
+            "backends": []
+        });
+        assert!(render_status(&status, 0).contains("no route (split_brain: a:1, b:1)"));
+    }
 }

@@ -27,6 +27,12 @@ enum Command {
     Run,
     /// Validate the configuration and print the effective values.
     Check,
+    /// Show a running proxy's route and backends (from its admin port's `/status`).
+    Status {
+        /// Admin address; defaults to `admin.address` of the config file, on loopback.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+    },
     /// Serve a Fly-style role endpoint (`GET /flycheck/role`) for a Postgres node.
     Agent {
         /// libpq-style connection string of the local node, e.g.
@@ -62,6 +68,7 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
+        Command::Status { admin } => runtime.block_on(status(&cli.config, admin)),
         Command::Run => match Config::load(&cli.config) {
             Ok(config) => runtime.block_on(run(config)),
             Err(e) => config_error(&cli.config, &e),
@@ -112,6 +119,37 @@ async fn run(config: Config) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode {
+    let admin = admin.unwrap_or_else(|| {
+        let configured = Config::load(config).ok().and_then(|c| c.admin.address);
+        let addr = configured.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8404)));
+        // A wildcard listener is reached on loopback.
+        match addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv6() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+            }
+            ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+            _ => addr,
+        }
+    });
+    match roleproxy::admin::fetch_status(admin).await {
+        Ok(status) => {
+            print!(
+                "{}",
+                roleproxy::admin::render_status(
+                    &status,
+                    roleproxy::admin::unix_ms(std::time::SystemTime::now())
+                )
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("roleproxy status: {e}");
             ExitCode::FAILURE
         }
     }

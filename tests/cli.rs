@@ -118,3 +118,60 @@ fn sigterm_stops_the_proxy_with_exit_zero() {
     }
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn status_prints_the_route_and_every_backend() {
+    use roleproxy_testkit::fake_cluster::FakeCluster;
+    use roleproxy_testkit::role::RoleReply;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let cluster = FakeCluster::start(48, 2).await;
+        cluster.nodes[0].role.set(RoleReply::leader());
+        let proxy = cluster.proxy().await;
+        let leader = cluster.nodes[0].addr();
+        assert!(
+            proxy
+                .wait_route(Some(&leader), Duration::from_secs(20))
+                .await
+        );
+        let admin = proxy.admin.to_string();
+        let output = tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["status", "--admin", &admin])
+                .output()
+        })
+        .await
+        .expect("thread")
+        .expect("runs");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{stdout}");
+        assert!(
+            stdout.contains(&format!("sessions go to {leader}")),
+            "{stdout}"
+        );
+        let rows: Vec<&str> = stdout.lines().skip(2).collect();
+        assert_eq!(rows.len(), 2, "one row per backend: {stdout}");
+        assert!(
+            rows.iter()
+                .any(|r| r.starts_with(&leader) && r.contains("leader")),
+            "{stdout}"
+        );
+        assert!(
+            rows.iter()
+                .any(|r| r.starts_with(&cluster.nodes[1].addr()) && r.contains("replica")),
+            "{stdout}"
+        );
+        proxy.stop().await;
+    });
+    // Nothing listening: a clear error, not a hang.
+    let output = Command::new(BIN)
+        .args(["status", "--admin", "127.48.0.1:1"])
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the admin port"));
+}
