@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::{BackendStatus, Route, Shared};
+use crate::leader::{describe_route, BackendStatus, Change, Route, Shared};
 use crate::metrics;
 
 /// A slow client may not hold an admin connection open forever.
@@ -40,8 +40,12 @@ pub struct AdminState {
 pub struct Status {
     pub cluster: String,
     pub route: Route,
+    /// The route in words.
+    pub route_text: String,
     pub route_since_unix_ms: u64,
     pub backends: Vec<BackendStatus>,
+    /// Recent role and route changes, oldest first.
+    pub history: Vec<Change>,
 }
 
 impl AdminState {
@@ -68,20 +72,24 @@ impl AdminState {
         for backend in &mut backends {
             backend.sessions = sessions.get(&backend.address).copied().unwrap_or(0);
         }
+        let history = self
+            .shared
+            .history
+            .lock()
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
         Status {
             cluster: self.cluster.clone(),
+            route_text: describe_route(&route),
             route,
             route_since_unix_ms: unix_ms(since),
             backends,
+            history,
         }
     }
 }
 
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::leader::unix_ms;
 
 /// Serves admin requests until `cancel` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
@@ -154,12 +162,11 @@ fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>>
                 ),
             }
         }
-        "/" => text(
+        // `/stats` is where HAProxy's page was.
+        "/" | "/stats" => reply(
             StatusCode::OK,
-            format!(
-                "roleproxy for {}\n/metrics  Prometheus metrics\n/status   route and backends (JSON)\n/healthz  process is up\n/ready    200 while a leader is routed\n",
-                state.cluster
-            ),
+            "text/html; charset=utf-8",
+            render_page(&state.status(), unix_ms(SystemTime::now())),
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
@@ -179,6 +186,111 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         response.headers_mut().insert(CACHE_CONTROL, value);
     }
     response
+}
+
+/// How often the stats page reloads itself.
+const PAGE_REFRESH_SECS: u32 = 2;
+
+/// The stats page for people, like HAProxy's `/stats`: plain HTML that reloads itself. Pure.
+pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
+    let ago = |ms: Option<u64>| match ms {
+        Some(ms) => format!(
+            "{:.1} s ago",
+            now_unix_ms.saturating_sub(ms) as f64 / 1000.0
+        ),
+        None => "never".to_string(),
+    };
+    let state = match status.route.target {
+        crate::leader::Target::Leader(_) => "leader",
+        crate::leader::Target::Held(_) => "held",
+        crate::leader::Target::None(_) => "none",
+    };
+    let mut rows = String::new();
+    for b in &status.backends {
+        let role = if b.present {
+            b.role.to_string()
+        } else {
+            format!("{} (left DNS)", b.role)
+        };
+        rows.push_str(&format!(
+            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            b.role.label(),
+            escape(&b.address.to_string()),
+            escape(&b.sources.join(", ")),
+            escape(&role),
+            ago(b.last_check_unix_ms),
+            b.last_check_latency_ms
+                .map(|ms| format!("{ms:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            b.sessions,
+            escape(b.last_error.as_deref().unwrap_or("")),
+        ));
+    }
+    let mut changes = String::new();
+    for change in status.history.iter().rev() {
+        changes.push_str(&format!(
+            "<li class=\"{}\"><time>{}</time> <b>{}</b> {}</li>\n",
+            change.kind,
+            clock(change.unix_ms),
+            change.kind,
+            escape(&change.text)
+        ));
+    }
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="refresh" content="{PAGE_REFRESH_SECS}">
+<title>roleproxy: {cluster}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
+#route {{ font-size: 1.2em; padding: .5em; }} #route.leader {{ background: #dfd; }} #route.held {{ background: #ffd; }} #route.none {{ background: #fdd; }}
+tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-family: monospace; color: #666; }}
+</style></head>
+<body>
+<h1>roleproxy <small>{cluster}</small></h1>
+<p id="route" class="{state}">Route {route}, for {since}.</p>
+<table id="backends">
+<tr><th>backend</th><th>sources</th><th>role</th><th>last check</th><th>latency</th><th>sessions</th><th>last error</th></tr>
+{rows}</table>
+<h2>Recent changes</h2>
+<ol id="timeline" reversed>
+{changes}</ol>
+<p>Reloads every {PAGE_REFRESH_SECS} s. Also: <a href="/status">/status</a> (JSON), <a href="/metrics">/metrics</a>, <a href="/ready">/ready</a>.</p>
+</body></html>
+"#,
+        cluster = escape(&status.cluster),
+        route = escape(&status.route_text),
+        since = ago(Some(status.route_since_unix_ms)).replace(" ago", ""),
+    )
+}
+
+/// `HH:MM:SS.mmm UTC` of a Unix time in milliseconds.
+fn clock(unix_ms: u64) -> String {
+    let day_ms = unix_ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03} UTC",
+        day_ms / 3_600_000,
+        day_ms / 60_000 % 60,
+        day_ms / 1000 % 60,
+        day_ms % 1000
+    )
+}
+
+/// Text made safe to put in HTML: backend errors come from the network.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Why `roleproxy status` could not show the status.
@@ -357,6 +469,38 @@ mod tests {
             "{text}"
         );
         assert!(lines[3].contains("dns:iad.app.internal,backup"), "{text}");
+    }
+
+    #[test]
+    fn page_escapes_what_came_from_the_network() {
+        let status = Status {
+            cluster: "c<1>".into(),
+            route: Route::initial(),
+            route_text: "generation 0: no route".into(),
+            route_since_unix_ms: 0,
+            backends: vec![BackendStatus {
+                address: "127.0.0.1:5433".parse().unwrap(),
+                sources: vec!["backup".into()],
+                present: true,
+                role: crate::leader::Role::Down("<script>x</script>".into()),
+                last_check_unix_ms: Some(1_000),
+                last_check_latency_ms: Some(1.0),
+                last_error: Some("<script>x</script>".into()),
+                sessions: 2,
+            }],
+            history: vec![Change {
+                unix_ms: 3_723_004,
+                kind: "route",
+                text: "generation 1: sessions go to a&b".into(),
+            }],
+        };
+        let page = render_page(&status, 2_000);
+        assert!(!page.contains("<script>"), "{page}");
+        assert!(page.contains("&lt;script&gt;x&lt;/script&gt;"));
+        assert!(page.contains("c&lt;1&gt;"));
+        assert!(page.contains("01:02:03.004 UTC"));
+        assert!(page.contains("a&amp;b"));
+        assert!(page.contains("http-equiv=\"refresh\""));
     }
 
     #[test]

@@ -330,6 +330,20 @@ pub struct Shared {
     /// Open sessions per backend, maintained by the proxy.
     pub sessions: Mutex<BTreeMap<SocketAddr, u64>>,
     pub events: mpsc::Sender<Event>,
+    /// The latest role and route changes, oldest first, for people reading `/` and `/status`.
+    pub history: Mutex<std::collections::VecDeque<Change>>,
+}
+
+/// Role and route changes kept for the timeline.
+pub const HISTORY_LEN: usize = 50;
+
+/// One role or route change, as the timeline shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub unix_ms: u64,
+    /// `role` or `route`.
+    pub kind: &'static str,
+    pub text: String,
 }
 
 impl Shared {
@@ -413,6 +427,7 @@ impl LeaderView {
             route_since: Mutex::new(SystemTime::now()),
             backends: Mutex::new(Vec::new()),
             sessions: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             events: events_tx,
         });
         let view = LeaderView {
@@ -541,9 +556,10 @@ impl LeaderView {
         let failed = matches!(role, Role::Down(_));
         let before = state.history.role().clone();
         if state.history.observe(role, self.rise, self.fall) {
-            let after = state.history.role();
+            let after = state.history.role().clone();
             tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
-            m::backend_role(addr, Some(after));
+            m::backend_role(addr, Some(&after));
+            remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
         }
         // Rule 6: a failing leader makes everyone check now, not at the next tick.
         if failed && self.route_tx.borrow().target.backend() == Some(addr) {
@@ -579,6 +595,7 @@ impl LeaderView {
         drop(views);
         if route != previous {
             log_route_change(&previous, &route);
+            remember(&self.shared, "route", describe_route(&route));
             if route.generation != previous.generation {
                 m::route_changed(route.generation);
             }
@@ -618,11 +635,7 @@ impl LeaderView {
                 sources: state.sources.iter().map(ToString::to_string).collect(),
                 present: state.present,
                 role: state.history.role().clone(),
-                last_check_unix_ms: state.last_check.and_then(|(at, _)| {
-                    at.duration_since(SystemTime::UNIX_EPOCH)
-                        .ok()
-                        .map(|d| d.as_millis() as u64)
-                }),
+                last_check_unix_ms: state.last_check.map(|(at, _)| unix_ms(at)),
                 last_check_latency_ms: state
                     .last_check
                     .map(|(_, latency)| latency.as_secs_f64() * 1000.0),
@@ -634,6 +647,37 @@ impl LeaderView {
             *backends = status;
         }
     }
+}
+
+/// Adds a change to the timeline, dropping the oldest beyond [`HISTORY_LEN`].
+fn remember(shared: &Shared, kind: &'static str, text: String) {
+    if let Ok(mut history) = shared.history.lock() {
+        if history.len() == HISTORY_LEN {
+            history.pop_front();
+        }
+        history.push_back(Change {
+            unix_ms: unix_ms(SystemTime::now()),
+            kind,
+            text,
+        });
+    }
+}
+
+/// A route in words, e.g. `generation 3: sessions go to 127.0.0.12:5433`.
+pub fn describe_route(route: &Route) -> String {
+    let what = match &route.target {
+        Target::Leader(addr) => format!("sessions go to {addr}"),
+        Target::Held(addr) => format!("held: {addr} keeps its sessions, new clients wait"),
+        Target::None(reason) => format!("no route ({reason})"),
+    };
+    format!("generation {}: {what}", route.generation)
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn log_route_change(previous: &Route, route: &Route) {
