@@ -120,6 +120,7 @@ pub fn bidirectional<'a>(
     Bidirectional {
         up: Pump::new(client, backend, mode, &activity.up, activity),
         down: Pump::new(backend, client, mode, &activity.down, activity),
+        error: None,
     }
 }
 
@@ -129,19 +130,34 @@ pub fn bidirectional<'a>(
 pub struct Bidirectional<'a> {
     up: Pump<'a>,
     down: Pump<'a>,
+    /// The first write failure, reported once the other direction has finished.
+    error: Option<io::Error>,
 }
 
 impl Future for Bidirectional<'_> {
     type Output = io::Result<()>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let up = this.up.poll(cx)?;
-        let down = this.down.poll(cx)?;
-        if up.is_ready() && down.is_ready() {
-            Poll::Ready(Ok(()))
-        } else {
+        let Bidirectional { up, down, error } = self.get_mut();
+        let mut pending = false;
+        for pump in [up, down] {
+            match pump.poll(cx) {
+                Poll::Pending => pending = true,
+                Poll::Ready(Ok(())) => {}
+                // Its source failed: nothing more will come this way; end the session.
+                Poll::Ready(Err(e)) if !pump.write_failed => return Poll::Ready(Err(e)),
+                // Its destination failed (say Postgres sent FATAL and closed): the other
+                // direction still delivers what that side sent before it went, as a direct
+                // connection would, and ends when it reads the close.
+                Poll::Ready(Err(e)) => {
+                    error.get_or_insert(e);
+                }
+            }
+        }
+        if pending {
             Poll::Pending
+        } else {
+            Poll::Ready(error.take().map_or(Ok(()), Err))
         }
     }
 }
@@ -170,6 +186,8 @@ struct Pump<'a> {
     /// In [`Mode::Auto`]: this direction is moving bulk data, so it splices.
     bulk: bool,
     done: bool,
+    /// It ended because writing to its destination failed.
+    write_failed: bool,
 }
 
 impl<'a> Pump<'a> {
@@ -189,6 +207,7 @@ impl<'a> Pump<'a> {
             chunk: None,
             bulk: false,
             done: false,
+            write_failed: false,
         }
     }
 
@@ -198,10 +217,21 @@ impl<'a> Pump<'a> {
         }
         loop {
             if self.chunk.is_some() {
-                ready!(self.poll_flush(cx))?;
+                if let Err(e) = ready!(self.poll_flush(cx)) {
+                    self.chunk = None;
+                    self.done = true;
+                    self.write_failed = true;
+                    return Poll::Ready(Err(e));
+                }
                 continue;
             }
-            let mut ready = ready!(self.from.0.poll_read_ready(cx))?;
+            let mut ready = match ready!(self.from.0.poll_read_ready(cx)) {
+                Ok(ready) => ready,
+                Err(e) => {
+                    self.done = true;
+                    return Poll::Ready(Err(e));
+                }
+            };
             let splice = match self.mode {
                 Mode::Splice => true,
                 Mode::Buffered => false,
@@ -220,7 +250,10 @@ impl<'a> Pump<'a> {
                     continue;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Ok(Err(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Err(e));
+                }
                 // Readiness was stale and is now cleared; the next poll registers the waker.
                 Err(_would_block) => continue,
             };
@@ -542,6 +575,57 @@ mod tests {
     #[tokio::test]
     async fn splice_copies_both_ways_with_half_close() {
         round_trip(Mode::Splice).await;
+    }
+
+    /// A server that answers with an error and resets while the client is still sending (as
+    /// Postgres does when it ends a session mid-COPY): the client still gets the answer.
+    #[tokio::test]
+    async fn the_last_words_of_a_failing_backend_reach_the_client() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let activity = Activity::new();
+        let copier = async {
+            let c = Socket::new(proxy_client).unwrap();
+            let b = Socket::new(proxy_backend).unwrap();
+            bidirectional(&c, &b, Mode::Auto, &activity).await
+        };
+        let server = async move {
+            let mut first = [0u8; 1024];
+            let _ = backend.read(&mut first).await;
+            backend
+                .write_all(b"FATAL: terminating connection")
+                .await
+                .unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            // Unread input at close: the kernel resets the connection.
+            let _ = socket2::SockRef::from(&backend).set_linger(Some(std::time::Duration::ZERO));
+            drop(backend);
+        };
+        let client_side = async move {
+            let (mut read, mut write) = client.split();
+            let sender = async {
+                let chunk = vec![b'x'; 64 * 1024];
+                for _ in 0..256 {
+                    if write.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let receiver = async {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = read.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                got
+            };
+            tokio::join!(sender, receiver).1
+        };
+        let (_, _, got) = tokio::join!(copier, server, client_side);
+        assert_eq!(got, b"FATAL: terminating connection");
     }
 
     #[tokio::test]

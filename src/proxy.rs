@@ -328,8 +328,12 @@ async fn connect_leader(
         {
             return Ok((warm, addr, generation));
         }
+        if Instant::now() >= deadline {
+            return Err(no_leader_reason(&route.borrow(), last_error));
+        }
         // A connect that outlives its route, or the client's patience, is abandoned.
-        let attempt_deadline = (Instant::now() + config.connect_timeout).min(deadline);
+        let full_attempt = Instant::now() + config.connect_timeout;
+        let attempt_deadline = full_attempt.min(deadline);
         let attempt = tokio::select! {
             a = tokio::time::timeout_at(attempt_deadline, TcpStream::connect(addr)) => a,
             _ = route.wait_for(|r| r.generation != generation) => continue,
@@ -355,6 +359,10 @@ async fn connect_leader(
                         | io::ErrorKind::TimedOut
                 );
                 (e.to_string(), remote)
+            }
+            // Cut short by the client's own deadline: that says nothing about the leader.
+            Err(_) if attempt_deadline < full_attempt => {
+                return Err(no_leader_reason(&route.borrow(), last_error))
             }
             Err(_) => (
                 format!("connect timed out after {:?}", config.connect_timeout),
