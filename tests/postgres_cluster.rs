@@ -182,7 +182,19 @@ async fn switchover_closes_old_sessions_and_moves_new_ones_without_errors() {
         "the session on the old leader was closed"
     );
     assert_eq!(servers(&attempts), vec![ip(&cluster, 0), new.clone()]);
-    let errors: Vec<&Attempt> = attempts.iter().filter(|a| a.result.is_err()).collect();
+    // New connections wait, they never fail. The one thing that can fail is an INSERT already
+    // running on the old leader when its role changed: its session must be closed.
+    let errors: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| match &a.result {
+            Err(e) => {
+                let cut_in_flight = e.starts_with("insert:")
+                    && a.started < tokio::time::Instant::from_std(switch.promoted_at);
+                !cut_in_flight
+            }
+            Ok(_) => false,
+        })
+        .collect();
     assert!(
         errors.is_empty(),
         "a switchover is a pause, not errors: {errors:#?}"
