@@ -123,11 +123,7 @@ fn sigterm_stops_the_proxy_with_exit_zero() {
 fn status_prints_the_route_and_every_backend() {
     use roleproxy_testkit::fake_cluster::FakeCluster;
     use roleproxy_testkit::role::RoleReply;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = roleproxy_testkit::harness::runtime();
     runtime.block_on(async {
         let cluster = FakeCluster::start(48, 2).await;
         cluster.nodes[0].role.set(RoleReply::leader());

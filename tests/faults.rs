@@ -283,11 +283,7 @@ async fn hostile_clients_do_not_hurt_others() {
 
 #[test]
 fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = roleproxy_testkit::harness::runtime();
     runtime.block_on(async {
         let cluster = FakeCluster::start(46, 1).await;
         cluster.nodes[0].role.set(RoleReply::leader());

@@ -31,11 +31,7 @@ fn ten_thousand_concurrent_sessions() {
     // Both ends of every session live in this process and the proxy holds two descriptors per
     // session: the machine's hard limit decides how close to 10k this gets.
     let sessions = 10_000.min((raise_own_fd_limit().saturating_sub(600) / 2) as usize);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = roleproxy_testkit::harness::runtime();
     runtime.block_on(async {
         let cluster = FakeCluster::start(47, 1).await;
         cluster.nodes[0].role.set(RoleReply::leader());

@@ -37,11 +37,7 @@ fn dump_dom(url: &str) -> String {
 
 #[test]
 fn stats_page_shows_route_backends_and_changes() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = roleproxy_testkit::harness::runtime();
     runtime.block_on(async {
         let cluster = FakeCluster::start(49, 2).await;
         cluster.nodes[0].role.set(RoleReply::leader());

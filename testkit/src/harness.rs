@@ -345,3 +345,13 @@ pub async fn wait_served(addr: SocketAddr) -> Client {
     }
     panic!("the proxy at {addr} never served a client");
 }
+
+/// A two-worker runtime, like `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`,
+/// for tests that also need a plain `#[test]` body (processes, blocking calls).
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
