@@ -1,8 +1,11 @@
-//! One role check: `GET check.path` on a node's role endpoint → [`Role`], and the per-backend loop
-//! that repeats it.
+//! One role check → [`Role`], and the per-backend loop that repeats it.
 //!
-//! The endpoint is untrusted input: the whole exchange has a deadline and the body a size cap, so
-//! a hung or hostile endpoint costs one timeout, never memory or a stuck loop.
+//! Three kinds of check ([`Probe`]): Fly's `GET /flycheck/role` whose body is the role word,
+//! Patroni's REST API where the status of `GET /primary` and `/replica` is the answer, and a
+//! Postgres connection that asks `pg_is_in_recovery()` and the timeline.
+//!
+//! The node is untrusted input: the whole exchange has a deadline and an HTTP body a size cap,
+//! so a hung or hostile endpoint costs one timeout, never memory or a stuck loop.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use crate::config::{CheckConfig, CheckKind};
 use crate::leader::{Event, Role, Route};
 use crate::metrics as m;
 
@@ -25,16 +29,92 @@ use crate::metrics as m;
 pub const MAX_BODY: usize = 1024;
 
 /// How every backend is checked.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckSettings {
     pub port: u16,
-    pub path: String,
     pub timeout: Duration,
     pub interval: Duration,
     /// Used while there is no route, so a new leader is found quickly.
     pub fast_interval: Duration,
-    /// Lower-case words that mean leader.
-    pub leader: Vec<String>,
+    pub probe: Probe,
+}
+
+/// What one check asks, by `check.kind`.
+#[derive(Clone, PartialEq)]
+pub enum Probe {
+    HttpBody {
+        path: String,
+        /// Lower-case words that mean leader.
+        leader: Vec<String>,
+    },
+    HttpStatus {
+        leader_path: String,
+        replica_path: String,
+    },
+    Postgres {
+        user: String,
+        password: String,
+        database: String,
+    },
+}
+
+impl std::fmt::Debug for Probe {
+    /// Leaves the password out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Probe::HttpBody { path, leader } => write!(f, "http-body GET {path} leader={leader:?}"),
+            Probe::HttpStatus {
+                leader_path,
+                replica_path,
+            } => write!(f, "http-status GET {leader_path} | {replica_path}"),
+            Probe::Postgres { user, database, .. } => {
+                write!(f, "postgres user={user} dbname={database}")
+            }
+        }
+    }
+}
+
+impl CheckSettings {
+    pub fn from_config(c: &CheckConfig) -> CheckSettings {
+        let probe = match c.kind {
+            CheckKind::HttpBody => Probe::HttpBody {
+                path: c.path.clone(),
+                leader: c.leader.clone(),
+            },
+            CheckKind::HttpStatus => Probe::HttpStatus {
+                leader_path: c.leader_path.clone(),
+                replica_path: c.replica_path.clone(),
+            },
+            CheckKind::Postgres => Probe::Postgres {
+                user: c.user.clone(),
+                password: c.password.clone(),
+                database: c.database.clone(),
+            },
+        };
+        CheckSettings {
+            port: c.port,
+            timeout: c.timeout,
+            interval: c.interval,
+            fast_interval: c.fast_interval,
+            probe,
+        }
+    }
+}
+
+/// One check's answer: the role, and for Postgres checks of a leader, its timeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Observation {
+    pub role: Role,
+    pub timeline: Option<u32>,
+}
+
+impl From<Role> for Observation {
+    fn from(role: Role) -> Self {
+        Observation {
+            role,
+            timeline: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +131,8 @@ enum CheckError {
     TooLarge,
     #[error("reading answer: {0}")]
     Body(String),
+    #[error("{0}")]
+    Postgres(String),
 }
 
 /// Maps an HTTP answer to a role (DESIGN.md rule 1). Pure.
@@ -81,18 +163,99 @@ fn shorten(text: &str, max: usize) -> String {
     }
 }
 
-/// Checks one endpoint once. A failure of the node is `Role::Down` with the reason; `None`
+/// Maps Patroni's answers to `GET /primary` and (when asked) `GET /replica` to a role. Pure.
+/// 200 means yes and 503 means no; anything else is not Patroni answering.
+pub fn role_from_statuses(leader: u16, replica: Option<u16>) -> Role {
+    match (leader, replica) {
+        (200, _) => Role::Leader,
+        (503, Some(200)) => Role::Replica,
+        (503, Some(503)) => Role::Other("neither primary nor replica".into()),
+        (503, None) => Role::Other("not primary".into()),
+        (503, Some(status)) | (status, _) => {
+            Role::Down(format!("HTTP {status}, expected 200 or 503"))
+        }
+    }
+}
+
+/// Checks one node once. A failure of the node is `Role::Down` with the reason; `None`
 /// means this process could not even try (out of descriptors or memory), which says nothing
 /// about the node and must not move the route.
-pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Option<Role> {
-    match tokio::time::timeout(settings.timeout, fetch(endpoint, &settings.path)).await {
-        Ok(Ok((status, body))) => Some(role_from_answer(status, &body, &settings.leader)),
+pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Option<Observation> {
+    match tokio::time::timeout(settings.timeout, probe(endpoint, &settings.probe)).await {
+        Ok(Ok(observation)) => Some(observation),
         Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => None,
-        Ok(Err(e)) => Some(Role::Down(e.to_string())),
-        Err(_) => Some(Role::Down(
-            CheckError::Timeout(settings.timeout).to_string(),
-        )),
+        Ok(Err(e)) => Some(Role::Down(e.to_string()).into()),
+        Err(_) => Some(Role::Down(CheckError::Timeout(settings.timeout).to_string()).into()),
     }
+}
+
+async fn probe(endpoint: SocketAddr, probe: &Probe) -> Result<Observation, CheckError> {
+    match probe {
+        Probe::HttpBody { path, leader } => {
+            let (status, body) = fetch(endpoint, path).await?;
+            Ok(role_from_answer(status, &body, leader).into())
+        }
+        Probe::HttpStatus {
+            leader_path,
+            replica_path,
+        } => {
+            let (leader, _) = fetch(endpoint, leader_path).await?;
+            // Only a node that is not primary is asked whether it is a replica.
+            let replica = match leader {
+                503 => Some(fetch(endpoint, replica_path).await?.0),
+                _ => None,
+            };
+            Ok(role_from_statuses(leader, replica).into())
+        }
+        Probe::Postgres {
+            user,
+            password,
+            database,
+        } => ask_postgres(endpoint, user, password, database).await,
+    }
+}
+
+/// The timeline of a primary is the first 8 hex digits of its current WAL file's name; a
+/// standby has none that matters for routing.
+const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+     ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
+
+async fn ask_postgres(
+    endpoint: SocketAddr,
+    user: &str,
+    password: &str,
+    database: &str,
+) -> Result<Observation, CheckError> {
+    let stream = TcpStream::connect(endpoint)
+        .await
+        .map_err(CheckError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let mut config = tokio_postgres::Config::new();
+    config
+        .user(user)
+        .dbname(database)
+        .application_name("roleproxy-check");
+    if !password.is_empty() {
+        config.password(password);
+    }
+    let postgres = |e: tokio_postgres::Error| CheckError::Postgres(crate::error_chain(&e));
+    let (client, connection) = config
+        .connect_raw(stream, tokio_postgres::NoTls)
+        .await
+        .map_err(postgres)?;
+    let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
+    let row = client.query_one(ROLE_QUERY, &[]).await.map_err(postgres)?;
+    let in_recovery: bool = row.try_get(0).map_err(postgres)?;
+    let timeline: Option<i64> = row.try_get(1).map_err(postgres)?;
+    Ok(Observation {
+        role: if in_recovery {
+            Role::Replica
+        } else {
+            Role::Leader
+        },
+        timeline: timeline.and_then(|t| u32::try_from(t).ok()),
+    })
 }
 
 /// Errors that come from this host running out of something, not from the peer.
@@ -151,10 +314,10 @@ pub fn spawn_loop(
             let started = Instant::now();
             let checked = tokio::select! {
                 _ = cancel.cancelled() => return,
-                role = check_role(endpoint, &settings) => role,
+                observed = check_role(endpoint, &settings) => observed,
             };
             let latency = started.elapsed();
-            let Some(role) = checked else {
+            let Some(Observation { role, timeline }) = checked else {
                 tracing::warn!(backend = %backend, "check skipped: out of local resources (descriptors or memory)");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -169,6 +332,7 @@ pub fn spawn_loop(
                 addr: backend,
                 loop_id,
                 role,
+                timeline,
                 latency,
             };
             if events.send(event).await.is_err() {
@@ -227,6 +391,43 @@ mod tests {
                 expected,
                 "HTTP {status} {:?}",
                 String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn patroni_statuses_map_to_roles() {
+        let rows: &[(u16, Option<u16>, Role)] = &[
+            (200, None, Role::Leader),
+            (200, Some(503), Role::Leader),
+            (503, None, Role::Other("not primary".into())),
+            (503, Some(200), Role::Replica),
+            (
+                503,
+                Some(503),
+                Role::Other("neither primary nor replica".into()),
+            ),
+            (
+                503,
+                Some(500),
+                Role::Down("HTTP 500, expected 200 or 503".into()),
+            ),
+            (
+                404,
+                None,
+                Role::Down("HTTP 404, expected 200 or 503".into()),
+            ),
+            (
+                401,
+                Some(200),
+                Role::Down("HTTP 401, expected 200 or 503".into()),
+            ),
+        ];
+        for (leader, replica, expected) in rows {
+            assert_eq!(
+                &role_from_statuses(*leader, *replica),
+                expected,
+                "{leader} {replica:?}"
             );
         }
     }

@@ -34,6 +34,8 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub listen: ListenConfig,
+    /// Listeners besides `[listen]`, which always serves the leader.
+    pub listeners: Vec<ListenerConfig>,
     pub backends: BackendsConfig,
     pub check: CheckConfig,
     pub proxy: ProxyConfig,
@@ -43,6 +45,49 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize)]
 pub struct ListenConfig {
     pub addresses: Vec<SocketAddr>,
+}
+
+/// A `[[listeners]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub addresses: Vec<SocketAddr>,
+    pub serves: Serves,
+}
+
+/// What a listener's clients are sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Serves {
+    /// The one leader; sessions close when it moves.
+    Leader,
+    /// The replica with the fewest sessions; with `fallback_to_leader`, the leader while no
+    /// replica is up.
+    Replica { fallback_to_leader: bool },
+    /// One fixed address, no checks (postgres-ha's `*:5433` to the local Postgres).
+    Target(SocketAddr),
+}
+
+/// How a node's role is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckKind {
+    /// `GET check.path`; the body's word is the role (Fly's `/flycheck/role`).
+    HttpBody,
+    /// Patroni's REST API: `GET check.leader_path` / `check.replica_path`, 200 yes, 503 no.
+    HttpStatus,
+    /// A Postgres connection reading `pg_is_in_recovery()` and the timeline.
+    Postgres,
+}
+
+/// What to do when several nodes claim leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitBrain {
+    /// No route until only one claims leader.
+    None,
+    /// The leader on the strictly newest timeline (postgres checks only).
+    HighestTimeline,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,8 +113,16 @@ pub struct BackendsConfig {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckConfig {
+    pub kind: CheckKind,
     pub port: u16,
     pub path: String,
+    pub leader_path: String,
+    pub replica_path: String,
+    pub user: String,
+    #[serde(serialize_with = "hidden")]
+    pub password: String,
+    pub database: String,
+    pub split_brain: SplitBrain,
     #[serde(serialize_with = "human")]
     pub interval: Duration,
     #[serde(serialize_with = "human")]
@@ -101,12 +154,19 @@ pub struct ProxyConfig {
 pub struct AdminConfig {
     /// `None` when `admin.address = ""`: no admin listener.
     pub address: Option<SocketAddr>,
+    /// Whether requests that change state (`POST /reload`) are served. The admin port is
+    /// reachable by every node of the private network, so this is off unless asked for.
+    pub allow_changes: bool,
 }
 
 /// Shorter durations would make loops spin.
 const MIN_DURATION: Duration = Duration::from_millis(1);
 /// Longer durations are surely typos, and would overflow deadline arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+fn hidden<S: Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.is_empty() { "" } else { "(hidden)" })
+}
 
 fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
@@ -118,6 +178,7 @@ fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     listen: RawListen,
+    listeners: Vec<RawListener>,
     backends: RawBackends,
     check: RawCheck,
     proxy: RawProxy,
@@ -136,6 +197,16 @@ impl Default for RawListen {
             addresses: vec!["0.0.0.0:5432".into(), "[::]:5432".into()],
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Option<String>,
+    addresses: Vec<String>,
+    serves: Option<String>,
+    fallback: Option<String>,
+    target: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -169,12 +240,21 @@ impl Default for RawBackends {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawCheck {
-    port: u16,
-    path: String,
+    kind: String,
+    /// The default depends on the kind.
+    port: Option<u16>,
+    // Each kind's own keys are options, so setting one for another kind is an error.
+    path: Option<String>,
+    leader: Option<Vec<String>>,
+    leader_path: Option<String>,
+    replica_path: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
+    database: Option<String>,
+    split_brain: String,
     interval: String,
     fast_interval: String,
     timeout: String,
-    leader: Vec<String>,
     rise: u32,
     fall: u32,
 }
@@ -182,12 +262,19 @@ struct RawCheck {
 impl Default for RawCheck {
     fn default() -> Self {
         Self {
-            port: 5500,
-            path: "/flycheck/role".into(),
+            kind: "http-body".into(),
+            port: None,
+            path: None,
+            leader: None,
+            leader_path: None,
+            replica_path: None,
+            user: None,
+            password: None,
+            database: None,
+            split_brain: "none".into(),
             interval: "2s".into(),
             fast_interval: "250ms".into(),
             timeout: "5s".into(),
-            leader: vec!["leader".into(), "primary".into()],
             rise: 1,
             fall: 2,
         }
@@ -226,12 +313,14 @@ impl Default for RawProxy {
 #[serde(deny_unknown_fields, default)]
 struct RawAdmin {
     address: String,
+    allow_changes: bool,
 }
 
 impl Default for RawAdmin {
     fn default() -> Self {
         Self {
             address: "[::]:8404".into(),
+            allow_changes: false,
         }
     }
 }
@@ -252,6 +341,17 @@ impl Config {
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         raw.validate(&Expander { env })
+    }
+
+    /// Every listener: `[listen]` first, named `leader`, then `[[listeners]]`.
+    pub fn all_listeners(&self) -> Vec<ListenerConfig> {
+        let mut all = vec![ListenerConfig {
+            name: "leader".into(),
+            addresses: self.listen.addresses.clone(),
+            serves: Serves::Leader,
+        }];
+        all.extend(self.listeners.iter().cloned());
+        all
     }
 
     /// A name for the cluster in logs and client errors, e.g. `iad.app.internal`.
@@ -322,7 +422,8 @@ impl Expander<'_> {
             .map(|(i, v)| {
                 let key = format!("{key}[{i}]");
                 let addr = self.addr(&key, v)?;
-                if addr.port() == 0 && !key.starts_with("listen.") {
+                let listening = key.starts_with("listen.") || key.starts_with("listeners[");
+                if addr.port() == 0 && !listening {
                     return Err(invalid(
                         &key,
                         format!("port 0 in {addr} cannot be connected to"),
@@ -446,46 +547,7 @@ impl RawConfig {
             ));
         }
 
-        let c = self.check;
-        let path = x.string("check.path", &c.path)?;
-        if !path.starts_with('/') || path.parse::<hyper::http::uri::PathAndQuery>().is_err() {
-            return Err(invalid(
-                "check.path",
-                format!("must be a URL path starting with '/', got {path:?}"),
-            ));
-        }
-        let leader: Vec<String> = c
-            .leader
-            .iter()
-            .enumerate()
-            .map(|(i, w)| x.string(&format!("check.leader[{i}]"), w))
-            .map(|w| w.map(|w| w.trim().to_ascii_lowercase()))
-            .collect::<Result<_, _>>()?;
-        if leader.is_empty() || leader.iter().any(String::is_empty) {
-            return Err(invalid(
-                "check.leader",
-                "must list at least one non-empty word",
-            ));
-        }
-        if c.rise == 0 {
-            return Err(invalid("check.rise", "must be at least 1"));
-        }
-        if c.fall == 0 {
-            return Err(invalid("check.fall", "must be at least 1"));
-        }
-        if c.port == 0 {
-            return Err(invalid("check.port", "must not be 0"));
-        }
-        let check = CheckConfig {
-            port: c.port,
-            path,
-            interval: x.duration("check.interval", &c.interval)?,
-            fast_interval: x.duration("check.fast_interval", &c.fast_interval)?,
-            timeout: x.duration("check.timeout", &c.timeout)?,
-            leader,
-            rise: c.rise,
-            fall: c.fall,
-        };
+        let check = validate_check(self.check, backends.port, x)?;
 
         let p = self.proxy;
         if p.max_connections == 0 {
@@ -525,16 +587,273 @@ impl RawConfig {
             } else {
                 Some(x.addr("admin.address", &admin_text)?)
             },
+            allow_changes: self.admin.allow_changes,
         };
+
+        let listeners = validate_listeners(self.listeners, &listen, x)?;
 
         Ok(Config {
             listen,
+            listeners,
             backends,
             check,
             proxy,
             admin,
         })
     }
+}
+
+fn validate_check(
+    c: RawCheck,
+    backends_port: u16,
+    x: &Expander,
+) -> Result<CheckConfig, ConfigError> {
+    let kind = match x.string("check.kind", &c.kind)?.as_str() {
+        "http-body" => CheckKind::HttpBody,
+        "http-status" => CheckKind::HttpStatus,
+        "postgres" => CheckKind::Postgres,
+        other => {
+            return Err(invalid(
+                "check.kind",
+                format!("expected \"http-body\", \"http-status\" or \"postgres\", got {other:?}"),
+            ))
+        }
+    };
+    // A key of another kind would be silently ignored; say so instead.
+    let owned_by = |key: &str| match key {
+        "path" | "leader" => CheckKind::HttpBody,
+        "leader_path" | "replica_path" => CheckKind::HttpStatus,
+        _ => CheckKind::Postgres,
+    };
+    let set = [
+        ("path", c.path.is_some()),
+        ("leader", c.leader.is_some()),
+        ("leader_path", c.leader_path.is_some()),
+        ("replica_path", c.replica_path.is_some()),
+        ("user", c.user.is_some()),
+        ("password", c.password.is_some()),
+        ("database", c.database.is_some()),
+    ];
+    for (key, present) in set {
+        let owner = owned_by(key);
+        if present && owner != kind {
+            return Err(invalid(
+                &format!("check.{key}"),
+                format!(
+                    "only used with check.kind = {:?}, but check.kind is {:?}",
+                    kind_name(owner),
+                    kind_name(kind)
+                ),
+            ));
+        }
+    }
+    let url_path = |key: &str, value: Option<&String>, default: &str| {
+        let path = x.string(key, value.map_or(default, String::as_str))?;
+        if !path.starts_with('/') || path.parse::<hyper::http::uri::PathAndQuery>().is_err() {
+            return Err(invalid(
+                key,
+                format!("must be a URL path starting with '/', got {path:?}"),
+            ));
+        }
+        Ok(path)
+    };
+    let path = url_path("check.path", c.path.as_ref(), "/flycheck/role")?;
+    let leader_path = url_path("check.leader_path", c.leader_path.as_ref(), "/primary")?;
+    let replica_path = url_path("check.replica_path", c.replica_path.as_ref(), "/replica")?;
+    let words = c
+        .leader
+        .unwrap_or_else(|| vec!["leader".into(), "primary".into()]);
+    let leader: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| x.string(&format!("check.leader[{i}]"), w))
+        .map(|w| w.map(|w| w.trim().to_ascii_lowercase()))
+        .collect::<Result<_, _>>()?;
+    if leader.is_empty() || leader.iter().any(String::is_empty) {
+        return Err(invalid(
+            "check.leader",
+            "must list at least one non-empty word",
+        ));
+    }
+    let user = x.string("check.user", c.user.as_deref().unwrap_or("postgres"))?;
+    if user.trim().is_empty() {
+        return Err(invalid("check.user", "must not be empty"));
+    }
+    let password = x.string("check.password", c.password.as_deref().unwrap_or(""))?;
+    let database = x.string(
+        "check.database",
+        c.database.as_deref().unwrap_or("postgres"),
+    )?;
+    if database.trim().is_empty() {
+        return Err(invalid("check.database", "must not be empty"));
+    }
+    let split_brain = match x.string("check.split_brain", &c.split_brain)?.as_str() {
+        "none" => SplitBrain::None,
+        "highest-timeline" if kind == CheckKind::Postgres => SplitBrain::HighestTimeline,
+        "highest-timeline" => {
+            return Err(invalid(
+                "check.split_brain",
+                "\"highest-timeline\" needs check.kind = \"postgres\", the only check that reads timelines",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                "check.split_brain",
+                format!("expected \"none\" or \"highest-timeline\", got {other:?}"),
+            ))
+        }
+    };
+    if c.rise == 0 {
+        return Err(invalid("check.rise", "must be at least 1"));
+    }
+    if c.fall == 0 {
+        return Err(invalid("check.fall", "must be at least 1"));
+    }
+    let port = c.port.unwrap_or(match kind {
+        CheckKind::HttpBody => 5500,
+        // Patroni's REST API.
+        CheckKind::HttpStatus => 8008,
+        CheckKind::Postgres => backends_port,
+    });
+    if port == 0 {
+        return Err(invalid("check.port", "must not be 0"));
+    }
+    Ok(CheckConfig {
+        kind,
+        port,
+        path,
+        leader_path,
+        replica_path,
+        user,
+        password,
+        database,
+        split_brain,
+        interval: x.duration("check.interval", &c.interval)?,
+        fast_interval: x.duration("check.fast_interval", &c.fast_interval)?,
+        timeout: x.duration("check.timeout", &c.timeout)?,
+        leader,
+        rise: c.rise,
+        fall: c.fall,
+    })
+}
+
+fn kind_name(kind: CheckKind) -> &'static str {
+    match kind {
+        CheckKind::HttpBody => "http-body",
+        CheckKind::HttpStatus => "http-status",
+        CheckKind::Postgres => "postgres",
+    }
+}
+
+fn validate_listeners(
+    raw: Vec<RawListener>,
+    listen: &ListenConfig,
+    x: &Expander,
+) -> Result<Vec<ListenerConfig>, ConfigError> {
+    // Every address is bound once; the first user of each is remembered for the message.
+    let mut used: Vec<(SocketAddr, String)> = listen
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (*a, format!("listen.addresses[{i}]")))
+        .collect();
+    let mut names = vec!["leader".to_string()];
+    let mut listeners = Vec::new();
+    for (i, l) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("listeners[{i}].{field}");
+        let name = match &l.name {
+            Some(name) => x.string(&key("name"), name)?.trim().to_string(),
+            None => format!("listener-{}", i + 1),
+        };
+        if name.is_empty() {
+            return Err(invalid(&key("name"), "must not be empty"));
+        }
+        if names.contains(&name) {
+            return Err(invalid(
+                &key("name"),
+                format!("{name:?} is already used (\"leader\" names [listen])"),
+            ));
+        }
+        names.push(name.clone());
+        let addresses = x.addrs(&key("addresses"), &l.addresses)?;
+        if addresses.is_empty() {
+            return Err(invalid(&key("addresses"), "must list at least one address"));
+        }
+        for (j, addr) in addresses.iter().enumerate() {
+            let here = format!("listeners[{i}].addresses[{j}]");
+            if let Some((_, first)) = used.iter().find(|(a, _)| a == addr && addr.port() != 0) {
+                return Err(invalid(&here, format!("{addr} is already used by {first}")));
+            }
+            used.push((*addr, here));
+        }
+        let serves = match (&l.serves, &l.target) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    &key("target"),
+                    "a listener with a fixed target serves nothing else; remove serves",
+                ))
+            }
+            (None, Some(target)) => {
+                if l.fallback.is_some() {
+                    return Err(invalid(
+                        &key("fallback"),
+                        "only used with serves = \"replica\"",
+                    ));
+                }
+                let target = x.addr(&key("target"), target)?;
+                if target.port() == 0 {
+                    return Err(invalid(
+                        &key("target"),
+                        format!("port 0 in {target} cannot be connected to"),
+                    ));
+                }
+                Serves::Target(target)
+            }
+            (serves, None) => {
+                let serves = x.string(&key("serves"), serves.as_deref().unwrap_or("leader"))?;
+                let fallback = l
+                    .fallback
+                    .as_deref()
+                    .map(|f| x.string(&key("fallback"), f))
+                    .transpose()?;
+                match (serves.as_str(), fallback.as_deref()) {
+                    ("leader", None) => Serves::Leader,
+                    ("leader", Some(_)) => {
+                        return Err(invalid(
+                            &key("fallback"),
+                            "only used with serves = \"replica\"",
+                        ))
+                    }
+                    ("replica", None | Some("none")) => Serves::Replica {
+                        fallback_to_leader: false,
+                    },
+                    ("replica", Some("leader")) => Serves::Replica {
+                        fallback_to_leader: true,
+                    },
+                    ("replica", Some(other)) => {
+                        return Err(invalid(
+                            &key("fallback"),
+                            format!("expected \"none\" or \"leader\", got {other:?}"),
+                        ))
+                    }
+                    (other, _) => {
+                        return Err(invalid(
+                            &key("serves"),
+                            format!(
+                                "expected \"leader\" or \"replica\" (or set target), got {other:?}"
+                            ),
+                        ))
+                    }
+                }
+            }
+        };
+        listeners.push(ListenerConfig {
+            name,
+            addresses,
+            serves,
+        });
+    }
+    Ok(listeners)
 }
 
 #[cfg(test)]

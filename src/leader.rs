@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{self, CheckSettings};
+use crate::config::{CheckConfig, SplitBrain};
 use crate::metrics as m;
 
 /// What a backend's role endpoint said, reduced to what routing needs.
@@ -156,6 +157,8 @@ pub struct BackendView<'a> {
     /// its sessions.
     pub present: bool,
     pub role: &'a Role,
+    /// The timeline a Postgres check last read from it, when it is a leader.
+    pub timeline: Option<u32>,
 }
 
 /// Why there is no route.
@@ -228,8 +231,14 @@ impl Route {
     }
 }
 
-/// The routing rules (DESIGN.md, rules 1–5). Pure, so every case is a table row.
+/// The routing rules (DESIGN.md, rules 1–5), with the default split-brain policy: several
+/// leaders mean no route.
 pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
+    decide_with(previous, backends, SplitBrain::None)
+}
+
+/// The routing rules with a split-brain policy. Pure, so every case is a table row.
+pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: SplitBrain) -> Route {
     let claims = |b: &&BackendView<'_>| *b.role == Role::Leader;
     // A discovered node that left DNS but still says leader counts toward split brain: writes
     // must never move from one live leader to another.
@@ -239,13 +248,17 @@ pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
         .filter(claims)
         .collect();
     discovered.sort_by_key(|b| b.addr);
-    let mut backups: Vec<SocketAddr> = backends
+    let mut backups: Vec<&BackendView<'_>> = backends
         .iter()
         .filter(|b| b.present && !b.discovered)
         .filter(claims)
-        .map(|b| b.addr)
         .collect();
-    backups.sort();
+    backups.sort_by_key(|b| b.addr);
+    if policy == SplitBrain::HighestTimeline {
+        newest_timeline(&mut discovered);
+        newest_timeline(&mut backups);
+    }
+    let backups: Vec<SocketAddr> = backups.iter().map(|b| b.addr).collect();
 
     let target = match discovered.as_slice() {
         [one] if one.present => Target::Leader(one.addr),
@@ -272,6 +285,48 @@ pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
         previous.generation + 1
     };
     Route { generation, target }
+}
+
+/// The replica a new read-only session goes to: the fewest open sessions, skipping `exclude`
+/// (replicas that just failed to connect); `turn` rotates among equally loaded ones so they
+/// share a burst. Pure.
+pub fn least_loaded(
+    replicas: &[SocketAddr],
+    sessions: &BTreeMap<SocketAddr, u64>,
+    exclude: &[SocketAddr],
+    turn: usize,
+) -> Option<SocketAddr> {
+    let load = |addr: &SocketAddr| sessions.get(addr).copied().unwrap_or(0);
+    let candidates: Vec<SocketAddr> = replicas
+        .iter()
+        .filter(|a| !exclude.contains(a))
+        .copied()
+        .collect();
+    let least = candidates.iter().map(load).min()?;
+    let tied: Vec<SocketAddr> = candidates
+        .into_iter()
+        .filter(|a| load(a) == least)
+        .collect();
+    tied.get(turn % tied.len()).copied()
+}
+
+/// Narrows several leader claims to the one on the strictly newest timeline: the node promoted
+/// last is the one replicas can follow, and an old leader on an older timeline has diverged.
+/// A tie, or a claim whose timeline is unknown, leaves the list as it is (split brain).
+fn newest_timeline(claims: &mut Vec<&BackendView<'_>>) {
+    let Some(timelines) = claims
+        .iter()
+        .map(|b| b.timeline)
+        .collect::<Option<Vec<u32>>>()
+    else {
+        return;
+    };
+    let Some(newest) = timelines.iter().copied().max() else {
+        return;
+    };
+    if timelines.iter().filter(|t| **t == newest).count() == 1 {
+        claims.retain(|b| b.timeline == Some(newest));
+    }
 }
 
 /// The previous leader keeps its sessions while it is in maintenance, as long as nothing else
@@ -302,10 +357,34 @@ pub enum Event {
         /// Which check loop sent it; results of a cancelled loop are ignored.
         loop_id: u64,
         role: Role,
+        /// A Postgres check's reading of a leader's timeline.
+        timeline: Option<u32>,
         latency: Duration,
     },
     /// A session could not connect to this backend (refused or timed out).
     ConnectFailed { addr: SocketAddr, error: String },
+    /// New check settings from a reload. Roles already known are kept; loops restart.
+    Reconfigure(ViewSettings),
+}
+
+/// How the view checks backends and decides, from `[check]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewSettings {
+    pub check: CheckSettings,
+    pub rise: u32,
+    pub fall: u32,
+    pub split_brain: SplitBrain,
+}
+
+impl ViewSettings {
+    pub fn from_config(c: &CheckConfig) -> ViewSettings {
+        ViewSettings {
+            check: CheckSettings::from_config(c),
+            rise: c.rise,
+            fall: c.fall,
+            split_brain: c.split_brain,
+        }
+    }
 }
 
 /// What `/status` shows for one backend.
@@ -324,6 +403,8 @@ pub struct BackendStatus {
 /// State shared with the proxy and the admin server.
 pub struct Shared {
     pub route: watch::Receiver<Route>,
+    /// Backends that check as replica and are still in the backend set, in address order.
+    pub replicas: watch::Receiver<Vec<SocketAddr>>,
     /// When the current route was published.
     pub route_since: Mutex<SystemTime>,
     pub backends: Mutex<Vec<BackendStatus>>,
@@ -381,6 +462,7 @@ struct BackendState {
     sources: Vec<Source>,
     present: bool,
     history: RoleHistory,
+    timeline: Option<u32>,
     last_check: Option<(SystemTime, Duration)>,
     last_error: Option<String>,
     /// The running check loop: its id and its stop token.
@@ -397,11 +479,12 @@ impl BackendState {
 
 /// Owns every backend's state; the only place where check results become a route.
 pub struct LeaderView {
-    settings: Arc<CheckSettings>,
-    rise: u32,
-    fall: u32,
+    settings: ViewSettings,
+    /// The check settings the loops run with, shared so a loop need not copy them.
+    check: Arc<CheckSettings>,
     backends: BTreeMap<SocketAddr, BackendState>,
     route_tx: watch::Sender<Route>,
+    replicas_tx: watch::Sender<Vec<SocketAddr>>,
     /// Bumped to make every check loop check now (rule 6).
     recheck_tx: watch::Sender<u64>,
     /// Rechecks are at most one per `fast_interval`, however many clients fail to connect.
@@ -414,16 +497,16 @@ pub struct LeaderView {
 impl LeaderView {
     /// Creates the view and the shared state; call [`LeaderView::run`] to start it.
     pub fn new(
-        settings: CheckSettings,
-        rise: u32,
-        fall: u32,
+        settings: ViewSettings,
         cancel: CancellationToken,
     ) -> (LeaderView, Arc<Shared>, mpsc::Receiver<Event>) {
         let (route_tx, route_rx) = watch::channel(Route::initial());
+        let (replicas_tx, replicas_rx) = watch::channel(Vec::new());
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (recheck_tx, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             route: route_rx,
+            replicas: replicas_rx,
             route_since: Mutex::new(SystemTime::now()),
             backends: Mutex::new(Vec::new()),
             sessions: Mutex::new(BTreeMap::new()),
@@ -431,11 +514,11 @@ impl LeaderView {
             events: events_tx,
         });
         let view = LeaderView {
-            settings: Arc::new(settings),
-            rise,
-            fall,
+            check: Arc::new(settings.check.clone()),
+            settings,
             backends: BTreeMap::new(),
             route_tx,
+            replicas_tx,
             recheck_tx,
             last_recheck: None,
             next_loop_id: 0,
@@ -470,13 +553,17 @@ impl LeaderView {
                 addr,
                 loop_id,
                 role,
+                timeline,
                 latency,
             } => {
-                let current = self.backends.get(&addr).and_then(|s| s.checker.as_ref());
-                if current.map(|(id, _)| *id) == Some(loop_id) {
-                    self.observe(addr, role, Some(latency));
+                if let Some(state) = self.backends.get_mut(&addr) {
+                    if state.checker.as_ref().map(|(id, _)| *id) == Some(loop_id) {
+                        state.timeline = timeline;
+                        self.observe(addr, role, Some(latency));
+                    }
                 }
             }
+            Event::Reconfigure(settings) => self.reconfigure(settings),
             Event::ConnectFailed { addr, error } => {
                 // Like HAProxy's `observe layer4`: the data path failing counts as a failed
                 // check of the leader, so a dead leader is found without waiting for its
@@ -515,6 +602,7 @@ impl LeaderView {
                 sources: Vec::new(),
                 present: false,
                 history: RoleHistory::default(),
+                timeline: None,
                 last_check: None,
                 last_error: None,
                 checker: None,
@@ -525,21 +613,46 @@ impl LeaderView {
                 m::backend_role(addr, Some(state.history.role()));
             }
             state.sources = sources;
-            if state.checker.is_none() {
-                let token = self.cancel.child_token();
-                self.next_loop_id += 1;
-                check::spawn_loop(
-                    addr,
-                    self.next_loop_id,
-                    Arc::clone(&self.settings),
-                    self.shared.events.clone(),
-                    self.recheck_tx.subscribe(),
-                    self.shared.route.clone(),
-                    token.clone(),
-                );
-                state.checker = Some((self.next_loop_id, token));
-            }
         }
+        self.start_checks();
+    }
+
+    /// Starts a check loop for every backend that has none.
+    fn start_checks(&mut self) {
+        for (addr, state) in &mut self.backends {
+            if state.checker.is_some() {
+                continue;
+            }
+            let token = self.cancel.child_token();
+            self.next_loop_id += 1;
+            check::spawn_loop(
+                *addr,
+                self.next_loop_id,
+                Arc::clone(&self.check),
+                self.shared.events.clone(),
+                self.recheck_tx.subscribe(),
+                self.shared.route.clone(),
+                token.clone(),
+            );
+            state.checker = Some((self.next_loop_id, token));
+        }
+    }
+
+    /// Applies reloaded settings. Confirmed roles stay, so an unchanged leader keeps its route
+    /// and its sessions; loops restart only when what they ask has changed.
+    fn reconfigure(&mut self, settings: ViewSettings) {
+        if settings == self.settings {
+            return;
+        }
+        if settings.check != self.settings.check {
+            tracing::info!(check = ?settings.check.probe, port = settings.check.port, "check settings changed; restarting checks");
+            for state in self.backends.values_mut() {
+                state.stop_checking();
+            }
+            self.check = Arc::new(settings.check.clone());
+        }
+        self.settings = settings;
+        self.start_checks();
     }
 
     /// Feeds one observation through the backend's hysteresis.
@@ -555,7 +668,10 @@ impl LeaderView {
         }
         let failed = matches!(role, Role::Down(_));
         let before = state.history.role().clone();
-        if state.history.observe(role, self.rise, self.fall) {
+        if state
+            .history
+            .observe(role, self.settings.rise, self.settings.fall)
+        {
             let after = state.history.role().clone();
             tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
             m::backend_role(addr, Some(&after));
@@ -571,7 +687,7 @@ impl LeaderView {
         let now = std::time::Instant::now();
         if self
             .last_recheck
-            .is_some_and(|at| now.duration_since(at) < self.settings.fast_interval)
+            .is_some_and(|at| now.duration_since(at) < self.check.fast_interval)
         {
             return;
         }
@@ -589,9 +705,10 @@ impl LeaderView {
                 discovered: state.sources.iter().any(|s| matches!(s, Source::Dns(_))),
                 present: state.present,
                 role: state.history.role(),
+                timeline: state.timeline,
             })
             .collect();
-        let route = decide(&previous, &views);
+        let route = decide_with(&previous, &views, self.settings.split_brain);
         drop(views);
         if route != previous {
             log_route_change(&previous, &route);
@@ -622,7 +739,24 @@ impl LeaderView {
             }
             keep
         });
+        self.publish_replicas();
         self.publish_status();
+    }
+
+    fn publish_replicas(&self) {
+        let replicas: Vec<SocketAddr> = self
+            .backends
+            .iter()
+            .filter(|(_, s)| s.present && *s.history.role() == Role::Replica)
+            .map(|(addr, _)| *addr)
+            .collect();
+        self.replicas_tx.send_if_modified(|current| {
+            let changed = *current != replicas;
+            if changed {
+                *current = replicas;
+            }
+            changed
+        });
     }
 
     /// Session counts are left at 0 here; `/status` reads them live.
@@ -732,6 +866,7 @@ mod tests {
                 discovered: *discovered,
                 present: *present,
                 role,
+                timeline: None,
             })
             .collect();
         decide(previous, &views)
@@ -961,5 +1096,122 @@ mod tests {
         assert!(h.observe(down(), 1, 2));
         assert!(!h.observe(Role::Down("refused".into()), 1, 2));
         assert_eq!(h.role(), &Role::Down("refused".into()));
+    }
+
+    #[test]
+    fn highest_timeline_settles_split_brain_only_when_one_is_newest() {
+        use Role::*;
+        let previous = route(3, Target::Leader(addr(1)));
+        // (node, discovered, present, role, timeline) → expected target
+        type TimelineRow = (u8, bool, bool, Role, Option<u32>);
+        let rows: &[(&[TimelineRow], SplitBrain, Target)] = &[
+            (
+                &[
+                    (1, true, true, Leader, Some(3)),
+                    (2, true, true, Leader, Some(4)),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::Leader(addr(2)),
+            ),
+            (
+                &[
+                    (1, true, true, Leader, Some(3)),
+                    (2, true, true, Leader, Some(4)),
+                ],
+                SplitBrain::None,
+                Target::None(NoRoute::SplitBrain(vec![addr(1), addr(2)])),
+            ),
+            // A tie is still split brain.
+            (
+                &[
+                    (1, true, true, Leader, Some(4)),
+                    (2, true, true, Leader, Some(4)),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::None(NoRoute::SplitBrain(vec![addr(1), addr(2)])),
+            ),
+            // An unknown timeline cannot be compared.
+            (
+                &[
+                    (1, true, true, Leader, Some(3)),
+                    (2, true, true, Leader, None),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::None(NoRoute::SplitBrain(vec![addr(1), addr(2)])),
+            ),
+            // The old leader, still on the route, is newest but left DNS: it holds.
+            (
+                &[
+                    (1, true, false, Leader, Some(5)),
+                    (2, true, true, Leader, Some(4)),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::Held(addr(1)),
+            ),
+            // Three claims, one newest.
+            (
+                &[
+                    (1, true, true, Leader, Some(2)),
+                    (2, true, true, Leader, Some(7)),
+                    (3, true, true, Leader, Some(6)),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::Leader(addr(2)),
+            ),
+            // Backups are narrowed the same way.
+            (
+                &[
+                    (1, false, true, Leader, Some(2)),
+                    (2, false, true, Leader, Some(3)),
+                ],
+                SplitBrain::HighestTimeline,
+                Target::Leader(addr(2)),
+            ),
+        ];
+        for (backends, policy, expected) in rows {
+            let views: Vec<BackendView<'_>> = backends
+                .iter()
+                .map(|(n, discovered, present, role, timeline)| BackendView {
+                    addr: addr(*n),
+                    discovered: *discovered,
+                    present: *present,
+                    role,
+                    timeline: *timeline,
+                })
+                .collect();
+            let got = decide_with(&previous, &views, *policy);
+            assert_eq!(&got.target, expected, "{backends:?} {policy:?}");
+        }
+    }
+
+    #[test]
+    fn least_loaded_replica() {
+        let counts: BTreeMap<SocketAddr, u64> = [(addr(1), 3), (addr(2), 1), (addr(3), 1)].into();
+        let all = [addr(1), addr(2), addr(3)];
+        // (replicas, excluded, turn) → pick
+        type PickRow<'a> = (
+            &'a [SocketAddr],
+            &'a [SocketAddr],
+            usize,
+            Option<SocketAddr>,
+        );
+        let rows: &[PickRow] = &[
+            (&all, &[], 0, Some(addr(2))),
+            (&all, &[], 1, Some(addr(3))),
+            (&all, &[], 2, Some(addr(2))),
+            (&all, &[addr(2)], 0, Some(addr(3))),
+            (&all, &[addr(2), addr(3)], 0, Some(addr(1))),
+            (&all, &all, 0, None),
+            (&[], &[], 0, None),
+            // A replica with no sessions yet is least loaded.
+            (&[addr(1), addr(4)], &[], 7, Some(addr(4))),
+        ];
+        for (replicas, exclude, turn, expected) in rows {
+            assert_eq!(
+                least_loaded(replicas, &counts, exclude, *turn),
+                *expected,
+                "{replicas:?} excluding {exclude:?}, turn {turn}"
+            );
+        }
     }
 }

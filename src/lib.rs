@@ -42,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+use config::ListenerConfig;
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +57,7 @@ pub enum Error {
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
     config: Config,
-    listeners: Vec<TcpListener>,
+    listeners: Vec<(ListenerConfig, TcpListener)>,
     admin: Option<TcpListener>,
 }
 
@@ -66,12 +67,12 @@ impl Proxy {
         let bind = |addr: SocketAddr, ipv6_only| {
             proxy::bind(addr, ipv6_only).map_err(|source| Error::Bind { addr, source })
         };
-        let listeners = config
-            .listen
-            .addresses
-            .iter()
-            .map(|a| bind(*a, true))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut listeners = Vec::new();
+        for spec in config.all_listeners() {
+            for addr in &spec.addresses {
+                listeners.push((spec.clone(), bind(*addr, true)?));
+            }
+        }
         let admin = config.admin.address.map(|a| bind(a, false)).transpose()?;
         Ok(Proxy {
             config,
@@ -84,7 +85,16 @@ impl Proxy {
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|l| l.local_addr().ok())
+            .filter_map(|(_, l)| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The bound addresses of one listener by name (`leader` is `[listen]`).
+    pub fn listener_addrs(&self, name: &str) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter(|(spec, _)| spec.name == name)
+            .filter_map(|(_, l)| l.local_addr().ok())
             .collect()
     }
 
@@ -100,18 +110,8 @@ impl Proxy {
         let cluster = config.cluster_name();
         let background = CancellationToken::new();
 
-        let settings = check::CheckSettings {
-            port: config.check.port,
-            path: config.check.path.clone(),
-            timeout: config.check.timeout,
-            interval: config.check.interval,
-            fast_interval: config.check.fast_interval,
-            leader: config.check.leader.clone(),
-        };
         let (view, shared, events) = leader::LeaderView::new(
-            settings,
-            config.check.rise,
-            config.check.fall,
+            leader::ViewSettings::from_config(&config.check),
             background.clone(),
         );
         tokio::spawn(view.run(events));
@@ -147,11 +147,17 @@ impl Proxy {
             ));
         }
         let mut accepting = Vec::new();
-        for listener in self.listeners {
-            tracing::info!(address = ?listener.local_addr().ok(), cluster = %cluster, "listening");
+        for (spec, listener) in self.listeners {
+            tracing::info!(address = ?listener.local_addr().ok(), listener = %spec.name, serves = ?spec.serves, cluster = %cluster, "listening");
+            let plan = Arc::new(proxy::ListenerPlan {
+                name: spec.name.clone(),
+                serves: spec.serves,
+                sessions: Arc::clone(&sessions),
+            });
+            let (_plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
             accepting.push(tokio::spawn(proxy::accept_loop(
                 listener,
-                Arc::clone(&sessions),
+                plan_rx,
                 stop_accepting.clone(),
             )));
         }

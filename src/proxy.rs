@@ -19,9 +19,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::check::is_local_shortage;
-use crate::config::ProxyConfig;
+use crate::config::{ProxyConfig, Serves};
 use crate::copy;
-use crate::leader::{Event, Route, Shared, Target};
+use crate::leader::{self, Event, Route, SessionGuard, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
@@ -63,6 +63,8 @@ pub struct Sessions {
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
+    /// Rotates ties between equally loaded replicas.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 impl Sessions {
@@ -82,14 +84,24 @@ impl Sessions {
             cluster,
             hard_stop,
             tracker,
+            turn: Default::default(),
         })
     }
+}
+
+/// What one listener does with its clients. A reload sends a new plan; sessions keep the plan
+/// they started with.
+pub struct ListenerPlan {
+    /// Names the listener in logs.
+    pub name: String,
+    pub serves: Serves,
+    pub sessions: Arc<Sessions>,
 }
 
 /// Accepts clients until `stop_accepting` fires.
 pub async fn accept_loop(
     listener: TcpListener,
-    sessions: Arc<Sessions>,
+    plan: watch::Receiver<Arc<ListenerPlan>>,
     stop_accepting: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
@@ -127,13 +139,15 @@ pub async fn accept_loop(
             },
         };
         tune(&stream);
-        let span = tracing::info_span!("session", client = %peer, listener = ?local);
+        let plan = Arc::clone(&plan.borrow());
+        let sessions = &plan.sessions;
+        let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
         match Arc::clone(&sessions.limit).try_acquire_owned() {
             Ok(permit) => {
-                let sessions2 = Arc::clone(&sessions);
+                let plan = Arc::clone(&plan);
                 sessions.tracker.spawn(
                     async move {
-                        serve_client(stream, &sessions2).await;
+                        serve_client(stream, &plan).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -229,7 +243,7 @@ async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
     }
 }
 
-/// Why a client could not be given a leader.
+/// Why a client could not be given a backend.
 #[derive(Debug, thiserror::Error)]
 enum NoLeader {
     #[error("{0}")]
@@ -238,6 +252,10 @@ enum NoLeader {
     Held(SocketAddr),
     #[error("leader {addr} unreachable: {error}")]
     Unreachable { addr: SocketAddr, error: String },
+    #[error("no node checks as replica{0}")]
+    NoReplica(String),
+    #[error("{addr} unreachable: {error}")]
+    TargetUnreachable { addr: SocketAddr, error: String },
     #[error("proxy is shutting down")]
     Shutdown,
     /// This host, not the leader, is out of descriptors or memory.
@@ -245,38 +263,73 @@ enum NoLeader {
     OutOfResources(String),
 }
 
-async fn serve_client(client: TcpStream, sessions: &Sessions) {
+/// A connected backend, and what ends its session besides the client.
+struct Connected {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// Closes the session when the node stops being what this listener serves.
+    drain: Drain,
+    /// Counts the session against its backend.
+    _counted: SessionGuard,
+}
+
+enum Drain {
+    /// The route moved off this generation.
+    Route(u64),
+    /// The node left the replica set (down, promoted, or gone from DNS).
+    Replica,
+    /// A fixed target is not checked; only the client, idling or shutdown ends it.
+    Never,
+}
+
+async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
+    let sessions = &plan.sessions;
     let accepted = Instant::now();
     let mut route = sessions.shared.route.clone();
+    let mut replicas = sessions.shared.replicas.clone();
+    let connecting = async {
+        match plan.serves {
+            Serves::Leader => connect_leader(&mut route, sessions, accepted).await,
+            Serves::Replica { fallback_to_leader } => {
+                connect_replica(
+                    &mut replicas,
+                    &mut route,
+                    fallback_to_leader,
+                    sessions,
+                    accepted,
+                )
+                .await
+            }
+            Serves::Target(addr) => connect_target(addr, sessions).await,
+        }
+    };
     let connected = tokio::select! {
         _ = sessions.hard_stop.cancelled() => Err(NoLeader::Shutdown),
-        c = connect_leader(&mut route, sessions, accepted) => c,
+        c = connecting => c,
     };
-    let (backend, addr, generation) = match connected {
+    let connected = match connected {
         Ok(found) => found,
         Err(reason) => {
             m::leader_wait(accepted.elapsed());
-            let (result, code, message) = match &reason {
-                NoLeader::OutOfResources(_) => (
-                    "limit",
-                    pgwire::TOO_MANY_CONNECTIONS,
-                    format!("sorry, too many clients already: {reason}"),
-                ),
-                NoLeader::Unreachable { .. } => (
-                    "unreachable",
-                    pgwire::CANNOT_CONNECT_NOW,
-                    format!("no leader available for {}: {reason}", sessions.cluster),
-                ),
-                NoLeader::Shutdown => (
-                    "shutdown",
-                    pgwire::CANNOT_CONNECT_NOW,
-                    format!("no leader available for {}: {reason}", sessions.cluster),
-                ),
-                _ => (
-                    "no_leader",
-                    pgwire::CANNOT_CONNECT_NOW,
-                    format!("no leader available for {}: {reason}", sessions.cluster),
-                ),
+            let (result, code) = match &reason {
+                NoLeader::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
+                NoLeader::Unreachable { .. } | NoLeader::TargetUnreachable { .. } => {
+                    ("unreachable", pgwire::CANNOT_CONNECT_NOW)
+                }
+                NoLeader::Shutdown => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
+                _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
+            };
+            let message = match (&reason, plan.serves) {
+                (NoLeader::OutOfResources(_), _) => {
+                    format!("sorry, too many clients already: {reason}")
+                }
+                (_, Serves::Leader) => {
+                    format!("no leader available for {}: {reason}", sessions.cluster)
+                }
+                (_, Serves::Replica { .. }) => {
+                    format!("no replica available for {}: {reason}", sessions.cluster)
+                }
+                (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
             };
             m::session_result(result);
             tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
@@ -285,13 +338,153 @@ async fn serve_client(client: TcpStream, sessions: &Sessions) {
         }
     };
     m::leader_wait(accepted.elapsed());
-    tune(&backend);
-    let _counted = sessions.shared.session_guard(addr);
+    let Connected {
+        stream,
+        addr,
+        drain,
+        _counted,
+    } = connected;
+    tune(&stream);
     m::session_started();
-    tracing::debug!(backend = %addr, generation, "session started");
-    let (result, up, down) = splice(client, backend, &mut route, generation, sessions).await;
+    tracing::debug!(backend = %addr, "session started");
+    let drained = async {
+        match drain {
+            Drain::Route(generation) => {
+                let _ = route.wait_for(|r| r.generation != generation).await;
+                tracing::info!(generation, "route moved; closing session");
+            }
+            Drain::Replica => {
+                let _ = replicas.wait_for(|set| !set.contains(&addr)).await;
+                tracing::info!(backend = %addr, "no longer a replica; closing session");
+            }
+            Drain::Never => std::future::pending().await,
+        }
+    };
+    let (result, up, down) = splice(client, stream, drained, sessions).await;
     tracing::debug!(backend = %addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(result, up, down);
+}
+
+/// Sends a replica listener's client to the replica with the fewest sessions, trying the
+/// others when one cannot be reached; with `fallback_to_leader`, to the leader while no
+/// replica is up. Waits within `leader_wait` for one to appear.
+async fn connect_replica(
+    replicas: &mut watch::Receiver<Vec<SocketAddr>>,
+    route: &mut watch::Receiver<Route>,
+    fallback_to_leader: bool,
+    sessions: &Sessions,
+    accepted: Instant,
+) -> Result<Connected, NoLeader> {
+    let config = &sessions.config;
+    let deadline = accepted + config.leader_wait;
+    let mut failed: Vec<SocketAddr> = Vec::new();
+    let mut last_error: Option<(SocketAddr, String)> = None;
+    loop {
+        let set = replicas.borrow_and_update().clone();
+        let pick = {
+            let counts = sessions
+                .shared
+                .sessions
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default();
+            let turn = sessions.turn.fetch_add(1, Ordering::Relaxed);
+            leader::least_loaded(&set, &counts, &failed, turn)
+        };
+        if let Some(addr) = pick {
+            // Counted before connecting, so a burst of clients spreads over the replicas.
+            let counted = sessions.shared.session_guard(addr);
+            let attempt = tokio::time::timeout_at(
+                deadline.min(Instant::now() + config.connect_timeout),
+                TcpStream::connect(addr),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(stream)) => {
+                    return Ok(Connected {
+                        stream,
+                        addr,
+                        drain: Drain::Replica,
+                        _counted: counted,
+                    })
+                }
+                Ok(Err(e)) if is_local_shortage(&e) => {
+                    return Err(NoLeader::OutOfResources(e.to_string()))
+                }
+                Ok(Err(e)) => last_error = Some((addr, e.to_string())),
+                Err(_) => last_error = Some((addr, "connect timed out".into())),
+            }
+            if let Some((addr, error)) = &last_error {
+                tracing::warn!(backend = %addr, %error, "connect to replica failed");
+                m::connect_failed(*addr);
+            }
+            failed.push(addr);
+            continue;
+        }
+        if fallback_to_leader && set.is_empty() && route.borrow().leader().is_some() {
+            return connect_leader(route, sessions, accepted).await;
+        }
+        // Every replica failed, or none is up: wait for the set (or the leader) to change.
+        let retry = if failed.is_empty() {
+            deadline
+        } else {
+            Instant::now() + RETRY_PAUSE
+        };
+        tokio::select! {
+            _ = tokio::time::sleep_until(retry.min(deadline)) => {}
+            _ = replicas.changed() => {}
+            _ = route.changed(), if fallback_to_leader => {}
+        }
+        failed.clear();
+        if Instant::now() >= deadline {
+            return Err(match last_error {
+                Some((addr, error)) => NoLeader::Unreachable { addr, error },
+                None if fallback_to_leader => {
+                    NoLeader::NoReplica(format!(" and {}", describe_no_leader(&route.borrow())))
+                }
+                None => NoLeader::NoReplica(String::new()),
+            });
+        }
+    }
+}
+
+fn describe_no_leader(route: &Route) -> String {
+    match &route.target {
+        Target::Leader(addr) => format!("leader {addr} was not reachable in time"),
+        Target::Held(addr) => format!("leader {addr} is in maintenance or left DNS"),
+        Target::None(reason) => reason.to_string(),
+    }
+}
+
+/// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
+async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connected, NoLeader> {
+    let config = &sessions.config;
+    let mut attempt = 0;
+    loop {
+        let error =
+            match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => {
+                    return Ok(Connected {
+                        stream,
+                        addr,
+                        drain: Drain::Never,
+                        _counted: sessions.shared.session_guard(addr),
+                    })
+                }
+                Ok(Err(e)) if is_local_shortage(&e) => {
+                    return Err(NoLeader::OutOfResources(e.to_string()))
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
+            };
+        tracing::warn!(target = %addr, %error, "connect failed");
+        m::connect_failed(addr);
+        attempt += 1;
+        if attempt > config.connect_retries {
+            return Err(NoLeader::TargetUnreachable { addr, error });
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
 }
 
 /// Waits for a route with a leader and connects to it. Connect failures are reported to the
@@ -302,7 +495,13 @@ async fn connect_leader(
     route: &mut watch::Receiver<Route>,
     sessions: &Sessions,
     accepted: Instant,
-) -> Result<(TcpStream, SocketAddr, u64), NoLeader> {
+) -> Result<Connected, NoLeader> {
+    let leader = |stream, addr, generation| Connected {
+        stream,
+        addr,
+        drain: Drain::Route(generation),
+        _counted: sessions.shared.session_guard(addr),
+    };
     let config = &sessions.config;
     let deadline = accepted + config.leader_wait;
     let mut failures = 0u32;
@@ -326,7 +525,7 @@ async fn connect_leader(
             .as_ref()
             .and_then(|p| p.take(generation, addr))
         {
-            return Ok((warm, addr, generation));
+            return Ok(leader(warm, addr, generation));
         }
         if Instant::now() >= deadline {
             return Err(no_leader_reason(&route.borrow(), last_error));
@@ -342,7 +541,7 @@ async fn connect_leader(
             // The route may have moved while the handshake completed: never start a session
             // on a leader the route has already left.
             Ok(Ok(stream)) if route.borrow().generation == generation => {
-                return Ok((stream, addr, generation))
+                return Ok(leader(stream, addr, generation))
             }
             Ok(Ok(_)) => continue,
             // Waiting will not help a client while this host has no descriptors to give.
@@ -415,13 +614,13 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
     }
 }
 
-/// Copies both ways until both sides are done, the route moves, the session idles out, or the
-/// process stops. Returns the result label and bytes copied (client→backend, backend→client).
+/// Copies both ways until both sides are done, `drained` resolves (the route moved), the
+/// session idles out, or the process stops. Returns the result label and bytes copied
+/// (client→backend, backend→client).
 async fn splice(
     client: TcpStream,
     backend: TcpStream,
-    route: &mut watch::Receiver<Route>,
-    generation: u64,
+    drained: impl std::future::Future<Output = ()>,
     sessions: &Sessions,
 ) -> (&'static str, u64, u64) {
     let activity = copy::Activity::new();
@@ -451,10 +650,7 @@ async fn splice(
                 "error"
             }
         },
-        _ = route.wait_for(|r| r.generation != generation) => {
-            tracing::info!(generation, "route moved; closing session");
-            "drained"
-        }
+        _ = drained => "drained",
         _ = idle => {
             tracing::info!(?idle_timeout, "idle timeout; closing session");
             "idle_timeout"

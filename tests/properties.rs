@@ -1419,6 +1419,7 @@ fn views(slots: &[Option<Slot>]) -> Vec<BackendView<'_>> {
                 discovered: *discovered,
                 present: *present,
                 role,
+                timeline: None,
             })
         })
         .collect()
