@@ -1,5 +1,8 @@
-//! The admin HTTP port: `/metrics` (Prometheus), `/status` (JSON), `/healthz` (process up) and
-//! `/ready` (a route exists). Read-only: nothing here changes what the proxy does.
+//! The admin HTTP port: `/metrics` (Prometheus), `/status` (JSON), `/healthz` (process up),
+//! `/ready` (a route exists), the stats page at `/`, and `POST /reload`.
+//!
+//! Every node of the private network can reach this port, so the one request that changes what
+//! the proxy does, `POST /reload`, is refused unless `admin.allow_changes` is on.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -15,10 +18,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::leader::{describe_route, BackendStatus, Change, Route, Shared};
 use crate::metrics;
+use crate::reload::{ReloadError, Reloader};
 
 /// A slow client may not hold an admin connection open forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +38,9 @@ pub struct AdminState {
     pub cluster: String,
     /// Fires when the proxy stops accepting clients; `/ready` then answers 503.
     pub stopping: CancellationToken,
+    /// `admin.allow_changes`, as of the latest reload.
+    pub allow_changes: watch::Receiver<bool>,
+    pub reloader: Option<Reloader>,
 }
 
 /// The `/status` document.
@@ -114,7 +122,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+                async move { Ok::<_, Infallible>(respond(&state, &request).await) }
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -130,7 +138,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
     }
 }
 
-fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
+    if request.uri().path() == "/reload" {
+        return reload(state, request.method()).await;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -169,6 +180,35 @@ fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>>
             render_page(&state.status(), unix_ms(SystemTime::now())),
         ),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// `POST /reload`: re-reads the configuration file; 200 with what changed, 400 with why the
+/// file was refused (the running configuration stays), 403 while `admin.allow_changes` is off.
+async fn reload(state: &AdminState, method: &Method) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "reload with POST /reload\n".into(),
+        );
+    }
+    if !*state.allow_changes.borrow() {
+        return text(
+            StatusCode::FORBIDDEN,
+            "POST /reload is off: set admin.allow_changes = true to allow it (or send SIGHUP)\n"
+                .into(),
+        );
+    }
+    let Some(reloader) = &state.reloader else {
+        return text(StatusCode::NOT_IMPLEMENTED, "no reload here\n".into());
+    };
+    match reloader.reload().await {
+        Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
+        Err(e @ (ReloadError::Config(_) | ReloadError::Bind { .. })) => text(
+            StatusCode::BAD_REQUEST,
+            format!("reload refused, the running configuration stays: {e}\n"),
+        ),
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 

@@ -31,7 +31,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// The validated configuration the proxy runs with.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub listen: ListenConfig,
     /// Listeners besides `[listen]`, which always serves the leader.
@@ -42,7 +42,7 @@ pub struct Config {
     pub admin: AdminConfig,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ListenConfig {
     pub addresses: Vec<SocketAddr>,
 }
@@ -97,7 +97,7 @@ pub enum IpFamily {
     Ipv4,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BackendsConfig {
     pub dns_names: Vec<String>,
     pub port: u16,
@@ -111,7 +111,7 @@ pub struct BackendsConfig {
     pub backup: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CheckConfig {
     pub kind: CheckKind,
     pub port: u16,
@@ -134,7 +134,7 @@ pub struct CheckConfig {
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProxyConfig {
     #[serde(serialize_with = "human")]
     pub connect_timeout: Duration,
@@ -150,7 +150,7 @@ pub struct ProxyConfig {
     pub preconnect: usize,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AdminConfig {
     /// `None` when `admin.address = ""`: no admin listener.
     pub address: Option<SocketAddr>,

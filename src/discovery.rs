@@ -14,7 +14,7 @@ use hickory_resolver::config::{
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
 use hickory_resolver::TokioResolver;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, IpFamily};
@@ -144,14 +144,13 @@ pub fn backend_set(
 }
 
 /// Resolves every name each interval and reports changes, until cancelled.
-pub async fn run(config: BackendsConfig, events: mpsc::Sender<Event>, cancel: CancellationToken) {
-    let resolver = match DnsResolver::new(&config.nameservers, config.resolve_timeout) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            tracing::error!(error = %e, "DNS discovery disabled; only backup addresses are used");
-            None
-        }
-    };
+pub async fn run(
+    mut configs: watch::Receiver<BackendsConfig>,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    let mut config = configs.borrow_and_update().clone();
+    let mut resolver = resolver_for(&config);
     let mut last_good: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut last_sent: Option<Vec<Backend>> = None;
     let mut tick = tokio::time::interval(config.resolve_interval);
@@ -160,6 +159,23 @@ pub async fn run(config: BackendsConfig, events: mpsc::Sender<Event>, cancel: Ca
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                // A reload: names that stay keep their last good answer, so a leader that is
+                // still listed is not dropped while DNS is slow or down.
+                let new = configs.borrow_and_update().clone();
+                if (&new.nameservers, new.resolve_timeout) != (&config.nameservers, config.resolve_timeout) {
+                    resolver = resolver_for(&new);
+                }
+                if new.resolve_interval != config.resolve_interval {
+                    tick = tokio::time::interval(new.resolve_interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+                last_good.retain(|name, _| new.dns_names.contains(name));
+                config = new;
+            }
         }
         if let Some(resolver) = &resolver {
             for name in &config.dns_names {
@@ -189,6 +205,16 @@ pub async fn run(config: BackendsConfig, events: mpsc::Sender<Event>, cancel: Ca
                 return;
             }
             last_sent = Some(set);
+        }
+    }
+}
+
+fn resolver_for(config: &BackendsConfig) -> Option<DnsResolver> {
+    match DnsResolver::new(&config.nameservers, config.resolve_timeout) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::error!(error = %e, "DNS discovery disabled; only backup addresses are used");
+            None
         }
     }
 }

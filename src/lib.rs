@@ -11,11 +11,13 @@
 //! - [`discovery`]: DNS names and backup addresses → the backend set.
 //! - [`check`]: one role check (HTTP GET → [`leader::Role`]) and the per-backend check loop.
 //! - [`leader`]: **the routing rules** ([`leader::decide`]) and the task that publishes the route.
-//! - [`proxy`]: listeners, connection limit, wait for a leader, connect, copy, drain.
+//! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
+//!   backend, connect, copy, drain.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
-//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`.
+//! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
+//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`, the stats page, `POST /reload`.
 //! - [`metrics`]: metric names and descriptions.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
 //!
@@ -32,17 +34,20 @@ pub mod metrics;
 pub mod pgwire;
 pub mod preconnect;
 pub mod proxy;
+pub mod reload;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-use config::ListenerConfig;
+pub use reload::{ReloadError, Reloader};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +62,11 @@ pub enum Error {
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
     config: Config,
-    listeners: Vec<(ListenerConfig, TcpListener)>,
+    listeners: Vec<reload::Bound>,
     admin: Option<TcpListener>,
+    source: Option<PathBuf>,
+    reloader: Reloader,
+    reloads: mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, ReloadError>>>,
 }
 
 impl Proxy {
@@ -70,22 +78,37 @@ impl Proxy {
         let mut listeners = Vec::new();
         for spec in config.all_listeners() {
             for addr in &spec.addresses {
-                listeners.push((spec.clone(), bind(*addr, true)?));
+                listeners.push((spec.clone(), *addr, bind(*addr, true)?));
             }
         }
         let admin = config.admin.address.map(|a| bind(a, false)).transpose()?;
+        let (reloader, reloads) = Reloader::channel();
         Ok(Proxy {
             config,
             listeners,
             admin,
+            source: None,
+            reloader,
+            reloads,
         })
+    }
+
+    /// Where a reload (SIGHUP, `POST /reload`) reads the configuration from.
+    pub fn reload_from(mut self, path: PathBuf) -> Proxy {
+        self.source = Some(path);
+        self
+    }
+
+    /// A handle that reloads the configuration of this proxy once it runs.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// The bound client addresses (with real ports when the config said `:0`).
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter_map(|(_, l)| l.local_addr().ok())
+            .filter_map(|(_, _, l)| l.local_addr().ok())
             .collect()
     }
 
@@ -93,8 +116,8 @@ impl Proxy {
     pub fn listener_addrs(&self, name: &str) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter(|(spec, _)| spec.name == name)
-            .filter_map(|(_, l)| l.local_addr().ok())
+            .filter(|(spec, _, _)| spec.name == name)
+            .filter_map(|(_, _, l)| l.local_addr().ok())
             .collect()
     }
 
@@ -103,11 +126,11 @@ impl Proxy {
     }
 
     /// Runs until `shutdown` resolves, then stops accepting, gives sessions
-    /// `proxy.shutdown_grace` to finish, and closes the rest.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    /// `proxy.shutdown_grace` to finish, and closes the rest. Reload requests are applied
+    /// meanwhile.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         metrics::install();
         let config = self.config;
-        let cluster = config.cluster_name();
         let background = CancellationToken::new();
 
         let (view, shared, events) = leader::LeaderView::new(
@@ -115,64 +138,62 @@ impl Proxy {
             background.clone(),
         );
         tokio::spawn(view.run(events));
+        let (backends, backend_configs) = watch::channel(config.backends.clone());
         tokio::spawn(discovery::run(
-            config.backends.clone(),
+            backend_configs,
             shared.events.clone(),
             background.clone(),
         ));
         let stop_accepting = CancellationToken::new();
+        let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
         if let Some(listener) = self.admin {
             let state = Arc::new(admin::AdminState {
                 shared: Arc::clone(&shared),
-                cluster: cluster.clone(),
+                cluster: config.cluster_name(),
                 stopping: stop_accepting.clone(),
+                allow_changes: allow_changes_rx,
+                reloader: Some(self.reloader.clone()),
             });
             tokio::spawn(admin::serve(listener, state, background.clone()));
         }
 
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let sessions = proxy::Sessions::new(
-            shared,
-            config.proxy.clone(),
-            cluster.clone(),
-            hard_stop.clone(),
-            tracker.clone(),
+        let mut running = reload::Running::start(
+            config,
+            self.source,
+            self.listeners,
+            reload::Fixed {
+                shared,
+                backends,
+                allow_changes,
+                stop_accepting,
+                background: background.clone(),
+                hard_stop: hard_stop.clone(),
+                tracker: tracker.clone(),
+            },
         );
-        if let Some(pool) = &sessions.preconnect {
-            tokio::spawn(Arc::clone(pool).run(
-                sessions.shared.route.clone(),
-                config.proxy.connect_timeout,
-                background.clone(),
-            ));
-        }
-        let mut accepting = Vec::new();
-        for (spec, listener) in self.listeners {
-            tracing::info!(address = ?listener.local_addr().ok(), listener = %spec.name, serves = ?spec.serves, cluster = %cluster, "listening");
-            let plan = Arc::new(proxy::ListenerPlan {
-                name: spec.name.clone(),
-                serves: spec.serves,
-                sessions: Arc::clone(&sessions),
-            });
-            let (_plan_tx, plan_rx) = tokio::sync::watch::channel(plan);
-            accepting.push(tokio::spawn(proxy::accept_loop(
-                listener,
-                plan_rx,
-                stop_accepting.clone(),
-            )));
-        }
 
-        shutdown.await;
-        tracing::info!(grace = ?config.proxy.shutdown_grace, "shutting down: no new clients");
-        stop_accepting.cancel();
-        for task in accepting {
-            let _ = task.await;
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(reply) = self.reloads.recv() => {
+                    let outcome = running.reload();
+                    if let Err(e) = &outcome {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays");
+                    }
+                    let _ = reply.send(outcome);
+                }
+            }
         }
+        // A reload asked for from now on is answered "stopped", not left waiting.
+        drop(self.reloads);
+        let grace = running.config.proxy.shutdown_grace;
+        tracing::info!(?grace, "shutting down: no new clients");
+        running.stop_listeners().await;
         tracker.close();
-        if tokio::time::timeout(config.proxy.shutdown_grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::info!(
                 open = tracker.len(),
                 "grace period over; closing remaining sessions"

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Command::Check => check(&cli.config),
         Command::Status { admin } => runtime.block_on(status(&cli.config, admin)),
         Command::Run => match Config::load(&cli.config) {
-            Ok(config) => runtime.block_on(run(config)),
+            Ok(config) => runtime.block_on(run(config, cli.config.clone())),
             Err(e) => config_error(&cli.config, &e),
         },
         Command::Agent {
@@ -106,15 +106,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
     let shutdown = shutdown_signal();
     let proxy = match roleproxy::Proxy::bind(config).await {
-        Ok(p) => p,
+        Ok(p) => p.reload_from(path),
         Err(e) => {
             eprintln!("roleproxy: {e}");
             return ExitCode::FAILURE;
         }
     };
+    reload_on_sighup(proxy.reloader());
     match proxy.run(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -197,6 +198,24 @@ fn raise_fd_limit() {
         // SAFETY: as above, the soft limit may always be raised up to the hard one.
         unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     }
+}
+
+/// SIGHUP re-reads the configuration file, as HAProxy and PgBouncer users expect. The outcome
+/// is logged by the proxy.
+fn reload_on_sighup(reloader: roleproxy::Reloader) {
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install the SIGHUP handler; reload with POST /reload");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            let _ = reloader.reload().await;
+        }
+    });
 }
 
 /// Resolves on the first SIGTERM or SIGINT. The handlers are installed when this is called, not

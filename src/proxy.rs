@@ -72,13 +72,15 @@ impl Sessions {
         shared: Arc<Shared>,
         config: ProxyConfig,
         cluster: String,
+        limit: Arc<Semaphore>,
+        preconnect: Option<Arc<Preconnect>>,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
-            limit: Arc::new(Semaphore::new(config.max_connections)),
+            limit,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
-            preconnect: (config.preconnect > 0).then(|| Preconnect::new(config.preconnect)),
+            preconnect,
             shared,
             config,
             cluster,

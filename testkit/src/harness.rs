@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 /// Config values as `section.key` → TOML literal; [`ConfigBuilder::toml`] writes the file.
 pub struct ConfigBuilder {
     values: BTreeMap<String, String>,
+    /// `[[listeners]]` tables, each as its body.
+    listeners: Vec<String>,
 }
 
 impl ConfigBuilder {
@@ -37,7 +39,16 @@ impl ConfigBuilder {
         set("proxy.leader_wait", "\"3s\"".into());
         set("proxy.connect_timeout", "\"1s\"".into());
         set("proxy.shutdown_grace", "\"1s\"".into());
-        Self { values }
+        Self {
+            values,
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Adds a `[[listeners]]` table, given as its body (`name = ...`, `addresses = ...`, ...).
+    pub fn listener(mut self, body: &str) -> Self {
+        self.listeners.push(body.to_string());
+        self
     }
 
     /// Sets `section.key` to a TOML literal, e.g. `set("proxy.max_connections", "2")`.
@@ -55,10 +66,14 @@ impl ConfigBuilder {
                 .or_default()
                 .push(format!("{name} = {value}"));
         }
-        sections
+        let mut text: String = sections
             .iter()
             .map(|(section, lines)| format!("[{section}]\n{}\n", lines.join("\n")))
-            .collect()
+            .collect();
+        for body in &self.listeners {
+            text.push_str(&format!("[[listeners]]\n{body}\n"));
+        }
+        text
     }
 
     pub fn config(&self) -> roleproxy::Config {
@@ -70,13 +85,36 @@ impl ConfigBuilder {
 pub struct RunningProxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
+    /// Bound addresses by listener name (`leader` is `[listen]`), as started.
+    pub listeners: BTreeMap<String, Vec<SocketAddr>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), roleproxy::Error>>>,
 }
 
 impl RunningProxy {
     pub async fn start(config: roleproxy::Config) -> RunningProxy {
-        let proxy = roleproxy::Proxy::bind(config).await.expect("proxy binds");
+        let proxy = roleproxy::Proxy::bind(config.clone())
+            .await
+            .expect("proxy binds");
+        Self::run(proxy, &config)
+    }
+
+    /// Starts from a file that reloads (`POST /reload`) read again.
+    pub async fn start_from_file(path: &std::path::Path) -> RunningProxy {
+        let config = roleproxy::Config::load(path).expect("test config is valid");
+        let proxy = roleproxy::Proxy::bind(config.clone())
+            .await
+            .expect("proxy binds")
+            .reload_from(path.to_path_buf());
+        Self::run(proxy, &config)
+    }
+
+    fn run(proxy: roleproxy::Proxy, config: &roleproxy::Config) -> RunningProxy {
+        let listeners = config
+            .all_listeners()
+            .into_iter()
+            .map(|l| (l.name.clone(), proxy.listener_addrs(&l.name)))
+            .collect();
         let addr = proxy.listen_addrs()[0];
         let admin = proxy.admin_addr().expect("admin enabled in tests");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -86,6 +124,7 @@ impl RunningProxy {
         RunningProxy {
             addr,
             admin,
+            listeners,
             stop: Some(stop),
             task: Some(task),
         }
@@ -109,9 +148,22 @@ impl RunningProxy {
         }
     }
 
+    /// The first bound address of a listener, by name.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .get(name)
+            .and_then(|a| a.first().copied())
+            .unwrap_or_else(|| panic!("no listener named {name}"))
+    }
+
     /// GET on the admin port: (status, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
         http_get(self.admin, path).await
+    }
+
+    /// POST (empty body) on the admin port: (status, body).
+    pub async fn post(&self, path: &str) -> (u16, String) {
+        http_request(self.admin, "POST", path).await
     }
 
     /// The `/status` document.
@@ -156,8 +208,15 @@ impl Drop for RunningProxy {
 
 /// A minimal HTTP/1.1 GET.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// A minimal HTTP/1.1 request without a body.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("admin port accepts");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();
     tokio::time::timeout(

@@ -1,0 +1,384 @@
+//! A running proxy's parts, and how a new configuration is applied to them without a restart.
+//!
+//! A reload is all or nothing: the file is validated and every new listener is bound before
+//! anything changes, so a bad file or a taken port leaves the old configuration running. What
+//! survives a reload is what sessions depend on: the leader view keeps every backend's confirmed
+//! role, discovery keeps its last good answers, so a leader that is still the leader keeps its
+//! route generation and its sessions.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig};
+use crate::leader::{Event, Shared, ViewSettings};
+use crate::preconnect::Preconnect;
+use crate::proxy::{self, ListenerPlan, Sessions};
+
+/// Why a reload was refused. The old configuration stays in force.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("no configuration file to reload from (started without --config)")]
+    NoSource,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("listeners.addresses: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the proxy is shutting down")]
+    Stopped,
+}
+
+type ListenerKey = (String, SocketAddr);
+
+/// One configured address of a listener, bound.
+pub(crate) type Bound = (ListenerConfig, SocketAddr, TcpListener);
+
+type Reply = oneshot::Sender<Result<String, ReloadError>>;
+
+/// Asks the running proxy to reload its configuration file; cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    requests: mpsc::Sender<Reply>,
+}
+
+impl Reloader {
+    pub(crate) fn channel() -> (Reloader, mpsc::Receiver<Reply>) {
+        let (requests, receiver) = mpsc::channel(8);
+        (Reloader { requests }, receiver)
+    }
+
+    /// Reloads and waits for the outcome: what changed, or why nothing did.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        let (reply, outcome) = oneshot::channel();
+        self.requests
+            .send(reply)
+            .await
+            .map_err(|_| ReloadError::Stopped)?;
+        outcome.await.map_err(|_| ReloadError::Stopped)?
+    }
+}
+
+/// One bound address of one listener.
+struct RunningListener {
+    spec: ListenerConfig,
+    plan: watch::Sender<Arc<ListenerPlan>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Everything a running proxy is made of that a reload may change.
+pub(crate) struct Running {
+    pub config: Config,
+    /// Where reloads read the configuration from.
+    pub source: Option<PathBuf>,
+    pub shared: Arc<Shared>,
+    pub sessions: Arc<Sessions>,
+    /// By listener name and configured address, so a `:0` address stays the same socket
+    /// across reloads.
+    listeners: BTreeMap<ListenerKey, RunningListener>,
+    backends: watch::Sender<BackendsConfig>,
+    preconnect_stop: Option<CancellationToken>,
+    /// Shared by every generation of [`Sessions`], so `max_connections` counts them all.
+    limit: Arc<Semaphore>,
+    stop_accepting: CancellationToken,
+    background: CancellationToken,
+    /// Whether the admin port serves `POST /reload`; read by the admin handlers.
+    pub allow_changes: watch::Sender<bool>,
+}
+
+/// Parts that outlive every reload.
+pub(crate) struct Fixed {
+    pub shared: Arc<Shared>,
+    pub backends: watch::Sender<BackendsConfig>,
+    pub allow_changes: watch::Sender<bool>,
+    pub stop_accepting: CancellationToken,
+    pub background: CancellationToken,
+    pub hard_stop: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Running {
+    pub fn start(
+        config: Config,
+        source: Option<PathBuf>,
+        bound: Vec<Bound>,
+        fixed: Fixed,
+    ) -> Running {
+        let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+        let (sessions, preconnect_stop) = new_sessions(
+            &config,
+            &fixed.shared,
+            Arc::clone(&limit),
+            None,
+            &fixed.hard_stop,
+            &fixed.tracker,
+            &fixed.background,
+        );
+        let mut running = Running {
+            config,
+            source,
+            shared: fixed.shared,
+            sessions,
+            listeners: BTreeMap::new(),
+            backends: fixed.backends,
+            preconnect_stop,
+            limit,
+            stop_accepting: fixed.stop_accepting,
+            background: fixed.background,
+            allow_changes: fixed.allow_changes,
+        };
+        for (spec, addr, listener) in bound {
+            running.spawn_listener(spec, addr, listener);
+        }
+        running
+    }
+
+    fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
+        tracing::info!(address = ?listener.local_addr().ok(), listener = %spec.name, serves = ?spec.serves, "listening");
+        let (plan, plans) = watch::channel(self.plan(&spec));
+        let stop = self.stop_accepting.child_token();
+        let task = tokio::spawn(proxy::accept_loop(listener, plans, stop.clone()));
+        let key = (spec.name.clone(), addr);
+        let running = RunningListener {
+            spec,
+            plan,
+            stop,
+            task,
+        };
+        if let Some(replaced) = self.listeners.insert(key, running) {
+            replaced.stop.cancel();
+        }
+    }
+
+    fn plan(&self, spec: &ListenerConfig) -> Arc<ListenerPlan> {
+        Arc::new(ListenerPlan {
+            name: spec.name.clone(),
+            serves: spec.serves,
+            sessions: Arc::clone(&self.sessions),
+        })
+    }
+
+    /// Stops accepting on every listener and waits for the accept loops to end.
+    pub async fn stop_listeners(&mut self) {
+        self.stop_accepting.cancel();
+        for (_, listener) in std::mem::take(&mut self.listeners) {
+            let _ = listener.task.await;
+        }
+    }
+
+    /// Reads the configuration file again and applies it.
+    pub fn reload(&mut self) -> Result<String, ReloadError> {
+        let path = self.source.clone().ok_or(ReloadError::NoSource)?;
+        let config = Config::load(&path)?;
+        self.apply(config)
+    }
+
+    /// Applies a validated configuration; returns what changed, in words.
+    pub fn apply(&mut self, new: Config) -> Result<String, ReloadError> {
+        // Bind first: a taken port refuses the whole reload.
+        let mut wanted: BTreeMap<ListenerKey, ListenerConfig> = BTreeMap::new();
+        for spec in new.all_listeners() {
+            for addr in &spec.addresses {
+                wanted.insert((spec.name.clone(), *addr), spec.clone());
+            }
+        }
+        // An address that moves to another listener keeps its socket under its new name.
+        let moving: Vec<(ListenerKey, ListenerKey)> = self
+            .listeners
+            .keys()
+            .filter(|key| !wanted.contains_key(*key))
+            .filter_map(|old| {
+                let new = wanted.keys().find(|key| {
+                    key.1 == old.1 && key.1.port() != 0 && !self.listeners.contains_key(*key)
+                })?;
+                Some((old.clone(), new.clone()))
+            })
+            .collect();
+        let mut fresh = Vec::new();
+        for ((name, addr), spec) in &wanted {
+            let running = self.listeners.contains_key(&(name.clone(), *addr));
+            if running || moving.iter().any(|(_, to)| to.1 == *addr) {
+                continue;
+            }
+            let listener = proxy::bind(*addr, true).map_err(|source| ReloadError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            fresh.push((spec.clone(), *addr, listener));
+        }
+
+        let old = std::mem::replace(&mut self.config, new);
+        let new = &self.config;
+        let mut changes = Vec::new();
+
+        if new.admin.address != old.admin.address {
+            changes.push(format!(
+                "admin.address needs a restart to change; still {}",
+                old.admin
+                    .address
+                    .map_or_else(|| "off".to_string(), |a| a.to_string())
+            ));
+        }
+        if new.admin.allow_changes != old.admin.allow_changes {
+            self.allow_changes.send_replace(new.admin.allow_changes);
+            changes.push(format!("admin.allow_changes = {}", new.admin.allow_changes));
+        }
+        if new.check != old.check {
+            let _ = self
+                .shared
+                .events
+                .try_send(Event::Reconfigure(ViewSettings::from_config(&new.check)));
+            changes.push("check settings".to_string());
+        }
+        if new.backends != old.backends {
+            self.backends.send_replace(new.backends.clone());
+            changes.push("backends".to_string());
+        }
+        if new.proxy != old.proxy || new.cluster_name() != old.cluster_name() {
+            resize(
+                &self.limit,
+                old.proxy.max_connections,
+                new.proxy.max_connections,
+            );
+            let keep_pool = (new.proxy.preconnect, new.proxy.connect_timeout)
+                == (old.proxy.preconnect, old.proxy.connect_timeout);
+            let pool = if keep_pool {
+                self.sessions.preconnect.clone()
+            } else {
+                if let Some(stop) = self.preconnect_stop.take() {
+                    stop.cancel();
+                }
+                None
+            };
+            let (sessions, pool_stop) = new_sessions(
+                new,
+                &self.shared,
+                Arc::clone(&self.limit),
+                pool,
+                &self.sessions.hard_stop,
+                &self.sessions.tracker,
+                &self.background,
+            );
+            self.sessions = sessions;
+            if pool_stop.is_some() {
+                self.preconnect_stop = pool_stop;
+            }
+            changes.push("proxy settings (for new sessions)".to_string());
+        }
+
+        for (from, to) in moving {
+            if let Some(listener) = self.listeners.remove(&from) {
+                changes.push(format!("{} moved from {} to {}", from.1, from.0, to.0));
+                self.listeners.insert(to, listener);
+            }
+        }
+        // Listeners: removed ones close, kept ones get the new plan, new ones open.
+        let keys: Vec<ListenerKey> = self.listeners.keys().cloned().collect();
+        for key in keys {
+            match wanted.get(&key) {
+                None => {
+                    if let Some(gone) = self.listeners.remove(&key) {
+                        tracing::info!(address = %key.1, listener = %key.0, "listener closed by reload");
+                        changes.push(format!("closed {} on {}", key.0, key.1));
+                        gone.stop.cancel();
+                    }
+                }
+                Some(spec) => {
+                    let plan = self.plan(spec);
+                    if let Some(kept) = self.listeners.get_mut(&key) {
+                        if kept.spec.serves != spec.serves {
+                            changes.push(format!(
+                                "{} on {} now serves {:?}",
+                                key.0, key.1, spec.serves
+                            ));
+                        }
+                        kept.spec = spec.clone();
+                        kept.plan.send_replace(plan);
+                    }
+                }
+            }
+        }
+        for (spec, addr, listener) in fresh {
+            let at = listener
+                .local_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            changes.push(format!("opened {} on {at}", spec.name));
+            self.spawn_listener(spec, addr, listener);
+        }
+
+        let summary = if changes.is_empty() {
+            "configuration reloaded; nothing changed".to_string()
+        } else {
+            format!("configuration reloaded: {}", changes.join("; "))
+        };
+        tracing::info!("{summary}");
+        Ok(summary)
+    }
+}
+
+/// A new generation of session settings; a new preconnect pool when none is carried over.
+fn new_sessions(
+    config: &Config,
+    shared: &Arc<Shared>,
+    limit: Arc<Semaphore>,
+    pool: Option<Arc<Preconnect>>,
+    hard_stop: &CancellationToken,
+    tracker: &TaskTracker,
+    background: &CancellationToken,
+) -> (Arc<Sessions>, Option<CancellationToken>) {
+    let proxy: &ProxyConfig = &config.proxy;
+    let mut stop = None;
+    let pool = pool.or_else(|| {
+        (proxy.preconnect > 0).then(|| {
+            let pool = Preconnect::new(proxy.preconnect);
+            let token = background.child_token();
+            tokio::spawn(Arc::clone(&pool).run(
+                shared.route.clone(),
+                proxy.connect_timeout,
+                token.clone(),
+            ));
+            stop = Some(token);
+            pool
+        })
+    });
+    let sessions = Sessions::new(
+        Arc::clone(shared),
+        proxy.clone(),
+        config.cluster_name(),
+        limit,
+        pool,
+        hard_stop.clone(),
+        tracker.clone(),
+    );
+    (sessions, stop)
+}
+
+/// Changes how many sessions the shared limit admits. Permits held by running sessions cannot
+/// be taken back, so a lower limit is reached as they end.
+fn resize(limit: &Arc<Semaphore>, old: usize, new: usize) {
+    if new > old {
+        limit.add_permits(new - old);
+    } else if new < old {
+        let excess = old - new;
+        let forgotten = limit.forget_permits(excess);
+        let owed = excess - forgotten;
+        if owed > 0 {
+            let limit = Arc::clone(limit);
+            tokio::spawn(async move {
+                if let Ok(permits) = limit.acquire_many_owned(owed as u32).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+}
