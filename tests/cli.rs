@@ -171,3 +171,72 @@ fn status_prints_the_route_and_every_backend() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the admin port"));
 }
+
+#[test]
+fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
+    let base = "[listen]\naddresses = [\"127.57.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.57.0.1:1\"]\n[check]\nport = 1\n";
+    let path = write_config("sighup", base);
+    let mut child = Command::new(BIN)
+        .args(["--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starts");
+    let logs = child.stderr.take().expect("stderr piped");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(logs).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |words: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(line) if line.contains(words) => return line,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        panic!("the proxy never logged {words:?}");
+    };
+    let hangup = || {
+        let status = Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    };
+    wait_for("listening");
+
+    // A new listener forwarding to a fixed target opens on SIGHUP.
+    let target = std::net::TcpListener::bind("127.57.0.99:0").expect("bind the target");
+    let added = format!(
+        "{base}[[listeners]]\nname = \"local\"\naddresses = [\"127.57.0.1:6010\"]\ntarget = \"{}\"\n",
+        target.local_addr().expect("target address")
+    );
+    std::fs::write(&path, &added).expect("rewrite config");
+    hangup();
+    wait_for("opened local");
+    let _client =
+        std::net::TcpStream::connect("127.57.0.1:6010").expect("the new listener accepts");
+    target.set_nonblocking(false).expect("blocking accept");
+    let (_forwarded, _) = target
+        .accept()
+        .expect("the client is forwarded to the target");
+
+    // A bad file is refused in the log; the process and its listeners stay.
+    std::fs::write(&path, format!("{added}[proxy]\ncopy = \"zero\"\n")).expect("rewrite config");
+    hangup();
+    let refused = wait_for("reload refused");
+    assert!(refused.contains("proxy.copy"), "{refused}");
+    assert!(child.try_wait().expect("wait").is_none(), "still running");
+    assert!(std::net::TcpStream::connect("127.57.0.1:6010").is_ok());
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(path);
+}

@@ -10,6 +10,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Config values as `section.key` → TOML literal; [`ConfigBuilder::toml`] writes the file.
+#[derive(Clone)]
 pub struct ConfigBuilder {
     values: BTreeMap<String, String>,
     /// `[[listeners]]` tables, each as its body.
@@ -43,6 +44,11 @@ impl ConfigBuilder {
             values,
             listeners: Vec::new(),
         }
+    }
+
+    /// A copy with one more value set.
+    pub fn clone_with(&self, key: &str, literal: &str) -> Self {
+        self.clone().set(key, literal)
     }
 
     /// Adds a `[[listeners]]` table, given as its body (`name = ...`, `addresses = ...`, ...).
@@ -413,4 +419,22 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
+}
+
+/// Polls an async condition until it holds; false on timeout.
+pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
