@@ -1046,6 +1046,83 @@ mod tests {
             ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
             ("[proxy]\ncopy = \"zero\"", &["proxy.copy", "splice"]),
             ("not toml at all", &["TOML parse error"]),
+            ("[check]\nkind = \"tcp\"", &["check.kind", "http-status"]),
+            (
+                "[check]\nkind = \"http-status\"\npath = \"/x\"",
+                &["check.path", "only used with", "http-body"],
+            ),
+            (
+                "[check]\nleader_path = \"/primary\"",
+                &["check.leader_path", "only used with", "http-status"],
+            ),
+            (
+                "[check]\nkind = \"http-status\"\nuser = \"x\"",
+                &["check.user", "postgres"],
+            ),
+            (
+                "[check]\nkind = \"http-status\"\nreplica_path = \"replica\"",
+                &["check.replica_path", "starting with"],
+            ),
+            (
+                "[check]\nsplit_brain = \"highest-timeline\"",
+                &["check.split_brain", "check.kind = \"postgres\""],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\nsplit_brain = \"newest\"",
+                &["check.split_brain", "newest"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\npassword = \"${PGPASS}\"",
+                &["check.password", "PGPASS is not set"],
+            ),
+            (
+                "[admin]\nallow_changes = \"yes\"",
+                &["allow_changes", "invalid type"],
+            ),
+            (
+                "[[listeners]]\nname = \"r\"",
+                &["missing field", "addresses"],
+            ),
+            (
+                "[[listeners]]\naddresses = []",
+                &["listeners[0].addresses", "at least one"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5432\"]",
+                &["listeners[0].addresses[0]", "already used by listen.addresses[0]"],
+            ),
+            (
+                "[[listeners]]\nname = \"leader\"\naddresses = [\"0.0.0.0:5434\"]",
+                &["listeners[0].name", "already used"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nserves = \"standby\"",
+                &["listeners[0].serves", "standby"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nfallback = \"leader\"",
+                &["listeners[0].fallback", "replica"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nserves = \"replica\"\nfallback = \"primary\"",
+                &["listeners[0].fallback", "primary"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\ntarget = \"10.0.0.1:5433\"\nserves = \"leader\"",
+                &["listeners[0].target", "remove serves"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\ntarget = \"10.0.0.1:0\"",
+                &["listeners[0].target", "port 0"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\ntarget = \"[${NOPE}]:5433\"",
+                &["listeners[0].target", "NOPE"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nport = 1",
+                &["unknown field", "port"],
+            ),
         ];
         for (text, words) in rows {
             let message = error(text);
@@ -1068,6 +1145,69 @@ mod tests {
         assert_eq!(c.backends.dns_names, vec!["db.internal"]);
         assert_eq!(c.backends.prefer, IpFamily::Ipv4);
         assert_eq!(c.check.leader, vec!["primary"]);
+    }
+
+    #[test]
+    fn check_kinds_have_their_own_defaults() {
+        let body = parse("").expect("valid");
+        assert_eq!(body.check.kind, CheckKind::HttpBody);
+        assert_eq!(body.check.split_brain, SplitBrain::None);
+        let patroni = parse("[check]\nkind = \"http-status\"").expect("valid");
+        assert_eq!(patroni.check.port, 8008, "Patroni's REST API port");
+        assert_eq!(patroni.check.leader_path, "/primary");
+        assert_eq!(patroni.check.replica_path, "/replica");
+        let pg = parse(
+            "[backends]\nport = 6432\n[check]\nkind = \"postgres\"\nsplit_brain = \"highest-timeline\"",
+        )
+        .expect("valid");
+        assert_eq!(pg.check.port, 6432, "the Postgres port clients use");
+        assert_eq!(
+            (pg.check.user.as_str(), pg.check.database.as_str()),
+            ("postgres", "postgres")
+        );
+        assert_eq!(pg.check.split_brain, SplitBrain::HighestTimeline);
+        let text = toml::to_string(
+            &parse("[check]\nkind = \"postgres\"\npassword = \"s3cret\"").expect("valid"),
+        )
+        .expect("serializes");
+        assert!(
+            !text.contains("s3cret"),
+            "the password is never printed: {text}"
+        );
+    }
+
+    #[test]
+    fn listeners_by_role() {
+        let c = parse(
+            "[[listeners]]\nname = \"replicas\"\naddresses = [\"[::]:5001\"]\nserves = \"replica\"\nfallback = \"leader\"\n\
+             [[listeners]]\naddresses = [\"0.0.0.0:5433\"]\ntarget = \"[${PG_LISTEN_ADDRESS}]:5433\"\n\
+             [[listeners]]\nname = \"ro\"\naddresses = [\"0.0.0.0:5002\"]\nserves = \"replica\"",
+        )
+        .expect("valid");
+        let all = c.all_listeners();
+        let names: Vec<&str> = all.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["leader", "replicas", "listener-2", "ro"]);
+        assert_eq!(all[0].serves, Serves::Leader);
+        assert_eq!(
+            all[1].serves,
+            Serves::Replica {
+                fallback_to_leader: true
+            }
+        );
+        assert_eq!(
+            all[2].serves,
+            Serves::Target("[fdaa::7]:5433".parse().unwrap())
+        );
+        assert_eq!(
+            all[3].serves,
+            Serves::Replica {
+                fallback_to_leader: false
+            }
+        );
+        assert!(
+            !c.admin.allow_changes,
+            "state-changing admin requests are off by default"
+        );
     }
 
     #[test]
