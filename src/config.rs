@@ -48,11 +48,46 @@ pub struct ListenConfig {
 }
 
 /// A `[[listeners]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub name: String,
     pub addresses: Vec<SocketAddr>,
     pub serves: Serves,
+}
+
+/// Printed with the keys it is written with (`serves`, `fallback`, `target`), so the output of
+/// `roleproxy check` can be pasted back into a file.
+impl Serialize for ListenerConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Written<'a> {
+            name: &'a str,
+            addresses: &'a [SocketAddr],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            serves: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            fallback: Option<&'static str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            target: Option<SocketAddr>,
+        }
+        let (serves, fallback, target) = match self.serves {
+            Serves::Leader => (Some("leader"), None, None),
+            Serves::Replica { fallback_to_leader } => (
+                Some("replica"),
+                Some(if fallback_to_leader { "leader" } else { "none" }),
+                None,
+            ),
+            Serves::Target(addr) => (None, None, Some(addr)),
+        };
+        Written {
+            name: &self.name,
+            addresses: &self.addresses,
+            serves,
+            fallback,
+            target,
+        }
+        .serialize(s)
+    }
 }
 
 /// What a listener's clients are sent to.
@@ -111,7 +146,7 @@ pub struct BackendsConfig {
     pub backup: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CheckConfig {
     pub kind: CheckKind,
     pub port: u16,
@@ -119,19 +154,50 @@ pub struct CheckConfig {
     pub leader_path: String,
     pub replica_path: String,
     pub user: String,
-    #[serde(serialize_with = "hidden")]
     pub password: String,
     pub database: String,
     pub split_brain: SplitBrain,
-    #[serde(serialize_with = "human")]
     pub interval: Duration,
-    #[serde(serialize_with = "human")]
     pub fast_interval: Duration,
-    #[serde(serialize_with = "human")]
     pub timeout: Duration,
     pub leader: Vec<String>,
     pub rise: u32,
     pub fall: u32,
+}
+
+/// Printed with only its kind's own keys, and never the password.
+impl Serialize for CheckConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let human = |d: Duration| humantime::format_duration(d).to_string();
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("kind", &self.kind)?;
+        map.serialize_entry("port", &self.port)?;
+        match self.kind {
+            CheckKind::HttpBody => {
+                map.serialize_entry("path", &self.path)?;
+                map.serialize_entry("leader", &self.leader)?;
+            }
+            CheckKind::HttpStatus => {
+                map.serialize_entry("leader_path", &self.leader_path)?;
+                map.serialize_entry("replica_path", &self.replica_path)?;
+            }
+            CheckKind::Postgres => {
+                map.serialize_entry("user", &self.user)?;
+                if !self.password.is_empty() {
+                    map.serialize_entry("password", "(hidden)")?;
+                }
+                map.serialize_entry("database", &self.database)?;
+            }
+        }
+        map.serialize_entry("split_brain", &self.split_brain)?;
+        map.serialize_entry("interval", &human(self.interval))?;
+        map.serialize_entry("fast_interval", &human(self.fast_interval))?;
+        map.serialize_entry("timeout", &human(self.timeout))?;
+        map.serialize_entry("rise", &self.rise)?;
+        map.serialize_entry("fall", &self.fall)?;
+        map.end()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -163,10 +229,6 @@ pub struct AdminConfig {
 const MIN_DURATION: Duration = Duration::from_millis(1);
 /// Longer durations are surely typos, and would overflow deadline arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
-
-fn hidden<S: Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(if secret.is_empty() { "" } else { "(hidden)" })
-}
 
 fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&humantime::format_duration(*d).to_string())
@@ -1208,6 +1270,17 @@ mod tests {
             !c.admin.allow_changes,
             "state-changing admin requests are off by default"
         );
+    }
+
+    #[test]
+    fn printed_listeners_parse_back_the_same() {
+        let written = "[[listeners]]\nname = \"r\"\naddresses = [\"[::]:5001\"]\nserves = \"replica\"\nfallback = \"leader\"\n\
+             [[listeners]]\nname = \"local\"\naddresses = [\"0.0.0.0:5433\"]\ntarget = \"10.0.0.7:5433\"\n";
+        let c = parse(written).expect("valid");
+        let printed = toml::to_string(&c).expect("serializes");
+        let again = parse(&printed).expect("the printed configuration parses");
+        assert_eq!(again.listeners, c.listeners, "{printed}");
+        assert_eq!(again.check, c.check, "{printed}");
     }
 
     #[test]

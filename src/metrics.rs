@@ -1,7 +1,7 @@
 //! Every metric name, its description and the helpers that record it, in one place.
 //!
-//! Prometheus conventions: `_total` counters, `_seconds` and `_bytes` units, `backend` and
-//! `result` labels.
+//! Prometheus conventions: `_total` counters, `_seconds` and `_bytes` units, `backend`,
+//! `listener` and `result` labels.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -66,8 +66,14 @@ pub fn render() -> String {
 }
 
 fn describe() {
-    describe_gauge!(SESSIONS_ACTIVE, "Client sessions currently open");
-    describe_counter!(SESSIONS_TOTAL, "Client sessions ended, by result");
+    describe_gauge!(
+        SESSIONS_ACTIVE,
+        "Client sessions currently open, by listener"
+    );
+    describe_counter!(
+        SESSIONS_TOTAL,
+        "Client sessions ended, by listener and result"
+    );
     describe_counter!(BYTES_TOTAL, Unit::Bytes, "Bytes copied, by direction");
     describe_counter!(CHECKS_TOTAL, "Role checks, by backend and result");
     describe_histogram!(
@@ -97,21 +103,26 @@ fn describe() {
     describe_counter!(CONNECT_FAILURES_TOTAL, "Failed connects to a backend");
 }
 
-pub fn session_started() {
-    gauge!(SESSIONS_ACTIVE).increment(1.0);
+pub fn session_started(listener: &str) {
+    gauge!(SESSIONS_ACTIVE, "listener" => listener.to_string()).increment(1.0);
 }
 
 /// Ends a session that was counted by [`session_started`].
-pub fn session_ended(result: &'static str, client_to_backend: u64, backend_to_client: u64) {
-    gauge!(SESSIONS_ACTIVE).decrement(1.0);
-    session_result(result);
+pub fn session_ended(
+    listener: &str,
+    result: &'static str,
+    client_to_backend: u64,
+    backend_to_client: u64,
+) {
+    gauge!(SESSIONS_ACTIVE, "listener" => listener.to_string()).decrement(1.0);
+    session_result(listener, result);
     counter!(BYTES_TOTAL, "direction" => "client_to_backend").increment(client_to_backend);
     counter!(BYTES_TOTAL, "direction" => "backend_to_client").increment(backend_to_client);
 }
 
 /// Counts a client that never became a session (refused, or gave up waiting).
-pub fn session_result(result: &'static str) {
-    counter!(SESSIONS_TOTAL, "result" => result).increment(1);
+pub fn session_result(listener: &str, result: &'static str) {
+    counter!(SESSIONS_TOTAL, "listener" => listener.to_string(), "result" => result).increment(1);
 }
 
 pub fn check_result(backend: SocketAddr, role: &Role, latency: Duration) {

@@ -118,7 +118,7 @@ pub async fn accept_loop(
                     // why, instead of waiting unseen in the backlog.
                     if let Ok(stream) = accept_now(&listener) {
                         tracing::warn!(listener = ?local, error = %e, "out of descriptors; refusing client");
-                        m::session_result("limit");
+                        m::session_result(&plan.borrow().name, "limit");
                         let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
                         let reserve = reserve.clone();
                         tokio::spawn(async move {
@@ -156,7 +156,7 @@ pub async fn accept_loop(
                 );
             }
             Err(_) => {
-                m::session_result("limit");
+                m::session_result(&plan.name, "limit");
                 let Ok(slot) = Arc::clone(&sessions.refusals).try_acquire_owned() else {
                     continue; // dropping the stream closes it
                 };
@@ -333,7 +333,7 @@ async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
                 }
                 (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
             };
-            m::session_result(result);
+            m::session_result(&plan.name, result);
             tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
             refuse(client, code, &message).await;
             return;
@@ -347,7 +347,7 @@ async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
         _counted,
     } = connected;
     tune(&stream);
-    m::session_started();
+    m::session_started(&plan.name);
     tracing::debug!(backend = %addr, "session started");
     let drained = async {
         match drain {
@@ -364,7 +364,7 @@ async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
     };
     let (result, up, down) = splice(client, stream, drained, sessions).await;
     tracing::debug!(backend = %addr, result, bytes_up = up, bytes_down = down, "session ended");
-    m::session_ended(result, up, down);
+    m::session_ended(&plan.name, result, up, down);
 }
 
 /// Sends a replica listener's client to the replica with the fewest sessions, trying the

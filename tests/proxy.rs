@@ -69,7 +69,7 @@ async fn leader_flip_closes_old_sessions_and_moves_new_ones() {
     assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[1].tag()));
     let (_, metrics) = proxy.get("/metrics").await;
     assert!(
-        metrics.contains("roleproxy_sessions_total{result=\"drained\"}"),
+        metrics.contains("roleproxy_sessions_total{listener=\"leader\",result=\"drained\"}"),
         "{metrics}"
     );
     proxy.stop().await;

@@ -73,7 +73,7 @@ fn ten_thousand_concurrent_sessions() {
         assert_eq!(code, 200);
         let active = metrics
             .lines()
-            .find(|l| l.starts_with("roleproxy_sessions_active "))
+            .find(|l| l.starts_with("roleproxy_sessions_active{listener=\"leader\"} "))
             .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0);
