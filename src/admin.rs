@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::{describe_route, BackendStatus, Change, Route, Shared};
+use crate::leader::{describe_route, BackendStatus, Change, ListenerStatus, Route, Shared};
 use crate::metrics;
 use crate::reload::{ReloadError, Reloader};
 
@@ -52,6 +52,7 @@ pub struct Status {
     pub route_text: String,
     pub route_since_unix_ms: u64,
     pub backends: Vec<BackendStatus>,
+    pub listeners: Vec<ListenerStatus>,
     /// Recent role and route changes, oldest first.
     pub history: Vec<Change>,
 }
@@ -86,7 +87,14 @@ impl AdminState {
             .lock()
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default();
+        let listeners = self
+            .shared
+            .listeners
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
         Status {
+            listeners,
             cluster: self.cluster.clone(),
             route_text: describe_route(&route),
             route,
@@ -266,6 +274,16 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
             escape(b.last_error.as_deref().unwrap_or("")),
         ));
     }
+    let mut listeners = String::new();
+    for l in &status.listeners {
+        let addresses: Vec<String> = l.addresses.iter().map(ToString::to_string).collect();
+        listeners.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>\n",
+            escape(&l.name),
+            escape(&addresses.join(", ")),
+            escape(&l.serves)
+        ));
+    }
     let mut changes = String::new();
     for change in status.history.iter().rev() {
         changes.push_str(&format!(
@@ -293,6 +311,10 @@ tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-f
 <table id="backends">
 <tr><th>backend</th><th>sources</th><th>role</th><th>last check</th><th>latency</th><th>sessions</th><th>last error</th></tr>
 {rows}</table>
+<h2>Listeners</h2>
+<table id="listeners">
+<tr><th>listener</th><th>addresses</th><th>serves</th></tr>
+{listeners}</table>
 <h2>Recent changes</h2>
 <ol id="timeline" reversed>
 {changes}</ol>
@@ -471,6 +493,20 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
+    for listener in status["listeners"].as_array().into_iter().flatten() {
+        let addresses: Vec<&str> = listener["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        out.push_str(&format!(
+            "listener {} on {}: {}\n",
+            listener["name"].as_str().unwrap_or("?"),
+            addresses.join(", "),
+            listener["serves"].as_str().unwrap_or("?")
+        ));
+    }
     out
 }
 
@@ -528,6 +564,11 @@ mod tests {
                 last_error: Some("<script>x</script>".into()),
                 sessions: 2,
             }],
+            listeners: vec![ListenerStatus {
+                name: "<ro>".into(),
+                serves: "replica".into(),
+                addresses: vec!["127.0.0.1:5001".parse().unwrap()],
+            }],
             history: vec![Change {
                 unix_ms: 3_723_004,
                 kind: "route",
@@ -541,6 +582,7 @@ mod tests {
         assert!(page.contains("01:02:03.004 UTC"));
         assert!(page.contains("a&amp;b"));
         assert!(page.contains("http-equiv=\"refresh\""));
+        assert!(page.contains("&lt;ro&gt;</td><td>127.0.0.1:5001</td><td>replica"));
     }
 
     #[test]

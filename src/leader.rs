@@ -413,6 +413,18 @@ pub struct Shared {
     pub events: mpsc::Sender<Event>,
     /// The latest role and route changes, oldest first, for people reading `/` and `/status`.
     pub history: Mutex<std::collections::VecDeque<Change>>,
+    /// The listeners as last started or reloaded.
+    pub listeners: Mutex<Vec<ListenerStatus>>,
+}
+
+/// What `/status` shows for one listener.
+#[derive(Debug, Clone, Serialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    /// `leader`, `replica`, `replica, else leader`, or `target ADDR`.
+    pub serves: String,
+    /// Bound addresses (real ports where the configuration said 0).
+    pub addresses: Vec<SocketAddr>,
 }
 
 /// Role and route changes kept for the timeline.
@@ -511,6 +523,7 @@ impl LeaderView {
             backends: Mutex::new(Vec::new()),
             sessions: Mutex::new(BTreeMap::new()),
             history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
+            listeners: Mutex::new(Vec::new()),
             events: events_tx,
         });
         let view = LeaderView {

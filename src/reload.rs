@@ -17,8 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig};
-use crate::leader::{Event, Shared, ViewSettings};
+use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
+use crate::leader::{Event, ListenerStatus, Shared, ViewSettings};
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
 
@@ -71,6 +71,7 @@ impl Reloader {
 /// One bound address of one listener.
 struct RunningListener {
     spec: ListenerConfig,
+    local: Option<SocketAddr>,
     plan: watch::Sender<Arc<ListenerPlan>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -140,17 +141,20 @@ impl Running {
         for (spec, addr, listener) in bound {
             running.spawn_listener(spec, addr, listener);
         }
+        running.publish_listeners();
         running
     }
 
     fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
-        tracing::info!(address = ?listener.local_addr().ok(), listener = %spec.name, serves = ?spec.serves, "listening");
+        let local = listener.local_addr().ok();
+        tracing::info!(address = ?local, listener = %spec.name, serves = ?spec.serves, "listening");
         let (plan, plans) = watch::channel(self.plan(&spec));
         let stop = self.stop_accepting.child_token();
         let task = tokio::spawn(proxy::accept_loop(listener, plans, stop.clone()));
         let key = (spec.name.clone(), addr);
         let running = RunningListener {
             spec,
+            local,
             plan,
             stop,
             task,
@@ -166,6 +170,37 @@ impl Running {
             serves: spec.serves,
             sessions: Arc::clone(&self.sessions),
         })
+    }
+
+    /// Tells `/status` and the stats page which listeners run, in configuration order.
+    fn publish_listeners(&self) {
+        let mut listeners: Vec<ListenerStatus> = Vec::new();
+        for spec in self.config.all_listeners() {
+            let addresses = self
+                .listeners
+                .iter()
+                .filter(|((name, _), _)| *name == spec.name)
+                .filter_map(|(_, l)| l.local)
+                .collect();
+            let serves = match spec.serves {
+                Serves::Leader => "leader".to_string(),
+                Serves::Replica {
+                    fallback_to_leader: false,
+                } => "replica".to_string(),
+                Serves::Replica {
+                    fallback_to_leader: true,
+                } => "replica, else leader".to_string(),
+                Serves::Target(addr) => format!("target {addr}"),
+            };
+            listeners.push(ListenerStatus {
+                name: spec.name,
+                serves,
+                addresses,
+            });
+        }
+        if let Ok(mut published) = self.shared.listeners.lock() {
+            *published = listeners;
+        }
     }
 
     /// Stops accepting on every listener and waits for the accept loops to end.
@@ -316,6 +351,7 @@ impl Running {
             self.spawn_listener(spec, addr, listener);
         }
 
+        self.publish_listeners();
         let summary = if changes.is_empty() {
             "configuration reloaded; nothing changed".to_string()
         } else {

@@ -1,5 +1,5 @@
 //! The stats page as a person sees it: loaded in headless Chromium from a running proxy, and
-//! checked for the route, every backend and the timeline of changes.
+//! checked for the route, every backend, the listeners and the timeline of changes.
 
 use std::time::Duration;
 
@@ -44,7 +44,15 @@ fn stats_page_shows_route_backends_and_changes() {
         cluster.nodes[1]
             .role
             .set(RoleReply::error(500, "could not connect <to> server"));
-        let proxy = cluster.proxy().await;
+        let proxy = roleproxy_testkit::harness::RunningProxy::start(
+            cluster
+                .config()
+                .listener(
+                    "name = \"replicas\"\naddresses = [\"127.49.0.1:0\"]\nserves = \"replica\"",
+                )
+                .config(),
+        )
+        .await;
         let leader = cluster.nodes[0].addr();
         assert!(
             proxy
@@ -74,6 +82,11 @@ fn stats_page_shows_route_backends_and_changes() {
             "{dom}"
         );
         assert!(dom.contains("generation 1: sessions go to"), "{dom}");
+        let replicas = proxy.listener("replicas");
+        assert!(
+            dom.contains(&format!("replicas</td><td>{replicas}</td><td>replica</td>")),
+            "the listeners table: {dom}"
+        );
         assert!(
             dom.contains("http-equiv=\"refresh\""),
             "the page reloads itself: {dom}"
