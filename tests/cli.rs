@@ -149,8 +149,16 @@ fn status_prints_the_route_and_every_backend() {
             stdout.contains(&format!("sessions go to {leader}")),
             "{stdout}"
         );
-        let rows: Vec<&str> = stdout.lines().skip(2).collect();
+        let rows: Vec<&str> = stdout
+            .lines()
+            .skip(2)
+            .filter(|l| !l.starts_with("listener "))
+            .collect();
         assert_eq!(rows.len(), 2, "one row per backend: {stdout}");
+        assert!(
+            stdout.contains(&format!("listener leader on {}: leader", proxy.addr)),
+            "{stdout}"
+        );
         assert!(
             rows.iter()
                 .any(|r| r.starts_with(&leader) && r.contains("leader")),
