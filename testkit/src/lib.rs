@@ -19,6 +19,7 @@ pub mod dns;
 pub mod fake_cluster;
 pub mod haproxy;
 pub mod harness;
+pub mod patroni;
 pub mod pg;
 pub mod role;
 pub mod writer;
