@@ -31,7 +31,8 @@ pub const MAX_BODY: usize = 1024;
 /// How every backend is checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckSettings {
-    pub port: u16,
+    /// The role endpoint's port on each node; `None`: the backend's own address (Postgres).
+    pub port: Option<u16>,
     pub timeout: Duration,
     pub interval: Duration,
     /// Used while there is no route, so a new leader is found quickly.
@@ -87,12 +88,12 @@ impl CheckSettings {
             },
             CheckKind::Postgres => Probe::Postgres {
                 user: c.user.clone(),
-                password: c.password.clone(),
+                password: c.password.0.clone(),
                 database: c.database.clone(),
             },
         };
         CheckSettings {
-            port: c.port,
+            port: (c.kind != CheckKind::Postgres).then_some(c.port),
             timeout: c.timeout,
             interval: c.interval,
             fast_interval: c.fast_interval,
@@ -133,6 +134,10 @@ enum CheckError {
     Body(String),
     #[error("{0}")]
     Postgres(String),
+    /// The node answered but is out of resources (Postgres SQLSTATE class 53, e.g. too many
+    /// connections): it says nothing about its role.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Maps an HTTP answer to a role (DESIGN.md rule 1). Pure.
@@ -178,12 +183,20 @@ pub fn role_from_statuses(leader: u16, replica: Option<u16>) -> Role {
 }
 
 /// Checks one node once. A failure of the node is `Role::Down` with the reason; `None`
-/// means this process could not even try (out of descriptors or memory), which says nothing
-/// about the node and must not move the route.
+/// means the check could not tell: this process is out of descriptors or memory, or the node
+/// is too busy to answer (a full leader must not lose its sessions for it). Neither may move
+/// the route.
 pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Option<Observation> {
     match tokio::time::timeout(settings.timeout, probe(endpoint, &settings.probe)).await {
         Ok(Ok(observation)) => Some(observation),
-        Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => None,
+        Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => {
+            tracing::warn!(%endpoint, error = %e, "check skipped: out of local resources (descriptors or memory)");
+            None
+        }
+        Ok(Err(CheckError::Busy(reason))) => {
+            tracing::warn!(%endpoint, %reason, "check skipped: the node is out of resources");
+            None
+        }
         Ok(Err(e)) => Some(Role::Down(e.to_string()).into()),
         Err(_) => Some(Role::Down(CheckError::Timeout(settings.timeout).to_string()).into()),
     }
@@ -239,7 +252,13 @@ async fn ask_postgres(
     if !password.is_empty() {
         config.password(password);
     }
-    let postgres = |e: tokio_postgres::Error| CheckError::Postgres(crate::error_chain(&e));
+    let postgres = |e: tokio_postgres::Error| {
+        let text = crate::error_chain(&e);
+        match e.code() {
+            Some(code) if code.code().starts_with("53") => CheckError::Busy(text),
+            _ => CheckError::Postgres(text),
+        }
+    };
     let (client, connection) = config
         .connect_raw(stream, tokio_postgres::NoTls)
         .await
@@ -307,7 +326,9 @@ pub fn spawn_loop(
     route: watch::Receiver<Route>,
     cancel: CancellationToken,
 ) {
-    let endpoint = SocketAddr::new(backend.ip(), settings.port);
+    let endpoint = settings
+        .port
+        .map_or(backend, |port| SocketAddr::new(backend.ip(), port));
     tokio::spawn(async move {
         recheck.mark_unchanged();
         loop {
@@ -318,10 +339,9 @@ pub fn spawn_loop(
             };
             let latency = started.elapsed();
             let Some(Observation { role, timeline }) = checked else {
-                tracing::warn!(backend = %backend, "check skipped: out of local resources (descriptors or memory)");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(settings.fast_interval) => continue,
+                    _ = tokio::time::sleep(settings.interval) => continue,
                 }
             };
             m::check_result(backend, &role, latency);

@@ -154,7 +154,7 @@ pub struct CheckConfig {
     pub leader_path: String,
     pub replica_path: String,
     pub user: String,
-    pub password: String,
+    pub password: Secret,
     pub database: String,
     pub split_brain: SplitBrain,
     pub interval: Duration,
@@ -163,6 +163,20 @@ pub struct CheckConfig {
     pub leader: Vec<String>,
     pub rise: u32,
     pub fall: u32,
+}
+
+/// A password: kept out of `Debug` output, logs and `roleproxy check`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "(hidden)"
+        })
+    }
 }
 
 /// Printed with only its kind's own keys, and never the password.
@@ -184,7 +198,7 @@ impl Serialize for CheckConfig {
             }
             CheckKind::Postgres => {
                 map.serialize_entry("user", &self.user)?;
-                if !self.password.is_empty() {
+                if !self.password.0.is_empty() {
                     map.serialize_entry("password", "(hidden)")?;
                 }
                 map.serialize_entry("database", &self.database)?;
@@ -224,6 +238,9 @@ pub struct AdminConfig {
     /// reachable by every node of the private network, so this is off unless asked for.
     pub allow_changes: bool,
 }
+
+/// More sessions than any descriptor limit allows; also keeps the limit's arithmetic small.
+pub const MAX_CONNECTIONS: usize = 1_000_000;
 
 /// Shorter durations would make loops spin.
 const MIN_DURATION: Duration = Duration::from_millis(1);
@@ -615,6 +632,12 @@ impl RawConfig {
         if p.max_connections == 0 {
             return Err(invalid("proxy.max_connections", "must be at least 1"));
         }
+        if p.max_connections > MAX_CONNECTIONS {
+            return Err(invalid(
+                "proxy.max_connections",
+                format!("at most {MAX_CONNECTIONS}: each session needs two descriptors"),
+            ));
+        }
         if p.preconnect > 100 {
             return Err(invalid(
                 "proxy.preconnect",
@@ -741,7 +764,19 @@ fn validate_check(
     if user.trim().is_empty() {
         return Err(invalid("check.user", "must not be empty"));
     }
-    let password = x.string("check.password", c.password.as_deref().unwrap_or(""))?;
+    let raw_password = c.password.as_deref().unwrap_or("");
+    let password = x
+        .string("check.password", raw_password)
+        .map_err(|e| match e {
+            // The reason may quote the value; a password is never repeated back.
+            ConfigError::Invalid { key, reason } if !raw_password.is_empty() => {
+                ConfigError::Invalid {
+                    key,
+                    reason: reason.replace(raw_password, "(the password)"),
+                }
+            }
+            other => other,
+        })?;
     let database = x.string(
         "check.database",
         c.database.as_deref().unwrap_or("postgres"),
@@ -771,6 +806,13 @@ fn validate_check(
     if c.fall == 0 {
         return Err(invalid("check.fall", "must be at least 1"));
     }
+    if kind == CheckKind::Postgres && c.port.is_some() {
+        // Asking another port could read the role of another server than the one routed to.
+        return Err(invalid(
+            "check.port",
+            "not used with check.kind = \"postgres\": each backend is asked at its own address",
+        ));
+    }
     let port = c.port.unwrap_or(match kind {
         CheckKind::HttpBody => 5500,
         // Patroni's REST API.
@@ -787,7 +829,7 @@ fn validate_check(
         leader_path,
         replica_path,
         user,
-        password,
+        password: Secret(password),
         database,
         split_brain,
         interval: x.duration("check.interval", &c.interval)?,
@@ -863,6 +905,12 @@ fn validate_listeners(
                     ));
                 }
                 let target = x.addr(&key("target"), target)?;
+                if addresses.contains(&target) {
+                    return Err(invalid(
+                        &key("target"),
+                        format!("{target} is this listener's own address: clients would loop"),
+                    ));
+                }
                 if target.port() == 0 {
                     return Err(invalid(
                         &key("target"),
@@ -1138,6 +1186,18 @@ mod tests {
                 &["check.password", "PGPASS is not set"],
             ),
             (
+                "[check]\nkind = \"postgres\"\nport = 5432",
+                &["check.port", "own address"],
+            ),
+            (
+                "[proxy]\nmax_connections = 4611686018427387904",
+                &["proxy.max_connections", "at most 1000000"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"127.0.0.1:5434\"]\ntarget = \"127.0.0.1:5434\"",
+                &["listeners[0].target", "loop"],
+            ),
+            (
                 "[admin]\nallow_changes = \"yes\"",
                 &["allow_changes", "invalid type"],
             ),
@@ -1236,6 +1296,17 @@ mod tests {
             !text.contains("s3cret"),
             "the password is never printed: {text}"
         );
+        let refused = parse("[check]\nkind = \"postgres\"\npassword = \"s3cret${\"").map(|_| ());
+        let message = refused.expect_err("unterminated").to_string();
+        assert!(
+            message.contains("check.password") && !message.contains("s3cret"),
+            "{message}"
+        );
+        let debug = format!(
+            "{:?}",
+            parse("[check]\nkind = \"postgres\"\npassword = \"s3cret\"").expect("valid")
+        );
+        assert!(!debug.contains("s3cret"), "{debug}");
     }
 
     #[test]

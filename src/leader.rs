@@ -84,6 +84,8 @@ impl fmt::Display for Role {
 pub struct RoleHistory {
     confirmed: Role,
     pending: Option<(Role, u32)>,
+    /// The latest definite answer was `leader` (failed checks leave it as it was).
+    claims_leader: bool,
 }
 
 impl Default for RoleHistory {
@@ -91,6 +93,7 @@ impl Default for RoleHistory {
         Self {
             confirmed: Role::Unknown,
             pending: None,
+            claims_leader: false,
         }
     }
 }
@@ -100,8 +103,18 @@ impl RoleHistory {
         &self.confirmed
     }
 
+    /// A confirmed replica that has not started answering `leader`: the only kind a replica
+    /// listener may use. A node being promoted leaves at its first `leader` answer, not after
+    /// `rise` of them, since it may already take writes.
+    pub fn is_replica(&self) -> bool {
+        self.confirmed == Role::Replica && !self.claims_leader
+    }
+
     /// Records one check result; returns true when the confirmed role changed kind.
     pub fn observe(&mut self, observed: Role, rise: u32, fall: u32) -> bool {
+        if !matches!(observed, Role::Down(_)) {
+            self.claims_leader = observed == Role::Leader;
+        }
         if observed.same_kind(&self.confirmed) {
             // Keep the freshest detail (e.g. the latest error text) without counting a flip.
             self.confirmed = observed;
@@ -440,6 +453,23 @@ pub struct Change {
 }
 
 impl Shared {
+    /// Picks the least loaded replica (see [`least_loaded`]) and counts a session against it,
+    /// under one lock, so clients arriving together spread out.
+    pub fn pick_replica(
+        self: &Arc<Self>,
+        replicas: &[SocketAddr],
+        exclude: &[SocketAddr],
+        turn: usize,
+    ) -> Option<SessionGuard> {
+        let mut map = self.sessions.lock().ok()?;
+        let addr = least_loaded(replicas, &map, exclude, turn)?;
+        *map.entry(addr).or_default() += 1;
+        Some(SessionGuard {
+            shared: Arc::clone(self),
+            addr,
+        })
+    }
+
     /// Counts a session against its backend until the guard is dropped.
     pub fn session_guard(self: &Arc<Self>, addr: SocketAddr) -> SessionGuard {
         if let Ok(mut map) = self.sessions.lock() {
@@ -455,6 +485,12 @@ impl Shared {
 pub struct SessionGuard {
     shared: Arc<Shared>,
     addr: SocketAddr,
+}
+
+impl SessionGuard {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
 }
 
 impl Drop for SessionGuard {
@@ -571,7 +607,12 @@ impl LeaderView {
             } => {
                 if let Some(state) = self.backends.get_mut(&addr) {
                     if state.checker.as_ref().map(|(id, _)| *id) == Some(loop_id) {
-                        state.timeline = timeline;
+                        // A failed check says nothing about the timeline: keep the last one
+                        // read, so one lost answer does not turn a settled split brain back
+                        // into no route.
+                        if timeline.is_some() {
+                            state.timeline = timeline;
+                        }
                         self.observe(addr, role, Some(latency));
                     }
                 }
@@ -760,7 +801,7 @@ impl LeaderView {
         let replicas: Vec<SocketAddr> = self
             .backends
             .iter()
-            .filter(|(_, s)| s.present && *s.history.role() == Role::Replica)
+            .filter(|(_, s)| s.present && s.history.is_replica())
             .map(|(addr, _)| *addr)
             .collect();
         self.replicas_tx.send_if_modified(|current| {
@@ -1097,6 +1138,32 @@ mod tests {
                 })
                 .collect();
             assert_eq!(got, expected, "rise {rise} fall {fall} answers {answers:?}");
+        }
+    }
+
+    #[test]
+    fn a_replica_that_answers_leader_leaves_the_replica_set_at_its_first_answer() {
+        let (rise, fall) = (3, 2);
+        // (answer, confirmed role afterwards, usable as a replica)
+        let steps: &[(Role, &str, bool)] = &[
+            (Role::Replica, "replica", true),
+            (down(), "replica", true),
+            (Role::Leader, "replica", false),
+            (down(), "replica", false),
+            (Role::Leader, "replica", false),
+            (Role::Replica, "replica", true),
+            (Role::Leader, "replica", false),
+            (Role::Leader, "replica", false),
+            (Role::Leader, "leader", false),
+        ];
+        let mut history = RoleHistory::default();
+        for (i, (answer, role, usable)) in steps.iter().enumerate() {
+            history.observe(answer.clone(), rise, fall);
+            assert_eq!(
+                (history.role().label(), history.is_replica()),
+                (*role, *usable),
+                "after step {i} ({answer})"
+            );
         }
     }
 

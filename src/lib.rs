@@ -179,7 +179,7 @@ impl Proxy {
             tokio::select! {
                 _ = &mut shutdown => break,
                 Some(reply) = self.reloads.recv() => {
-                    let outcome = running.reload();
+                    let outcome = running.reload().await;
                     if let Err(e) = &outcome {
                         tracing::error!(error = %e, "reload refused; the running configuration stays");
                     }

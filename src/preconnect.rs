@@ -116,7 +116,11 @@ impl Preconnect {
                 }
             }
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    // A reload or shutdown: warm connections hold Postgres backends; close them.
+                    self.prune(u64::MAX, None);
+                    return;
+                }
                 changed = route.changed() => if changed.is_err() { return },
                 _ = self.taken.notified() => {}
                 // Replace aged connections, and retry after a failed connect.

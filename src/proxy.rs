@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::check::is_local_shortage;
 use crate::config::{ProxyConfig, Serves};
 use crate::copy;
-use crate::leader::{self, Event, Route, SessionGuard, Shared, Target};
+use crate::leader::{Event, Route, SessionGuard, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
@@ -257,7 +257,7 @@ enum NoLeader {
     #[error("no node checks as replica{0}")]
     NoReplica(String),
     #[error("{addr} unreachable: {error}")]
-    TargetUnreachable { addr: SocketAddr, error: String },
+    BackendUnreachable { addr: SocketAddr, error: String },
     #[error("proxy is shutting down")]
     Shutdown,
     /// This host, not the leader, is out of descriptors or memory.
@@ -315,7 +315,7 @@ async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
             m::leader_wait(accepted.elapsed());
             let (result, code) = match &reason {
                 NoLeader::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
-                NoLeader::Unreachable { .. } | NoLeader::TargetUnreachable { .. } => {
+                NoLeader::Unreachable { .. } | NoLeader::BackendUnreachable { .. } => {
                     ("unreachable", pgwire::CANNOT_CONNECT_NOW)
                 }
                 NoLeader::Shutdown => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
@@ -383,19 +383,10 @@ async fn connect_replica(
     let mut last_error: Option<(SocketAddr, String)> = None;
     loop {
         let set = replicas.borrow_and_update().clone();
-        let pick = {
-            let counts = sessions
-                .shared
-                .sessions
-                .lock()
-                .map(|c| c.clone())
-                .unwrap_or_default();
-            let turn = sessions.turn.fetch_add(1, Ordering::Relaxed);
-            leader::least_loaded(&set, &counts, &failed, turn)
-        };
-        if let Some(addr) = pick {
-            // Counted before connecting, so a burst of clients spreads over the replicas.
-            let counted = sessions.shared.session_guard(addr);
+        let turn = sessions.turn.fetch_add(1, Ordering::Relaxed);
+        // Counted before connecting, so a burst of clients spreads over the replicas.
+        if let Some(counted) = sessions.shared.pick_replica(&set, &failed, turn) {
+            let addr = counted.addr();
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + config.connect_timeout),
                 TcpStream::connect(addr),
@@ -440,7 +431,7 @@ async fn connect_replica(
         failed.clear();
         if Instant::now() >= deadline {
             return Err(match last_error {
-                Some((addr, error)) => NoLeader::Unreachable { addr, error },
+                Some((addr, error)) => NoLeader::BackendUnreachable { addr, error },
                 None if fallback_to_leader => {
                     NoLeader::NoReplica(format!(" and {}", describe_no_leader(&route.borrow())))
                 }
@@ -483,7 +474,7 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
         m::connect_failed(addr);
         attempt += 1;
         if attempt > config.connect_retries {
-            return Err(NoLeader::TargetUnreachable { addr, error });
+            return Err(NoLeader::BackendUnreachable { addr, error });
         }
         tokio::time::sleep(RETRY_PAUSE).await;
     }

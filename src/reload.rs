@@ -29,7 +29,7 @@ pub enum ReloadError {
     NoSource,
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("listeners.addresses: cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -212,14 +212,14 @@ impl Running {
     }
 
     /// Reads the configuration file again and applies it.
-    pub fn reload(&mut self) -> Result<String, ReloadError> {
+    pub async fn reload(&mut self) -> Result<String, ReloadError> {
         let path = self.source.clone().ok_or(ReloadError::NoSource)?;
         let config = Config::load(&path)?;
-        self.apply(config)
+        self.apply(config).await
     }
 
     /// Applies a validated configuration; returns what changed, in words.
-    pub fn apply(&mut self, new: Config) -> Result<String, ReloadError> {
+    pub async fn apply(&mut self, new: Config) -> Result<String, ReloadError> {
         // Bind first: a taken port refuses the whole reload.
         let mut wanted: BTreeMap<ListenerKey, ListenerConfig> = BTreeMap::new();
         for spec in new.all_listeners() {
@@ -269,10 +269,17 @@ impl Running {
             changes.push(format!("admin.allow_changes = {}", new.admin.allow_changes));
         }
         if new.check != old.check {
-            let _ = self
+            // Awaited, not tried: a queue full of connect failures must not lose it.
+            let settings = ViewSettings::from_config(&new.check);
+            if self
                 .shared
                 .events
-                .try_send(Event::Reconfigure(ViewSettings::from_config(&new.check)));
+                .send(Event::Reconfigure(settings))
+                .await
+                .is_err()
+            {
+                return Err(ReloadError::Stopped);
+            }
             changes.push("check settings".to_string());
         }
         if new.backends != old.backends {
@@ -407,11 +414,12 @@ fn resize(limit: &Arc<Semaphore>, old: usize, new: usize) {
     } else if new < old {
         let excess = old - new;
         let forgotten = limit.forget_permits(excess);
-        let owed = excess - forgotten;
+        // At most `config::MAX_CONNECTIONS`, so it fits.
+        let owed = u32::try_from(excess - forgotten).unwrap_or(u32::MAX);
         if owed > 0 {
             let limit = Arc::clone(limit);
             tokio::spawn(async move {
-                if let Ok(permits) = limit.acquire_many_owned(owed as u32).await {
+                if let Ok(permits) = limit.acquire_many_owned(owed).await {
                     permits.forget();
                 }
             });

@@ -42,7 +42,7 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
         cluster
             .proxy_config("127.58.0.1")
             .set("check.kind", "\"postgres\"")
-            .set("check.port", &primary.port().to_string())
+            .unset("check.port")
             .set("check.interval", "\"200ms\"")
             .set("check.fast_interval", "\"50ms\"")
             .set("check.split_brain", &format!("\"{policy}\""))

@@ -46,6 +46,12 @@ impl ConfigBuilder {
         }
     }
 
+    /// Leaves `section.key` out, so its default applies.
+    pub fn unset(mut self, key: &str) -> Self {
+        self.values.remove(key);
+        self
+    }
+
     /// A copy with one more value set.
     pub fn clone_with(&self, key: &str, literal: &str) -> Self {
         self.clone().set(key, literal)
