@@ -426,10 +426,15 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     };
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
     let local = cluster.pg_addr(0);
-    // A variant is a `proxy.copy` mode, or `preconnect` (auto copy, 4 warm connections).
+    // A variant is a `proxy.copy` mode, `preconnect` (auto copy, 4 warm connections), or
+    // `threadsN` (auto copy, `proxy.threads = N`).
     let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, variant: &str| {
+        let threads = variant
+            .strip_prefix("threads")
+            .and_then(|n| n.parse::<usize>().ok());
         let (copy, preconnect) = match variant {
             "preconnect" => ("auto", 4),
+            _ if threads.is_some() => ("auto", 0),
             mode => (mode, 0),
         };
         cluster
@@ -441,6 +446,7 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
             .set("proxy.shutdown_grace", "\"10s\"")
             .set("proxy.copy", &format!("\"{copy}\""))
             .set("proxy.preconnect", &preconnect.to_string())
+            .set("proxy.threads", &threads.unwrap_or(0).to_string())
             .toml()
     };
     let mut targets = Vec::new();

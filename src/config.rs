@@ -228,6 +228,8 @@ pub struct ProxyConfig {
     pub shutdown_grace: Duration,
     pub copy: crate::copy::Mode,
     pub preconnect: usize,
+    /// Worker threads; 0: one per CPU. Read at start-up only.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -371,6 +373,7 @@ struct RawProxy {
     shutdown_grace: String,
     copy: String,
     preconnect: usize,
+    threads: usize,
 }
 
 impl Default for RawProxy {
@@ -384,6 +387,7 @@ impl Default for RawProxy {
             shutdown_grace: "10s".into(),
             copy: "auto".into(),
             preconnect: 0,
+            threads: 0,
         }
     }
 }
@@ -644,7 +648,14 @@ impl RawConfig {
                 "at most 100: each one holds a Postgres backend on the leader",
             ));
         }
+        if p.threads > 1024 {
+            return Err(invalid(
+                "proxy.threads",
+                "at most 1024 (0 means one per CPU)",
+            ));
+        }
         let proxy = ProxyConfig {
+            threads: p.threads,
             connect_timeout: x.duration("proxy.connect_timeout", &p.connect_timeout)?,
             connect_retries: p.connect_retries,
             idle_timeout: x.duration("proxy.idle_timeout", &p.idle_timeout)?,
@@ -1155,6 +1166,7 @@ mod tests {
             ("[proxy]\nmax_connections = 0", &["proxy.max_connections"]),
             ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
             ("[proxy]\ncopy = \"zero\"", &["proxy.copy", "splice"]),
+            ("[proxy]\nthreads = 5000", &["proxy.threads", "at most 1024"]),
             ("not toml at all", &["TOML parse error"]),
             ("[check]\nkind = \"tcp\"", &["check.kind", "http-status"]),
             (

@@ -59,25 +59,50 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let command = cli.command.unwrap_or(Command::Run);
+    // The proxy's thread count comes from its configuration; other commands use the default.
+    let config = match command {
+        Command::Run => match Config::load(&cli.config) {
+            Ok(config) => Some(config),
+            Err(e) => return config_error(&cli.config, &e),
+        },
+        _ => None,
+    };
+    let threads = config.as_ref().map_or(0, |c| c.proxy.threads);
+    let runtime = match runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("roleproxy: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
         Command::Check => check(&cli.config),
         Command::Status { admin } => runtime.block_on(status(&cli.config, admin)),
-        Command::Run => match Config::load(&cli.config) {
-            Ok(config) => runtime.block_on(run(config, cli.config.clone())),
-            Err(e) => config_error(&cli.config, &e),
+        Command::Run => match config {
+            Some(config) => runtime.block_on(run(config, cli.config.clone())),
+            None => ExitCode::FAILURE,
         },
         Command::Agent {
             postgres,
             listen,
             fence_file,
         } => runtime.block_on(agent(postgres, listen, fence_file)),
+    }
+}
+
+/// `proxy.threads`: 0 is one worker per CPU; 1 runs everything on this thread, with no
+/// wake-ups between threads at all.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        0 => tokio::runtime::Runtime::new(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
     }
 }
 

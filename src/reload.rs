@@ -264,6 +264,12 @@ impl Running {
                     .map_or_else(|| "off".to_string(), |a| a.to_string())
             ));
         }
+        if new.proxy.threads != old.proxy.threads {
+            changes.push(format!(
+                "proxy.threads needs a restart to change; still {}",
+                old.proxy.threads
+            ));
+        }
         if new.admin.allow_changes != old.admin.allow_changes {
             self.allow_changes.send_replace(new.admin.allow_changes);
             changes.push(format!("admin.allow_changes = {}", new.admin.allow_changes));
