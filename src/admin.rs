@@ -35,7 +35,6 @@ const MAX_CONNECTIONS: usize = 64;
 /// What the admin handlers read.
 pub struct AdminState {
     pub shared: Arc<Shared>,
-    pub cluster: String,
     /// Fires when the proxy stops accepting clients; `/ready` then answers 503.
     pub stopping: CancellationToken,
     /// `admin.allow_changes`, as of the latest reload.
@@ -95,7 +94,12 @@ impl AdminState {
             .unwrap_or_default();
         Status {
             listeners,
-            cluster: self.cluster.clone(),
+            cluster: self
+                .shared
+                .cluster
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
             route_text: describe_route(&route),
             route,
             route_since_unix_ms: unix_ms(since),

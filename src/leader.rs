@@ -428,6 +428,8 @@ pub struct Shared {
     pub history: Mutex<std::collections::VecDeque<Change>>,
     /// The listeners as last started or reloaded.
     pub listeners: Mutex<Vec<ListenerStatus>>,
+    /// The cluster's name for people (`Config::cluster_name`), as last started or reloaded.
+    pub cluster: Mutex<String>,
 }
 
 /// What `/status` shows for one listener.
@@ -560,6 +562,7 @@ impl LeaderView {
             sessions: Mutex::new(BTreeMap::new()),
             history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             listeners: Mutex::new(Vec::new()),
+            cluster: Mutex::new(String::new()),
             events: events_tx,
         });
         let view = LeaderView {

@@ -149,7 +149,6 @@ impl Proxy {
         if let Some(listener) = self.admin {
             let state = Arc::new(admin::AdminState {
                 shared: Arc::clone(&shared),
-                cluster: config.cluster_name(),
                 stopping: stop_accepting.clone(),
                 allow_changes: allow_changes_rx,
                 reloader: Some(self.reloader.clone()),

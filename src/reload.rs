@@ -172,7 +172,8 @@ impl Running {
         })
     }
 
-    /// Tells `/status` and the stats page which listeners run, in configuration order.
+    /// Tells `/status` and the stats page which listeners run, in configuration order, and the
+    /// cluster's name.
     fn publish_listeners(&self) {
         let mut listeners: Vec<ListenerStatus> = Vec::new();
         for spec in self.config.all_listeners() {
@@ -200,6 +201,9 @@ impl Running {
         }
         if let Ok(mut published) = self.shared.listeners.lock() {
             *published = listeners;
+        }
+        if let Ok(mut cluster) = self.shared.cluster.lock() {
+            *cluster = self.config.cluster_name();
         }
     }
 
