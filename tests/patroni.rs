@@ -17,14 +17,7 @@ const NET: u8 = 59;
 
 /// (server address, in recovery) of a new session through `addr`.
 async fn served(addr: SocketAddr) -> Result<(String, bool), String> {
-    let client = connect(&conninfo(addr))
-        .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
-    let row = client
-        .query_one("SELECT host(inet_server_addr()), pg_is_in_recovery()", &[])
-        .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
-    Ok((row.get(0), row.get(1)))
+    support::writer::served(&conninfo(addr)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 
 use roleproxy_testkit as support;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use support::cluster::{ClusterSpec, LocalCluster};
@@ -15,15 +15,8 @@ use support::writer::{connect, conninfo};
 const LONG: Duration = Duration::from_secs(30);
 
 /// (server address, in recovery) of a new session through `addr`.
-async fn served(addr: std::net::SocketAddr) -> Result<(String, bool), String> {
-    let client = connect(&conninfo(addr))
-        .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
-    let row = client
-        .query_one("SELECT host(inet_server_addr()), pg_is_in_recovery()", &[])
-        .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
-    Ok((row.get(0), row.get(1)))
+async fn served(addr: SocketAddr) -> Result<(String, bool), String> {
+    support::writer::served(&conninfo(addr)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

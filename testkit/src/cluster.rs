@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use roleproxy::agent::AgentError;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_postgres::NoTls;
@@ -857,27 +856,7 @@ pub async fn try_http_get(
     path: &str,
     timeout: Duration,
 ) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, io::Error>(raw)
-    };
-    let raw = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(raw)) => raw,
-        Ok(Err(e)) => return Err(format!("GET http://{addr}{path}: {e}")),
-        Err(_) => return Err(format!("GET http://{addr}{path}: no answer in {timeout:?}")),
-    };
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("GET http://{addr}{path}: not an HTTP response"))?;
-    Ok((status, body.to_owned()))
+    crate::try_http(addr, "GET", path, None, timeout).await
 }
 
 /// The file whose presence makes node `i`'s agent answer `replica` (see `AgentOptions`).

@@ -26,10 +26,11 @@ pub mod writer;
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
@@ -135,4 +136,46 @@ impl Drop for TaskGuard {
 /// turn every later request into a second, confusing panic.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A minimal HTTP/1.1 request returning `(status, body)`, or why it failed; it never panics,
+/// for programs that must keep running.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let what = format!("{method} http://{addr}{path}");
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        if let Some(body) = json_body {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+        } else {
+            request.push_str("\r\n");
+        }
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, io::Error>(raw)
+    };
+    let raw = match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(raw)) => raw,
+        Ok(Err(e)) => return Err(format!("{what}: {e}")),
+        Err(_) => return Err(format!("{what}: no answer in {timeout:?}")),
+    };
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("{what}: not an HTTP response: {head:?}"))?;
+    Ok((status, body.to_owned()))
 }

@@ -38,7 +38,6 @@
 
 use std::fmt;
 use std::fs::{self, OpenOptions};
-use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -47,8 +46,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::lock;
@@ -309,7 +306,7 @@ impl PatroniCluster {
 
     /// `GET path` on node `i`'s REST API: `(status, body)`, or why there was no answer.
     pub async fn get(&self, i: usize, path: &str) -> Result<(u16, String), String> {
-        http(self.rest_addr(i), "GET", path, None, REST_TIMEOUT).await
+        crate::try_http(self.rest_addr(i), "GET", path, None, REST_TIMEOUT).await
     }
 
     /// The one node answering 200 on `GET /primary`, if exactly one does (none during a
@@ -329,7 +326,7 @@ impl PatroniCluster {
         for i in 0..self.len() {
             let (addr, path) = (self.rest_addr(i), path.to_owned());
             requests.spawn(async move {
-                let answer = http(addr, "GET", &path, None, REST_TIMEOUT).await;
+                let answer = crate::try_http(addr, "GET", &path, None, REST_TIMEOUT).await;
                 (i, answer.ok().map(|(status, _)| status))
             });
         }
@@ -410,7 +407,7 @@ impl PatroniCluster {
             return Err(self.error(&format!("switchover: {} already leads", self.name(to))));
         }
         let body = json!({"leader": self.name(leader), "candidate": self.name(to)}).to_string();
-        let answer = http(
+        let answer = crate::try_http(
             self.rest_addr(leader),
             "POST",
             "/switchover",
@@ -854,47 +851,6 @@ fn processes_in(dir: &Path) -> Vec<u32> {
             fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))
         })
         .collect()
-}
-
-/// A minimal HTTP/1.1 request returning `(status, body)`, or why it failed.
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    json_body: Option<&str>,
-    timeout: Duration,
-) -> Result<(u16, String), String> {
-    let what = format!("{method} http://{addr}{path}");
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        let mut request =
-            format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-        if let Some(body) = json_body {
-            request.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ));
-        } else {
-            request.push_str("\r\n");
-        }
-        stream.write_all(request.as_bytes()).await?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await?;
-        Ok::<_, io::Error>(raw)
-    };
-    let raw = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok(raw)) => raw,
-        Ok(Err(e)) => return Err(format!("{what}: {e}")),
-        Err(_) => return Err(format!("{what}: no answer in {timeout:?}")),
-    };
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| format!("{what}: not an HTTP response: {head:?}"))?;
-    Ok((status, body.to_owned()))
 }
 
 /// The last `lines` lines of a Patroni log, without the "no action" line every HA loop

@@ -160,6 +160,19 @@ pub fn longest_pause(
     done.windows(2).map(|w| w[1] - w[0]).max()
 }
 
+/// (server address, in recovery) of a new session through `conninfo`: which node a client
+/// reached, and whether it can take writes.
+pub async fn served(conninfo: &str) -> Result<(String, bool), String> {
+    let client = connect(conninfo)
+        .await
+        .map_err(|e| roleproxy::error_chain(&e))?;
+    let row = client
+        .query_one("SELECT host(inet_server_addr()), pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| roleproxy::error_chain(&e))?;
+    Ok((row.get(0), row.get(1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
