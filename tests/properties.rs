@@ -16,8 +16,11 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use roleproxy::check::role_from_answer;
+use roleproxy::config::SplitBrain;
 use roleproxy::config::{Config, IpFamily};
-use roleproxy::leader::{decide, BackendView, NoRoute, Role, RoleHistory, Route, Target};
+use roleproxy::leader::{
+    decide, decide_with, least_loaded, BackendView, NoRoute, Role, RoleHistory, Route, Target,
+};
 use roleproxy::pgwire::{
     check_length, error_response, parse_startup, read_startup, PgWireError, StartupPacket,
     MAX_STARTUP_LEN,
@@ -1709,6 +1712,107 @@ proptest! {
             prop_assert!(after == before || after == *answer, "{}", ctx());
             if after == Role::Leader {
                 prop_assert!(leader_is_justified(&answers[..=i], rise, fall), "{}", ctx());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split brain by timeline (`decide_with`), replica choice (`least_loaded`), replica usability
+// ---------------------------------------------------------------------------------------------
+
+proptest! {
+    #![proptest_config(config(CASES_FAST))]
+
+    /// With `highest-timeline`, a route to a leader that is not the only one claiming is only
+    /// ever to the claim on the strictly newest timeline; with every timeline equal (or unknown)
+    /// it decides exactly as the default policy does.
+    #[test]
+    fn highest_timeline_only_picks_a_strictly_newest_claim(
+        slots in vec(option::of(slot(any_role())), POOL),
+        timelines in vec(option::weighted(0.85, 1..6u32), POOL),
+        previous_slot in option::of(0..POOL),
+        generation in 0..5u64,
+    ) {
+        let mut v = views(&slots);
+        for view in v.iter_mut() {
+            let i = (0..POOL).find(|i| pool_addr(*i) == view.addr).expect("pool");
+            view.timeline = timelines[i];
+        }
+        let previous = Route {
+            generation,
+            target: previous_slot.map_or(Target::None(NoRoute::NoLeader), |i| Target::Leader(pool_addr(i))),
+        };
+        let next = decide_with(&previous, &v, SplitBrain::HighestTimeline);
+        let default = decide(&previous, &v);
+        check_step(&previous, &v, &next).or_else(|e| {
+            // The only rule this policy may break on purpose: a route despite several claims.
+            if matches!(default.target, Target::None(NoRoute::SplitBrain(_))) { Ok(()) } else { Err(e) }
+        })?;
+        if next.target != default.target {
+            prop_assert!(
+                matches!(default.target, Target::None(NoRoute::SplitBrain(_))),
+                "the policy only settles split brains: {:?} vs {:?}", next, default
+            );
+            if let Some(chosen) = next.target.backend() {
+                let chosen = v.iter().find(|b| b.addr == chosen).expect("a backend");
+                let rivals: Vec<&BackendView<'_>> = v
+                    .iter()
+                    .filter(|b| *b.role == Role::Leader && b.discovered == chosen.discovered && b.addr != chosen.addr)
+                    .filter(|b| b.discovered || b.present)
+                    .collect();
+                prop_assert!(chosen.timeline.is_some());
+                for rival in rivals {
+                    prop_assert!(
+                        rival.timeline.is_some() && rival.timeline < chosen.timeline,
+                        "{} (timeline {:?}) chosen over {} (timeline {:?})",
+                        chosen.addr, chosen.timeline, rival.addr, rival.timeline
+                    );
+                }
+            }
+        }
+    }
+
+    /// `least_loaded` picks a listed, not excluded replica with the fewest sessions, and finds
+    /// one whenever one is left.
+    #[test]
+    fn least_loaded_picks_a_least_loaded_candidate(
+        replicas in vec(0..POOL, 0..POOL),
+        loads in vec(0..4u64, POOL),
+        excluded in vec(0..POOL, 0..3),
+        turn in 0..100usize,
+    ) {
+        let replicas: Vec<SocketAddr> = replicas.into_iter().map(pool_addr).collect();
+        let excluded: Vec<SocketAddr> = excluded.into_iter().map(pool_addr).collect();
+        let sessions: BTreeMap<SocketAddr, u64> =
+            (0..POOL).map(|i| (pool_addr(i), loads[i])).collect();
+        let candidates: Vec<SocketAddr> =
+            replicas.iter().filter(|a| !excluded.contains(a)).copied().collect();
+        match least_loaded(&replicas, &sessions, &excluded, turn) {
+            None => prop_assert!(candidates.is_empty()),
+            Some(pick) => {
+                prop_assert!(candidates.contains(&pick));
+                let least = candidates.iter().map(|a| sessions[a]).min().expect("candidates");
+                prop_assert_eq!(sessions[&pick], least);
+            }
+        }
+    }
+
+    /// A node usable as a replica is a confirmed replica whose latest definite answer was not
+    /// `leader`: a node being promoted is never sent read-only sessions, whatever `rise` is.
+    #[test]
+    fn a_usable_replica_has_not_claimed_leader_since_its_last_replica_answer(
+        rise in 1..5u32,
+        fall in 1..5u32,
+        answers in vec(observed_role(), 1..60),
+    ) {
+        let mut h = RoleHistory::default();
+        for (i, answer) in answers.iter().enumerate() {
+            h.observe(answer.clone(), rise, fall);
+            let latest_definite = answers[..=i].iter().rev().find(|r| !matches!(r, Role::Down(_)));
+            if h.is_replica() {
+                prop_assert_eq!(h.role(), &Role::Replica);
+                prop_assert_eq!(latest_definite, Some(&Role::Replica), "answers {:?}", &answers[..=i]);
             }
         }
     }
