@@ -6,9 +6,9 @@
 //! ```
 //!
 //! Every section runs the targets in interleaved rounds (the order rotates each round), so drift
-//! of this noisy machine hits all of them alike, and reports medians and the ratios
-//! roleproxy/HAProxy and roleproxy/direct. Both proxies run as separate processes so their memory
-//! can be read from `/proc`.
+//! of this noisy machine hits all of them alike, and reports medians and the median over rounds
+//! of the per-round ratios roleproxy/HAProxy and roleproxy/direct. Both proxies run as separate
+//! processes so their memory can be read from `/proc`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -126,28 +126,52 @@ impl Results {
         Some(v[v.len() / 2])
     }
 
+    /// The median over rounds of `target`'s sample divided by `base`'s sample of the same round
+    /// (the issue's "median ratio"): drift between rounds cancels out within each ratio. When the
+    /// sample counts differ, the ratio of the medians.
+    fn median_ratio(&self, metric: &str, target: &str, base: &str) -> Option<f64> {
+        let samples = self.samples.get(metric)?;
+        let (t, b) = (samples.get(target)?, samples.get(base)?);
+        if t.len() != b.len() || t.is_empty() {
+            let b = self.median(metric, base)?;
+            return (b != 0.0).then(|| self.median(metric, target).map(|t| t / b))?;
+        }
+        let mut ratios: Vec<f64> = t
+            .iter()
+            .zip(b)
+            .filter(|(_, b)| **b != 0.0)
+            .map(|(t, b)| t / b)
+            .collect();
+        if ratios.is_empty() {
+            return None;
+        }
+        ratios.sort_by(|a, b| a.total_cmp(b));
+        Some(ratios[ratios.len() / 2])
+    }
+
+    /// One row per metric and roleproxy configuration: medians, and median ratios.
     fn table(&self) -> String {
         let mut out = String::from(
             "| metric | roleproxy | HAProxy | direct | roleproxy/HAProxy | roleproxy/direct |\n|---|---|---|---|---|---|\n",
         );
         let cell = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
-        for metric in self.samples.keys() {
-            let r = self.median(metric, "roleproxy");
-            let h = self.median(metric, "haproxy");
-            let d = self.median(metric, "direct");
-            let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
-                _ => "-".into(),
-            };
-            out.push_str(&format!(
-                "| {metric} ({}) | {} | {} | {} | {} | {} |\n",
-                self.units[metric],
-                cell(r),
-                cell(h),
-                cell(d),
-                ratio(r, h),
-                ratio(r, d)
-            ));
+        let ratio = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        for (metric, targets) in &self.samples {
+            for target in targets.keys().filter(|t| t.starts_with("roleproxy")) {
+                let label = match target.strip_prefix("roleproxy-") {
+                    Some(variant) => format!("{metric} [{variant}]"),
+                    None => metric.clone(),
+                };
+                out.push_str(&format!(
+                    "| {label} ({}) | {} | {} | {} | {} | {} |\n",
+                    self.units[metric],
+                    cell(self.median(metric, target)),
+                    cell(self.median(metric, "haproxy")),
+                    cell(self.median(metric, "direct")),
+                    ratio(self.median_ratio(metric, target, "haproxy")),
+                    ratio(self.median_ratio(metric, target, "direct")),
+                ));
+            }
         }
         out
     }
@@ -184,10 +208,14 @@ impl Results {
         for (metric, targets) in &self.samples {
             let mut m = serde_json::Map::new();
             for (target, values) in targets {
-                m.insert(
-                    target.clone(),
-                    json!({ "samples": values, "median": self.median(metric, target) }),
-                );
+                let mut entry = json!({ "samples": values, "median": self.median(metric, target) });
+                if target.starts_with("roleproxy") {
+                    entry["median_ratio_haproxy"] =
+                        json!(self.median_ratio(metric, target, "haproxy"));
+                    entry["median_ratio_direct"] =
+                        json!(self.median_ratio(metric, target, "direct"));
+                }
+                m.insert(target.clone(), entry);
             }
             m.insert("unit".into(), json!(self.units[metric]));
             metrics.insert(metric.clone(), serde_json::Value::Object(m));
@@ -426,14 +454,17 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     };
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
     let local = cluster.pg_addr(0);
-    // A variant is a `proxy.copy` mode, `preconnect` (auto copy, 4 warm connections), or
-    // `threadsN` (auto copy, `proxy.threads = N`).
+    // A variant is a `proxy.copy` mode, `preconnect` or `preconnectN` (auto copy, 4 or N warm
+    // connections), or `threadsN` (auto copy, `proxy.threads = N`).
     let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, variant: &str| {
         let threads = variant
             .strip_prefix("threads")
             .and_then(|n| n.parse::<usize>().ok());
+        let warm = variant
+            .strip_prefix("preconnect")
+            .map(|n| n.parse::<usize>().unwrap_or(4));
         let (copy, preconnect) = match variant {
-            "preconnect" => ("auto", 4),
+            _ if warm.is_some() => ("auto", warm.unwrap_or(4)),
             _ if threads.is_some() => ("auto", 0),
             mode => (mode, 0),
         };
