@@ -258,22 +258,23 @@ async fn hostile_clients_do_not_hurt_others() {
     let flood = vec![b'x'; 1 << 20];
     let writer = tokio::spawn(async move {
         // Stops when the socket buffers on every hop are full: back-pressure, not memory.
-        for _ in 0..64 {
-            if tokio::time::timeout(
-                Duration::from_secs(2),
-                stalled.reader.get_mut().write_all(&flood),
-            )
-            .await
-            .is_err()
-            {
-                return true;
+        // Linux autotunes each receive buffer up to net.ipv4.tcp_rmem's maximum (32 MiB on
+        // these machines), so the hops between here and the backend and back can hold well
+        // over 100 MiB; 1 GiB without a stall would mean something grows without bound.
+        for i in 0..1024 {
+            let write = stalled.reader.get_mut().write_all(&flood);
+            match tokio::time::timeout(Duration::from_secs(2), write).await {
+                Err(_) => return Ok(i),
+                Ok(Err(e)) => return Err(format!("the session broke after {i} MiB: {e}")),
+                Ok(Ok(())) => {}
             }
         }
-        false
+        Err("1 GiB went in without the writer ever waiting".to_string())
     });
+    let accepted = writer.await.unwrap();
     assert!(
-        writer.await.unwrap(),
-        "a client that stops reading is back-pressured"
+        accepted.is_ok(),
+        "a client that stops reading is back-pressured: {accepted:?}"
     );
     for _ in 0..5 {
         assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
