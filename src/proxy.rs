@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -147,13 +147,9 @@ pub async fn accept_loop(
         match Arc::clone(&sessions.limit).try_acquire_owned() {
             Ok(permit) => {
                 let plan = Arc::clone(&plan);
-                sessions.tracker.spawn(
-                    async move {
-                        serve_client(stream, &plan).await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
+                sessions
+                    .tracker
+                    .spawn(serve_client(stream, plan, permit).instrument(span));
             }
             Err(_) => {
                 m::session_result(&plan.name, "limit");
@@ -284,7 +280,9 @@ enum Drain {
     Never,
 }
 
-async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
+/// Connects a client to what its listener serves, then hands the session to a task of its own;
+/// `permit` counts it against `max_connections` until it ends.
+async fn serve_client(client: TcpStream, plan: Arc<ListenerPlan>, permit: OwnedSemaphorePermit) {
     let sessions = &plan.sessions;
     let accepted = Instant::now();
     let mut route = sessions.shared.route.clone();
@@ -309,61 +307,111 @@ async fn serve_client(client: TcpStream, plan: &ListenerPlan) {
         _ = sessions.hard_stop.cancelled() => Err(NoLeader::Shutdown),
         c = connecting => c,
     };
-    let connected = match connected {
-        Ok(found) => found,
-        Err(reason) => {
-            m::leader_wait(accepted.elapsed());
-            let (result, code) = match &reason {
-                NoLeader::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
-                NoLeader::Unreachable { .. } | NoLeader::BackendUnreachable { .. } => {
-                    ("unreachable", pgwire::CANNOT_CONNECT_NOW)
-                }
-                NoLeader::Shutdown => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
-                _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
-            };
-            let message = match (&reason, plan.serves) {
-                (NoLeader::OutOfResources(_), _) => {
-                    format!("sorry, too many clients already: {reason}")
-                }
-                (_, Serves::Leader) => {
-                    format!("no leader available for {}: {reason}", sessions.cluster)
-                }
-                (_, Serves::Replica { .. }) => {
-                    format!("no replica available for {}: {reason}", sessions.cluster)
-                }
-                (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
-            };
-            m::session_result(&plan.name, result);
-            tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
-            refuse(client, code, &message).await;
-            return;
-        }
-    };
     m::leader_wait(accepted.elapsed());
-    let Connected {
-        stream,
-        addr,
-        drain,
-        _counted,
-    } = connected;
-    tune(&stream);
-    m::session_started(&plan.name);
-    tracing::debug!(backend = %addr, "session started");
-    let drained = async {
-        match drain {
+    match connected {
+        // Its own function, so an open session's task holds only what copying needs, not
+        // what connecting or refusing needed (idle sessions are most sessions).
+        Ok(Connected {
+            stream,
+            addr,
+            drain,
+            _counted,
+        }) => {
+            let drainer = Drainer {
+                drain,
+                route,
+                replicas,
+                addr,
+            };
+            // A task of its own, so what connecting took is freed and an open session holds
+            // only what copying needs: idle sessions are most sessions, and this is their memory.
+            let session = run_session(
+                client,
+                stream,
+                drainer,
+                (_counted, permit),
+                Arc::clone(&plan),
+            );
+            sessions
+                .tracker
+                .spawn(session.instrument(tracing::Span::current()));
+        }
+        Err(reason) => refuse_client(client, reason, accepted, &plan).await,
+    }
+}
+
+/// Tells a client that could not be given a backend why, as a Postgres error.
+async fn refuse_client(
+    client: TcpStream,
+    reason: NoLeader,
+    accepted: Instant,
+    plan: &ListenerPlan,
+) {
+    let sessions = &plan.sessions;
+    let (result, code) = match &reason {
+        NoLeader::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
+        NoLeader::Unreachable { .. } | NoLeader::BackendUnreachable { .. } => {
+            ("unreachable", pgwire::CANNOT_CONNECT_NOW)
+        }
+        NoLeader::Shutdown => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
+        _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
+    };
+    let message = match (&reason, plan.serves) {
+        (NoLeader::OutOfResources(_), _) => {
+            format!("sorry, too many clients already: {reason}")
+        }
+        (_, Serves::Leader) => {
+            format!("no leader available for {}: {reason}", sessions.cluster)
+        }
+        (_, Serves::Replica { .. }) => {
+            format!("no replica available for {}: {reason}", sessions.cluster)
+        }
+        (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
+    };
+    m::session_result(&plan.name, result);
+    tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
+    refuse(client, code, &message).await;
+}
+
+/// What ends a session besides its client: its node no longer being what the listener serves.
+struct Drainer {
+    drain: Drain,
+    route: watch::Receiver<Route>,
+    replicas: watch::Receiver<Vec<SocketAddr>>,
+    addr: SocketAddr,
+}
+
+impl Drainer {
+    async fn drained(&mut self) {
+        match self.drain {
             Drain::Route(generation) => {
-                let _ = route.wait_for(|r| r.generation != generation).await;
+                let _ = self.route.wait_for(|r| r.generation != generation).await;
                 tracing::info!(generation, "route moved; closing session");
             }
             Drain::Replica => {
-                let _ = replicas.wait_for(|set| !set.contains(&addr)).await;
+                let addr = self.addr;
+                let _ = self.replicas.wait_for(|set| !set.contains(&addr)).await;
                 tracing::info!(backend = %addr, "no longer a replica; closing session");
             }
             Drain::Never => std::future::pending().await,
         }
-    };
-    let (result, up, down) = splice(client, stream, drained, sessions).await;
-    tracing::debug!(backend = %addr, result, bytes_up = up, bytes_down = down, "session ended");
+    }
+}
+
+/// Copies a connected session until it ends. `_counted` holds its place in the backend's
+/// session count and in `max_connections` until then.
+async fn run_session(
+    client: TcpStream,
+    backend: TcpStream,
+    mut drainer: Drainer,
+    _counted: (SessionGuard, OwnedSemaphorePermit),
+    plan: Arc<ListenerPlan>,
+) {
+    tune(&backend);
+    m::session_started(&plan.name);
+    tracing::debug!(backend = %drainer.addr, "session started");
+    let (result, up, down) = splice(client, backend, &mut drainer, &plan.sessions).await;
+    tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
 }
 
@@ -607,13 +655,13 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
     }
 }
 
-/// Copies both ways until both sides are done, `drained` resolves (the route moved), the
-/// session idles out, or the process stops. Returns the result label and bytes copied
-/// (client→backend, backend→client).
+/// Copies both ways until both sides are done, the drainer says the node is no longer what
+/// the listener serves, the session idles out, or the process stops. Returns the result label and bytes
+/// copied (client→backend, backend→client).
 async fn splice(
     client: TcpStream,
     backend: TcpStream,
-    drained: impl std::future::Future<Output = ()>,
+    drainer: &mut Drainer,
     sessions: &Sessions,
 ) -> (&'static str, u64, u64) {
     let activity = copy::Activity::new();
@@ -643,7 +691,7 @@ async fn splice(
                 "error"
             }
         },
-        _ = drained => "drained",
+        _ = drainer.drained() => "drained",
         _ = idle => {
             tracing::info!(?idle_timeout, "idle timeout; closing session");
             "idle_timeout"
