@@ -216,7 +216,10 @@ async fn reload(state: &AdminState, method: &Method) -> Response<Full<Bytes>> {
     };
     match reloader.reload().await {
         Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
-        Err(e @ (ReloadError::Config(_) | ReloadError::Bind { .. })) => text(
+        Err(
+            e
+            @ (ReloadError::Config(_) | ReloadError::Bind { .. } | ReloadError::CheckFails { .. }),
+        ) => text(
             StatusCode::BAD_REQUEST,
             format!("reload refused, the running configuration stays: {e}\n"),
         ),

@@ -76,6 +76,12 @@ impl std::fmt::Debug for Probe {
 }
 
 impl CheckSettings {
+    /// Where a backend's role is asked.
+    pub fn endpoint(&self, backend: SocketAddr) -> SocketAddr {
+        self.port
+            .map_or(backend, |port| SocketAddr::new(backend.ip(), port))
+    }
+
     pub fn from_config(c: &CheckConfig) -> CheckSettings {
         let probe = match c.kind {
             CheckKind::HttpBody => Probe::HttpBody {
@@ -326,9 +332,7 @@ pub fn spawn_loop(
     route: watch::Receiver<Route>,
     cancel: CancellationToken,
 ) {
-    let endpoint = settings
-        .port
-        .map_or(backend, |port| SocketAddr::new(backend.ip(), port));
+    let endpoint = settings.endpoint(backend);
     tokio::spawn(async move {
         recheck.mark_unchanged();
         loop {

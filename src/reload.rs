@@ -17,8 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
-use crate::leader::{Event, ListenerStatus, Shared, ViewSettings};
+use crate::leader::{Event, ListenerStatus, Role, Shared, ViewSettings};
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
 
@@ -36,6 +37,10 @@ pub enum ReloadError {
     },
     #[error("the proxy is shutting down")]
     Stopped,
+    /// The new `[check]` could not even ask the current leader (wrong port, path, password):
+    /// applied, it would take every node down and close every session.
+    #[error("check: the new settings cannot check the current leader {leader}: {error}")]
+    CheckFails { leader: SocketAddr, error: String },
 }
 
 type ListenerKey = (String, SocketAddr);
@@ -172,6 +177,22 @@ impl Running {
         })
     }
 
+    /// Runs one check of the current leader with the new settings. Only a check that fails
+    /// outright refuses the reload; an answer of another role is the new settings' verdict.
+    async fn try_check(&self, new: &Config) -> Result<(), ReloadError> {
+        let Some(leader) = self.shared.route.borrow().leader() else {
+            return Ok(());
+        };
+        let settings = CheckSettings::from_config(&new.check);
+        match check::check_role(settings.endpoint(leader), &settings).await {
+            Some(Observation {
+                role: Role::Down(error),
+                ..
+            }) => Err(ReloadError::CheckFails { leader, error }),
+            _ => Ok(()),
+        }
+    }
+
     /// Tells `/status` and the stats page which listeners run, in configuration order, and the
     /// cluster's name.
     fn publish_listeners(&self) {
@@ -224,6 +245,9 @@ impl Running {
 
     /// Applies a validated configuration; returns what changed, in words.
     pub async fn apply(&mut self, new: Config) -> Result<String, ReloadError> {
+        if new.check != self.config.check {
+            self.try_check(&new).await?;
+        }
         // Bind first: a taken port refuses the whole reload.
         let mut wanted: BTreeMap<ListenerKey, ListenerConfig> = BTreeMap::new();
         for spec in new.all_listeners() {

@@ -107,6 +107,15 @@ async fn reload_opens_and_closes_listeners_and_keeps_sessions_on_an_unchanged_le
     let (code, body) = proxy.post("/reload").await;
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("TOML parse error"), "{body}");
+    // Settings that cannot even ask the leader (nothing answers on port 1) would take every
+    // node down: refused before anything changes.
+    file.write(&with_replicas.clone_with("check.port", "1"));
+    let (code, body) = proxy.post("/reload").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("cannot check the current leader") && body.contains(&cluster.nodes[0].addr()),
+        "{body}"
+    );
     assert!(Client::connect(replicas, LONG).await.is_some());
     assert!(session.echo("after a refused reload").await);
 
