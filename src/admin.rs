@@ -65,18 +65,8 @@ impl AdminState {
             .lock()
             .map(|t| *t)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        let sessions = self
-            .shared
-            .sessions
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
-        let mut backends = self
-            .shared
-            .backends
-            .lock()
-            .map(|b| b.clone())
-            .unwrap_or_default();
+        let sessions = snapshot(&self.shared.sessions);
+        let mut backends = snapshot(&self.shared.backends);
         for backend in &mut backends {
             backend.sessions = sessions.get(&backend.address).copied().unwrap_or(0);
         }
@@ -86,20 +76,9 @@ impl AdminState {
             .lock()
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default();
-        let listeners = self
-            .shared
-            .listeners
-            .lock()
-            .map(|l| l.clone())
-            .unwrap_or_default();
         Status {
-            listeners,
-            cluster: self
-                .shared
-                .cluster
-                .lock()
-                .map(|c| c.clone())
-                .unwrap_or_default(),
+            listeners: snapshot(&self.shared.listeners),
+            cluster: snapshot(&self.shared.cluster),
             route_text: describe_route(&route),
             route,
             route_since_unix_ms: unix_ms(since),
@@ -110,6 +89,11 @@ impl AdminState {
 }
 
 pub use crate::leader::unix_ms;
+
+/// A copy of shared state for one answer; a poisoned lock gives the empty value, not a panic.
+fn snapshot<T: Clone + Default>(shared: &std::sync::Mutex<T>) -> T {
+    shared.lock().map(|v| v.clone()).unwrap_or_default()
+}
 
 /// Serves admin requests until `cancel` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
