@@ -1754,14 +1754,22 @@ proptest! {
                 matches!(default.target, Target::None(NoRoute::SplitBrain(_))),
                 "the policy only settles split brains: {:?} vs {:?}", next, default
             );
-            if let Some(chosen) = next.target.backend() {
-                let chosen = v.iter().find(|b| b.addr == chosen).expect("a backend");
+            let chosen = next.target.backend().and_then(|c| v.iter().find(|b| b.addr == c));
+            // A route to a node that does not claim leader can only be the previous leader held
+            // (maintenance): the newest claim had left DNS, as if it were the only claim.
+            if let Some(held) = chosen.filter(|b| *b.role != Role::Leader) {
+                prop_assert_eq!(Some(held.addr), previous.target.backend());
+                prop_assert!(matches!(next.target, Target::Held(_)), "{:?}", next);
+            }
+            if let Some(chosen) = chosen.filter(|b| *b.role == Role::Leader) {
                 let rivals: Vec<&BackendView<'_>> = v
                     .iter()
                     .filter(|b| *b.role == Role::Leader && b.discovered == chosen.discovered && b.addr != chosen.addr)
                     .filter(|b| b.discovered || b.present)
                     .collect();
-                prop_assert!(chosen.timeline.is_some());
+                // Chosen over rivals of its own kind (discovered or backup) only when newer than
+                // each; with none, it was chosen as the only claim of its kind.
+                prop_assert!(rivals.is_empty() || chosen.timeline.is_some());
                 for rival in rivals {
                     prop_assert!(
                         rival.timeline.is_some() && rival.timeline < chosen.timeline,
