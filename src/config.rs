@@ -497,25 +497,39 @@ impl Expander<'_> {
         })
     }
 
-    /// Addresses to connect to: port 0 is never right there.
-    fn addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-        values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                let key = format!("{key}[{i}]");
-                let addr = self.addr(&key, v)?;
-                let listening = key.starts_with("listen.") || key.starts_with("listeners[");
-                if addr.port() == 0 && !listening {
-                    return Err(invalid(
-                        &key,
-                        format!("port 0 in {addr} cannot be connected to"),
-                    ));
-                }
-                Ok(addr)
-            })
-            .collect()
+    /// An address to connect to: port 0 is never right there.
+    fn connect_addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+        let addr = self.addr(key, value)?;
+        if addr.port() == 0 {
+            return Err(invalid(
+                key,
+                format!("port 0 in {addr} cannot be connected to"),
+            ));
+        }
+        Ok(addr)
     }
+
+    /// Addresses to listen on (port 0: any free port, as the tests use).
+    fn listen_addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+        list(key, values, |key, v| self.addr(key, v))
+    }
+
+    fn connect_addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+        list(key, values, |key, v| self.connect_addr(key, v))
+    }
+}
+
+/// Each value of a list, read by `one` under its own key (`key[i]`).
+fn list<T>(
+    key: &str,
+    values: &[String],
+    one: impl Fn(&str, &str) -> Result<T, ConfigError>,
+) -> Result<Vec<T>, ConfigError> {
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| one(&format!("{key}[{i}]"), v))
+        .collect()
 }
 
 /// Accepts `1.2.3.4:5`, `[::1]:5` and also `[1.2.3.4]:5`, which the Fly template produces
@@ -571,7 +585,7 @@ fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
 impl RawConfig {
     fn validate(self, x: &Expander) -> Result<Config, ConfigError> {
         let listen = ListenConfig {
-            addresses: x.addrs("listen.addresses", &self.listen.addresses)?,
+            addresses: x.listen_addrs("listen.addresses", &self.listen.addresses)?,
         };
         if listen.addresses.is_empty() {
             return Err(invalid(
@@ -615,12 +629,12 @@ impl RawConfig {
         }
         let backends = BackendsConfig {
             port: b.port,
-            nameservers: x.addrs("backends.nameservers", &b.nameservers)?,
+            nameservers: x.connect_addrs("backends.nameservers", &b.nameservers)?,
             prefer,
             max: b.max,
             resolve_interval: x.duration("backends.resolve_interval", &b.resolve_interval)?,
             resolve_timeout: x.duration("backends.resolve_timeout", &b.resolve_timeout)?,
-            backup: x.addrs("backends.backup", &b.backup)?,
+            backup: x.connect_addrs("backends.backup", &b.backup)?,
             dns_names,
         };
         if backends.dns_names.is_empty() && backends.backup.is_empty() {
@@ -890,7 +904,7 @@ fn validate_listeners(
             ));
         }
         names.push(name.clone());
-        let addresses = x.addrs(&key("addresses"), &l.addresses)?;
+        let addresses = x.listen_addrs(&key("addresses"), &l.addresses)?;
         if addresses.is_empty() {
             return Err(invalid(&key("addresses"), "must list at least one address"));
         }
@@ -915,17 +929,11 @@ fn validate_listeners(
                         "only used with serves = \"replica\"",
                     ));
                 }
-                let target = x.addr(&key("target"), target)?;
+                let target = x.connect_addr(&key("target"), target)?;
                 if addresses.contains(&target) {
                     return Err(invalid(
                         &key("target"),
                         format!("{target} is this listener's own address: clients would loop"),
-                    ));
-                }
-                if target.port() == 0 {
-                    return Err(invalid(
-                        &key("target"),
-                        format!("port 0 in {target} cannot be connected to"),
                     ));
                 }
                 Serves::Target(target)
