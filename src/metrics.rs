@@ -4,7 +4,7 @@
 //! `listener` and `result` labels.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{
@@ -103,26 +103,26 @@ fn describe() {
     describe_counter!(CONNECT_FAILURES_TOTAL, "Failed connects to a backend");
 }
 
-pub fn session_started(listener: &str) {
-    gauge!(SESSIONS_ACTIVE, "listener" => listener.to_string()).increment(1.0);
+pub fn session_started(listener: &Arc<str>) {
+    gauge!(SESSIONS_ACTIVE, "listener" => Arc::clone(listener)).increment(1.0);
 }
 
 /// Ends a session that was counted by [`session_started`].
 pub fn session_ended(
-    listener: &str,
+    listener: &Arc<str>,
     result: &'static str,
     client_to_backend: u64,
     backend_to_client: u64,
 ) {
-    gauge!(SESSIONS_ACTIVE, "listener" => listener.to_string()).decrement(1.0);
+    gauge!(SESSIONS_ACTIVE, "listener" => Arc::clone(listener)).decrement(1.0);
     session_result(listener, result);
     counter!(BYTES_TOTAL, "direction" => "client_to_backend").increment(client_to_backend);
     counter!(BYTES_TOTAL, "direction" => "backend_to_client").increment(backend_to_client);
 }
 
 /// Counts a client that never became a session (refused, or gave up waiting).
-pub fn session_result(listener: &str, result: &'static str) {
-    counter!(SESSIONS_TOTAL, "listener" => listener.to_string(), "result" => result).increment(1);
+pub fn session_result(listener: &Arc<str>, result: &'static str) {
+    counter!(SESSIONS_TOTAL, "listener" => Arc::clone(listener), "result" => result).increment(1);
 }
 
 pub fn check_result(backend: SocketAddr, role: &Role, latency: Duration) {

@@ -94,8 +94,9 @@ impl Sessions {
 /// What one listener does with its clients. A reload sends a new plan; sessions keep the plan
 /// they started with.
 pub struct ListenerPlan {
-    /// Names the listener in logs.
-    pub name: String,
+    /// Names the listener in logs and metric labels (shared, so labelling a session does not
+    /// allocate).
+    pub name: Arc<str>,
     pub serves: Serves,
     pub sessions: Arc<Sessions>,
 }
@@ -440,7 +441,7 @@ async fn connect_replica(
                 TcpStream::connect(addr),
             )
             .await;
-            match attempt {
+            let error = match attempt {
                 Ok(Ok(stream)) => {
                     return Ok(Connected {
                         stream,
@@ -452,13 +453,12 @@ async fn connect_replica(
                 Ok(Err(e)) if is_local_shortage(&e) => {
                     return Err(NoLeader::OutOfResources(e.to_string()))
                 }
-                Ok(Err(e)) => last_error = Some((addr, e.to_string())),
-                Err(_) => last_error = Some((addr, "connect timed out".into())),
-            }
-            if let Some((addr, error)) = &last_error {
-                tracing::warn!(backend = %addr, %error, "connect to replica failed");
-                m::connect_failed(*addr);
-            }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "connect timed out".to_string(),
+            };
+            tracing::warn!(backend = %addr, %error, "connect to replica failed");
+            m::connect_failed(addr);
+            last_error = Some((addr, error));
             failed.push(addr);
             continue;
         }
@@ -481,19 +481,12 @@ async fn connect_replica(
             return Err(match last_error {
                 Some((addr, error)) => NoLeader::BackendUnreachable { addr, error },
                 None if fallback_to_leader => {
-                    NoLeader::NoReplica(format!(" and {}", describe_no_leader(&route.borrow())))
+                    let leader = no_leader_reason(&route.borrow(), None);
+                    NoLeader::NoReplica(format!(" and {leader}"))
                 }
                 None => NoLeader::NoReplica(String::new()),
             });
         }
-    }
-}
-
-fn describe_no_leader(route: &Route) -> String {
-    match &route.target {
-        Target::Leader(addr) => format!("leader {addr} was not reachable in time"),
-        Target::Held(addr) => format!("leader {addr} is in maintenance or left DNS"),
-        Target::None(reason) => reason.to_string(),
     }
 }
 

@@ -171,7 +171,7 @@ impl Running {
 
     fn plan(&self, spec: &ListenerConfig) -> Arc<ListenerPlan> {
         Arc::new(ListenerPlan {
-            name: spec.name.clone(),
+            name: spec.name.as_str().into(),
             serves: spec.serves,
             sessions: Arc::clone(&self.sessions),
         })
