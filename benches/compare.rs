@@ -37,8 +37,8 @@ struct Args {
     pgbench_secs: u64,
     /// Failovers of each kind.
     failovers: usize,
-    /// Extra roleproxy targets: another `proxy.copy` mode (`buffered`, `splice`) or
-    /// `preconnect`.
+    /// Extra targets: another `proxy.copy` mode (`buffered`, `splice`), `preconnectN`,
+    /// `threadsN` (pgbench section), or `tokio-copy` (the calibration proxy, pgbench and bulk).
     variants: Vec<String>,
 }
 
@@ -157,10 +157,13 @@ impl Results {
         let cell = |v: Option<f64>| v.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into());
         let ratio = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
         for (metric, targets) in &self.samples {
-            for target in targets.keys().filter(|t| t.starts_with("roleproxy")) {
-                let label = match target.strip_prefix("roleproxy-") {
-                    Some(variant) => format!("{metric} [{variant}]"),
-                    None => metric.clone(),
+            for target in targets.keys().filter(|t| is_compared(t)) {
+                let label = match target.as_str() {
+                    "roleproxy" => metric.clone(),
+                    other => {
+                        let variant = other.strip_prefix("roleproxy-").unwrap_or(other);
+                        format!("{metric} [{variant}]")
+                    }
                 };
                 out.push_str(&format!(
                     "| {label} ({}) | {} | {} | {} | {} | {} |\n",
@@ -209,7 +212,7 @@ impl Results {
             let mut m = serde_json::Map::new();
             for (target, values) in targets {
                 let mut entry = json!({ "samples": values, "median": self.median(metric, target) });
-                if target.starts_with("roleproxy") {
+                if is_compared(target) {
                     entry["median_ratio_haproxy"] =
                         json!(self.median_ratio(metric, target, "haproxy"));
                     entry["median_ratio_direct"] =
@@ -222,6 +225,12 @@ impl Results {
         }
         serde_json::Value::Object(metrics)
     }
+}
+
+/// Targets reported as ratios to HAProxy and direct: roleproxy, its variants and the
+/// calibration proxy.
+fn is_compared(target: &str) -> bool {
+    target != "haproxy" && target != "direct"
 }
 
 /// roleproxy as its own process, so its memory is its own.
@@ -350,6 +359,11 @@ async fn bulk_section(args: &Args, results: &mut Results) {
     .await
     .expect("start haproxy");
     let mut targets = vec![("roleproxy", rp), ("haproxy", hp), ("direct", cluster.node)];
+    if args.variants.iter().any(|v| v == "tokio-copy") {
+        let calibration = addr(26434);
+        tokio_copy_proxy(calibration, cluster.node);
+        targets.push(("tokio-copy", calibration));
+    }
     for (_, a) in &targets {
         wait_routed(*a).await;
     }
@@ -487,6 +501,11 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         .enumerate()
     {
         let listen = pg_addr(26480 + i as u16);
+        if mode == "tokio-copy" {
+            tokio_copy_proxy(listen, local);
+            targets.push((mode.to_string(), listen));
+            continue;
+        }
         let admin = pg_addr(26490 + i as u16);
         roleproxies.push(roleproxy_process(
             &roleproxy_config(listen, admin, mode),
@@ -533,6 +552,32 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         _haproxy: haproxy,
         targets,
     }
+}
+
+/// The calibration point: a plain tokio `copy_bidirectional` proxy to the leader, on a
+/// runtime of its own (one worker per CPU) so it does not share the benchmark's.
+fn tokio_copy_proxy(listen: SocketAddr, backend: SocketAddr) {
+    let listener = std::net::TcpListener::bind(listen).expect("bind tokio-copy");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((mut client, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        });
+    });
 }
 
 fn pgbench_bin() -> PathBuf {
