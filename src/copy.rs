@@ -24,6 +24,11 @@ use tokio::time::Instant;
 
 /// Bytes moved per read; also the size of a pooled buffer.
 const CHUNK: usize = 64 * 1024;
+/// In [`Mode::Auto`], a read of at least this many bytes starts splicing its direction.
+const BULK_STARTS_AT: usize = CHUNK / 2;
+/// In [`Mode::Auto`], a splice of fewer bytes stops splicing its direction. The messages of
+/// an interactive Postgres session are far smaller than both thresholds.
+const BULK_STOPS_BELOW: usize = 16 * 1024;
 /// Pipe size asked for; pipes are only held while bytes move, so this costs nothing idle.
 const PIPE_SIZE: usize = 1024 * 1024;
 /// Linux's default pipe size.
@@ -43,7 +48,7 @@ pub enum Mode {
     /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
     Splice,
     /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
-    /// direction is moving bulk data (a read filled the whole buffer).
+    /// direction is moving bulk data (a read brought half a buffer or more).
     Auto,
 }
 
@@ -267,8 +272,7 @@ impl<'a> Pump<'a> {
                 // A short read drained the socket: skip the read that would only say EAGAIN.
                 ready.clear_ready();
             }
-            // A full buffer means bulk is flowing; a small splice means it has stopped.
-            self.bulk = n >= CHUNK;
+            self.bulk = moving_bulk(self.bulk, n);
             self.counter.fetch_add(n as u64, Ordering::Relaxed);
             self.activity.touch();
             self.chunk = Some(chunk);
@@ -314,6 +318,18 @@ impl<'a> Pump<'a> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
+    }
+}
+
+/// Whether a direction moves bulk data after a read of `n` bytes. Bulk starts with a read of
+/// half a buffer or more, not a full one: a loopback segment is 65,483 bytes, just short of a
+/// buffer, so a proxy that keeps up would never see a full read. It stops with a small read,
+/// not a short one: splices often stop short of a buffer's worth while bulk still flows.
+fn moving_bulk(was_bulk: bool, n: usize) -> bool {
+    n >= if was_bulk {
+        BULK_STOPS_BELOW
+    } else {
+        BULK_STARTS_AT
     }
 }
 
@@ -626,6 +642,31 @@ mod tests {
         };
         let (_, _, got) = tokio::join!(copier, server, client_side);
         assert_eq!(got, b"FATAL: terminating connection");
+    }
+
+    #[test]
+    fn bulk_starts_with_big_reads_and_stops_with_small_ones() {
+        let cases = [
+            // (was bulk, bytes read, bulk after)
+            (false, 200, false),   // a query
+            (false, 8_192, false), // a row batch
+            (false, 32_767, false),
+            (false, 32_768, true),
+            (false, 65_483, true), // one loopback segment
+            (false, 65_536, true), // a full buffer
+            (true, 65_483, true),
+            (true, 29_696, true), // a splice cut short by the pipe
+            (true, 16_384, true),
+            (true, 16_383, false),
+            (true, 212, false), // the stream went quiet
+        ];
+        for (was_bulk, n, expected) in cases {
+            assert_eq!(
+                moving_bulk(was_bulk, n),
+                expected,
+                "was {was_bulk}, read {n}"
+            );
+        }
     }
 
     #[tokio::test]
