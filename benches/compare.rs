@@ -45,10 +45,11 @@ struct Args {
 fn args() -> Args {
     let mut args = Args {
         rounds: 5,
+        // The raw TCP sections first, before the Postgres cluster is started.
         sections: vec![
-            "pgbench".into(),
             "bulk".into(),
             "idle".into(),
+            "pgbench".into(),
             "failover".into(),
         ],
         json: PathBuf::from("target/compare.json"),
@@ -828,16 +829,13 @@ fn main() {
         .expect("runtime");
     let mut results = Results::default();
     runtime.block_on(async {
-        let needs_pg = args
-            .sections
-            .iter()
-            .any(|s| s == "pgbench" || s == "failover");
-        let pg = if needs_pg {
-            Some(pg_bench_setup(&args).await)
-        } else {
-            None
-        };
+        // The Postgres cluster starts with the first section that needs it, so the raw TCP
+        // sections do not share the machine with its checkpoints, replication and checks.
+        let mut pg: Option<PgBench> = None;
         for section in &args.sections {
+            if matches!(section.as_str(), "pgbench" | "failover") && pg.is_none() {
+                pg = Some(pg_bench_setup(&args).await);
+            }
             match (section.as_str(), &pg) {
                 ("bulk", _) => bulk_section(&args, &mut results).await,
                 ("idle", _) => idle_section(&args, &mut results).await,
