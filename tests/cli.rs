@@ -14,6 +14,54 @@ fn write_config(name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// The proxy started on a config file, with its log lines streamed to a channel.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn start(config: &std::path::Path) -> Running {
+        let mut child = Command::new(BIN)
+            .args(["--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starts");
+        let logs = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(logs).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// The first log line from now on that contains `words`.
+    fn wait_for(&self, words: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(words) => return line,
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        panic!("the proxy never logged {words:?}");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+}
+
 #[test]
 fn check_prints_the_effective_config_of_the_shipped_file() {
     let output = Command::new(BIN)
@@ -79,34 +127,13 @@ fn sigterm_stops_the_proxy_with_exit_zero() {
         "[listen]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"\"\n\
          [backends]\ndns_names = []\nbackup = [\"127.0.0.1:1\"]\n[check]\nport = 1\n",
     );
-    let mut child = Command::new(BIN)
-        .args(["--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starts");
-    // Wait for the "listening" line so the signal handlers are installed.
-    let logs = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(logs).lines().map_while(Result::ok) {
-            if line.contains("listening") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("proxy reports listening");
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    let mut proxy = Running::start(&path);
+    // Once it says "listening", the signal handlers are installed.
+    proxy.wait_for("listening");
+    proxy.signal("TERM");
     let started = Instant::now();
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = proxy.child.try_wait().expect("wait") {
             assert!(status.success(), "exit status {status:?}");
             break;
         }
@@ -185,40 +212,8 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
     let base = "[listen]\naddresses = [\"127.57.0.1:0\"]\n[admin]\naddress = \"\"\n\
          [backends]\ndns_names = []\nbackup = [\"127.57.0.1:1\"]\n[check]\nport = 1\n";
     let path = write_config("sighup", base);
-    let mut child = Command::new(BIN)
-        .args(["--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starts");
-    let logs = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(logs).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let wait_for = |words: &str| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains(words) => return line,
-                Ok(_) => continue,
-                Err(_) => break,
-            }
-        }
-        panic!("the proxy never logged {words:?}");
-    };
-    let hangup = || {
-        let status = Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    };
-    wait_for("listening");
+    let mut proxy = Running::start(&path);
+    proxy.wait_for("listening");
 
     // A new listener forwarding to a fixed target opens on SIGHUP.
     let target = std::net::TcpListener::bind("127.57.0.99:0").expect("bind the target");
@@ -227,8 +222,8 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
         target.local_addr().expect("target address")
     );
     std::fs::write(&path, &added).expect("rewrite config");
-    hangup();
-    wait_for("opened local");
+    proxy.signal("HUP");
+    proxy.wait_for("opened local");
     let _client =
         std::net::TcpStream::connect("127.57.0.1:6010").expect("the new listener accepts");
     target.set_nonblocking(false).expect("blocking accept");
@@ -238,13 +233,16 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
 
     // A bad file is refused in the log; the process and its listeners stay.
     std::fs::write(&path, format!("{added}[proxy]\ncopy = \"zero\"\n")).expect("rewrite config");
-    hangup();
-    let refused = wait_for("reload refused");
+    proxy.signal("HUP");
+    let refused = proxy.wait_for("reload refused");
     assert!(refused.contains("proxy.copy"), "{refused}");
-    assert!(child.try_wait().expect("wait").is_none(), "still running");
+    assert!(
+        proxy.child.try_wait().expect("wait").is_none(),
+        "still running"
+    );
     assert!(std::net::TcpStream::connect("127.57.0.1:6010").is_ok());
 
-    let _ = child.kill();
-    let _ = child.wait();
+    let _ = proxy.child.kill();
+    let _ = proxy.child.wait();
     let _ = std::fs::remove_file(path);
 }
