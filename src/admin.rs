@@ -400,6 +400,16 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<serde_json::Value, StatusE
         .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
 }
 
+/// The strings of a JSON array (none if it is not one).
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect()
+}
+
 /// `/status` as a table for a terminal, like `patronictl list`. Pure.
 pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
     let ago = |ms: Option<u64>| match ms {
@@ -453,12 +463,7 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         if backend["present"] == false {
             role_text.push_str(", left DNS");
         }
-        let sources: Vec<&str> = backend["sources"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.as_str())
-            .collect();
+        let sources = strings(&backend["sources"]);
         rows.push([
             backend["address"].as_str().unwrap_or("?").to_string(),
             sources.join(","),
@@ -485,12 +490,7 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         out.push('\n');
     }
     for listener in status["listeners"].as_array().into_iter().flatten() {
-        let addresses: Vec<&str> = listener["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a.as_str())
-            .collect();
+        let addresses = strings(&listener["addresses"]);
         out.push_str(&format!(
             "listener {} on {}: {}\n",
             listener["name"].as_str().unwrap_or("?"),
