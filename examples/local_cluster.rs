@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use roleproxy_testkit::cluster::{
-    try_http_get, ClusterSpec, Failover, LocalCluster, NodeStatus, Started,
+    try_http_get, ClusterError, ClusterSpec, Failover, LocalCluster, NodeStatus, Started,
 };
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
@@ -41,7 +41,8 @@ commands (nodes are numbered from 1: node 1 is 127.0.0.11):
   start N      start node N; rebuilt as a replica when another node leads
   promote N    promote node N (with a live leader: a split brain, on purpose)
   dns N..      make DNS answer with only these nodes, e.g. `dns 1 2` (none: no addresses)
-  restore      make every other node a streaming replica of the leader (after a failover)
+  restore [N]  make every other node a streaming replica of the leader (after a failover);
+               with N, of node N, which stays leader (the way out of a split brain)
   help         this text
   quit         stop everything (also Ctrl-C or end of input)";
 
@@ -105,6 +106,7 @@ async fn main() -> ExitCode {
 
 async fn run(args: &Args) -> Result<(), String> {
     let mut interrupts = Interrupts::install()?;
+    check_ports(args)?;
     let spec = ClusterSpec {
         tls: args.tls,
         ..ClusterSpec::demo()
@@ -144,6 +146,26 @@ async fn run(args: &Args) -> Result<(), String> {
         println!("stopped; {} removed", root.display());
     }
     outcome
+}
+
+/// Fails at once, with the flag to change, when roleproxy's ports are taken, rather than after
+/// a cluster has been started and torn down for nothing.
+fn check_ports(args: &Args) -> Result<(), String> {
+    for (port, flag) in [(args.port, "--port"), (args.admin_port, "--admin-port")] {
+        if let Err(e) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            let hint = if port == 5432 {
+                " (a Postgres of this machine? `pg_lsclusters` lists Debian's)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "127.0.0.1:{port} is not free: {e}{hint}; choose another port with \
+                 `{flag} N`, e.g. `cargo run --release --example local_cluster -- {flag} {}`",
+                port.saturating_add(1000)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Runs roleproxy in-process in front of `cluster` while the commands run.
@@ -315,9 +337,21 @@ async fn execute(cluster: &LocalCluster, admin: SocketAddr, words: &[&str]) -> R
             cluster.set_dns(&nodes).map_err(|e| e.to_string())?;
             println!("DNS: {}", dns_text(cluster));
         }
-        ["restore"] => {
+        ["restore", keep @ ..] => {
             let started = Instant::now();
-            let rebuilt = cluster.restore().await.map_err(|e| e.to_string())?;
+            let restored = match keep {
+                [] => cluster.restore().await,
+                [n] => cluster.restore_keeping(node(n)?).await,
+                _ => return Err("`restore` takes at most one node: the leader to keep".into()),
+            };
+            let rebuilt = restored.map_err(|e| match e {
+                ClusterError::SplitBrain(_) => format!(
+                    "{e}; `restore N` keeps node N as the leader and rebuilds every other node \
+                     from it (what only the others wrote is lost), or `kill N` the one to drop \
+                     and then `restore`"
+                ),
+                e => e.to_string(),
+            })?;
             let rebuilt: Vec<String> = rebuilt.iter().map(|&i| name(cluster, i)).collect();
             println!(
                 "every node streams from the leader ({:.1} s); rebuilt: {}",

@@ -9,7 +9,9 @@ use roleproxy_testkit::role::RoleReply;
 /// The page's DOM after Chromium has loaded and rendered it.
 fn dump_dom(url: &str) -> String {
     let profile = std::env::temp_dir().join(format!("roleproxy-chromium-{}", std::process::id()));
-    let output = std::process::Command::new("chromium")
+    let chromium =
+        roleproxy_testkit::find_program("chromium", "chromium").unwrap_or_else(|e| panic!("{e}"));
+    let output = std::process::Command::new(chromium)
         .args([
             "--headless",
             "--no-sandbox",
@@ -25,7 +27,7 @@ fn dump_dom(url: &str) -> String {
         .arg("--dump-dom")
         .arg(url)
         .output()
-        .expect("chromium runs (Debian package `chromium`; .ci/run installs it)");
+        .expect("chromium runs");
     let _ = std::fs::remove_dir_all(profile);
     assert!(
         output.status.success(),

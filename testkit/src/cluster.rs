@@ -105,8 +105,19 @@ pub enum ClusterError {
     /// The action does not fit the cluster's state ("no leader", "not running", ...).
     #[error("{0}")]
     State(String),
+    /// Several nodes are writable primaries (their Postgres addresses): no one leader to assume.
+    #[error("there is no single leader: {} are all primaries (a split brain)", addresses(.0))]
+    SplitBrain(Vec<SocketAddr>),
     #[error("a blocking cluster task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+}
+
+fn addresses(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The same text as `Display`, so `.expect(..)` prints a Postgres log tail readably.
@@ -396,17 +407,7 @@ impl LocalCluster {
     /// The one writable primary, if there is exactly one (none during a failover or a
     /// split brain).
     pub async fn leader(&self) -> Option<usize> {
-        let leaders: Vec<usize> = self
-            .pg_states()
-            .await
-            .iter()
-            .filter(|node| node.is_leader())
-            .map(|node| node.index)
-            .collect();
-        match leaders.as_slice() {
-            [one] => Some(*one),
-            _ => None,
-        }
+        self.require_leader().await.ok()
     }
 
     /// Kills node `i`'s Postgres like a crash (`pg_ctl stop -m immediate`); its agent stays
@@ -541,8 +542,31 @@ impl LocalCluster {
     /// rebuilt from the leader. Returns the rebuilt nodes. Lets a benchmark run round after
     /// round, and repairs a split brain once one side has been killed.
     pub async fn restore(&self) -> Result<Vec<usize>, ClusterError> {
+        self.restore_around(None).await
+    }
+
+    /// [`restore`](Self::restore) around node `leader`, which must be a running primary: the
+    /// way out of a split brain. Every other node, including any other primary, is rebuilt
+    /// from it, so whatever only the others wrote is gone.
+    pub async fn restore_keeping(&self, leader: usize) -> Result<Vec<usize>, ClusterError> {
+        self.restore_around(Some(leader)).await
+    }
+
+    async fn restore_around(&self, keep: Option<usize>) -> Result<Vec<usize>, ClusterError> {
         let _ops = self.ops.lock().await;
-        let leader = self.require_leader().await?;
+        let leader = match keep {
+            None => self.require_leader().await?,
+            Some(i) => {
+                self.require_running(i)?;
+                if !probe(&self.pg, i).await.is_leader() {
+                    return Err(ClusterError::State(format!(
+                        "{} is not a primary, so it cannot be kept as the leader",
+                        self.pg_addr(i)
+                    )));
+                }
+                i
+            }
+        };
         let leader_host = self.spec.ips[leader].to_string();
         let grace = tokio::time::Instant::now() + FOLLOW_GRACE;
         let rebuild = loop {
@@ -681,9 +705,20 @@ impl LocalCluster {
     }
 
     async fn require_leader(&self) -> Result<usize, ClusterError> {
-        self.leader().await.ok_or_else(|| {
-            ClusterError::State("there is no single leader (none, or a split brain)".into())
-        })
+        let leaders: Vec<usize> = self
+            .pg_states()
+            .await
+            .iter()
+            .filter(|node| node.is_leader())
+            .map(|node| node.index)
+            .collect();
+        match leaders.as_slice() {
+            [one] => Ok(*one),
+            [] => Err(ClusterError::State("no node is a writable primary".into())),
+            several => Err(ClusterError::SplitBrain(
+                several.iter().map(|&i| self.pg_addr(i)).collect(),
+            )),
+        }
     }
 
     fn require_running(&self, i: usize) -> Result<(), ClusterError> {

@@ -27,6 +27,7 @@ pub mod writer;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -134,6 +135,27 @@ impl Drop for TaskGuard {
 
 /// Locks a fake's state, ignoring poisoning: a panicking test thread must not
 /// turn every later request into a second, confusing panic.
+/// The absolute path of `program` on `PATH`, or an error naming the Debian `package` that
+/// provides it. A missing tool must read as missing, not as a failure of the code under test
+/// (a bare name run as another user fails with "Permission denied" when `PATH` has
+/// directories that user cannot enter).
+pub fn find_program(program: &str, package: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            std::fs::metadata(candidate)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .ok_or_else(|| {
+            format!(
+                "`{program}` is not installed: it comes with the Debian package `{package}` \
+                 (scripts/test installs what the tests need)"
+            )
+        })
+}
+
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -584,7 +584,10 @@ impl PatroniCluster {
             .open(&node.log_file)
             .and_then(|file| Ok((file.try_clone()?, file)))
             .map_err(|e| self.error(&format!("cannot open {}: {e}", node.log_file.display())))?;
-        let mut command = Command::new("patroni");
+        // Debian's own `patroni`, by absolute path: run as `postgres`, a bare name would be
+        // looked up in directories of root's PATH that `postgres` may not enter.
+        let program = crate::find_program("patroni", "patroni").map_err(|e| self.error(&e))?;
+        let mut command = Command::new(program);
         command
             .arg(&node.config_file)
             .current_dir(&node.dir)
@@ -603,7 +606,7 @@ impl PatroniCluster {
         }
         let child = command.spawn().map_err(|e| {
             self.error(&format!(
-                "cannot run patroni (apt-get install patroni python3-pysyncobj): {e}"
+                "cannot run patroni (Debian packages `patroni` and `python3-pysyncobj`; scripts/test installs them): {e}"
             ))
         })?;
         *lock(&self.processes[i]) = Process::Running(child);

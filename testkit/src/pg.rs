@@ -70,6 +70,14 @@ pub enum PgError {
 impl fmt::Display for PgError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            PgError::Spawn { command, source } if source.kind() == io::ErrorKind::NotFound => {
+                write!(
+                    f,
+                    "cannot run {command}: {source} (Postgres 15 comes with the Debian packages \
+                 `postgresql-15` and `postgresql-client-15`, `runuser` with `util-linux`; \
+                 scripts/test installs what the tests need)"
+                )
+            }
             PgError::Spawn { command, source } => write!(f, "cannot run {command}: {source}"),
             PgError::Failed(failure) => write!(
                 f,
@@ -506,7 +514,8 @@ fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgE
         .into_iter()
         .chain(ips.iter().map(|ip| format!("IP:{ip}")))
         .collect();
-    let mut command = Command::new("openssl");
+    let openssl = crate::find_program("openssl", "openssl").map_err(PgError::Invalid)?;
+    let mut command = Command::new(openssl);
     command
         .args([
             "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
