@@ -103,6 +103,22 @@ pub enum Serves {
     Target(SocketAddr),
 }
 
+/// How people read it: `leader`, `replica`, `replica, else leader`, `target ADDR`.
+impl std::fmt::Display for Serves {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Serves::Leader => f.write_str("leader"),
+            Serves::Replica {
+                fallback_to_leader: false,
+            } => f.write_str("replica"),
+            Serves::Replica {
+                fallback_to_leader: true,
+            } => f.write_str("replica, else leader"),
+            Serves::Target(addr) => write!(f, "target {addr}"),
+        }
+    }
+}
+
 /// How a node's role is asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

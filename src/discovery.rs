@@ -105,6 +105,17 @@ impl DnsResolver {
     }
 }
 
+/// Addresses for a log line: `127.0.0.11, 127.0.0.12`, or `none`.
+fn list(ips: &[IpAddr]) -> String {
+    if ips.is_empty() {
+        return "none".to_owned();
+    }
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Picks the addresses kept for one name: the preferred family when the name has it, sorted,
 /// deduplicated, at most `max`. Pure.
 pub fn select_addresses(ips: &[IpAddr], prefer: IpFamily, max: usize) -> Vec<IpAddr> {
@@ -188,13 +199,13 @@ pub async fn run(
                         m::dns_resolution(name, "ok");
                         let kept = select_addresses(&ips, config.prefer, config.max);
                         if last_good.get(name) != Some(&kept) {
-                            tracing::info!(name = %name, addresses = ?kept, "DNS answer changed");
+                            tracing::info!(name = %name, addresses = %list(&kept), "DNS answer changed");
                         }
                         last_good.insert(name.clone(), kept);
                     }
                     Err(e) => {
                         m::dns_resolution(name, e.label());
-                        tracing::warn!(name = %name, error = %e, kept = ?last_good.get(name), "DNS lookup failed; keeping the last good answer");
+                        tracing::warn!(name = %name, error = %e, kept = %list(last_good.get(name).map_or(&[], Vec::as_slice)), "DNS lookup failed; keeping the last good answer");
                     }
                 }
             }

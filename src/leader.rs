@@ -665,7 +665,7 @@ impl LeaderView {
                 checker: None,
             });
             if !state.present {
-                tracing::info!(backend = %addr, sources = ?sources, "backend joined the backend set");
+                tracing::info!(backend = %addr, sources = %sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "backend joined the backend set");
                 state.present = true;
                 m::backend_role(addr, Some(state.history.role()));
             }
@@ -883,13 +883,13 @@ fn log_route_change(previous: &Route, route: &Route) {
         ),
         Target::None(reason @ NoRoute::SplitBrain(_)) => tracing::error!(
             generation = route.generation,
-            previous = ?previous.target.backend(),
+            previous = %previous.target.backend().map_or_else(|| "none".to_owned(), |a| a.to_string()),
             reason = %reason,
             "no route: refusing to write to several leaders"
         ),
         Target::None(reason) => tracing::warn!(
             generation = route.generation,
-            previous = ?previous.target.backend(),
+            previous = %previous.target.backend().map_or_else(|| "none".to_owned(), |a| a.to_string()),
             reason = %reason,
             "no route"
         ),

@@ -153,6 +153,9 @@ impl Proxy {
                 allow_changes: allow_changes_rx,
                 reloader: Some(self.reloader.clone()),
             });
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(address = %addr, "admin listening: /metrics /status /healthz /ready and the stats page on /");
+            }
             tokio::spawn(admin::serve(listener, state, background.clone()));
         }
 
@@ -189,7 +192,7 @@ impl Proxy {
         // A reload asked for from now on is answered "stopped", not left waiting.
         drop(self.reloads);
         let grace = running.config.proxy.shutdown_grace;
-        tracing::info!(?grace, "shutting down: no new clients");
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new clients");
         running.stop_listeners().await;
         tracker.close();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {

@@ -17,8 +17,18 @@ struct Cli {
     /// The configuration file.
     #[arg(long, short, global = true, default_value = "proxy.toml")]
     config: PathBuf,
+    /// Log lines on stderr: `text` for people, or `json` (one object per line) for log
+    /// shippers. `RUST_LOG` sets the level.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -52,13 +62,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     raise_fd_limit();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_logging(cli.log_format);
     let command = cli.command.unwrap_or(Command::Run);
     // The proxy's thread count comes from its configuration; other commands use the default.
     let config = match command {
@@ -88,6 +92,25 @@ fn main() -> ExitCode {
             listen,
             fence_file,
         } => runtime.block_on(agent(postgres, listen, fence_file)),
+    }
+}
+
+/// Logs go to stderr. Text has colours only on a terminal, and never when `NO_COLOR` is set
+/// (no-color.org), so a log file or a journal gets plain lines.
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Text => {
+            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
+                .init()
+        }
+        LogFormat::Json => logs.json().init(),
     }
 }
 

@@ -107,7 +107,10 @@ pub async fn accept_loop(
     plan: watch::Receiver<Arc<ListenerPlan>>,
     stop_accepting: CancellationToken,
 ) {
-    let local = listener.local_addr().ok();
+    // For log lines: the bound address, as people read it.
+    let local = listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string());
     let reserve = Reserve::open();
     loop {
         let (stream, peer) = tokio::select! {
@@ -118,7 +121,7 @@ pub async fn accept_loop(
                     // Out of descriptors: the one held in reserve lets this client in to hear
                     // why, instead of waiting unseen in the backlog.
                     if let Ok(stream) = accept_now(&listener) {
-                        tracing::warn!(listener = ?local, error = %e, "out of descriptors; refusing client");
+                        tracing::warn!(listener = %local, error = %e, "out of descriptors; refusing client");
                         m::session_result(&plan.borrow().name, "limit");
                         let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
                         let reserve = reserve.clone();
@@ -134,7 +137,7 @@ pub async fn accept_loop(
                     continue;
                 }
                 Err(e) => {
-                    tracing::warn!(listener = ?local, error = %e, "accept failed");
+                    tracing::warn!(listener = %local, error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     reserve.refill();
                     continue;
@@ -370,7 +373,7 @@ async fn refuse_client(
         (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
     };
     m::session_result(&plan.name, result);
-    tracing::warn!(waited = ?accepted.elapsed(), reason = %reason, "client refused");
+    tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, "client refused");
     refuse(client, code, &message).await;
 }
 
@@ -686,7 +689,7 @@ async fn splice(
         },
         _ = drainer.drained() => "drained",
         _ = idle => {
-            tracing::info!(?idle_timeout, "idle timeout; closing session");
+            tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
             "idle_timeout"
         }
         _ = sessions.hard_stop.cancelled() => "shutdown",

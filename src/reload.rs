@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::check::{self, CheckSettings, Observation};
-use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
+use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig};
 use crate::leader::{Event, ListenerStatus, Role, Shared, ViewSettings};
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
@@ -152,7 +152,7 @@ impl Running {
 
     fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
         let local = listener.local_addr().ok();
-        tracing::info!(address = ?local, listener = %spec.name, serves = ?spec.serves, "listening");
+        tracing::info!(address = %local.unwrap_or(addr), listener = %spec.name, serves = %spec.serves, "listening");
         let (plan, plans) = watch::channel(self.plan(&spec));
         let stop = self.stop_accepting.child_token();
         let task = tokio::spawn(proxy::accept_loop(listener, plans, stop.clone()));
@@ -204,19 +204,9 @@ impl Running {
                 .filter(|((name, _), _)| *name == spec.name)
                 .filter_map(|(_, l)| l.local)
                 .collect();
-            let serves = match spec.serves {
-                Serves::Leader => "leader".to_string(),
-                Serves::Replica {
-                    fallback_to_leader: false,
-                } => "replica".to_string(),
-                Serves::Replica {
-                    fallback_to_leader: true,
-                } => "replica, else leader".to_string(),
-                Serves::Target(addr) => format!("target {addr}"),
-            };
             listeners.push(ListenerStatus {
+                serves: spec.serves.to_string(),
                 name: spec.name,
-                serves,
                 addresses,
             });
         }

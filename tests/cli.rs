@@ -22,7 +22,12 @@ struct Running {
 
 impl Running {
     fn start(config: &std::path::Path) -> Running {
+        Running::start_with(config, &[])
+    }
+
+    fn start_with(config: &std::path::Path, args: &[&str]) -> Running {
         let mut child = Command::new(BIN)
+            .args(args)
             .args(["--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -244,5 +249,33 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
 
     let _ = proxy.child.kill();
     let _ = proxy.child.wait();
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn logs_are_plain_text_or_json_and_name_every_listener_and_the_admin_port() {
+    let config = "[listen]\naddresses = [\"127.58.0.1:0\"]\n[admin]\naddress = \"127.58.0.1:0\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.58.0.1:1\"]\n[check]\nport = 1\n";
+    let path = write_config("logs", config);
+
+    // stderr is a pipe here, as with a log file or a journal: no colour codes.
+    let mut text = Running::start(&path);
+    let admin = text.wait_for("admin listening");
+    assert!(admin.contains("address=127.58.0.1:"), "{admin}");
+    let listening = text.wait_for("listener=leader");
+    assert!(!listening.contains('\u{1b}'), "{listening:?}");
+    assert!(listening.contains("address=127.58.0.1:"), "{listening}");
+    assert!(listening.contains("serves=leader"), "{listening}");
+    let _ = text.child.kill();
+    let _ = text.child.wait();
+
+    let mut json = Running::start_with(&path, &["--log-format", "json"]);
+    let line = json.wait_for("\"listening\"");
+    let parsed: serde_json::Value = serde_json::from_str(&line).expect("one JSON object a line");
+    assert_eq!(parsed["fields"]["message"], "listening", "{line}");
+    assert_eq!(parsed["fields"]["serves"], "leader", "{line}");
+    assert!(parsed["timestamp"].is_string(), "{line}");
+    let _ = json.child.kill();
+    let _ = json.child.wait();
     let _ = std::fs::remove_file(path);
 }
