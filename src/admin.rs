@@ -246,11 +246,19 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
     };
     let mut rows = String::new();
     for b in &status.backends {
-        let role = if b.present {
-            b.role.to_string()
-        } else {
-            format!("{} (left DNS)", b.role)
+        let mut role = match &b.unconfirmed {
+            Some(u) => unconfirmed_text(
+                u.since_unix_ms,
+                &u.check_error,
+                b.postgres.as_deref(),
+                u.expired,
+                now_unix_ms,
+            ),
+            None => b.role.to_string(),
         };
+        if !b.present {
+            role.push_str(" (left DNS)");
+        }
         rows.push_str(&format!(
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             b.role.label(),
@@ -315,6 +323,26 @@ tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-f
         cluster = escape(&status.cluster),
         route = escape(&status.route_text),
         since = ago(Some(status.route_since_unix_ms)).replace(" ago", ""),
+    )
+}
+
+/// "leader, unconfirmed (since …, check failing: …; Postgres answers (…))", for people (rule 7).
+fn unconfirmed_text(
+    since_unix_ms: u64,
+    check_error: &str,
+    postgres: Option<&str>,
+    expired: bool,
+    now_unix_ms: u64,
+) -> String {
+    format!(
+        "leader, unconfirmed (since {:.1}s ago, check failing: {check_error}; {}){}",
+        now_unix_ms.saturating_sub(since_unix_ms) as f64 / 1000.0,
+        postgres.unwrap_or("Postgres not asked yet"),
+        if expired {
+            ", past check.unconfirmed_limit: new clients wait"
+        } else {
+            ""
+        }
     )
 }
 
@@ -460,6 +488,16 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         if role_text == "other" {
             role_text = format!("other ({})", role["detail"].as_str().unwrap_or("?"));
         }
+        let unconfirmed = &backend["unconfirmed"];
+        if let Some(since) = unconfirmed["since_unix_ms"].as_u64() {
+            role_text = unconfirmed_text(
+                since,
+                unconfirmed["check_error"].as_str().unwrap_or("?"),
+                backend["postgres"].as_str(),
+                unconfirmed["expired"] == true,
+                now_unix_ms,
+            );
+        }
         if backend["present"] == false {
             role_text.push_str(", left DNS");
         }
@@ -553,6 +591,8 @@ mod tests {
                 last_check_unix_ms: Some(1_000),
                 last_check_latency_ms: Some(1.0),
                 last_error: Some("<script>x</script>".into()),
+                unconfirmed: None,
+                postgres: None,
                 sessions: 2,
             }],
             listeners: vec![ListenerStatus {
@@ -574,6 +614,27 @@ mod tests {
         assert!(page.contains("a&amp;b"));
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(page.contains("&lt;ro&gt;</td><td>127.0.0.1:5001</td><td>replica"));
+    }
+
+    #[test]
+    fn an_unconfirmed_leader_says_why_and_what_its_postgres_said() {
+        let status = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}},
+            "route_since_unix_ms": 0,
+            "backends": [
+                {"address": "127.0.0.11:5433", "sources": [], "present": true,
+                 "role": {"role": "leader"}, "last_check_unix_ms": 9_000, "last_check_latency_ms": 1.0,
+                 "last_error": "HTTP 500: sorry, too many clients already", "sessions": 3,
+                 "unconfirmed": {"since_unix_ms": 7_000, "check_error": "HTTP 500: sorry, too many clients already", "expired": false},
+                 "postgres": "Postgres answers (53300: sorry, too many clients already)"}
+            ]
+        });
+        let text = render_status(&status, 10_000);
+        assert!(
+            text.contains("leader, unconfirmed (since 3.0s ago, check failing: HTTP 500: sorry, too many clients already; Postgres answers (53300: sorry, too many clients already))"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ use http_body_util::{BodyExt, Empty, Limited};
 use hyper::header::{CONNECTION, HOST, USER_AGENT};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +25,7 @@ use tokio_util::task::AbortOnDropHandle;
 use crate::config::{CheckConfig, CheckKind};
 use crate::leader::{Event, Role, Route};
 use crate::metrics as m;
+use crate::pgwire::{self, Liveness};
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;
@@ -281,6 +283,46 @@ async fn ask_postgres(
         },
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
     })
+}
+
+/// Asks the Postgres at `addr` whether it takes connections, as `pg_isready` does: a
+/// StartupMessage for [`pgwire::PROBE_USER`], the first answer read, then Terminate. No
+/// credentials are sent and no session stays open. `None`: this host is out of descriptors or
+/// memory, which says nothing about the node.
+pub async fn probe_postgres(addr: SocketAddr, timeout: Duration) -> Option<Liveness> {
+    match tokio::time::timeout(timeout, ask_postmaster(addr)).await {
+        Ok(answer) => answer,
+        Err(_) => Some(Liveness::Gone(format!("no answer within {timeout:?}"))),
+    }
+}
+
+async fn ask_postmaster(addr: SocketAddr) -> Option<Liveness> {
+    let mut stream = match TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) if is_local_shortage(&e) => return None,
+        Err(e) => return Some(Liveness::Gone(format!("connect: {e}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    if let Err(e) = stream.write_all(&pgwire::probe_startup()).await {
+        return Some(Liveness::Gone(format!("sending the startup: {e}")));
+    }
+    let mut received = Vec::with_capacity(256);
+    let mut buf = [0u8; 1024];
+    let answer = loop {
+        match stream.read(&mut buf).await {
+            Ok(0) => break Liveness::Gone("closed before answering".into()),
+            Ok(n) => {
+                received.extend_from_slice(&buf[..n]);
+                if let Some(answer) = pgwire::read_liveness(&received) {
+                    break answer;
+                }
+            }
+            Err(e) => break Liveness::Gone(format!("reading the answer: {e}")),
+        }
+    };
+    let _ = stream.write_all(pgwire::terminate()).await;
+    let _ = stream.shutdown().await;
+    Some(answer)
 }
 
 /// Errors that come from this host running out of something, not from the peer.

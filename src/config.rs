@@ -176,6 +176,10 @@ pub struct CheckConfig {
     pub interval: Duration,
     pub fast_interval: Duration,
     pub timeout: Duration,
+    /// Deadline of the Postgres liveness probe that follows a leader's failed check.
+    pub probe_timeout: Duration,
+    /// How long a leader whose checks fail but whose Postgres answers stays the route.
+    pub unconfirmed_limit: Duration,
     pub leader: Vec<String>,
     pub rise: u32,
     pub fall: u32,
@@ -224,6 +228,8 @@ impl Serialize for CheckConfig {
         map.serialize_entry("interval", &human(self.interval))?;
         map.serialize_entry("fast_interval", &human(self.fast_interval))?;
         map.serialize_entry("timeout", &human(self.timeout))?;
+        map.serialize_entry("probe_timeout", &human(self.probe_timeout))?;
+        map.serialize_entry("unconfirmed_limit", &human(self.unconfirmed_limit))?;
         map.serialize_entry("rise", &self.rise)?;
         map.serialize_entry("fall", &self.fall)?;
         map.end()
@@ -352,6 +358,8 @@ struct RawCheck {
     interval: String,
     fast_interval: String,
     timeout: String,
+    probe_timeout: String,
+    unconfirmed_limit: String,
     rise: u32,
     fall: u32,
 }
@@ -372,6 +380,8 @@ impl Default for RawCheck {
             interval: "2s".into(),
             fast_interval: "250ms".into(),
             timeout: "5s".into(),
+            probe_timeout: "1s".into(),
+            unconfirmed_limit: "60s".into(),
             rise: 1,
             fall: 2,
         }
@@ -876,6 +886,8 @@ fn validate_check(
         interval: x.duration("check.interval", &c.interval)?,
         fast_interval: x.duration("check.fast_interval", &c.fast_interval)?,
         timeout: x.duration("check.timeout", &c.timeout)?,
+        probe_timeout: x.duration("check.probe_timeout", &c.probe_timeout)?,
+        unconfirmed_limit: x.duration("check.unconfirmed_limit", &c.unconfirmed_limit)?,
         leader,
         rise: c.rise,
         fall: c.fall,

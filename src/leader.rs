@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::check::{self, CheckSettings};
 use crate::config::{CheckConfig, SplitBrain};
 use crate::metrics as m;
+use crate::pgwire::Liveness;
 
 /// What a backend's role endpoint said, reduced to what routing needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,16 +77,24 @@ impl fmt::Display for Role {
 
 /// Consecutive-answer hysteresis for one backend, in the manner of HAProxy's rise/fall.
 ///
-/// Becoming leader takes `rise` consecutive `leader` answers; going down takes `fall` consecutive
-/// failed checks, so one lost packet does not drain every session. Any definite non-leader answer
-/// (`replica`, 404, another word) counts at once: a node that says it is not leader must never
-/// get another write.
+/// Becoming leader takes `rise` consecutive `leader` answers; a node that is not leader goes
+/// down after `fall` consecutive failed checks, so one lost packet does not count. Any definite
+/// non-leader answer (`replica`, 404, another word) counts at once: a node that says it is not
+/// leader must never get another write.
+///
+/// A confirmed leader's failed check does not count toward `fall` at all (rule 7): a busy leader
+/// is not a dead one. [`Observed::Probe`] asks the view to probe its Postgres, and only that
+/// probe ([`RoleHistory::probed`]) takes it down.
 #[derive(Debug, Clone)]
 pub struct RoleHistory {
     confirmed: Role,
     pending: Option<(Role, u32)>,
     /// The latest definite answer was `leader` (failed checks leave it as it was).
     claims_leader: bool,
+    /// Sequence numbers of the first and the latest `leader` answer of the current claim.
+    claim: (u64, u64),
+    /// The latest check of this confirmed leader failed: it leads on its Postgres's word only.
+    failing: bool,
 }
 
 impl Default for RoleHistory {
@@ -94,8 +103,21 @@ impl Default for RoleHistory {
             confirmed: Role::Unknown,
             pending: None,
             claims_leader: false,
+            claim: (0, 0),
+            failing: false,
         }
     }
+}
+
+/// What one check result asks of the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// The confirmed role kept its kind.
+    Same,
+    /// The confirmed role changed kind.
+    Flipped,
+    /// A confirmed leader's check failed: only its Postgres can tell whether it is gone.
+    Probe,
 }
 
 impl RoleHistory {
@@ -110,16 +132,45 @@ impl RoleHistory {
         self.confirmed == Role::Replica && !self.claims_leader
     }
 
+    /// A confirmed leader whose latest check failed (its Postgres may still answer).
+    pub fn is_failing(&self) -> bool {
+        self.failing && self.confirmed == Role::Leader
+    }
+
+    /// Sequence numbers of the first and latest `leader` answer of the current claim.
+    pub fn claim(&self) -> (u64, u64) {
+        self.claim
+    }
+
     /// Records one check result; returns true when the confirmed role changed kind.
+    /// Sequence numbers are all 0: for callers that do not compare claims.
     pub fn observe(&mut self, observed: Role, rise: u32, fall: u32) -> bool {
+        self.observe_at(0, observed, rise, fall) == Observed::Flipped
+    }
+
+    /// Records one check result, numbered `seq` by the view (increasing).
+    pub fn observe_at(&mut self, seq: u64, observed: Role, rise: u32, fall: u32) -> Observed {
+        if matches!(observed, Role::Down(_)) && self.confirmed == Role::Leader {
+            self.failing = true;
+            self.pending = None;
+            return Observed::Probe;
+        }
         if !matches!(observed, Role::Down(_)) {
-            self.claims_leader = observed == Role::Leader;
+            let leader = observed == Role::Leader;
+            if leader {
+                if !self.claims_leader {
+                    self.claim.0 = seq;
+                }
+                self.claim.1 = seq;
+            }
+            self.claims_leader = leader;
+            self.failing = false;
         }
         if observed.same_kind(&self.confirmed) {
             // Keep the freshest detail (e.g. the latest error text) without counting a flip.
             self.confirmed = observed;
             self.pending = None;
-            return false;
+            return Observed::Same;
         }
         let needed = match &observed {
             Role::Leader => rise,
@@ -133,11 +184,26 @@ impl RoleHistory {
         if count >= needed {
             self.confirmed = observed;
             self.pending = None;
-            true
+            Observed::Flipped
         } else {
             self.pending = Some((observed, count));
-            false
+            Observed::Same
         }
+    }
+
+    /// Applies a probe of the node's Postgres; returns true when the node went down. A leader
+    /// whose Postgres does not answer, or refuses connections (57P03), is down at once: there is
+    /// nothing to wait `fall` checks for, and a dead leader must never race a promoted one.
+    pub fn probed(&mut self, liveness: &Liveness) -> bool {
+        if self.confirmed != Role::Leader || matches!(liveness, Liveness::Alive(_)) {
+            return false;
+        }
+        self.confirmed = Role::Down(liveness.to_string());
+        self.pending = None;
+        self.failing = false;
+        // Its next `leader` answer starts a new claim.
+        self.claims_leader = false;
+        true
     }
 }
 
@@ -172,6 +238,34 @@ pub struct BackendView<'a> {
     pub role: &'a Role,
     /// The timeline a Postgres check last read from it, when it is a leader.
     pub timeline: Option<u32>,
+    /// The evidence behind a `leader` role (ignored for other roles).
+    pub claim: Claim,
+}
+
+/// The evidence behind one leader claim, as plain data: the view numbers check results, and
+/// `decide` compares the numbers, never clocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Claim {
+    /// The sequence number of the first `leader` answer of this claim.
+    pub first: u64,
+    /// The sequence number of its latest `leader` answer.
+    pub last: u64,
+    pub standing: Standing,
+}
+
+/// How well a leader claim is backed right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Standing {
+    /// Its latest check answered `leader`.
+    #[default]
+    Confirmed,
+    /// Its checks fail but its Postgres answers (or has not been asked yet): it stays the route
+    /// until a confirmed claim, a dead Postgres or `check.unconfirmed_limit`.
+    Unconfirmed,
+    /// Unconfirmed for longer than `check.unconfirmed_limit`: its sessions stay, new clients
+    /// wait.
+    Expired,
 }
 
 /// Why there is no route.
@@ -184,6 +278,10 @@ pub enum NoRoute {
     NoLeader,
     /// Several backends claim leader; writes to any of them could be lost.
     SplitBrain(Vec<SocketAddr>),
+    /// Several backends claim leader, but one claim is older than a rival's: the old leader
+    /// has not answered `leader` since the new one began (an idle failover, usually). It is
+    /// probed and rechecked before anything is called split brain.
+    Verifying(Vec<SocketAddr>),
 }
 
 impl fmt::Display for NoRoute {
@@ -194,6 +292,14 @@ impl fmt::Display for NoRoute {
             NoRoute::SplitBrain(addrs) => {
                 let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
                 write!(f, "split brain: {} all report leader", list.join(", "))
+            }
+            NoRoute::Verifying(addrs) => {
+                let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                write!(
+                    f,
+                    "verifying: {} report leader, one claim predates the other; rechecking",
+                    list.join(", ")
+                )
             }
         }
     }
@@ -244,8 +350,8 @@ impl Route {
     }
 }
 
-/// The routing rules (DESIGN.md, rules 1–5), with the default split-brain policy: several
-/// leaders mean no route.
+/// The routing rules (DESIGN.md, rules 1–5 and 7), with the default split-brain policy:
+/// several leaders mean no route.
 pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
     decide_with(previous, backends, SplitBrain::None)
 }
@@ -267,31 +373,28 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         .filter(claims)
         .collect();
     backups.sort_by_key(|b| b.addr);
-    if policy == SplitBrain::HighestTimeline {
-        newest_timeline(&mut discovered);
-        newest_timeline(&mut backups);
+    for claims in [&mut discovered, &mut backups] {
+        confirmed_first(claims);
+        if policy == SplitBrain::HighestTimeline {
+            newest_timeline(claims);
+        }
     }
-    let backups: Vec<SocketAddr> = backups.iter().map(|b| b.addr).collect();
-
-    let target = match discovered.as_slice() {
-        [one] if one.present => Target::Leader(one.addr),
-        [one] if previous.target.backend() == Some(one.addr) => Target::Held(one.addr),
-        [_, _, ..] => Target::None(NoRoute::SplitBrain(
-            discovered.iter().map(|b| b.addr).collect(),
-        )),
-        // Rule 4: a backup counts only while no discovered backend is leader.
-        _ => match backups.as_slice() {
-            [one] => Target::Leader(*one),
-            [_, _, ..] => Target::None(NoRoute::SplitBrain(backups)),
-            [] => held(previous, backends).unwrap_or_else(|| {
-                if backends.iter().any(|b| b.present) {
-                    Target::None(NoRoute::NoLeader)
-                } else {
-                    Target::None(NoRoute::NoBackends)
-                }
-            }),
-        },
+    let choose = |claims: &[&BackendView<'_>]| match claims {
+        [one] => sole_claim(previous, one),
+        [_, _, ..] => Some(several(claims)),
+        [] => None,
     };
+    // Rule 4: a backup counts only while no discovered backend is leader.
+    let target = choose(&discovered)
+        .or_else(|| choose(&backups))
+        .or_else(|| held(previous, backends))
+        .unwrap_or_else(|| {
+            if backends.iter().any(|b| b.present) {
+                Target::None(NoRoute::NoLeader)
+            } else {
+                Target::None(NoRoute::NoBackends)
+            }
+        });
     let generation = if target.backend() == previous.target.backend() {
         previous.generation
     } else {
@@ -321,6 +424,45 @@ pub fn least_loaded(
         .filter(|a| load(a) == least)
         .collect();
     tied.get(turn % tied.len()).copied()
+}
+
+/// Rule 7: a confirmed claim beats an unconfirmed one. A leader whose checks fail keeps the route
+/// only while nobody else positively answers `leader`.
+fn confirmed_first(claims: &mut Vec<&BackendView<'_>>) {
+    if claims
+        .iter()
+        .any(|b| b.claim.standing == Standing::Confirmed)
+    {
+        claims.retain(|b| b.claim.standing == Standing::Confirmed);
+    }
+}
+
+/// The route for the only leader claim, if it may have one: a present claim is routed unless
+/// its unconfirmed time is up; one that left DNS or ran out of time holds its sessions if it
+/// was the route.
+fn sole_claim(previous: &Route, one: &BackendView<'_>) -> Option<Target> {
+    if one.present && one.claim.standing != Standing::Expired {
+        Some(Target::Leader(one.addr))
+    } else if previous.target.backend() == Some(one.addr) {
+        Some(Target::Held(one.addr))
+    } else {
+        None
+    }
+}
+
+/// Several leader claims are a split brain only when each has answered `leader` again since
+/// every rival's claim began. Otherwise one claim may just be stale (an idle leader that died
+/// before its next check): no route, but verifying, not split brain.
+fn several(claims: &[&BackendView<'_>]) -> Target {
+    let addrs = claims.iter().map(|b| b.addr).collect();
+    let stale = claims
+        .iter()
+        .any(|a| claims.iter().any(|b| a.claim.last < b.claim.first));
+    if stale {
+        Target::None(NoRoute::Verifying(addrs))
+    } else {
+        Target::None(NoRoute::SplitBrain(addrs))
+    }
 }
 
 /// Narrows several leader claims to the one on the strictly newest timeline: the node promoted
@@ -376,6 +518,11 @@ pub enum Event {
     },
     /// A session could not connect to this backend (refused or timed out).
     ConnectFailed { addr: SocketAddr, error: String },
+    /// What a probe of this backend's Postgres found; `None`: this host could not tell.
+    Probed {
+        addr: SocketAddr,
+        liveness: Option<Liveness>,
+    },
     /// New check settings from a reload. Roles already known are kept; loops restart.
     Reconfigure(ViewSettings),
 }
@@ -387,6 +534,8 @@ pub struct ViewSettings {
     pub rise: u32,
     pub fall: u32,
     pub split_brain: SplitBrain,
+    pub probe_timeout: Duration,
+    pub unconfirmed_limit: Duration,
 }
 
 impl ViewSettings {
@@ -396,6 +545,8 @@ impl ViewSettings {
             rise: c.rise,
             fall: c.fall,
             split_brain: c.split_brain,
+            probe_timeout: c.probe_timeout,
+            unconfirmed_limit: c.unconfirmed_limit,
         }
     }
 }
@@ -410,7 +561,21 @@ pub struct BackendStatus {
     pub last_check_unix_ms: Option<u64>,
     pub last_check_latency_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// Set while this leader's checks fail but its Postgres answers (rule 7).
+    pub unconfirmed: Option<UnconfirmedStatus>,
+    /// The latest probe of its Postgres, if one ran.
+    pub postgres: Option<String>,
     pub sessions: u64,
+}
+
+/// A leader that leads on its Postgres's word only, as `/status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct UnconfirmedStatus {
+    pub since_unix_ms: u64,
+    /// Why its checks fail.
+    pub check_error: String,
+    /// `check.unconfirmed_limit` has passed: its sessions stay, new clients wait.
+    pub expired: bool,
 }
 
 /// State shared with the proxy and the admin server.
@@ -517,6 +682,14 @@ struct BackendState {
     last_error: Option<String>,
     /// The running check loop: its id and its stop token.
     checker: Option<(u64, CancellationToken)>,
+    /// Since when this leader's checks have failed (monotonic for the bound, wall for people).
+    failing_since: Option<(std::time::Instant, SystemTime)>,
+    /// The latest Postgres probe's answer.
+    postgres: Option<Liveness>,
+    /// A probe is running; another waits for it.
+    probing: bool,
+    /// When the latest probe started: at most one per `check.fast_interval`.
+    last_probe: Option<std::time::Instant>,
 }
 
 impl BackendState {
@@ -539,6 +712,8 @@ pub struct LeaderView {
     recheck_tx: watch::Sender<u64>,
     /// Rechecks are at most one per `fast_interval`, however many clients fail to connect.
     last_recheck: Option<std::time::Instant>,
+    /// Numbers check results, so claims can be ordered without clocks.
+    seq: u64,
     next_loop_id: u64,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -573,6 +748,7 @@ impl LeaderView {
             replicas_tx,
             recheck_tx,
             last_recheck: None,
+            seq: 0,
             next_loop_id: 0,
             shared: Arc::clone(&shared),
             cancel,
@@ -582,6 +758,7 @@ impl LeaderView {
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
         m::set_route_generation(0);
+        m::leader_unconfirmed(false);
         loop {
             let event = tokio::select! {
                 _ = self.cancel.cancelled() => break,
@@ -622,14 +799,19 @@ impl LeaderView {
             }
             Event::Reconfigure(settings) => self.reconfigure(settings),
             Event::ConnectFailed { addr, error } => {
-                // Like HAProxy's `observe layer4`: the data path failing counts as a failed
-                // check of the leader, so a dead leader is found without waiting for its
-                // role endpoint to time out.
+                // Like HAProxy's `observe layer4`, the data path failing is a reason to look
+                // at once; but only the probe's answer, not the failure itself, may take the
+                // leader down (rule 7).
                 if self.route_tx.borrow().leader() == Some(addr) {
-                    tracing::warn!(backend = %addr, %error, "connect to leader failed; re-checking every backend");
-                    self.observe(addr, Role::Down(format!("connect: {error}")), None);
+                    tracing::warn!(backend = %addr, %error, "connect to leader failed; probing its Postgres and re-checking every backend");
+                    if let Some(state) = self.backends.get_mut(&addr) {
+                        state.last_error = Some(format!("connect: {error}"));
+                    }
+                    self.probe(addr);
+                    self.recheck_all();
                 }
             }
+            Event::Probed { addr, liveness } => self.probed(addr, liveness),
         }
     }
 
@@ -663,10 +845,15 @@ impl LeaderView {
                 last_check: None,
                 last_error: None,
                 checker: None,
+                failing_since: None,
+                postgres: None,
+                probing: false,
+                last_probe: None,
             });
             if !state.present {
                 tracing::info!(backend = %addr, sources = %sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "backend joined the backend set");
                 state.present = true;
+                m::postgres_probes_zero(addr);
                 m::backend_role(addr, Some(state.history.role()));
             }
             state.sources = sources;
@@ -725,17 +912,96 @@ impl LeaderView {
         }
         let failed = matches!(role, Role::Down(_));
         let before = state.history.role().clone();
-        if state
-            .history
-            .observe(role, self.settings.rise, self.settings.fall)
-        {
-            let after = state.history.role().clone();
-            tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
-            m::backend_role(addr, Some(&after));
-            remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
+        self.seq += 1;
+        let observed =
+            state
+                .history
+                .observe_at(self.seq, role, self.settings.rise, self.settings.fall);
+        match observed {
+            Observed::Flipped => {
+                let after = state.history.role().clone();
+                tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
+                m::backend_role(addr, Some(&after));
+                remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
+            }
+            Observed::Probe if state.failing_since.is_none() => {
+                state.failing_since = Some((std::time::Instant::now(), SystemTime::now()));
+                tracing::warn!(backend = %addr, error = state.last_error.as_deref().unwrap_or(""), "leader's check failed; asking its Postgres");
+                remember(
+                    &self.shared,
+                    "role",
+                    format!("{addr}: leader, unconfirmed (check failing)"),
+                );
+            }
+            Observed::Probe | Observed::Same => {}
+        }
+        if !state.history.is_failing() && state.failing_since.take().is_some() {
+            if state.history.role() == &Role::Leader {
+                tracing::info!(backend = %addr, "leader confirmed again");
+                remember(&self.shared, "role", format!("{addr}: leader, confirmed"));
+            }
+        }
+        if observed == Observed::Probe {
+            self.probe(addr);
         }
         // Rule 6: a failing leader makes everyone check now, not at the next tick.
         if failed && self.route_tx.borrow().target.backend() == Some(addr) {
+            self.recheck_all();
+        }
+    }
+
+    /// Starts a probe of `addr`'s Postgres unless one is running or one started within
+    /// `check.fast_interval`: a flood of failed connects costs the node one probe, not one each.
+    fn probe(&mut self, addr: SocketAddr) {
+        let Some(state) = self.backends.get_mut(&addr) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        if state.probing
+            || state
+                .last_probe
+                .is_some_and(|at| now.duration_since(at) < self.check.fast_interval)
+        {
+            return;
+        }
+        state.probing = true;
+        state.last_probe = Some(now);
+        let events = self.shared.events.clone();
+        let timeout = self.settings.probe_timeout;
+        let cancel = self.cancel.clone();
+        tokio::spawn(async move {
+            let liveness = tokio::select! {
+                _ = cancel.cancelled() => return,
+                liveness = check::probe_postgres(addr, timeout) => liveness,
+            };
+            let _ = events.send(Event::Probed { addr, liveness }).await;
+        });
+    }
+
+    fn probed(&mut self, addr: SocketAddr, liveness: Option<Liveness>) {
+        let Some(state) = self.backends.get_mut(&addr) else {
+            return;
+        };
+        state.probing = false;
+        let Some(liveness) = liveness else {
+            tracing::warn!(backend = %addr, "probe skipped: out of local resources (descriptors or memory)");
+            return;
+        };
+        m::postgres_probe(addr, &liveness);
+        let before = state.history.role().clone();
+        let gone = state.history.probed(&liveness);
+        if gone {
+            let after = state.history.role().clone();
+            state.failing_since = None;
+            state.last_error = Some(liveness.to_string());
+            tracing::warn!(backend = %addr, from = %before, to = %after, "role changed: the leader's Postgres is gone");
+            m::backend_role(addr, Some(&after));
+            remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
+        } else if state.history.is_failing() && state.postgres.as_ref() != Some(&liveness) {
+            tracing::warn!(backend = %addr, postgres = %liveness, "leader, unconfirmed: its check fails but its Postgres answers; it stays the route");
+        }
+        state.postgres = Some(liveness);
+        if gone && self.route_tx.borrow().target.backend() == Some(addr) {
             self.recheck_all();
         }
     }
@@ -754,6 +1020,7 @@ impl LeaderView {
 
     fn publish(&mut self) {
         let previous = self.route_tx.borrow().clone();
+        let limit = self.settings.unconfirmed_limit;
         let views: Vec<BackendView<'_>> = self
             .backends
             .iter()
@@ -763,6 +1030,7 @@ impl LeaderView {
                 present: state.present,
                 role: state.history.role(),
                 timeline: state.timeline,
+                claim: claim_of(state, limit),
             })
             .collect();
         let route = decide_with(&previous, &views, self.settings.split_brain);
@@ -777,6 +1045,14 @@ impl LeaderView {
                 if !matches!(previous.target, Target::None(NoRoute::SplitBrain(_))) {
                     m::split_brain();
                 }
+            }
+            // A stale claim is settled by evidence: ask every claimant's Postgres and recheck
+            // everyone now.
+            if let Target::None(NoRoute::Verifying(claims)) = &route.target {
+                for addr in claims.clone() {
+                    self.probe(addr);
+                }
+                self.recheck_all();
             }
             let lost_leader = previous.leader().is_some() && route.leader().is_none();
             if let Ok(mut since) = self.shared.route_since.lock() {
@@ -796,6 +1072,12 @@ impl LeaderView {
             }
             keep
         });
+        let route_backend = self.route_tx.borrow().target.backend();
+        m::leader_unconfirmed(
+            route_backend
+                .and_then(|addr| self.backends.get(&addr))
+                .is_some_and(|state| state.history.is_failing()),
+        );
         self.publish_replicas();
         self.publish_status();
     }
@@ -831,12 +1113,36 @@ impl LeaderView {
                     .last_check
                     .map(|(_, latency)| latency.as_secs_f64() * 1000.0),
                 last_error: state.last_error.clone(),
+                unconfirmed: state
+                    .failing_since
+                    .filter(|_| state.history.is_failing())
+                    .map(|(at, wall)| UnconfirmedStatus {
+                        since_unix_ms: unix_ms(wall),
+                        check_error: state.last_error.clone().unwrap_or_default(),
+                        expired: at.elapsed() >= self.settings.unconfirmed_limit,
+                    }),
+                postgres: state.postgres.as_ref().map(ToString::to_string),
                 sessions: 0,
             })
             .collect();
         if let Ok(mut backends) = self.shared.backends.lock() {
             *backends = status;
         }
+    }
+}
+
+/// The evidence behind a backend's leader role, for [`decide`].
+fn claim_of(state: &BackendState, limit: Duration) -> Claim {
+    let (first, last) = state.history.claim();
+    let standing = match state.failing_since {
+        Some((at, _)) if state.history.is_failing() && at.elapsed() >= limit => Standing::Expired,
+        _ if state.history.is_failing() => Standing::Unconfirmed,
+        _ => Standing::Confirmed,
+    };
+    Claim {
+        first,
+        last,
+        standing,
     }
 }
 
@@ -879,7 +1185,7 @@ fn log_route_change(previous: &Route, route: &Route) {
         Target::Held(addr) => tracing::warn!(
             generation = route.generation,
             leader = %addr,
-            "route held: leader in maintenance or left DNS; existing sessions stay, new ones wait"
+            "route held: leader in maintenance, left DNS or unconfirmed too long; existing sessions stay, new ones wait"
         ),
         Target::None(reason @ NoRoute::SplitBrain(_)) => tracing::error!(
             generation = route.generation,
@@ -924,6 +1230,7 @@ mod tests {
                 present: *present,
                 role,
                 timeline: None,
+                claim: Claim::default(),
             })
             .collect();
         decide(previous, &views)
@@ -1111,11 +1418,20 @@ mod tests {
                 vec![Leader, down(), Leader],
                 vec!["leader", "leader", "leader"],
             ),
+            // Rule 7: a leader's failed checks never count toward `fall`; only its Postgres
+            // probe takes it down.
             (
                 1,
                 2,
-                vec![Leader, down(), down()],
-                vec!["leader", "leader", "down"],
+                vec![Leader, down(), down(), down()],
+                vec!["leader", "leader", "leader", "leader"],
+            ),
+            // A node that is not leader still goes down after `fall` failed checks.
+            (
+                1,
+                2,
+                vec![Replica, down(), down()],
+                vec!["replica", "replica", "down"],
             ),
             (1, 3, vec![Leader, Replica], vec!["leader", "replica"]),
             (
@@ -1173,12 +1489,285 @@ mod tests {
     #[test]
     fn observe_reports_flips_only() {
         let mut h = RoleHistory::default();
-        assert!(h.observe(Role::Leader, 1, 2));
-        assert!(!h.observe(Role::Leader, 1, 2));
+        assert!(h.observe(Role::Replica, 1, 2));
+        assert!(!h.observe(Role::Replica, 1, 2));
         assert!(!h.observe(down(), 1, 2));
         assert!(h.observe(down(), 1, 2));
         assert!(!h.observe(Role::Down("refused".into()), 1, 2));
         assert_eq!(h.role(), &Role::Down("refused".into()));
+    }
+
+    #[test]
+    fn a_failing_leader_is_taken_down_only_by_its_postgres() {
+        let gone = Liveness::Gone("connect: connection refused".into());
+        let refusing = Liveness::Refusing("57P03: the database system is shutting down".into());
+        let alive = Liveness::Alive("53300: sorry, too many clients already".into());
+        // (what happens, observed outcome or probe result, role after, failing after)
+        enum Step {
+            Check(Role, Observed),
+            Probe(Liveness, bool),
+        }
+        use Step::*;
+        let rows: Vec<(&str, Vec<Step>, &str, bool)> = vec![
+            (
+                "a failed check asks for a probe and changes nothing yet",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                ],
+                "leader",
+                true,
+            ),
+            (
+                "Postgres answers 53300: leader, unconfirmed, however many checks fail",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Probe(alive.clone(), false),
+                    Check(down(), Observed::Probe),
+                    Check(down(), Observed::Probe),
+                    Probe(alive.clone(), false),
+                ],
+                "leader",
+                true,
+            ),
+            (
+                "its next leader answer confirms it again",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Probe(alive.clone(), false),
+                    Check(Role::Leader, Observed::Same),
+                ],
+                "leader",
+                false,
+            ),
+            (
+                "Postgres gone: down at once, no fall wait",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Probe(gone.clone(), true),
+                ],
+                "down",
+                false,
+            ),
+            (
+                "Postgres refusing (57P03): down at once",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Probe(refusing.clone(), true),
+                ],
+                "down",
+                false,
+            ),
+            (
+                "a definite answer still counts at once",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Check(Role::Replica, Observed::Flipped),
+                ],
+                "replica",
+                false,
+            ),
+            (
+                "a probe says nothing about a node that is not leader",
+                vec![
+                    Check(Role::Replica, Observed::Flipped),
+                    Probe(gone.clone(), false),
+                ],
+                "replica",
+                false,
+            ),
+        ];
+        for (what, steps, role, failing) in rows {
+            let mut h = RoleHistory::default();
+            for (i, step) in steps.into_iter().enumerate() {
+                match step {
+                    Check(answer, expected) => {
+                        assert_eq!(
+                            h.observe_at(i as u64, answer, 1, 2),
+                            expected,
+                            "{what}: step {i}"
+                        )
+                    }
+                    Probe(liveness, down) => {
+                        assert_eq!(h.probed(&liveness), down, "{what}: step {i}")
+                    }
+                }
+            }
+            assert_eq!(
+                (h.role().label(), h.is_failing()),
+                (role, failing),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_claim_is_numbered_from_its_first_leader_answer() {
+        let mut h = RoleHistory::default();
+        let answers = [
+            (1, Role::Replica),
+            (2, Role::Leader),
+            (3, down()),
+            (4, Role::Leader),
+            (5, Role::Leader),
+        ];
+        for (seq, answer) in answers {
+            h.observe_at(seq, answer, 1, 2);
+        }
+        assert_eq!(h.claim(), (2, 5), "failed checks do not end a claim");
+        h.observe_at(6, Role::Replica, 1, 2);
+        h.observe_at(7, Role::Leader, 1, 2);
+        assert_eq!(h.claim(), (7, 7), "a replica answer ends it");
+        h.observe_at(8, down(), 1, 2);
+        h.probed(&Liveness::Gone("refused".into()));
+        h.observe_at(9, Role::Leader, 1, 2);
+        assert_eq!(h.claim(), (9, 9), "a dead Postgres ends it");
+    }
+
+    #[test]
+    fn leaving_the_route_needs_positive_evidence() {
+        use Standing::*;
+        let at_11 = route(4, Target::Leader(addr(11)));
+        let claim = |first, last, standing| Claim {
+            first,
+            last,
+            standing,
+        };
+        let ok = |first, last| claim(first, last, Confirmed);
+        // (what, previous, [(node, present, role, claim)], expected)
+        type ClaimRow = (u8, bool, Role, Claim);
+        let rows: Vec<(&str, Route, Vec<ClaimRow>, Route)> = vec![
+            (
+                "an unconfirmed leader that is the route keeps it and its generation",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(1, 5, Unconfirmed)),
+                    (12, true, Role::Replica, Claim::default()),
+                ],
+                at_11.clone(),
+            ),
+            (
+                "an unconfirmed leader past the bound holds: sessions stay, new clients wait",
+                at_11.clone(),
+                vec![(11, true, Role::Leader, claim(1, 5, Expired))],
+                route(4, Target::Held(addr(11))),
+            ),
+            (
+                "an expired claim that is not the route is no route",
+                route(4, Target::None(NoRoute::NoLeader)),
+                vec![(11, true, Role::Leader, claim(1, 5, Expired))],
+                route(4, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "a confirmed claim beats an unconfirmed one: the route moves",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(1, 5, Unconfirmed)),
+                    (12, true, Role::Leader, ok(7, 9)),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "a confirmed claim beats an expired one",
+                route(4, Target::Held(addr(11))),
+                vec![
+                    (11, true, Role::Leader, claim(1, 5, Expired)),
+                    (12, true, Role::Leader, ok(7, 9)),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "a stale claim (last answer before the rival's first) is verifying, not split brain",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, ok(1, 5)),
+                    (12, true, Role::Leader, ok(7, 7)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::Verifying(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "the old leader answers leader again after the rival began: split brain",
+                route(
+                    5,
+                    Target::None(NoRoute::Verifying(vec![addr(11), addr(12)])),
+                ),
+                vec![
+                    (11, true, Role::Leader, ok(1, 8)),
+                    (12, true, Role::Leader, ok(7, 7)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "the old leader's Postgres is gone: the new leader is routed",
+                route(
+                    5,
+                    Target::None(NoRoute::Verifying(vec![addr(11), addr(12)])),
+                ),
+                vec![
+                    (11, true, Role::Down("gone".into()), ok(1, 5)),
+                    (12, true, Role::Leader, ok(7, 7)),
+                ],
+                route(6, Target::Leader(addr(12))),
+            ),
+            (
+                "the old leader alive but failing its checks: beaten by the confirmed rival",
+                route(
+                    5,
+                    Target::None(NoRoute::Verifying(vec![addr(11), addr(12)])),
+                ),
+                vec![
+                    (11, true, Role::Leader, claim(1, 5, Unconfirmed)),
+                    (12, true, Role::Leader, ok(7, 7)),
+                ],
+                route(6, Target::Leader(addr(12))),
+            ),
+            (
+                "two unconfirmed claims, both re-confirmed since the other began: split brain",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(1, 9, Unconfirmed)),
+                    (12, true, Role::Leader, claim(2, 8, Unconfirmed)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "an unconfirmed leader that left DNS holds",
+                at_11.clone(),
+                vec![
+                    (11, false, Role::Leader, claim(1, 5, Unconfirmed)),
+                    (12, true, Role::Replica, Claim::default()),
+                ],
+                route(4, Target::Held(addr(11))),
+            ),
+        ];
+        for (what, previous, backends, expected) in rows {
+            let views: Vec<BackendView<'_>> = backends
+                .iter()
+                .map(|(n, present, role, claim)| BackendView {
+                    addr: addr(*n),
+                    discovered: true,
+                    present: *present,
+                    role,
+                    timeline: None,
+                    claim: *claim,
+                })
+                .collect();
+            assert_eq!(decide(&previous, &views), expected, "{what}");
+        }
     }
 
     #[test]
@@ -1260,6 +1849,7 @@ mod tests {
                     present: *present,
                     role,
                     timeline: *timeline,
+                    claim: Claim::default(),
                 })
                 .collect();
             let got = decide_with(&previous, &views, *policy);

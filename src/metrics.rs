@@ -13,6 +13,7 @@ use metrics::{
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::leader::Role;
+use crate::pgwire::Liveness;
 
 pub const SESSIONS_ACTIVE: &str = "roleproxy_sessions_active";
 pub const SESSIONS_TOTAL: &str = "roleproxy_sessions_total";
@@ -26,6 +27,8 @@ pub const SPLIT_BRAIN_TOTAL: &str = "roleproxy_split_brain_total";
 pub const DNS_RESOLUTIONS_TOTAL: &str = "roleproxy_dns_resolutions_total";
 pub const LEADER_WAIT: &str = "roleproxy_leader_wait_seconds";
 pub const CONNECT_FAILURES_TOTAL: &str = "roleproxy_backend_connect_failures_total";
+pub const POSTGRES_PROBES_TOTAL: &str = "roleproxy_postgres_probes_total";
+pub const LEADER_UNCONFIRMED: &str = "roleproxy_leader_unconfirmed";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -101,6 +104,14 @@ fn describe() {
         "Time new clients waited for a route"
     );
     describe_counter!(CONNECT_FAILURES_TOTAL, "Failed connects to a backend");
+    describe_counter!(
+        POSTGRES_PROBES_TOTAL,
+        "Liveness probes of a backend's Postgres after a failed check or connect, by backend and result (alive, refusing, gone)"
+    );
+    describe_gauge!(
+        LEADER_UNCONFIRMED,
+        "1 while the route's leader fails its checks but its Postgres answers"
+    );
 }
 
 pub fn session_started(listener: &Arc<str>) {
@@ -168,4 +179,21 @@ pub fn leader_wait(waited: Duration) {
 
 pub fn connect_failed(backend: SocketAddr) {
     counter!(CONNECT_FAILURES_TOTAL, "backend" => backend.to_string()).increment(1);
+}
+
+pub fn postgres_probe(backend: SocketAddr, liveness: &Liveness) {
+    counter!(POSTGRES_PROBES_TOTAL, "backend" => backend.to_string(), "result" => liveness.label())
+        .increment(1);
+}
+
+/// Registers a backend's probe counters at 0, so a rate over them works from the first probe.
+pub fn postgres_probes_zero(backend: SocketAddr) {
+    for result in Liveness::LABELS {
+        counter!(POSTGRES_PROBES_TOTAL, "backend" => backend.to_string(), "result" => result)
+            .increment(0);
+    }
+}
+
+pub fn leader_unconfirmed(unconfirmed: bool) {
+    gauge!(LEADER_UNCONFIRMED).set(if unconfirmed { 1.0 } else { 0.0 });
 }

@@ -200,6 +200,126 @@ pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> 
         .map(|(_, v)| v.as_str())
 }
 
+/// What a server's first answer to a StartupMessage says about it, read as `PQping` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// The postmaster takes connections: it asked for authentication, or refused this user for
+    /// a reason of its own (53300 too many clients, 28000 no such role, ...).
+    Alive(String),
+    /// It refuses every connection: starting up, shutting down or in recovery (57P03).
+    Refusing(String),
+    /// No Postgres answered: nothing there, or something that does not speak its protocol.
+    Gone(String),
+}
+
+impl Liveness {
+    /// A label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Liveness::Alive(_) => "alive",
+            Liveness::Refusing(_) => "refusing",
+            Liveness::Gone(_) => "gone",
+        }
+    }
+
+    pub const LABELS: [&'static str; 3] = ["alive", "refusing", "gone"];
+}
+
+impl std::fmt::Display for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Liveness::Alive(detail) => write!(f, "Postgres answers ({detail})"),
+            Liveness::Refusing(detail) => write!(f, "Postgres refuses connections ({detail})"),
+            Liveness::Gone(detail) => write!(f, "Postgres does not answer ({detail})"),
+        }
+    }
+}
+
+/// The user and database a liveness probe names. It needs no such role: any answer but 57P03
+/// means the postmaster is up.
+pub const PROBE_USER: &str = "roleproxy_probe";
+
+/// A first server message larger than this is not one a postmaster sends before
+/// authentication.
+const MAX_FIRST_MESSAGE: usize = 8192;
+
+/// Terminate (`X`), sent before closing so the server logs no "unexpected EOF".
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// The StartupMessage a liveness probe sends: protocol 3.0, no credentials.
+pub fn probe_startup() -> Vec<u8> {
+    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+    for (name, value) in [
+        ("user", PROBE_USER),
+        ("database", PROBE_USER),
+        ("application_name", "roleproxy-probe"),
+    ] {
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+        body.extend_from_slice(value.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The bytes of a Terminate message.
+pub fn terminate() -> &'static [u8] {
+    &TERMINATE
+}
+
+/// Reads the server's first message from the bytes received so far. Pure.
+///
+/// `None`: more bytes are needed. An authentication request (`R`), a protocol negotiation
+/// (`v`) or an ErrorResponse with any SQLSTATE but 57P03 is [`Liveness::Alive`]; 57P03 is
+/// [`Liveness::Refusing`]; anything else, or an error without a SQLSTATE (as `PQping`
+/// treats it), is [`Liveness::Gone`].
+pub fn read_liveness(received: &[u8]) -> Option<Liveness> {
+    let tag = *received.first()?;
+    if !matches!(tag, b'R' | b'v' | b'E') {
+        return Some(Liveness::Gone(format!(
+            "not a Postgres answer (first byte 0x{tag:02x})"
+        )));
+    }
+    let len = u32_at(received, 1)? as usize;
+    if !(4..=MAX_FIRST_MESSAGE).contains(&len) {
+        return Some(Liveness::Gone(format!(
+            "not a Postgres answer (message length {len})"
+        )));
+    }
+    match tag {
+        b'R' => return Some(Liveness::Alive("asks for authentication".into())),
+        b'v' => return Some(Liveness::Alive("negotiates the protocol version".into())),
+        _ => {}
+    }
+    let body = received.get(5..1 + len)?;
+    let (mut code, mut message) = (None, String::new());
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Ok((value, after)) = cstr(after) else {
+            return Some(Liveness::Gone("malformed ErrorResponse".into()));
+        };
+        match field {
+            b'C' => code = Some(value),
+            b'M' => message = value,
+            _ => {}
+        }
+        rest = after;
+    }
+    Some(match code {
+        Some(code) if code == CANNOT_CONNECT_NOW => {
+            Liveness::Refusing(format!("{code}: {message}"))
+        }
+        Some(code) if code.len() == 5 => Liveness::Alive(format!("{code}: {message}")),
+        _ => Liveness::Gone("ErrorResponse without a SQLSTATE".into()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,6 +328,138 @@ mod tests {
         let mut body = code.to_be_bytes().to_vec();
         body.extend_from_slice(rest);
         body
+    }
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn error(code: &str, text: &str) -> Vec<u8> {
+        let mut fields = Vec::new();
+        for (tag, value) in [(b'S', "FATAL"), (b'C', code), (b'M', text)] {
+            fields.push(tag);
+            fields.extend_from_slice(value.as_bytes());
+            fields.push(0);
+        }
+        fields.push(0);
+        message(b'E', &fields)
+    }
+
+    #[test]
+    fn first_answers_read_as_liveness() {
+        use Liveness::*;
+        let alive = |d: &str| Some(Alive(d.to_string()));
+        let rows: Vec<(&str, Vec<u8>, Option<Liveness>)> = vec![
+            ("nothing yet", vec![], None),
+            (
+                "md5 request",
+                message(b'R', &[0, 0, 0, 5, 1, 2, 3, 4]),
+                alive("asks for authentication"),
+            ),
+            (
+                "trust: AuthenticationOk",
+                message(b'R', &[0, 0, 0, 0]),
+                alive("asks for authentication"),
+            ),
+            (
+                "SASL, only the header so far",
+                message(b'R', b"\0\0\0\x0aSCRAM-SHA-256\0\0")[..5].to_vec(),
+                alive("asks for authentication"),
+            ),
+            (
+                "protocol negotiation",
+                message(b'v', &[0, 0, 0, 0, 0, 0, 0, 0]),
+                alive("negotiates the protocol version"),
+            ),
+            (
+                "full",
+                error("53300", "sorry, too many clients already"),
+                alive("53300: sorry, too many clients already"),
+            ),
+            (
+                "no such role",
+                error("28000", "role \"roleproxy_probe\" does not exist"),
+                alive("28000: role \"roleproxy_probe\" does not exist"),
+            ),
+            (
+                "bad password",
+                error("28P01", "password authentication failed"),
+                alive("28P01: password authentication failed"),
+            ),
+            (
+                "no such database",
+                error("3D000", "database does not exist"),
+                alive("3D000: database does not exist"),
+            ),
+            (
+                "starting up",
+                error("57P03", "the database system is starting up"),
+                Some(Refusing("57P03: the database system is starting up".into())),
+            ),
+            (
+                "shutting down",
+                error("57P03", "the database system is shutting down"),
+                Some(Refusing(
+                    "57P03: the database system is shutting down".into(),
+                )),
+            ),
+            ("half an error", error("53300", "sorry")[..9].to_vec(), None),
+            ("length only partly read", vec![b'E', 0, 0], None),
+            (
+                "error without SQLSTATE",
+                message(b'E', b"Mhello\0\0"),
+                Some(Gone("ErrorResponse without a SQLSTATE".into())),
+            ),
+            (
+                "unterminated field",
+                message(b'E', b"C53300"),
+                Some(Gone("malformed ErrorResponse".into())),
+            ),
+            (
+                "HTTP",
+                b"HTTP/1.1 400 Bad Request\r\n".to_vec(),
+                Some(Gone("not a Postgres answer (first byte 0x48)".into())),
+            ),
+            (
+                "SSL answer is not a first message",
+                b"N".to_vec(),
+                Some(Gone("not a Postgres answer (first byte 0x4e)".into())),
+            ),
+            (
+                "huge length",
+                vec![b'E', 0x7f, 0, 0, 0],
+                Some(Gone(format!(
+                    "not a Postgres answer (message length {})",
+                    0x7f00_0000u32
+                ))),
+            ),
+            (
+                "length below its own size",
+                vec![b'R', 0, 0, 0, 3],
+                Some(Gone("not a Postgres answer (message length 3)".into())),
+            ),
+        ];
+        for (what, bytes, expected) in rows {
+            assert_eq!(read_liveness(&bytes), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn the_probe_startup_names_the_probe_user_and_no_password() {
+        let bytes = probe_startup();
+        let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len());
+        match parse_startup(&bytes[4..]) {
+            Ok(StartupPacket::Startup { params }) => {
+                assert_eq!(param(&params, "user"), Some(PROBE_USER));
+                assert_eq!(param(&params, "application_name"), Some("roleproxy-probe"));
+                assert_eq!(param(&params, "password"), None);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
     }
 
     #[test]

@@ -19,7 +19,8 @@ use roleproxy::check::role_from_answer;
 use roleproxy::config::SplitBrain;
 use roleproxy::config::{Config, IpFamily};
 use roleproxy::leader::{
-    decide, decide_with, least_loaded, BackendView, NoRoute, Role, RoleHistory, Route, Target,
+    decide, decide_with, least_loaded, BackendView, Claim, NoRoute, Role, RoleHistory, Route,
+    Target,
 };
 use roleproxy::pgwire::{
     check_length, error_response, parse_startup, read_startup, PgWireError, StartupPacket,
@@ -315,12 +316,14 @@ fn admin() -> impl Strategy<Value = (Option<SocketAddr>, String)> {
     ]
 }
 
-const DURATION_KEYS: [(&str, &str); 9] = [
+const DURATION_KEYS: [(&str, &str); 11] = [
     ("backends", "resolve_interval"),
     ("backends", "resolve_timeout"),
     ("check", "interval"),
     ("check", "fast_interval"),
     ("check", "timeout"),
+    ("check", "probe_timeout"),
+    ("check", "unconfirmed_limit"),
     ("proxy", "connect_timeout"),
     ("proxy", "idle_timeout"),
     ("proxy", "leader_wait"),
@@ -334,6 +337,8 @@ fn duration_of(c: &Config, key: &str) -> Duration {
         "check.interval" => c.check.interval,
         "check.fast_interval" => c.check.fast_interval,
         "check.timeout" => c.check.timeout,
+        "check.probe_timeout" => c.check.probe_timeout,
+        "check.unconfirmed_limit" => c.check.unconfirmed_limit,
         "proxy.connect_timeout" => c.proxy.connect_timeout,
         "proxy.idle_timeout" => c.proxy.idle_timeout,
         "proxy.leader_wait" => c.proxy.leader_wait,
@@ -536,6 +541,8 @@ fn base_file() -> BTreeMap<(&'static str, &'static str), String> {
     put("check", "interval", r#""2s""#);
     put("check", "fast_interval", r#""250ms""#);
     put("check", "timeout", r#""5s""#);
+    put("check", "probe_timeout", r#""1s""#);
+    put("check", "unconfirmed_limit", r#""60s""#);
     put("check", "leader", r#"["leader", "primary"]"#);
     put("check", "rise", "1");
     put("check", "fall", "2");
@@ -1423,6 +1430,7 @@ fn views(slots: &[Option<Slot>]) -> Vec<BackendView<'_>> {
                 present: *present,
                 role,
                 timeline: None,
+                claim: Claim::default(),
             })
         })
         .collect()
