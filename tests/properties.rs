@@ -20,7 +20,7 @@ use roleproxy::config::SplitBrain;
 use roleproxy::config::{Config, IpFamily};
 use roleproxy::leader::{
     decide, decide_with, least_loaded, BackendView, Claim, NoRoute, Role, RoleHistory, Route,
-    Target,
+    Standing, Target,
 };
 use roleproxy::pgwire::{
     check_length, error_response, parse_startup, read_startup, PgWireError, StartupPacket,
@@ -235,9 +235,10 @@ fn ipv6() -> impl Strategy<Value = Ipv6Addr> {
         .prop_map(|s| Ipv6Addr::new(s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]))
 }
 
-/// `1.2.3.4:5`, `[1.2.3.4]:5` (the Fly template with an IPv4 PG_LISTEN_ADDRESS) or `[::1]:5`.
+/// `1.2.3.4:5`, `[1.2.3.4]:5` (the Fly template with an IPv4 PG_LISTEN_ADDRESS) or `[::1]:5`;
+/// never port 0, which an address that is connected to (a backup, a nameserver) may not have.
 fn socket_addr() -> impl Strategy<Value = (SocketAddr, String)> {
-    let v4 = (any::<[u8; 4]>(), any::<u16>(), any::<bool>(), pad(), pad()).prop_map(
+    let v4 = (any::<[u8; 4]>(), 1..=u16::MAX, any::<bool>(), pad(), pad()).prop_map(
         |(ip, port, bracket, a, b)| {
             let ip = Ipv4Addr::from(ip);
             let text = if bracket {
@@ -248,7 +249,7 @@ fn socket_addr() -> impl Strategy<Value = (SocketAddr, String)> {
             (SocketAddr::new(IpAddr::V4(ip), port), text)
         },
     );
-    let v6 = (ipv6(), any::<u16>(), pad(), pad()).prop_map(|(ip, port, a, b)| {
+    let v6 = (ipv6(), 1..=u16::MAX, pad(), pad()).prop_map(|(ip, port, a, b)| {
         (
             SocketAddr::new(IpAddr::V6(ip), port),
             format!("{a}[{ip}]:{port}{b}"),
@@ -1568,8 +1569,9 @@ fn check_step(
 }
 
 /// Whether the confirmed role could be `Leader` given the raw answers: the answers since the last
-/// definite non-leader answer hold `rise` leaders in a row, and end in fewer than `fall` downs.
-fn leader_is_justified(answers: &[Role], rise: u32, fall: u32) -> bool {
+/// definite non-leader answer hold `rise` leaders in a row. Failed checks after that never take
+/// it down by themselves (rule 7: only a probe of its Postgres does), so `fall` plays no part.
+fn leader_is_justified(answers: &[Role], rise: u32, _fall: u32) -> bool {
     let since = answers
         .iter()
         .rposition(|r| !matches!(r, Role::Leader | Role::Down(_)))
@@ -1581,12 +1583,7 @@ fn leader_is_justified(answers: &[Role], rise: u32, fall: u32) -> bool {
         run = if *r == Role::Leader { run + 1 } else { 0 };
         best = best.max(run);
     }
-    let trailing_downs = tail
-        .iter()
-        .rev()
-        .take_while(|r| matches!(r, Role::Down(_)))
-        .count();
-    best >= rise && (trailing_downs as u32) < fall
+    best >= rise
 }
 
 fn kind(role: &Role) -> String {
@@ -1675,8 +1672,9 @@ proptest! {
         }
     }
 
-    /// Becoming Leader takes `rise` consecutive Leader answers; becoming Down takes `fall`
-    /// consecutive Down answers; other answers count at once; the freshest detail is kept.
+    /// Becoming Leader takes `rise` consecutive Leader answers; a node that is not leader becomes
+    /// Down after `fall` consecutive Down answers, a leader never on failed checks alone (rule 7);
+    /// other answers count at once; the freshest detail is kept.
     #[test]
     fn role_history_rise_and_fall(
         rise in 1..5u32,
@@ -1705,8 +1703,13 @@ proptest! {
             if last(rise, &|r: &Role| *r == Role::Leader) {
                 prop_assert_eq!(&after, &Role::Leader, "{}", ctx());
             }
-            if last(fall, &|r: &Role| matches!(r, Role::Down(_))) {
+            if last(fall, &|r: &Role| matches!(r, Role::Down(_))) && before != Role::Leader {
                 prop_assert_eq!(&after, answer, "{}", ctx());
+            }
+            // Rule 7: failed checks leave a leader a leader (failing, for the probe to settle).
+            if before == Role::Leader && matches!(answer, Role::Down(_)) {
+                prop_assert_eq!(&after, &Role::Leader, "{}", ctx());
+                prop_assert!(h.is_failing(), "{}", ctx());
             }
             // A definite non-leader answer counts at once.
             if matches!(answer, Role::Replica | Role::Maintenance | Role::Other(_)) {
@@ -1717,11 +1720,140 @@ proptest! {
                 prop_assert_eq!(&after, answer, "{}", ctx());
             }
             // Only the answer just seen, or the role before it, can be the role now.
-            prop_assert!(after == before || after == *answer, "{}", ctx());
+            prop_assert!(after == before || after == *answer || (before == Role::Leader && after == Role::Leader), "{}", ctx());
             if after == Role::Leader {
                 prop_assert!(leader_is_justified(&answers[..=i], rise, fall), "{}", ctx());
             }
         }
+    }
+}
+
+// Rule 7: claims with evidence (`Claim`: sequence numbers and standing)
+// ---------------------------------------------------------------------------------------------
+
+/// A leader claim: its first and latest `leader` answer numbers and its standing.
+fn claim() -> impl Strategy<Value = Claim> {
+    (
+        0..10u64,
+        0..6u64,
+        prop_oneof![
+            3 => Just(Standing::Confirmed),
+            2 => Just(Standing::Unconfirmed),
+            1 => Just(Standing::Expired),
+        ],
+    )
+        .prop_map(|(first, more, standing)| Claim {
+            first,
+            last: first + more,
+            standing,
+        })
+}
+
+/// (discovered, present, role, claim) per pool slot.
+type ClaimSlot = (bool, bool, Role, Claim);
+
+fn claim_views(slots: &[Option<ClaimSlot>]) -> Vec<BackendView<'_>> {
+    slots
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            s.as_ref()
+                .map(|(discovered, present, role, claim)| BackendView {
+                    addr: pool_addr(i),
+                    discovered: *discovered,
+                    present: *present,
+                    role,
+                    timeline: None,
+                    claim: *claim,
+                })
+        })
+        .collect()
+}
+
+fn claim_slots() -> impl Strategy<Value = Vec<Option<ClaimSlot>>> {
+    vec(
+        option::weighted(
+            0.8,
+            (
+                prop::bool::weighted(0.8),
+                prop::bool::weighted(0.85),
+                prop_oneof![3 => Just(Role::Leader), 1 => observed_role()],
+                claim(),
+            ),
+        ),
+        POOL,
+    )
+}
+
+fn any_route() -> impl Strategy<Value = Route> {
+    (0..POOL, 0..3u8, 0..5u64).prop_map(|(i, kind, generation)| Route {
+        generation,
+        target: match kind {
+            0 => Target::Leader(pool_addr(i)),
+            1 => Target::Held(pool_addr(i)),
+            _ => Target::None(NoRoute::NoLeader),
+        },
+    })
+}
+
+proptest! {
+    #![proptest_config(config(CASES_FAST))]
+
+    /// A confirmed claim always beats an unconfirmed one: while any discovered, present node's
+    /// claim is confirmed, the route never goes to an unconfirmed or expired claim.
+    #[test]
+    fn a_confirmed_claim_always_beats_an_unconfirmed_one(previous in any_route(), slots in claim_slots()) {
+        let v = claim_views(&slots);
+        let next = decide(&previous, &v);
+        let confirmed_rival = v.iter().any(|b| b.discovered && b.present && *b.role == Role::Leader && b.claim.standing == Standing::Confirmed);
+        if let (true, Some(addr)) = (confirmed_rival, next.target.backend()) {
+            let chosen = v.iter().find(|b| b.addr == addr).expect("routed to a known backend");
+            prop_assert!(
+                *chosen.role != Role::Leader || chosen.claim.standing == Standing::Confirmed,
+                "routed to {:?} over a confirmed claim: {:?}", chosen, v
+            );
+        }
+    }
+
+    /// A stale claim never yields split brain: every pair of claims named in a split brain has
+    /// answered `leader` again since the other's claim began.
+    #[test]
+    fn a_stale_claim_never_yields_split_brain(previous in any_route(), slots in claim_slots()) {
+        let v = claim_views(&slots);
+        let next = decide(&previous, &v);
+        if let Target::None(NoRoute::SplitBrain(addrs)) = &next.target {
+            let claims: Vec<Claim> = addrs
+                .iter()
+                .map(|a| v.iter().find(|b| b.addr == *a).expect("known").claim)
+                .collect();
+            for a in &claims {
+                for b in &claims {
+                    prop_assert!(a.last >= b.first, "stale claim {:?} vs {:?} called split brain: {:?}", a, b, v);
+                }
+            }
+        }
+        // Verifying, like split brain, never routes anyone.
+        if let Target::None(NoRoute::Verifying(addrs)) = &next.target {
+            prop_assert!(addrs.len() >= 2);
+        }
+    }
+
+    /// An unconfirmed leader that is the previous route, with no other claim, keeps the route
+    /// and its generation: its sessions stay (held once past the bound).
+    #[test]
+    fn an_unconfirmed_leader_that_is_the_route_keeps_the_generation(
+        generation in 0..100u64,
+        standing in prop_oneof![Just(Standing::Unconfirmed), Just(Standing::Expired)],
+        others in vec(prop_oneof![Just(Role::Replica), Just(Role::Maintenance), Just(Role::Down("x".into()))], 0..POOL - 1),
+    ) {
+        let previous = Route { generation, target: Target::Leader(pool_addr(0)) };
+        let mut slots: Vec<Option<ClaimSlot>> = vec![Some((true, true, Role::Leader, Claim { first: 1, last: 3, standing }))];
+        slots.extend(others.into_iter().map(|r| Some((true, true, r, Claim::default()))));
+        let v = claim_views(&slots);
+        let next = decide(&previous, &v);
+        prop_assert_eq!(next.generation, generation);
+        prop_assert_eq!(next.target.backend(), Some(pool_addr(0)));
+        prop_assert_eq!(next.leader().is_some(), standing == Standing::Unconfirmed);
     }
 }
 
