@@ -192,8 +192,9 @@ impl RoleHistory {
     }
 
     /// Applies a probe of the node's Postgres; returns true when the node went down. A leader
-    /// whose Postgres does not answer, or refuses connections (57P03), is down at once: there is
-    /// nothing to wait `fall` checks for, and a dead leader must never race a promoted one.
+    /// whose Postgres does not answer, or refuses connections (57P03), is down at once, even if
+    /// its role endpoint still says `leader`: clients cannot use it, there is nothing to wait
+    /// `fall` checks for, and a dead leader must never race a promoted one.
     pub fn probed(&mut self, liveness: &Liveness) -> bool {
         if self.confirmed != Role::Leader || matches!(liveness, Liveness::Alive(_)) {
             return false;
@@ -804,11 +805,7 @@ impl LeaderView {
                 // leader down (rule 7).
                 if self.route_tx.borrow().leader() == Some(addr) {
                     tracing::warn!(backend = %addr, %error, "connect to leader failed; probing its Postgres and re-checking every backend");
-                    if let Some(state) = self.backends.get_mut(&addr) {
-                        state.last_error = Some(format!("connect: {error}"));
-                    }
-                    self.probe(addr);
-                    self.recheck_all();
+                    self.observe(addr, Role::Down(format!("connect: {error}")), None);
                 }
             }
             Event::Probed { addr, liveness } => self.probed(addr, liveness),
@@ -1046,20 +1043,15 @@ impl LeaderView {
                     m::split_brain();
                 }
             }
-            // A stale claim is settled by evidence: ask every claimant's Postgres and recheck
-            // everyone now.
-            if let Target::None(NoRoute::Verifying(claims)) = &route.target {
-                for addr in claims.clone() {
-                    self.probe(addr);
-                }
-                self.recheck_all();
-            }
+            // A stale claim is settled by evidence: recheck everyone now. A dead leader's check
+            // then fails and its probe takes it down; a live one answers and is a split brain.
+            let verifying = matches!(route.target, Target::None(NoRoute::Verifying(_)));
             let lost_leader = previous.leader().is_some() && route.leader().is_none();
             if let Ok(mut since) = self.shared.route_since.lock() {
                 *since = SystemTime::now();
             }
             self.route_tx.send_replace(route);
-            if lost_leader {
+            if lost_leader || verifying {
                 self.recheck_all();
             }
         }
@@ -1570,6 +1562,17 @@ mod tests {
                     Check(Role::Replica, Observed::Flipped),
                 ],
                 "replica",
+                false,
+            ),
+            (
+                "a Postgres that does not answer takes a leader down even if its endpoint says leader",
+                vec![
+                    Check(Role::Leader, Observed::Flipped),
+                    Check(down(), Observed::Probe),
+                    Check(Role::Leader, Observed::Same),
+                    Probe(gone.clone(), true),
+                ],
+                "down",
                 false,
             ),
             (

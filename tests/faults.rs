@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use roleproxy_testkit as support;
-use support::fake_cluster::{served_by, FakeCluster, NAME};
+use support::fake_cluster::{echo_session, echoes, served_by, FakeCluster, NAME};
 use support::harness::{postgres_refusal, wait_served, Client, ProxyProcess, RunningProxy};
 use support::loopback;
 use support::role::RoleReply;
@@ -95,6 +95,7 @@ async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
         .set("proxy.connect_timeout", "\"300ms\"")
         .set("proxy.connect_retries", "1")
         .set("proxy.leader_wait", "\"2s\"")
+        .set("check.probe_timeout", "\"700ms\"")
         .config();
     let proxy = RunningProxy::start(config).await;
     let black_holed = SocketAddr::new(ip, 5433).to_string();
@@ -106,23 +107,50 @@ async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
         message.contains("timed out") || message.contains("no node reports leader"),
         "{message}"
     );
-    // Failed connects count against the leader, like failed checks: it is seen as down (until
-    // its next good check), with the reason.
-    let deadline = tokio::time::Instant::now() + LONG;
-    loop {
-        let status = proxy.status().await;
-        let error = status["backends"]
+    // A failed connect is followed by a probe of the leader's Postgres; the probe's own short
+    // timeout finds nothing there, so the leader is down (until its next good check), with the
+    // reason.
+    let probe_found_nothing = |status: serde_json::Value| {
+        status["backends"]
             .as_array()
             .and_then(|b| b.iter().find(|b| b["address"] == black_holed))
             .and_then(|b| b["last_error"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        if error.contains("connect") {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .is_some_and(|e| e.contains("does not answer (no answer within 700ms)"))
+    };
+    assert!(
+        support::harness::eventually(LONG, || async { probe_found_nothing(proxy.status().await) })
+            .await,
+        "{}",
+        proxy.status().await
+    );
+
+    // The whole node black-holed: its role endpoint hangs too. The check times out, the probe
+    // times out sooner, and the node is down: no route.
+    assert!(
+        proxy.wait_route(Some(&black_holed), LONG).await,
+        "back after a good check"
+    );
+    let gone = || async {
+        let (_, metrics) = proxy.get("/metrics").await;
+        let series = format!(
+            "roleproxy_postgres_probes_total{{backend=\"{black_holed}\",result=\"gone\"}} "
+        );
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let gone_before = gone().await;
+    role.set(RoleReply::Hang);
+    assert!(
+        support::harness::eventually(LONG, || async {
+            proxy.route_leader().await.is_none() && gone().await > gone_before
+        })
+        .await,
+        "{}",
+        proxy.status().await
+    );
+    assert!(probe_found_nothing(proxy.status().await));
     drop(fillers);
     proxy.stop().await;
 }
@@ -130,7 +158,12 @@ async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_role_endpoint_does_not_move_the_route() {
     let cluster = FakeCluster::start(42, 2).await;
-    cluster.nodes[0].role.set(RoleReply::leader());
+    // A leader whose Postgres is alive (full, answering 53300) and whose role endpoint fails
+    // every other check. Rule 7: each failed check is followed by a probe that finds Postgres
+    // alive, so nothing counts toward `fall` and the route stays.
+    let node = cluster.full_node(13).await;
+    let role = &node.role;
+    cluster.dns.set(NAME, vec![node.ip, cluster.nodes[1].ip]);
     let config = cluster
         .config()
         .set("check.interval", "\"100ms\"")
@@ -138,25 +171,33 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
         .set("check.fall", "2")
         .config();
     let proxy = RunningProxy::start(config).await;
-    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let leader = node.addr();
+    assert!(proxy.wait_route(Some(&leader), LONG).await);
+    let mut session = echo_session(proxy.addr).await.expect("served");
     let before = generation(&proxy).await;
 
-    // Every other check fails: with fall = 2, never two failures in a row.
-    let seen = cluster.nodes[0].role.requests();
-    cluster.nodes[0].role.set(RoleReply::Cycle(vec![
+    let seen = role.requests();
+    role.set(RoleReply::Cycle(vec![
         RoleReply::error(500, "flap"),
         RoleReply::leader(),
     ]));
-    assert!(cluster.nodes[0].role.wait_requests(seen + 20, LONG).await);
+    assert!(role.wait_requests(seen + 20, LONG).await);
     assert_eq!(
         generation(&proxy).await,
         before,
         "the route held through the flapping"
     );
-    assert!(session.echo("still here").await);
+    assert!(echoes(&mut session, b"still here").await);
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "roleproxy_postgres_probes_total{{backend=\"{leader}\",result=\"alive\"}}"
+        )),
+        "{metrics}"
+    );
 
     // A node flapping leader/replica is never routed when two leader answers are required.
-    cluster.nodes[0].role.set(RoleReply::replica());
+    role.set(RoleReply::replica());
     cluster.nodes[1].role.set(RoleReply::Cycle(vec![
         RoleReply::leader(),
         RoleReply::replica(),

@@ -293,3 +293,37 @@ pub fn sha256_of_stream(seed: u64, len: u64) -> [u8; 32] {
     }
     hasher.finalize().into()
 }
+
+/// Stands in for a Postgres whose slots are all taken, for tests that need a node's Postgres
+/// to be alive without running one: every StartupMessage (such as roleproxy's liveness probe)
+/// is answered with FATAL 53300, as a full Postgres does; anything else is echoed, so a test
+/// can hold a session through the proxy by speaking first.
+pub struct FullPostgres {
+    _task: TaskGuard,
+}
+
+impl FullPostgres {
+    pub async fn start(addr: SocketAddr) -> FullPostgres {
+        let listener = bind_with_retry("full postgres", || TcpListener::bind(addr)).await;
+        let task = TaskGuard::spawn(accept_loop(listener, |mut stream| async move {
+            let mut first = [0u8; 8];
+            if stream.read_exact(&mut first).await.is_err() {
+                return;
+            }
+            let version = u32::from_be_bytes([first[4], first[5], first[6], first[7]]);
+            if version >> 16 == 3 {
+                let answer = roleproxy::pgwire::error_response(
+                    roleproxy::pgwire::TOO_MANY_CONNECTIONS,
+                    "sorry, too many clients already",
+                );
+                let _ = stream.write_all(&answer).await;
+                return;
+            }
+            if stream.write_all(&first).await.is_ok() {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            }
+        }));
+        FullPostgres { _task: task }
+    }
+}

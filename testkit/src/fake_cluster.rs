@@ -4,11 +4,14 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::backend::TaggedBackend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::backend::{FullPostgres, TaggedBackend};
 use crate::dns::DnsServer;
 use crate::harness::{Client, ConfigBuilder, RunningProxy};
 use crate::loopback;
-use crate::role::RoleEndpoint;
+use crate::role::{RoleEndpoint, RoleReply};
 
 /// The name the fake DNS server answers.
 pub const NAME: &str = "iad.test.internal";
@@ -77,4 +80,55 @@ impl FakeCluster {
 /// The tag of the backend a new client reaches through `proxy`, if any within `wait`.
 pub async fn served_by(proxy: &RunningProxy, wait: Duration) -> Option<String> {
     Client::connect(proxy.addr, wait).await.map(|c| c.tag)
+}
+
+/// A node whose role endpoint answers `leader` and whose Postgres is alive but full
+/// ([`FullPostgres`]): what a probe of a leader finds when its check fails for load.
+pub struct FullNode {
+    pub ip: IpAddr,
+    pub role: RoleEndpoint,
+    _postgres: FullPostgres,
+}
+
+/// An SSLRequest: the first bytes a session sends, which [`FullPostgres`] echoes.
+pub const HELLO: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+impl FakeCluster {
+    /// Starts a [`FullNode`] on `127.N.0.OCTET` (not in DNS until the test says so).
+    pub async fn full_node(&self, octet: u8) -> FullNode {
+        let ip = loopback(self.net, 0, octet);
+        let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+        role.set(RoleReply::leader());
+        let postgres = FullPostgres::start(SocketAddr::new(ip, 5433)).await;
+        FullNode {
+            ip,
+            role,
+            _postgres: postgres,
+        }
+    }
+}
+
+impl FullNode {
+    pub fn addr(&self) -> String {
+        SocketAddr::new(self.ip, 5433).to_string()
+    }
+}
+
+/// Opens a session through `proxy` to an echoing backend, speaking first; `None` if not served.
+pub async fn echo_session(proxy: SocketAddr) -> Option<TcpStream> {
+    let mut session = TcpStream::connect(proxy).await.ok()?;
+    echoes(&mut session, &HELLO).await.then_some(session)
+}
+
+/// Sends `bytes` on a session and reads them back from the echoing backend; false if the
+/// session is gone.
+pub async fn echoes(session: &mut TcpStream, bytes: &[u8]) -> bool {
+    if session.write_all(bytes).await.is_err() {
+        return false;
+    }
+    let mut back = vec![0u8; bytes.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(20), session.read_exact(&mut back)).await,
+        Ok(Ok(_))
+    ) && back == bytes
 }
