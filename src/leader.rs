@@ -932,11 +932,12 @@ impl LeaderView {
             }
             Observed::Probe | Observed::Same => {}
         }
-        if !state.history.is_failing() && state.failing_since.take().is_some() {
-            if state.history.role() == &Role::Leader {
-                tracing::info!(backend = %addr, "leader confirmed again");
-                remember(&self.shared, "role", format!("{addr}: leader, confirmed"));
-            }
+        if !state.history.is_failing()
+            && state.failing_since.take().is_some()
+            && state.history.role() == &Role::Leader
+        {
+            tracing::info!(backend = %addr, "leader confirmed again");
+            remember(&self.shared, "role", format!("{addr}: leader, confirmed"));
         }
         if observed == Observed::Probe {
             self.probe(addr);

@@ -62,6 +62,19 @@ impl Single {
     }
 }
 
+/// A two-node `LocalCluster` (real role agents) on 127.NET.0.11–12 and a proxy with the
+/// shipped check settings in front of it.
+async fn cluster_and_proxy(net: u8) -> (LocalCluster, RunningProxy) {
+    let spec = ClusterSpec {
+        name: format!("iad.net{net}.internal"),
+        dns_ip: Ipv4Addr::new(127, net, 0, 1).into(),
+        ..ClusterSpec::demo().with_ips((11..=12).map(|d| Ipv4Addr::new(127, net, 0, d)))
+    };
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let config = cluster.proxy_config(&format!("127.{net}.0.1")).config();
+    (cluster, RunningProxy::start(config).await)
+}
+
 async fn generation(proxy: &RunningProxy) -> u64 {
     proxy.status().await["route"]["generation"]
         .as_u64()
@@ -135,13 +148,7 @@ async fn keeps_working(session: &Client) {
 async fn a_full_leader_keeps_its_sessions_and_new_clients_get_its_own_53300() {
     // The real role agent: whether it answers 500 when Postgres is full or keeps a connection
     // and still answers `leader`, the open session must survive.
-    let spec = ClusterSpec {
-        name: "iad.net60.internal".into(),
-        dns_ip: Ipv4Addr::new(127, 60, 0, 1).into(),
-        ..ClusterSpec::demo().with_ips((11..=12).map(|d| Ipv4Addr::new(127, 60, 0, d)))
-    };
-    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
-    let proxy = RunningProxy::start(cluster.proxy_config("127.60.0.1").config()).await;
+    let (cluster, proxy) = cluster_and_proxy(60).await;
     let leader = cluster.pg_addr(0).to_string();
     assert!(proxy.wait_route(Some(&leader), WAIT).await);
     let through_proxy = conninfo(proxy.addr);
@@ -305,13 +312,7 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_hard_failover_moves_the_route_and_is_not_a_split_brain() {
-    let spec = ClusterSpec {
-        name: "iad.net63.internal".into(),
-        dns_ip: Ipv4Addr::new(127, 63, 0, 1).into(),
-        ..ClusterSpec::demo().with_ips((11..=12).map(|d| Ipv4Addr::new(127, 63, 0, d)))
-    };
-    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
-    let proxy = RunningProxy::start(cluster.proxy_config("127.63.0.1").config()).await;
+    let (cluster, proxy) = cluster_and_proxy(63).await;
     assert!(
         proxy
             .wait_route(Some(&cluster.pg_addr(0).to_string()), WAIT)
