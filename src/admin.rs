@@ -154,7 +154,13 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/healthz" => match state.shared.supervisor.failure() {
+            Some(task) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: the {task}; the process is stopping\n"),
+            ),
+            None => text(StatusCode::OK, "ok\n".into()),
+        },
         "/ready" if state.stopping.is_cancelled() => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shutting down\n".into(),

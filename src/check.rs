@@ -18,12 +18,12 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind};
-use crate::leader::{Event, Role, Route};
+use crate::leader::{Event, Role, Shared};
 use crate::metrics as m;
 use crate::pgwire::{self, Liveness};
 
@@ -363,65 +363,68 @@ async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckEr
     Ok((status, body))
 }
 
-/// Starts the check loop of one backend. It reports every result to the leader view and stops
-/// when `cancel` fires or the view is gone.
+/// Starts the check loop of one backend, supervised. It reports every result to the leader view
+/// (through `shared`) and stops when `cancel` fires or the view is gone.
 pub fn spawn_loop(
+    shared: &Shared,
     backend: SocketAddr,
     loop_id: u64,
     settings: Arc<CheckSettings>,
-    events: mpsc::Sender<Event>,
     mut recheck: watch::Receiver<u64>,
-    route: watch::Receiver<Route>,
     cancel: CancellationToken,
 ) {
     let endpoint = settings.endpoint(backend);
-    tokio::spawn(async move {
-        recheck.mark_unchanged();
-        loop {
-            let started = Instant::now();
-            let checked = tokio::select! {
-                _ = cancel.cancelled() => return,
-                observed = check_role(endpoint, &settings) => observed,
-            };
-            let latency = started.elapsed();
-            let Some(Observation { role, timeline }) = checked else {
+    let events = shared.events.clone();
+    let route = shared.route.clone();
+    shared
+        .supervisor
+        .spawn("check", cancel.clone(), async move {
+            recheck.mark_unchanged();
+            loop {
+                let started = Instant::now();
+                let checked = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    observed = check_role(endpoint, &settings) => observed,
+                };
+                let latency = started.elapsed();
+                let Some(Observation { role, timeline }) = checked else {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(settings.interval) => continue,
+                    }
+                };
+                m::check_result(backend, &role, latency);
+                if let Role::Down(error) = &role {
+                    tracing::debug!(backend = %backend, %error, "check failed");
+                }
+                let event = Event::Checked {
+                    addr: backend,
+                    loop_id,
+                    role,
+                    timeline,
+                    latency,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+                let wait = if route.borrow().leader().is_some() {
+                    settings.interval
+                } else {
+                    settings.fast_interval
+                };
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(settings.interval) => continue,
+                    _ = tokio::time::sleep(wait) => {}
+                    changed = recheck.changed() => if changed.is_err() { return },
                 }
-            };
-            m::check_result(backend, &role, latency);
-            if let Role::Down(error) = &role {
-                tracing::debug!(backend = %backend, %error, "check failed");
+                // However often a recheck is asked for, one endpoint is checked at most once per
+                // fast interval, so `check.fall` still spans real time.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
+                }
             }
-            let event = Event::Checked {
-                addr: backend,
-                loop_id,
-                role,
-                timeline,
-                latency,
-            };
-            if events.send(event).await.is_err() {
-                return;
-            }
-            let wait = if route.borrow().leader().is_some() {
-                settings.interval
-            } else {
-                settings.fast_interval
-            };
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-                changed = recheck.changed() => if changed.is_err() { return },
-            }
-            // However often a recheck is asked for, one endpoint is checked at most once per
-            // fast interval, so `check.fall` still spans real time.
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
-            }
-        }
-    });
+        });
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::check::{self, CheckSettings};
 use crate::config::{CheckConfig, SplitBrain};
 use crate::metrics as m;
 use crate::pgwire::Liveness;
+use crate::supervise::Supervisor;
 
 /// What a backend's role endpoint said, reduced to what routing needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -312,7 +313,8 @@ impl fmt::Display for NoRoute {
 pub enum Target {
     /// New sessions go to this leader.
     Leader(SocketAddr),
-    /// The leader is in maintenance or left DNS: its sessions stay, new ones wait.
+    /// The leader is in maintenance, left DNS, or has been unconfirmed for longer than
+    /// `check.unconfirmed_limit`: its sessions stay, new ones wait.
     Held(SocketAddr),
     None(NoRoute),
 }
@@ -596,6 +598,8 @@ pub struct Shared {
     pub listeners: Mutex<Vec<ListenerStatus>>,
     /// The cluster's name for people (`Config::cluster_name`), as last started or reloaded.
     pub cluster: Mutex<String>,
+    /// Starts the core tasks (check loops, listeners) and knows whether one has ended.
+    pub supervisor: Supervisor,
 }
 
 /// What `/status` shows for one listener.
@@ -725,6 +729,7 @@ impl LeaderView {
     pub fn new(
         settings: ViewSettings,
         cancel: CancellationToken,
+        supervisor: Supervisor,
     ) -> (LeaderView, Arc<Shared>, mpsc::Receiver<Event>) {
         let (route_tx, route_rx) = watch::channel(Route::initial());
         let (replicas_tx, replicas_rx) = watch::channel(Vec::new());
@@ -740,6 +745,7 @@ impl LeaderView {
             listeners: Mutex::new(Vec::new()),
             cluster: Mutex::new(String::new()),
             events: events_tx,
+            supervisor,
         });
         let view = LeaderView {
             check: Arc::new(settings.check.clone()),
@@ -867,12 +873,11 @@ impl LeaderView {
             let token = self.cancel.child_token();
             self.next_loop_id += 1;
             check::spawn_loop(
+                &self.shared,
                 *addr,
                 self.next_loop_id,
                 Arc::clone(&self.check),
-                self.shared.events.clone(),
                 self.recheck_tx.subscribe(),
-                self.shared.route.clone(),
                 token.clone(),
             );
             state.checker = Some((self.next_loop_id, token));

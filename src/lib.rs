@@ -19,6 +19,7 @@
 //! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`, the stats page, `POST /reload`.
 //! - [`metrics`]: metric names and descriptions.
+//! - [`supervise`]: the core tasks, watched; one that ends unexpectedly stops the process.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
@@ -35,6 +36,7 @@ pub mod pgwire;
 pub mod preconnect;
 pub mod proxy;
 pub mod reload;
+pub mod supervise;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,6 +59,9 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// A core task ended while the proxy ran: the process should exit and be restarted.
+    #[error("stopped because the {0}")]
+    TaskEnded(supervise::TaskEnded),
 }
 
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
@@ -132,18 +137,20 @@ impl Proxy {
         metrics::install();
         let config = self.config;
         let background = CancellationToken::new();
+        let (supervisor, mut ended) = supervise::Supervisor::new();
 
         let (view, shared, events) = leader::LeaderView::new(
             leader::ViewSettings::from_config(&config.check),
             background.clone(),
+            supervisor.clone(),
         );
-        tokio::spawn(view.run(events));
+        supervisor.spawn("leader_view", background.clone(), view.run(events));
         let (backends, backend_configs) = watch::channel(config.backends.clone());
-        tokio::spawn(discovery::run(
-            backend_configs,
-            shared.events.clone(),
+        supervisor.spawn(
+            "discovery",
             background.clone(),
-        ));
+            discovery::run(backend_configs, shared.events.clone(), background.clone()),
+        );
         let stop_accepting = CancellationToken::new();
         let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
         if let Some(listener) = self.admin {
@@ -156,7 +163,11 @@ impl Proxy {
             if let Ok(addr) = listener.local_addr() {
                 tracing::info!(address = %addr, "admin listening: /metrics /status /healthz /ready and the stats page on /");
             }
-            tokio::spawn(admin::serve(listener, state, background.clone()));
+            supervisor.spawn(
+                "admin",
+                background.clone(),
+                admin::serve(listener, state, background.clone()),
+            );
         }
 
         let hard_stop = CancellationToken::new();
@@ -177,9 +188,14 @@ impl Proxy {
         );
 
         let mut shutdown = std::pin::pin!(shutdown);
+        let mut failure = None;
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                Some(task) = ended.recv() => {
+                    failure = Some(task);
+                    break;
+                }
                 Some(reply) = self.reloads.recv() => {
                     let outcome = running.reload().await;
                     if let Err(e) = &outcome {
@@ -204,8 +220,16 @@ impl Proxy {
             tracker.wait().await;
         }
         background.cancel();
-        tracing::info!("stopped");
-        Ok(())
+        match failure {
+            Some(task) => {
+                tracing::error!(task = task.task, reason = %task.reason, "stopped because a core task ended");
+                Err(Error::TaskEnded(task))
+            }
+            None => {
+                tracing::info!("stopped");
+                Ok(())
+            }
+        }
     }
 }
 

@@ -250,7 +250,7 @@ async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
 enum NoLeader {
     #[error("{0}")]
     NoRoute(String),
-    #[error("leader {0} is in maintenance or left DNS")]
+    #[error("leader {0} is in maintenance, left DNS or unconfirmed too long")]
     Held(SocketAddr),
     #[error("leader {addr} unreachable: {error}")]
     Unreachable { addr: SocketAddr, error: String },
@@ -260,6 +260,9 @@ enum NoLeader {
     BackendUnreachable { addr: SocketAddr, error: String },
     #[error("proxy is shutting down")]
     Shutdown,
+    /// The route channel closed: the leader view ended, and the process is stopping.
+    #[error("roleproxy is stopping: internal task ended")]
+    Stopping,
     /// This host, not the leader, is out of descriptors or memory.
     #[error("roleproxy is out of resources: {0}")]
     OutOfResources(String),
@@ -357,7 +360,7 @@ async fn refuse_client(
         NoLeader::Unreachable { .. } | NoLeader::BackendUnreachable { .. } => {
             ("unreachable", pgwire::CANNOT_CONNECT_NOW)
         }
-        NoLeader::Shutdown => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
+        NoLeader::Shutdown | NoLeader::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
         _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
     };
     let message = match (&reason, plan.serves) {
@@ -474,10 +477,14 @@ async fn connect_replica(
         } else {
             Instant::now() + RETRY_PAUSE
         };
-        tokio::select! {
-            _ = tokio::time::sleep_until(retry.min(deadline)) => {}
-            _ = replicas.changed() => {}
-            _ = route.changed(), if fallback_to_leader => {}
+        // A closed channel means the leader view ended: say so at once, never spin on it.
+        let changed = tokio::select! {
+            _ = tokio::time::sleep_until(retry.min(deadline)) => Ok(()),
+            changed = replicas.changed() => changed,
+            changed = route.changed(), if fallback_to_leader => changed,
+        };
+        if changed.is_err() {
+            return Err(NoLeader::Stopping);
         }
         failed.clear();
         if Instant::now() >= deadline {
@@ -551,7 +558,7 @@ async fn connect_leader(
         let (addr, generation) = match waited {
             Ok(Ok(Some(found))) => found,
             Ok(Ok(None)) => continue,
-            Ok(Err(_)) => return Err(NoLeader::Shutdown),
+            Ok(Err(_)) => return Err(NoLeader::Stopping),
             Err(_) => return Err(no_leader_reason(&route.borrow(), last_error)),
         };
         if failed_generation != Some(generation) {

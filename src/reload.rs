@@ -155,7 +155,11 @@ impl Running {
         tracing::info!(address = %local.unwrap_or(addr), listener = %spec.name, serves = %spec.serves, "listening");
         let (plan, plans) = watch::channel(self.plan(&spec));
         let stop = self.stop_accepting.child_token();
-        let task = tokio::spawn(proxy::accept_loop(listener, plans, stop.clone()));
+        let task = self.shared.supervisor.spawn(
+            "listener",
+            stop.clone(),
+            proxy::accept_loop(listener, plans, stop.clone()),
+        );
         let key = (spec.name.clone(), addr);
         let running = RunningListener {
             spec,

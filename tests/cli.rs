@@ -26,10 +26,15 @@ impl Running {
     }
 
     fn start_with(config: &std::path::Path, args: &[&str]) -> Running {
+        Running::start_env(config, args, &[])
+    }
+
+    fn start_env(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(BIN)
             .args(args)
             .args(["--config"])
             .arg(config)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -147,6 +152,34 @@ fn sigterm_stops_the_proxy_with_exit_zero() {
             "proxy did not stop"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_core_task_that_dies_makes_the_process_exit_non_zero_saying_why() {
+    let path = write_config(
+        "task-dies",
+        "[listen]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.0.0.1:1\"]\n[check]\nport = 1\n",
+    );
+    for task in ["leader_view", "discovery", "check", "listener"] {
+        let mut proxy =
+            Running::start_env(&path, &[], &[(roleproxy::supervise::TEST_PANIC_VAR, task)]);
+        let line = proxy.wait_for("core task ended");
+        assert!(line.contains(task) && line.contains("panicked"), "{line}");
+        let started = Instant::now();
+        let status = loop {
+            if let Some(status) = proxy.child.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the proxy kept running without its {task} task"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(!status.success(), "{task}: exit status {status:?}");
     }
     let _ = std::fs::remove_file(path);
 }
