@@ -72,10 +72,15 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
         strict.wait_route(None, LONG).await,
         "the default policy gives no route"
     );
-    let status = strict.status().await;
-    assert_eq!(
-        status["route"]["target"]["detail"]["reason"], "split_brain",
-        "{status}"
+    // Rule 7: the promoted node's claim is newer than the primary's last answer, so the route
+    // is "verifying" until the primary answers again, which makes it a split brain.
+    assert!(
+        support::harness::eventually(LONG, || async {
+            strict.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
+        })
+        .await,
+        "{}",
+        strict.status().await
     );
     let (code, message) = support::harness::postgres_refusal(strict.addr, false).await;
     assert_eq!(code, "57P03", "{message}");
