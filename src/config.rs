@@ -447,9 +447,16 @@ impl Config {
     }
 
     /// Parses TOML text; `env` looks up variables so tests need not touch the process environment.
+    ///
+    /// No error repeats `check.password`: errors reach logs, `roleproxy check` and the answer
+    /// to `POST /reload`, which every node of the private network can send.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        raw.validate(&Expander { env })
+        let secrets = Secrets::written_in(text);
+        secrets.check_type()?;
+        let parsed = toml::from_str::<RawConfig>(text)
+            .map_err(|e| ConfigError::Parse(parse_error(text, &e)))
+            .and_then(|raw| raw.validate(&Expander { env }));
+        parsed.map_err(|e| secrets.hide_in(e))
     }
 
     /// Every listener: `[listen]` first, named `leader`, then `[[listeners]]`.
@@ -478,13 +485,138 @@ impl Config {
     }
 }
 
+/// A TOML error with its line, column and key but without the source line that `toml` quotes:
+/// that line may hold a password, also one under a misspelt key.
+fn parse_error(text: &str, error: &toml::de::Error) -> String {
+    // Without its input, the error names the key instead of quoting the line.
+    let mut bare = error.clone();
+    bare.set_input(None);
+    let message = bare.to_string();
+    let message = message.trim_end().replace('\n', "; ");
+    match error.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
+}
+
+/// Shorter values are not hidden: they turn up in ordinary words and numbers of a message.
+const MIN_HIDDEN_LEN: usize = 4;
+
+/// `check.password` in every form a message could show it in, read from the file even when it
+/// has errors elsewhere.
+struct Secrets {
+    /// Whether the value is written as something other than a string (`password = 12345678`).
+    not_a_string: bool,
+    forms: Vec<String>,
+}
+
+impl Secrets {
+    fn written_in(text: &str) -> Secrets {
+        let mut values = Vec::new();
+        let mut not_a_string = false;
+        let (document, _) = toml::de::DeTable::parse_recoverable(text);
+        let check = document
+            .get_ref()
+            .iter()
+            .find(|(key, _)| key.get_ref().as_ref() == "check");
+        if let Some((_, check)) = check {
+            if let toml::de::DeValue::Table(check) = check.get_ref() {
+                if let Some((_, value)) = check
+                    .iter()
+                    .find(|(key, _)| key.get_ref().as_ref() == "password")
+                {
+                    values.extend(text.get(value.span()).map(str::to_owned));
+                    match value.get_ref() {
+                        toml::de::DeValue::String(s) => values.push(s.to_string()),
+                        toml::de::DeValue::Integer(i) => {
+                            not_a_string = true;
+                            values.push(i.as_str().to_owned());
+                            values.push(i.to_string());
+                        }
+                        toml::de::DeValue::Float(f) => {
+                            not_a_string = true;
+                            values.push(f.to_string());
+                        }
+                        _ => not_a_string = true,
+                    }
+                }
+            }
+        }
+        // A line the parser could not read (a bad escape inside the password itself).
+        for line in text.lines() {
+            let line = line.trim_start();
+            let rest = line
+                .strip_prefix("check.password")
+                .or_else(|| line.strip_prefix("password"));
+            if let Some(value) = rest.and_then(|r| r.trim_start().strip_prefix('=')) {
+                let value = value.trim();
+                values.push(value.to_owned());
+                values.push(value.trim_matches(|c| c == '"' || c == '\'').to_owned());
+            }
+        }
+        let mut forms = Vec::new();
+        for value in values {
+            let debug = format!("{value:?}");
+            forms.push(debug.trim_matches('"').to_owned());
+            forms.push(value.escape_default().to_string());
+            forms.push(value);
+        }
+        forms.retain(|f| f.chars().count() >= MIN_HIDDEN_LEN);
+        // Longest first, so a form inside another does not leave the rest of the longer one.
+        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        forms.dedup();
+        Secrets {
+            not_a_string,
+            forms,
+        }
+    }
+
+    /// A bare number would be echoed by the deserializer's "invalid type" message.
+    fn check_type(&self) -> Result<(), ConfigError> {
+        if self.not_a_string {
+            return Err(invalid(
+                "check.password",
+                "must be a quoted string, e.g. password = \"${PGPASSWORD}\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The error with every form of the password replaced.
+    fn hide_in(&self, error: ConfigError) -> ConfigError {
+        let hide = |text: String| {
+            self.forms
+                .iter()
+                .fold(text, |text, form| text.replace(form.as_str(), "(hidden)"))
+        };
+        match error {
+            ConfigError::Parse(message) => ConfigError::Parse(hide(message)),
+            ConfigError::Invalid { key, reason } => ConfigError::Invalid {
+                key,
+                reason: hide(reason),
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+}
+
 struct Expander<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
 }
 
 impl Expander<'_> {
     fn string(&self, key: &str, value: &str) -> Result<String, ConfigError> {
-        expand(value, self.env).map_err(|reason| invalid(key, reason))
+        expand(value, self.env).map_err(|e| invalid(key, format!("{e} in {value:?}")))
+    }
+
+    /// Like [`Self::string`], but the reason never quotes the value.
+    fn secret(&self, key: &str, value: &str) -> Result<String, ConfigError> {
+        expand(value, self.env).map_err(|e| invalid(key, e.to_string()))
     }
 
     fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
@@ -571,16 +703,26 @@ fn parse_socket_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port.parse().ok()?))
 }
 
+/// Why a `${...}` could not be expanded. It never holds the value around it, so a password's
+/// error can be shown.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+enum ExpandError {
+    #[error("unterminated \"${{\"")]
+    Unterminated,
+    #[error("bad variable name after \"${{\"")]
+    BadName,
+    #[error("environment variable {0} is not set (write ${{{0}:-default}} to give a default)")]
+    Unset(String),
+}
+
 /// Expands `${VAR}` and `${VAR:-default}` (default used when VAR is unset or empty).
-fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated \"${{\" in {value:?}"))?;
+        let end = after.find('}').ok_or(ExpandError::Unterminated)?;
         let expr = &after[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
@@ -590,17 +732,13 @@ fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, S
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
             && !name.starts_with(|c: char| c.is_ascii_digit());
         if !valid_name {
-            return Err(format!("bad variable name {name:?} in {value:?}"));
+            return Err(ExpandError::BadName);
         }
         match (env(name), default) {
             (Some(v), Some(d)) if v.is_empty() => out.push_str(d),
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
-            (None, None) => {
-                return Err(format!(
-                    "environment variable {name} is not set (write ${{{name}:-default}} to give a default)"
-                ))
-            }
+            (None, None) => return Err(ExpandError::Unset(name.to_owned())),
         }
         rest = &after[end + 1..];
     }
@@ -815,19 +953,7 @@ fn validate_check(
     if user.trim().is_empty() {
         return Err(invalid("check.user", "must not be empty"));
     }
-    let raw_password = c.password.as_deref().unwrap_or("");
-    let password = x
-        .string("check.password", raw_password)
-        .map_err(|e| match e {
-            // The reason may quote the value; a password is never repeated back.
-            ConfigError::Invalid { key, reason } if !raw_password.is_empty() => {
-                ConfigError::Invalid {
-                    key,
-                    reason: reason.replace(raw_password, "(the password)"),
-                }
-            }
-            other => other,
-        })?;
+    let password = x.secret("check.password", c.password.as_deref().unwrap_or(""))?;
     let database = x.string(
         "check.database",
         c.database.as_deref().unwrap_or("postgres"),
@@ -1082,13 +1208,12 @@ mod tests {
         assert_eq!(expand("${EMPTY}", &env).unwrap(), "");
         assert_eq!(expand("${NOPE:-}", &env).unwrap(), "");
         assert_eq!(expand("no vars", &env).unwrap(), "no vars");
-        assert!(expand("${NOPE}", &env)
-            .unwrap_err()
-            .contains("NOPE is not set"));
-        assert!(expand("${OPEN", &env).unwrap_err().contains("unterminated"));
-        assert!(expand("${9X}", &env)
-            .unwrap_err()
-            .contains("bad variable name"));
+        assert_eq!(
+            expand("${NOPE}", &env),
+            Err(ExpandError::Unset("NOPE".into()))
+        );
+        assert_eq!(expand("${OPEN", &env), Err(ExpandError::Unterminated));
+        assert_eq!(expand("${9X}", &env), Err(ExpandError::BadName));
     }
 
     #[test]

@@ -106,6 +106,11 @@ fn bad_configs_stop_start_up_naming_the_key() {
             "[check]\ninterval = \"fast\"\n",
             "check.interval",
         ),
+        (
+            "bare-number-password",
+            "[check]\nkind = \"postgres\"\npassword = 12345678\n",
+            "check.password",
+        ),
     ];
     for (name, text, expected) in rows {
         let path = write_config(name, text);
@@ -125,6 +130,7 @@ fn bad_configs_stop_start_up_naming_the_key() {
             let stderr = String::from_utf8_lossy(&output.stderr);
             assert_eq!(output.status.code(), Some(2), "{name}/{command}: {stderr}");
             assert!(stderr.contains(expected), "{name}/{command}: {stderr}");
+            assert!(!stderr.contains("12345678"), "{name}/{command}: {stderr}");
         }
         let _ = std::fs::remove_file(path);
     }

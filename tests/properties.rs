@@ -987,6 +987,102 @@ proptest! {
     }
 }
 
+/// A password full of what escaping, expansion and echoing get wrong: quotes, backslashes,
+/// `${`, non-ASCII text and digits around eight letters that make it unique in any message.
+fn password() -> impl Strategy<Value = String> {
+    let piece = || {
+        vec(
+            prop_oneof![
+                Just("\"".to_string()),
+                Just("\\".to_string()),
+                Just("'".to_string()),
+                Just("${".to_string()),
+                Just("}".to_string()),
+                Just(":-".to_string()),
+                "[0-9]{1,4}",
+                "[a-zA-Z_]{1,4}",
+                "[àéüßπ密码пароль]{1,3}",
+            ],
+            0..4,
+        )
+        .prop_map(|p| p.concat())
+    };
+    prop_oneof![
+        (piece(), "[a-zA-Z]{8}", piece()).prop_map(|(a, core, b)| format!("{a}{core}{b}")),
+        "[1-9][0-9]{7,15}",
+    ]
+}
+
+/// How the password is written: basic string, literal string, bare number, or a basic string
+/// with a bad escape (a syntax error on the password's own line).
+fn written(password: &str, how: u8) -> String {
+    let bare_number = password.chars().all(|c| c.is_ascii_digit());
+    match how % 4 {
+        1 if !password.contains('\'') => format!("'{password}'"),
+        2 if bare_number => password.to_string(),
+        3 => format!("\"{password}\\q\""),
+        _ => toml_str(password),
+    }
+}
+
+/// Another mistake in the same file, as (lines in `[check]`, lines after it).
+fn other_mistake(written: &str, which: u8) -> (String, String) {
+    match which % 9 {
+        0 => (String::new(), String::new()),
+        1 => ("interval = \"fast\"\n".into(), String::new()),
+        2 => (String::new(), "[proxy]\ncopy = \"zero\"\n".into()),
+        3 => (String::new(), "[proxy]\nbogus = 1\n".into()),
+        4 => (String::new(), "[proxy]\nidle_timeout = \n".into()),
+        5 => (format!("pasword = {written}\n"), String::new()),
+        6 => (format!("password = {written}\n"), String::new()),
+        7 => ("user = \"\"\n".into(), String::new()),
+        _ => (String::new(), "[admin]\naddress = \"nowhere\"\n".into()),
+    }
+}
+
+proptest! {
+    #![proptest_config(config(CASES_CONFIG))]
+
+    /// `check.password` never appears, raw or escaped, in an error (the text logged, printed
+    /// by `roleproxy check` and sent in the 400 answer to `POST /reload`) or in the printed
+    /// configuration, however it is written and whatever else is wrong in the file.
+    #[test]
+    fn config_never_repeats_the_password(
+        password in password(),
+        how in any::<u8>(),
+        which in any::<u8>(),
+        postgres in any::<bool>(),
+    ) {
+        let value = written(&password, how);
+        let (check_lines, tail) = other_mistake(&value, which);
+        let kind = if postgres { "postgres" } else { "http-body" };
+        let text = format!(
+            "[listen]\naddresses = [\"127.0.0.1:0\"]\n[backends]\ndns_names = []\nbackup = [\"127.0.0.1:5433\"]\n\
+             [check]\nkind = \"{kind}\"\npassword = {value}\n{check_lines}{tail}"
+        );
+        let debug = format!("{password:?}");
+        let forms = [
+            password.clone(),
+            debug.trim_matches('"').to_string(),
+            password.escape_default().to_string(),
+            toml_str(&password).trim_matches('"').to_string(),
+            value.clone(),
+        ];
+        let shown = match Config::parse(&text, &bad_env) {
+            Ok(config) => vec![
+                toml::to_string(&config).map_err(|e| TestCaseError::fail(e.to_string()))?,
+                format!("{config:?}"),
+            ],
+            Err(e) => vec![e.to_string(), format!("{e:?}")],
+        };
+        for out in &shown {
+            for form in &forms {
+                prop_assert!(!out.contains(form.as_str()), "{form:?} shown in {out}\nfile:\n{text}");
+            }
+        }
+    }
+}
+
 // =============================================================================================
 // Role answers: `check::role_from_answer`
 // =============================================================================================

@@ -114,6 +114,14 @@ async fn reload_opens_and_closes_listeners_and_keeps_sessions_on_an_unchanged_le
         assert_eq!(code, 400, "{body}");
         assert!(body.contains(reason), "{body}");
     }
+    // The answer never repeats the password, even from a line the parser could not read.
+    file.write_text("[check]\nkind = \"postgres\"\npassword = \"hunter2-\\\"x\\q\"\n");
+    let (code, body) = proxy.post("/reload").await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("line 3") && !body.contains("hunter2"),
+        "{body}"
+    );
     // Settings that cannot even ask the leader (nothing answers on port 1) would take every
     // node down: refused before anything changes.
     file.write(&with_replicas.clone_with("check.port", "1"));
