@@ -366,6 +366,7 @@ fn clock(unix_ms: u64) -> String {
 
 /// Text made safe to put in HTML: backend errors come from the network.
 fn escape(text: &str) -> String {
+    let text = printable(text);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -378,6 +379,42 @@ fn escape(text: &str) -> String {
         }
     }
     out
+}
+
+/// Text from the network with its control characters written out (`\u{1b}`), so an error body
+/// cannot move a terminal's cursor, clear its screen or set its title, nor reorder a line with
+/// bidirectional overrides.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        // C0, DEL and C1; then the bidirectional embeddings, overrides and isolates.
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Every string in a JSON document made [`printable`].
+fn printable_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => {
+            if let std::borrow::Cow::Owned(clean) = printable(s) {
+                *s = clean;
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(printable_json),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(printable_json),
+        _ => {}
+    }
 }
 
 /// Why `roleproxy status` could not show the status.
@@ -444,8 +481,12 @@ fn strings(value: &serde_json::Value) -> Vec<&str> {
         .collect()
 }
 
-/// `/status` as a table for a terminal, like `patronictl list`. Pure.
+/// `/status` as a table for a terminal, like `patronictl list`. Pure. Every string in it may
+/// have come from the network (a role endpoint's error body), so each is made [`printable`].
 pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
+    let mut status = status.clone();
+    printable_json(&mut status);
+    let status = &status;
     let ago = |ms: Option<u64>| match ms {
         Some(ms) => format!("{:.1}s ago", now_unix_ms.saturating_sub(ms) as f64 / 1000.0),
         None => "never".to_string(),
@@ -641,6 +682,26 @@ mod tests {
             text.contains("leader, unconfirmed (since 3.0s ago, check failing: HTTP 500: sorry, too many clients already; Postgres answers (53300: sorry, too many clients already))"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn control_characters_are_written_out() {
+        assert_eq!(printable("HTTP 500: plain"), "HTTP 500: plain");
+        assert_eq!(
+            printable("a\u{1b}]0;title\u{7}b\u{7f}c\u{9b}2Jd\u{202e}e\nf"),
+            "a\\u{1b}]0;title\\u{7}b\\u{7f}c\\u{9b}2Jd\\u{202e}e\\u{a}f"
+        );
+        let status = serde_json::json!({
+            "cluster": "c\u{1b}[2J",
+            "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader\u{1b}[H"}}},
+            "backends": [{"address": "127.0.0.1:5433", "sources": ["dns\u{1b}[31m"],
+                "role": {"role": "down", "detail": "x"}, "last_error": "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n"}],
+            "listeners": [{"name": "l\u{1b}[1m", "addresses": ["127.0.0.1:1"], "serves": "leader"}]
+        });
+        let text = render_status(&status, 0);
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert_eq!(text.lines().count(), 4, "one line per row: {text}");
+        assert!(text.contains("HTTP 500: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}\\u{a}"), "{text}");
     }
 
     #[test]

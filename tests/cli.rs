@@ -198,12 +198,29 @@ fn status_prints_the_route_and_every_backend() {
     runtime.block_on(async {
         let cluster = FakeCluster::start(48, 2).await;
         cluster.nodes[0].role.set(RoleReply::leader());
+        // A node whose error body would clear the terminal and set its title.
+        cluster.nodes[1].role.set(RoleReply::error(
+            500,
+            "down\u{1b}]0;pwned\u{7}\u{1b}[2J\u{9b}31m",
+        ));
         let proxy = cluster.proxy().await;
         let leader = cluster.nodes[0].addr();
         assert!(
             proxy
                 .wait_route(Some(&leader), Duration::from_secs(20))
                 .await
+        );
+        let down = cluster.nodes[1].addr();
+        let checked = || async {
+            proxy.status().await["backends"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|b| b["address"] == down.as_str() && b["last_error"].is_string())
+        };
+        assert!(
+            roleproxy_testkit::harness::eventually(Duration::from_secs(20), checked).await,
+            "node 1 checked"
         );
         let admin = proxy.admin.to_string();
         let output = tokio::task::spawn_blocking(move || {
@@ -236,9 +253,13 @@ fn status_prints_the_route_and_every_backend() {
             "{stdout}"
         );
         assert!(
-            rows.iter()
-                .any(|r| r.starts_with(&cluster.nodes[1].addr()) && r.contains("replica")),
-            "{stdout}"
+            rows.iter().any(|r| r.starts_with(&cluster.nodes[1].addr())
+                && r.contains("down\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{9b}31m")),
+            "the error body, its control characters written out: {stdout}"
+        );
+        assert!(
+            !stdout.chars().any(|c| c.is_control() && c != '\n'),
+            "{stdout:?}"
         );
         proxy.stop().await;
     });

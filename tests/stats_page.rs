@@ -37,6 +37,9 @@ fn dump_dom(url: &str) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// An error body that sets a terminal's title, clears its screen and turns it red.
+const HOSTILE_ERROR: &str = "could not connect <to> server\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31m";
+
 #[test]
 fn stats_page_shows_route_backends_and_changes() {
     let runtime = roleproxy_testkit::harness::runtime();
@@ -45,7 +48,7 @@ fn stats_page_shows_route_backends_and_changes() {
         cluster.nodes[0].role.set(RoleReply::leader());
         cluster.nodes[1]
             .role
-            .set(RoleReply::error(500, "could not connect <to> server"));
+            .set(RoleReply::error(500, HOSTILE_ERROR));
         let proxy = roleproxy_testkit::harness::RunningProxy::start(
             cluster
                 .config()
@@ -75,9 +78,12 @@ fn stats_page_shows_route_backends_and_changes() {
             "{dom}"
         );
         assert!(
-            dom.contains("could not connect &lt;to&gt; server"),
-            "error text escaped: {dom}"
+            dom.contains(
+                "could not connect &lt;to&gt; server\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{1b}[31m"
+            ),
+            "error text escaped, control characters written out: {dom}"
         );
+        assert!(!dom.contains(['\u{1b}', '\u{7}']), "{dom}");
         // The timeline has the role changes and the route change that led here.
         assert!(
             dom.contains(&format!("{leader}: unknown → leader")),
