@@ -15,6 +15,7 @@
 //!   backend, connect, copy, drain.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
+//! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
 //! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
 //! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`, the stats page, `POST /reload`.
@@ -30,6 +31,7 @@ pub mod check;
 pub mod config;
 pub mod copy;
 pub mod discovery;
+pub mod framing;
 pub mod leader;
 pub mod metrics;
 pub mod pgwire;
