@@ -7,6 +7,11 @@
 //!
 //! On Linux, [`Mode::Splice`] moves bytes socket → pipe → socket with `splice(2)` and never copies
 //! them through user space; when a pipe cannot be made it falls back to the buffered path.
+//!
+//! A session may be followed by a [`Framing`]: every buffered read is shown to it, and a splice
+//! never moves more than the rest of the current message's body, so each header passes through
+//! user space and the framing never loses count. A followed session can then end between
+//! transactions ([`Bidirectional::end_when_idle`]).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -21,6 +26,8 @@ use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard, TryIoError};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::framing::{Framing, Side};
 
 /// Bytes moved per read; also the size of a pooled buffer.
 const CHUNK: usize = 64 * 1024;
@@ -111,46 +118,143 @@ impl Socket {
         // The peer may already be gone; there is nothing left to tell it.
         let _ = self.0.get_ref().shutdown(Shutdown::Write);
     }
+
+    /// Writes all of `bytes`, waiting for room: for the few bytes the proxy says itself.
+    pub async fn send_all(&self, mut bytes: &[u8]) -> io::Result<()> {
+        while !bytes.is_empty() {
+            let mut ready = self.0.writable().await?;
+            match ready.try_io(|s| send(s.get_ref().as_raw_fd(), bytes)) {
+                Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => bytes = &bytes[n..],
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Half-closes, then reads and drops what the peer still sends until it closes too (or
+    /// `within` passes). Closing with unread input would reset the connection, and a reset
+    /// can reach the peer before it has read the last words it was sent.
+    pub async fn finish(&self, within: std::time::Duration) {
+        self.shutdown_write();
+        let discard = async {
+            let mut sink = [0u8; 1024];
+            loop {
+                let Ok(mut ready) = self.0.readable().await else {
+                    return;
+                };
+                match ready.try_io(|s| s.get_ref().read(&mut sink)) {
+                    Ok(Ok(0)) => return,
+                    Ok(Err(e)) if e.kind() != io::ErrorKind::Interrupted => return,
+                    _ => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(within, discard).await;
+    }
 }
 
 /// Copies both ways until both directions have ended (each end's EOF is passed on as a
 /// half-close), or until either fails. Counts bytes and activity in `activity` as it goes, so
-/// the counts survive the future being dropped (drain, idle timeout, shutdown).
+/// the counts survive the future being dropped (drain, idle timeout, shutdown). With a
+/// `framing`, shows it every byte it can see and splices no further than it allows.
 pub fn bidirectional<'a>(
     client: &'a Socket,
     backend: &'a Socket,
     mode: Mode,
     activity: &'a Activity,
+    framing: Option<&'a mut Framing>,
 ) -> Bidirectional<'a> {
     Bidirectional {
-        up: Pump::new(client, backend, mode, &activity.up, activity),
-        down: Pump::new(backend, client, mode, &activity.down, activity),
+        down: Pump::new(
+            backend,
+            client,
+            mode,
+            &activity.down,
+            activity,
+            Side::Server,
+        ),
+        up: Pump::new(client, backend, mode, &activity.up, activity, Side::Client),
         error: None,
+        framing,
+        end_when_idle: false,
     }
+}
+
+/// How a copy ended without failing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Both directions reached EOF.
+    Closed,
+    /// Asked to end between transactions, it did: every byte read so far was written, and no
+    /// byte the client sent since has been read.
+    Idle,
 }
 
 /// The future of [`bidirectional`]. Hand-written rather than `async`: it waits with
 /// `poll_read_ready`, which needs no stored waiter, so an idle session's copy state is two
 /// small [`Pump`]s and nothing else.
 pub struct Bidirectional<'a> {
-    up: Pump<'a>,
     down: Pump<'a>,
+    up: Pump<'a>,
     /// The first write failure, reported once the other direction has finished.
     error: Option<io::Error>,
+    framing: Option<&'a mut Framing>,
+    end_when_idle: bool,
+}
+
+impl Bidirectional<'_> {
+    /// Whether a framing follows the session, so it can end between transactions.
+    pub fn tracked(&self) -> bool {
+        self.framing.as_deref().is_some_and(Framing::tracked)
+    }
+
+    /// From now on, ends ([`Ended::Idle`]) as soon as the session is between transactions with
+    /// nothing in flight either way; at once if it already is.
+    pub fn end_when_idle(&mut self) {
+        self.end_when_idle = true;
+    }
+
+    fn idle(&self) -> bool {
+        self.end_when_idle
+            && self.up.chunk.is_none()
+            && self.down.chunk.is_none()
+            && self.framing.as_deref().is_some_and(Framing::idle)
+    }
 }
 
 impl Future for Bidirectional<'_> {
-    type Output = io::Result<()>;
+    type Output = io::Result<Ended>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Bidirectional { up, down, error } = self.get_mut();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<Ended>> {
+        let this = self.get_mut();
+        // Checked before each direction moves, server side first: once the server's
+        // ReadyForQuery has reached the client, nothing the client sends next is read.
+        if this.idle() {
+            return Poll::Ready(Ok(Ended::Idle));
+        }
         let mut pending = false;
-        for pump in [up, down] {
-            match pump.poll(cx) {
+        for side in [Side::Server, Side::Client] {
+            let Bidirectional {
+                up,
+                down,
+                error,
+                framing,
+                ..
+            } = this;
+            let pump = match side {
+                Side::Server => down,
+                Side::Client => up,
+            };
+            let polled = pump.poll(cx, framing.as_deref_mut());
+            let write_failed = pump.write_failed;
+            match polled {
                 Poll::Pending => pending = true,
                 Poll::Ready(Ok(())) => {}
                 // Its source failed: nothing more will come this way; end the session.
-                Poll::Ready(Err(e)) if !pump.write_failed => return Poll::Ready(Err(e)),
+                Poll::Ready(Err(e)) if !write_failed => return Poll::Ready(Err(e)),
                 // Its destination failed (say Postgres sent FATAL and closed): the other
                 // direction still delivers what that side sent before it went, as a direct
                 // connection would, and ends when it reads the close.
@@ -158,11 +262,14 @@ impl Future for Bidirectional<'_> {
                     error.get_or_insert(e);
                 }
             }
+            if this.idle() {
+                return Poll::Ready(Ok(Ended::Idle));
+            }
         }
         if pending {
             Poll::Pending
         } else {
-            Poll::Ready(error.take().map_or(Ok(()), Err))
+            Poll::Ready(this.error.take().map_or(Ok(Ended::Closed), Err))
         }
     }
 }
@@ -193,6 +300,7 @@ struct Pump<'a> {
     done: bool,
     /// It ended because writing to its destination failed.
     write_failed: bool,
+    side: Side,
 }
 
 impl<'a> Pump<'a> {
@@ -202,6 +310,7 @@ impl<'a> Pump<'a> {
         mode: Mode,
         counter: &'a AtomicU64,
         activity: &'a Activity,
+        side: Side,
     ) -> Self {
         Self {
             from,
@@ -213,10 +322,15 @@ impl<'a> Pump<'a> {
             bulk: false,
             done: false,
             write_failed: false,
+            side,
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut framing: Option<&mut Framing>,
+    ) -> Poll<io::Result<()>> {
         if self.done {
             return Poll::Ready(Ok(()));
         }
@@ -237,13 +351,17 @@ impl<'a> Pump<'a> {
                     return Poll::Ready(Err(e));
                 }
             };
+            // Bytes that may pass without being seen: the rest of a message's body.
+            let unseen = framing
+                .as_deref()
+                .map_or(usize::MAX, |f| f.skippable(self.side));
             let splice = match self.mode {
-                Mode::Splice => true,
+                Mode::Splice => unseen > 0,
                 Mode::Buffered => false,
-                Mode::Auto => self.bulk,
+                Mode::Auto => self.bulk && unseen >= BULK_STOPS_BELOW,
             };
             let read = match splice.then(Pipe::take) {
-                Some(Ok(pipe)) => read_spliced(&mut ready, pipe),
+                Some(Ok(pipe)) => read_spliced(&mut ready, pipe, unseen),
                 // Out of descriptors: this chunk goes the buffered way.
                 Some(Err(_)) | None => read_buffered(&mut ready),
             };
@@ -267,6 +385,12 @@ impl<'a> Pump<'a> {
                 self.to.shutdown_write();
                 self.done = true;
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(framing) = framing.as_deref_mut() {
+                match &chunk {
+                    Chunk::Buffer { buffer, .. } => framing.observe(self.side, &buffer[..n]),
+                    Chunk::Pipe { .. } => framing.skipped(self.side, n),
+                }
             }
             if chunk.drained_by(n) {
                 // A short read drained the socket: skip the read that would only say EAGAIN.
@@ -357,12 +481,14 @@ fn read_buffered(
     }
 }
 
+/// Splices at most `limit` bytes (and at most what the pipe holds) into `pipe`.
 fn read_spliced(
     ready: &mut AsyncFdReadyGuard<'_, StdTcpStream>,
     pipe: Pipe,
+    limit: usize,
 ) -> Result<io::Result<(usize, Chunk)>, TryIoError> {
-    let capacity = pipe.capacity;
-    match ready.try_io(|s| splice(s.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), capacity)) {
+    let len = pipe.capacity.min(limit);
+    match ready.try_io(|s| splice(s.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), len)) {
         Ok(Ok(n)) => Ok(Ok((n, Chunk::Pipe { pipe, left: n }))),
         Ok(Err(e)) => {
             pipe.give();
@@ -378,23 +504,20 @@ fn read_spliced(
 /// One write of a chunk's pending bytes to `fd`.
 fn write_chunk(fd: RawFd, chunk: &Chunk) -> io::Result<usize> {
     match chunk {
-        Chunk::Buffer { buffer, start, end } => {
-            // SAFETY: `fd` is a live socket borrowed from its owner for this call.
-            let n = unsafe {
-                libc::send(
-                    fd,
-                    buffer[*start..*end].as_ptr().cast(),
-                    end - start,
-                    libc::MSG_NOSIGNAL,
-                )
-            };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        }
+        Chunk::Buffer { buffer, start, end } => send(fd, &buffer[*start..*end]),
         Chunk::Pipe { pipe, left } => splice(pipe.read.as_raw_fd(), fd, *left),
+    }
+}
+
+/// One `send(2)`, without SIGPIPE when the peer has gone.
+fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
+    // SAFETY: `fd` is a live socket borrowed from its owner for this call, and `bytes` is a
+    // valid slice for its length.
+    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 
@@ -546,7 +669,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, mode, &activity).await
+            bidirectional(&c, &b, mode, &activity, None).await
         };
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let expected = payload.clone();
@@ -569,7 +692,7 @@ mod tests {
             tokio::join!(send, echo)
         };
         let (copied, (back, echoed)) = tokio::join!(copier, peers);
-        copied.unwrap();
+        assert_eq!(copied.unwrap(), Ended::Closed);
         assert_eq!(echoed, expected.len());
         assert_eq!(back, expected, "{mode:?}: bytes intact and in order");
         assert_eq!(activity.up.load(Ordering::Relaxed), expected.len() as u64);
@@ -603,7 +726,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, Mode::Auto, &activity).await
+            bidirectional(&c, &b, Mode::Auto, &activity, None).await
         };
         let server = async move {
             let mut first = [0u8; 1024];
@@ -666,6 +789,147 @@ mod tests {
                 expected,
                 "was {was_bulk}, read {n}"
             );
+        }
+    }
+
+    fn pg_msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![kind];
+        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn pg_startup() -> Vec<u8> {
+        let body = b"\0\x03\0\0user\0app\0\0";
+        let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn pg_query(sql: &str) -> Vec<u8> {
+        pg_msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
+    }
+
+    /// Reads from `stream` until `expected` bytes came, and returns them.
+    async fn read_n(stream: &mut TcpStream, expected: usize) -> Vec<u8> {
+        let mut got = vec![0u8; expected];
+        stream.read_exact(&mut got).await.unwrap();
+        got
+    }
+
+    /// A followed session asked to end between transactions waits for the transaction's end,
+    /// ends right after the server's ReadyForQuery `I`, and never forwards what the client
+    /// sends after it.
+    #[tokio::test]
+    async fn a_followed_session_ends_between_transactions() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let activity = Activity::new();
+        let mut framing = Framing::new();
+        let (in_transaction, mut told) = tokio::sync::oneshot::channel::<()>();
+        let copier = async {
+            let c = Socket::new(proxy_client).unwrap();
+            let b = Socket::new(proxy_backend).unwrap();
+            let mut copy = bidirectional(&c, &b, Mode::Auto, &activity, Some(&mut framing));
+            tokio::select! {
+                ended = &mut copy => panic!("ended early: {ended:?}"),
+                _ = &mut told => {}
+            }
+            assert!(copy.tracked());
+            copy.end_when_idle();
+            let ended = (&mut copy).await.unwrap();
+            drop(copy);
+            (ended, c, b)
+        };
+        let ready_i = pg_msg(b'Z', b"I");
+        let ready_t = pg_msg(b'Z', b"T");
+        let peers = async {
+            client.write_all(&pg_startup()).await.unwrap();
+            read_n(&mut backend, pg_startup().len()).await;
+            let welcome = [pg_msg(b'R', &[0, 0, 0, 0]), ready_i.clone()].concat();
+            backend.write_all(&welcome).await.unwrap();
+            read_n(&mut client, welcome.len()).await;
+            let begin = [pg_query("BEGIN"), pg_query("INSERT")].concat();
+            client.write_all(&begin).await.unwrap();
+            read_n(&mut backend, begin.len()).await;
+            let answer = [pg_msg(b'C', b"BEGIN\0"), ready_t.clone()].concat();
+            backend.write_all(&answer).await.unwrap();
+            read_n(&mut client, answer.len()).await;
+            // In a transaction, with the INSERT unanswered: the session must not end here.
+            in_transaction.send(()).unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let answer = [pg_msg(b'C', b"INSERT 0 1\0"), ready_t.clone()].concat();
+            backend.write_all(&answer).await.unwrap();
+            read_n(&mut client, answer.len()).await;
+            client.write_all(&pg_query("COMMIT")).await.unwrap();
+            read_n(&mut backend, pg_query("COMMIT").len()).await;
+            let answer = [pg_msg(b'C', b"COMMIT\0"), ready_i.clone()].concat();
+            backend.write_all(&answer).await.unwrap();
+            read_n(&mut client, answer.len()).await;
+            client.write_all(&pg_query("BEGIN")).await.unwrap();
+        };
+        let ((ended, c, b), ()) = tokio::join!(copier, peers);
+        assert_eq!(ended, Ended::Idle);
+        c.send_all(b"bye").await.unwrap();
+        drop((c, b));
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).await.unwrap();
+        assert!(
+            rest.is_empty(),
+            "the BEGIN sent after COMMIT was not forwarded: {rest:?}"
+        );
+        let mut rest = Vec::new();
+        let _ = client.read_to_end(&mut rest).await;
+        assert_eq!(rest, b"bye");
+    }
+
+    /// Splicing a followed session stops at each header, so the framing keeps count over a
+    /// large result of messages of every size, and the bytes are intact.
+    #[tokio::test]
+    async fn splicing_a_followed_session_keeps_count() {
+        for mode in [Mode::Splice, Mode::Auto] {
+            let (mut client, proxy_client) = pair().await;
+            let (proxy_backend, mut backend) = pair().await;
+            let activity = Activity::new();
+            let mut framing = Framing::new();
+            let mut result = Vec::new();
+            result.extend(pg_msg(b'R', &[0, 0, 0, 0]));
+            result.extend(pg_msg(b'Z', b"I"));
+            for i in 0..400usize {
+                let size = [3, 70_000, 900, 300_000, 17][i % 5] + i;
+                let body: Vec<u8> = (0..size).map(|j| (i + j) as u8).collect();
+                result.extend(pg_msg(b'D', &body));
+            }
+            result.extend(pg_msg(b'C', b"SELECT 400\0"));
+            result.extend(pg_msg(b'Z', b"I"));
+            let expected = result.clone();
+            let copier = async {
+                let c = Socket::new(proxy_client).unwrap();
+                let b = Socket::new(proxy_backend).unwrap();
+                bidirectional(&c, &b, mode, &activity, Some(&mut framing)).await
+            };
+            let peers = async move {
+                let send = async {
+                    client.write_all(&pg_startup()).await.unwrap();
+                    client.write_all(&pg_query("SELECT big")).await.unwrap();
+                    client.shutdown().await.unwrap();
+                    let mut back = Vec::new();
+                    client.read_to_end(&mut back).await.unwrap();
+                    back
+                };
+                let serve = async {
+                    let mut got = Vec::new();
+                    backend.read_to_end(&mut got).await.unwrap();
+                    backend.write_all(&result).await.unwrap();
+                    backend.shutdown().await.unwrap();
+                };
+                tokio::join!(send, serve).0
+            };
+            let (copied, back) = tokio::join!(copier, peers);
+            assert_eq!(copied.unwrap(), Ended::Closed);
+            assert!(back == expected, "{mode:?}: bytes intact");
+            assert!(framing.tracked(), "{mode:?}: still followed");
+            assert!(framing.idle(), "{mode:?}: idle after the result");
         }
     }
 

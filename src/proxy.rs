@@ -687,8 +687,8 @@ async fn splice(
         }
     };
     let result = tokio::select! {
-        copied = copy::bidirectional(&client, &backend, sessions.config.copy, &activity) => match copied {
-            Ok(()) => "closed",
+        copied = copy::bidirectional(&client, &backend, sessions.config.copy, &activity, None) => match copied {
+            Ok(_) => "closed",
             Err(e) => {
                 tracing::debug!(error = %e, "session ended with an error");
                 "error"
