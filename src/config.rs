@@ -252,6 +252,21 @@ pub struct ProxyConfig {
     pub preconnect: usize,
     /// Worker threads; 0: one per CPU. Read at start-up only.
     pub threads: usize,
+    /// How sessions end when their leader steps down while alive.
+    pub switchover: Switchover,
+    /// How long a session whose leader stepped down may take to end its transaction.
+    #[serde(serialize_with = "human")]
+    pub switchover_grace: Duration,
+}
+
+/// How the sessions of a leader that stepped down while alive (fenced or demoted) end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switchover {
+    /// At each session's next transaction boundary, within `proxy.switchover_grace`.
+    Transaction,
+    /// At once, as when the leader is gone.
+    Immediate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -400,6 +415,9 @@ struct RawProxy {
     copy: String,
     preconnect: usize,
     threads: usize,
+    switchover: String,
+    /// Empty: half of `check.interval`.
+    switchover_grace: String,
 }
 
 impl Default for RawProxy {
@@ -414,6 +432,8 @@ impl Default for RawProxy {
             copy: "auto".into(),
             preconnect: 0,
             threads: 0,
+            switchover: "transaction".into(),
+            switchover_grace: String::new(),
         }
     }
 }
@@ -852,6 +872,23 @@ impl RawConfig {
                     ))
                 }
             },
+            switchover: match x.string("proxy.switchover", &p.switchover)?.as_str() {
+                "transaction" => Switchover::Transaction,
+                "immediate" => Switchover::Immediate,
+                other => {
+                    return Err(invalid(
+                        "proxy.switchover",
+                        format!("expected \"transaction\" or \"immediate\", got {other:?}"),
+                    ))
+                }
+            },
+            // A planned switchover waits one check interval plus this grace between fencing
+            // and demoting the leader (README, "Planned switchovers").
+            switchover_grace: if p.switchover_grace.trim().is_empty() {
+                check.interval / 2
+            } else {
+                x.duration("proxy.switchover_grace", &p.switchover_grace)?
+            },
         };
 
         let admin_text = x.string("admin.address", &self.admin.address)?;
@@ -1188,8 +1225,21 @@ mod tests {
         assert_eq!(c.proxy.idle_timeout, Duration::from_secs(30 * 60));
         assert_eq!(c.proxy.max_connections, 1000);
         assert_eq!(c.proxy.leader_wait, Duration::from_secs(10));
+        assert_eq!(c.proxy.switchover, Switchover::Transaction);
+        assert_eq!(c.proxy.switchover_grace, Duration::from_secs(1));
         assert_eq!(c.admin.address, Some("[::]:8404".parse().unwrap()));
         assert_eq!(c.cluster_name(), "iad.app.internal");
+    }
+
+    #[test]
+    fn switchover_grace_follows_the_check_interval_unless_set() {
+        let c = parse("[check]\ninterval = \"5s\"").expect("valid");
+        assert_eq!(c.proxy.switchover_grace, Duration::from_millis(2500));
+        let c = parse("[check]\ninterval = \"5s\"\n[proxy]\nswitchover_grace = \"30s\"")
+            .expect("valid");
+        assert_eq!(c.proxy.switchover_grace, Duration::from_secs(30));
+        let c = parse("[proxy]\nswitchover = \"immediate\"").expect("valid");
+        assert_eq!(c.proxy.switchover, Switchover::Immediate);
     }
 
     #[test]
@@ -1327,6 +1377,14 @@ mod tests {
             ("[proxy]\nmax_connections = 0", &["proxy.max_connections"]),
             ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
             ("[proxy]\ncopy = \"zero\"", &["proxy.copy", "splice"]),
+            (
+                "[proxy]\nswitchover = \"later\"",
+                &["proxy.switchover", "transaction", "immediate"],
+            ),
+            (
+                "[proxy]\nswitchover_grace = \"soon\"",
+                &["proxy.switchover_grace"],
+            ),
             ("[proxy]\nthreads = 5000", &["proxy.threads", "at most 1024"]),
             ("not toml at all", &["TOML parse error"]),
             ("[check]\nkind = \"tcp\"", &["check.kind", "http-status"]),

@@ -284,6 +284,9 @@ pub enum NoRoute {
     /// has not answered `leader` since the new one began (an idle failover, usually). It is
     /// probed and rechecked before anything is called split brain.
     Verifying(Vec<SocketAddr>),
+    /// The leader still answers, but no longer as leader (fenced or demoted: a planned
+    /// switchover), and no other node leads yet. Its sessions may end their transactions.
+    SteppedDown(SocketAddr),
 }
 
 impl fmt::Display for NoRoute {
@@ -301,6 +304,12 @@ impl fmt::Display for NoRoute {
                     f,
                     "verifying: {} report leader, one claim predates the other; rechecking",
                     list.join(", ")
+                )
+            }
+            NoRoute::SteppedDown(addr) => {
+                write!(
+                    f,
+                    "leader {addr} stepped down; no other node reports leader yet"
                 )
             }
         }
@@ -392,7 +401,9 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         .or_else(|| choose(&backups))
         .or_else(|| held(previous, backends))
         .unwrap_or_else(|| {
-            if backends.iter().any(|b| b.present) {
+            if let Some(addr) = stepped_down(previous, backends) {
+                Target::None(NoRoute::SteppedDown(addr))
+            } else if backends.iter().any(|b| b.present) {
                 Target::None(NoRoute::NoLeader)
             } else {
                 Target::None(NoRoute::NoBackends)
@@ -404,6 +415,45 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         previous.generation + 1
     };
     Route { generation, target }
+}
+
+/// The leader the route had (or was waiting past), if it still answers as a live node that is
+/// not leader: `replica` or another word. Down, gone or in maintenance do not count.
+fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<SocketAddr> {
+    let old = match previous.target {
+        Target::Leader(addr) | Target::Held(addr) | Target::None(NoRoute::SteppedDown(addr)) => {
+            addr
+        }
+        Target::None(_) => return None,
+    };
+    backends
+        .iter()
+        .find(|b| b.addr == old && b.present)
+        .filter(|b| matches!(b.role, Role::Replica | Role::Other(_)))
+        .map(|b| b.addr)
+}
+
+/// What a session does when the route changes under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// Its route still holds: carry on.
+    Stay,
+    /// Its leader stepped down while alive and nobody else leads yet: end at the next
+    /// transaction boundary (rule 9).
+    EndTransaction,
+    /// Close now: its leader is gone, or another node leads (writes must never land on two).
+    Close,
+}
+
+/// The fate of a session opened on `addr` under `generation`, given the route now. Pure.
+pub fn session_fate(route: &Route, generation: u64, addr: SocketAddr) -> Fate {
+    if route.generation == generation {
+        Fate::Stay
+    } else if route.target == Target::None(NoRoute::SteppedDown(addr)) {
+        Fate::EndTransaction
+    } else {
+        Fate::Close
+    }
 }
 
 /// The replica a new read-only session goes to: the fewest open sessions, skipping `exclude`
@@ -1240,6 +1290,7 @@ mod tests {
         let none = route(0, Target::None(NoRoute::NoBackends));
         let at_11 = route(4, Target::Leader(addr(11)));
         let held_11 = route(4, Target::Held(addr(11)));
+        let stepped_11 = route(5, Target::None(NoRoute::SteppedDown(addr(11))));
         let cases: Vec<(&str, Route, Vec<Row>, Route)> = vec![
             (
                 "nothing discovered: no route",
@@ -1391,9 +1442,113 @@ mod tests {
                 vec![(11, true, true, Replica)],
                 route(5, Target::None(NoRoute::NoLeader)),
             ),
+            (
+                "leader answers replica, nobody else leads: it stepped down",
+                at_11.clone(),
+                vec![(11, true, true, Replica), (12, true, true, Replica)],
+                stepped_11.clone(),
+            ),
+            (
+                "leader answers another word: stepped down",
+                at_11.clone(),
+                vec![(11, true, true, Other("readonly".into()))],
+                stepped_11.clone(),
+            ),
+            (
+                "stepped down, still answering replica: same route, same generation",
+                stepped_11.clone(),
+                vec![(11, true, true, Replica), (12, true, true, Replica)],
+                stepped_11.clone(),
+            ),
+            (
+                "stepped down, then another node leads: it is the route",
+                stepped_11.clone(),
+                vec![(11, true, true, Replica), (12, true, true, Leader)],
+                route(6, Target::Leader(addr(12))),
+            ),
+            (
+                "stepped down, then down: no route, the transactions' wait is over",
+                stepped_11.clone(),
+                vec![(11, true, true, down()), (12, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "held leader answers replica: stepped down",
+                held_11.clone(),
+                vec![(11, true, true, Replica)],
+                stepped_11.clone(),
+            ),
+            (
+                "a departed leader answering replica has not stepped down, it left",
+                held_11.clone(),
+                vec![(11, true, false, Replica), (12, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
+            (
+                "a replica that was never the route has not stepped down",
+                route(5, Target::None(NoRoute::NoLeader)),
+                vec![(11, true, true, Replica)],
+                route(5, Target::None(NoRoute::NoLeader)),
+            ),
         ];
         for (what, previous, rows, expected) in cases {
             assert_eq!(run(&previous, &rows), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn session_fates() {
+        let stepped_11 = route(5, Target::None(NoRoute::SteppedDown(addr(11))));
+        // (what, route now, session's generation and node, fate)
+        let cases = [
+            (
+                "route unchanged",
+                route(4, Target::Leader(addr(11))),
+                (4, 11),
+                Fate::Stay,
+            ),
+            (
+                "held (maintenance, left DNS)",
+                route(4, Target::Held(addr(11))),
+                (4, 11),
+                Fate::Stay,
+            ),
+            (
+                "its leader stepped down",
+                stepped_11.clone(),
+                (4, 11),
+                Fate::EndTransaction,
+            ),
+            (
+                "another node stepped down",
+                stepped_11,
+                (4, 12),
+                Fate::Close,
+            ),
+            (
+                "another node leads",
+                route(6, Target::Leader(addr(12))),
+                (4, 11),
+                Fate::Close,
+            ),
+            (
+                "its leader went down",
+                route(5, Target::None(NoRoute::NoLeader)),
+                (4, 11),
+                Fate::Close,
+            ),
+            (
+                "split brain",
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+                (4, 11),
+                Fate::Close,
+            ),
+        ];
+        for (what, now, (generation, node), fate) in cases {
+            assert_eq!(session_fate(&now, generation, addr(node)), fate, "{what}");
         }
     }
 

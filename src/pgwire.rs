@@ -19,6 +19,8 @@ const PROTOCOL_3: u32 = 3 << 16;
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 /// SQLSTATE `too_many_connections`.
 pub const TOO_MANY_CONNECTIONS: &str = "53300";
+/// SQLSTATE `admin_shutdown`: how Postgres ends a terminated backend's session.
+pub const ADMIN_SHUTDOWN: &str = "57P01";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PgWireError {

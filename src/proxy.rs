@@ -19,9 +19,10 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::check::is_local_shortage;
-use crate::config::{ProxyConfig, Serves};
+use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
-use crate::leader::{Event, Route, SessionGuard, Shared, Target};
+use crate::framing::Framing;
+use crate::leader::{session_fate, Event, Fate, Route, SessionGuard, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
@@ -35,6 +36,11 @@ const MAX_REFUSALS_IN_FLIGHT: usize = 256;
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// How long a session ended between transactions waits for its client to close after the
+/// FATAL, so the close does not reset the connection before the client has read it.
+const GOODBYE_WAIT: Duration = Duration::from_secs(1);
+/// Postgres' Terminate message: the backend logs a clean disconnect.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// Binds one listening socket. Client listeners on IPv6 are IPv6-only so `0.0.0.0` and `[::]`
 /// on the same port can coexist, as in the Fly HAProxy config; the admin port is dual-stack.
@@ -389,19 +395,58 @@ struct Drainer {
 }
 
 impl Drainer {
-    async fn drained(&mut self) {
+    /// Waits until the session must end: at once ([`Fate::Close`]) or at its next transaction
+    /// boundary ([`Fate::EndTransaction`]).
+    async fn drained(&mut self) -> Fate {
+        let addr = self.addr;
         match self.drain {
             Drain::Route(generation) => {
-                let _ = self.route.wait_for(|r| r.generation != generation).await;
-                tracing::info!(generation, "route moved; closing session");
+                let fate = match self
+                    .route
+                    .wait_for(|r| session_fate(r, generation, addr) != Fate::Stay)
+                    .await
+                {
+                    Ok(route) => session_fate(&route, generation, addr),
+                    Err(_) => Fate::Close,
+                };
+                match fate {
+                    Fate::EndTransaction => tracing::info!(
+                        generation,
+                        "leader stepped down; ending the session at its next transaction boundary"
+                    ),
+                    _ => tracing::info!(generation, "route moved; closing session"),
+                }
+                fate
             }
             Drain::Replica => {
-                let addr = self.addr;
                 let _ = self.replicas.wait_for(|set| !set.contains(&addr)).await;
                 tracing::info!(backend = %addr, "no longer a replica; closing session");
+                Fate::Close
             }
             Drain::Never => std::future::pending().await,
         }
+    }
+
+    /// Waits until a session already ending at a transaction boundary must close at once:
+    /// another node leads, or its own leader is gone.
+    async fn must_close(&mut self) {
+        if let Drain::Route(generation) = self.drain {
+            let addr = self.addr;
+            let _ = self
+                .route
+                .wait_for(|r| session_fate(r, generation, addr) == Fate::Close)
+                .await;
+            tracing::info!(
+                generation,
+                "route moved on while the session ended its transaction; closing session"
+            );
+        }
+    }
+
+    /// Whether the session can follow its transactions: only sessions routed to a leader
+    /// ever end between transactions.
+    fn follows_transactions(&self, switchover: Switchover) -> bool {
+        switchover == Switchover::Transaction && matches!(self.drain, Drain::Route(_))
     }
 }
 
@@ -659,8 +704,10 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
 }
 
 /// Copies both ways until both sides are done, the drainer says the node is no longer what
-/// the listener serves, the session idles out, or the process stops. Returns the result label and bytes
-/// copied (client→backend, backend→client).
+/// the listener serves, the session idles out, or the process stops. A session whose leader
+/// stepped down while alive ends at its next transaction boundary instead (rule 9), within
+/// `proxy.switchover_grace`. Returns the result label and bytes copied (client→backend,
+/// backend→client).
 async fn splice(
     client: TcpStream,
     backend: TcpStream,
@@ -676,7 +723,8 @@ async fn splice(
             return ("error", 0, 0);
         }
     };
-    let idle_timeout = sessions.config.idle_timeout;
+    let config = &sessions.config;
+    let idle_timeout = config.idle_timeout;
     let idle = async {
         loop {
             let due = activity.last() + idle_timeout;
@@ -686,21 +734,78 @@ async fn splice(
             tokio::time::sleep_until(due).await;
         }
     };
-    let result = tokio::select! {
-        copied = copy::bidirectional(&client, &backend, sessions.config.copy, &activity, None) => match copied {
-            Ok(_) => "closed",
-            Err(e) => {
-                tracing::debug!(error = %e, "session ended with an error");
-                "error"
-            }
-        },
-        _ = drainer.drained() => "drained",
-        _ = idle => {
-            tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
-            "idle_timeout"
+    let mut idle = std::pin::pin!(idle);
+    let mut framing = drainer
+        .follows_transactions(config.switchover)
+        .then(Framing::new);
+    let mut copying =
+        copy::bidirectional(&client, &backend, config.copy, &activity, framing.as_mut());
+    let ended = |copied: io::Result<copy::Ended>| match copied {
+        Ok(_) => "closed",
+        Err(e) => {
+            tracing::debug!(error = %e, "session ended with an error");
+            "error"
         }
+    };
+    let fate = tokio::select! {
+        copied = &mut copying => return counted(ended(copied), &activity),
+        fate = drainer.drained() => fate,
+        _ = &mut idle => {
+            tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
+            return counted("idle_timeout", &activity);
+        }
+        _ = sessions.hard_stop.cancelled() => return counted("shutdown", &activity),
+    };
+    if fate == Fate::Close || !copying.tracked() {
+        return counted("drained", &activity);
+    }
+    copying.end_when_idle();
+    let grace = config.switchover_grace;
+    let result = tokio::select! {
+        copied = &mut copying => match copied {
+            Ok(copy::Ended::Idle) => {
+                drop(copying);
+                say_goodbye(&client, &backend).await;
+                "transaction_end"
+            }
+            other => ended(other),
+        },
+        _ = drainer.must_close() => "drained",
+        _ = tokio::time::sleep(grace) => {
+            tracing::info!(grace = %humantime::format_duration(grace), "still in a transaction when the switchover grace ran out; closing session");
+            "grace_over"
+        }
+        _ = &mut idle => "idle_timeout",
         _ = sessions.hard_stop.cancelled() => "shutdown",
     };
+    counted(result, &activity)
+}
+
+/// Ends a session between transactions the way Postgres ends a terminated backend: the
+/// client gets `FATAL 57P01` (drivers and pools take it as a lost connection to retry), the
+/// backend gets Terminate (Postgres logs a clean disconnect).
+async fn say_goodbye(client: &copy::Socket, backend: &copy::Socket) {
+    let farewell = pgwire::error_response(
+        pgwire::ADMIN_SHUTDOWN,
+        "terminating connection: the leader moved (planned switchover); reconnect to reach the new leader",
+    );
+    let words = async {
+        if let Err(e) = client.send_all(&farewell).await {
+            tracing::debug!(error = %e, "client gone before the switchover notice");
+        }
+        client.finish(GOODBYE_WAIT).await;
+    };
+    let terminate = async {
+        if let Err(e) = backend.send_all(&TERMINATE).await {
+            tracing::debug!(error = %e, "backend gone before Terminate");
+        }
+    };
+    // Bounded: a client that stopped reading must not hold the session.
+    let _ = tokio::time::timeout(GOODBYE_WAIT, async { tokio::join!(words, terminate) }).await;
+    tracing::info!("ended between transactions: client told 57P01, backend sent Terminate");
+}
+
+fn counted(result: &'static str, activity: &copy::Activity) -> (&'static str, u64, u64) {
     (
         result,
         activity.up.load(Ordering::Relaxed),
