@@ -491,6 +491,27 @@ impl LocalCluster {
         })
     }
 
+    /// Fences node `i`: its agent answers `replica` while its Postgres stays up and writable,
+    /// as the first step of a planned switchover does. [`LocalCluster::unfence`] lifts it.
+    pub fn fence(&self, i: usize) -> Result<(), ClusterError> {
+        self.check_index(i)?;
+        std::fs::write(fence_file(&self.pg, i), b"fenced\n").map_err(|source| {
+            ClusterError::State(format!("cannot fence {}: {source}", self.pg_addr(i)))
+        })
+    }
+
+    /// Lifts [`LocalCluster::fence`]: the agent speaks for Postgres again.
+    pub fn unfence(&self, i: usize) -> Result<(), ClusterError> {
+        self.check_index(i)?;
+        match std::fs::remove_file(fence_file(&self.pg, i)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(ClusterError::State(format!(
+                "cannot unfence {}: {e}",
+                self.pg_addr(i)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// A planned switchover: the leader is fenced (its agent answers `replica` while its
     /// Postgres stays up and writable), and after `fence_wait`, when every proxy has stopped
     /// sending it writes, it turns read-only; the replicas receive what it wrote and stop

@@ -1,0 +1,512 @@
+//! A planned switchover costs no transaction (routing rule 9), against real Postgres 15
+//! (`LocalCluster`): when the leader steps down while alive (fenced, then demoted), each of its
+//! unencrypted sessions ends at its next transaction boundary with `FATAL 57P01`; a transaction
+//! still open when another node leads is cut; encrypted sessions and raw TCP sessions close at
+//! once, as before. Each test asserts outcomes, never how fast.
+
+use std::net::Ipv4Addr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
+use roleproxy_testkit::fake_cluster::FakeCluster;
+use roleproxy_testkit::harness::{eventually, Client, RunningProxy};
+use roleproxy_testkit::role::RoleReply;
+use roleproxy_testkit::writer::connect;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+const WAIT: Duration = Duration::from_secs(60);
+const CREATE: &str = "CREATE TABLE IF NOT EXISTS txs (
+    client int NOT NULL,
+    seq int NOT NULL,
+    server text NOT NULL,
+    PRIMARY KEY (client, seq)
+)";
+
+fn spec(net: u8) -> ClusterSpec {
+    ClusterSpec {
+        name: format!("iad.net{net}.internal"),
+        dns_ip: Ipv4Addr::new(127, net, 0, 1).into(),
+        ..ClusterSpec::demo().with_ips((11..=13).map(|d| Ipv4Addr::new(127, net, 0, d)))
+    }
+}
+
+/// Starts the cluster and roleproxy (with `settings` on top of the cluster's), creates the
+/// table through the proxy and waits until every replica has it.
+async fn start(spec: ClusterSpec, settings: &[(&str, &str)]) -> (LocalCluster, RunningProxy) {
+    let listen = spec.dns_ip.to_string();
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let config = settings
+        .iter()
+        .fold(cluster.proxy_config(&listen), |c, (key, value)| {
+            c.set(key, value)
+        })
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let leader = cluster.pg_addr(0).to_string();
+    assert!(
+        proxy.wait_route(Some(&leader), WAIT).await,
+        "routes to node 0"
+    );
+    let client = connect(&conninfo(&proxy, "setup"))
+        .await
+        .expect("connects through roleproxy");
+    client.batch_execute(CREATE).await.expect("create table");
+    for i in 1..cluster.len() {
+        let replicated = eventually(WAIT, || async {
+            match connect(&cluster.conninfo(i)).await {
+                Ok(replica) => replica
+                    .query_one("SELECT to_regclass('txs') IS NOT NULL", &[])
+                    .await
+                    .is_ok_and(|row| row.get::<_, bool>(0)),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(replicated, "node {i} has the table");
+    }
+    (cluster, proxy)
+}
+
+fn conninfo(proxy: &RunningProxy, application: &str) -> String {
+    format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=60 application_name={application}",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    )
+}
+
+/// A session whose connection task is kept, to read how the server ended it.
+struct Session {
+    client: tokio_postgres::Client,
+    connection: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Session {
+    async fn open(conninfo: &str) -> Result<Session, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+        Ok(Session {
+            client,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// The SQLSTATE the session ended with: of `error` (the statement that failed) or of the
+    /// connection itself (a FATAL that arrived while no statement was waiting).
+    async fn ended_with(self, error: &tokio_postgres::Error) -> Option<SqlState> {
+        if let Some(code) = error.code() {
+            return Some(code.clone());
+        }
+        drop(self.client);
+        match tokio::time::timeout(WAIT, self.connection).await {
+            Ok(Ok(Err(e))) => e.code().cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Which statement of a transaction failed, and how the session ended (read through `Debug`
+/// in assertion messages).
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Failure {
+    /// The first statement (BEGIN) failed: the session ended between transactions.
+    Between(Option<SqlState>, String),
+    /// INSERT, the sleep or COMMIT failed: a transaction failed part-way.
+    PartWay(&'static str, String),
+    Connect(String),
+}
+
+#[derive(Default)]
+struct Outcome {
+    /// (client, seq, server that committed it).
+    committed: Vec<(i32, i32, String)>,
+    failures: Vec<Failure>,
+}
+
+/// One client: 300 ms transactions in a loop, reconnecting when its session ends, until
+/// `stop` is set.
+async fn transactions(
+    conninfo: String,
+    client: i32,
+    stop: Arc<Mutex<bool>>,
+    outcome: Arc<Mutex<Outcome>>,
+) {
+    let record = |f: Failure| outcome.lock().unwrap().failures.push(f);
+    let mut seq = 0;
+    let mut session = None;
+    while !*stop.lock().unwrap() {
+        let current = match session.take() {
+            Some(s) => s,
+            None => match Session::open(&conninfo).await {
+                Ok(s) => s,
+                Err(e) => {
+                    record(Failure::Connect(e.to_string()));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        seq += 1;
+        if let Err(e) = current.client.batch_execute("BEGIN").await {
+            let text = e.to_string();
+            record(Failure::Between(current.ended_with(&e).await, text));
+            continue;
+        }
+        let insert = format!("INSERT INTO txs VALUES ({client}, {seq}, host(inet_server_addr()))");
+        let steps = [
+            ("insert", insert.as_str()),
+            ("sleep", "SELECT pg_sleep(0.3)"),
+            ("commit", "COMMIT"),
+        ];
+        let mut failed = false;
+        for (step, sql) in steps {
+            if let Err(e) = current.client.batch_execute(sql).await {
+                record(Failure::PartWay(step, e.to_string()));
+                failed = true;
+                break;
+            }
+        }
+        if failed {
+            continue;
+        }
+        let server = current
+            .client
+            .query_one("SELECT host(inet_server_addr())", &[])
+            .await;
+        match server {
+            Ok(row) => {
+                let server: String = row.get(0);
+                outcome
+                    .lock()
+                    .unwrap()
+                    .committed
+                    .push((client, seq, server));
+                session = Some(current);
+            }
+            // After COMMIT, between transactions: the session may have ended here too.
+            Err(e) => {
+                let text = e.to_string();
+                outcome
+                    .lock()
+                    .unwrap()
+                    .committed
+                    .push((client, seq, String::new()));
+                record(Failure::Between(current.ended_with(&e).await, text));
+            }
+        }
+    }
+}
+
+fn ip(cluster: &LocalCluster, i: usize) -> String {
+    cluster.pg_addr(i).ip().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_under_transactions_costs_no_transaction() {
+    // The switchover waits one check interval plus the grace (half an interval) between
+    // fencing and demoting, as the README asks of a planned switchover.
+    let spec = ClusterSpec {
+        fence_wait: Duration::from_millis(1500),
+        ..spec(130)
+    };
+    let (cluster, proxy) = start(spec, &[("check.interval", "\"1s\"")]).await;
+    let stop = Arc::new(Mutex::new(false));
+    let outcome = Arc::new(Mutex::new(Outcome::default()));
+    let clients: Vec<JoinHandle<()>> = (0..8)
+        .map(|c| {
+            tokio::spawn(transactions(
+                conninfo(&proxy, "tx"),
+                c,
+                Arc::clone(&stop),
+                Arc::clone(&outcome),
+            ))
+        })
+        .collect();
+    let old = ip(&cluster, 0);
+    let on = |server: &str| {
+        let server = server.to_owned();
+        let outcome = Arc::clone(&outcome);
+        move || {
+            let outcome = Arc::clone(&outcome);
+            let server = server.clone();
+            async move {
+                let committed = &outcome.lock().unwrap().committed;
+                committed.iter().filter(|(_, _, s)| *s == server).count() >= 8
+            }
+        }
+    };
+    assert!(eventually(WAIT, on(&old)).await, "transactions on node 0");
+
+    let switch = cluster.switchover().await.expect("switchover");
+    let new = ip(&cluster, switch.new);
+    assert!(
+        eventually(WAIT, on(&new)).await,
+        "transactions on the new leader"
+    );
+    *stop.lock().unwrap() = true;
+    for client in clients {
+        client.await.expect("client task");
+    }
+    let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+
+    let part_way: Vec<&Failure> = outcome
+        .failures
+        .iter()
+        .filter(|f| !matches!(f, Failure::Between(..)))
+        .collect();
+    assert!(
+        part_way.is_empty(),
+        "no transaction fails part-way, no client fails to connect: {part_way:#?}"
+    );
+    let ended: Vec<&Failure> = outcome
+        .failures
+        .iter()
+        .filter(|f| matches!(f, Failure::Between(..)))
+        .collect();
+    assert!(
+        ended.iter().all(
+            |f| matches!(f, Failure::Between(Some(code), _) if *code == SqlState::ADMIN_SHUTDOWN)
+        ),
+        "sessions end between transactions with a clean 57P01: {ended:#?}"
+    );
+    assert!(
+        !ended.is_empty(),
+        "the sessions on the old leader were ended (8 clients were on it)"
+    );
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics
+            .contains("roleproxy_sessions_total{listener=\"leader\",result=\"transaction_end\"}"),
+        "{metrics}"
+    );
+
+    // Every committed row is on the new leader.
+    let leader = connect(&cluster.conninfo(switch.new))
+        .await
+        .expect("new leader");
+    for (client, seq, server) in &outcome.committed {
+        let row = leader
+            .query_opt(
+                "SELECT server FROM txs WHERE client = $1 AND seq = $2",
+                &[client, seq],
+            )
+            .await
+            .expect("query the new leader");
+        let found: Option<String> = row.map(|r| r.get(0));
+        assert!(
+            found.is_some(),
+            "row ({client}, {seq}) committed on {server} is on the new leader"
+        );
+    }
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_when_another_node_leads_is_cut() {
+    let (cluster, proxy) = start(
+        spec(131),
+        &[
+            ("proxy.switchover_grace", "\"10m\""),
+            ("check.interval", "\"1s\""),
+        ],
+    )
+    .await;
+    let open = connect(&conninfo(&proxy, "open-tx"))
+        .await
+        .expect("session");
+    open.batch_execute("BEGIN; INSERT INTO txs VALUES (99, 1, 'open')")
+        .await
+        .expect("transaction open on node 0");
+
+    let switch = cluster.switchover().await.expect("switchover");
+    let new = cluster.pg_addr(switch.new).to_string();
+    assert!(
+        proxy.wait_route(Some(&new), WAIT).await,
+        "routes to the new leader"
+    );
+    let old_node = connect(&cluster.conninfo(0)).await.expect("old leader");
+    let gone = eventually(WAIT, || async {
+        old_node
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'open-tx'",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 0)
+    })
+    .await;
+    assert!(
+        gone,
+        "the session was cut once another node led, grace or not"
+    );
+    assert!(
+        open.batch_execute("COMMIT").await.is_err(),
+        "its COMMIT cannot reach any node"
+    );
+    for i in [0, switch.new] {
+        let node = connect(&cluster.conninfo(i)).await.expect("node");
+        let row = node
+            .query_one("SELECT count(*) FROM txs WHERE client = 99", &[])
+            .await
+            .expect("count");
+        assert_eq!(row.get::<_, i64>(0), 0, "the cut transaction is on no node");
+    }
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+/// While the leader is stepped down and nobody else leads: a plain session in a transaction
+/// stays until its COMMIT, then ends with 57P01; a plain idle session ends at once with
+/// 57P01; a TLS session cannot be followed and is closed at once, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stepped_down_leader_keeps_transactions_to_their_end_but_not_tls_sessions() {
+    let spec = ClusterSpec {
+        tls: true,
+        ..spec(132)
+    };
+    let (cluster, proxy) = start(spec, &[("proxy.switchover_grace", "\"10m\"")]).await;
+    let in_tx = Session::open(&conninfo(&proxy, "plain-tx"))
+        .await
+        .expect("plain session");
+    in_tx
+        .client
+        .batch_execute("BEGIN; INSERT INTO txs VALUES (7, 1, 'plain')")
+        .await
+        .expect("transaction open");
+    let idle = Session::open(&conninfo(&proxy, "plain-idle"))
+        .await
+        .expect("idle session");
+    idle.client.batch_execute("SELECT 1").await.expect("query");
+
+    let mut psql = tokio::process::Command::new("psql")
+        .arg(format!("{} sslmode=require", conninfo(&proxy, "tls-tx")))
+        .args(["-X", "-q", "-At"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql runs");
+    let mut stdin = psql.stdin.take().expect("psql stdin");
+    let mut stdout = BufReader::new(psql.stdout.take().expect("psql stdout")).lines();
+    stdin
+        .write_all(b"BEGIN;\nSELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid();\n")
+        .await
+        .expect("psql input");
+    let ssl = tokio::time::timeout(WAIT, stdout.next_line()).await;
+    assert!(
+        matches!(ssl, Ok(Ok(Some(ref line))) if line == "t"),
+        "the psql session is TLS: {ssl:?}"
+    );
+
+    cluster.fence(0).expect("fence node 0");
+    let stepped_down = eventually(WAIT, || async {
+        proxy.status().await["route"]["target"]["detail"]["reason"] == "stepped_down"
+    })
+    .await;
+    assert!(stepped_down, "{}", proxy.status().await);
+
+    let node = connect(&cluster.conninfo(0)).await.expect("node 0");
+    let sessions = || async {
+        node.query_one(
+            "SELECT count(*) FILTER (WHERE application_name = 'plain-tx'),
+                    count(*) FILTER (WHERE application_name = 'plain-idle'),
+                    count(*) FILTER (WHERE application_name = 'tls-tx')
+             FROM pg_stat_activity",
+            &[],
+        )
+        .await
+        .map(|row| {
+            (
+                row.get::<_, i64>(0),
+                row.get::<_, i64>(1),
+                row.get::<_, i64>(2),
+            )
+        })
+        .unwrap_or((-1, -1, -1))
+    };
+    let closed = eventually(WAIT, || async { matches!(sessions().await, (_, 0, 0)) }).await;
+    assert!(
+        closed,
+        "the idle and the TLS session are closed: {:?}",
+        sessions().await
+    );
+    assert_eq!(
+        sessions().await.0,
+        1,
+        "the session in a transaction is still open"
+    );
+    let route = proxy.status().await;
+    assert_eq!(
+        route["route"]["target"]["detail"]["reason"], "stepped_down",
+        "and nobody else leads yet: {route}"
+    );
+    let idle_end = match tokio::time::timeout(WAIT, idle.connection).await {
+        Ok(Ok(Err(e))) => e.code().cloned(),
+        other => panic!("the idle session ended with an error: {other:?}"),
+    };
+    assert_eq!(idle_end, Some(SqlState::ADMIN_SHUTDOWN));
+
+    in_tx
+        .client
+        .batch_execute("COMMIT")
+        .await
+        .expect("the transaction commits on the stepped-down leader");
+    let tx_end = match tokio::time::timeout(WAIT, in_tx.connection).await {
+        Ok(Ok(Err(e))) => e.code().cloned(),
+        other => panic!("the session ended with an error: {other:?}"),
+    };
+    assert_eq!(
+        tx_end,
+        Some(SqlState::ADMIN_SHUTDOWN),
+        "then ends with 57P01"
+    );
+    let row = node
+        .query_one("SELECT count(*) FROM txs WHERE client = 7", &[])
+        .await
+        .expect("count");
+    assert_eq!(row.get::<_, i64>(0), 1, "the committed row is on node 0");
+
+    cluster.unfence(0).expect("unfence");
+    let leader = cluster.pg_addr(0).to_string();
+    assert!(
+        proxy.wait_route(Some(&leader), WAIT).await,
+        "node 0 leads again"
+    );
+    drop(stdin);
+    let _ = psql.kill().await;
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+/// A raw TCP session (not Postgres) cannot be followed: when its leader steps down, it is
+/// closed at once, as before, though nobody else leads yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_tcp_sessions_close_at_once_when_the_leader_steps_down() {
+    let cluster = FakeCluster::start(135, 2).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let proxy = RunningProxy::start(
+        cluster
+            .config()
+            .set("proxy.switchover_grace", "\"10m\"")
+            .config(),
+    )
+    .await;
+    let mut session = Client::connect(proxy.addr, WAIT).await.expect("served");
+    assert!(session.echo("not postgres").await);
+
+    cluster.nodes[0].role.set(RoleReply::replica());
+    assert!(session.closed_within(WAIT).await, "closed at once");
+    let status = proxy.status().await;
+    assert_eq!(
+        status["route"]["target"]["detail"]["reason"], "stepped_down",
+        "nobody else leads: {status}"
+    );
+    proxy.stop().await;
+}
