@@ -61,8 +61,9 @@ pub struct ClusterSpec {
     /// Nodes serve TLS with a self-signed certificate.
     pub tls: bool,
     /// How long a switchover keeps the old leader fenced (its agent answering `replica`)
-    /// before demoting it: at least one proxy check interval, so every proxy has stopped
-    /// sending it writes.
+    /// before demoting it: at least one proxy check interval plus `proxy.switchover_grace`,
+    /// so every proxy has stopped sending it new transactions and its sessions have ended the
+    /// ones they were in.
     pub fence_wait: Duration,
 }
 
@@ -78,7 +79,8 @@ impl ClusterSpec {
             agent_port: 5500,
             dns_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             tls: false,
-            fence_wait: Duration::from_millis(2500),
+            // check.interval 2 s + switchover_grace 1 s (the defaults), and slack.
+            fence_wait: Duration::from_millis(3500),
         }
     }
 
