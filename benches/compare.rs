@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! apt-get install -y haproxy
-//! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,failover] [--json FILE]
+//! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,copy,failover,transactions] [--json FILE]
 //! ```
 //!
 //! Every section runs the targets in interleaved rounds (the order rotates each round), so drift
@@ -22,6 +22,7 @@ use roleproxy_testkit::dns::DnsServer;
 use roleproxy_testkit::haproxy::{FlyHaproxyConfig, Haproxy};
 use roleproxy_testkit::harness::ProxyProcess;
 use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
+use roleproxy_testkit::transactions::{self, Transactions};
 use roleproxy_testkit::writer::{self, connect, conninfo, Attempt, Writer, CREATE_TABLE};
 use serde_json::json;
 
@@ -38,7 +39,9 @@ struct Args {
     /// Failovers of each kind.
     failovers: usize,
     /// Extra targets: another `proxy.copy` mode (`buffered`, `splice`), `preconnectN`,
-    /// `threadsN` (pgbench section), or `tokio-copy` (the calibration proxy, pgbench and bulk).
+    /// `threadsN` (pgbench section), `immediate` (`proxy.switchover = "immediate"`: no session
+    /// is followed, as before transaction boundaries were), or `tokio-copy` (the calibration
+    /// proxy, pgbench and bulk).
     variants: Vec<String>,
 }
 
@@ -50,7 +53,9 @@ fn args() -> Args {
             "bulk".into(),
             "idle".into(),
             "pgbench".into(),
+            "copy".into(),
             "failover".into(),
+            "transactions".into(),
         ],
         json: PathBuf::from("target/compare.json"),
         bulk_mib: 1024,
@@ -470,7 +475,8 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
     let local = cluster.pg_addr(0);
     // A variant is a `proxy.copy` mode, `preconnect` or `preconnectN` (auto copy, 4 or N warm
-    // connections), or `threadsN` (auto copy, `proxy.threads = N`).
+    // connections), `threadsN` (auto copy, `proxy.threads = N`) or `immediate` (auto copy, no
+    // session followed).
     let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, variant: &str| {
         let threads = variant
             .strip_prefix("threads")
@@ -481,7 +487,13 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         let (copy, preconnect) = match variant {
             _ if warm.is_some() => ("auto", warm.unwrap_or(4)),
             _ if threads.is_some() => ("auto", 0),
+            "immediate" => ("auto", 0),
             mode => (mode, 0),
+        };
+        let switchover = if variant == "immediate" {
+            "immediate"
+        } else {
+            "transaction"
         };
         cluster
             .proxy_config(&listen.ip().to_string())
@@ -493,6 +505,7 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
             .set("proxy.copy", &format!("\"{copy}\""))
             .set("proxy.preconnect", &preconnect.to_string())
             .set("proxy.threads", &threads.unwrap_or(0).to_string())
+            .set("proxy.switchover", &format!("\"{switchover}\""))
             .toml()
     };
     let mut targets = Vec::new();
@@ -698,6 +711,155 @@ async fn pgbench_section(args: &Args, results: &mut Results, bench: &PgBench) {
     }
 }
 
+/// Bytes of `COPY bulk_rows TO STDOUT` read through `a` with psql, and the seconds it took.
+fn copy_out(a: SocketAddr) -> Option<(u64, f64)> {
+    use std::io::Read;
+    let started = Instant::now();
+    let mut psql = Command::new(roleproxy_testkit::pg::pg_bin("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-h",
+            &a.ip().to_string(),
+            "-p",
+            &a.port().to_string(),
+        ])
+        .args([
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-c",
+            "COPY bulk_rows TO STDOUT",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut out = psql.stdout.take()?;
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        match out.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return None,
+        }
+    }
+    let status = psql.wait().ok()?;
+    status
+        .success()
+        .then(|| (total, started.elapsed().as_secs_f64()))
+}
+
+/// Bulk Postgres results: `COPY … TO STDOUT` of about `bulk_mib` MiB of 200-byte rows (one
+/// CopyData message each, the worst case for following a session's messages: each header must
+/// be seen, so followed sessions copy through user space instead of splicing).
+async fn copy_section(args: &Args, results: &mut Results, bench: &PgBench) {
+    let leader = connect(&conninfo(bench.cluster.pg_addr(0)))
+        .await
+        .expect("leader");
+    let rows = args.bulk_mib * (1 << 20) / 200;
+    leader
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS bulk_rows;
+             CREATE TABLE bulk_rows AS SELECT g, repeat('x', 192) AS pad FROM generate_series(1, {rows}) g;
+             VACUUM ANALYZE bulk_rows"
+        ))
+        .await
+        .expect("create bulk_rows");
+    let mut targets = bench.targets.clone();
+    for round in 0..args.rounds {
+        targets.rotate_left(usize::from(round > 0));
+        for (name, a) in &targets {
+            let a = *a;
+            match tokio::task::spawn_blocking(move || copy_out(a))
+                .await
+                .ok()
+                .flatten()
+            {
+                Some((bytes, secs)) => {
+                    let gbps = bytes as f64 / secs / 1e9;
+                    results.add("COPY TO STDOUT, 200-byte rows", "GB/s", name, gbps);
+                    eprintln!(
+                        "round {round} {name}: COPY {bytes} bytes in {secs:.2} s, {gbps:.3} GB/s"
+                    );
+                }
+                None => eprintln!("round {round} {name}: COPY failed"),
+            }
+        }
+    }
+    let _ = leader.batch_execute("DROP TABLE bulk_rows").await;
+}
+
+/// Planned switchovers while 8 clients per proxy run 300 ms write transactions: how many
+/// transactions each proxy cut part-way, and how many sessions it ended between transactions.
+async fn transactions_section(args: &Args, results: &mut Results, bench: &PgBench) {
+    let leader = connect(&conninfo(bench.cluster.pg_addr(0)))
+        .await
+        .expect("leader");
+    leader
+        .batch_execute(transactions::CREATE_TABLE)
+        .await
+        .expect("create txs");
+    let proxies: Vec<(&str, SocketAddr)> = bench
+        .targets
+        .iter()
+        .filter(|(name, _)| name.starts_with("roleproxy") || name == "haproxy")
+        .map(|(name, a)| (name.as_str(), *a))
+        .collect();
+    for round in 0..args.failovers {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let clients: Vec<(&str, Transactions)> = proxies
+            .iter()
+            .map(|(name, a)| {
+                (
+                    *name,
+                    Transactions::start(&conninfo(*a), 8, Duration::from_millis(300)),
+                )
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let switched = bench.cluster.switchover().await;
+        // Let both proxies find the new leader and the clients reach it.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        for (name, c) in clients {
+            let outcome = c.stop().await;
+            if switched.is_err() {
+                continue;
+            }
+            let between = outcome
+                .failures
+                .iter()
+                .filter(|f| matches!(f, transactions::Failure::Between(..)))
+                .count();
+            results.add(
+                "switchover: transactions cut",
+                "count",
+                name,
+                outcome.part_way() as f64,
+            );
+            results.add(
+                "switchover: sessions ended between transactions",
+                "count",
+                name,
+                between as f64,
+            );
+            eprintln!(
+                "round {round} {name}: {} committed, {} cut part-way, {between} ended between transactions",
+                outcome.committed.len(),
+                outcome.part_way()
+            );
+        }
+        match switched {
+            Ok(event) => eprintln!("round {round}: switchover {} -> {}", event.old, event.new),
+            Err(e) => eprintln!("round {round}: switchover failed: {e}"),
+        }
+        if let Err(e) = bench.cluster.restore().await {
+            eprintln!("restore failed: {e}");
+        }
+    }
+}
+
 /// A session opened before a failover: when did the proxy (or Postgres) close it?
 async fn watch_session(conninfo: String) -> Option<Instant> {
     let client = connect(&conninfo).await.ok()?;
@@ -833,7 +995,11 @@ fn main() {
         // sections do not share the machine with its checkpoints, replication and checks.
         let mut pg: Option<PgBench> = None;
         for section in &args.sections {
-            if matches!(section.as_str(), "pgbench" | "failover") && pg.is_none() {
+            let needs_pg = matches!(
+                section.as_str(),
+                "pgbench" | "copy" | "failover" | "transactions"
+            );
+            if needs_pg && pg.is_none() {
                 pg = Some(pg_bench_setup(&args).await);
             }
             match (section.as_str(), &pg) {
@@ -841,6 +1007,8 @@ fn main() {
                 ("idle", _) => idle_section(&args, &mut results).await,
                 ("pgbench", Some(pg)) => pgbench_section(&args, &mut results, pg).await,
                 ("failover", Some(pg)) => failover_section(&args, &mut results, pg).await,
+                ("copy", Some(pg)) => copy_section(&args, &mut results, pg).await,
+                ("transactions", Some(pg)) => transactions_section(&args, &mut results, pg).await,
                 (other, _) => eprintln!("unknown section {other}"),
             }
         }

@@ -6,26 +6,18 @@
 
 use std::net::Ipv4Addr;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::fake_cluster::FakeCluster;
 use roleproxy_testkit::harness::{eventually, Client, RunningProxy};
 use roleproxy_testkit::role::RoleReply;
+use roleproxy_testkit::transactions::{Failure, Session, Transactions, CREATE_TABLE};
 use roleproxy_testkit::writer::connect;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 const WAIT: Duration = Duration::from_secs(60);
-const CREATE: &str = "CREATE TABLE IF NOT EXISTS txs (
-    client int NOT NULL,
-    seq int NOT NULL,
-    server text NOT NULL,
-    PRIMARY KEY (client, seq)
-)";
 
 fn spec(net: u8) -> ClusterSpec {
     ClusterSpec {
@@ -55,7 +47,10 @@ async fn start(spec: ClusterSpec, settings: &[(&str, &str)]) -> (LocalCluster, R
     let client = connect(&conninfo(&proxy, "setup"))
         .await
         .expect("connects through roleproxy");
-    client.batch_execute(CREATE).await.expect("create table");
+    client
+        .batch_execute(CREATE_TABLE)
+        .await
+        .expect("create table");
     for i in 1..cluster.len() {
         let replicated = eventually(WAIT, || async {
             match connect(&cluster.conninfo(i)).await {
@@ -80,128 +75,6 @@ fn conninfo(proxy: &RunningProxy, application: &str) -> String {
     )
 }
 
-/// A session whose connection task is kept, to read how the server ended it.
-struct Session {
-    client: tokio_postgres::Client,
-    connection: JoinHandle<Result<(), tokio_postgres::Error>>,
-}
-
-impl Session {
-    async fn open(conninfo: &str) -> Result<Session, tokio_postgres::Error> {
-        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
-        Ok(Session {
-            client,
-            connection: tokio::spawn(connection),
-        })
-    }
-
-    /// The SQLSTATE the session ended with: of `error` (the statement that failed) or of the
-    /// connection itself (a FATAL that arrived while no statement was waiting).
-    async fn ended_with(self, error: &tokio_postgres::Error) -> Option<SqlState> {
-        if let Some(code) = error.code() {
-            return Some(code.clone());
-        }
-        drop(self.client);
-        match tokio::time::timeout(WAIT, self.connection).await {
-            Ok(Ok(Err(e))) => e.code().cloned(),
-            _ => None,
-        }
-    }
-}
-
-/// Which statement of a transaction failed, and how the session ended (read through `Debug`
-/// in assertion messages).
-#[derive(Debug)]
-#[allow(dead_code)]
-enum Failure {
-    /// The first statement (BEGIN) failed: the session ended between transactions.
-    Between(Option<SqlState>, String),
-    /// INSERT, the sleep or COMMIT failed: a transaction failed part-way.
-    PartWay(&'static str, String),
-    Connect(String),
-}
-
-#[derive(Default)]
-struct Outcome {
-    /// (client, seq, server that committed it).
-    committed: Vec<(i32, i32, String)>,
-    failures: Vec<Failure>,
-}
-
-/// One client: 300 ms transactions in a loop, reconnecting when its session ends, until
-/// `stop` is set.
-async fn transactions(
-    conninfo: String,
-    client: i32,
-    stop: Arc<Mutex<bool>>,
-    outcome: Arc<Mutex<Outcome>>,
-) {
-    let record = |f: Failure| outcome.lock().unwrap().failures.push(f);
-    let mut seq = 0;
-    let mut session = None;
-    while !*stop.lock().unwrap() {
-        let current = match session.take() {
-            Some(s) => s,
-            None => match Session::open(&conninfo).await {
-                Ok(s) => s,
-                Err(e) => {
-                    record(Failure::Connect(e.to_string()));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        seq += 1;
-        if let Err(e) = current.client.batch_execute("BEGIN").await {
-            let text = e.to_string();
-            record(Failure::Between(current.ended_with(&e).await, text));
-            continue;
-        }
-        let insert = format!("INSERT INTO txs VALUES ({client}, {seq}, host(inet_server_addr()))");
-        let steps = [
-            ("insert", insert.as_str()),
-            ("sleep", "SELECT pg_sleep(0.3)"),
-            ("commit", "COMMIT"),
-        ];
-        let mut failed = false;
-        for (step, sql) in steps {
-            if let Err(e) = current.client.batch_execute(sql).await {
-                record(Failure::PartWay(step, e.to_string()));
-                failed = true;
-                break;
-            }
-        }
-        if failed {
-            continue;
-        }
-        let server = current
-            .client
-            .query_one("SELECT host(inet_server_addr())", &[])
-            .await;
-        match server {
-            Ok(row) => {
-                let server: String = row.get(0);
-                outcome
-                    .lock()
-                    .unwrap()
-                    .committed
-                    .push((client, seq, server));
-                session = Some(current);
-            }
-            // After COMMIT, between transactions: the session may have ended here too.
-            Err(e) => {
-                let text = e.to_string();
-                outcome
-                    .lock()
-                    .unwrap()
-                    .committed
-                    .push((client, seq, String::new()));
-                record(Failure::Between(current.ended_with(&e).await, text));
-            }
-        }
-    }
-}
-
 fn ip(cluster: &LocalCluster, i: usize) -> String {
     cluster.pg_addr(i).ip().to_string()
 }
@@ -215,44 +88,24 @@ async fn switchover_under_transactions_costs_no_transaction() {
         ..spec(130)
     };
     let (cluster, proxy) = start(spec, &[("check.interval", "\"1s\"")]).await;
-    let stop = Arc::new(Mutex::new(false));
-    let outcome = Arc::new(Mutex::new(Outcome::default()));
-    let clients: Vec<JoinHandle<()>> = (0..8)
-        .map(|c| {
-            tokio::spawn(transactions(
-                conninfo(&proxy, "tx"),
-                c,
-                Arc::clone(&stop),
-                Arc::clone(&outcome),
-            ))
-        })
-        .collect();
+    let clients = Transactions::start(&conninfo(&proxy, "tx"), 8, Duration::from_millis(300));
     let old = ip(&cluster, 0);
-    let on = |server: &str| {
-        let server = server.to_owned();
-        let outcome = Arc::clone(&outcome);
+    let on = |server: String| {
+        let clients = &clients;
         move || {
-            let outcome = Arc::clone(&outcome);
             let server = server.clone();
-            async move {
-                let committed = &outcome.lock().unwrap().committed;
-                committed.iter().filter(|(_, _, s)| *s == server).count() >= 8
-            }
+            async move { clients.outcome().committed_on(&server) >= 8 }
         }
     };
-    assert!(eventually(WAIT, on(&old)).await, "transactions on node 0");
+    assert!(eventually(WAIT, on(old)).await, "transactions on node 0");
 
     let switch = cluster.switchover().await.expect("switchover");
     let new = ip(&cluster, switch.new);
     assert!(
-        eventually(WAIT, on(&new)).await,
+        eventually(WAIT, on(new)).await,
         "transactions on the new leader"
     );
-    *stop.lock().unwrap() = true;
-    for client in clients {
-        client.await.expect("client task");
-    }
-    let outcome = std::mem::take(&mut *outcome.lock().unwrap());
+    let outcome = clients.stop().await;
 
     let part_way: Vec<&Failure> = outcome
         .failures
@@ -447,11 +300,7 @@ async fn a_stepped_down_leader_keeps_transactions_to_their_end_but_not_tls_sessi
         route["route"]["target"]["detail"]["reason"], "stepped_down",
         "and nobody else leads yet: {route}"
     );
-    let idle_end = match tokio::time::timeout(WAIT, idle.connection).await {
-        Ok(Ok(Err(e))) => e.code().cloned(),
-        other => panic!("the idle session ended with an error: {other:?}"),
-    };
-    assert_eq!(idle_end, Some(SqlState::ADMIN_SHUTDOWN));
+    assert_eq!(idle.end().await, Some(SqlState::ADMIN_SHUTDOWN));
 
     in_tx
         .client

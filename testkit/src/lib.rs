@@ -22,6 +22,7 @@ pub mod harness;
 pub mod patroni;
 pub mod pg;
 pub mod role;
+pub mod transactions;
 pub mod writer;
 
 use std::future::Future;

@@ -1,0 +1,230 @@
+//! Clients that run short write transactions in a loop, reconnecting when their session ends,
+//! and record which statement failed and how each session ended. The switchover test and
+//! benchmark judge a proxy by these records: a planned switchover must end sessions only
+//! between transactions.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::NoTls;
+
+use crate::lock;
+
+/// The table the clients insert into; create it on the leader first.
+pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS txs (
+    client int NOT NULL,
+    seq int NOT NULL,
+    server text NOT NULL,
+    PRIMARY KEY (client, seq)
+)";
+
+/// A session whose connection task is kept, to read how the server ended it.
+pub struct Session {
+    pub client: tokio_postgres::Client,
+    pub connection: JoinHandle<Result<(), tokio_postgres::Error>>,
+}
+
+impl Session {
+    pub async fn open(conninfo: &str) -> Result<Session, tokio_postgres::Error> {
+        let (client, connection) = tokio_postgres::connect(conninfo, NoTls).await?;
+        Ok(Session {
+            client,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// The SQLSTATE the session ended with: of `error` (the statement that failed) or of the
+    /// connection itself (a FATAL that arrived while no statement was waiting).
+    pub async fn ended_with(self, error: &tokio_postgres::Error) -> Option<SqlState> {
+        if let Some(code) = error.code() {
+            return Some(code.clone());
+        }
+        self.end().await
+    }
+
+    /// The SQLSTATE of the error the server ended the connection with, if it ends within a
+    /// minute. The client is kept meanwhile: dropping it would end the connection cleanly.
+    pub async fn end(self) -> Option<SqlState> {
+        let Session {
+            client: _kept,
+            connection,
+        } = self;
+        match tokio::time::timeout(Duration::from_secs(60), connection).await {
+            Ok(Ok(Err(e))) => e.code().cloned(),
+            _ => None,
+        }
+    }
+}
+
+/// Which statement of a transaction failed, and how the session ended.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The first statement (BEGIN), or the query after COMMIT, failed: the session ended
+    /// between transactions, with this SQLSTATE.
+    Between(Option<SqlState>, String),
+    /// INSERT, the sleep or COMMIT failed: a transaction failed part-way.
+    PartWay(&'static str, String),
+    Connect(String),
+}
+
+/// What the clients saw.
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    /// (client, seq, server that committed it; empty if the session ended right after).
+    pub committed: Vec<(i32, i32, String)>,
+    pub failures: Vec<Failure>,
+}
+
+impl Outcome {
+    /// Transactions that failed part-way.
+    pub fn part_way(&self) -> usize {
+        self.failures
+            .iter()
+            .filter(|f| matches!(f, Failure::PartWay(..)))
+            .count()
+    }
+
+    /// Rows committed on `server`.
+    pub fn committed_on(&self, server: &str) -> usize {
+        self.committed
+            .iter()
+            .filter(|(_, _, s)| s == server)
+            .count()
+    }
+}
+
+/// `clients` clients, each running `BEGIN; INSERT; SELECT pg_sleep(sleep); COMMIT` (one
+/// statement at a time) in a loop through `conninfo` until stopped.
+pub struct Transactions {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    outcome: Arc<Mutex<Outcome>>,
+}
+
+impl Transactions {
+    pub fn start(conninfo: &str, clients: i32, sleep: Duration) -> Transactions {
+        let (stop, stopped) = watch::channel(false);
+        let outcome = Arc::new(Mutex::new(Outcome::default()));
+        let tasks = (0..clients)
+            .map(|c| {
+                let client = Client {
+                    conninfo: conninfo.to_owned(),
+                    id: c,
+                    sleep,
+                    stopped: stopped.clone(),
+                    outcome: Arc::clone(&outcome),
+                };
+                tokio::spawn(client.run())
+            })
+            .collect();
+        Transactions {
+            stop,
+            tasks,
+            outcome,
+        }
+    }
+
+    /// What the clients saw so far.
+    pub fn outcome(&self) -> Outcome {
+        lock(&self.outcome).clone()
+    }
+
+    /// Stops after the transactions in flight and returns what the clients saw.
+    pub async fn stop(self) -> Outcome {
+        let Transactions {
+            stop,
+            tasks,
+            outcome,
+        } = self;
+        let _ = stop.send(true);
+        for task in tasks {
+            let _ = task.await;
+        }
+        let seen = lock(&outcome).clone();
+        seen
+    }
+}
+
+struct Client {
+    conninfo: String,
+    id: i32,
+    sleep: Duration,
+    stopped: watch::Receiver<bool>,
+    outcome: Arc<Mutex<Outcome>>,
+}
+
+impl Client {
+    fn record(&self, failure: Failure) {
+        lock(&self.outcome).failures.push(failure);
+    }
+
+    async fn run(self) {
+        let mut seq = 0;
+        let mut session = None;
+        while !*self.stopped.borrow() {
+            let current = match session.take() {
+                Some(s) => s,
+                None => match Session::open(&self.conninfo).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.record(Failure::Connect(e.to_string()));
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            seq += 1;
+            if let Err(e) = current.client.batch_execute("BEGIN").await {
+                let text = e.to_string();
+                self.record(Failure::Between(current.ended_with(&e).await, text));
+                continue;
+            }
+            if let Some(step) = self.transaction(&current, seq).await {
+                self.record(step);
+                continue;
+            }
+            // Between transactions: the session may end here too.
+            match current
+                .client
+                .query_one("SELECT host(inet_server_addr())", &[])
+                .await
+            {
+                Ok(row) => {
+                    lock(&self.outcome)
+                        .committed
+                        .push((self.id, seq, row.get(0)));
+                    session = Some(current);
+                }
+                Err(e) => {
+                    lock(&self.outcome)
+                        .committed
+                        .push((self.id, seq, String::new()));
+                    let text = e.to_string();
+                    self.record(Failure::Between(current.ended_with(&e).await, text));
+                }
+            }
+        }
+    }
+
+    /// The rest of one transaction after BEGIN; the failure if a statement failed.
+    async fn transaction(&self, session: &Session, seq: i32) -> Option<Failure> {
+        let insert = format!(
+            "INSERT INTO txs VALUES ({}, {seq}, host(inet_server_addr()))",
+            self.id
+        );
+        let sleep = format!("SELECT pg_sleep({})", self.sleep.as_secs_f64());
+        for (step, sql) in [
+            ("insert", &insert),
+            ("sleep", &sleep),
+            ("commit", &"COMMIT".to_owned()),
+        ] {
+            if let Err(e) = session.client.batch_execute(sql).await {
+                return Some(Failure::PartWay(step, e.to_string()));
+            }
+        }
+        None
+    }
+}
