@@ -512,7 +512,7 @@ async fn route_text(cluster: &LocalCluster, admin: SocketAddr) -> String {
         Some("none") => match detail["reason"].as_str() {
             Some("split_brain") => format!(
                 "none: split brain between {}; clients wait",
-                detail["leaders"]
+                detail["about"]
                     .as_array()
                     .map(|leaders| leaders
                         .iter()

@@ -236,15 +236,47 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 /// How often the stats page reloads itself.
 const PAGE_REFRESH_SECS: u32 = 2;
 
+/// How long ago, for people: `0.4s ago`, `42s ago`, `3 min ago`, `2 h ago`, `5 days ago`.
+pub fn ago(now_unix_ms: u64, then_unix_ms: u64) -> String {
+    let secs = now_unix_ms.saturating_sub(then_unix_ms) as f64 / 1000.0;
+    match secs {
+        s if s < 10.0 => format!("{s:.1}s ago"),
+        s if s < 120.0 => format!("{s:.0}s ago"),
+        s if s < 7200.0 => format!("{:.0} min ago", s / 60.0),
+        s if s < 172_800.0 => format!("{:.0} h ago", s / 3600.0),
+        s => format!("{:.0} days ago", s / 86_400.0),
+    }
+}
+
+/// [`ago`], or `never`.
+fn when(now_unix_ms: u64, at: Option<u64>) -> String {
+    at.map_or_else(|| "never".to_string(), |at| ago(now_unix_ms, at))
+}
+
+/// A backend's last error with its time. While it is the outcome of the latest check (or the
+/// probe after it) it reads as current, `connection refused (4.0s ago)`; once a later check
+/// has answered, as history, `recovered; 3 min ago: connection refused`, so a healthy node
+/// never looks faulty for an error it had once.
+pub fn error_text(
+    error: Option<&str>,
+    error_unix_ms: Option<u64>,
+    last_check_unix_ms: Option<u64>,
+    now_unix_ms: u64,
+) -> String {
+    let Some(error) = error else {
+        return String::new();
+    };
+    match error_unix_ms {
+        Some(at) if last_check_unix_ms.is_some_and(|check| check > at) => {
+            format!("recovered; {}: {error}", ago(now_unix_ms, at))
+        }
+        Some(at) => format!("{error} ({})", ago(now_unix_ms, at)),
+        None => error.to_string(),
+    }
+}
+
 /// The stats page for people, like HAProxy's `/stats`: plain HTML that reloads itself. Pure.
 pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
-    let ago = |ms: Option<u64>| match ms {
-        Some(ms) => format!(
-            "{:.1} s ago",
-            now_unix_ms.saturating_sub(ms) as f64 / 1000.0
-        ),
-        None => "never".to_string(),
-    };
     let state = match status.route.target {
         crate::leader::Target::Leader(_) => "leader",
         crate::leader::Target::Held(_) => "held",
@@ -271,12 +303,17 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
             escape(&b.address.to_string()),
             escape(&b.sources.join(", ")),
             escape(&role),
-            ago(b.last_check_unix_ms),
+            when(now_unix_ms, b.last_check_unix_ms),
             b.last_check_latency_ms
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
             b.sessions,
-            escape(b.last_error.as_deref().unwrap_or("")),
+            escape(&error_text(
+                b.last_error.as_deref(),
+                b.last_error_unix_ms,
+                b.last_check_unix_ms,
+                now_unix_ms
+            )),
         ));
     }
     let mut listeners = String::new();
@@ -328,7 +365,7 @@ tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-f
 "#,
         cluster = escape(&status.cluster),
         route = escape(&status.route_text),
-        since = ago(Some(status.route_since_unix_ms)).replace(" ago", ""),
+        since = when(now_unix_ms, Some(status.route_since_unix_ms)).replace(" ago", ""),
     )
 }
 
@@ -341,8 +378,8 @@ fn unconfirmed_text(
     now_unix_ms: u64,
 ) -> String {
     format!(
-        "leader, unconfirmed (since {:.1}s ago, check failing: {check_error}; {}){}",
-        now_unix_ms.saturating_sub(since_unix_ms) as f64 / 1000.0,
+        "leader, unconfirmed (since {}, check failing: {check_error}; {}){}",
+        ago(now_unix_ms, since_unix_ms),
         postgres.unwrap_or("Postgres not asked yet"),
         if expired {
             ", past check.unconfirmed_limit: new clients wait"
@@ -487,37 +524,12 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
     let mut status = status.clone();
     printable_json(&mut status);
     let status = &status;
-    let ago = |ms: Option<u64>| match ms {
-        Some(ms) => format!("{:.1}s ago", now_unix_ms.saturating_sub(ms) as f64 / 1000.0),
-        None => "never".to_string(),
-    };
-    let route = &status["route"];
-    let target = &route["target"];
-    let detail = match target["state"].as_str() {
-        Some("leader") => format!(
-            "sessions go to {}",
-            target["detail"].as_str().unwrap_or("?")
-        ),
-        Some("held") => format!(
-            "held: {} keeps its sessions, new clients wait",
-            target["detail"].as_str().unwrap_or("?")
-        ),
-        _ => {
-            let reason = target["detail"]["reason"].as_str().unwrap_or("unknown");
-            match target["detail"]["leaders"].as_array() {
-                Some(leaders) => {
-                    let list: Vec<&str> = leaders.iter().filter_map(|l| l.as_str()).collect();
-                    format!("no route ({reason}: {})", list.join(", "))
-                }
-                None => format!("no route ({reason})"),
-            }
-        }
-    };
+    // The server's own words for the route, as on the stats page and in client errors.
     let mut out = format!(
-        "cluster {}  route generation {}: {detail} (since {})\n",
+        "cluster {}  route {} (since {})\n",
         status["cluster"].as_str().unwrap_or("?"),
-        route["generation"],
-        ago(status["route_since_unix_ms"].as_u64())
+        status["route_text"].as_str().unwrap_or("?"),
+        when(now_unix_ms, status["route_since_unix_ms"].as_u64())
     );
     let header = [
         "backend",
@@ -553,13 +565,18 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
             backend["address"].as_str().unwrap_or("?").to_string(),
             sources.join(","),
             role_text,
-            ago(backend["last_check_unix_ms"].as_u64()),
+            when(now_unix_ms, backend["last_check_unix_ms"].as_u64()),
             backend["last_check_latency_ms"]
                 .as_f64()
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
             backend["sessions"].to_string(),
-            backend["last_error"].as_str().unwrap_or("").to_string(),
+            error_text(
+                backend["last_error"].as_str(),
+                backend["last_error_unix_ms"].as_u64(),
+                backend["last_check_unix_ms"].as_u64(),
+                now_unix_ms,
+            ),
         ]);
     }
     let widths: Vec<usize> = (0..7)
@@ -595,14 +612,17 @@ mod tests {
         let status = serde_json::json!({
             "cluster": "iad.app.internal",
             "route": {"generation": 3, "target": {"state": "leader", "detail": "127.0.0.12:5433"}},
+            "route_text": "generation 3: sessions go to 127.0.0.12:5433",
             "route_since_unix_ms": 10_000,
             "backends": [
                 {"address": "127.0.0.11:5433", "sources": ["dns:iad.app.internal"], "present": true,
                  "role": {"role": "down", "detail": "HTTP 500: no"}, "last_check_unix_ms": 11_000,
-                 "last_check_latency_ms": 0.52, "last_error": "HTTP 500: no", "sessions": 0},
+                 "last_check_latency_ms": 0.52, "last_error": "HTTP 500: no",
+                 "last_error_unix_ms": 11_000, "sessions": 0},
                 {"address": "127.0.0.12:5433", "sources": ["dns:iad.app.internal", "backup"], "present": true,
                  "role": {"role": "leader"}, "last_check_unix_ms": 11_500,
-                 "last_check_latency_ms": 1.25, "last_error": null, "sessions": 7}
+                 "last_check_latency_ms": 1.25, "last_error": "connection refused",
+                 "last_error_unix_ms": 5_000, "sessions": 7}
             ]
         });
         let text = render_status(&status, 12_000);
@@ -613,7 +633,12 @@ mod tests {
         assert!(
             lines[2].contains("down")
                 && lines[2].contains("1.0s ago")
-                && lines[2].contains("HTTP 500: no"),
+                && lines[2].contains("HTTP 500: no (1.0s ago)"),
+            "{text}"
+        );
+        // An error from before the latest good check reads as history.
+        assert!(
+            lines[3].contains("recovered; 7.0s ago: connection refused"),
             "{text}"
         );
         assert!(
@@ -638,6 +663,7 @@ mod tests {
                 last_check_unix_ms: Some(1_000),
                 last_check_latency_ms: Some(1.0),
                 last_error: Some("<script>x</script>".into()),
+                last_error_unix_ms: Some(1_000),
                 unconfirmed: None,
                 postgres: None,
                 sessions: 2,
@@ -693,25 +719,59 @@ mod tests {
         );
         let status = serde_json::json!({
             "cluster": "c\u{1b}[2J",
-            "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader\u{1b}[H"}}},
+            "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader"}}},
+            "route_text": "generation 1: no route\u{1b}[H",
             "backends": [{"address": "127.0.0.1:5433", "sources": ["dns\u{1b}[31m"],
                 "role": {"role": "down", "detail": "x"}, "last_error": "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n"}],
             "listeners": [{"name": "l\u{1b}[1m", "addresses": ["127.0.0.1:1"], "serves": "leader"}]
         });
         let text = render_status(&status, 0);
-        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
         assert_eq!(text.lines().count(), 4, "one line per row: {text}");
-        assert!(text.contains("HTTP 500: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}\\u{a}"), "{text}");
+        assert!(
+            text.contains("HTTP 500: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}\\u{a}"),
+            "{text}"
+        );
     }
 
     #[test]
-    fn split_brain_names_the_leaders() {
-        let status = serde_json::json!({
-            "cluster": "c",
-            "route": {"generation": 4, "target": {"state": "none", "detail": {"reason": "split_brain", "leaders": ["a:1", "b:1"]}}},
-            "route_since_unix_ms": 0,
-            "backends": []
-        });
-        assert!(render_status(&status, 0).contains("no route (split_brain: a:1, b:1)"));
+    fn the_route_reads_the_same_in_the_terminal_as_on_the_page() {
+        let addr = |n| SocketAddr::from(([127, 0, 0, n], 5433));
+        let route = Route {
+            generation: 4,
+            target: crate::leader::Target::None(crate::leader::NoRoute::SplitBrain(vec![
+                addr(11),
+                addr(12),
+            ])),
+        };
+        let status = Status {
+            cluster: "c".into(),
+            route_text: describe_route(&route),
+            route,
+            route_since_unix_ms: 0,
+            backends: Vec::new(),
+            listeners: Vec::new(),
+            history: Vec::new(),
+        };
+        let words = "no route (split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader)";
+        let json = serde_json::to_value(&status).expect("serialises");
+        assert!(render_status(&json, 0).contains(words));
+        assert!(render_page(&status, 0).contains(words));
+    }
+
+    #[test]
+    fn ages_read_in_units_people_use() {
+        for (ms, text) in [
+            (400, "0.4s ago"),
+            (42_000, "42s ago"),
+            (180_000, "3 min ago"),
+            (7_200_000, "2 h ago"),
+            (5 * 86_400_000, "5 days ago"),
+        ] {
+            assert_eq!(ago(10 * 86_400_000, 10 * 86_400_000 - ms), text);
+        }
     }
 }

@@ -164,6 +164,7 @@ pub async fn run(
     let mut resolver = resolver_for(&config);
     let mut last_good: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut last_sent: Option<Vec<Backend>> = None;
+    let mut failing_sent: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(config.resolve_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -188,6 +189,7 @@ pub async fn run(
                 config = new;
             }
         }
+        let mut failing: Vec<String> = Vec::new();
         if let Some(resolver) = &resolver {
             for name in &config.dns_names {
                 let result = tokio::select! {
@@ -205,10 +207,21 @@ pub async fn run(
                     }
                     Err(e) => {
                         m::dns_resolution(name, e.label());
+                        failing.push(format!("{} ({})", name.trim_end_matches('.'), e.label()));
                         tracing::warn!(name = %name, error = %e, kept = %list(last_good.get(name).map_or(&[], Vec::as_slice)), "DNS lookup failed; keeping the last good answer");
                     }
                 }
             }
+        }
+        if failing != failing_sent {
+            if events
+                .send(Event::DnsFailing(failing.clone()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            failing_sent = failing;
         }
         let set = backend_set(&last_good, config.port, &config.backup);
         if last_sent.as_ref() != Some(&set) {

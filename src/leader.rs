@@ -272,11 +272,18 @@ pub enum Standing {
 
 /// Why there is no route.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "reason", content = "leaders", rename_all = "snake_case")]
+#[serde(tag = "reason", content = "about", rename_all = "snake_case")]
 pub enum NoRoute {
-    /// Nothing discovered and no backup: usually DNS has not answered yet.
+    /// Nothing discovered and no backup: DNS answered no address, or has not answered yet.
     NoBackends,
-    /// Backends exist but none has positively answered `leader`.
+    /// Nothing to route to, and DNS lookups of these names fail: the cause is DNS.
+    DnsFailing(Vec<String>),
+    /// Every known node is down: checks fail and its Postgres does not answer.
+    Unreachable,
+    /// Every known node answers, and each says it is not leader.
+    AllReplicas,
+    /// Backends exist but none has positively answered `leader` (not checked yet, in
+    /// maintenance, or a mix of down and replicas).
     NoLeader,
     /// Several backends claim leader; writes to any of them could be lost.
     SplitBrain(Vec<SocketAddr>),
@@ -292,7 +299,16 @@ pub enum NoRoute {
 impl fmt::Display for NoRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NoRoute::NoBackends => f.write_str("no backends discovered"),
+            NoRoute::NoBackends => {
+                f.write_str("no nodes: DNS answered no address, and there is no backup")
+            }
+            NoRoute::DnsFailing(names) => write!(
+                f,
+                "DNS lookups of {} are failing, and no node is known",
+                names.join(", ")
+            ),
+            NoRoute::Unreachable => f.write_str("no node is reachable: every node's checks fail"),
+            NoRoute::AllReplicas => f.write_str("every node is a replica: none reports leader"),
             NoRoute::NoLeader => f.write_str("no node reports leader"),
             NoRoute::SplitBrain(addrs) => {
                 let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
@@ -313,6 +329,39 @@ impl fmt::Display for NoRoute {
                 )
             }
         }
+    }
+}
+
+/// Names the cause when nothing can be routed for want of a leader: DNS failing, no node
+/// reachable, every node a replica. [`decide`] says *that* there is no leader; this says *why*,
+/// in the words clients, `/status`, the stats page and `roleproxy status` all show. Pure.
+pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String]) -> Route {
+    if !matches!(
+        route.target,
+        Target::None(NoRoute::NoBackends | NoRoute::NoLeader)
+    ) {
+        return route;
+    }
+    let present: Vec<&BackendView<'_>> = backends.iter().filter(|b| b.present).collect();
+    let why = if present.is_empty() {
+        if dns_failing.is_empty() {
+            NoRoute::NoBackends
+        } else {
+            NoRoute::DnsFailing(dns_failing.to_vec())
+        }
+    } else if present.iter().all(|b| matches!(b.role, Role::Down(_))) {
+        NoRoute::Unreachable
+    } else if present
+        .iter()
+        .all(|b| matches!(b.role, Role::Replica | Role::Other(_)))
+    {
+        NoRoute::AllReplicas
+    } else {
+        NoRoute::NoLeader
+    };
+    Route {
+        target: Target::None(why),
+        ..route
     }
 }
 
@@ -560,6 +609,9 @@ pub struct Backend {
 pub enum Event {
     /// The full current backend set, from discovery.
     Backends(Vec<Backend>),
+    /// The DNS names whose lookups fail right now (empty once they answer again), from
+    /// discovery; it names the cause when nothing can be routed.
+    DnsFailing(Vec<String>),
     Checked {
         addr: SocketAddr,
         /// Which check loop sent it; results of a cancelled loop are ignored.
@@ -614,6 +666,9 @@ pub struct BackendStatus {
     pub last_check_unix_ms: Option<u64>,
     pub last_check_latency_ms: Option<f64>,
     pub last_error: Option<String>,
+    /// When `last_error` happened: an error older than the last check is history, not a
+    /// current fault.
+    pub last_error_unix_ms: Option<u64>,
     /// Set while this leader's checks fail but its Postgres answers (rule 7).
     pub unconfirmed: Option<UnconfirmedStatus>,
     /// The latest probe of its Postgres, if one ran.
@@ -735,6 +790,7 @@ struct BackendState {
     timeline: Option<u32>,
     last_check: Option<(SystemTime, Duration)>,
     last_error: Option<String>,
+    last_error_at: Option<SystemTime>,
     /// The running check loop: its id and its stop token.
     checker: Option<(u64, CancellationToken)>,
     /// Since when this leader's checks have failed (monotonic for the bound, wall for people).
@@ -748,6 +804,11 @@ struct BackendState {
 }
 
 impl BackendState {
+    fn failed(&mut self, error: String) {
+        self.last_error = Some(error);
+        self.last_error_at = Some(SystemTime::now());
+    }
+
     fn stop_checking(&mut self) {
         if let Some((_, token)) = self.checker.take() {
             token.cancel();
@@ -769,6 +830,8 @@ pub struct LeaderView {
     last_recheck: Option<std::time::Instant>,
     /// Numbers check results, so claims can be ordered without clocks.
     seq: u64,
+    /// DNS names whose lookups fail, as discovery last said.
+    dns_failing: Vec<String>,
     next_loop_id: u64,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -806,6 +869,7 @@ impl LeaderView {
             recheck_tx,
             last_recheck: None,
             seq: 0,
+            dns_failing: Vec::new(),
             next_loop_id: 0,
             shared: Arc::clone(&shared),
             cancel,
@@ -835,6 +899,7 @@ impl LeaderView {
     fn apply(&mut self, event: Event) {
         match event {
             Event::Backends(set) => self.set_backends(set),
+            Event::DnsFailing(names) => self.dns_failing = names,
             Event::Checked {
                 addr,
                 loop_id,
@@ -897,6 +962,7 @@ impl LeaderView {
                 timeline: None,
                 last_check: None,
                 last_error: None,
+                last_error_at: None,
                 checker: None,
                 failing_since: None,
                 postgres: None,
@@ -960,7 +1026,7 @@ impl LeaderView {
             state.last_check = Some((SystemTime::now(), latency));
         }
         if let Role::Down(error) = &role {
-            state.last_error = Some(error.clone());
+            state.failed(error.clone());
         }
         let failed = matches!(role, Role::Down(_));
         let before = state.history.role().clone();
@@ -1046,7 +1112,7 @@ impl LeaderView {
         if gone {
             let after = state.history.role().clone();
             state.failing_since = None;
-            state.last_error = Some(liveness.to_string());
+            state.failed(liveness.to_string());
             tracing::warn!(backend = %addr, from = %before, to = %after, "role changed: the leader's Postgres is gone");
             m::backend_role(addr, Some(&after));
             remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
@@ -1087,6 +1153,7 @@ impl LeaderView {
             })
             .collect();
         let route = decide_with(&previous, &views, self.settings.split_brain);
+        let route = explain(route, &views, &self.dns_failing);
         drop(views);
         if route != previous {
             log_route_change(&previous, &route);
@@ -1161,6 +1228,7 @@ impl LeaderView {
                     .last_check
                     .map(|(_, latency)| latency.as_secs_f64() * 1000.0),
                 last_error: state.last_error.clone(),
+                last_error_unix_ms: state.last_error_at.map(unix_ms),
                 unconfirmed: state
                     .failing_since
                     .filter(|_| state.history.is_failing())
@@ -1269,9 +1337,8 @@ mod tests {
     /// (node, discovered, present, role)
     type Row = (u8, bool, bool, Role);
 
-    fn run(previous: &Route, rows: &[Row]) -> Route {
-        let views: Vec<BackendView<'_>> = rows
-            .iter()
+    fn views(rows: &[Row]) -> Vec<BackendView<'_>> {
+        rows.iter()
             .map(|(n, discovered, present, role)| BackendView {
                 addr: addr(*n),
                 discovered: *discovered,
@@ -1280,8 +1347,75 @@ mod tests {
                 timeline: None,
                 claim: Claim::default(),
             })
-            .collect();
-        decide(previous, &views)
+            .collect()
+    }
+
+    fn run(previous: &Route, rows: &[Row]) -> Route {
+        decide(previous, &views(rows))
+    }
+
+    #[test]
+    fn no_route_names_its_cause() {
+        use Role::*;
+        let dns = vec!["iad.app.internal (timeout)".to_string()];
+        let cases: Vec<(&str, Vec<Row>, &[String], NoRoute)> = vec![
+            (
+                "nothing known, DNS fine: no nodes",
+                vec![],
+                &[],
+                NoRoute::NoBackends,
+            ),
+            (
+                "nothing known, DNS failing: DNS is the cause",
+                vec![],
+                &dns,
+                NoRoute::DnsFailing(dns.clone()),
+            ),
+            (
+                "a node that left DNS does not count as known",
+                vec![(11, true, false, down())],
+                &dns,
+                NoRoute::DnsFailing(dns.clone()),
+            ),
+            (
+                "every node down: unreachable, whatever DNS does",
+                vec![(11, true, true, down()), (12, true, true, down())],
+                &dns,
+                NoRoute::Unreachable,
+            ),
+            (
+                "every node a replica or another word",
+                vec![
+                    (11, true, true, Replica),
+                    (12, true, true, Other("zombie".into())),
+                ],
+                &[],
+                NoRoute::AllReplicas,
+            ),
+            (
+                "a mix, or nodes not checked yet: no leader",
+                vec![(11, true, true, Replica), (12, true, true, Unknown)],
+                &[],
+                NoRoute::NoLeader,
+            ),
+            (
+                "maintenance is not a replica",
+                vec![(11, true, true, Maintenance)],
+                &[],
+                NoRoute::NoLeader,
+            ),
+        ];
+        let previous = route(2, Target::None(NoRoute::NoBackends));
+        for (name, rows, failing, expected) in cases {
+            let views = views(&rows);
+            let explained = explain(decide(&previous, &views), &views, failing);
+            assert_eq!(explained, route(2, Target::None(expected)), "{name}");
+        }
+        // A route, a split brain or a held leader is left as it is.
+        let rows = vec![(11, true, true, Leader), (12, true, true, Leader)];
+        let views = views(&rows);
+        let split = decide(&previous, &views);
+        assert_eq!(explain(split.clone(), &views, &dns), split);
     }
 
     #[test]

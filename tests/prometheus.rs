@@ -42,7 +42,10 @@ impl Prometheus {
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("create the log");
         let child = Command::new(binary)
             .arg(format!("--config.file={}", config_file.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -91,7 +94,9 @@ fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
         .spawn()
         .expect("promtool runs");
     if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).expect("write to promtool");
+        input
+            .write_all(stdin.as_bytes())
+            .expect("write to promtool");
     }
     let output = child.wait_with_output().expect("promtool ends");
     let text = format!(
@@ -157,7 +162,11 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
         let expected = generation(proxy.status().await);
         assert!(
             eventually(WAIT, || async {
-                prometheus.query("roleproxy_route_generation").await.as_deref() == Some(&expected)
+                prometheus
+                    .query("roleproxy_route_generation")
+                    .await
+                    .as_deref()
+                    == Some(&expected)
             })
             .await,
             "Prometheus never read generation {expected}:\n{}",
@@ -173,7 +182,11 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
         assert_ne!(moved, expected);
         assert!(
             eventually(WAIT, || async {
-                prometheus.query("roleproxy_route_generation").await.as_deref() == Some(&moved)
+                prometheus
+                    .query("roleproxy_route_generation")
+                    .await
+                    .as_deref()
+                    == Some(&moved)
             })
             .await,
             "Prometheus never read generation {moved}:\n{}",
@@ -192,9 +205,9 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
                     .flat_map(|g| g["rules"].as_array().into_iter().flatten())
                     .collect();
                 all.len() == 6
-                    && all
-                        .iter()
-                        .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z")
+                    && all.iter().all(|r| {
+                        r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z"
+                    })
             })
             .await,
             "the alerting rules did not all evaluate:\n{}",

@@ -176,13 +176,15 @@ async fn dns_down_at_start_then_up() {
         let addr = proxy.addr;
         async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
     });
-    tokio::time::sleep(SETTLE).await;
-    assert!(!waiting.is_finished());
-    let status = proxy.status().await;
-    assert_eq!(
-        status["route"]["target"]["detail"]["reason"], "no_backends",
-        "{status}"
+    assert!(
+        support::harness::eventually(LONG, || async {
+            proxy.status().await["route"]["target"]["detail"]["reason"] == "dns_failing"
+        })
+        .await,
+        "DNS named as the cause: {}",
+        proxy.status().await
     );
+    assert!(!waiting.is_finished());
 
     cluster.dns.set_mode(DnsMode::Answer);
     assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[0].tag()));
@@ -600,4 +602,51 @@ async fn one_failed_check_does_not_drop_the_leader() {
     assert_eq!(status["route"]["generation"], generation, "{status}");
     assert_eq!(status["route"]["target"]["state"], "leader", "{status}");
     proxy.stop().await;
+}
+
+/// A client refused for want of a leader is told the cause, in the words `/status` uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_is_told_why() {
+    let cluster = Cluster::start(151, 2).await;
+    let config = || {
+        cluster
+            .config()
+            .set("proxy.leader_wait", "\"300ms\"")
+            .config()
+    };
+    let proxy = RunningProxy::start(config()).await;
+    let every_node = |reply: fn() -> RoleReply| {
+        for node in &cluster.nodes {
+            node.role.set(reply());
+        }
+    };
+    every_node(RoleReply::replica);
+    assert_told(&proxy, "every node is a replica").await;
+    every_node(|| RoleReply::error(500, "boom"));
+    assert_told(&proxy, "no node is reachable").await;
+    every_node(RoleReply::leader);
+    assert_told(&proxy, "split brain").await;
+    proxy.stop().await;
+
+    // Before DNS has ever answered (a proxy that has no answer to keep).
+    cluster.dns.set_mode(DnsMode::ServFail);
+    let fresh = RunningProxy::start(config()).await;
+    assert_told(&fresh, "DNS lookups of iad.test.internal").await;
+    fresh.stop().await;
+}
+
+async fn assert_told(proxy: &RunningProxy, words: &str) {
+    assert!(
+        support::harness::eventually(LONG, || async {
+            proxy.status().await["route_text"]
+                .as_str()
+                .is_some_and(|text| text.contains(words))
+        })
+        .await,
+        "/status never said {words:?}: {}",
+        proxy.status().await
+    );
+    let (code, message) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03", "{message}");
+    assert!(message.contains(words), "{message}");
 }
