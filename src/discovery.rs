@@ -161,6 +161,10 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let mut config = configs.borrow_and_update().clone();
+    config
+        .dns_names
+        .iter()
+        .for_each(|name| m::dns_name_configured(name));
     let mut resolver = resolver_for(&config);
     let mut last_good: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut last_sent: Option<Vec<Backend>> = None;
@@ -186,6 +190,7 @@ pub async fn run(
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
                 last_good.retain(|name, _| new.dns_names.contains(name));
+                new.dns_names.iter().for_each(|name| m::dns_name_configured(name));
                 config = new;
             }
         }

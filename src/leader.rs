@@ -972,7 +972,7 @@ impl LeaderView {
             if !state.present {
                 tracing::info!(backend = %addr, sources = %sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "backend joined the backend set");
                 state.present = true;
-                m::postgres_probes_zero(addr);
+                m::backend_joined(addr);
                 m::backend_role(addr, Some(state.history.role()));
             }
             state.sources = sources;
@@ -1188,6 +1188,7 @@ impl LeaderView {
             keep
         });
         let route_backend = self.route_tx.borrow().target.backend();
+        m::route_up(self.route_tx.borrow().leader().is_some());
         m::leader_unconfirmed(
             route_backend
                 .and_then(|addr| self.backends.get(&addr))

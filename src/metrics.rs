@@ -29,6 +29,31 @@ pub const LEADER_WAIT: &str = "roleproxy_leader_wait_seconds";
 pub const CONNECT_FAILURES_TOTAL: &str = "roleproxy_backend_connect_failures_total";
 pub const POSTGRES_PROBES_TOTAL: &str = "roleproxy_postgres_probes_total";
 pub const LEADER_UNCONFIRMED: &str = "roleproxy_leader_unconfirmed";
+pub const ROUTE_UP: &str = "roleproxy_route_up";
+pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
+
+/// Every `result` a session or a refused client can end with, so each listener's counters
+/// exist at 0 from its start.
+pub const SESSION_RESULTS: [&str; 8] = [
+    "closed",
+    "error",
+    "drained",
+    "idle_timeout",
+    "shutdown",
+    "no_leader",
+    "unreachable",
+    "limit",
+];
+
+/// Every `result` of a DNS lookup (`ok`, or the error's label).
+pub const DNS_RESULTS: [&str; 6] = [
+    "ok",
+    "timeout",
+    "nxdomain",
+    "no_records",
+    "resolver",
+    "error",
+];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -46,6 +71,7 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             match handle {
                 Ok(handle) => {
                     describe();
+                    process_series_at_zero();
                     Some(handle)
                 }
                 Err(e) => {
@@ -57,15 +83,95 @@ pub fn install() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Prometheus text for `/metrics`.
+/// Prometheus text for `/metrics`, each family's series in label order.
 pub fn render() -> String {
     match install() {
         Some(handle) => {
             handle.run_upkeep();
-            handle.render()
+            sort_series(&handle.render())
         }
         None => String::new(),
     }
+}
+
+/// Sorts the series of each metric family by their labels, so `/metrics` reads the same from
+/// scrape to scrape (the exporter keeps them in hash order). A histogram's lines for one label
+/// set stay together and in order: the key leaves out `le`, and the sort is stable. Pure.
+pub fn sort_series(text: &str) -> String {
+    fn labels_without_le(line: &str) -> String {
+        let Some((_, rest)) = line.split_once('{') else {
+            return String::new();
+        };
+        let labels = rest.split_once('}').map_or(rest, |(labels, _)| labels);
+        labels
+            .split(',')
+            .filter(|label| !label.starts_with("le="))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut family: Vec<&str> = Vec::new();
+    let flush = |family: &mut Vec<&str>, out: &mut String| {
+        family.sort_by_cached_key(|line| labels_without_le(line));
+        for line in family.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            flush(&mut family, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            family.push(line);
+        }
+    }
+    flush(&mut family, &mut out);
+    out
+}
+
+/// The series that belong to the process rather than to a backend or a listener, at their
+/// starting values: an alert or a rate over them works from the first scrape, not from the
+/// first event.
+fn process_series_at_zero() {
+    counter!(SPLIT_BRAIN_TOTAL).increment(0);
+    counter!(LEADER_CHANGES_TOTAL).increment(0);
+    gauge!(ROUTE_GENERATION).set(0.0);
+    gauge!(ROUTE_UP).set(0.0);
+    gauge!(LEADER_UNCONFIRMED).set(0.0);
+    for direction in ["client_to_backend", "backend_to_client"] {
+        counter!(BYTES_TOTAL, "direction" => direction).increment(0);
+    }
+    // Registered, not recorded: an empty histogram until the first client waits.
+    let _ = histogram!(LEADER_WAIT);
+}
+
+/// A listener's series at 0, from the moment it starts.
+pub fn listener_started(listener: &Arc<str>) {
+    gauge!(SESSIONS_ACTIVE, "listener" => Arc::clone(listener)).increment(0.0);
+    for result in SESSION_RESULTS {
+        counter!(SESSIONS_TOTAL, "listener" => Arc::clone(listener), "result" => result)
+            .increment(0);
+    }
+}
+
+/// A DNS name's lookup counters at 0, from the moment it is resolved.
+pub fn dns_name_configured(name: &str) {
+    for result in DNS_RESULTS {
+        counter!(DNS_RESOLUTIONS_TOTAL, "name" => name.to_string(), "result" => result)
+            .increment(0);
+    }
+}
+
+/// `proxy.max_connections`, so the share in use can be alerted on.
+pub fn set_max_connections(limit: usize) {
+    gauge!(MAX_CONNECTIONS).set(limit as f64);
+}
+
+/// 1 while new sessions have a leader to go to.
+pub fn route_up(up: bool) {
+    gauge!(ROUTE_UP).set(if up { 1.0 } else { 0.0 });
 }
 
 fn describe() {
@@ -111,6 +217,14 @@ fn describe() {
     describe_gauge!(
         LEADER_UNCONFIRMED,
         "1 while the route's leader fails its checks but its Postgres answers"
+    );
+    describe_gauge!(
+        ROUTE_UP,
+        "1 while new sessions have a leader to go to, 0 while they wait (no route, or held)"
+    );
+    describe_gauge!(
+        MAX_CONNECTIONS,
+        "proxy.max_connections, the limit on open sessions"
     );
 }
 
@@ -186,14 +300,39 @@ pub fn postgres_probe(backend: SocketAddr, liveness: &Liveness) {
         .increment(1);
 }
 
-/// Registers a backend's probe counters at 0, so a rate over them works from the first probe.
-pub fn postgres_probes_zero(backend: SocketAddr) {
+/// Registers a backend's counters at 0 when it joins, so a rate or an alert over them works
+/// from its first check, probe or failed connect.
+pub fn backend_joined(backend: SocketAddr) {
+    let backend = backend.to_string();
     for result in Liveness::LABELS {
-        counter!(POSTGRES_PROBES_TOTAL, "backend" => backend.to_string(), "result" => result)
+        counter!(POSTGRES_PROBES_TOTAL, "backend" => backend.clone(), "result" => result)
             .increment(0);
     }
+    for result in Role::LABELS {
+        counter!(CHECKS_TOTAL, "backend" => backend.clone(), "result" => result).increment(0);
+    }
+    counter!(CONNECT_FAILURES_TOTAL, "backend" => backend).increment(0);
 }
 
 pub fn leader_unconfirmed(unconfirmed: bool) {
     gauge!(LEADER_UNCONFIRMED).set(if unconfirmed { 1.0 } else { 0.0 });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sort_series;
+
+    #[test]
+    fn series_are_sorted_by_labels_within_each_family() {
+        let text = "# TYPE a gauge\na{role=\"replica\"} 0\na{role=\"down\"} 1\n\
+                    # TYPE h histogram\nh_bucket{b=\"2\",le=\"1\"} 0\nh_bucket{b=\"2\",le=\"+Inf\"} 0\nh_sum{b=\"2\"} 0\n\
+                    h_bucket{b=\"1\",le=\"1\"} 0\nh_bucket{b=\"1\",le=\"+Inf\"} 0\nh_sum{b=\"1\"} 0\n";
+        let sorted = sort_series(text);
+        assert_eq!(
+            sorted,
+            "# TYPE a gauge\na{role=\"down\"} 1\na{role=\"replica\"} 0\n\
+             # TYPE h histogram\nh_bucket{b=\"1\",le=\"1\"} 0\nh_bucket{b=\"1\",le=\"+Inf\"} 0\nh_sum{b=\"1\"} 0\n\
+             h_bucket{b=\"2\",le=\"1\"} 0\nh_bucket{b=\"2\",le=\"+Inf\"} 0\nh_sum{b=\"2\"} 0\n"
+        );
+    }
 }

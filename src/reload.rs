@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig};
 use crate::leader::{Event, ListenerStatus, Role, Shared, ViewSettings};
+use crate::metrics as m;
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
 
@@ -153,7 +154,9 @@ impl Running {
     fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
         let local = listener.local_addr().ok();
         tracing::info!(address = %local.unwrap_or(addr), listener = %spec.name, serves = %spec.serves, "listening");
-        let (plan, plans) = watch::channel(self.plan(&spec));
+        let first_plan = self.plan(&spec);
+        m::listener_started(&first_plan.name);
+        let (plan, plans) = watch::channel(first_plan);
         let stop = self.stop_accepting.child_token();
         let task = self.shared.supervisor.spawn(
             "listener",
@@ -200,6 +203,7 @@ impl Running {
     /// Tells `/status` and the stats page which listeners run, in configuration order, and the
     /// cluster's name.
     fn publish_listeners(&self) {
+        m::set_max_connections(self.config.proxy.max_connections);
         let mut listeners: Vec<ListenerStatus> = Vec::new();
         for spec in self.config.all_listeners() {
             let addresses = self

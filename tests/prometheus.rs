@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use roleproxy_testkit::fake_cluster::FakeCluster;
-use roleproxy_testkit::harness::{eventually, http_get};
+use roleproxy_testkit::harness::eventually;
 use roleproxy_testkit::role::RoleReply;
-use roleproxy_testkit::{find_program, loopback};
+use roleproxy_testkit::{find_program, loopback, try_http};
 
 const ALERTS: &str = "examples/prometheus/alerts.yml";
 const DASHBOARD: &str = "examples/grafana/roleproxy-dashboard.json";
@@ -57,7 +57,7 @@ impl Prometheus {
 
     /// The single value of an instant query, if it has exactly one series.
     async fn query(&self, expr: &str) -> Option<String> {
-        let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={expr}")).await;
+        let (status, body) = self.get(&format!("/api/v1/query?query={expr}")).await?;
         if status != 200 {
             return None;
         }
@@ -66,6 +66,13 @@ impl Prometheus {
             [one] => one["value"][1].as_str().map(str::to_owned),
             _ => None,
         }
+    }
+
+    /// A GET that may find Prometheus not listening yet.
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        try_http(self.addr, "GET", path, None, Duration::from_secs(10))
+            .await
+            .ok()
     }
 
     fn log(&self) -> String {
@@ -194,23 +201,22 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
         );
 
         // The shipped rules are loaded and evaluate without errors.
+        let rules_healthy = || async {
+            let (_, body) = prometheus.get("/api/v1/rules").await.unwrap_or_default();
+            let rules: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let all: Vec<serde_json::Value> = rules["data"]["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            let healthy = all.len() == 6 && all.iter().all(|r| r["health"] == "ok");
+            (healthy, body)
+        };
         assert!(
-            eventually(WAIT, || async {
-                let (_, body) = http_get(prometheus.addr, "/api/v1/rules").await;
-                let rules: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                let all: Vec<&serde_json::Value> = rules["data"]["groups"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .flat_map(|g| g["rules"].as_array().into_iter().flatten())
-                    .collect();
-                all.len() == 6
-                    && all.iter().all(|r| {
-                        r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z"
-                    })
-            })
-            .await,
-            "the alerting rules did not all evaluate:\n{}",
+            eventually(WAIT, || async { rules_healthy().await.0 }).await,
+            "the alerting rules did not all evaluate: {}\n{}",
+            rules_healthy().await.1,
             prometheus.log()
         );
         proxy.stop().await;

@@ -200,5 +200,30 @@ pub async fn try_http(
         .nth(1)
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| format!("{what}: not an HTTP response: {head:?}"))?;
-    Ok((status, body.to_owned()))
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    Ok((
+        status,
+        if chunked {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        },
+    ))
+}
+
+/// The payload of a `Transfer-Encoding: chunked` body (sizes in hex, each chunk followed by
+/// CRLF, a zero-size chunk last).
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
