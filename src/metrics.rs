@@ -34,10 +34,12 @@ pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 
 /// Every `result` a session or a refused client can end with, so each listener's counters
 /// exist at 0 from its start.
-pub const SESSION_RESULTS: [&str; 8] = [
+pub const SESSION_RESULTS: [&str; 10] = [
     "closed",
     "error",
     "drained",
+    "transaction_end",
+    "grace_over",
     "idle_timeout",
     "shutdown",
     "no_leader",
