@@ -188,8 +188,17 @@ async fn a_full_leader_whose_role_endpoint_fails_keeps_its_sessions() {
         eventually(WAIT, || async { unconfirmed(&proxy, &node.leader()).await }).await,
         "the leader is shown unconfirmed"
     );
-    let postgres = backend(&proxy, &node.leader()).await["postgres"].to_string();
-    assert!(postgres.contains("53300"), "{postgres}");
+    // The leader shows as unconfirmed when its check fails; the probe's answer follows.
+    assert!(
+        eventually(WAIT, || async {
+            backend(&proxy, &node.leader()).await["postgres"]
+                .to_string()
+                .contains("53300")
+        })
+        .await,
+        "the probe found Postgres full: {}",
+        backend(&proxy, &node.leader()).await
+    );
     keeps_working(&session).await;
     assert_eq!(generation(&proxy).await, before, "the route never moved");
     assert_eq!(proxy.route_leader().await, Some(node.leader()));
