@@ -4,33 +4,37 @@
 //! Every node of the private network can reach this port, so the one request that changes what
 //! the proxy does, `POST /reload`, is refused unless `admin.allow_changes` is on.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::Full;
+use hyper::body::Incoming;
 use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::httpd::{self, Limits};
 use crate::leader::{describe_route, BackendStatus, Change, ListenerStatus, Route, Shared};
 use crate::metrics;
 use crate::reload::{ReloadError, Reloader};
 
-/// A slow client may not hold an admin connection open forever.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound on one admin connection, however slowly its client reads.
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Admin connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 64;
+/// The admin port is reachable from the whole private network, and a platform health check
+/// restarts the machine when `/healthz` does not answer: a neighbour holding connections open
+/// or trickling headers must not block it. Health checks and scrapers send their request at
+/// once, so two seconds for the headers is ample.
+const LIMITS: Limits = Limits {
+    max_connections: 256,
+    max_requests: 16,
+    header_read_timeout: Duration::from_secs(2),
+    connection_timeout: Duration::from_secs(30),
+    shutdown_grace: Duration::from_secs(1),
+};
 
 /// What the admin handlers read.
 pub struct AdminState {
@@ -97,41 +101,11 @@ fn snapshot<T: Clone + Default>(shared: &std::sync::Mutex<T>) -> T {
 
 /// Serves admin requests until `cancel` fires.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: CancellationToken) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
-        };
-        let stream = tokio::select! {
-            _ = cancel.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let handler = move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&state, &request).await) }
-            });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = cancel.cancelled() => {}
-                _ = tokio::time::sleep(CONNECTION_TIMEOUT) => {}
-                _ = connection => {}
-            }
-            drop(slot);
-        });
-    }
+        async move { respond(&state, &request).await }
+    };
+    httpd::serve(listener, LIMITS, cancel, handler).await;
 }
 
 async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {

@@ -3,44 +3,68 @@
 //! hand-made replicas and the test clusters).
 //!
 //! Wire format: HTTP 200 with the bare word `leader` (read-write) or `replica` (read-only),
-//! HTTP 500 with the error text when the node cannot tell, HTTP 404 for any other path.
+//! HTTP 500 with what failed when the node cannot tell, HTTP 404 for any other path.
+//!
+//! Every node's proxy checks every node's agent, and so can anything else on the private
+//! network. However many requests arrive, the agent asks Postgres at most once per
+//! [`AgentOptions::reuse_for`], over one connection it keeps open:
+//! - concurrent requests share one query, and its answer is reused for a short time;
+//! - the kept connection still answers when Postgres has no connection slot left, which is
+//!   when a node most needs to be told apart from a dead one. It holds one backend slot for
+//!   as long as the agent runs; as a superuser (the usual `user=postgres`) it may take one of
+//!   `superuser_reserved_connections` when it has to reconnect into a full server. After an
+//!   error it is dropped and the next query connects anew, so a restarted Postgres is found
+//!   again at the next request.
+//!
+//! Error bodies say what failed (timed out, login refused, no slot left, SQLSTATE) but never
+//! quote the server: its messages can name users and `pg_hba.conf` lines. The full text goes
+//! to the agent's log.
 
-use std::convert::Infallible;
-use std::future::Future;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_postgres::{Config, NoTls, SimpleQueryMessage};
+use tokio::net::TcpListener;
+use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
+
+use crate::config::Secret;
+use crate::httpd::{self, Limits};
 
 /// The only path the agent answers.
 pub const ROLE_PATH: &str = "/flycheck/role";
 
-/// Upper bound for one role answer, connect included; below the proxy's default 5 s check
+/// Upper bound for one query, connect included; below the proxy's default 5 s check
 /// timeout so a hung Postgres shows up as a 500 rather than as a dead agent.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long a client may take to send its request headers before the connection is closed.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one answer is reused by default: a tenth of the proxy's default 2 s check
+/// interval and below its 250 ms fast interval, so a failover is seen as soon as without
+/// reuse, while a flood of requests costs at most five queries a second.
+pub const DEFAULT_REUSE_FOR: Duration = Duration::from_millis(200);
 
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The agent's clients are the proxies of a handful of nodes, each checking every couple of
+/// seconds; these bounds leave them ample room and keep a flood from holding more.
+const LIMITS: Limits = Limits {
+    max_connections: 64,
+    max_requests: 16,
+    header_read_timeout: Duration::from_secs(2),
+    connection_timeout: Duration::from_secs(30),
+    // A request waits at most for one query behind the lock, then runs one.
+    shutdown_grace: Duration::from_secs(7),
+};
 
 /// Shown in `pg_stat_activity` unless the conninfo names its own application.
-const APPLICATION_NAME: &str = "roleproxy-agent";
+pub const APPLICATION_NAME: &str = "roleproxy-agent";
 
 /// Why the agent could not run at all; per-request failures are answered with HTTP 500 instead.
 #[derive(Debug, thiserror::Error)]
@@ -48,28 +72,83 @@ pub enum AgentError {
     /// The Postgres conninfo does not parse; caught at start-up rather than on every check.
     #[error("invalid postgres conninfo: {0}")]
     Conninfo(String),
+    /// The passfile named by `--passfile` or `PGPASSFILE` cannot be read.
+    #[error("cannot read the passfile {path}: {source}")]
+    Passfile {
+        path: String,
+        source: std::io::Error,
+    },
     /// The listener could not report its address.
     #[error("role agent listener has no local address: {0}")]
     LocalAddr(#[source] std::io::Error),
 }
 
-/// Why one role query failed; its text becomes the body of the HTTP 500.
-#[derive(Debug, thiserror::Error)]
+/// Why one role query failed. Its text is the body of the HTTP 500 and never quotes the
+/// server; [`QueryError::detail`] has the whole story for the log.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum QueryError {
     /// Postgres did not answer within [`REQUEST_TIMEOUT`].
     #[error("timed out after {0:?} waiting for postgres")]
     Timeout(Duration),
-    /// Connecting or querying failed; the text carries the whole error chain.
-    #[error("{0}")]
-    Postgres(String),
+    /// Connecting or querying failed.
+    #[error("{summary}")]
+    Postgres {
+        /// What failed, in the agent's own words.
+        summary: String,
+        /// The whole error chain, server messages included.
+        detail: String,
+    },
     /// The server answered the query without a value.
     #[error("SHOW transaction_read_only returned no value")]
     NoValue,
+    /// The fence file's directory cannot be read: neither `leader` nor `replica` is safe.
+    #[error("cannot tell whether the fence file exists")]
+    Fence,
+}
+
+impl QueryError {
+    /// Everything known about the failure, for the agent's own log.
+    pub fn detail(&self) -> String {
+        match self {
+            QueryError::Postgres { detail, .. } => detail.clone(),
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for QueryError {
     fn from(error: tokio_postgres::Error) -> Self {
-        QueryError::Postgres(crate::error_chain(&error))
+        QueryError::Postgres {
+            summary: summarise(&error),
+            detail: crate::error_chain(&error),
+        }
+    }
+}
+
+/// What failed, without the server's text: the SQLSTATE, or the kind of I/O error.
+fn summarise(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let code = db.code().code();
+        let what = match code {
+            "28000" | "28P01" => "postgres refused the login",
+            "53300" => "postgres has no connection slot left",
+            "57P03" => "postgres is not accepting connections yet or any more",
+            "3D000" => "the database does not exist",
+            _ => "postgres answered with an error",
+        };
+        return format!("{what} (SQLSTATE {code})");
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return format!("cannot reach postgres: {}", io.kind());
+        }
+        source = cause.source();
+    }
+    if error.is_closed() {
+        "the connection to postgres closed".to_owned()
+    } else {
+        "cannot talk to postgres".to_owned()
     }
 }
 
@@ -81,18 +160,36 @@ impl From<tokio_postgres::Error> for QueryError {
 pub async fn serve(
     listener: TcpListener,
     postgres: String,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     serve_with(listener, postgres, AgentOptions::default(), shutdown).await
 }
 
 /// Agent settings beyond the Postgres connection.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AgentOptions {
     /// While this file exists the agent answers `replica` without asking Postgres. A planned
     /// switchover creates it first, so every proxy stops sending writes here before the node
     /// is demoted and another is promoted: clients see a pause instead of read-only errors.
     pub fence_file: Option<PathBuf>,
+    /// How long one answer from Postgres is reused for every request.
+    pub reuse_for: Duration,
+    /// The password when the conninfo has none (`PGPASSWORD`).
+    pub password: Option<Secret>,
+    /// A `~/.pgpass`-format file, read at start-up when neither the conninfo nor
+    /// [`AgentOptions::password`] gives a password.
+    pub passfile: Option<PathBuf>,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            fence_file: None,
+            reuse_for: DEFAULT_REUSE_FOR,
+            password: None,
+            passfile: None,
+        }
+    }
 }
 
 /// [`serve`] with [`AgentOptions`].
@@ -100,7 +197,7 @@ pub async fn serve_with(
     listener: TcpListener,
     postgres: String,
     options: AgentOptions,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let mut config: Config = postgres
         .parse()
@@ -108,43 +205,37 @@ pub async fn serve_with(
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
     }
-    let config = Arc::new(Node {
+    if config.get_password().is_some() {
+        warn!("the conninfo holds a password, which other users can read in the process list; use PGPASSWORD or a passfile");
+    } else if let Some(Secret(password)) = options.password.filter(|p| !p.0.is_empty()) {
+        config.password(password);
+    } else if let Some(path) = &options.passfile {
+        if let Some(password) = read_passfile(path, &config)? {
+            config.password(password);
+        }
+    }
+    let node = Arc::new(Node {
         postgres: config,
         fence_file: options.fence_file,
+        reuse_for: options.reuse_for,
+        asked: tokio::sync::Mutex::new(Asked::default()),
     });
     let local = listener.local_addr().map_err(AgentError::LocalAddr)?;
     info!(%local, "role agent listening");
 
     let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let config = Arc::clone(&config);
-                let cancel = cancel.clone();
-                tracker.spawn(serve_connection(stream, peer, config, cancel));
-            }
-            Err(error) => {
-                warn!(%local, %error, "role agent accept failed");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
+    let handler = move |request: Request<Incoming>| {
+        let node = Arc::clone(&node);
+        async move { handle(&request, &node).await }
+    };
+    let server = httpd::serve(listener, LIMITS, cancel.clone(), handler);
+    tokio::pin!(server);
+    tokio::select! {
+        () = &mut server => {}
+        () = shutdown => {
+            cancel.cancel();
+            server.await;
         }
-    }
-
-    drop(listener);
-    cancel.cancel();
-    tracker.close();
-    // In-flight requests are bounded by REQUEST_TIMEOUT, so this wait is too.
-    if tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), tracker.wait())
-        .await
-        .is_err()
-    {
-        warn!(%local, "role agent connections still open at shutdown");
     }
     info!(%local, "role agent stopped");
     Ok(())
@@ -157,7 +248,10 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
         Ok(value) if value.eq_ignore_ascii_case("on") => (StatusCode::OK, "replica".to_owned()),
         Ok(value) => (
             StatusCode::INTERNAL_SERVER_ERROR,
-            format!("unexpected transaction_read_only value {value:?}"),
+            format!(
+                "unexpected transaction_read_only value {:?}",
+                crate::admin::printable(value)
+            ),
         ),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
@@ -167,36 +261,27 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
 struct Node {
     postgres: Config,
     fence_file: Option<PathBuf>,
+    reuse_for: Duration,
+    /// Held by the one request asking Postgres; the others wait for its answer.
+    asked: tokio::sync::Mutex<Asked>,
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    config: Arc<Node>,
-    cancel: CancellationToken,
-) {
-    let service = service_fn(move |request| {
-        let config = Arc::clone(&config);
-        async move { Ok::<_, Infallible>(handle(request, &config).await) }
-    });
-    let connection = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = cancel.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = result {
-        debug!(%peer, %error, "role agent connection ended with an error");
-    }
+/// The kept connection and the latest answer.
+#[derive(Default)]
+struct Asked {
+    connection: Option<Held>,
+    latest: Option<(Instant, Result<String, QueryError>)>,
+    /// The last failure logged, so a node that stays down is logged once, not per request.
+    logged_failure: Option<String>,
 }
 
-async fn handle(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
+/// An open Postgres connection; dropping it closes the socket, also mid-query.
+struct Held {
+    client: Client,
+    _driver: AbortOnDropHandle<()>,
+}
+
+async fn handle(request: &Request<Incoming>, node: &Node) -> Response<Full<Bytes>> {
     if request.uri().path() != ROLE_PATH {
         return text_response(StatusCode::NOT_FOUND, "not found".to_owned());
     }
@@ -210,42 +295,103 @@ async fn handle(request: Request<Incoming>, node: &Node) -> Response<Full<Bytes>
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    if let Some(fence) = node.fence_file.as_deref().filter(|f| f.exists()) {
-        debug!(fence = %fence.display(), "fenced: answering replica");
-        return text_response(StatusCode::OK, "replica".to_owned());
-    }
-    let outcome = read_only(&node.postgres).await;
+    let outcome = match fenced(node.fence_file.as_deref()).await {
+        Ok(true) => {
+            debug!("fenced: answering replica");
+            return text_response(StatusCode::OK, "replica".to_owned());
+        }
+        Ok(false) => role(node).await,
+        Err(error) => Err(error),
+    };
     let (status, body) = role_reply(outcome.as_deref());
-    if status.is_success() {
-        debug!(role = %body, "role check answered");
-    } else {
-        debug!(error = %body, "role check failed");
-    }
     text_response(status, body)
 }
 
-/// Asks Postgres for `transaction_read_only` over a fresh connection, bounded by
-/// [`REQUEST_TIMEOUT`].
-async fn read_only(config: &Config) -> Result<String, QueryError> {
-    // A connection per request: no pool to go stale, so each answer sees restarts and promotions.
-    match tokio::time::timeout(REQUEST_TIMEOUT, show_read_only(config)).await {
-        Ok(outcome) => outcome,
-        Err(_) => Err(QueryError::Timeout(REQUEST_TIMEOUT)),
-    }
+/// Whether the fence file exists, asked off the runtime threads: a stat can block on a slow or
+/// hung file system.
+async fn fenced(fence: Option<&Path>) -> Result<bool, QueryError> {
+    let Some(fence) = fence else {
+        return Ok(false);
+    };
+    let path = fence.to_owned();
+    let outcome = tokio::task::spawn_blocking(move || path.try_exists())
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|exists| exists);
+    outcome.map_err(|error| {
+        warn!(fence = %fence.display(), %error, "cannot check the fence file");
+        QueryError::Fence
+    })
 }
 
-async fn show_read_only(config: &Config) -> Result<String, QueryError> {
-    let (client, connection) = config.connect(NoTls).await?;
-    // The connection task drives the socket; its own bound keeps a hung server from pinning it.
-    tokio::spawn(async move {
-        match tokio::time::timeout(REQUEST_TIMEOUT, connection).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                debug!(error = %crate::error_chain(&error), "postgres connection failed")
-            }
-            Err(_) => debug!("postgres connection did not close in time"),
+/// `transaction_read_only`, from the latest answer while it is fresh, else asked once for
+/// every request waiting.
+async fn role(node: &Node) -> Result<String, QueryError> {
+    // Behind the lock is at most one query, itself bounded by REQUEST_TIMEOUT.
+    let wait = REQUEST_TIMEOUT + Duration::from_secs(1);
+    let Ok(mut asked) = tokio::time::timeout(wait, node.asked.lock()).await else {
+        return Err(QueryError::Timeout(wait));
+    };
+    if let Some((at, outcome)) = &asked.latest {
+        if at.elapsed() < node.reuse_for {
+            return outcome.clone();
         }
-    });
+    }
+    let outcome =
+        match tokio::time::timeout(REQUEST_TIMEOUT, ask(&node.postgres, &mut asked.connection))
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                asked.connection = None;
+                Err(QueryError::Timeout(REQUEST_TIMEOUT))
+            }
+        };
+    match &outcome {
+        Ok(value) => {
+            if asked.logged_failure.take().is_some() {
+                info!(transaction_read_only = %value, "postgres answers again");
+            }
+        }
+        Err(error) => {
+            let detail = error.detail();
+            if asked.logged_failure.as_ref() != Some(&detail) {
+                warn!(error = %detail, "role query failed");
+                asked.logged_failure = Some(detail);
+            }
+        }
+    }
+    asked.latest = Some((Instant::now(), outcome.clone()));
+    outcome
+}
+
+/// Asks over the kept connection; when it fails (a restart closed it), once over a new one.
+async fn ask(config: &Config, kept: &mut Option<Held>) -> Result<String, QueryError> {
+    if let Some(held) = kept.as_ref().filter(|h| !h.client.is_closed()) {
+        match show_read_only(&held.client).await {
+            Ok(value) => return Ok(value),
+            Err(error) => {
+                debug!(error = %error.detail(), "the kept connection failed; connecting anew")
+            }
+        }
+    }
+    *kept = None;
+    let (client, connection) = config.connect(NoTls).await?;
+    let driver = AbortOnDropHandle::new(tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            debug!(error = %crate::error_chain(&error), "postgres connection ended");
+        }
+    }));
+    let held = Held {
+        client,
+        _driver: driver,
+    };
+    let value = show_read_only(&held.client).await?;
+    *kept = Some(held);
+    Ok(value)
+}
+
+async fn show_read_only(client: &Client) -> Result<String, QueryError> {
     let messages = client.simple_query("SHOW transaction_read_only").await?;
     messages
         .iter()
@@ -266,10 +412,99 @@ fn text_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     response
 }
 
+/// The password for `config` from a passfile, as libpq reads one: refused when group or
+/// others may read it, absent when the file does not exist.
+fn read_passfile(path: &Path, config: &Config) -> Result<Option<String>, AgentError> {
+    let failed = |source| AgentError::Passfile {
+        path: path.display().to_string(),
+        source,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(failed(e)),
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .map_err(failed)?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            warn!(passfile = %path.display(), "the passfile may be read by group or others; ignored, as libpq does (chmod 0600 it)");
+            return Ok(None);
+        }
+    }
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
+        // libpq matches a socket directory as "localhost".
+        _ => "localhost".to_owned(),
+    };
+    let port = config
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432)
+        .to_string();
+    let user = config.get_user().unwrap_or_default();
+    let database = config.get_dbname().unwrap_or(user);
+    Ok(pgpass_lookup(&text, [&host, &port, database, user]))
+}
+
+/// The password of the first `host:port:database:user:password` line matching `wanted`
+/// (`*` matches anything; `\:` and `\\` are a literal colon and backslash). Pure.
+pub fn pgpass_lookup(text: &str, wanted: [&str; 4]) -> Option<String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .find_map(|line| {
+            let fields = pgpass_fields(line);
+            let [host, port, database, user, password] = fields.as_slice() else {
+                return None;
+            };
+            let matches = [host, port, database, user]
+                .iter()
+                .zip(wanted)
+                .all(|(field, wanted)| field.as_str() == "*" || field.as_str() == wanted);
+            matches.then(|| password.clone())
+        })
+}
+
+/// A passfile line split at unescaped colons; the password keeps any further colons.
+fn pgpass_fields(line: &str) -> Vec<String> {
+    let mut fields = Vec::new();
+    let mut field = String::new();
+    let mut chars = line.trim_end_matches('\r').chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => field.extend(chars.next()),
+            ':' if fields.len() < 4 => fields.push(std::mem::take(&mut field)),
+            c => field.push(c),
+        }
+    }
+    fields.push(field);
+    fields
+}
+
+/// The default address to serve on: Postgres's own listen address (`PG_LISTEN_ADDRESS`, the
+/// node's private address on Fly), where every node's proxy reaches it and nothing wider;
+/// loopback when that is unset.
+pub fn default_listen(pg_listen_address: Option<&str>) -> SocketAddr {
+    const PORT: u16 = 5500;
+    pg_listen_address
+        .map(|a| a.trim().trim_start_matches('[').trim_end_matches(']'))
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+        .map_or_else(
+            || SocketAddr::from(([127, 0, 0, 1], PORT)),
+            |ip| SocketAddr::new(ip, PORT),
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
     use tokio::sync::oneshot;
 
     #[test]
@@ -284,24 +519,67 @@ mod tests {
 
     #[test]
     fn unexpected_value_is_an_error() {
-        let (status, body) = role_reply(Ok("maybe"));
+        let (status, body) = role_reply(Ok("maybe\u{1b}[2J"));
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        assert!(body.contains("maybe"), "{body}");
+        assert!(body.contains("maybe") && !body.contains('\u{1b}'), "{body}");
     }
 
     #[test]
-    fn errors_are_500_with_their_text() {
-        let error = QueryError::Postgres("error connecting to server: refused".to_owned());
+    fn errors_are_500_with_the_summary_only() {
+        let error = QueryError::Postgres {
+            summary: "postgres refused the login (SQLSTATE 28000)".to_owned(),
+            detail: "db error: FATAL: no pg_hba.conf entry for host \"10.0.0.1\", user \"alice\""
+                .to_owned(),
+        };
         assert_eq!(
             role_reply(Err(&error)),
             (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "error connecting to server: refused".to_owned()
+                "postgres refused the login (SQLSTATE 28000)".to_owned()
             )
         );
+        assert!(error.detail().contains("alice"));
         let (status, body) = role_reply(Err(&QueryError::Timeout(REQUEST_TIMEOUT)));
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
         assert!(body.starts_with("timed out"), "{body}");
+    }
+
+    #[test]
+    fn passfile_lines_match_like_libpq() {
+        let text = "# comment\n\
+                    other:5433:postgres:postgres:wrong\n\
+                    127.0.0.1:5433:*:postgres:se\\:cr\\\\et:tail\n\
+                    *:*:*:*:fallback\n";
+        assert_eq!(
+            pgpass_lookup(text, ["127.0.0.1", "5433", "postgres", "postgres"]),
+            Some("se:cr\\et:tail".to_owned())
+        );
+        assert_eq!(
+            pgpass_lookup(text, ["127.0.0.2", "5433", "postgres", "postgres"]),
+            Some("fallback".to_owned())
+        );
+        assert_eq!(pgpass_lookup("a:b:c\n", ["a", "b", "c", "d"]), None);
+    }
+
+    #[test]
+    fn default_listen_is_the_postgres_listen_address() {
+        assert_eq!(
+            default_listen(Some("fdaa::7")),
+            "[fdaa::7]:5500".parse().unwrap()
+        );
+        assert_eq!(
+            default_listen(Some("[fdaa::7]")),
+            "[fdaa::7]:5500".parse().unwrap()
+        );
+        assert_eq!(
+            default_listen(Some("10.0.0.7")),
+            "10.0.0.7:5500".parse().unwrap()
+        );
+        assert_eq!(default_listen(None), "127.0.0.1:5500".parse().unwrap());
+        assert_eq!(
+            default_listen(Some("not an address")),
+            "127.0.0.1:5500".parse().unwrap()
+        );
     }
 
     #[tokio::test]
@@ -314,6 +592,7 @@ mod tests {
     /// Starts an agent against `postgres` and returns its address and a shutdown handle.
     async fn agent(
         postgres: String,
+        options: AgentOptions,
     ) -> (
         SocketAddr,
         oneshot::Sender<()>,
@@ -322,7 +601,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
         let addr = listener.local_addr().expect("agent address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, postgres, async {
+        let task = tokio::spawn(serve_with(listener, postgres, options, async {
             let _ = stopped.await;
         }));
         (addr, stop, task)
@@ -356,7 +635,11 @@ mod tests {
     #[tokio::test]
     async fn other_paths_are_404() {
         let port = closed_port().await;
-        let (addr, stop, task) = agent(format!("host=127.0.0.1 port={port} user=postgres")).await;
+        let (addr, stop, task) = agent(
+            format!("host=127.0.0.1 port={port} user=postgres"),
+            AgentOptions::default(),
+        )
+        .await;
         assert_eq!(get(addr, "/").await.0, 404);
         assert_eq!(get(addr, "/flycheck/role/extra").await.0, 404);
         stop.send(()).expect("agent running");
@@ -364,12 +647,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unreachable_postgres_is_500_with_the_error() {
+    async fn unreachable_postgres_is_500_saying_so() {
         let port = closed_port().await;
-        let (addr, stop, task) = agent(format!("host=127.0.0.1 port={port} user=postgres")).await;
+        let (addr, stop, task) = agent(
+            format!("host=127.0.0.1 port={port} user=postgres"),
+            AgentOptions::default(),
+        )
+        .await;
         let (status, body) = get(addr, ROLE_PATH).await;
         assert_eq!(status, 500);
-        assert!(body.contains("error connecting to server"), "{body}");
+        assert_eq!(body, "cannot reach postgres: connection refused");
+        stop.send(()).expect("agent running");
+        task.await.expect("agent task").expect("agent result");
+    }
+
+    #[tokio::test]
+    async fn a_fence_file_answers_replica_without_asking() {
+        let fence = std::env::temp_dir().join(format!("roleproxy-fence-{}", std::process::id()));
+        std::fs::write(&fence, "").expect("create the fence file");
+        let port = closed_port().await;
+        let options = AgentOptions {
+            fence_file: Some(fence.clone()),
+            ..AgentOptions::default()
+        };
+        let (addr, stop, task) =
+            agent(format!("host=127.0.0.1 port={port} user=postgres"), options).await;
+        assert_eq!(get(addr, ROLE_PATH).await, (200, "replica".to_owned()));
+        std::fs::remove_file(&fence).expect("remove the fence file");
+        assert_eq!(
+            get(addr, ROLE_PATH).await.0,
+            500,
+            "unfenced: Postgres is asked"
+        );
         stop.send(()).expect("agent running");
         task.await.expect("agent task").expect("agent result");
     }
@@ -385,12 +694,14 @@ mod tests {
                 held.push(stream);
             }
         });
-        let (addr, stop, task) = agent(format!("host=127.0.0.1 port={port} user=postgres")).await;
-        let started = std::time::Instant::now();
+        let (addr, stop, task) = agent(
+            format!("host=127.0.0.1 port={port} user=postgres"),
+            AgentOptions::default(),
+        )
+        .await;
         let (status, body) = get(addr, ROLE_PATH).await;
         assert_eq!(status, 500);
         assert!(body.starts_with("timed out"), "{body}");
-        assert!(started.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(2));
         stop.send(()).expect("agent running");
         task.await.expect("agent task").expect("agent result");
         holder.abort();

@@ -22,6 +22,7 @@
 //! - [`metrics`]: metric names and descriptions.
 //! - [`supervise`]: the core tasks, watched; one that ends unexpectedly stops the process.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
+//! - `httpd`: the admin port's and the agent's HTTP server, bounded against idle and slow clients.
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
@@ -32,6 +33,7 @@ pub mod config;
 pub mod copy;
 pub mod discovery;
 pub mod framing;
+mod httpd;
 pub mod leader;
 pub mod metrics;
 pub mod pgwire;

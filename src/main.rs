@@ -49,13 +49,21 @@ enum Command {
         /// "host=127.0.0.1 port=5433 user=postgres dbname=postgres".
         #[arg(long)]
         postgres: String,
-        /// Address to serve on.
-        #[arg(long, default_value = "[::]:5500")]
-        listen: SocketAddr,
+        /// Address to serve on [default: port 5500 on PG_LISTEN_ADDRESS, where Postgres
+        /// listens for the other nodes; 127.0.0.1:5500 when that is unset].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
         /// While this file exists, answer `replica` without asking Postgres (fence the node
         /// before a planned switchover).
         #[arg(long)]
         fence_file: Option<PathBuf>,
+        /// A `~/.pgpass`-format file for the password [default: PGPASSFILE, then ~/.pgpass].
+        /// PGPASSWORD, when set, comes first.
+        #[arg(long)]
+        passfile: Option<PathBuf>,
+        /// How long one answer from Postgres is reused for every request.
+        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+        reuse_for: std::time::Duration,
     },
 }
 
@@ -91,7 +99,21 @@ fn main() -> ExitCode {
             postgres,
             listen,
             fence_file,
-        } => runtime.block_on(agent(postgres, listen, fence_file)),
+            passfile,
+            reuse_for,
+        } => {
+            let options = roleproxy::agent::AgentOptions {
+                fence_file,
+                reuse_for,
+                password: std::env::var("PGPASSWORD")
+                    .ok()
+                    .map(roleproxy::config::Secret),
+                passfile: passfile
+                    .or_else(|| std::env::var_os("PGPASSFILE").map(PathBuf::from))
+                    .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass"))),
+            };
+            runtime.block_on(agent(postgres, listen, options))
+        }
     }
 }
 
@@ -204,7 +226,19 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
     }
 }
 
-async fn agent(postgres: String, listen: SocketAddr, fence_file: Option<PathBuf>) -> ExitCode {
+async fn agent(
+    postgres: String,
+    listen: Option<SocketAddr>,
+    options: roleproxy::agent::AgentOptions,
+) -> ExitCode {
+    let listen = listen.unwrap_or_else(|| {
+        let pg_listen = std::env::var("PG_LISTEN_ADDRESS").ok();
+        let addr = roleproxy::agent::default_listen(pg_listen.as_deref());
+        if addr.ip().is_loopback() {
+            tracing::warn!(%addr, "PG_LISTEN_ADDRESS is unset: serving on loopback, where other nodes' proxies cannot check this node (set --listen)");
+        }
+        addr
+    });
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -213,13 +247,28 @@ async fn agent(postgres: String, listen: SocketAddr, fence_file: Option<PathBuf>
         }
     };
     let shutdown = shutdown_signal();
-    let options = roleproxy::agent::AgentOptions { fence_file };
+    ignore_sighup();
     match roleproxy::agent::serve_with(listener, postgres, options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy agent: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The agent has nothing to reload, and a SIGHUP (a reload sent to every process of a node)
+/// must not kill it, as the default action would.
+fn ignore_sighup() {
+    match signal(SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    tracing::info!("SIGHUP: the agent has nothing to reload");
+                }
+            });
+        }
+        Err(e) => tracing::error!(error = %e, "cannot install the SIGHUP handler"),
     }
 }
 

@@ -1,13 +1,15 @@
-//! The role agent against a real two-node streaming-replication cluster: it must report the
-//! primary as `leader`, the standby as `replica`, follow a promotion, and answer 500 for a
-//! node whose Postgres is down.
+//! The role agent against real Postgres 15: it must report the primary as `leader`, the
+//! standby as `replica`, follow a promotion, and answer 500 for a node whose Postgres is down.
+//! Under abuse it asks Postgres over one kept connection however many clients hammer it,
+//! still answers when Postgres has no connection slot left, never quotes the server in an
+//! error body, survives SIGHUP and takes its password from the environment or a passfile.
 
 use roleproxy_testkit as support;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use roleproxy::agent::{serve, AgentError};
+use roleproxy::agent::{serve_with, AgentError, AgentOptions, APPLICATION_NAME};
 use support::pg::PgCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -16,6 +18,10 @@ use tokio::task::JoinHandle;
 
 const NODE0: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 61);
 const NODE1: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 62);
+const HAMMERED: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 63);
+const FULL: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 64);
+const REFUSING: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 65);
+const BINARY: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 66);
 const PG_PORT: u16 = 5433;
 
 /// A running agent: its address and what it takes to stop it.
@@ -27,12 +33,16 @@ struct Agent {
 
 impl Agent {
     async fn start(ip: Ipv4Addr, postgres: String) -> Agent {
+        Self::start_with(ip, postgres, AgentOptions::default()).await
+    }
+
+    async fn start_with(ip: Ipv4Addr, postgres: String, options: AgentOptions) -> Agent {
         let listener = TcpListener::bind((ip, 0))
             .await
             .expect("bind agent listener");
         let addr = listener.local_addr().expect("agent listener address");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, postgres, async {
+        let task = tokio::spawn(serve_with(listener, postgres, options, async {
             let _ = stopped.await;
         }));
         Agent { addr, stop, task }
@@ -40,26 +50,7 @@ impl Agent {
 
     /// `GET /flycheck/role` → (status, body).
     async fn role(&self) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.addr)
-            .await
-            .expect("connect to agent");
-        stream
-            .write_all(b"GET /flycheck/role HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("send request to agent");
-        let mut raw = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
-            .await
-            .expect("agent answers within 10 s")
-            .expect("read agent response");
-        let text = String::from_utf8(raw).expect("agent response is UTF-8");
-        let (head, body) = text.split_once("\r\n\r\n").expect("agent response head");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .expect("agent response status code");
-        (status, body.to_owned())
+        role_at(self.addr).await
     }
 
     async fn stop(self) {
@@ -69,6 +60,28 @@ impl Agent {
             .expect("agent task")
             .expect("agent stops cleanly");
     }
+}
+
+/// `GET /flycheck/role` from the agent at `addr` → (status, body).
+async fn role_at(addr: SocketAddr) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to agent");
+    stream
+        .write_all(b"GET /flycheck/role HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("send request to agent");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("agent answers within 10 s")
+        .expect("read agent response");
+    let text = String::from_utf8(raw).expect("agent response is UTF-8");
+    let (head, body) = text.split_once("\r\n\r\n").expect("agent response head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("agent response status code");
+    (status, body.to_owned())
 }
 
 async fn connect(conninfo: &str) -> tokio_postgres::Client {
@@ -138,9 +151,16 @@ async fn agent_follows_a_real_failover() {
     assert!(!body.is_empty(), "a 500 carries the error text");
     assert_eq!(agent1.role().await, (200, "replica".to_owned()));
 
-    // After promotion node 1 leads and takes writes.
+    // After promotion node 1 leads and takes writes. The agent may give its answer from just
+    // before for `reuse_for`.
     cluster.promote(1).expect("promote node 1");
-    assert_eq!(agent1.role().await, (200, "leader".to_owned()));
+    assert!(
+        support::harness::eventually(Duration::from_secs(10), || async {
+            agent1.role().await == (200, "leader".to_owned())
+        })
+        .await,
+        "node 1's agent never said leader"
+    );
     assert_eq!(agent0.role().await.0, 500);
     let new_primary = connect(&cluster.conninfo(1)).await;
     new_primary
@@ -150,4 +170,295 @@ async fn agent_follows_a_real_failover() {
 
     agent0.stop().await;
     agent1.stop().await;
+}
+
+/// How many connections the agent holds on Postgres right now.
+async fn agent_connections(monitor: &tokio_postgres::Client) -> i64 {
+    monitor
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            &[&APPLICATION_NAME],
+        )
+        .await
+        .expect("count the agent's connections")
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forty_clients_hammering_cost_one_postgres_connection() {
+    const CLIENTS: usize = 40;
+    let cluster = start_cluster(&[HAMMERED], PG_PORT).await;
+    let agent = Agent::start(HAMMERED, cluster.conninfo(0)).await;
+    let monitor = connect(&cluster.conninfo(0)).await;
+    assert_eq!(agent.role().await, (200, "leader".to_owned()));
+
+    let hammering = Duration::from_secs(5);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let addr = agent.addr;
+            tokio::spawn(async move {
+                let mut answers = 0u64;
+                while started.elapsed() < hammering {
+                    assert_eq!(role_at(addr).await, (200, "leader".to_owned()));
+                    answers += 1;
+                }
+                answers
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while started.elapsed() < hammering {
+        most = most.max(agent_connections(&monitor).await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut answers = 0;
+    for client in clients {
+        answers += client.await.expect("client task");
+    }
+    println!(
+        "{CLIENTS} clients got {answers} answers in {hammering:?}; the agent held at most {most} Postgres connection(s)"
+    );
+    assert!(answers >= CLIENTS as u64, "every client was answered");
+    assert_eq!(most, 1, "one kept connection serves every request");
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_answers_while_postgres_is_full() {
+    let cluster = start_cluster(&[FULL], PG_PORT).await;
+    // Every request asks Postgres, so the answer below is not one from before it filled up.
+    let asks_every_time = || AgentOptions {
+        reuse_for: Duration::from_millis(1),
+        ..AgentOptions::default()
+    };
+    let kept = Agent::start_with(FULL, cluster.conninfo(0), asks_every_time()).await;
+    assert_eq!(kept.role().await, (200, "leader".to_owned()));
+
+    // Take every slot, the superusers' reserved ones included, until Postgres says so.
+    let mut fillers = Vec::new();
+    let refusal = loop {
+        match tokio_postgres::connect(&cluster.conninfo(0), tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                fillers.push(client);
+                assert!(fillers.len() < 200, "Postgres never filled up");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        refusal.as_db_error().map(|e| e.code().code()),
+        Some("53300"),
+        "{refusal}"
+    );
+
+    assert_eq!(
+        kept.role().await,
+        (200, "leader".to_owned()),
+        "the kept connection still answers"
+    );
+    // An agent without a connection cannot get one, and says why without quoting the server.
+    let fresh = Agent::start_with(FULL, cluster.conninfo(0), asks_every_time()).await;
+    assert_eq!(
+        fresh.role().await,
+        (
+            500,
+            "postgres has no connection slot left (SQLSTATE 53300)".to_owned()
+        )
+    );
+    drop(fillers);
+    kept.stop().await;
+    fresh.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_bodies_do_not_quote_the_server() {
+    let cluster = start_cluster(&[REFUSING], PG_PORT).await;
+    // pg_hba.conf is read top down: this user is rejected before the trust lines.
+    let hba = cluster.nodes[0].data_dir.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!("host all hba_rejected_user 127.0.0.0/8 reject\n{rules}"),
+    )
+    .expect("write pg_hba.conf");
+    cluster
+        .sql(0, &["SELECT pg_reload_conf()"])
+        .expect("reload pg_hba.conf");
+    let node = format!("host={REFUSING} port={PG_PORT} dbname=postgres");
+
+    let rows = [
+        (
+            "no_such_user_here",
+            "postgres refused the login (SQLSTATE 28000)",
+        ),
+        (
+            "hba_rejected_user",
+            "postgres refused the login (SQLSTATE 28000)",
+        ),
+    ];
+    for (user, expected) in rows {
+        let agent = Agent::start(REFUSING, format!("{node} user={user}")).await;
+        let (status, body) = agent.role().await;
+        assert_eq!((status, body.as_str()), (500, expected), "user {user}");
+        for server_text in [
+            user,
+            "pg_hba",
+            "does not exist",
+            REFUSING.to_string().as_str(),
+        ] {
+            assert!(
+                !body.contains(server_text),
+                "{body:?} quotes {server_text:?}"
+            );
+        }
+        agent.stop().await;
+    }
+}
+
+/// The `roleproxy` binary running `agent`, its log lines streamed to a channel.
+struct AgentProcess {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl AgentProcess {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> AgentProcess {
+        use std::io::BufRead;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roleproxy"));
+        command
+            .arg("agent")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("PGPASSWORD")
+            .env_remove("PGPASSFILE")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("the agent starts");
+        let logs = child.stderr.take().expect("stderr piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(logs).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        AgentProcess { child, lines }
+    }
+
+    /// The first log line from now on that contains `words`.
+    async fn wait_for(&self, words: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match self.lines.try_recv() {
+                Ok(line) if line.contains(words) => return line,
+                Ok(_) => continue,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            }
+        }
+        panic!("the agent never logged {words:?}");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    fn command_line(&self) -> String {
+        std::fs::read(format!("/proc/{}/cmdline", self.child.id()))
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, and the exit status.
+    async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not stop");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_binary_survives_sighup_and_reads_its_password_from_the_environment_or_a_passfile(
+) {
+    const PASSWORD: &str = "agent-pw-3x4mple";
+    let cluster = start_cluster(&[BINARY], PG_PORT).await;
+    cluster
+        .sql(
+            0,
+            &[format!("CREATE ROLE pw_agent LOGIN PASSWORD '{PASSWORD}'").as_str()],
+        )
+        .expect("create a role with a password");
+    let hba = cluster.nodes[0].data_dir.join("pg_hba.conf");
+    let rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    std::fs::write(
+        &hba,
+        format!("host all pw_agent 127.0.0.0/8 scram-sha-256\n{rules}"),
+    )
+    .expect("write pg_hba.conf");
+    cluster
+        .sql(0, &["SELECT pg_reload_conf()"])
+        .expect("reload pg_hba.conf");
+    let postgres = format!("host={BINARY} port={PG_PORT} user=pw_agent dbname=postgres");
+    let listen = SocketAddr::from((BINARY, 5500));
+    let passfile = cluster.root().join("agent.pgpass");
+    std::fs::write(
+        &passfile,
+        format!("{BINARY}:{PG_PORT}:*:pw_agent:{PASSWORD}\n"),
+    )
+    .expect("write the passfile");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 0600 the passfile");
+    }
+    let passfile = passfile.display().to_string();
+
+    let listen_text = listen.to_string();
+    let args = [
+        "--postgres",
+        postgres.as_str(),
+        "--listen",
+        listen_text.as_str(),
+    ];
+    let with_passfile = [&args[..], &["--passfile", passfile.as_str()]].concat();
+    let runs = [
+        (args.to_vec(), vec![("PGPASSWORD", PASSWORD)]),
+        (with_passfile, vec![]),
+    ];
+    for (args, env) in runs {
+        let agent = AgentProcess::start(&args, &env);
+        agent.wait_for("role agent listening").await;
+        assert!(!agent.command_line().contains(PASSWORD));
+        assert_eq!(
+            role_at(listen).await,
+            (200, "leader".to_owned()),
+            "{args:?}"
+        );
+
+        agent.signal("HUP");
+        agent.wait_for("nothing to reload").await;
+        assert_eq!(
+            role_at(listen).await,
+            (200, "leader".to_owned()),
+            "still answering after SIGHUP"
+        );
+        let status = agent.stop().await;
+        assert!(status.success(), "SIGTERM after SIGHUP: {status:?}");
+    }
 }

@@ -280,6 +280,7 @@ impl LocalCluster {
             let mut stopped = stopped.clone();
             let options = roleproxy::agent::AgentOptions {
                 fence_file: Some(fence_file(&pg, i)),
+                ..roleproxy::agent::AgentOptions::default()
             };
             agent_tasks.push(tokio::spawn(roleproxy::agent::serve_with(
                 listener,
