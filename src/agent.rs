@@ -7,14 +7,14 @@
 //!
 //! Every node's proxy checks every node's agent, and so can anything else on the private
 //! network. However many requests arrive, the agent asks Postgres at most once per
-//! [`AgentOptions::reuse_for`], over one connection it keeps open:
+//! [`AgentOptions::reuse_for`]:
 //! - concurrent requests share one query, and its answer is reused for a short time;
-//! - the kept connection still answers when Postgres has no connection slot left, which is
-//!   when a node most needs to be told apart from a dead one. It holds one backend slot for
-//!   as long as the agent runs; as a superuser (the usual `user=postgres`) it may take one of
-//!   `superuser_reserved_connections` when it has to reconnect into a full server. After an
-//!   error it is dropped and the next query connects anew, so a restarted Postgres is found
-//!   again at the next request.
+//! - each query runs on a new connection, which sees the server's current settings;
+//! - one connection is kept open besides, and asked only when Postgres has no connection slot
+//!   left, which is when a busy node most needs to be told apart from a dead one. It holds one
+//!   backend slot for as long as the agent runs. It is not asked every time because a session
+//!   that lives on sees a configuration reload (a node made read-only) only once the
+//!   postmaster has signalled it.
 //!
 //! Error bodies say what failed (timed out, login refused, no slot left, SQLSTATE) but never
 //! quote the server: its messages can name users and `pg_hba.conf` lines. The full text goes
@@ -266,7 +266,7 @@ struct Node {
     asked: tokio::sync::Mutex<Asked>,
 }
 
-/// The kept connection and the latest answer.
+/// The connection kept for when Postgres is full, and the latest answer.
 #[derive(Default)]
 struct Asked {
     connection: Option<Held>,
@@ -365,30 +365,49 @@ async fn role(node: &Node) -> Result<String, QueryError> {
     outcome
 }
 
-/// Asks over the kept connection; when it fails (a restart closed it), once over a new one.
+/// Asks over a new connection, and over the kept one only when Postgres has no slot left for
+/// a new one. A session that lives on sees a reload (`ALTER SYSTEM SET
+/// default_transaction_read_only = on`, a switchover's demotion) only once the postmaster has
+/// signalled it, so right after the reload it can still say `off`; a new session cannot.
 async fn ask(config: &Config, kept: &mut Option<Held>) -> Result<String, QueryError> {
-    if let Some(held) = kept.as_ref().filter(|h| !h.client.is_closed()) {
-        match show_read_only(&held.client).await {
-            Ok(value) => return Ok(value),
-            Err(error) => {
-                debug!(error = %error.detail(), "the kept connection failed; connecting anew")
+    let fresh = match connect(config).await {
+        Ok(fresh) => fresh,
+        Err(error) if no_slot_left(&error) => {
+            let Some(held) = kept.as_ref().filter(|h| !h.client.is_closed()) else {
+                return Err(error.into());
+            };
+            debug!("postgres has no slot left; asking over the kept connection");
+            let outcome = show_read_only(&held.client).await;
+            if outcome.is_err() {
+                *kept = None;
             }
+            return outcome;
         }
+        Err(error) => return Err(error.into()),
+    };
+    let value = show_read_only(&fresh.client).await?;
+    if kept.as_ref().is_none_or(|h| h.client.is_closed()) {
+        *kept = Some(fresh);
     }
-    *kept = None;
+    Ok(value)
+}
+
+/// SQLSTATE 53300: every connection slot is taken.
+fn no_slot_left(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::TOO_MANY_CONNECTIONS)
+}
+
+async fn connect(config: &Config) -> Result<Held, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     let driver = AbortOnDropHandle::new(tokio::spawn(async move {
         if let Err(error) = connection.await {
             debug!(error = %crate::error_chain(&error), "postgres connection ended");
         }
     }));
-    let held = Held {
+    Ok(Held {
         client,
         _driver: driver,
-    };
-    let value = show_read_only(&held.client).await?;
-    *kept = Some(held);
-    Ok(value)
+    })
 }
 
 async fn show_read_only(client: &Client) -> Result<String, QueryError> {

@@ -185,7 +185,7 @@ async fn agent_connections(monitor: &tokio_postgres::Client) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forty_clients_hammering_cost_one_postgres_connection() {
+async fn forty_clients_hammering_cost_at_most_two_postgres_connections() {
     const CLIENTS: usize = 40;
     let cluster = start_cluster(&[HAMMERED], PG_PORT).await;
     let agent = Agent::start(HAMMERED, cluster.conninfo(0)).await;
@@ -220,7 +220,8 @@ async fn forty_clients_hammering_cost_one_postgres_connection() {
         "{CLIENTS} clients got {answers} answers in {hammering:?}; the agent held at most {most} Postgres connection(s)"
     );
     assert!(answers >= CLIENTS as u64, "every client was answered");
-    assert_eq!(most, 1, "one kept connection serves every request");
+    // The one kept for a full server, and the one asking.
+    assert!(most <= 2, "{most} connections");
     agent.stop().await;
 }
 
