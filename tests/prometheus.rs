@@ -75,6 +75,18 @@ impl Prometheus {
             .ok()
     }
 
+    /// Waits until Prometheus has scraped route generation `generation`.
+    async fn wait_for_generation(&self, generation: &str) {
+        assert!(
+            eventually(WAIT, || async {
+                self.query("roleproxy_route_generation").await.as_deref() == Some(generation)
+            })
+            .await,
+            "Prometheus never read generation {generation}:\n{}",
+            self.log()
+        );
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
@@ -167,18 +179,7 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
         let prometheus = Prometheus::start(SocketAddr::new(loopback(150, 0, 2), 9090), proxy.admin);
         let generation = |status: serde_json::Value| status["route"]["generation"].to_string();
         let expected = generation(proxy.status().await);
-        assert!(
-            eventually(WAIT, || async {
-                prometheus
-                    .query("roleproxy_route_generation")
-                    .await
-                    .as_deref()
-                    == Some(&expected)
-            })
-            .await,
-            "Prometheus never read generation {expected}:\n{}",
-            prometheus.log()
-        );
+        prometheus.wait_for_generation(&expected).await;
 
         // The leader moves: Prometheus sees the new generation.
         cluster.nodes[0].role.set(RoleReply::replica());
@@ -187,18 +188,7 @@ fn prometheus_follows_the_route_and_the_shipped_rules_and_dashboard_fit_the_metr
         assert!(proxy.wait_route(Some(&second), WAIT).await, "second route");
         let moved = generation(proxy.status().await);
         assert_ne!(moved, expected);
-        assert!(
-            eventually(WAIT, || async {
-                prometheus
-                    .query("roleproxy_route_generation")
-                    .await
-                    .as_deref()
-                    == Some(&moved)
-            })
-            .await,
-            "Prometheus never read generation {moved}:\n{}",
-            prometheus.log()
-        );
+        prometheus.wait_for_generation(&moved).await;
 
         // The shipped rules are loaded and evaluate without errors.
         let rules_healthy = || async {
