@@ -25,6 +25,7 @@ use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
 use roleproxy_testkit::transactions::{self, Transactions};
 use roleproxy_testkit::writer::{self, connect, conninfo, Attempt, Writer, CREATE_TABLE};
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 const NAME: &str = "iad.bench.internal";
 
@@ -430,7 +431,13 @@ async fn idle_section(args: &Args, results: &mut Results) {
             let before = rss_kib(pid).unwrap_or(0);
             let mut streams = Vec::with_capacity(n);
             for _ in 0..n {
-                match tokio::net::TcpStream::connect(a).await {
+                let connected = async {
+                    let mut s = tokio::net::TcpStream::connect(a).await?;
+                    // Clients speak first; a silent one would never reach the backend.
+                    s.write_all(&bulk::IDLE).await?;
+                    Ok::<_, std::io::Error>(s)
+                };
+                match connected.await {
                     Ok(s) => streams.push(s),
                     Err(e) => panic!("{name}: connection {} failed: {e}", streams.len()),
                 }

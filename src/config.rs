@@ -243,6 +243,13 @@ pub struct ProxyConfig {
     pub connect_retries: u32,
     #[serde(serialize_with = "human")]
     pub idle_timeout: Duration,
+    /// A client that has not sent its first packet this long after connecting is closed
+    /// without a backend ever being connected for it.
+    #[serde(serialize_with = "human")]
+    pub silent_timeout: Duration,
+    /// A session with one side closed and the other silent this long is closed.
+    #[serde(serialize_with = "human")]
+    pub half_close_timeout: Duration,
     pub max_connections: usize,
     #[serde(serialize_with = "human")]
     pub leader_wait: Duration,
@@ -409,6 +416,8 @@ struct RawProxy {
     connect_timeout: String,
     connect_retries: u32,
     idle_timeout: String,
+    silent_timeout: String,
+    half_close_timeout: String,
     max_connections: usize,
     leader_wait: String,
     shutdown_grace: String,
@@ -426,6 +435,8 @@ impl Default for RawProxy {
             connect_timeout: "4s".into(),
             connect_retries: 2,
             idle_timeout: "30m".into(),
+            silent_timeout: "5s".into(),
+            half_close_timeout: "10s".into(),
             max_connections: 1000,
             leader_wait: "10s".into(),
             shutdown_grace: "10s".into(),
@@ -857,6 +868,8 @@ impl RawConfig {
             connect_timeout: x.duration("proxy.connect_timeout", &p.connect_timeout)?,
             connect_retries: p.connect_retries,
             idle_timeout: x.duration("proxy.idle_timeout", &p.idle_timeout)?,
+            silent_timeout: x.duration("proxy.silent_timeout", &p.silent_timeout)?,
+            half_close_timeout: x.duration("proxy.half_close_timeout", &p.half_close_timeout)?,
             max_connections: p.max_connections,
             leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
             shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
@@ -1223,6 +1236,8 @@ mod tests {
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(4));
         assert_eq!(c.proxy.connect_retries, 2);
         assert_eq!(c.proxy.idle_timeout, Duration::from_secs(30 * 60));
+        assert_eq!(c.proxy.silent_timeout, Duration::from_secs(5));
+        assert_eq!(c.proxy.half_close_timeout, Duration::from_secs(10));
         assert_eq!(c.proxy.max_connections, 1000);
         assert_eq!(c.proxy.leader_wait, Duration::from_secs(10));
         assert_eq!(c.proxy.switchover, Switchover::Transaction);
@@ -1304,6 +1319,22 @@ mod tests {
             (
                 "[proxy]\nleader_wait = \"soon\"",
                 &["proxy.leader_wait", "bad duration"],
+            ),
+            (
+                "[proxy]\nsilent_timeout = \"0s\"",
+                &["proxy.silent_timeout", "greater than zero"],
+            ),
+            (
+                "[proxy]\nsilent_timeout = \"a while\"",
+                &["proxy.silent_timeout", "bad duration"],
+            ),
+            (
+                "[proxy]\nhalf_close_timeout = \"0ms\"",
+                &["proxy.half_close_timeout", "greater than zero"],
+            ),
+            (
+                "[proxy]\nhalf_close_timeout = \"400days\"",
+                &["proxy.half_close_timeout", "limit of 365 days"],
             ),
             (
                 "[listen]\naddresses = []",

@@ -2,11 +2,15 @@
 //! leader: decline SSL/GSS encryption with `N`, read the StartupMessage, send a FATAL
 //! ErrorResponse. A client library then shows a real error instead of "connection reset".
 //!
-//! Everything else passes through untouched; this module never sees a served session's bytes.
+//! It also reads a client's first packet, which must arrive before a backend is connected;
+//! those bytes are forwarded exactly as read. Everything else passes through untouched.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Postgres itself refuses startup packets larger than this.
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -130,6 +134,73 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
     out.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
     out.extend_from_slice(&fields);
     out
+}
+
+/// How many bytes make up a client's first packet, judged by its 4-byte length prefix: the
+/// whole packet when the length is one Postgres accepts, else just the prefix (whatever the
+/// client is, its server answers it, not the proxy).
+pub fn first_packet_len(prefix: [u8; 4]) -> usize {
+    check_length(u32::from_be_bytes(prefix)).map_or(4, |body| body + 4)
+}
+
+/// Reads a client's first packet as raw bytes, to be forwarded untouched. It is everything a
+/// Postgres client sends before the server answers (SSLRequest, GSSENCRequest,
+/// CancelRequest or StartupMessage), however many writes it came in.
+pub async fn read_first_packet<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec<u8>> {
+    let mut prefix = [0u8; 4];
+    stream.read_exact(&mut prefix).await?;
+    let mut packet = vec![0u8; first_packet_len(prefix)];
+    packet[..4].copy_from_slice(&prefix);
+    stream.read_exact(&mut packet[4..]).await?;
+    Ok(packet)
+}
+
+/// A stream with bytes already read from it put back in front, so that a client whose first
+/// packet was read before the proxy knew it could not be served is still answered in order.
+pub struct Prefixed<'a, S> {
+    prefix: &'a [u8],
+    stream: &'a mut S,
+}
+
+impl<'a, S> Prefixed<'a, S> {
+    pub fn new(prefix: &'a [u8], stream: &'a mut S) -> Self {
+        Self { prefix, stream }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut *this.stream).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix = &this.prefix[n..];
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// Reads one startup-phase packet.
@@ -568,12 +639,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn refuse_answers_ssl_then_sends_the_error() {
-        let (mut client, mut server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(async move {
-            refuse(&mut server, "57P03", "no leader", Duration::from_secs(5)).await
-        });
+    /// The client side of a refusal: SSLRequest (expecting `N`), StartupMessage for user `u`,
+    /// then everything the proxy sends until it closes.
+    async fn ssl_then_startup(client: &mut tokio::io::DuplexStream) -> Vec<u8> {
         let mut ssl = 8u32.to_be_bytes().to_vec();
         ssl.extend_from_slice(&SSL_REQUEST.to_be_bytes());
         client.write_all(&ssl).await.unwrap();
@@ -588,12 +656,71 @@ mod tests {
         client.write_all(&body).await.unwrap();
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).await.unwrap();
-        assert_eq!(reply, error_response("57P03", "no leader"));
-        let packet = task.await.unwrap().unwrap();
-        match packet {
-            StartupPacket::Startup { params } => assert_eq!(param(&params, "user"), Some("u")),
-            other => panic!("unexpected {other:?}"),
+        reply
+    }
+
+    /// Refused directly, and refused after the first packet (the SSLRequest) was already read
+    /// by the proxy: the same exchange either way.
+    #[tokio::test]
+    async fn refuse_answers_ssl_then_sends_the_error() {
+        for first_packet_read in [false, true] {
+            let (mut client, mut server) = tokio::io::duplex(1024);
+            let task = tokio::spawn(async move {
+                let deadline = Duration::from_secs(5);
+                if first_packet_read {
+                    let first = read_first_packet(&mut server).await.unwrap();
+                    let mut prefixed = Prefixed::new(&first, &mut server);
+                    refuse(&mut prefixed, "57P03", "no leader", deadline).await
+                } else {
+                    refuse(&mut server, "57P03", "no leader", deadline).await
+                }
+            });
+            let reply = ssl_then_startup(&mut client).await;
+            assert_eq!(reply, error_response("57P03", "no leader"));
+            match task.await.unwrap().unwrap() {
+                StartupPacket::Startup { params } => assert_eq!(param(&params, "user"), Some("u")),
+                other => panic!("unexpected {other:?}"),
+            }
         }
+    }
+
+    #[test]
+    fn first_packet_lengths() {
+        let rows: [(&str, u32, usize); 5] = [
+            ("SSLRequest", 8, 8),
+            ("CancelRequest", 16, 16),
+            ("the largest StartupMessage", 10_000, 10_000),
+            ("too short for a packet", 7, 4),
+            ("not Postgres (a TLS ClientHello, say)", 0x1603_0100, 4),
+        ];
+        for (what, len, expected) in rows {
+            assert_eq!(first_packet_len(len.to_be_bytes()), expected, "{what}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_packet_is_read_whole_across_writes_and_nothing_after_it() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let body = packet(PROTOCOL_3, b"user\0app\0\0");
+        let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        startup.extend_from_slice(&body);
+        let sent = startup.clone();
+        let writer = tokio::spawn(async move {
+            for piece in sent.chunks(3) {
+                client.write_all(piece).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            client.write_all(b"after").await.unwrap();
+            client
+        });
+        assert_eq!(read_first_packet(&mut server).await.unwrap(), startup);
+        let _client = writer.await.unwrap();
+        let mut after = [0u8; 5];
+        server.read_exact(&mut after).await.unwrap();
+        assert_eq!(
+            &after, b"after",
+            "bytes after the first packet stay in the stream"
+        );
     }
 
     #[tokio::test]

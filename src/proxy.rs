@@ -1,8 +1,12 @@
 //! Client side: listeners, the connection limit, waiting for a leader, connecting with retries,
 //! copying bytes both ways, and closing sessions when their route moves.
 //!
-//! Each session is one task that `select!`s on its copy, its route's generation, its idle timer
-//! and process shutdown; nothing scans sessions to kill them.
+//! A backend is connected only once the client has sent its first packet (clients speak
+//! first), which is then forwarded ahead of everything else.
+//!
+//! Each session is one task that `select!`s on its copy (which also ends half-open sessions),
+//! its route's generation, its idle timer and process shutdown; nothing scans sessions to kill
+//! them.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -21,7 +26,7 @@ use tracing::Instrument;
 use crate::check::is_local_shortage;
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
-use crate::framing::Framing;
+use crate::framing::{Framing, Side};
 use crate::leader::{session_fate, Event, Fate, Route, SessionGuard, Shared, Target};
 use crate::metrics as m;
 use crate::pgwire;
@@ -132,7 +137,8 @@ pub async fn accept_loop(
                         let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
                         let reserve = reserve.clone();
                         tokio::spawn(async move {
-                            refuse(stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                            let mut stream = stream;
+                            refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
                             // The refused socket is closed: take its descriptor back at once,
                             // before a check or a lookup can.
                             reserve.refill();
@@ -173,7 +179,8 @@ pub async fn accept_loop(
                 tokio::spawn(
                     async move {
                         tracing::warn!("connection limit reached; refusing client");
-                        refuse(stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                        let mut stream = stream;
+                        refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
                         drop(slot);
                     }
                     .instrument(span),
@@ -242,8 +249,8 @@ fn tune(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-async fn refuse(mut stream: TcpStream, code: &str, message: &str) {
-    match pgwire::refuse(&mut stream, code, message, REFUSAL_DEADLINE).await {
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
+    match pgwire::refuse(stream, code, message, REFUSAL_DEADLINE).await {
         Ok(packet) => tracing::debug!(?packet, code, message, "client refused"),
         Err(e) => {
             tracing::debug!(error = %e, code, message, "client refused before a startup packet")
@@ -293,10 +300,37 @@ enum Drain {
     Never,
 }
 
-/// Connects a client to what its listener serves, then hands the session to a task of its own;
-/// `permit` counts it against `max_connections` until it ends.
-async fn serve_client(client: TcpStream, plan: Arc<ListenerPlan>, permit: OwnedSemaphorePermit) {
+/// Waits for the client's first packet, connects it to what its listener serves, then hands
+/// the session to a task of its own; `permit` counts it against `max_connections` until it
+/// ends.
+async fn serve_client(
+    mut client: TcpStream,
+    plan: Arc<ListenerPlan>,
+    permit: OwnedSemaphorePermit,
+) {
     let sessions = &plan.sessions;
+    // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
+    // so a client that says nothing must never cost the leader one.
+    let first = tokio::select! {
+        _ = sessions.hard_stop.cancelled() => Err(Silent::Shutdown),
+        read = tokio::time::timeout(
+            sessions.config.silent_timeout,
+            pgwire::read_first_packet(&mut client),
+        ) => match read {
+            Ok(Ok(packet)) => Ok(packet),
+            Ok(Err(e)) => Err(Silent::Gone(e)),
+            Err(_) => Err(Silent::Timeout),
+        },
+    };
+    let first = match first {
+        Ok(packet) => packet,
+        Err(silent) => {
+            tracing::debug!(reason = %silent, "client closed before its first packet");
+            m::session_result(&plan.name, silent.result());
+            return;
+        }
+    };
+    // Waiting for a leader counts from the client's request, not from its connect.
     let accepted = Instant::now();
     let mut route = sessions.shared.route.clone();
     let mut replicas = sessions.shared.replicas.clone();
@@ -341,6 +375,7 @@ async fn serve_client(client: TcpStream, plan: Arc<ListenerPlan>, permit: OwnedS
             let session = run_session(
                 client,
                 stream,
+                first,
                 drainer,
                 (_counted, permit),
                 Arc::clone(&plan),
@@ -349,13 +384,37 @@ async fn serve_client(client: TcpStream, plan: Arc<ListenerPlan>, permit: OwnedS
                 .tracker
                 .spawn(session.instrument(tracing::Span::current()));
         }
-        Err(reason) => refuse_client(client, reason, accepted, &plan).await,
+        Err(reason) => refuse_client(client, &first, reason, accepted, &plan).await,
     }
 }
 
-/// Tells a client that could not be given a backend why, as a Postgres error.
+/// Why a client was closed before it sent its first packet.
+#[derive(Debug, thiserror::Error)]
+enum Silent {
+    #[error("silent for proxy.silent_timeout")]
+    Timeout,
+    #[error("{0}")]
+    Gone(io::Error),
+    #[error("proxy is shutting down")]
+    Shutdown,
+}
+
+impl Silent {
+    fn result(&self) -> &'static str {
+        match self {
+            Silent::Timeout => "silent",
+            Silent::Gone(e) if e.kind() == io::ErrorKind::UnexpectedEof => "closed",
+            Silent::Gone(_) => "error",
+            Silent::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Tells a client that could not be given a backend why, as a Postgres error; `first` is
+/// the packet already read from it.
 async fn refuse_client(
-    client: TcpStream,
+    mut client: TcpStream,
+    first: &[u8],
     reason: NoLeader,
     accepted: Instant,
     plan: &ListenerPlan,
@@ -383,7 +442,12 @@ async fn refuse_client(
     };
     m::session_result(&plan.name, result);
     tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, "client refused");
-    refuse(client, code, &message).await;
+    refuse(
+        &mut pgwire::Prefixed::new(first, &mut client),
+        code,
+        &message,
+    )
+    .await;
 }
 
 /// What ends a session besides its client: its node no longer being what the listener serves.
@@ -455,6 +519,7 @@ impl Drainer {
 async fn run_session(
     client: TcpStream,
     backend: TcpStream,
+    first: Vec<u8>,
     mut drainer: Drainer,
     _counted: (SessionGuard, OwnedSemaphorePermit),
     plan: Arc<ListenerPlan>,
@@ -462,7 +527,7 @@ async fn run_session(
     tune(&backend);
     m::session_started(&plan.name);
     tracing::debug!(backend = %drainer.addr, "session started");
-    let (result, up, down) = splice(client, backend, &mut drainer, &plan.sessions).await;
+    let (result, up, down) = splice(client, backend, first, &mut drainer, &plan.sessions).await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
 }
@@ -706,11 +771,12 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
 /// Copies both ways until both sides are done, the drainer says the node is no longer what
 /// the listener serves, the session idles out, or the process stops. A session whose leader
 /// stepped down while alive ends at its next transaction boundary instead (rule 9), within
-/// `proxy.switchover_grace`. Returns the result label and bytes copied (client→backend,
-/// backend→client).
+/// `proxy.switchover_grace`. `first` is the client's first packet, already read. Returns the
+/// result label and bytes copied (client→backend, backend→client).
 async fn splice(
     client: TcpStream,
     backend: TcpStream,
+    first: Vec<u8>,
     drainer: &mut Drainer,
     sessions: &Sessions,
 ) -> (&'static str, u64, u64) {
@@ -738,6 +804,17 @@ async fn splice(
     let mut framing = drainer
         .follows_transactions(config.switchover)
         .then(Framing::new);
+    // The first packet goes ahead of everything else, exactly as it came, and the framing
+    // reads it as the start of the session: it says whether the session can be followed.
+    if let Err(e) = backend.send_all(&first).await {
+        tracing::warn!(error = %e, "backend closed before the first packet");
+        return ("error", 0, 0);
+    }
+    if let Some(framing) = framing.as_mut() {
+        framing.observe(Side::Client, &first);
+    }
+    activity.up.fetch_add(first.len() as u64, Ordering::Relaxed);
+    drop(first);
     let mut copying =
         copy::bidirectional(&client, &backend, config.copy, &activity, framing.as_mut());
     let ended = |copied: io::Result<copy::Ended>| match copied {

@@ -289,8 +289,11 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
     std::fs::write(&path, &added).expect("rewrite config");
     proxy.signal("HUP");
     proxy.wait_for("opened local");
-    let _client =
+    let mut client =
         std::net::TcpStream::connect("127.57.0.1:6010").expect("the new listener accepts");
+    // Clients speak first: only then is the target connected.
+    std::io::Write::write_all(&mut client, &roleproxy_testkit::harness::startup_packet())
+        .expect("send the first packet");
     target.set_nonblocking(false).expect("blocking accept");
     let (_forwarded, _) = target
         .accept()

@@ -44,6 +44,10 @@ async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
 
     for _ in 0..3 {
         let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(&support::harness::startup_packet())
+            .await
+            .unwrap();
         let mut got = Vec::new();
         let ended = tokio::time::timeout(LONG, async {
             let mut buf = [0u8; 64];
@@ -348,10 +352,7 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
 
         // Fill it up like real clients that send their StartupMessage at once; each session
         // costs the proxy two descriptors. The first client it cannot serve is told why.
-        let mut startup = (3u32 << 16).to_be_bytes().to_vec();
-        startup.extend_from_slice(b"user\0app\0\0");
-        let mut packet = ((startup.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend_from_slice(&startup);
+        let packet = support::harness::startup_packet();
         let mut sessions = Vec::new();
         let mut refusal = None;
         let mut waiting: Option<TcpStream> = None;

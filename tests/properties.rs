@@ -317,7 +317,7 @@ fn admin() -> impl Strategy<Value = (Option<SocketAddr>, String)> {
     ]
 }
 
-const DURATION_KEYS: [(&str, &str); 11] = [
+const DURATION_KEYS: [(&str, &str); 13] = [
     ("backends", "resolve_interval"),
     ("backends", "resolve_timeout"),
     ("check", "interval"),
@@ -327,6 +327,8 @@ const DURATION_KEYS: [(&str, &str); 11] = [
     ("check", "unconfirmed_limit"),
     ("proxy", "connect_timeout"),
     ("proxy", "idle_timeout"),
+    ("proxy", "silent_timeout"),
+    ("proxy", "half_close_timeout"),
     ("proxy", "leader_wait"),
     ("proxy", "shutdown_grace"),
 ];
@@ -342,6 +344,8 @@ fn duration_of(c: &Config, key: &str) -> Duration {
         "check.unconfirmed_limit" => c.check.unconfirmed_limit,
         "proxy.connect_timeout" => c.proxy.connect_timeout,
         "proxy.idle_timeout" => c.proxy.idle_timeout,
+        "proxy.silent_timeout" => c.proxy.silent_timeout,
+        "proxy.half_close_timeout" => c.proxy.half_close_timeout,
         "proxy.leader_wait" => c.proxy.leader_wait,
         "proxy.shutdown_grace" => c.proxy.shutdown_grace,
         other => unreachable!("{other}"),
@@ -550,6 +554,8 @@ fn base_file() -> BTreeMap<(&'static str, &'static str), String> {
     put("proxy", "connect_timeout", r#""4s""#);
     put("proxy", "connect_retries", "2");
     put("proxy", "idle_timeout", r#""30m""#);
+    put("proxy", "silent_timeout", r#""5s""#);
+    put("proxy", "half_close_timeout", r#""10s""#);
     put("proxy", "max_connections", "1000");
     put("proxy", "leader_wait", r#""10s""#);
     put("proxy", "shutdown_grace", r#""10s""#);

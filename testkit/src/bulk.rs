@@ -1,8 +1,9 @@
 //! A raw TCP backend for throughput and memory benchmarks, standing in for a node's Postgres.
 //!
 //! Each connection starts with one command: `D` + u64 (send that many bytes, then close the
-//! write side), `U` + u64 (read that many bytes, then answer `K`). A connection that sends
-//! nothing is held open, idle, until the client closes it.
+//! write side), `U` + u64 (read that many bytes, then answer `K`), or [`IDLE`] (hold the
+//! connection open, idle, until the client closes it). Clients speak first, as Postgres
+//! clients do.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -13,6 +14,9 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::TaskGuard;
 
 const BLOCK: usize = 256 * 1024;
+
+/// The command of a connection that stays idle until the client closes it.
+pub const IDLE: [u8; 9] = *b"I\0\0\0\0\0\0\0\0";
 
 pub struct BulkBackend {
     addr: SocketAddr,
@@ -64,6 +68,9 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
                 left = left.saturating_sub(n as u64);
             }
             stream.write_all(b"K").await?;
+        }
+        b'I' => {
+            let _ = stream.read(&mut block).await;
         }
         _ => {}
     }

@@ -185,6 +185,17 @@ impl RunningProxy {
         serde_json::from_str(&body).expect("/status is JSON")
     }
 
+    /// The value of one series on `/metrics`, written as Prometheus prints it (e.g.
+    /// `roleproxy_sessions_total{listener="leader",result="silent"}`); 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics").await;
+        text.lines()
+            .filter_map(|line| line.rsplit_once(' '))
+            .find(|(name, _)| *name == series)
+            .and_then(|(_, value)| value.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// The leader of the current route, as `/status` reports it.
     pub async fn route_leader(&self) -> Option<String> {
         let status = self.status().await;
@@ -256,14 +267,34 @@ pub struct Client {
     pub tag: String,
 }
 
+/// A StartupMessage for user `app`: what a Postgres client sends first, before the server
+/// says anything.
+pub fn startup_packet() -> Vec<u8> {
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app\0database\0app\0\0");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
 impl Client {
-    /// Connects and reads the backend's tag line; `None` if no backend answered in `wait`.
+    /// Connects, speaks first as a Postgres client would (a StartupMessage), and reads the
+    /// backend's tag line and its echo of that packet; `None` if no backend answered in
+    /// `wait` (a refusal is not an answer).
     pub async fn connect(proxy: SocketAddr, wait: Duration) -> Option<Client> {
-        let stream = TcpStream::connect(proxy).await.expect("proxy accepts");
+        let mut stream = TcpStream::connect(proxy).await.expect("proxy accepts");
+        let startup = startup_packet();
+        stream.write_all(&startup).await.ok()?;
         let mut reader = BufReader::new(stream);
-        let mut tag = String::new();
-        match tokio::time::timeout(wait, reader.read_line(&mut tag)).await {
-            Ok(Ok(n)) if n > 0 => Some(Client {
+        let served = async {
+            let mut tag = String::new();
+            reader.read_line(&mut tag).await.ok()?;
+            let mut echo = vec![0u8; startup.len()];
+            reader.read_exact(&mut echo).await.ok()?;
+            (tag.ends_with('\n') && echo == startup).then_some(tag)
+        };
+        match tokio::time::timeout(wait, served).await {
+            Ok(Some(tag)) => Some(Client {
                 reader,
                 tag: tag.trim().to_string(),
             }),
@@ -319,12 +350,8 @@ pub async fn postgres_refusal(proxy: SocketAddr, ssl_first: bool) -> (String, St
             .expect("read SSL answer");
         assert_eq!(&answer, b"N", "the proxy declines SSL when refusing");
     }
-    let mut body = (3u32 << 16).to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0app\0database\0app\0\0");
-    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    startup.extend_from_slice(&body);
     stream
-        .write_all(&startup)
+        .write_all(&startup_packet())
         .await
         .expect("send StartupMessage");
     let mut reply = Vec::new();
