@@ -21,11 +21,12 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard, TryIoError};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::framing::{Framing, Side};
 
@@ -86,7 +87,7 @@ impl Activity {
 
     /// When the session last moved a byte (its start if never).
     pub fn last(&self) -> Instant {
-        self.start + std::time::Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -137,7 +138,7 @@ impl Socket {
     /// Half-closes, then reads and drops what the peer still sends until it closes too (or
     /// `within` passes). Closing with unread input would reset the connection, and a reset
     /// can reach the peer before it has read the last words it was sent.
-    pub async fn finish(&self, within: std::time::Duration) {
+    pub async fn finish(&self, within: Duration) {
         self.shutdown_write();
         let discard = async {
             let mut sink = [0u8; 1024];
@@ -157,14 +158,16 @@ impl Socket {
 }
 
 /// Copies both ways until both directions have ended (each end's EOF is passed on as a
-/// half-close), or until either fails. Counts bytes and activity in `activity` as it goes, so
-/// the counts survive the future being dropped (drain, idle timeout, shutdown). With a
-/// `framing`, shows it every byte it can see and splices no further than it allows.
+/// half-close), until either fails, or until one has ended and the other has been silent for
+/// `half_close_timeout`. Counts bytes and activity in `activity` as it goes, so the counts
+/// survive the future being dropped (drain, idle timeout, shutdown). With a `framing`, shows
+/// it every byte it can see and splices no further than it allows.
 pub fn bidirectional<'a>(
     client: &'a Socket,
     backend: &'a Socket,
     mode: Mode,
     activity: &'a Activity,
+    half_close_timeout: Duration,
     framing: Option<&'a mut Framing>,
 ) -> Bidirectional<'a> {
     Bidirectional {
@@ -178,6 +181,8 @@ pub fn bidirectional<'a>(
         ),
         up: Pump::new(client, backend, mode, &activity.up, activity, Side::Client),
         error: None,
+        half_close_timeout,
+        half_closed: None,
         framing,
         end_when_idle: false,
     }
@@ -191,6 +196,10 @@ pub enum Ended {
     /// Asked to end between transactions, it did: every byte read so far was written, and no
     /// byte the client sent since has been read.
     Idle,
+    /// One direction ended and the other moved nothing for the half-close timeout. Postgres
+    /// never half-closes on purpose (a client sends Terminate, then closes), so the side that
+    /// stays open is stuck or gone, and would otherwise hold the session until `idle_timeout`.
+    HalfOpen,
 }
 
 /// The future of [`bidirectional`]. Hand-written rather than `async`: it waits with
@@ -201,6 +210,10 @@ pub struct Bidirectional<'a> {
     up: Pump<'a>,
     /// The first write failure, reported once the other direction has finished.
     error: Option<io::Error>,
+    half_close_timeout: Duration,
+    /// Armed once one direction has ended; boxed so that only half-closed sessions pay for a
+    /// timer.
+    half_closed: Option<Pin<Box<Sleep>>>,
     framing: Option<&'a mut Framing>,
     end_when_idle: bool,
 }
@@ -266,10 +279,26 @@ impl Future for Bidirectional<'_> {
                 return Poll::Ready(Ok(Ended::Idle));
             }
         }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(this.error.take().map_or(Ok(Ended::Closed), Err))
+        if !pending {
+            return Poll::Ready(this.error.take().map_or(Ok(Ended::Closed), Err));
+        }
+        if this.up.done == this.down.done {
+            return Poll::Pending;
+        }
+        // One side has closed: the other gets `half_close_timeout` of silence, counted from
+        // its last byte, so a direction still delivering its last answer is not cut.
+        let timeout = this.half_close_timeout;
+        let activity = this.up.activity;
+        let timer = this
+            .half_closed
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(activity.last() + timeout)));
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            let due = activity.last() + timeout;
+            if Instant::now() >= due {
+                return Poll::Ready(Ok(Ended::HalfOpen));
+            }
+            timer.as_mut().reset(due);
         }
     }
 }
@@ -669,7 +698,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, mode, &activity, None).await
+            bidirectional(&c, &b, mode, &activity, Duration::from_secs(60), None).await
         };
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
         let expected = payload.clone();
@@ -726,7 +755,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, Mode::Auto, &activity, None).await
+            bidirectional(&c, &b, Mode::Auto, &activity, Duration::from_secs(60), None).await
         };
         let server = async move {
             let mut first = [0u8; 1024];
@@ -735,9 +764,9 @@ mod tests {
                 .write_all(b"FATAL: terminating connection")
                 .await
                 .unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             // Unread input at close: the kernel resets the connection.
-            let _ = socket2::SockRef::from(&backend).set_linger(Some(std::time::Duration::ZERO));
+            let _ = socket2::SockRef::from(&backend).set_linger(Some(Duration::ZERO));
             drop(backend);
         };
         let client_side = async move {
@@ -765,6 +794,39 @@ mod tests {
         };
         let (_, _, got) = tokio::join!(copier, server, client_side);
         assert_eq!(got, b"FATAL: terminating connection");
+    }
+
+    /// After the client's half-close, the backend keeps answering with pauses shorter than
+    /// the half-close timeout but longer in all: the session carries on until the backend
+    /// closes too. Then the backend goes quiet without closing: the session ends half-open.
+    #[tokio::test]
+    async fn a_half_closed_session_lives_while_bytes_move_and_ends_when_they_stop() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let activity = Activity::new();
+        let timeout = Duration::from_secs(2);
+        let copier = async {
+            let c = Socket::new(proxy_client).unwrap();
+            let b = Socket::new(proxy_backend).unwrap();
+            bidirectional(&c, &b, Mode::Auto, &activity, timeout, None).await
+        };
+        let peers = async move {
+            client.shutdown().await.unwrap();
+            for _ in 0..8 {
+                backend.write_all(b"row").await.unwrap();
+                tokio::time::sleep(timeout / 8).await;
+            }
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            (got, backend)
+        };
+        let (ended, (got, _backend)) = tokio::join!(copier, peers);
+        assert_eq!(ended.unwrap(), Ended::HalfOpen);
+        assert_eq!(
+            got,
+            b"row".repeat(8),
+            "every row arrived before the session ended"
+        );
     }
 
     #[test]
@@ -830,7 +892,14 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            let mut copy = bidirectional(&c, &b, Mode::Auto, &activity, Some(&mut framing));
+            let mut copy = bidirectional(
+                &c,
+                &b,
+                Mode::Auto,
+                &activity,
+                Duration::from_secs(60),
+                Some(&mut framing),
+            );
             tokio::select! {
                 ended = &mut copy => panic!("ended early: {ended:?}"),
                 _ = &mut told => {}
@@ -857,7 +926,7 @@ mod tests {
             read_n(&mut client, answer.len()).await;
             // In a transaction, with the INSERT unanswered: the session must not end here.
             in_transaction.send(()).unwrap();
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
             let answer = [pg_msg(b'C', b"INSERT 0 1\0"), ready_t.clone()].concat();
             backend.write_all(&answer).await.unwrap();
             read_n(&mut client, answer.len()).await;
@@ -906,7 +975,15 @@ mod tests {
             let copier = async {
                 let c = Socket::new(proxy_client).unwrap();
                 let b = Socket::new(proxy_backend).unwrap();
-                bidirectional(&c, &b, mode, &activity, Some(&mut framing)).await
+                bidirectional(
+                    &c,
+                    &b,
+                    mode,
+                    &activity,
+                    Duration::from_secs(60),
+                    Some(&mut framing),
+                )
+                .await
             };
             let peers = async move {
                 let send = async {

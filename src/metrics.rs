@@ -34,7 +34,7 @@ pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 
 /// Every `result` a session or a refused client can end with, so each listener's counters
 /// exist at 0 from its start.
-pub const SESSION_RESULTS: [&str; 11] = [
+pub const SESSION_RESULTS: [&str; 12] = [
     "closed",
     "error",
     "drained",
@@ -46,6 +46,7 @@ pub const SESSION_RESULTS: [&str; 11] = [
     "unreachable",
     "limit",
     "silent",
+    "half_closed",
 ];
 
 /// Every `result` of a DNS lookup (`ok`, or the error's label).

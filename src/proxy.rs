@@ -815,9 +815,20 @@ async fn splice(
     }
     activity.up.fetch_add(first.len() as u64, Ordering::Relaxed);
     drop(first);
-    let mut copying =
-        copy::bidirectional(&client, &backend, config.copy, &activity, framing.as_mut());
+    let half_close_timeout = config.half_close_timeout;
+    let mut copying = copy::bidirectional(
+        &client,
+        &backend,
+        config.copy,
+        &activity,
+        half_close_timeout,
+        framing.as_mut(),
+    );
     let ended = |copied: io::Result<copy::Ended>| match copied {
+        Ok(copy::Ended::HalfOpen) => {
+            tracing::info!(half_close_timeout = %humantime::format_duration(half_close_timeout), "one side closed, the other silent; closing session");
+            "half_closed"
+        }
         Ok(_) => "closed",
         Err(e) => {
             tracing::debug!(error = %e, "session ended with an error");
