@@ -386,3 +386,84 @@ async fn cancel_request_reaches_the_sessions_node() {
     proxy.stop().await;
     cluster.shutdown().await;
 }
+
+/// Client backends Postgres has forked on node `i`, as `pg_stat_activity` lists them.
+fn client_backends(cluster: &LocalCluster, i: usize) -> usize {
+    cluster
+        .pg()
+        .sql(
+            i,
+            &["SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"],
+        )
+        .expect("count backends")
+        .parse()
+        .expect("a count")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_flood_forks_no_postgres_process_and_is_closed_after_the_deadline() {
+    let spec = spec(39);
+    let listen = spec.dns_ip.to_string();
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let config = cluster
+        .proxy_config(&listen)
+        .set("proxy.silent_timeout", "\"3s\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let leader = cluster.pg_addr(0).to_string();
+    assert!(proxy.wait_route(Some(&leader), WAIT).await);
+    let conninfo = format!(
+        "host={} port={} user=postgres dbname=postgres connect_timeout=60",
+        proxy.addr.ip(),
+        proxy.addr.port()
+    );
+    let open = connect(&conninfo)
+        .await
+        .expect("a session through the proxy");
+    let max_connections: usize = cluster
+        .pg()
+        .sql(0, &["SHOW max_connections"])
+        .expect("max_connections")
+        .parse()
+        .expect("a number");
+    let before = client_backends(&cluster, 0);
+
+    // Twice as many clients as the leader has process slots, none of them saying a word.
+    let mut silent = Vec::new();
+    for _ in 0..2 * max_connections {
+        silent.push(
+            tokio::net::TcpStream::connect(proxy.addr)
+                .await
+                .expect("the proxy accepts"),
+        );
+    }
+    // A real client, accepted after every silent one, is served, and so is the open session.
+    let real = connect(&conninfo).await.expect("a real client is served");
+    real.simple_query("SELECT 1").await.expect("query");
+    open.simple_query("SELECT 1")
+        .await
+        .expect("the open session is unaffected");
+    assert_eq!(
+        client_backends(&cluster, 0),
+        before + 1,
+        "Postgres forked a process for the real client only"
+    );
+    drop(real);
+
+    for stream in &mut silent {
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(stream, &mut buf))
+            .await
+            .expect("a silent client is closed after the deadline");
+        assert!(matches!(read, Ok(0)), "closed without an answer: {read:?}");
+    }
+    let silent_total = proxy
+        .metric("roleproxy_sessions_total{listener=\"leader\",result=\"silent\"}")
+        .await;
+    assert_eq!(silent_total as usize, 2 * max_connections);
+    open.simple_query("SELECT 1")
+        .await
+        .expect("the open session still works");
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
