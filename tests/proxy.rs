@@ -650,3 +650,193 @@ async fn assert_told(proxy: &RunningProxy, words: &str) {
     assert_eq!(code, "57P03", "{message}");
     assert!(message.contains(words), "{message}");
 }
+
+/// Metrics are process-wide and tests run in parallel: a test that counts sessions gives its
+/// clients a leader listener of its own, named `name`.
+fn own_listener(config: ConfigBuilder, net: u8, name: &str) -> ConfigBuilder {
+    config.listener(&format!(
+        "name = \"{name}\"\naddresses = [\"{}:0\"]",
+        loopback(net, 0, 1)
+    ))
+}
+
+/// A series of `roleproxy_sessions_total` for one listener and result.
+fn ended(listener: &str, result: &str) -> String {
+    format!("roleproxy_sessions_total{{listener=\"{listener}\",result=\"{result}\"}}")
+}
+
+fn active(listener: &str) -> String {
+    format!("roleproxy_sessions_active{{listener=\"{listener}\"}}")
+}
+
+/// A leader at `127.net.0.11` whose "Postgres" runs `backend` on each connection and then
+/// holds it open without a word, and a proxy in front of it with `max_connections = 1`,
+/// `half_close_timeout = 500ms` and a listener named `name`, whose address is returned.
+async fn one_slot_proxy<F, Fut>(
+    net: u8,
+    name: &str,
+    backend: F,
+) -> (DnsServer, RoleEndpoint, RunningProxy, SocketAddr)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = tokio::net::TcpStream> + Send,
+{
+    let ip = loopback(net, 0, 11);
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(ip, 5433))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(backend(stream).await);
+        }
+    });
+    let dns = DnsServer::start(loopback(net, 0, 1)).await;
+    dns.set(NAME, vec![ip]);
+    let role = RoleEndpoint::start(SocketAddr::new(ip, 5500)).await;
+    role.set(RoleReply::leader());
+    let config = ConfigBuilder::new(&loopback(net, 0, 1).to_string(), dns.addr(), NAME)
+        .set("proxy.max_connections", "1")
+        .set("proxy.half_close_timeout", "\"500ms\"");
+    let proxy = RunningProxy::start(own_listener(config, net, name).config()).await;
+    let addr = proxy.listener(name);
+    (dns, role, proxy, addr)
+}
+
+/// A client that has spoken first, as Postgres clients do.
+async fn speaking_client(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+    client
+        .write_all(&support::harness::startup_packet())
+        .await
+        .unwrap();
+    client
+}
+
+/// Waits until `rounds` sessions of listener `name` ended half-open and none is open.
+async fn half_open_sessions_freed(proxy: &RunningProxy, name: &str, rounds: u32) {
+    let (half_closed, active) = (ended(name, "half_closed"), active(name));
+    assert!(
+        support::harness::eventually(LONG, || async {
+            proxy.metric(&half_closed).await == f64::from(rounds)
+                && proxy.metric(&active).await == 0.0
+        })
+        .await,
+        "round {rounds}: the half-open session is closed and its slot freed: {}",
+        proxy.get("/metrics").await.1
+    );
+}
+
+/// Reads until EOF (true) or a reset or `LONG` (false).
+async fn reads_eof(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(LONG, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return true,
+            Ok(Ok(_)) => continue,
+            _ => return false,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_clients_never_reach_a_backend_and_are_closed_after_silent_timeout() {
+    let cluster = Cluster::start(21, 1).await;
+    cluster.nodes[0].role.set(RoleReply::leader());
+    let config = cluster.config().set("proxy.silent_timeout", "\"1s\"");
+    let proxy = RunningProxy::start(own_listener(config, 21, "silent").config()).await;
+    let addr = proxy.listener("silent");
+    let silent_series = ended("silent", "silent");
+    let (_, metrics) = proxy.get("/metrics").await;
+    assert!(
+        metrics.contains(&format!("{silent_series} 0")),
+        "registered at 0 from the start: {metrics}"
+    );
+    let mut served = Client::connect(addr, LONG).await.expect("served");
+
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    // Accepted after every silent one, and served meanwhile.
+    let mut real = Client::connect(addr, LONG)
+        .await
+        .expect("a real client is served");
+    assert!(real.echo("real").await);
+    for stream in &mut silent {
+        assert!(reads_eof(stream).await, "a silent client is closed");
+    }
+    assert_eq!(proxy.metric(&silent_series).await, 20.0);
+    assert_eq!(
+        cluster.nodes[0].backend.connections(),
+        2,
+        "only the two clients that spoke reached the backend"
+    );
+    assert!(
+        served.echo("still here").await,
+        "an open session is unaffected"
+    );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_half_closes_while_the_client_stays_frees_the_slot() {
+    let name = "backend-half-closes";
+    // Answers, then closes its sending side only.
+    let (_dns, _role, proxy, addr) = one_slot_proxy(22, name, |mut stream| async move {
+        let mut first = [0u8; 64];
+        let _ = stream.read(&mut first).await;
+        let _ = stream.write_all(b"bye\n").await;
+        let _ = stream.shutdown().await;
+        stream
+    })
+    .await;
+    let mut clients = Vec::new();
+    for round in 1..=2 {
+        // With max_connections = 1, a second round is served only if the first freed its slot.
+        let mut client = speaking_client(addr).await;
+        let mut got = [0u8; 4];
+        tokio::time::timeout(LONG, client.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&got, b"bye\n", "round {round}: served");
+        // The backend's half-close is passed on; the client keeps its own side open.
+        assert!(reads_eof(&mut client).await);
+        half_open_sessions_freed(&proxy, name, round).await;
+        clients.push(client);
+    }
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_while_the_backend_stays_frees_the_slot() {
+    let name = "client-half-closes";
+    // Reads up to the client's EOF, and stays.
+    let (_dns, _role, proxy, addr) = one_slot_proxy(23, name, |mut stream| async move {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        stream
+    })
+    .await;
+    for round in 1..=2 {
+        let mut client = speaking_client(addr).await;
+        client.shutdown().await.unwrap();
+        // Served (a refusal would have sent an ErrorResponse), then closed by the proxy.
+        let mut got = Vec::new();
+        tokio::time::timeout(LONG, client.read_to_end(&mut got))
+            .await
+            .expect("the proxy closes the half-open session")
+            .unwrap();
+        assert!(
+            got.is_empty(),
+            "round {round}: served, not refused: {got:?}"
+        );
+        half_open_sessions_freed(&proxy, name, round).await;
+    }
+    proxy.stop().await;
+}
