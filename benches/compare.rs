@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! apt-get install -y haproxy
-//! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,copy,failover,transactions] [--json FILE]
+//! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,copy,failover,transactions,busy,flood] [--json FILE]
 //! ```
 //!
 //! Every section runs the targets in interleaved rounds (the order rotates each round), so drift
@@ -57,6 +57,8 @@ fn args() -> Args {
             "copy".into(),
             "failover".into(),
             "transactions".into(),
+            "busy".into(),
+            "flood".into(),
         ],
         json: PathBuf::from("target/compare.json"),
         bulk_mib: 1024,
@@ -980,6 +982,222 @@ async fn failover_section(args: &Args, results: &mut Results, bench: &PgBench) {
     }
 }
 
+/// What happened to one proxy's open session, and to a new client, under one kind of overload.
+struct Overload {
+    target: String,
+    /// Seconds from the overload starting to the open session failing a query; `None`: it
+    /// survived.
+    cut_after: Option<f64>,
+    /// What a new client through the proxy saw during the overload.
+    new_client: String,
+}
+
+/// A session through `a` that runs `SELECT 1` every 50 ms; returns when it first failed (or
+/// could not be opened), or `None` once `until` passes without a failure.
+async fn watch_until(a: SocketAddr, until: Instant) -> Option<Instant> {
+    let Ok(client) = connect(&conninfo(a)).await else {
+        return Some(Instant::now());
+    };
+    while Instant::now() < until {
+        if client.simple_query("SELECT 1").await.is_err() {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// What a new client sees: "served", or the error's SQLSTATE and text.
+async fn new_client_outcome(a: SocketAddr) -> String {
+    let info = format!("{} connect_timeout=15", conninfo(a));
+    let attempt = async {
+        let client = connect(&info).await?;
+        client.simple_query("SELECT 1").await
+    };
+    match tokio::time::timeout(Duration::from_secs(20), attempt).await {
+        Ok(Ok(_)) => "served".into(),
+        Ok(Err(e)) => {
+            let text = roleproxy::error_chain(&e);
+            match e.code() {
+                Some(code) => format!(
+                    "{}: {}",
+                    code.code(),
+                    text.chars().take(70).collect::<String>()
+                ),
+                None => text.chars().take(70).collect(),
+            }
+        }
+        Err(_) => "no answer in 20 s".into(),
+    }
+}
+
+/// Opens connections straight to the leader until Postgres refuses one: the app has taken every
+/// process slot.
+async fn fill_leader(leader: SocketAddr) -> Vec<tokio_postgres::Client> {
+    let mut held = Vec::new();
+    while let Ok(client) = connect(&conninfo(leader)).await {
+        held.push(client);
+        if held.len() > 1000 {
+            break;
+        }
+    }
+    held
+}
+
+/// **busy leader:** the leader's Postgres `max_connections` is filled for `HOLD`; every
+/// proxy's open session is watched, and a new client tries each proxy meanwhile.
+async fn busy_section(
+    results: &mut Results,
+    bench: &PgBench,
+    report: &mut Vec<(String, Overload)>,
+) {
+    const HOLD: Duration = Duration::from_secs(10);
+    let leader = bench
+        .cluster
+        .pg_addr(bench.cluster.leader().await.unwrap_or(0));
+    let proxies = compared_proxies(bench);
+    let start = Instant::now() + Duration::from_secs(1);
+    let until = start + HOLD + Duration::from_secs(5);
+    let watchers: Vec<_> = proxies
+        .iter()
+        .map(|(name, a)| (name.clone(), tokio::spawn(watch_until(*a, until))))
+        .collect();
+    tokio::time::sleep_until(start.into()).await;
+    let filled_at = Instant::now();
+    let held = fill_leader(leader).await;
+    eprintln!(
+        "busy leader: {} connections hold every slot of {leader}",
+        held.len()
+    );
+    let mut outcomes = Vec::new();
+    for (name, a) in &proxies {
+        outcomes.push((name.clone(), new_client_outcome(*a).await));
+    }
+    tokio::time::sleep_until((filled_at + HOLD).into()).await;
+    drop(held);
+    for ((name, watcher), (_, outcome)) in watchers.into_iter().zip(outcomes) {
+        let cut = watcher.await.ok().flatten();
+        let cut_after = cut.map(|at| at.saturating_duration_since(filled_at).as_secs_f64());
+        results.add(
+            "busy leader: open session survived",
+            "0/1",
+            &name,
+            f64::from(u8::from(cut_after.is_none())),
+        );
+        report.push((
+            "busy leader".into(),
+            Overload {
+                target: name,
+                cut_after,
+                new_client: outcome,
+            },
+        ));
+    }
+    wait_all_routed(bench).await;
+}
+
+/// **silent flood:** twice the leader's `max_connections` of TCP connections that send
+/// nothing, held for 10 s against one proxy at a time, while that proxy's open session is
+/// watched and a new client tries it.
+async fn flood_section(
+    results: &mut Results,
+    bench: &PgBench,
+    report: &mut Vec<(String, Overload)>,
+) {
+    const HOLD: Duration = Duration::from_secs(10);
+    let leader = bench.cluster.leader().await.unwrap_or(0);
+    let slots: usize = bench
+        .cluster
+        .pg()
+        .sql(leader, &["SHOW max_connections"])
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    for (name, a) in compared_proxies(bench) {
+        let start = Instant::now() + Duration::from_secs(1);
+        let watcher = tokio::spawn(watch_until(a, start + HOLD + Duration::from_secs(5)));
+        tokio::time::sleep_until(start.into()).await;
+        let flooded_at = Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..2 * slots {
+            if let Ok(stream) = tokio::net::TcpStream::connect(a).await {
+                silent.push(stream);
+            }
+        }
+        eprintln!(
+            "silent flood: {} silent connections to {name}",
+            silent.len()
+        );
+        let outcome = new_client_outcome(a).await;
+        tokio::time::sleep_until((flooded_at + HOLD).into()).await;
+        drop(silent);
+        let cut_after = watcher
+            .await
+            .ok()
+            .flatten()
+            .map(|at| at.saturating_duration_since(flooded_at).as_secs_f64());
+        results.add(
+            "silent flood: open session survived",
+            "0/1",
+            &name,
+            f64::from(u8::from(cut_after.is_none())),
+        );
+        report.push((
+            "silent flood".into(),
+            Overload {
+                target: name,
+                cut_after,
+                new_client: outcome,
+            },
+        ));
+        wait_all_routed(bench).await;
+    }
+}
+
+/// roleproxy (default configuration) and HAProxy.
+fn compared_proxies(bench: &PgBench) -> Vec<(String, SocketAddr)> {
+    bench
+        .targets
+        .iter()
+        .filter(|(name, _)| name == "roleproxy" || name == "haproxy")
+        .cloned()
+        .collect()
+}
+
+/// Waits until every proxy serves a new client again after an overload.
+async fn wait_all_routed(bench: &PgBench) {
+    for (name, a) in &bench.targets {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while connect(&conninfo(*a)).await.is_err() {
+            if Instant::now() >= deadline {
+                eprintln!("{name} still serves nobody 60 s after the overload");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The overload sections' table: did the open session survive, when was it cut, what did a
+/// new client see.
+fn overload_table(report: &[(String, Overload)]) -> String {
+    let mut out = String::from(
+        "| overload | target | open session survived? | cut after (s) | new client during it |\n|---|---|---|---|---|\n",
+    );
+    for (what, o) in report {
+        out.push_str(&format!(
+            "| {what} | {} | {} | {} | {} |\n",
+            o.target,
+            if o.cut_after.is_none() { "yes" } else { "no" },
+            o.cut_after
+                .map(|s| format!("{s:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            o.new_client.replace('|', "/"),
+        ));
+    }
+    out
+}
+
 fn main() {
     // `cargo test --all-targets` builds and runs benches too, without `--bench`: only build.
     if !std::env::args().any(|a| a == "--bench") {
@@ -997,6 +1215,7 @@ fn main() {
         .build()
         .expect("runtime");
     let mut results = Results::default();
+    let mut overloads = Vec::new();
     runtime.block_on(async {
         // The Postgres cluster starts with the first section that needs it, so the raw TCP
         // sections do not share the machine with its checkpoints, replication and checks.
@@ -1004,7 +1223,7 @@ fn main() {
         for section in &args.sections {
             let needs_pg = matches!(
                 section.as_str(),
-                "pgbench" | "copy" | "failover" | "transactions"
+                "pgbench" | "copy" | "failover" | "transactions" | "busy" | "flood"
             );
             if needs_pg && pg.is_none() {
                 pg = Some(pg_bench_setup(&args).await);
@@ -1016,6 +1235,8 @@ fn main() {
                 ("failover", Some(pg)) => failover_section(&args, &mut results, pg).await,
                 ("copy", Some(pg)) => copy_section(&args, &mut results, pg).await,
                 ("transactions", Some(pg)) => transactions_section(&args, &mut results, pg).await,
+                ("busy", Some(pg)) => busy_section(&mut results, pg, &mut overloads).await,
+                ("flood", Some(pg)) => flood_section(&mut results, pg, &mut overloads).await,
                 (other, _) => eprintln!("unknown section {other}"),
             }
         }
@@ -1048,6 +1269,9 @@ fn main() {
             "Failovers, distribution over rounds:\n\n{failovers}\n{}",
             results.distribution("switchover")
         );
+    }
+    if !overloads.is_empty() {
+        println!("Overload (one run each):\n\n{}", overload_table(&overloads));
     }
     let doc = json!({ "machine": machine, "rounds": args.rounds, "metrics": results.json() });
     if let Some(parent) = args.json.parent() {
