@@ -990,6 +990,8 @@ struct Overload {
     cut_after: Option<f64>,
     /// What a new client through the proxy saw during the overload.
     new_client: String,
+    /// Postgres client backends the overload added on the leader (silent flood only).
+    forked: Option<usize>,
 }
 
 /// A session through `a` that runs `SELECT 1` every 50 ms; returns when it first failed (or
@@ -1014,8 +1016,9 @@ async fn new_client_outcome(a: SocketAddr) -> String {
         let client = connect(&info).await?;
         client.simple_query("SELECT 1").await
     };
+    let started = Instant::now();
     match tokio::time::timeout(Duration::from_secs(20), attempt).await {
-        Ok(Ok(_)) => "served".into(),
+        Ok(Ok(_)) => format!("served after {:.1} s", started.elapsed().as_secs_f64()),
         Ok(Err(e)) => {
             let text = roleproxy::error_chain(&e);
             match e.code() {
@@ -1090,15 +1093,17 @@ async fn busy_section(
                 target: name,
                 cut_after,
                 new_client: outcome,
+                forked: None,
             },
         ));
     }
     wait_all_routed(bench).await;
 }
 
-/// **silent flood:** twice the leader's `max_connections` of TCP connections that send
-/// nothing, held for 10 s against one proxy at a time, while that proxy's open session is
-/// watched and a new client tries it.
+/// **silent flood:** more TCP connections that send nothing than the leader's postmaster has
+/// process slots (twice `max_connections` plus its workers and WAL senders, as Postgres
+/// counts them), held for 10 s against one proxy at a time, while that proxy's open session
+/// is watched and a new client tries it.
 async fn flood_section(
     results: &mut Results,
     bench: &PgBench,
@@ -1106,29 +1111,41 @@ async fn flood_section(
 ) {
     const HOLD: Duration = Duration::from_secs(10);
     let leader = bench.cluster.leader().await.unwrap_or(0);
-    let slots: usize = bench
-        .cluster
-        .pg()
-        .sql(leader, &["SHOW max_connections"])
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+    let setting = |name: &str| -> usize {
+        bench
+            .cluster
+            .pg()
+            .sql(leader, &[&format!("SHOW {name}")])
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let slots = 2
+        * (setting("max_connections")
+            + setting("autovacuum_max_workers")
+            + 1
+            + setting("max_wal_senders")
+            + setting("max_worker_processes"));
+    let flood = slots + 50;
     for (name, a) in compared_proxies(bench) {
+        let before = accepted(bench, leader);
         let start = Instant::now() + Duration::from_secs(1);
         let watcher = tokio::spawn(watch_until(a, start + HOLD + Duration::from_secs(5)));
         tokio::time::sleep_until(start.into()).await;
         let flooded_at = Instant::now();
         let mut silent = Vec::new();
-        for _ in 0..2 * slots {
+        for _ in 0..flood {
             if let Ok(stream) = tokio::net::TcpStream::connect(a).await {
                 silent.push(stream);
             }
         }
         eprintln!(
-            "silent flood: {} silent connections to {name}",
+            "silent flood: {} silent connections to {name} (the postmaster has {slots} process slots)",
             silent.len()
         );
         let outcome = new_client_outcome(a).await;
+        // Counted after the new client, which came after every silent one.
+        let forked = accepted(bench, leader).saturating_sub(before);
         tokio::time::sleep_until((flooded_at + HOLD).into()).await;
         drop(silent);
         let cut_after = watcher
@@ -1148,9 +1165,18 @@ async fn flood_section(
                 target: name,
                 cut_after,
                 new_client: outcome,
+                forked: Some(forked),
             },
         ));
         wait_all_routed(bench).await;
+    }
+}
+
+/// Connections node `i`'s Postgres has accepted, each with a process forked for it.
+fn accepted(bench: &PgBench, i: usize) -> usize {
+    match bench.cluster.pg_addr(i) {
+        SocketAddr::V4(addr) => roleproxy_testkit::pg::accepted_connections(addr),
+        SocketAddr::V6(_) => 0,
     }
 }
 
@@ -1182,17 +1208,18 @@ async fn wait_all_routed(bench: &PgBench) {
 /// new client see.
 fn overload_table(report: &[(String, Overload)]) -> String {
     let mut out = String::from(
-        "| overload | target | open session survived? | cut after (s) | new client during it |\n|---|---|---|---|---|\n",
+        "| overload | target | open session survived? | cut after (s) | new client during it | Postgres processes forked for it |\n|---|---|---|---|---|---|\n",
     );
     for (what, o) in report {
         out.push_str(&format!(
-            "| {what} | {} | {} | {} | {} |\n",
+            "| {what} | {} | {} | {} | {} | {} |\n",
             o.target,
             if o.cut_after.is_none() { "yes" } else { "no" },
             o.cut_after
                 .map(|s| format!("{s:.2}"))
                 .unwrap_or_else(|| "-".into()),
             o.new_client.replace('|', "/"),
+            o.forked.map_or_else(|| "-".into(), |n| n.to_string()),
         ));
     }
     out

@@ -387,17 +387,12 @@ async fn cancel_request_reaches_the_sessions_node() {
     cluster.shutdown().await;
 }
 
-/// Client backends Postgres has forked on node `i`, as `pg_stat_activity` lists them.
-fn client_backends(cluster: &LocalCluster, i: usize) -> usize {
-    cluster
-        .pg()
-        .sql(
-            i,
-            &["SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"],
-        )
-        .expect("count backends")
-        .parse()
-        .expect("a count")
+/// Connections node `i`'s Postgres has accepted (a process forked for each).
+fn accepted(cluster: &LocalCluster, i: usize) -> usize {
+    match cluster.pg_addr(i) {
+        std::net::SocketAddr::V4(addr) => roleproxy_testkit::pg::accepted_connections(addr),
+        other => panic!("{other} is not IPv4"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +421,7 @@ async fn a_silent_flood_forks_no_postgres_process_and_is_closed_after_the_deadli
         .expect("max_connections")
         .parse()
         .expect("a number");
-    let before = client_backends(&cluster, 0);
+    let before = accepted(&cluster, 0);
 
     // Twice as many clients as the leader has process slots, none of them saying a word.
     let mut silent = Vec::new();
@@ -443,10 +438,11 @@ async fn a_silent_flood_forks_no_postgres_process_and_is_closed_after_the_deadli
     open.simple_query("SELECT 1")
         .await
         .expect("the open session is unaffected");
-    assert_eq!(
-        client_backends(&cluster, 0),
-        before + 1,
-        "Postgres forked a process for the real client only"
+    // The real client's connection, and perhaps a role check's in flight; not 100 more.
+    let forked = accepted(&cluster, 0).saturating_sub(before);
+    assert!(
+        forked <= 2,
+        "Postgres accepted {forked} connections during the flood"
     );
     drop(real);
 

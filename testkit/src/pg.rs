@@ -543,6 +543,27 @@ fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgE
 
 /// Path of a Postgres binary: in `pg_config --bindir` (Debian keeps the server binaries off
 /// `PATH`), else the standard Debian location, else looked up on `PATH`.
+/// TCP connections `addr` has accepted and holds open, read from this network namespace's
+/// `/proc/net/tcp`. Postgres forks a process for each one it accepts, before any byte arrives,
+/// and in Postgres 15 `pg_stat_activity` lists none of them until their startup packet.
+pub fn accepted_connections(addr: std::net::SocketAddrV4) -> usize {
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(addr.ip().octets()),
+        addr.port()
+    );
+    fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            // ESTABLISHED is state 01.
+            fields.next() == Some(local.as_str()) && fields.nth(1) == Some("01")
+        })
+        .count()
+}
+
 pub fn pg_bin(name: &str) -> PathBuf {
     use std::sync::OnceLock;
     static BINDIR: OnceLock<PathBuf> = OnceLock::new();
