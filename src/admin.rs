@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::httpd::{self, Limits};
 use crate::leader::{describe_route, BackendStatus, Change, ListenerStatus, Route, Shared};
 use crate::metrics;
-use crate::reload::{ReloadError, Reloader};
+use crate::reload::Reloader;
 
 /// The admin port is reachable from the whole private network, and a platform health check
 /// restarts the machine when `/healthz` does not answer: a neighbour holding connections open
@@ -110,7 +110,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, cancel: Cancel
 
 async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<Bytes>> {
     if request.uri().path() == "/reload" {
-        return reload(state, request.method()).await;
+        let force = request
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|pair| pair == "force=true"));
+        return reload(state, request.method(), force).await;
     }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(
@@ -161,7 +165,8 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
 
 /// `POST /reload`: re-reads the configuration file; 200 with what changed, 400 with why the
 /// file was refused (the running configuration stays), 403 while `admin.allow_changes` is off.
-async fn reload(state: &AdminState, method: &Method) -> Response<Full<Bytes>> {
+/// `?force=true` applies a `[check]` that the current leader does not answer `leader` to.
+async fn reload(state: &AdminState, method: &Method, force: bool) -> Response<Full<Bytes>> {
     if method != Method::POST {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -178,12 +183,9 @@ async fn reload(state: &AdminState, method: &Method) -> Response<Full<Bytes>> {
     let Some(reloader) = &state.reloader else {
         return text(StatusCode::NOT_IMPLEMENTED, "no reload here\n".into());
     };
-    match reloader.reload().await {
+    match reloader.reload_with(force).await {
         Ok(summary) => text(StatusCode::OK, format!("{summary}\n")),
-        Err(
-            e
-            @ (ReloadError::Config(_) | ReloadError::Bind { .. } | ReloadError::CheckFails { .. }),
-        ) => text(
+        Err(e) if e.is_refusal() => text(
             StatusCode::BAD_REQUEST,
             format!("reload refused, the running configuration stays: {e}\n"),
         ),

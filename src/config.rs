@@ -40,6 +40,15 @@ pub struct Config {
     pub check: CheckConfig,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
+    pub reload: ReloadConfig,
+}
+
+/// How a reload of this file is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReloadConfig {
+    /// Apply a `[check]` change even when the current leader does not answer `leader` to it
+    /// (the way to force a reload sent with SIGHUP; `POST /reload?force=true` is the other).
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -283,6 +292,10 @@ pub struct AdminConfig {
     /// Whether requests that change state (`POST /reload`) are served. The admin port is
     /// reachable by every node of the private network, so this is off unless asked for.
     pub allow_changes: bool,
+    /// How long a per-backend metric series may stay unchanged before it is removed; the
+    /// series of backends still known are kept fresh, so only departed ones go. Start-up only.
+    #[serde(serialize_with = "human")]
+    pub metrics_expiry: Duration,
 }
 
 /// More sessions than any descriptor limit allows; also keeps the limit's arithmetic small.
@@ -308,6 +321,13 @@ struct RawConfig {
     check: RawCheck,
     proxy: RawProxy,
     admin: RawAdmin,
+    reload: RawReload,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawReload {
+    force: bool,
 }
 
 #[derive(Deserialize)]
@@ -454,6 +474,7 @@ impl Default for RawProxy {
 struct RawAdmin {
     address: String,
     allow_changes: bool,
+    metrics_expiry: String,
 }
 
 impl Default for RawAdmin {
@@ -461,6 +482,7 @@ impl Default for RawAdmin {
         Self {
             address: "[::]:8404".into(),
             allow_changes: false,
+            metrics_expiry: "2m".into(),
         }
     }
 }
@@ -499,6 +521,14 @@ impl Config {
         }];
         all.extend(self.listeners.iter().cloned());
         all
+    }
+
+    /// How long a per-backend metric series may stay unchanged: `admin.metrics_expiry`, but at
+    /// least twice `check.interval + check.timeout`. A live backend's latency histogram is
+    /// refreshed only by its checks, so it must not expire between two of them.
+    pub fn metrics_expiry(&self) -> Duration {
+        let check_gap = self.check.interval.saturating_add(self.check.timeout);
+        self.admin.metrics_expiry.max(check_gap.saturating_mul(2))
     }
 
     /// A name for the cluster in logs and client errors, e.g. `iad.app.internal`.
@@ -912,19 +942,81 @@ impl RawConfig {
                 Some(x.addr("admin.address", &admin_text)?)
             },
             allow_changes: self.admin.allow_changes,
+            metrics_expiry: x.duration("admin.metrics_expiry", &self.admin.metrics_expiry)?,
         };
-
         let listeners = validate_listeners(self.listeners, &listen, x)?;
 
-        Ok(Config {
+        let config = Config {
             listen,
             listeners,
             backends,
             check,
             proxy,
             admin,
-        })
+            reload: ReloadConfig {
+                force: self.reload.force,
+            },
+        };
+        refuse_loops(&config, &crate::loops::local_interfaces())?;
+        Ok(config)
     }
+}
+
+/// Refuses an address to connect to that is one of the proxy's own listening sockets (given
+/// exactly, or covered by a wildcard on a local interface): every client sent there would come
+/// back in and connect again. Listeners on port 0 are checked once bound, at connect.
+fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<(), ConfigError> {
+    use crate::loops::{covering, Listening};
+    let mut own: Vec<(Listening, String)> = Vec::new();
+    for (i, spec) in config.all_listeners().iter().enumerate() {
+        for (j, addr) in spec.addresses.iter().enumerate() {
+            let key = if i == 0 {
+                format!("listen.addresses[{j}]")
+            } else {
+                format!("listeners[{}].addresses[{j}]", i - 1)
+            };
+            let listening = Listening {
+                addr: *addr,
+                dual_stack: false,
+            };
+            own.push((listening, key));
+        }
+    }
+    if let Some(addr) = config.admin.address {
+        let listening = Listening {
+            addr,
+            dual_stack: addr.is_ipv6(),
+        };
+        own.push((listening, "admin.address".to_string()));
+    }
+    let listening: Vec<Listening> = own.iter().map(|(l, _)| *l).collect();
+    let mut targets: Vec<(String, SocketAddr)> = config
+        .backends
+        .backup
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("backends.backup[{i}]"), *a))
+        .collect();
+    for (i, spec) in config.listeners.iter().enumerate() {
+        if let Serves::Target(addr) = spec.serves {
+            targets.push((format!("listeners[{i}].target"), addr));
+        }
+    }
+    for (key, target) in targets {
+        if let Some(listen) = covering(target, &listening, locals) {
+            let owner = own
+                .iter()
+                .find(|(l, _)| l.addr == listen)
+                .map_or("", |(_, key)| key.as_str());
+            return Err(invalid(
+                &key,
+                format!(
+                    "{target} is this proxy's own listening address ({owner} = {listen} covers it): clients would loop back into the proxy"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn validate_check(
@@ -1133,14 +1225,7 @@ fn validate_listeners(
                         "only used with serves = \"replica\"",
                     ));
                 }
-                let target = x.connect_addr(&key("target"), target)?;
-                if addresses.contains(&target) {
-                    return Err(invalid(
-                        &key("target"),
-                        format!("{target} is this listener's own address: clients would loop"),
-                    ));
-                }
-                Serves::Target(target)
+                Serves::Target(x.connect_addr(&key("target"), target)?)
             }
             (serves, None) => {
                 let serves = x.string(&key("serves"), serves.as_deref().unwrap_or("leader"))?;
@@ -1464,6 +1549,39 @@ mod tests {
                 &["allow_changes", "invalid type"],
             ),
             (
+                "[admin]\nmetrics_expiry = \"often\"",
+                &["admin.metrics_expiry", "bad duration"],
+            ),
+            ("[reload]\nforce = \"yes\"", &["force", "invalid type"]),
+            (
+                "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]",
+                &[
+                    "backends.backup[0]",
+                    "listen.addresses[0] = 127.0.0.1:6432",
+                    "loop",
+                ],
+            ),
+            (
+                "[backends]\nbackup = [\"127.0.0.1:5433\", \"127.3.2.1:5432\"]",
+                &["backends.backup[1]", "listen.addresses[0] = 0.0.0.0:5432", "loop"],
+            ),
+            (
+                "[backends]\nbackup = [\"0.0.0.0:5432\"]",
+                &["backends.backup[0]", "0.0.0.0:5432", "loop"],
+            ),
+            (
+                "[backends]\nbackup = [\"[::1]:5432\"]",
+                &["backends.backup[0]", "listen.addresses[1] = [::]:5432", "loop"],
+            ),
+            (
+                "[backends]\nbackup = [\"127.0.0.1:8404\"]",
+                &["backends.backup[0]", "admin.address = [::]:8404", "loop"],
+            ),
+            (
+                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\n[[listeners]]\naddresses = [\"127.0.0.1:6000\"]\ntarget = \"127.0.0.1:5434\"",
+                &["listeners[1].target", "listeners[0].addresses[0] = 0.0.0.0:5434", "loop"],
+            ),
+            (
                 "[[listeners]]\nname = \"r\"",
                 &["missing field", "addresses"],
             ),
@@ -1564,6 +1682,8 @@ mod tests {
             message.contains("check.password") && !message.contains("s3cret"),
             "{message}"
         );
+        let forced = parse("[reload]\nforce = true").expect("valid");
+        assert!(forced.reload.force && !parse("").expect("valid").reload.force);
         let debug = format!(
             "{:?}",
             parse("[check]\nkind = \"postgres\"\npassword = \"s3cret\"").expect("valid")

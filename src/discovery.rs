@@ -3,9 +3,15 @@
 //!
 //! A failed lookup keeps that name's last good answer: a DNS outage must not look like every
 //! node leaving. Only [`DnsResolver`] touches hickory.
+//!
+//! Answers no node can have are dropped with a warning: the unspecified address (a connect to
+//! `0.0.0.0` reaches this host), multicast and broadcast. Loopback stays allowed: a proxy may
+//! front a node on its own host, and the tests' nodes are loopback addresses. An address that
+//! is one of the proxy's own listeners is dropped too ([`crate::loops`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{
@@ -19,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, IpFamily};
 use crate::leader::{Backend, Event, Source};
+use crate::loops::OwnAddrs;
 use crate::metrics as m;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +123,35 @@ fn list(ips: &[IpAddr]) -> String {
         .join(", ")
 }
 
+/// Why an answer cannot be a node, or `None` when it can. Pure.
+pub fn odd_address(ip: IpAddr) -> Option<&'static str> {
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() {
+        return Some("unspecified");
+    }
+    if ip.is_multicast() {
+        return Some("multicast");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("broadcast"),
+        _ => None,
+    }
+}
+
+/// Splits one name's answer into the addresses that can be nodes and those dropped, each with
+/// its reason. Pure.
+pub fn usable_addresses(ips: &[IpAddr]) -> (Vec<IpAddr>, Vec<(IpAddr, &'static str)>) {
+    let mut usable = Vec::new();
+    let mut dropped = Vec::new();
+    for ip in ips {
+        match odd_address(*ip) {
+            None => usable.push(*ip),
+            Some(reason) => dropped.push((*ip, reason)),
+        }
+    }
+    (usable, dropped)
+}
+
 /// Picks the addresses kept for one name: the preferred family when the name has it, sorted,
 /// deduplicated, at most `max`. Pure.
 pub fn select_addresses(ips: &[IpAddr], prefer: IpFamily, max: usize) -> Vec<IpAddr> {
@@ -158,6 +194,7 @@ pub fn backend_set(
 pub async fn run(
     mut configs: watch::Receiver<BackendsConfig>,
     events: mpsc::Sender<Event>,
+    own: Arc<OwnAddrs>,
     cancel: CancellationToken,
 ) {
     let mut config = configs.borrow_and_update().clone();
@@ -169,6 +206,8 @@ pub async fn run(
     let mut last_good: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut last_sent: Option<Vec<Backend>> = None;
     let mut failing_sent: Vec<String> = Vec::new();
+    // Dropped answers already warned about, so a steady bad answer logs once, not every tick.
+    let mut warned: BTreeSet<(SocketAddr, &'static str)> = BTreeSet::new();
     let mut tick = tokio::time::interval(config.resolve_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -195,6 +234,7 @@ pub async fn run(
             }
         }
         let mut failing: Vec<String> = Vec::new();
+        let mut dropped: BTreeSet<(SocketAddr, &'static str)> = BTreeSet::new();
         if let Some(resolver) = &resolver {
             for name in &config.dns_names {
                 let result = tokio::select! {
@@ -204,6 +244,15 @@ pub async fn run(
                 match result {
                     Ok(ips) => {
                         m::dns_resolution(name, "ok");
+                        let (ips, odd) = usable_addresses(&ips);
+                        for (ip, reason) in odd {
+                            m::discovery_dropped(reason);
+                            let addr = SocketAddr::new(ip, config.port);
+                            if !warned.contains(&(addr, reason)) {
+                                tracing::warn!(name = %name, address = %ip, reason, "DNS answer dropped: no node has this address");
+                            }
+                            dropped.insert((addr, reason));
+                        }
                         let kept = select_addresses(&ips, config.prefer, config.max);
                         if last_good.get(name) != Some(&kept) {
                             tracing::info!(name = %name, addresses = %list(&kept), "DNS answer changed");
@@ -228,7 +277,20 @@ pub async fn run(
             }
             failing_sent = failing;
         }
-        let set = backend_set(&last_good, config.port, &config.backup);
+        own.refresh_interfaces();
+        let mut set = backend_set(&last_good, config.port, &config.backup);
+        set.retain(|backend| {
+            let Some(listener) = own.covering(backend.addr) else {
+                return true;
+            };
+            m::discovery_dropped(OWN_ADDRESS);
+            if !warned.contains(&(backend.addr, OWN_ADDRESS)) {
+                tracing::warn!(backend = %backend.addr, sources = %backend.sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), %listener, "backend dropped: it is this proxy's own listener, and connecting to it would loop");
+            }
+            dropped.insert((backend.addr, OWN_ADDRESS));
+            false
+        });
+        warned = dropped;
         if last_sent.as_ref() != Some(&set) {
             if events.send(Event::Backends(set.clone())).await.is_err() {
                 return;
@@ -237,6 +299,9 @@ pub async fn run(
         }
     }
 }
+
+/// The `reason` of a backend dropped for being one of the proxy's own listeners.
+pub const OWN_ADDRESS: &str = "own_address";
 
 fn resolver_for(config: &BackendsConfig) -> Option<DnsResolver> {
     match DnsResolver::new(&config.nameservers, config.resolve_timeout) {
@@ -306,6 +371,37 @@ mod tests {
         for (what, ips, prefer, max, expected) in rows {
             assert_eq!(select_addresses(&ips, prefer, max), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn odd_answers_are_dropped_and_loopback_stays() {
+        // (answer, why it is dropped)
+        let rows: &[(&str, Option<&str>)] = &[
+            ("0.0.0.0", Some("unspecified")),
+            ("::", Some("unspecified")),
+            ("::ffff:0.0.0.0", Some("unspecified")),
+            ("224.0.0.1", Some("multicast")),
+            ("239.255.255.250", Some("multicast")),
+            ("ff02::1", Some("multicast")),
+            ("ff05::1:3", Some("multicast")),
+            ("255.255.255.255", Some("broadcast")),
+            ("::ffff:255.255.255.255", Some("broadcast")),
+            ("127.0.0.1", None),
+            ("127.9.0.11", None),
+            ("::1", None),
+            ("10.0.0.1", None),
+            ("fdaa::3", None),
+            ("169.254.1.1", None),
+        ];
+        for (answer, expected) in rows {
+            assert_eq!(odd_address(ip(answer)), *expected, "{answer}");
+        }
+        let (usable, dropped) = usable_addresses(&[ip("0.0.0.0"), ip("127.0.0.11"), ip("ff02::1")]);
+        assert_eq!(usable, vec![ip("127.0.0.11")]);
+        assert_eq!(
+            dropped,
+            vec![(ip("0.0.0.0"), "unspecified"), (ip("ff02::1"), "multicast")]
+        );
     }
 
     #[test]

@@ -705,6 +705,8 @@ pub struct Shared {
     pub cluster: Mutex<String>,
     /// Starts the core tasks (check loops, listeners) and knows whether one has ended.
     pub supervisor: Supervisor,
+    /// The proxy's own addresses, which nothing connects to.
+    pub own: Arc<crate::loops::OwnAddrs>,
 }
 
 /// What `/status` shows for one listener.
@@ -857,6 +859,7 @@ impl LeaderView {
             history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
             listeners: Mutex::new(Vec::new()),
             cluster: Mutex::new(String::new()),
+            own: Arc::new(crate::loops::OwnAddrs::new()),
             events: events_tx,
             supervisor,
         });

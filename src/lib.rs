@@ -11,6 +11,7 @@
 //! - [`discovery`]: DNS names and backup addresses → the backend set.
 //! - [`check`]: one role check (HTTP GET → [`leader::Role`]) and the per-backend check loop.
 //! - [`leader`]: **the routing rules** ([`leader::decide`]) and the task that publishes the route.
+//! - [`loops`]: the proxy's own addresses, which it never connects to.
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
@@ -35,6 +36,7 @@ pub mod discovery;
 pub mod framing;
 mod httpd;
 pub mod leader;
+pub mod loops;
 pub mod metrics;
 pub mod pgwire;
 pub mod preconnect;
@@ -75,7 +77,7 @@ pub struct Proxy {
     admin: Option<TcpListener>,
     source: Option<PathBuf>,
     reloader: Reloader,
-    reloads: mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, ReloadError>>>,
+    reloads: mpsc::Receiver<reload::Request>,
 }
 
 impl Proxy {
@@ -138,8 +140,9 @@ impl Proxy {
     /// `proxy.shutdown_grace` to finish, and closes the rest. Reload requests are applied
     /// meanwhile.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        metrics::install();
         let config = self.config;
+        let expiry = config.metrics_expiry();
+        metrics::install(expiry);
         let background = CancellationToken::new();
         let (supervisor, mut ended) = supervise::Supervisor::new();
 
@@ -153,10 +156,16 @@ impl Proxy {
         supervisor.spawn(
             "discovery",
             background.clone(),
-            discovery::run(backend_configs, shared.events.clone(), background.clone()),
+            discovery::run(
+                backend_configs,
+                shared.events.clone(),
+                Arc::clone(&shared.own),
+                background.clone(),
+            ),
         );
         let stop_accepting = CancellationToken::new();
         let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
+        let admin = self.admin.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = self.admin {
             let state = Arc::new(admin::AdminState {
                 shared: Arc::clone(&shared),
@@ -188,9 +197,13 @@ impl Proxy {
                 background: background.clone(),
                 hard_stop: hard_stop.clone(),
                 tracker: tracker.clone(),
+                admin,
             },
         );
 
+        // Several times per expiry, so a live backend's series never expire between two.
+        let mut keep_alive = tokio::time::interval(expiry / 4);
+        keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failure = None;
         loop {
@@ -200,8 +213,9 @@ impl Proxy {
                     failure = Some(task);
                     break;
                 }
-                Some(reply) = self.reloads.recv() => {
-                    let outcome = running.reload().await;
+                _ = keep_alive.tick() => metrics::keep_alive(running.metered_backends()),
+                Some((force, reply)) = self.reloads.recv() => {
+                    let outcome = running.reload(force).await;
                     if let Err(e) = &outcome {
                         tracing::error!(error = %e, "reload refused; the running configuration stays");
                     }

@@ -2,15 +2,25 @@
 //!
 //! Prometheus conventions: `_total` counters, `_seconds` and `_bytes` units, `backend`,
 //! `listener` and `result` labels.
+//!
+//! Series labelled by backend ([`PER_BACKEND`]) live in a recorder of their own that removes
+//! a series once it has not changed for `admin.metrics_expiry`: backends come and go with
+//! every deploy, and a departed one must not keep its ~30 series forever. The series of every
+//! backend still known are touched by [`keep_alive`], so only departed ones expire. Every other
+//! series is kept for the life of the process.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use metrics::{
-    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
+use metrics_util::MetricKindMask;
 
 use crate::leader::Role;
 use crate::pgwire::Liveness;
@@ -31,10 +41,11 @@ pub const POSTGRES_PROBES_TOTAL: &str = "roleproxy_postgres_probes_total";
 pub const LEADER_UNCONFIRMED: &str = "roleproxy_leader_unconfirmed";
 pub const ROUTE_UP: &str = "roleproxy_route_up";
 pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
+pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
 
 /// Every `result` a session or a refused client can end with, so each listener's counters
 /// exist at 0 from its start.
-pub const SESSION_RESULTS: [&str; 12] = [
+pub const SESSION_RESULTS: [&str; 13] = [
     "closed",
     "error",
     "drained",
@@ -47,6 +58,7 @@ pub const SESSION_RESULTS: [&str; 12] = [
     "limit",
     "silent",
     "half_closed",
+    "loop",
 ];
 
 /// Every `result` of a DNS lookup (`ok`, or the error's label).
@@ -59,42 +71,159 @@ pub const DNS_RESULTS: [&str; 6] = [
     "error",
 ];
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+/// The metrics labelled by backend: they expire once a backend is gone.
+pub const PER_BACKEND: [&str; 5] = [
+    CHECKS_TOTAL,
+    CHECK_DURATION,
+    BACKEND_ROLE,
+    CONNECT_FAILURES_TOTAL,
+    POSTGRES_PROBES_TOTAL,
+];
 
-/// Installs the process-wide recorder once; later calls return the same handle.
-/// `None` when another recorder was installed first (metrics then go there).
-pub fn install() -> Option<&'static PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let buckets = [
-                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-            ];
-            let handle = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
-                .and_then(|b| b.install_recorder());
-            match handle {
-                Ok(handle) => {
-                    describe();
-                    process_series_at_zero();
-                    Some(handle)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics recorder not installed");
-                    None
-                }
-            }
-        })
-        .as_ref()
+/// Reasons a discovered or configured backend address is dropped.
+pub const DROP_REASONS: [&str; 4] = ["unspecified", "multicast", "broadcast", "own_address"];
+
+/// The two recorders: one keeps its series, the other lets per-backend series expire.
+struct Recorders {
+    kept: PrometheusRecorder,
+    expiring: PrometheusRecorder,
 }
 
-/// Prometheus text for `/metrics`, each family's series in label order.
-pub fn render() -> String {
-    match install() {
-        Some(handle) => {
-            handle.run_upkeep();
-            sort_series(&handle.render())
+impl Recorders {
+    fn pick(&self, name: &str) -> &PrometheusRecorder {
+        if PER_BACKEND.contains(&name) {
+            &self.expiring
+        } else {
+            &self.kept
         }
-        None => String::new(),
+    }
+}
+
+impl Recorder for Recorders {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.pick(key.as_str())
+            .describe_counter(key, unit, description)
+    }
+
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.pick(key.as_str())
+            .describe_gauge(key, unit, description)
+    }
+
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.pick(key.as_str())
+            .describe_histogram(key, unit, description)
+    }
+
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.pick(key.name()).register_counter(key, metadata)
+    }
+
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.pick(key.name()).register_gauge(key, metadata)
+    }
+
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.pick(key.name()).register_histogram(key, metadata)
+    }
+}
+
+struct Handles {
+    kept: PrometheusHandle,
+    expiring: PrometheusHandle,
+    /// Renders of the expiring recorder take turns. Two at once can leave an expired histogram
+    /// behind for good: one removes it while the other, working from an older list, puts its
+    /// buckets back where nothing will ever remove them again.
+    rendering: Mutex<()>,
+}
+
+impl Handles {
+    /// The expiring recorder's text; also when its expired series are removed.
+    fn render_expiring(&self) -> String {
+        let _turn = self
+            .rendering
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.expiring.run_upkeep();
+        self.expiring.render()
+    }
+}
+
+static HANDLES: OnceLock<Option<Handles>> = OnceLock::new();
+
+/// Installs the process-wide recorder once, with per-backend series expiring after `expiry`
+/// without change; later calls keep the first. Does nothing when another recorder was
+/// installed first (metrics then go there).
+pub fn install(expiry: Duration) {
+    HANDLES.get_or_init(|| {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
+        let builder = || {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)
+        };
+        let recorders = builder().and_then(|kept| {
+            let expiring = builder()?.idle_timeout(MetricKindMask::ALL, Some(expiry));
+            Ok(Recorders {
+                kept: kept.build_recorder(),
+                expiring: expiring.build_recorder(),
+            })
+        });
+        let recorders = match recorders {
+            Ok(recorders) => recorders,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                return None;
+            }
+        };
+        let handles = Handles {
+            kept: recorders.kept.handle(),
+            expiring: recorders.expiring.handle(),
+            rendering: Mutex::new(()),
+        };
+        match metrics::set_global_recorder(recorders) {
+            Ok(()) => {
+                describe();
+                process_series_at_zero();
+                Some(handles)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics recorder not installed");
+                None
+            }
+        }
+    });
+}
+
+/// Prometheus text for `/metrics`, each family's series in label order. Rendering is also
+/// when expired series are removed.
+pub fn render() -> String {
+    match HANDLES.get() {
+        Some(Some(handles)) => {
+            handles.kept.run_upkeep();
+            let mut text = handles.kept.render();
+            text.push_str(&handles.render_expiring());
+            sort_series(&text)
+        }
+        _ => String::new(),
+    }
+}
+
+/// Touches every series of the backends still known (at 0 where a series did not exist yet),
+/// then removes the series that expired: those of departed backends. Call it several times per
+/// `admin.metrics_expiry`. A latency histogram cannot be touched without a sample; a live
+/// backend records one at every check.
+pub fn keep_alive(backends: impl IntoIterator<Item = SocketAddr>) {
+    for addr in backends {
+        backend_joined(addr);
+        let backend = addr.to_string();
+        for label in Role::LABELS {
+            gauge!(BACKEND_ROLE, "backend" => backend.clone(), "role" => label).increment(0.0);
+        }
+    }
+    if let Some(Some(handles)) = HANDLES.get() {
+        handles.render_expiring();
     }
 }
 
@@ -146,6 +275,9 @@ fn process_series_at_zero() {
     gauge!(LEADER_UNCONFIRMED).set(0.0);
     for direction in ["client_to_backend", "backend_to_client"] {
         counter!(BYTES_TOTAL, "direction" => direction).increment(0);
+    }
+    for reason in DROP_REASONS {
+        counter!(DISCOVERY_DROPPED_TOTAL, "reason" => reason).increment(0);
     }
     // Registered, not recorded: an empty histogram until the first client waits.
     let _ = histogram!(LEADER_WAIT);
@@ -230,6 +362,10 @@ fn describe() {
         MAX_CONNECTIONS,
         "proxy.max_connections, the limit on open sessions"
     );
+    describe_counter!(
+        DISCOVERY_DROPPED_TOTAL,
+        "Backend addresses dropped: unspecified, multicast or broadcast DNS answers, or the proxy's own listener"
+    );
 }
 
 pub fn session_started(listener: &Arc<str>) {
@@ -295,6 +431,10 @@ pub fn leader_wait(waited: Duration) {
     histogram!(LEADER_WAIT).record(waited.as_secs_f64());
 }
 
+pub fn discovery_dropped(reason: &'static str) {
+    counter!(DISCOVERY_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
 pub fn connect_failed(backend: SocketAddr) {
     counter!(CONNECT_FAILURES_TOTAL, "backend" => backend.to_string()).increment(1);
 }
@@ -305,7 +445,8 @@ pub fn postgres_probe(backend: SocketAddr, liveness: &Liveness) {
 }
 
 /// Registers a backend's counters at 0 when it joins, so a rate or an alert over them works
-/// from its first check, probe or failed connect.
+/// from its first check, probe or failed connect. [`keep_alive`] calls it again while the
+/// backend is known; once it is gone, these series expire with the rest of its series.
 pub fn backend_joined(backend: SocketAddr) {
     let backend = backend.to_string();
     for result in Liveness::LABELS {

@@ -86,6 +86,7 @@ impl Preconnect {
         self: Arc<Self>,
         mut route: watch::Receiver<Route>,
         connect_timeout: Duration,
+        own: Arc<crate::loops::OwnAddrs>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -94,7 +95,8 @@ impl Preconnect {
                 (r.generation, r.leader())
             };
             self.prune(generation, leader);
-            if let Some(addr) = leader {
+            // A leader at one of the proxy's own addresses would be a loop; sessions refuse it.
+            if let Some(addr) = leader.filter(|addr| own.covering(*addr).is_none()) {
                 while self.len() < self.size && route.borrow().generation == generation {
                     let connected =
                         tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await;
@@ -159,7 +161,8 @@ mod tests {
         let (tx, rx) = watch::channel(route);
         let pool = Preconnect::new(2);
         let cancel = CancellationToken::new();
-        tokio::spawn(Arc::clone(&pool).run(rx, Duration::from_secs(1), cancel.clone()));
+        let own = Arc::new(crate::loops::OwnAddrs::new());
+        tokio::spawn(Arc::clone(&pool).run(rx, Duration::from_secs(1), own, cancel.clone()));
         for _ in 0..100 {
             if pool.len() == 2 {
                 break;

@@ -279,6 +279,28 @@ enum NoLeader {
     /// This host, not the leader, is out of descriptors or memory.
     #[error("roleproxy is out of resources: {0}")]
     OutOfResources(String),
+    /// The backend is one of the proxy's own listening addresses (it became local after
+    /// discovery last looked): connecting would bring the client back in, again and again.
+    #[error(
+        "{addr} is this proxy's own listening address ({listener}); refusing to connect to itself"
+    )]
+    Loop {
+        addr: SocketAddr,
+        listener: SocketAddr,
+    },
+}
+
+impl Sessions {
+    /// The last line of defence against a loop: refuses an address the proxy listens on.
+    fn refuse_loop(&self, addr: SocketAddr) -> Result<(), NoLeader> {
+        match self.shared.own.covering(addr) {
+            Some(listener) => {
+                tracing::error!(backend = %addr, %listener, "backend is this proxy's own listener; refusing to connect to itself");
+                Err(NoLeader::Loop { addr, listener })
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// A connected backend, and what ends its session besides the client.
@@ -426,6 +448,7 @@ async fn refuse_client(
             ("unreachable", pgwire::CANNOT_CONNECT_NOW)
         }
         NoLeader::Shutdown | NoLeader::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
+        NoLeader::Loop { .. } => ("loop", pgwire::CANNOT_CONNECT_NOW),
         _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
     };
     let message = match (&reason, plan.serves) {
@@ -552,6 +575,7 @@ async fn connect_replica(
         // Counted before connecting, so a burst of clients spreads over the replicas.
         if let Some(counted) = sessions.shared.pick_replica(&set, &failed, turn) {
             let addr = counted.addr();
+            sessions.refuse_loop(addr)?;
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + config.connect_timeout),
                 TcpStream::connect(addr),
@@ -613,6 +637,7 @@ async fn connect_replica(
 /// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
 async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connected, NoLeader> {
     let config = &sessions.config;
+    sessions.refuse_loop(addr)?;
     let mut attempt = 0;
     loop {
         let error =
@@ -674,6 +699,7 @@ async fn connect_leader(
         if failed_generation != Some(generation) {
             failures = 0;
         }
+        sessions.refuse_loop(addr)?;
         if let Some(warm) = sessions
             .preconnect
             .as_ref()

@@ -5,6 +5,11 @@
 //! survives a reload is what sessions depend on: the leader view keeps every backend's confirmed
 //! role, discovery keeps its last good answers, so a leader that is still the leader keeps its
 //! route generation and its sessions.
+//!
+//! A new `[check]` is first tried on the current leader: unless it answers `leader`, the reload
+//! is refused, since applied it would move the route and close every session at once. An
+//! operator who means it forces the reload (`POST /reload?force=true`, or `reload.force = true`
+//! in the file for SIGHUP).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::check::{self, CheckSettings, Observation};
-use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig};
+use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
 use crate::leader::{Event, ListenerStatus, Role, Shared, ViewSettings};
+use crate::loops::Listening;
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
@@ -40,8 +46,28 @@ pub enum ReloadError {
     Stopped,
     /// The new `[check]` could not even ask the current leader (wrong port, path, password):
     /// applied, it would take every node down and close every session.
-    #[error("check: the new settings cannot check the current leader {leader}: {error}")]
+    #[error(
+        "check: the new settings cannot check the current leader {leader}: {error}; {FORCE_HINT}"
+    )]
     CheckFails { leader: SocketAddr, error: String },
+    /// The new `[check]` hears the current leader say something other than `leader` (a leader
+    /// word it does not know, another path or port, another kind): applied, it would move the
+    /// route and close every session.
+    #[error("check: with the new settings the current leader {leader} answers {role}, not leader; applied, this would close every session; {FORCE_HINT}")]
+    NotLeader { leader: SocketAddr, role: Role },
+    /// The new `[check]` could not tell (the leader or this host is out of resources).
+    #[error("check: the new settings could not tell the current leader {leader}'s role (it or this host is out of resources); try again, or {FORCE_HINT}")]
+    Undecided { leader: SocketAddr },
+}
+
+const FORCE_HINT: &str =
+    "to apply it anyway, POST /reload?force=true or set reload.force = true in the file";
+
+impl ReloadError {
+    /// The file or its settings were refused (as opposed to the proxy stopping).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, ReloadError::NoSource | ReloadError::Stopped)
+    }
 }
 
 type ListenerKey = (String, SocketAddr);
@@ -51,23 +77,32 @@ pub(crate) type Bound = (ListenerConfig, SocketAddr, TcpListener);
 
 type Reply = oneshot::Sender<Result<String, ReloadError>>;
 
+/// A reload request: whether it is forced, and where the outcome goes.
+pub(crate) type Request = (bool, Reply);
+
 /// Asks the running proxy to reload its configuration file; cheap to clone.
 #[derive(Clone)]
 pub struct Reloader {
-    requests: mpsc::Sender<Reply>,
+    requests: mpsc::Sender<Request>,
 }
 
 impl Reloader {
-    pub(crate) fn channel() -> (Reloader, mpsc::Receiver<Reply>) {
+    pub(crate) fn channel() -> (Reloader, mpsc::Receiver<Request>) {
         let (requests, receiver) = mpsc::channel(8);
         (Reloader { requests }, receiver)
     }
 
     /// Reloads and waits for the outcome: what changed, or why nothing did.
     pub async fn reload(&self) -> Result<String, ReloadError> {
+        self.reload_with(false).await
+    }
+
+    /// Reloads; `force` applies a `[check]` change even when the current leader does not
+    /// answer `leader` to it.
+    pub async fn reload_with(&self, force: bool) -> Result<String, ReloadError> {
         let (reply, outcome) = oneshot::channel();
         self.requests
-            .send(reply)
+            .send((force, reply))
             .await
             .map_err(|_| ReloadError::Stopped)?;
         outcome.await.map_err(|_| ReloadError::Stopped)?
@@ -101,6 +136,8 @@ pub(crate) struct Running {
     background: CancellationToken,
     /// Whether the admin port serves `POST /reload`; read by the admin handlers.
     pub allow_changes: watch::Sender<bool>,
+    /// The bound admin address, which counts as the proxy's own.
+    admin: Option<SocketAddr>,
 }
 
 /// Parts that outlive every reload.
@@ -112,6 +149,8 @@ pub(crate) struct Fixed {
     pub background: CancellationToken,
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
+    /// The bound admin address, which counts as the proxy's own.
+    pub admin: Option<SocketAddr>,
 }
 
 impl Running {
@@ -143,12 +182,31 @@ impl Running {
             stop_accepting: fixed.stop_accepting,
             background: fixed.background,
             allow_changes: fixed.allow_changes,
+            admin: fixed.admin,
         };
         for (spec, addr, listener) in bound {
             running.spawn_listener(spec, addr, listener);
         }
         running.publish_listeners();
+        running.publish_own();
         running
+    }
+
+    /// Backends whose metric series are kept: every one the leader view still knows, and the
+    /// fixed targets.
+    pub fn metered_backends(&self) -> Vec<SocketAddr> {
+        let mut backends: Vec<SocketAddr> = self
+            .shared
+            .backends
+            .lock()
+            .map(|b| b.iter().map(|b| b.address).collect())
+            .unwrap_or_default();
+        for spec in &self.config.listeners {
+            if let Serves::Target(addr) = spec.serves {
+                backends.push(addr);
+            }
+        }
+        backends
     }
 
     fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
@@ -184,20 +242,50 @@ impl Running {
         })
     }
 
-    /// Runs one check of the current leader with the new settings. Only a check that fails
-    /// outright refuses the reload; an answer of another role is the new settings' verdict.
-    async fn try_check(&self, new: &Config) -> Result<(), ReloadError> {
+    /// Runs one check of the current leader with the new settings: anything but `leader`
+    /// refuses the reload, unless it is forced (then the refusal is only logged and returned
+    /// as a note for the summary).
+    async fn try_check(&self, new: &Config, force: bool) -> Result<Option<String>, ReloadError> {
         let Some(leader) = self.shared.route.borrow().leader() else {
-            return Ok(());
+            return Ok(None);
         };
         let settings = CheckSettings::from_config(&new.check);
-        match check::check_role(settings.endpoint(leader), &settings).await {
+        let refusal = match check::check_role(settings.endpoint(leader), &settings).await {
+            Some(Observation {
+                role: Role::Leader, ..
+            }) => return Ok(None),
             Some(Observation {
                 role: Role::Down(error),
                 ..
-            }) => Err(ReloadError::CheckFails { leader, error }),
-            _ => Ok(()),
+            }) => ReloadError::CheckFails { leader, error },
+            Some(Observation { role, .. }) => ReloadError::NotLeader { leader, role },
+            None => ReloadError::Undecided { leader },
+        };
+        if !force {
+            return Err(refusal);
         }
+        tracing::warn!(reason = %refusal, "reload forced");
+        Ok(Some(format!("forced past: {refusal}")))
+    }
+
+    /// Tells sessions and discovery which addresses are the proxy's own.
+    fn publish_own(&self) {
+        let mut listening: Vec<Listening> = self
+            .listeners
+            .values()
+            .filter_map(|l| l.local)
+            .map(|addr| Listening {
+                addr,
+                dual_stack: false,
+            })
+            .collect();
+        if let Some(addr) = self.admin {
+            listening.push(Listening {
+                addr,
+                dual_stack: addr.is_ipv6(),
+            });
+        }
+        self.shared.own.set_listening(listening);
     }
 
     /// Tells `/status` and the stats page which listeners run, in configuration order, and the
@@ -234,18 +322,20 @@ impl Running {
         }
     }
 
-    /// Reads the configuration file again and applies it.
-    pub async fn reload(&mut self) -> Result<String, ReloadError> {
+    /// Reads the configuration file again and applies it; `force` as in [`Reloader::reload_with`].
+    pub async fn reload(&mut self, force: bool) -> Result<String, ReloadError> {
         let path = self.source.clone().ok_or(ReloadError::NoSource)?;
         let config = Config::load(&path)?;
-        self.apply(config).await
+        self.apply(config, force).await
     }
 
     /// Applies a validated configuration; returns what changed, in words.
-    pub async fn apply(&mut self, new: Config) -> Result<String, ReloadError> {
-        if new.check != self.config.check {
-            self.try_check(&new).await?;
-        }
+    pub async fn apply(&mut self, new: Config, force: bool) -> Result<String, ReloadError> {
+        let forced = if new.check != self.config.check {
+            self.try_check(&new, force || new.reload.force).await?
+        } else {
+            None
+        };
         // Bind first: a taken port refuses the whole reload.
         let mut wanted: BTreeMap<ListenerKey, ListenerConfig> = BTreeMap::new();
         for spec in new.all_listeners() {
@@ -296,6 +386,12 @@ impl Running {
                 old.proxy.threads
             ));
         }
+        if new.admin.metrics_expiry != old.admin.metrics_expiry {
+            changes.push(format!(
+                "admin.metrics_expiry needs a restart to change; still {}",
+                humantime::format_duration(old.admin.metrics_expiry)
+            ));
+        }
         if new.admin.allow_changes != old.admin.allow_changes {
             self.allow_changes.send_replace(new.admin.allow_changes);
             changes.push(format!("admin.allow_changes = {}", new.admin.allow_changes));
@@ -312,7 +408,10 @@ impl Running {
             {
                 return Err(ReloadError::Stopped);
             }
-            changes.push("check settings".to_string());
+            changes.push(match forced {
+                Some(note) => format!("check settings ({note})"),
+                None => "check settings".to_string(),
+            });
         }
         if new.backends != old.backends {
             self.backends.send_replace(new.backends.clone());
@@ -391,6 +490,7 @@ impl Running {
         }
 
         self.publish_listeners();
+        self.publish_own();
         let summary = if changes.is_empty() {
             "configuration reloaded; nothing changed".to_string()
         } else {
@@ -420,6 +520,7 @@ fn new_sessions(
             tokio::spawn(Arc::clone(&pool).run(
                 shared.route.clone(),
                 proxy.connect_timeout,
+                Arc::clone(&shared.own),
                 token.clone(),
             ));
             stop = Some(token);

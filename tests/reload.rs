@@ -5,40 +5,13 @@
 use roleproxy_testkit as support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use support::fake_cluster::FakeCluster as Cluster;
-use support::harness::{eventually, Client, ConfigBuilder, RunningProxy};
-use support::role::RoleReply;
+use support::harness::{eventually, Client, ConfigFile, RunningProxy};
+use support::role::{RoleEndpoint, RoleReply};
 
 const LONG: Duration = Duration::from_secs(20);
-
-/// A config file removed when the test ends, however it ends.
-struct ConfigFile(PathBuf);
-
-impl ConfigFile {
-    fn new(name: &str) -> ConfigFile {
-        ConfigFile(std::env::temp_dir().join(format!(
-            "roleproxy-reload-{name}-{}.toml",
-            std::process::id()
-        )))
-    }
-
-    fn write(&self, config: &ConfigBuilder) {
-        std::fs::write(&self.0, config.toml()).expect("write the config file");
-    }
-
-    fn write_text(&self, text: &str) {
-        std::fs::write(&self.0, text).expect("write the config file");
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 async fn refused(addr: SocketAddr) -> bool {
     tokio::net::TcpStream::connect(addr).await.is_err()
@@ -47,7 +20,7 @@ async fn refused(addr: SocketAddr) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_over_http_is_off_unless_the_config_turns_it_on() {
     let cluster = Cluster::start(54, 1).await;
-    let file = ConfigFile::new("off");
+    let file = ConfigFile::new("reload-off");
     file.write(&cluster.config());
     let proxy = RunningProxy::start_from_file(&file.0).await;
     let (code, body) = proxy.post("/reload").await;
@@ -63,7 +36,7 @@ async fn reload_opens_and_closes_listeners_and_keeps_sessions_on_an_unchanged_le
     let cluster = Cluster::start(55, 2).await;
     cluster.nodes[0].role.set(RoleReply::leader());
     let base = cluster.config().set("admin.allow_changes", "true");
-    let file = ConfigFile::new("listeners");
+    let file = ConfigFile::new("reload-listeners");
     file.write(&base);
     let proxy = RunningProxy::start_from_file(&file.0).await;
     let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
@@ -171,7 +144,7 @@ async fn reload_that_moves_the_backends_drains_the_old_leader() {
     let cluster = Cluster::start(56, 2).await;
     cluster.nodes[0].role.set(RoleReply::leader());
     cluster.nodes[1].role.set(RoleReply::leader());
-    let file = ConfigFile::new("backends");
+    let file = ConfigFile::new("reload-backends");
     // Only node 0 is in the backend set at first (as a backup address, no DNS name).
     let only = |node: usize| {
         cluster
@@ -200,5 +173,84 @@ async fn reload_that_moves_the_backends_drains_the_old_leader() {
         Client::connect(proxy.addr, LONG).await.map(|c| c.tag),
         Some(cluster.nodes[1].tag())
     );
+    proxy.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_whose_checks_would_unmake_the_leader_is_refused_unless_forced() {
+    let cluster = Cluster::start(71, 1).await;
+    let node = &cluster.nodes[0];
+    node.role.set(RoleReply::leader());
+    // The same node asked elsewhere: another port says replica, a Patroni-like one says 503.
+    let replica_port = RoleEndpoint::start(SocketAddr::new(node.ip, 5501)).await;
+    replica_port.set(RoleReply::replica());
+    let patroni_port = RoleEndpoint::start(SocketAddr::new(node.ip, 5502)).await;
+    patroni_port.set(RoleReply::status(503));
+    let base = cluster.config().set("admin.allow_changes", "true");
+    let file = ConfigFile::new("reload-unmake");
+    file.write(&base);
+    let proxy = RunningProxy::start_from_file(&file.0).await;
+    let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let generation = proxy.status().await["route"]["generation"].clone();
+
+    // (new check settings, what the refusal says the leader answered)
+    let unmaking = [
+        (
+            base.clone_with("check.leader", "[\"primary\"]"),
+            "other (leader)",
+        ),
+        (base.clone_with("check.port", "5501"), "replica"),
+        (
+            base.clone_with("check.kind", "\"http-status\"")
+                .set("check.port", "5502"),
+            "neither primary nor replica",
+        ),
+    ];
+    for (config, answered) in &unmaking {
+        file.write(config);
+        let (code, body) = proxy.post("/reload").await;
+        assert_eq!(code, 400, "{body}");
+        for words in [
+            node.addr().as_str(),
+            answered,
+            "not leader",
+            "POST /reload?force=true",
+            "reload.force = true",
+        ] {
+            assert!(body.contains(words), "{words:?} in {body}");
+        }
+        assert!(session.echo("after a refused reload").await);
+    }
+    assert_eq!(proxy.status().await["route"]["generation"], generation);
+
+    // Forced over HTTP: applied, and the leader's sessions close as the settings say.
+    file.write(&unmaking[0].0);
+    let (code, body) = proxy.post("/reload?force=true").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("forced past") && body.contains("other (leader)"),
+        "{body}"
+    );
+    assert!(
+        session.closed_within(LONG).await,
+        "the forced settings unmade the leader"
+    );
+
+    // Back to the first settings (with no route there is no leader to protect), then forced
+    // from the file, as a SIGHUP reload would be.
+    file.write(&base);
+    let (code, body) = proxy.post("/reload").await;
+    assert_eq!(code, 200, "{body}");
+    let mut session = Client::connect(proxy.addr, LONG)
+        .await
+        .expect("served again");
+    file.write(&unmaking[1].0.clone_with("reload.force", "true"));
+    let (code, body) = proxy.post("/reload").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("forced past") && body.contains("replica"),
+        "{body}"
+    );
+    assert!(session.closed_within(LONG).await);
     proxy.stop().await;
 }

@@ -93,6 +93,32 @@ impl ConfigBuilder {
     }
 }
 
+/// A config file in the temporary directory, removed when the test ends, however it ends.
+pub struct ConfigFile(pub std::path::PathBuf);
+
+impl ConfigFile {
+    /// A file named after the test and this process, so parallel tests do not share one.
+    pub fn new(name: &str) -> ConfigFile {
+        ConfigFile(
+            std::env::temp_dir().join(format!("roleproxy-{name}-{}.toml", std::process::id())),
+        )
+    }
+
+    pub fn write(&self, config: &ConfigBuilder) {
+        self.write_text(&config.toml());
+    }
+
+    pub fn write_text(&self, text: &str) {
+        std::fs::write(&self.0, text).expect("write the config file");
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// A proxy running in this process.
 pub struct RunningProxy {
     pub addr: SocketAddr,
@@ -189,11 +215,7 @@ impl RunningProxy {
     /// `roleproxy_sessions_total{listener="leader",result="silent"}`); 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
-        text.lines()
-            .filter_map(|line| line.rsplit_once(' '))
-            .find(|(name, _)| *name == series)
-            .and_then(|(_, value)| value.parse().ok())
-            .unwrap_or(0.0)
+        metric_value(&text, series).unwrap_or(0.0)
     }
 
     /// The leader of the current route, as `/status` reports it.
@@ -227,6 +249,21 @@ impl Drop for RunningProxy {
             task.abort();
         }
     }
+}
+
+/// The value of one series in Prometheus text, given as it is printed (`name{label="v"}`).
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix(series))
+        .find_map(|rest| rest.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The series in Prometheus text: every line that is not a comment.
+pub fn series(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.rsplit_once(' ').map(|(series, _)| series))
+        .collect()
 }
 
 /// A minimal HTTP/1.1 GET.

@@ -1,0 +1,353 @@
+//! The proxy's own addresses, so it never connects to itself.
+//!
+//! A backend address that is one of the proxy's listeners (given exactly, or covered by a
+//! wildcard such as `0.0.0.0:5432` on a local interface) would send each client back into the
+//! proxy, which would connect again: one client could chain sessions until `max_connections`
+//! and the leader's own limit are spent. The configuration refuses such addresses, discovery
+//! drops them, and a session refuses to connect to one as a last line of defence.
+//!
+//! [`covering`] is pure; [`local_interfaces`] reads the host's addresses (`getifaddrs`).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use tokio::sync::watch;
+
+/// One of the proxy's listening sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listening {
+    pub addr: SocketAddr,
+    /// An IPv6 socket that also accepts IPv4 (the admin port); client listeners are IPv6-only.
+    pub dual_stack: bool,
+}
+
+/// An address of a local interface. On a loopback device the whole prefix is local (Linux
+/// answers all of `127.0.0.0/8` on `lo`); elsewhere only the address itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalNet {
+    pub ip: IpAddr,
+    pub prefix: u8,
+    pub loopback: bool,
+}
+
+impl LocalNet {
+    fn contains(&self, ip: IpAddr) -> bool {
+        if !self.loopback {
+            return self.ip == ip;
+        }
+        match (self.ip, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix.min(32)))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix.min(128)))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where a connect to `ip` really goes: an IPv4-mapped IPv6 address is IPv4, and the
+/// unspecified address is the loopback address (Linux connects `0.0.0.0` to `127.0.0.1`).
+fn destination(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+/// Whether `ip` belongs to this host: a loopback address or one of `locals`.
+fn is_local(ip: IpAddr, locals: &[LocalNet]) -> bool {
+    ip.is_loopback() || locals.iter().any(|net| net.contains(ip))
+}
+
+/// The listening socket a connect to `target` would reach, if any. Pure.
+pub fn covering(
+    target: SocketAddr,
+    listening: &[Listening],
+    locals: &[LocalNet],
+) -> Option<SocketAddr> {
+    let ip = destination(target.ip());
+    listening
+        .iter()
+        .find(|l| {
+            if l.addr.port() != target.port() {
+                return false;
+            }
+            let listen = l.addr.ip().to_canonical();
+            if !listen.is_unspecified() {
+                return destination(listen) == ip;
+            }
+            let family = match listen {
+                IpAddr::V4(_) => ip.is_ipv4(),
+                IpAddr::V6(_) => ip.is_ipv6() || l.dual_stack,
+            };
+            family && is_local(ip, locals)
+        })
+        .map(|l| l.addr)
+}
+
+/// The host's interface addresses; empty when they cannot be read (then only exact and
+/// loopback matches are found).
+pub fn local_interfaces() -> Vec<LocalNet> {
+    let mut found = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head into `list`, freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return found;
+    }
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*entry };
+        // SAFETY: the address pointers are null or point to a sockaddr of the family they say.
+        let (ip, mask) = unsafe { (sockaddr_ip(ifa.ifa_addr), sockaddr_ip(ifa.ifa_netmask)) };
+        if let Some(ip) = ip {
+            let prefix = match mask {
+                Some(IpAddr::V4(m)) => u32::from(m).count_ones() as u8,
+                Some(IpAddr::V6(m)) => u128::from(m).count_ones() as u8,
+                None if ip.is_ipv4() => 32,
+                None => 128,
+            };
+            found.push(LocalNet {
+                ip,
+                prefix,
+                loopback: ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0,
+            });
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from a successful getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+/// # Safety
+/// `addr` is null or points to a valid `sockaddr` whose length matches its family.
+unsafe fn sockaddr_ip(addr: *const libc::sockaddr) -> Option<IpAddr> {
+    if addr.is_null() {
+        return None;
+    }
+    match i32::from((*addr).sa_family) {
+        libc::AF_INET => {
+            let v4 = &*(addr as *const libc::sockaddr_in);
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
+        }
+        libc::AF_INET6 => {
+            let v6 = &*(addr as *const libc::sockaddr_in6);
+            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+/// What the proxy listens on and which addresses are local, as last seen.
+#[derive(Debug, Clone, Default)]
+pub struct Own {
+    pub listening: Vec<Listening>,
+    pub locals: Vec<LocalNet>,
+}
+
+impl Own {
+    /// The proxy's own socket that `target` would reach, if any.
+    pub fn covering(&self, target: SocketAddr) -> Option<SocketAddr> {
+        covering(target, &self.listening, &self.locals)
+    }
+}
+
+/// The proxy's own addresses, shared by the listeners (which set them), discovery (which
+/// refreshes the interfaces every resolve interval) and sessions (which read them at connect).
+#[derive(Debug)]
+pub struct OwnAddrs(watch::Sender<Own>);
+
+impl OwnAddrs {
+    pub fn new() -> OwnAddrs {
+        OwnAddrs(watch::Sender::new(Own {
+            listening: Vec::new(),
+            locals: local_interfaces(),
+        }))
+    }
+
+    pub fn set_listening(&self, listening: Vec<Listening>) {
+        self.0.send_modify(|own| own.listening = listening);
+    }
+
+    /// Reads the host's interfaces again: an address added since start-up is local too.
+    pub fn refresh_interfaces(&self) {
+        let locals = local_interfaces();
+        self.0.send_if_modified(|own| {
+            let changed = own.locals != locals;
+            if changed {
+                own.locals = locals;
+            }
+            changed
+        });
+    }
+
+    pub fn covering(&self, target: SocketAddr) -> Option<SocketAddr> {
+        self.0.borrow().covering(target)
+    }
+}
+
+impl Default for OwnAddrs {
+    fn default() -> Self {
+        OwnAddrs::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn listen(s: &str) -> Listening {
+        Listening {
+            addr: at(s),
+            dual_stack: false,
+        }
+    }
+
+    #[test]
+    fn what_a_listener_covers() {
+        let locals = [
+            LocalNet {
+                ip: "127.0.0.1".parse().unwrap(),
+                prefix: 8,
+                loopback: true,
+            },
+            LocalNet {
+                ip: "fdaa::7".parse().unwrap(),
+                prefix: 64,
+                loopback: false,
+            },
+            LocalNet {
+                ip: "10.1.2.3".parse().unwrap(),
+                prefix: 24,
+                loopback: false,
+            },
+        ];
+        let admin = Listening {
+            addr: at("[::]:8404"),
+            dual_stack: true,
+        };
+        // (what, listening, target, covered by)
+        let rows: &[(&str, &[Listening], &str, Option<&str>)] = &[
+            (
+                "exact address",
+                &[listen("127.0.0.1:5432")],
+                "127.0.0.1:5432",
+                Some("127.0.0.1:5432"),
+            ),
+            (
+                "another port",
+                &[listen("127.0.0.1:5432")],
+                "127.0.0.1:5433",
+                None,
+            ),
+            (
+                "another loopback address than the one listened on",
+                &[listen("127.0.0.1:5432")],
+                "127.0.0.2:5432",
+                None,
+            ),
+            (
+                "0.0.0.0 covers all of 127/8",
+                &[listen("0.0.0.0:5432")],
+                "127.9.0.11:5432",
+                Some("0.0.0.0:5432"),
+            ),
+            (
+                "0.0.0.0 covers an interface address",
+                &[listen("0.0.0.0:5432")],
+                "10.1.2.3:5432",
+                Some("0.0.0.0:5432"),
+            ),
+            (
+                "but not the rest of that interface's network",
+                &[listen("0.0.0.0:5432")],
+                "10.1.2.4:5432",
+                None,
+            ),
+            (
+                "0.0.0.0 as a target is localhost",
+                &[listen("127.0.0.1:5432")],
+                "0.0.0.0:5432",
+                Some("127.0.0.1:5432"),
+            ),
+            (
+                "an IPv4-mapped target is IPv4",
+                &[listen("0.0.0.0:5432")],
+                "[::ffff:127.0.0.1]:5432",
+                Some("0.0.0.0:5432"),
+            ),
+            (
+                "[::] covers ::1",
+                &[listen("[::]:5432")],
+                "[::1]:5432",
+                Some("[::]:5432"),
+            ),
+            (
+                "[::] covers a local IPv6 address",
+                &[listen("[::]:5432")],
+                "[fdaa::7]:5432",
+                Some("[::]:5432"),
+            ),
+            (
+                "[::] does not cover a remote node",
+                &[listen("[::]:5432")],
+                "[fdaa::8]:5432",
+                None,
+            ),
+            (
+                "an IPv6-only [::] does not cover IPv4",
+                &[listen("[::]:5432")],
+                "127.0.0.1:5432",
+                None,
+            ),
+            (
+                "a dual-stack [::] (the admin port) covers IPv4 too",
+                &[admin],
+                "10.1.2.3:8404",
+                Some("[::]:8404"),
+            ),
+            (
+                "0.0.0.0 does not cover IPv6",
+                &[listen("0.0.0.0:5432")],
+                "[::1]:5432",
+                None,
+            ),
+            (
+                "the first covering listener is named",
+                &[listen("[::]:5432"), listen("0.0.0.0:5432")],
+                "127.0.0.1:5432",
+                Some("0.0.0.0:5432"),
+            ),
+            ("nothing listening", &[], "127.0.0.1:5432", None),
+        ];
+        for (what, listening, target, expected) in rows {
+            assert_eq!(
+                covering(at(target), listening, &locals),
+                expected.map(at),
+                "{what}"
+            );
+        }
+    }
+
+    #[test]
+    fn this_host_has_a_loopback_interface() {
+        let locals = local_interfaces();
+        assert!(
+            locals.iter().any(|l| l.loopback && l.ip.is_loopback()),
+            "{locals:?}"
+        );
+    }
+}
