@@ -433,9 +433,40 @@ fn valid_file() -> impl Strategy<Value = ValidFile> {
         .prop_filter("some name or backup", |f| {
             !f.dns_names.is_empty() || !f.backup.is_empty()
         })
+        .prop_filter("no backup at the proxy's own listener", |f| {
+            !f.backup_loops()
+        })
 }
 
 impl ValidFile {
+    /// A backup that is one of the proxy's own listeners is refused (rightly), so such files
+    /// are not valid ones.
+    fn backup_loops(&self) -> bool {
+        use roleproxy::loops::{covering, local_interfaces, Listening};
+        let d = defaults();
+        let listen = self
+            .listen
+            .as_deref()
+            .map(values)
+            .unwrap_or(d.listen.addresses);
+        let mut listening: Vec<Listening> = listen
+            .into_iter()
+            .map(|addr| Listening {
+                addr,
+                dual_stack: false,
+            })
+            .collect();
+        let admin = self.admin.as_ref().map_or(d.admin.address, |a| a.value);
+        listening.extend(admin.map(|addr| Listening {
+            addr,
+            dual_stack: addr.is_ipv6(),
+        }));
+        let locals = local_interfaces();
+        values(&self.backup)
+            .into_iter()
+            .any(|b| covering(b, &listening, &locals).is_some())
+    }
+
     fn render(&self) -> (String, Env) {
         let mut env = Env::default();
         for (k, v) in &self.noise {
