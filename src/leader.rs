@@ -274,7 +274,8 @@ pub enum Standing {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "reason", content = "about", rename_all = "snake_case")]
 pub enum NoRoute {
-    /// Nothing discovered and no backup: DNS answered no address, or has not answered yet.
+    /// Nothing discovered and no backup: DNS answered no address (or only dropped ones), or
+    /// has not answered yet.
     NoBackends,
     /// Nothing to route to, and DNS lookups of these names fail: the cause is DNS.
     DnsFailing(Vec<String>),
@@ -300,7 +301,7 @@ impl fmt::Display for NoRoute {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NoRoute::NoBackends => {
-                f.write_str("no nodes: DNS answered no address, and there is no backup")
+                f.write_str("no nodes: DNS answered no usable address, and there is no backup")
             }
             NoRoute::DnsFailing(names) => write!(
                 f,
