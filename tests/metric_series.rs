@@ -36,7 +36,8 @@ async fn series_of_departed_backends_expire_and_churn_returns_to_the_baseline() 
     let proxy = RunningProxy::start(config).await;
     assert!(proxy.wait_route(Some(&leader.addr()), LONG).await);
 
-    // The baseline: the leader's series, all registered (at 0 where nothing happened yet).
+    // The baseline: the leader's series, all registered (at 0 where nothing happened yet), and
+    // the process's own series, which stay at 0 untouched through the churn and never expire.
     let leader_series = format!(
         "roleproxy_backend_connect_failures_total{{backend=\"{}\"}}",
         leader.addr()
@@ -75,6 +76,17 @@ async fn series_of_departed_backends_expire_and_churn_returns_to_the_baseline() 
             panic!("batch {batch} checked:\n{}\n{text}", proxy.status().await);
         }
         peak = peak.max(all_series(&proxy).await.len());
+        // The expiring series come out sorted by label like every other family.
+        let (_, text) = proxy.get("/metrics").await;
+        let checks: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("roleproxy_checks_total{"))
+            .collect();
+        assert!(
+            checks.is_sorted(),
+            "sorted by label:\n{}",
+            checks.join("\n")
+        );
     }
     cluster.dns.set(NAME, vec![leader.ip]);
 
