@@ -362,8 +362,8 @@ struct RawBackends {
     nameservers: Vec<String>,
     prefer: String,
     max: usize,
-    resolve_interval: String,
-    resolve_timeout: String,
+    resolve_interval: RawDuration,
+    resolve_timeout: RawDuration,
     backup: Vec<String>,
 }
 
@@ -397,11 +397,11 @@ struct RawCheck {
     password: Option<String>,
     database: Option<String>,
     split_brain: String,
-    interval: String,
-    fast_interval: String,
-    timeout: String,
-    probe_timeout: String,
-    unconfirmed_limit: String,
+    interval: RawDuration,
+    fast_interval: RawDuration,
+    timeout: RawDuration,
+    probe_timeout: RawDuration,
+    unconfirmed_limit: RawDuration,
     rise: u32,
     fall: u32,
 }
@@ -433,20 +433,20 @@ impl Default for RawCheck {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct RawProxy {
-    connect_timeout: String,
+    connect_timeout: RawDuration,
     connect_retries: u32,
-    idle_timeout: String,
-    silent_timeout: String,
-    half_close_timeout: String,
+    idle_timeout: RawDuration,
+    silent_timeout: RawDuration,
+    half_close_timeout: RawDuration,
     max_connections: usize,
-    leader_wait: String,
-    shutdown_grace: String,
+    leader_wait: RawDuration,
+    shutdown_grace: RawDuration,
     copy: String,
     preconnect: usize,
     threads: usize,
     switchover: String,
     /// Empty: half of `check.interval`.
-    switchover_grace: String,
+    switchover_grace: RawDuration,
 }
 
 impl Default for RawProxy {
@@ -464,7 +464,7 @@ impl Default for RawProxy {
             preconnect: 0,
             threads: 0,
             switchover: "transaction".into(),
-            switchover_grace: String::new(),
+            switchover_grace: RawDuration::default(),
         }
     }
 }
@@ -474,7 +474,7 @@ impl Default for RawProxy {
 struct RawAdmin {
     address: String,
     allow_changes: bool,
-    metrics_expiry: String,
+    metrics_expiry: RawDuration,
 }
 
 impl Default for RawAdmin {
@@ -484,6 +484,41 @@ impl Default for RawAdmin {
             allow_changes: false,
             metrics_expiry: "2m".into(),
         }
+    }
+}
+
+/// A duration as written, e.g. `"2s"`, read after `${VAR}` expansion. Its own type so that a
+/// bare number (`interval = 2`) gets a hint with the unit instead of "expected a string".
+#[derive(Default)]
+struct RawDuration(String);
+
+impl From<&str> for RawDuration {
+    fn from(text: &str) -> Self {
+        RawDuration(text.to_owned())
+    }
+}
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a duration in quotes, like \"2s\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawDuration, E> {
+                Ok(text.into())
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawDuration, E> {
+                Err(E::custom(format!(
+                    "a duration needs quotes and a unit: write \"{n}s\" for {n} seconds or \"{n}ms\" for {n} milliseconds"
+                )))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawDuration, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+            }
+        }
+        deserializer.deserialize_str(Visitor)
     }
 }
 
@@ -506,9 +541,7 @@ impl Config {
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let secrets = Secrets::written_in(text);
         secrets.check_type()?;
-        let parsed = toml::from_str::<RawConfig>(text)
-            .map_err(|e| ConfigError::Parse(parse_error(text, &e)))
-            .and_then(|raw| raw.validate(&Expander { env }));
+        let parsed = read_raw(text).and_then(|raw| raw.validate(&Expander { env }));
         parsed.map_err(|e| secrets.hide_in(e))
     }
 
@@ -546,22 +579,114 @@ impl Config {
     }
 }
 
+/// The raw structs, or an error in the user's terms: TOML syntax errors with their line and
+/// column, and errors in a value under the value's dotted key (`check.timeout`).
+fn read_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    let document =
+        toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse(parse_error(text, &e)))?;
+    serde_path_to_error::deserialize(document).map_err(|e| {
+        let key = e.path().to_string();
+        let error = e.into_inner();
+        let at = error
+            .span()
+            .map(|span| at(text, span.start))
+            .unwrap_or_default();
+        ConfigError::Invalid {
+            reason: format!("{}{at}", in_user_terms(&key, error.message())),
+            key,
+        }
+    })
+}
+
 /// A TOML error with its line, column and key but without the source line that `toml` quotes:
 /// that line may hold a password, also one under a misspelt key.
 fn parse_error(text: &str, error: &toml::de::Error) -> String {
-    // Without its input, the error names the key instead of quoting the line.
-    let mut bare = error.clone();
-    bare.set_input(None);
-    let message = bare.to_string();
-    let message = message.trim_end().replace('\n', "; ");
-    match error.span() {
-        Some(span) => {
-            let before = text.get(..span.start).unwrap_or(text);
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("TOML parse error at line {line}, column {column}: {message}")
+    let message = error.message().trim_end().replace('\n', "; ");
+    let at = error
+        .span()
+        .map(|span| at(text, span.start))
+        .unwrap_or_default();
+    format!("TOML parse error{at}: {message}")
+}
+
+/// ` (line 2, column 12)` for a byte offset into `text`.
+fn at(text: &str, offset: usize) -> String {
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    format!(" (line {line}, column {column})")
+}
+
+/// Serde's messages name Rust types (`expected usize`, `struct RawCheck`); these say what to
+/// write instead. A message of another form is kept as it is.
+fn in_user_terms(key: &str, message: &str) -> String {
+    let name = key.rsplit(['.', ']']).next().unwrap_or(key);
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let (unknown, known) = rest.split_once('`').unwrap_or((rest, ""));
+        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
+        return unknown_key(unknown, &known);
+    }
+    if let Some(missing) = message.strip_prefix("missing field `") {
+        return format!("is missing its key `{}`", missing.trim_end_matches('`'));
+    }
+    let found_wanted = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    let Some((found, wanted)) = found_wanted else {
+        return message.to_owned();
+    };
+    let found_text = found
+        .strip_prefix("string ")
+        .map(|s| s.trim_matches('"').to_owned());
+    let found = match found.split_once(' ') {
+        Some(("integer" | "floating", value)) => {
+            format!(
+                "the number {}",
+                value.trim_start_matches("point ").trim_matches('`')
+            )
         }
-        None => format!("TOML parse error: {message}"),
+        Some(("boolean", value)) => value.trim_matches('`').to_owned(),
+        Some(("string", value)) => format!("the text {value}"),
+        _ if found == "sequence" => "a list".to_owned(),
+        _ if found == "map" => "a table".to_owned(),
+        _ => found.to_owned(),
+    };
+    let wanted = match wanted {
+        "a string" => "text in quotes".to_owned(),
+        "a boolean" => "true or false, without quotes".to_owned(),
+        "u8" | "u16" => {
+            format!(
+                "a whole number from 0 to {}",
+                if wanted == "u8" { 255 } else { 65535 }
+            )
+        }
+        "u32" | "u64" | "usize" => "a whole number, 0 or more".to_owned(),
+        "a sequence" => match found_text {
+            Some(text) => format!("a list in brackets: write {name} = [\"{text}\"]"),
+            None => "a list in brackets, like [\"a\", \"b\"]".to_owned(),
+        },
+        _ if wanted.starts_with("struct ") || wanted == "a map" => {
+            format!("a table: write [{key}] on a line of its own, with its keys below it")
+        }
+        _ => wanted.to_owned(),
+    };
+    format!("found {found}; expected {wanted}")
+}
+
+/// The unknown key, and the known key it is most likely a misspelling of.
+fn unknown_key(unknown: &str, known: &[&str]) -> String {
+    let closest = known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(unknown, k), *k))
+        .min();
+    match closest {
+        Some((distance, k)) if distance <= (k.len() / 3).max(1) => {
+            format!("unknown key; did you mean `{k}`?")
+        }
+        _ if known.is_empty() => "unknown key".to_owned(),
+        _ if known.len() == 1 => format!("unknown key; the only key here is `{}`", known[0]),
+        _ => format!("unknown key; the keys here are {}", known.join(", ")),
     }
 }
 
@@ -680,8 +805,8 @@ impl Expander<'_> {
         expand(value, self.env).map_err(|e| invalid(key, e.to_string()))
     }
 
-    fn duration(&self, key: &str, value: &str) -> Result<Duration, ConfigError> {
-        let text = self.string(key, value)?;
+    fn duration(&self, key: &str, value: &RawDuration) -> Result<Duration, ConfigError> {
+        let text = self.string(key, &value.0)?;
         let d = humantime::parse_duration(text.trim()).map_err(|e| {
             invalid(
                 key,
@@ -927,7 +1052,7 @@ impl RawConfig {
             },
             // A planned switchover waits one check interval plus this grace between fencing
             // and demoting the leader (README, "Planned switchovers").
-            switchover_grace: if p.switchover_grace.trim().is_empty() {
+            switchover_grace: if p.switchover_grace.0.trim().is_empty() {
                 check.interval / 2
             } else {
                 x.duration("proxy.switchover_grace", &p.switchover_grace)?
@@ -1383,11 +1508,11 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let rows: &[(&str, &[&str])] = &[
-            ("[listen]\nport = 1", &["unknown field", "port"]),
-            ("[bogus]\n", &["unknown field", "bogus"]),
+            ("[listen]\nport = 1", &["listen.port", "unknown key"]),
+            ("[bogus]\n", &["bogus", "unknown key", "check, proxy"]),
             (
                 "[check]\nintervall = \"2s\"",
-                &["unknown field", "intervall"],
+                &["check.intervall", "did you mean `interval`?"],
             ),
             (
                 "[check]\ninterval = \"2 parsecs\"",
@@ -1462,7 +1587,7 @@ mod tests {
                 &["backends.prefer", "ipv5"],
             ),
             ("[backends]\nmax = 0", &["backends.max"]),
-            ("[backends]\nport = \"x\"", &["port", "invalid type"]),
+            ("[backends]\nport = \"x\"", &["backends.port", "found the text \"x\"; expected a whole number from 0 to 65535"]),
             ("[check]\nleader = []", &["check.leader", "at least one"]),
             (
                 "[check]\npath = \"flycheck\"",
@@ -1546,13 +1671,13 @@ mod tests {
             ),
             (
                 "[admin]\nallow_changes = \"yes\"",
-                &["allow_changes", "invalid type"],
+                &["admin.allow_changes", "true or false"],
             ),
             (
                 "[admin]\nmetrics_expiry = \"often\"",
                 &["admin.metrics_expiry", "bad duration"],
             ),
-            ("[reload]\nforce = \"yes\"", &["force", "invalid type"]),
+            ("[reload]\nforce = \"yes\"", &["reload.force", "true or false"]),
             (
                 "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]",
                 &[
@@ -1583,7 +1708,7 @@ mod tests {
             ),
             (
                 "[[listeners]]\nname = \"r\"",
-                &["missing field", "addresses"],
+                &["listeners[0]", "missing its key `addresses`"],
             ),
             (
                 "[[listeners]]\naddresses = []",
@@ -1623,7 +1748,32 @@ mod tests {
             ),
             (
                 "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nport = 1",
-                &["unknown field", "port"],
+                &["listeners[0].port", "unknown key", "target"],
+            ),
+            (
+                "[check]\ninterval = 2",
+                &["check.interval", "write \"2s\"", "line 2, column 12"],
+            ),
+            (
+                "[proxy]\nmax_connections = \"ten\"",
+                &["proxy.max_connections", "found the text \"ten\"; expected a whole number, 0 or more"],
+            ),
+            (
+                "[check]\nfall = -1",
+                &["check.fall", "found the number -1; expected a whole number, 0 or more"],
+            ),
+            (
+                "[check]\nleader = \"leader\"",
+                &["check.leader", "write leader = [\"leader\"]"],
+            ),
+            ("check = 3", &["check", "write [check] on a line of its own"]),
+            (
+                "[[listeners]]\nname = \"x\"",
+                &["listeners[0]", "missing its key `addresses`"],
+            ),
+            (
+                "[proxy]\nidle_timeout = 1.5",
+                &["proxy.idle_timeout", "a duration in quotes"],
             ),
         ];
         for (text, words) in rows {
@@ -1635,6 +1785,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every key of the printed defaults, given a value of another type, is named with its
+    /// section, and the reason speaks of values as they are written, not of Rust types.
+    #[test]
+    fn wrong_types_are_explained_in_user_terms() {
+        let defaults = toml::to_string(&parse("").expect("defaults are valid")).expect("printable");
+        let defaults: toml::Table = toml::from_str(&defaults).expect("printed defaults parse");
+        let jargon = [
+            "usize",
+            "u16",
+            "u32",
+            "u64",
+            "struct ",
+            "sequence",
+            "invalid type",
+            "invalid value",
+            "unknown field",
+            "a map",
+        ];
+        let mut checked = 0;
+        for (section, keys) in &defaults {
+            let Some(keys) = keys.as_table() else {
+                continue;
+            };
+            for key in keys.keys() {
+                for wrong in ["2", "\"x\"", "true", "1.5", "{ a = 1 }"] {
+                    let text = format!("[{section}]\n{key} = {wrong}");
+                    let Err(e) = parse(&text) else { continue };
+                    let message = e.to_string();
+                    assert!(
+                        message.starts_with(&format!("{section}.{key}")),
+                        "{text:?} should name {section}.{key}: {message}"
+                    );
+                    for word in jargon {
+                        assert!(!message.contains(word), "{text:?} says {word:?}: {message}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 50, "only {checked} wrong values were tried");
     }
 
     #[test]
