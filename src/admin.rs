@@ -20,9 +20,10 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::httpd::{self, Limits};
-use crate::leader::{describe_route, BackendStatus, Change, ListenerStatus, Route, Shared};
+use crate::leader::{BackendStatus, Change, ListenerStatus, Shared};
 use crate::metrics;
 use crate::reload::Reloader;
+use crate::route::{describe_route, Route};
 
 /// The admin port is reachable from the whole private network, and a platform health check
 /// restarts the machine when `/healthz` does not answer: a neighbour holding connections open
@@ -254,9 +255,9 @@ pub fn error_text(
 /// The stats page for people, like HAProxy's `/stats`: plain HTML that reloads itself. Pure.
 pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
     let state = match status.route.target {
-        crate::leader::Target::Leader(_) => "leader",
-        crate::leader::Target::Held(_) => "held",
-        crate::leader::Target::None(_) => "none",
+        crate::route::Target::Leader(_) => "leader",
+        crate::route::Target::Held(_) => "held",
+        crate::route::Target::None(_) => "none",
     };
     let mut rows = String::new();
     for b in &status.backends {
@@ -635,7 +636,7 @@ mod tests {
                 address: "127.0.0.1:5433".parse().unwrap(),
                 sources: vec!["backup".into()],
                 present: true,
-                role: crate::leader::Role::Down("<script>x</script>".into()),
+                role: crate::route::Role::Down("<script>x</script>".into()),
                 last_check_unix_ms: Some(1_000),
                 last_check_latency_ms: Some(1.0),
                 last_error: Some("<script>x</script>".into()),
@@ -718,7 +719,7 @@ mod tests {
         let addr = |n| SocketAddr::from(([127, 0, 0, n], 5433));
         let route = Route {
             generation: 4,
-            target: crate::leader::Target::None(crate::leader::NoRoute::SplitBrain(vec![
+            target: crate::route::Target::None(crate::route::NoRoute::SplitBrain(vec![
                 addr(11),
                 addr(12),
             ])),

@@ -23,9 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind};
-use crate::leader::{Event, Role, Shared};
+use crate::leader::{Event, Shared};
 use crate::metrics as m;
-use crate::pgwire::{self, Liveness};
+use crate::pgwire;
+use crate::route::{Liveness, Role};
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;

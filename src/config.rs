@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 
+use crate::route::SplitBrain;
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -138,16 +140,6 @@ pub enum CheckKind {
     HttpStatus,
     /// A Postgres connection reading `pg_is_in_recovery()` and the timeline.
     Postgres,
-}
-
-/// What to do when several nodes claim leader.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SplitBrain {
-    /// No route until only one claims leader.
-    None,
-    /// The leader on the strictly newest timeline (postgres checks only).
-    HighestTimeline,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

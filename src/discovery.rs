@@ -24,9 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, IpFamily};
-use crate::leader::{Backend, Event, Source};
+use crate::leader::{Backend, Event};
 use crate::loops::OwnAddrs;
 use crate::metrics as m;
+use crate::route::Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {

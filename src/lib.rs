@@ -7,10 +7,12 @@
 //!
 //! Data flows one way: names → addresses → roles → one route → sessions.
 //!
+//! - [`route`]: **the routing rules** ([`route::decide`]) and their vocabulary; pure, imports
+//!   nothing from the crate. Start reading here.
 //! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming the bad key.
 //! - [`discovery`]: DNS names and backup addresses → the backend set.
-//! - [`check`]: one role check (HTTP GET → [`leader::Role`]) and the per-backend check loop.
-//! - [`leader`]: **the routing rules** ([`leader::decide`]) and the task that publishes the route.
+//! - [`check`]: one role check (HTTP GET → [`route::Role`]) and the per-backend check loop.
+//! - [`leader`]: the task that owns every backend's state, runs the rules and publishes the route.
 //! - [`loops`]: the proxy's own addresses, which it never connects to.
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
@@ -42,6 +44,7 @@ pub mod pgwire;
 pub mod preconnect;
 pub mod proxy;
 pub mod reload;
+pub mod route;
 pub mod supervise;
 
 use std::future::Future;

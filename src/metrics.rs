@@ -22,8 +22,7 @@ use metrics_exporter_prometheus::{
 };
 use metrics_util::MetricKindMask;
 
-use crate::leader::Role;
-use crate::pgwire::Liveness;
+use crate::route::{Liveness, Role};
 
 pub const SESSIONS_ACTIVE: &str = "roleproxy_sessions_active";
 pub const SESSIONS_TOTAL: &str = "roleproxy_sessions_total";

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
+use crate::route::Liveness;
+
 /// Postgres itself refuses startup packets larger than this.
 pub const MAX_STARTUP_LEN: usize = 10_000;
 const SSL_REQUEST: u32 = 80_877_103;
@@ -271,41 +273,6 @@ pub fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> 
         .iter()
         .find(|(n, _)| n == name)
         .map(|(_, v)| v.as_str())
-}
-
-/// What a server's first answer to a StartupMessage says about it, read as `PQping` reads it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Liveness {
-    /// The postmaster takes connections: it asked for authentication, or refused this user for
-    /// a reason of its own (53300 too many clients, 28000 no such role, ...).
-    Alive(String),
-    /// It refuses every connection: starting up, shutting down or in recovery (57P03).
-    Refusing(String),
-    /// No Postgres answered: nothing there, or something that does not speak its protocol.
-    Gone(String),
-}
-
-impl Liveness {
-    /// A label for metrics.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Liveness::Alive(_) => "alive",
-            Liveness::Refusing(_) => "refusing",
-            Liveness::Gone(_) => "gone",
-        }
-    }
-
-    pub const LABELS: [&'static str; 3] = ["alive", "refusing", "gone"];
-}
-
-impl std::fmt::Display for Liveness {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Liveness::Alive(detail) => write!(f, "Postgres answers ({detail})"),
-            Liveness::Refusing(detail) => write!(f, "Postgres refuses connections ({detail})"),
-            Liveness::Gone(detail) => write!(f, "Postgres does not answer ({detail})"),
-        }
-    }
 }
 
 /// The user and database a liveness probe names. It needs no such role: any answer but 57P03

@@ -18,7 +18,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::leader::Route;
+use crate::route::Route;
 
 /// A warm connection is replaced after this long, well inside Postgres's default
 /// `authentication_timeout` of 60 s.
@@ -156,7 +156,7 @@ mod tests {
         });
         let route = Route {
             generation: 3,
-            target: crate::leader::Target::Leader(addr),
+            target: crate::route::Target::Leader(addr),
         };
         let (tx, rx) = watch::channel(route);
         let pool = Preconnect::new(2);
@@ -178,7 +178,7 @@ mod tests {
         // The route moves: warm connections to the old leader are dropped.
         tx.send_replace(Route {
             generation: 4,
-            target: crate::leader::Target::None(crate::leader::NoRoute::NoLeader),
+            target: crate::route::Target::None(crate::route::NoRoute::NoLeader),
         });
         for _ in 0..100 {
             if pool.len() == 0 {

@@ -27,10 +27,11 @@ use crate::check::is_local_shortage;
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::framing::{Framing, Side};
-use crate::leader::{session_fate, Event, Fate, Route, SessionGuard, Shared, Target};
+use crate::leader::{Event, SessionGuard, Shared};
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
+use crate::route::{session_fate, Fate, Route, Target};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);

@@ -24,11 +24,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
-use crate::leader::{Event, ListenerStatus, Role, Shared, ViewSettings};
+use crate::leader::{Event, ListenerStatus, Shared, ViewSettings};
 use crate::loops::Listening;
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
+use crate::route::Role;
 
 /// Why a reload was refused. The old configuration stays in force.
 #[derive(Debug, thiserror::Error)]

@@ -16,15 +16,14 @@ use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
 use roleproxy::check::role_from_answer;
-use roleproxy::config::SplitBrain;
 use roleproxy::config::{Config, IpFamily};
-use roleproxy::leader::{
-    decide, decide_with, least_loaded, BackendView, Claim, NoRoute, Role, RoleHistory, Route,
-    Standing, Target,
-};
 use roleproxy::pgwire::{
     check_length, error_response, parse_startup, read_startup, PgWireError, StartupPacket,
     MAX_STARTUP_LEN,
+};
+use roleproxy::route::{
+    decide, decide_with, least_loaded, BackendView, Claim, NoRoute, Role, RoleHistory, Route,
+    SplitBrain, Standing, Target,
 };
 
 /// Cases per property; cheap pure functions get more.
@@ -1520,7 +1519,7 @@ proptest! {
 }
 
 // =============================================================================================
-// Routing rules: `leader::{decide, RoleHistory}`
+// Routing rules: `route::{decide, RoleHistory}`
 // =============================================================================================
 
 const POOL: usize = 5;
