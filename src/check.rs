@@ -1,4 +1,5 @@
-//! One role check → [`Role`], and the per-backend loop that repeats it.
+//! One role check → [`Role`]: one node asked once, and what it said. The loop that repeats it
+//! belongs to the leader view, which owns every backend's state.
 //!
 //! Three kinds of check ([`Probe`]): Fly's `GET /flycheck/role` whose body is the role word,
 //! Patroni's REST API where the status of `GET /primary` and `/replica` is the answer, and a
@@ -8,8 +9,7 @@
 //! so a hung or hostile endpoint costs one timeout, never memory or a stuck loop.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -18,13 +18,9 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind};
-use crate::leader::{Event, Shared};
-use crate::metrics as m;
 use crate::pgwire;
 use crate::route::{Liveness, Role};
 
@@ -362,70 +358,6 @@ async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckEr
         })?
         .to_bytes();
     Ok((status, body))
-}
-
-/// Starts the check loop of one backend, supervised. It reports every result to the leader view
-/// (through `shared`) and stops when `cancel` fires or the view is gone.
-pub fn spawn_loop(
-    shared: &Shared,
-    backend: SocketAddr,
-    loop_id: u64,
-    settings: Arc<CheckSettings>,
-    mut recheck: watch::Receiver<u64>,
-    cancel: CancellationToken,
-) {
-    let endpoint = settings.endpoint(backend);
-    let events = shared.events.clone();
-    let route = shared.route.clone();
-    shared
-        .supervisor
-        .spawn("check", cancel.clone(), async move {
-            recheck.mark_unchanged();
-            loop {
-                let started = Instant::now();
-                let checked = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    observed = check_role(endpoint, &settings) => observed,
-                };
-                let latency = started.elapsed();
-                let Some(Observation { role, timeline }) = checked else {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(settings.interval) => continue,
-                    }
-                };
-                m::check_result(backend, &role, latency);
-                if let Role::Down(error) = &role {
-                    tracing::debug!(backend = %backend, %error, "check failed");
-                }
-                let event = Event::Checked {
-                    addr: backend,
-                    loop_id,
-                    role,
-                    timeline,
-                    latency,
-                };
-                if events.send(event).await.is_err() {
-                    return;
-                }
-                let wait = if route.borrow().leader().is_some() {
-                    settings.interval
-                } else {
-                    settings.fast_interval
-                };
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                    changed = recheck.changed() => if changed.is_err() { return },
-                }
-                // However often a recheck is asked for, one endpoint is checked at most once per
-                // fast interval, so `check.fall` still spans real time.
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
-                }
-            }
-        });
 }
 
 #[cfg(test)]

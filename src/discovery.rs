@@ -24,7 +24,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, IpFamily};
-use crate::leader::{Backend, Event};
 use crate::loops::OwnAddrs;
 use crate::metrics as m;
 use crate::route::Source;
@@ -169,6 +168,23 @@ pub fn select_addresses(ips: &[IpAddr], prefer: IpFamily, max: usize) -> Vec<IpA
     set.into_iter().take(max).collect()
 }
 
+/// A backend the discovery wants checked.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Backend {
+    /// Where client connections go (`ip:backends.port`, or the backup address).
+    pub addr: SocketAddr,
+    pub sources: Vec<Source>,
+}
+
+/// What discovery reports.
+#[derive(Debug)]
+pub enum Discovered {
+    /// The full current backend set.
+    Backends(Vec<Backend>),
+    /// The DNS names whose lookups fail right now (empty once they answer again).
+    DnsFailing(Vec<String>),
+}
+
 /// Builds the backend set from each name's addresses and the backups. Pure.
 pub fn backend_set(
     resolved: &BTreeMap<String, Vec<IpAddr>>,
@@ -191,10 +207,11 @@ pub fn backend_set(
         .collect()
 }
 
-/// Resolves every name each interval and reports changes, until cancelled.
-pub async fn run(
+/// Resolves every name each interval and reports changes to `events`, whatever type of event
+/// the receiver takes, until cancelled.
+pub async fn run<E: From<Discovered>>(
     mut configs: watch::Receiver<BackendsConfig>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<E>,
     own: Arc<OwnAddrs>,
     cancel: CancellationToken,
 ) {
@@ -270,7 +287,7 @@ pub async fn run(
         }
         if failing != failing_sent {
             if events
-                .send(Event::DnsFailing(failing.clone()))
+                .send(Discovered::DnsFailing(failing.clone()).into())
                 .await
                 .is_err()
             {
@@ -293,7 +310,11 @@ pub async fn run(
         });
         warned = dropped;
         if last_sent.as_ref() != Some(&set) {
-            if events.send(Event::Backends(set.clone())).await.is_err() {
+            if events
+                .send(Discovered::Backends(set.clone()).into())
+                .await
+                .is_err()
+            {
                 return;
             }
             last_sent = Some(set);

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::check::{self, CheckSettings};
 use crate::config::CheckConfig;
+use crate::discovery::{Backend, Discovered};
 use crate::metrics as m;
 use crate::route::{
     decide_with, describe_route, explain, least_loaded, BackendView, Claim, Liveness, NoRoute,
@@ -20,22 +21,12 @@ use crate::route::{
 };
 use crate::supervise::Supervisor;
 
-/// A backend the discovery wants checked.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Backend {
-    /// Where client connections go (`ip:backends.port`, or the backup address).
-    pub addr: SocketAddr,
-    pub sources: Vec<Source>,
-}
-
 /// Input to the leader view.
 #[derive(Debug)]
 pub enum Event {
-    /// The full current backend set, from discovery.
-    Backends(Vec<Backend>),
-    /// The DNS names whose lookups fail right now (empty once they answer again), from
-    /// discovery; it names the cause when nothing can be routed.
-    DnsFailing(Vec<String>),
+    /// The backend set, or which DNS names fail (that names the cause when nothing can be
+    /// routed).
+    Discovered(Discovered),
     Checked {
         addr: SocketAddr,
         /// Which check loop sent it; results of a cancelled loop are ignored.
@@ -54,6 +45,13 @@ pub enum Event {
     },
     /// New check settings from a reload. Roles already known are kept; loops restart.
     Reconfigure(ViewSettings),
+}
+
+/// Discovery reports through the view's channel without knowing the view.
+impl From<Discovered> for Event {
+    fn from(discovered: Discovered) -> Event {
+        Event::Discovered(discovered)
+    }
 }
 
 /// How the view checks backends and decides, from `[check]`.
@@ -325,8 +323,8 @@ impl LeaderView {
 
     fn apply(&mut self, event: Event) {
         match event {
-            Event::Backends(set) => self.set_backends(set),
-            Event::DnsFailing(names) => self.dns_failing = names,
+            Event::Discovered(Discovered::Backends(set)) => self.set_backends(set),
+            Event::Discovered(Discovered::DnsFailing(names)) => self.dns_failing = names,
             Event::Checked {
                 addr,
                 loop_id,
@@ -415,7 +413,7 @@ impl LeaderView {
             }
             let token = self.cancel.child_token();
             self.next_loop_id += 1;
-            check::spawn_loop(
+            spawn_check_loop(
                 &self.shared,
                 *addr,
                 self.next_loop_id,
@@ -673,6 +671,71 @@ impl LeaderView {
             *backends = status;
         }
     }
+}
+
+/// Starts the check loop of one backend, supervised: [`check::check_role`] every interval (every
+/// fast interval while there is no route, or sooner on a recheck), each result sent to the view.
+/// It stops when `cancel` fires or the view is gone.
+fn spawn_check_loop(
+    shared: &Shared,
+    backend: SocketAddr,
+    loop_id: u64,
+    settings: Arc<CheckSettings>,
+    mut recheck: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let endpoint = settings.endpoint(backend);
+    let events = shared.events.clone();
+    let route = shared.route.clone();
+    shared
+        .supervisor
+        .spawn("check", cancel.clone(), async move {
+            recheck.mark_unchanged();
+            loop {
+                let started = Instant::now();
+                let checked = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    observed = check::check_role(endpoint, &settings) => observed,
+                };
+                let latency = started.elapsed();
+                let Some(check::Observation { role, timeline }) = checked else {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(settings.interval) => continue,
+                    }
+                };
+                m::check_result(backend, &role, latency);
+                if let Role::Down(error) = &role {
+                    tracing::debug!(backend = %backend, %error, "check failed");
+                }
+                let event = Event::Checked {
+                    addr: backend,
+                    loop_id,
+                    role,
+                    timeline,
+                    latency,
+                };
+                if events.send(event).await.is_err() {
+                    return;
+                }
+                let wait = if route.borrow().leader().is_some() {
+                    settings.interval
+                } else {
+                    settings.fast_interval
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                    changed = recheck.changed() => if changed.is_err() { return },
+                }
+                // However often a recheck is asked for, one endpoint is checked at most once per
+                // fast interval, so `check.fall` still spans real time.
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
+                }
+            }
+        });
 }
 
 /// The evidence behind a backend's leader role, for [`decide`].

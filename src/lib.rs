@@ -11,8 +11,9 @@
 //!   nothing from the crate. Start reading here.
 //! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming the bad key.
 //! - [`discovery`]: DNS names and backup addresses → the backend set.
-//! - [`check`]: one role check (HTTP GET → [`route::Role`]) and the per-backend check loop.
-//! - [`leader`]: the task that owns every backend's state, runs the rules and publishes the route.
+//! - [`check`]: one role check of one node (HTTP GET → [`route::Role`]) and the probe of its Postgres.
+//! - [`leader`]: the view: the task that owns every backend's state and check loop, runs the
+//!   rules and publishes the route.
 //! - [`loops`]: the proxy's own addresses, which it never connects to.
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 /// Cycles that exist and are to be removed. The test fails when one is added, and also when
 /// one is removed without being struck off here, so the list stays true.
-const KNOWN_CYCLES: &[&[&str]] = &[&["check", "leader"]];
+const KNOWN_CYCLES: &[&[&str]] = &[];
 
 /// `module → modules it imports`, read from `src/`.
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
