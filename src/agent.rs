@@ -250,7 +250,7 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
                 "unexpected transaction_read_only value {:?}",
-                crate::admin::printable(value)
+                crate::wording::printable(value)
             ),
         ),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),

@@ -22,7 +22,13 @@
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
 //! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
-//! - [`admin`]: `/metrics`, `/status`, `/healthz`, `/ready`, the stats page, `POST /reload`.
+//! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
+//!   page, `POST /reload`.
+//! - [`status`]: the `/status` document, one schema for the server, the page and the client.
+//! - [`stats_page`]: the stats page's HTML.
+//! - [`status_cli`]: `roleproxy status`, the terminal client of `/status`.
+//! - [`wording`]: how times, errors and network text read for people, on the page and in the
+//!   terminal.
 //! - [`metrics`]: metric names and descriptions.
 //! - [`supervise`]: the core tasks, watched; one that ends unexpectedly stops the process.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
@@ -46,7 +52,11 @@ pub mod preconnect;
 pub mod proxy;
 pub mod reload;
 pub mod route;
+pub mod stats_page;
+pub mod status;
+pub mod status_cli;
 pub mod supervise;
+pub mod wording;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -208,13 +208,13 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
             _ => addr,
         }
     });
-    match roleproxy::admin::fetch_status(admin).await {
+    match roleproxy::status_cli::fetch_status(admin).await {
         Ok(status) => {
             print!(
                 "{}",
-                roleproxy::admin::render_status(
+                roleproxy::status_cli::render_status(
                     &status,
-                    roleproxy::admin::unix_ms(std::time::SystemTime::now())
+                    roleproxy::leader::unix_ms(std::time::SystemTime::now())
                 )
             );
             ExitCode::SUCCESS

@@ -279,7 +279,7 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
             >= 1.0
     );
     let status = proxy.status().await;
-    let table = roleproxy::admin::render_status(
+    let table = roleproxy::status_cli::render_status(
         &status,
         roleproxy::leader::unix_ms(std::time::SystemTime::now()),
     );

@@ -151,6 +151,25 @@ fn the_route_core_imports_nothing_from_the_crate() {
     );
 }
 
+/// The README's Layout table is where a newcomer starts: it names every module, and no other.
+#[test]
+fn the_readme_layout_names_every_module() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let graph = module_graph(&root.join("src"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let listed: BTreeSet<String> = readme
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("| `src/")?
+                .split_once(".rs`")
+                .map(|(m, _)| m.to_owned())
+        })
+        .filter(|m| m != "main" && m != "lib")
+        .collect();
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    assert_eq!(listed, modules, "README's Layout table against src/lib.rs");
+}
+
 #[test]
 fn grouped_and_nested_imports_are_read() {
     let code = "use crate::{config::{A, B}, leader};\nlet x = crate::metrics::f();\n";

@@ -1,0 +1,269 @@
+//! `roleproxy status`: fetches `/status` from a running proxy's admin port and prints it as a
+//! table for a terminal, like `patronictl list`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use crate::wording::{error_text, printable, unconfirmed_text, when};
+
+/// Why `roleproxy status` could not show the status.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot reach the admin port {addr}: {error}")]
+    Unreachable { addr: SocketAddr, error: String },
+    #[error("the admin port {addr} answered HTTP {status}")]
+    Http { addr: SocketAddr, status: u16 },
+    #[error("the admin port {addr} sent something that is not a status document: {error}")]
+    Invalid { addr: SocketAddr, error: String },
+}
+
+/// Largest `/status` document `roleproxy status` accepts.
+const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
+
+/// Fetches `/status` from a running proxy's admin port.
+pub async fn fetch_status(addr: SocketAddr) -> Result<serde_json::Value, StatusError> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let unreachable = |error: String| StatusError::Unreachable { addr, error };
+    let exchange = async {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
+        let request = Request::get("/status")
+            .header(hyper::header::HOST, addr.to_string())
+            .body(Empty::new())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            return Err(StatusError::Http { addr, status });
+        }
+        let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
+            .collect()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
+            addr,
+            error: e.to_string(),
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
+}
+
+/// The strings of a JSON array (none if it is not one).
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str())
+        .collect()
+}
+
+/// `/status` as a table for a terminal, like `patronictl list`. Pure. Every string in it may
+/// have come from the network (a role endpoint's error body), so each is made [`printable`].
+pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
+    let mut status = status.clone();
+    printable_json(&mut status);
+    let status = &status;
+    // The server's own words for the route, as on the stats page and in client errors.
+    let mut out = format!(
+        "cluster {}  route {} (since {})\n",
+        status["cluster"].as_str().unwrap_or("?"),
+        status["route_text"].as_str().unwrap_or("?"),
+        when(now_unix_ms, status["route_since_unix_ms"].as_u64())
+    );
+    let header = [
+        "backend",
+        "sources",
+        "role",
+        "last check",
+        "latency",
+        "sessions",
+        "last error",
+    ];
+    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_string)];
+    for backend in status["backends"].as_array().into_iter().flatten() {
+        let role = &backend["role"];
+        let mut role_text = role["role"].as_str().unwrap_or("?").to_string();
+        if role_text == "other" {
+            role_text = format!("other ({})", role["detail"].as_str().unwrap_or("?"));
+        }
+        let unconfirmed = &backend["unconfirmed"];
+        if let Some(since) = unconfirmed["since_unix_ms"].as_u64() {
+            role_text = unconfirmed_text(
+                since,
+                unconfirmed["check_error"].as_str().unwrap_or("?"),
+                backend["postgres"].as_str(),
+                unconfirmed["expired"] == true,
+                now_unix_ms,
+            );
+        }
+        if backend["present"] == false {
+            role_text.push_str(", left DNS");
+        }
+        let sources = strings(&backend["sources"]);
+        rows.push([
+            backend["address"].as_str().unwrap_or("?").to_string(),
+            sources.join(","),
+            role_text,
+            when(now_unix_ms, backend["last_check_unix_ms"].as_u64()),
+            backend["last_check_latency_ms"]
+                .as_f64()
+                .map(|ms| format!("{ms:.1} ms"))
+                .unwrap_or_else(|| "-".into()),
+            backend["sessions"].to_string(),
+            error_text(
+                backend["last_error"].as_str(),
+                backend["last_error_unix_ms"].as_u64(),
+                backend["last_check_unix_ms"].as_u64(),
+                now_unix_ms,
+            ),
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    for listener in status["listeners"].as_array().into_iter().flatten() {
+        let addresses = strings(&listener["addresses"]);
+        out.push_str(&format!(
+            "listener {} on {}: {}\n",
+            listener["name"].as_str().unwrap_or("?"),
+            addresses.join(", "),
+            listener["serves"].as_str().unwrap_or("?")
+        ));
+    }
+    out
+}
+
+/// Every string in a JSON document made [`printable`].
+fn printable_json(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::String(s) => {
+            if let std::borrow::Cow::Owned(clean) = printable(s) {
+                *s = clean;
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(printable_json),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(printable_json),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::{describe_route, Route};
+    use crate::stats_page::render_page;
+    use crate::status::Status;
+
+    #[test]
+    fn status_renders_as_a_table() {
+        let status = serde_json::json!({
+            "cluster": "iad.app.internal",
+            "route": {"generation": 3, "target": {"state": "leader", "detail": "127.0.0.12:5433"}},
+            "route_text": "generation 3: sessions go to 127.0.0.12:5433",
+            "route_since_unix_ms": 10_000,
+            "backends": [
+                {"address": "127.0.0.11:5433", "sources": ["dns:iad.app.internal"], "present": true,
+                 "role": {"role": "down", "detail": "HTTP 500: no"}, "last_check_unix_ms": 11_000,
+                 "last_check_latency_ms": 0.52, "last_error": "HTTP 500: no",
+                 "last_error_unix_ms": 11_000, "sessions": 0},
+                {"address": "127.0.0.12:5433", "sources": ["dns:iad.app.internal", "backup"], "present": true,
+                 "role": {"role": "leader"}, "last_check_unix_ms": 11_500,
+                 "last_check_latency_ms": 1.25, "last_error": "connection refused",
+                 "last_error_unix_ms": 5_000, "sessions": 7}
+            ]
+        });
+        let text = render_status(&status, 12_000);
+        assert!(text.starts_with("cluster iad.app.internal  route generation 3: sessions go to 127.0.0.12:5433 (since 2.0s ago)"), "{text}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].starts_with("backend"), "{text}");
+        assert!(
+            lines[2].contains("down")
+                && lines[2].contains("1.0s ago")
+                && lines[2].contains("HTTP 500: no (1.0s ago)"),
+            "{text}"
+        );
+        // An error from before the latest good check reads as history.
+        assert!(
+            lines[3].contains("recovered; 7.0s ago: connection refused"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("leader") && lines[3].contains("1.2 ms") && lines[3].contains("7"),
+            "{text}"
+        );
+        assert!(lines[3].contains("dns:iad.app.internal,backup"), "{text}");
+    }
+
+    #[test]
+    fn an_unconfirmed_leader_says_why_and_what_its_postgres_said() {
+        let status = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}},
+            "route_since_unix_ms": 0,
+            "backends": [
+                {"address": "127.0.0.11:5433", "sources": [], "present": true,
+                 "role": {"role": "leader"}, "last_check_unix_ms": 9_000, "last_check_latency_ms": 1.0,
+                 "last_error": "HTTP 500: sorry, too many clients already", "sessions": 3,
+                 "unconfirmed": {"since_unix_ms": 7_000, "check_error": "HTTP 500: sorry, too many clients already", "expired": false},
+                 "postgres": "Postgres answers (53300: sorry, too many clients already)"}
+            ]
+        });
+        let text = render_status(&status, 10_000);
+        assert!(
+            text.contains("leader, unconfirmed (since 3.0s ago, check failing: HTTP 500: sorry, too many clients already; Postgres answers (53300: sorry, too many clients already))"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_route_reads_the_same_in_the_terminal_as_on_the_page() {
+        let addr = |n| SocketAddr::from(([127, 0, 0, n], 5433));
+        let route = Route {
+            generation: 4,
+            target: crate::route::Target::None(crate::route::NoRoute::SplitBrain(vec![
+                addr(11),
+                addr(12),
+            ])),
+        };
+        let status = Status {
+            cluster: "c".into(),
+            route_text: describe_route(&route),
+            route,
+            route_since_unix_ms: 0,
+            backends: Vec::new(),
+            listeners: Vec::new(),
+            history: Vec::new(),
+        };
+        let words = "no route (split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader)";
+        let json = serde_json::to_value(&status).expect("serialises");
+        assert!(render_status(&json, 0).contains(words));
+        assert!(render_page(&status, 0).contains(words));
+    }
+}

@@ -1,0 +1,129 @@
+//! How times, errors and text from the network read for people, the same on the stats page and
+//! in `roleproxy status`.
+
+/// How long ago, for people: `0.4s ago`, `42s ago`, `3 min ago`, `2 h ago`, `5 days ago`.
+pub fn ago(now_unix_ms: u64, then_unix_ms: u64) -> String {
+    let secs = now_unix_ms.saturating_sub(then_unix_ms) as f64 / 1000.0;
+    match secs {
+        s if s < 10.0 => format!("{s:.1}s ago"),
+        s if s < 120.0 => format!("{s:.0}s ago"),
+        s if s < 7200.0 => format!("{:.0} min ago", s / 60.0),
+        s if s < 172_800.0 => format!("{:.0} h ago", s / 3600.0),
+        s => format!("{:.0} days ago", s / 86_400.0),
+    }
+}
+
+/// [`ago`], or `never`.
+pub fn when(now_unix_ms: u64, at: Option<u64>) -> String {
+    at.map_or_else(|| "never".to_string(), |at| ago(now_unix_ms, at))
+}
+
+/// A backend's last error with its time. While it is the outcome of the latest check (or the
+/// probe after it) it reads as current, `connection refused (4.0s ago)`; once a later check
+/// has answered, as history, `recovered; 3 min ago: connection refused`, so a healthy node
+/// never looks faulty for an error it had once.
+pub fn error_text(
+    error: Option<&str>,
+    error_unix_ms: Option<u64>,
+    last_check_unix_ms: Option<u64>,
+    now_unix_ms: u64,
+) -> String {
+    let Some(error) = error else {
+        return String::new();
+    };
+    match error_unix_ms {
+        Some(at) if last_check_unix_ms.is_some_and(|check| check > at) => {
+            format!("recovered; {}: {error}", ago(now_unix_ms, at))
+        }
+        Some(at) => format!("{error} ({})", ago(now_unix_ms, at)),
+        None => error.to_string(),
+    }
+}
+
+/// "leader, unconfirmed (since …, check failing: …; Postgres answers (…))", for people (rule 7).
+pub fn unconfirmed_text(
+    since_unix_ms: u64,
+    check_error: &str,
+    postgres: Option<&str>,
+    expired: bool,
+    now_unix_ms: u64,
+) -> String {
+    format!(
+        "leader, unconfirmed (since {}, check failing: {check_error}; {}){}",
+        ago(now_unix_ms, since_unix_ms),
+        postgres.unwrap_or("Postgres not asked yet"),
+        if expired {
+            ", past check.unconfirmed_limit: new clients wait"
+        } else {
+            ""
+        }
+    )
+}
+
+/// Text from the network with its control characters written out (`\u{1b}`), so an error body
+/// cannot move a terminal's cursor, clear its screen or set its title, nor reorder a line with
+/// bidirectional overrides.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let unsafe_char = |c: char| {
+        // C0, DEL and C1; then the bidirectional embeddings, overrides and isolates.
+        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(unsafe_char) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status_cli::render_status;
+
+    #[test]
+    fn control_characters_are_written_out() {
+        assert_eq!(printable("HTTP 500: plain"), "HTTP 500: plain");
+        assert_eq!(
+            printable("a\u{1b}]0;title\u{7}b\u{7f}c\u{9b}2Jd\u{202e}e\nf"),
+            "a\\u{1b}]0;title\\u{7}b\\u{7f}c\\u{9b}2Jd\\u{202e}e\\u{a}f"
+        );
+        let status = serde_json::json!({
+            "cluster": "c\u{1b}[2J",
+            "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader"}}},
+            "route_text": "generation 1: no route\u{1b}[H",
+            "backends": [{"address": "127.0.0.1:5433", "sources": ["dns\u{1b}[31m"],
+                "role": {"role": "down", "detail": "x"}, "last_error": "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n"}],
+            "listeners": [{"name": "l\u{1b}[1m", "addresses": ["127.0.0.1:1"], "serves": "leader"}]
+        });
+        let text = render_status(&status, 0);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert_eq!(text.lines().count(), 4, "one line per row: {text}");
+        assert!(
+            text.contains("HTTP 500: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{d}\\u{a}"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ages_read_in_units_people_use() {
+        for (ms, text) in [
+            (400, "0.4s ago"),
+            (42_000, "42s ago"),
+            (180_000, "3 min ago"),
+            (7_200_000, "2 h ago"),
+            (5 * 86_400_000, "5 days ago"),
+        ] {
+            assert_eq!(ago(10 * 86_400_000, 10 * 86_400_000 - ms), text);
+        }
+    }
+}
