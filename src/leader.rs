@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +18,7 @@ use crate::route::{
     decide_with, describe_route, explain, least_loaded, BackendView, Claim, Liveness, NoRoute,
     Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
 };
+use crate::status::{BackendStatus, Change, ListenerStatus, UnconfirmedStatus, HISTORY_LEN};
 use crate::supervise::Supervisor;
 
 /// Input to the leader view.
@@ -78,36 +78,6 @@ impl ViewSettings {
     }
 }
 
-/// What `/status` shows for one backend.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackendStatus {
-    pub address: SocketAddr,
-    pub sources: Vec<String>,
-    pub present: bool,
-    pub role: Role,
-    pub last_check_unix_ms: Option<u64>,
-    pub last_check_latency_ms: Option<f64>,
-    pub last_error: Option<String>,
-    /// When `last_error` happened: an error older than the last check is history, not a
-    /// current fault.
-    pub last_error_unix_ms: Option<u64>,
-    /// Set while this leader's checks fail but its Postgres answers (rule 7).
-    pub unconfirmed: Option<UnconfirmedStatus>,
-    /// The latest probe of its Postgres, if one ran.
-    pub postgres: Option<String>,
-    pub sessions: u64,
-}
-
-/// A leader that leads on its Postgres's word only, as `/status` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct UnconfirmedStatus {
-    pub since_unix_ms: u64,
-    /// Why its checks fail.
-    pub check_error: String,
-    /// `check.unconfirmed_limit` has passed: its sessions stay, new clients wait.
-    pub expired: bool,
-}
-
 /// State shared with the proxy and the admin server.
 pub struct Shared {
     pub route: watch::Receiver<Route>,
@@ -129,28 +99,6 @@ pub struct Shared {
     pub supervisor: Supervisor,
     /// The proxy's own addresses, which nothing connects to.
     pub own: Arc<crate::loops::OwnAddrs>,
-}
-
-/// What `/status` shows for one listener.
-#[derive(Debug, Clone, Serialize)]
-pub struct ListenerStatus {
-    pub name: String,
-    /// `leader`, `replica`, `replica, else leader`, or `target ADDR`.
-    pub serves: String,
-    /// Bound addresses (real ports where the configuration said 0).
-    pub addresses: Vec<SocketAddr>,
-}
-
-/// Role and route changes kept for the timeline.
-pub const HISTORY_LEN: usize = 50;
-
-/// One role or route change, as the timeline shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Change {
-    pub unix_ms: u64,
-    /// `role` or `route`.
-    pub kind: &'static str,
-    pub text: String,
 }
 
 impl Shared {
@@ -761,7 +709,7 @@ fn remember(shared: &Shared, kind: &'static str, text: String) {
         }
         history.push_back(Change {
             unix_ms: unix_ms(SystemTime::now()),
-            kind,
+            kind: kind.to_owned(),
             text,
         });
     }

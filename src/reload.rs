@@ -24,12 +24,13 @@ use tokio_util::task::TaskTracker;
 
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
-use crate::leader::{Event, ListenerStatus, Shared, ViewSettings};
+use crate::leader::{Event, Shared, ViewSettings};
 use crate::loops::Listening;
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
 use crate::proxy::{self, ListenerPlan, Sessions};
 use crate::route::Role;
+use crate::status::ListenerStatus;
 
 /// Why a reload was refused. The old configuration stays in force.
 #[derive(Debug, thiserror::Error)]

@@ -32,10 +32,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a backend's role endpoint said, reduced to what routing needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "role", content = "detail", rename_all = "lowercase")]
 pub enum Role {
     /// Not checked yet.
@@ -285,7 +285,7 @@ pub enum Standing {
 }
 
 /// Why there is no route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reason", content = "about", rename_all = "snake_case")]
 pub enum NoRoute {
     /// Nothing discovered and no backup: DNS answered no address (or only dropped ones), or
@@ -381,7 +381,7 @@ pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String
 }
 
 /// Where sessions go.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", content = "detail", rename_all = "snake_case")]
 pub enum Target {
     /// New sessions go to this leader.
@@ -403,7 +403,7 @@ impl Target {
 }
 
 /// The route every session follows. Sessions bound to an older generation are shut down.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Route {
     pub generation: u64,
     pub target: Target,

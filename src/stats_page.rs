@@ -133,8 +133,8 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::leader::{BackendStatus, Change, ListenerStatus};
     use crate::route::Route;
+    use crate::status::{BackendStatus, Change, ListenerStatus};
 
     #[test]
     fn page_escapes_what_came_from_the_network() {
@@ -163,7 +163,7 @@ mod tests {
             }],
             history: vec![Change {
                 unix_ms: 3_723_004,
-                kind: "route",
+                kind: "route".into(),
                 text: "generation 1: sessions go to a&b".into(),
             }],
         };

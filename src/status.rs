@@ -1,21 +1,82 @@
-//! The `/status` document: built by the admin server from the view's state, read by the stats
-//! page and, as JSON, by `roleproxy status`.
+//! The `/status` document, one schema for all who use it: the view fills in its parts, the admin
+//! server serialises it, the stats page renders it, and `roleproxy status` deserialises it.
 
-use serde::Serialize;
+use std::net::SocketAddr;
 
-use crate::leader::{BackendStatus, Change, ListenerStatus};
-use crate::route::Route;
+use serde::{Deserialize, Serialize};
 
-/// The `/status` document.
-#[derive(Debug, Serialize)]
+use crate::route::{Role, Route};
+
+/// The `/status` document. Lists and counts a server leaves out read as empty, so a client
+/// still shows what a server of another version sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub cluster: String,
     pub route: Route,
     /// The route in words.
+    #[serde(default)]
     pub route_text: String,
+    #[serde(default)]
     pub route_since_unix_ms: u64,
+    #[serde(default)]
     pub backends: Vec<BackendStatus>,
+    #[serde(default)]
     pub listeners: Vec<ListenerStatus>,
     /// Recent role and route changes, oldest first.
+    #[serde(default)]
     pub history: Vec<Change>,
+}
+
+/// What `/status` shows for one backend.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub sources: Vec<String>,
+    pub present: bool,
+    pub role: Role,
+    pub last_check_unix_ms: Option<u64>,
+    pub last_check_latency_ms: Option<f64>,
+    pub last_error: Option<String>,
+    /// When `last_error` happened: an error older than the last check is history, not a
+    /// current fault.
+    pub last_error_unix_ms: Option<u64>,
+    /// Set while this leader's checks fail but its Postgres answers (rule 7).
+    pub unconfirmed: Option<UnconfirmedStatus>,
+    /// The latest probe of its Postgres, if one ran.
+    pub postgres: Option<String>,
+    #[serde(default)]
+    pub sessions: u64,
+}
+
+/// A leader that leads on its Postgres's word only, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnconfirmedStatus {
+    pub since_unix_ms: u64,
+    /// Why its checks fail.
+    pub check_error: String,
+    /// `check.unconfirmed_limit` has passed: its sessions stay, new clients wait.
+    pub expired: bool,
+}
+
+/// What `/status` shows for one listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerStatus {
+    pub name: String,
+    /// `leader`, `replica`, `replica, else leader`, or `target ADDR`.
+    pub serves: String,
+    /// Bound addresses (real ports where the configuration said 0).
+    pub addresses: Vec<SocketAddr>,
+}
+
+/// Role and route changes kept for the timeline.
+pub const HISTORY_LEN: usize = 50;
+
+/// One role or route change, as the timeline shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub unix_ms: u64,
+    /// `role` or `route`.
+    pub kind: String,
+    pub text: String,
 }

@@ -8,6 +8,8 @@ use bytes::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+use crate::route::Role;
+use crate::status::Status;
 use crate::wording::{error_text, printable, unconfirmed_text, when};
 
 /// Why `roleproxy status` could not show the status.
@@ -25,7 +27,7 @@ pub enum StatusError {
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
 
 /// Fetches `/status` from a running proxy's admin port.
-pub async fn fetch_status(addr: SocketAddr) -> Result<serde_json::Value, StatusError> {
+pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
     use http_body_util::{BodyExt, Empty, Limited};
     let unreachable = |error: String| StatusError::Unreachable { addr, error };
     let exchange = async {
@@ -64,28 +66,16 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<serde_json::Value, StatusE
         .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
 }
 
-/// The strings of a JSON array (none if it is not one).
-fn strings(value: &serde_json::Value) -> Vec<&str> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.as_str())
-        .collect()
-}
-
 /// `/status` as a table for a terminal, like `patronictl list`. Pure. Every string in it may
 /// have come from the network (a role endpoint's error body), so each is made [`printable`].
-pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
-    let mut status = status.clone();
-    printable_json(&mut status);
-    let status = &status;
+pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
+    let clean = |text: &str| printable(text).into_owned();
     // The server's own words for the route, as on the stats page and in client errors.
     let mut out = format!(
         "cluster {}  route {} (since {})\n",
-        status["cluster"].as_str().unwrap_or("?"),
-        status["route_text"].as_str().unwrap_or("?"),
-        when(now_unix_ms, status["route_since_unix_ms"].as_u64())
+        clean(&status.cluster),
+        clean(&status.route_text),
+        when(now_unix_ms, Some(status.route_since_unix_ms))
     );
     let header = [
         "backend",
@@ -97,42 +87,40 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         "last error",
     ];
     let mut rows: Vec<[String; 7]> = vec![header.map(str::to_string)];
-    for backend in status["backends"].as_array().into_iter().flatten() {
-        let role = &backend["role"];
-        let mut role_text = role["role"].as_str().unwrap_or("?").to_string();
-        if role_text == "other" {
-            role_text = format!("other ({})", role["detail"].as_str().unwrap_or("?"));
-        }
-        let unconfirmed = &backend["unconfirmed"];
-        if let Some(since) = unconfirmed["since_unix_ms"].as_u64() {
-            role_text = unconfirmed_text(
-                since,
-                unconfirmed["check_error"].as_str().unwrap_or("?"),
-                backend["postgres"].as_str(),
-                unconfirmed["expired"] == true,
+    for backend in &status.backends {
+        // The error is in its own column; only another word is shown beside its role.
+        let mut role = match &backend.role {
+            Role::Other(_) => backend.role.to_string(),
+            role => role.label().to_string(),
+        };
+        if let Some(u) = &backend.unconfirmed {
+            role = unconfirmed_text(
+                u.since_unix_ms,
+                &u.check_error,
+                backend.postgres.as_deref(),
+                u.expired,
                 now_unix_ms,
             );
         }
-        if backend["present"] == false {
-            role_text.push_str(", left DNS");
+        if !backend.present {
+            role.push_str(", left DNS");
         }
-        let sources = strings(&backend["sources"]);
         rows.push([
-            backend["address"].as_str().unwrap_or("?").to_string(),
-            sources.join(","),
-            role_text,
-            when(now_unix_ms, backend["last_check_unix_ms"].as_u64()),
-            backend["last_check_latency_ms"]
-                .as_f64()
+            backend.address.to_string(),
+            clean(&backend.sources.join(",")),
+            clean(&role),
+            when(now_unix_ms, backend.last_check_unix_ms),
+            backend
+                .last_check_latency_ms
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
-            backend["sessions"].to_string(),
-            error_text(
-                backend["last_error"].as_str(),
-                backend["last_error_unix_ms"].as_u64(),
-                backend["last_check_unix_ms"].as_u64(),
+            backend.sessions.to_string(),
+            clean(&error_text(
+                backend.last_error.as_deref(),
+                backend.last_error_unix_ms,
+                backend.last_check_unix_ms,
                 now_unix_ms,
-            ),
+            )),
         ]);
     }
     let widths: Vec<usize> = (0..7)
@@ -147,30 +135,16 @@ pub fn render_status(status: &serde_json::Value, now_unix_ms: u64) -> String {
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
-    for listener in status["listeners"].as_array().into_iter().flatten() {
-        let addresses = strings(&listener["addresses"]);
+    for listener in &status.listeners {
+        let addresses: Vec<String> = listener.addresses.iter().map(ToString::to_string).collect();
         out.push_str(&format!(
             "listener {} on {}: {}\n",
-            listener["name"].as_str().unwrap_or("?"),
+            clean(&listener.name),
             addresses.join(", "),
-            listener["serves"].as_str().unwrap_or("?")
+            clean(&listener.serves)
         ));
     }
     out
-}
-
-/// Every string in a JSON document made [`printable`].
-fn printable_json(value: &mut serde_json::Value) {
-    match value {
-        serde_json::Value::String(s) => {
-            if let std::borrow::Cow::Owned(clean) = printable(s) {
-                *s = clean;
-            }
-        }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(printable_json),
-        serde_json::Value::Object(fields) => fields.values_mut().for_each(printable_json),
-        _ => {}
-    }
 }
 
 #[cfg(test)]
@@ -178,7 +152,6 @@ mod tests {
     use super::*;
     use crate::route::{describe_route, Route};
     use crate::stats_page::render_page;
-    use crate::status::Status;
 
     #[test]
     fn status_renders_as_a_table() {
@@ -198,7 +171,7 @@ mod tests {
                  "last_error_unix_ms": 5_000, "sessions": 7}
             ]
         });
-        let text = render_status(&status, 12_000);
+        let text = render_status(&document(status), 12_000);
         assert!(text.starts_with("cluster iad.app.internal  route generation 3: sessions go to 127.0.0.12:5433 (since 2.0s ago)"), "{text}");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
@@ -235,7 +208,7 @@ mod tests {
                  "postgres": "Postgres answers (53300: sorry, too many clients already)"}
             ]
         });
-        let text = render_status(&status, 10_000);
+        let text = render_status(&document(status), 10_000);
         assert!(
             text.contains("leader, unconfirmed (since 3.0s ago, check failing: HTTP 500: sorry, too many clients already; Postgres answers (53300: sorry, too many clients already))"),
             "{text}"
@@ -262,8 +235,12 @@ mod tests {
             history: Vec::new(),
         };
         let words = "no route (split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader)";
-        let json = serde_json::to_value(&status).expect("serialises");
-        assert!(render_status(&json, 0).contains(words));
+        assert!(render_status(&status, 0).contains(words));
         assert!(render_page(&status, 0).contains(words));
+    }
+
+    /// A JSON fixture read as `roleproxy status` reads what the server sends.
+    fn document(json: serde_json::Value) -> Status {
+        serde_json::from_value(json).expect("a /status document")
     }
 }

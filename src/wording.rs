@@ -99,9 +99,10 @@ mod tests {
             "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader"}}},
             "route_text": "generation 1: no route\u{1b}[H",
             "backends": [{"address": "127.0.0.1:5433", "sources": ["dns\u{1b}[31m"],
-                "role": {"role": "down", "detail": "x"}, "last_error": "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n"}],
+                "present": true, "role": {"role": "down", "detail": "x"}, "last_error": "HTTP 500: \u{1b}]0;pwned\u{7}\u{1b}[2J\r\n"}],
             "listeners": [{"name": "l\u{1b}[1m", "addresses": ["127.0.0.1:1"], "serves": "leader"}]
         });
+        let status = serde_json::from_value(status).expect("a /status document");
         let text = render_status(&status, 0);
         assert!(
             !text.chars().any(|c| c.is_control() && c != '\n'),

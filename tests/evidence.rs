@@ -278,7 +278,9 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
         .await
             >= 1.0
     );
-    let status = proxy.status().await;
+    // The server's document, read with the schema `roleproxy status` reads it with.
+    let status: roleproxy::status::Status =
+        serde_json::from_value(proxy.status().await).expect("/status fits the schema");
     let table = roleproxy::status_cli::render_status(
         &status,
         roleproxy::leader::unix_ms(std::time::SystemTime::now()),
