@@ -21,6 +21,7 @@
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
+//! - [`reserve`]: the descriptor held back so a client is told when this process has none.
 //! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
 //!   page, `POST /reload`.
@@ -51,6 +52,7 @@ pub mod pgwire;
 pub mod preconnect;
 pub mod proxy;
 pub mod reload;
+pub mod reserve;
 pub mod route;
 pub mod stats_page;
 pub mod status;

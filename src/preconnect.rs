@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::reserve::Reserve;
 use crate::route::Route;
 
 /// A warm connection is replaced after this long, well inside Postgres's default
@@ -87,6 +88,7 @@ impl Preconnect {
         mut route: watch::Receiver<Route>,
         connect_timeout: Duration,
         own: Arc<crate::loops::OwnAddrs>,
+        reserve: Arc<Reserve>,
         cancel: CancellationToken,
     ) {
         loop {
@@ -99,7 +101,7 @@ impl Preconnect {
             if let Some(addr) = leader.filter(|addr| own.covering(*addr).is_none()) {
                 while self.len() < self.size && route.borrow().generation == generation {
                     let connected =
-                        tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await;
+                        tokio::time::timeout(connect_timeout, reserve.connect(addr)).await;
                     match connected {
                         Ok(Ok(stream)) => {
                             let _ = stream.set_nodelay(true);
@@ -162,7 +164,13 @@ mod tests {
         let pool = Preconnect::new(2);
         let cancel = CancellationToken::new();
         let own = Arc::new(crate::loops::OwnAddrs::new());
-        tokio::spawn(Arc::clone(&pool).run(rx, Duration::from_secs(1), own, cancel.clone()));
+        tokio::spawn(Arc::clone(&pool).run(
+            rx,
+            Duration::from_secs(1),
+            own,
+            Reserve::open(),
+            cancel.clone(),
+        ));
         for _ in 0..100 {
             if pool.len() == 2 {
                 break;

@@ -31,6 +31,7 @@ use crate::leader::{Event, SessionGuard, Shared};
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
+use crate::reserve::{self, Reserve};
 use crate::route::{session_fate, Fate, Route, Target};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
@@ -72,6 +73,8 @@ pub struct Sessions {
     refusals: Arc<Semaphore>,
     /// Warm connections to the leader, when `proxy.preconnect` > 0.
     pub preconnect: Option<Arc<Preconnect>>,
+    /// The descriptor held back for refusals; shared by every listener and backend connect.
+    pub reserve: Arc<Reserve>,
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
@@ -84,13 +87,14 @@ impl Sessions {
         shared: Arc<Shared>,
         config: ProxyConfig,
         cluster: String,
-        limit: Arc<Semaphore>,
+        capacity: Capacity,
         preconnect: Option<Arc<Preconnect>>,
         hard_stop: CancellationToken,
         tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
-            limit,
+            limit: capacity.limit,
+            reserve: capacity.reserve,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             preconnect,
             shared,
@@ -101,6 +105,14 @@ impl Sessions {
             turn: Default::default(),
         })
     }
+}
+
+/// What bounds sessions, kept by every generation of [`Sessions`] across reloads.
+#[derive(Clone)]
+pub struct Capacity {
+    /// Counts sessions against `max_connections`.
+    pub limit: Arc<Semaphore>,
+    pub reserve: Arc<Reserve>,
 }
 
 /// What one listener does with its clients. A reload sends a new plan; sessions keep the plan
@@ -123,36 +135,19 @@ pub async fn accept_loop(
     let local = listener
         .local_addr()
         .map_or_else(|e| e.to_string(), |a| a.to_string());
-    let reserve = Reserve::open();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(e) if is_local_shortage(&e) && reserve.release() => {
-                    // Out of descriptors: the one held in reserve lets this client in to hear
-                    // why, instead of waiting unseen in the backlog.
-                    if let Ok(stream) = accept_now(&listener) {
-                        tracing::warn!(listener = %local, error = %e, "out of descriptors; refusing client");
-                        m::session_result(&plan.borrow().name, "limit");
-                        let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({e})");
-                        let reserve = reserve.clone();
-                        tokio::spawn(async move {
-                            let mut stream = stream;
-                            refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
-                            // The refused socket is closed: take its descriptor back at once,
-                            // before a check or a lookup can.
-                            reserve.refill();
-                        });
-                    } else {
-                        reserve.refill();
-                    }
+                Err(e) if is_local_shortage(&e) => {
+                    let plan = Arc::clone(&plan.borrow());
+                    out_of_descriptors(&listener, &local, e, &plan).await;
                     continue;
                 }
                 Err(e) => {
                     tracing::warn!(listener = %local, error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
-                    reserve.refill();
                     continue;
                 }
             },
@@ -191,55 +186,43 @@ pub async fn accept_loop(
     }
 }
 
-/// Accepts a pending connection at once, with no await between: right after the reserve is
-/// released, any yield could let a check or a lookup take the descriptor first.
-fn accept_now(listener: &TcpListener) -> io::Result<TcpStream> {
-    use std::os::fd::{AsRawFd, FromRawFd};
-    // SAFETY: accept4 on the listener's open descriptor, with null address pointers (allowed).
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    TcpStream::from_std(stream)
-}
-
-/// One descriptor kept in reserve, released when accept fails for want of descriptors, so
-/// the client can be told why; shared with the refusal that uses it.
-#[derive(Clone)]
-struct Reserve(Arc<std::sync::Mutex<Option<std::fs::File>>>);
-
-impl Reserve {
-    fn open() -> Reserve {
-        let reserve = Reserve(Arc::new(std::sync::Mutex::new(None)));
-        reserve.refill();
-        reserve
-    }
-
-    /// Takes a descriptor into reserve if none is held (and one is free).
-    fn refill(&self) {
-        if let Ok(mut slot) = self.0.lock() {
-            if slot.is_none() {
-                *slot = std::fs::File::open("/dev/null").ok();
+/// Accept failed for want of a descriptor. A waiting client gets the reserved one, to be told
+/// why; with nobody waiting, the loop pauses, since the listener stays "ready" while every
+/// accept fails and a spinning loop would give the reserve up and take it back endlessly,
+/// leaving it free for a connect to take for good.
+async fn out_of_descriptors(
+    listener: &TcpListener,
+    local: &str,
+    error: io::Error,
+    plan: &ListenerPlan,
+) {
+    let reserve = &plan.sessions.reserve;
+    if reserve::client_waiting(listener) {
+        match reserve.accept(listener) {
+            Some(Ok(stream)) => {
+                tracing::warn!(listener = %local, %error, "out of descriptors; refusing client");
+                m::session_result(&plan.name, "limit");
+                let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({error})");
+                let reserve = Arc::clone(reserve);
+                tokio::spawn(async move {
+                    let mut stream = stream;
+                    refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
+                    // Closed first, so its descriptor is the one taken back.
+                    drop(stream);
+                    reserve.refill();
+                });
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(listener = %local, error = %e, "out of descriptors; accepting with the reserved one failed")
+            }
+            None => {
+                tracing::warn!(listener = %local, %error, "out of descriptors, none in reserve; the client waits")
             }
         }
     }
-
-    /// Closes the reserved descriptor; false if there was none to close.
-    fn release(&self) -> bool {
-        self.0
-            .lock()
-            .map(|mut slot| slot.take().is_some())
-            .unwrap_or(false)
-    }
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+    reserve.refill();
 }
 
 fn tune(stream: &TcpStream) {
@@ -472,6 +455,11 @@ async fn refuse_client(
         &message,
     )
     .await;
+    if let NoLeader::OutOfResources(_) = reason {
+        // Its descriptor goes back into reserve, if the reserve was what it lacked.
+        drop(client);
+        sessions.reserve.refill();
+    }
 }
 
 /// What ends a session besides its client: its node no longer being what the listener serves.
@@ -579,7 +567,7 @@ async fn connect_replica(
             sessions.refuse_loop(addr)?;
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + config.connect_timeout),
-                TcpStream::connect(addr),
+                sessions.reserve.connect(addr),
             )
             .await;
             let error = match attempt {
@@ -641,22 +629,22 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
     sessions.refuse_loop(addr)?;
     let mut attempt = 0;
     loop {
-        let error =
-            match tokio::time::timeout(config.connect_timeout, TcpStream::connect(addr)).await {
-                Ok(Ok(stream)) => {
-                    return Ok(Connected {
-                        stream,
-                        addr,
-                        drain: Drain::Never,
-                        _counted: sessions.shared.session_guard(addr),
-                    })
-                }
-                Ok(Err(e)) if is_local_shortage(&e) => {
-                    return Err(NoLeader::OutOfResources(e.to_string()))
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
-            };
+        let connect = tokio::time::timeout(config.connect_timeout, sessions.reserve.connect(addr));
+        let error = match connect.await {
+            Ok(Ok(stream)) => {
+                return Ok(Connected {
+                    stream,
+                    addr,
+                    drain: Drain::Never,
+                    _counted: sessions.shared.session_guard(addr),
+                })
+            }
+            Ok(Err(e)) if is_local_shortage(&e) => {
+                return Err(NoLeader::OutOfResources(e.to_string()))
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
+        };
         tracing::warn!(target = %addr, %error, "connect failed");
         m::connect_failed(addr);
         attempt += 1;
@@ -715,7 +703,7 @@ async fn connect_leader(
         let full_attempt = Instant::now() + config.connect_timeout;
         let attempt_deadline = full_attempt.min(deadline);
         let attempt = tokio::select! {
-            a = tokio::time::timeout_at(attempt_deadline, TcpStream::connect(addr)) => a,
+            a = tokio::time::timeout_at(attempt_deadline, sessions.reserve.connect(addr)) => a,
             _ = route.wait_for(|r| r.generation != generation) => continue,
         };
         let error = match attempt {

@@ -28,7 +28,8 @@ use crate::leader::{Event, Shared, ViewSettings};
 use crate::loops::Listening;
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
-use crate::proxy::{self, ListenerPlan, Sessions};
+use crate::proxy::{self, Capacity, ListenerPlan, Sessions};
+use crate::reserve::Reserve;
 use crate::route::Role;
 use crate::status::ListenerStatus;
 
@@ -133,7 +134,7 @@ pub(crate) struct Running {
     backends: watch::Sender<BackendsConfig>,
     preconnect_stop: Option<CancellationToken>,
     /// Shared by every generation of [`Sessions`], so `max_connections` counts them all.
-    limit: Arc<Semaphore>,
+    capacity: Capacity,
     stop_accepting: CancellationToken,
     background: CancellationToken,
     /// Whether the admin port serves `POST /reload`; read by the admin handlers.
@@ -162,11 +163,14 @@ impl Running {
         bound: Vec<Bound>,
         fixed: Fixed,
     ) -> Running {
-        let limit = Arc::new(Semaphore::new(config.proxy.max_connections));
+        let capacity = Capacity {
+            limit: Arc::new(Semaphore::new(config.proxy.max_connections)),
+            reserve: Reserve::open(),
+        };
         let (sessions, preconnect_stop) = new_sessions(
             &config,
             &fixed.shared,
-            Arc::clone(&limit),
+            capacity.clone(),
             None,
             &fixed.hard_stop,
             &fixed.tracker,
@@ -180,7 +184,7 @@ impl Running {
             listeners: BTreeMap::new(),
             backends: fixed.backends,
             preconnect_stop,
-            limit,
+            capacity,
             stop_accepting: fixed.stop_accepting,
             background: fixed.background,
             allow_changes: fixed.allow_changes,
@@ -421,7 +425,7 @@ impl Running {
         }
         if new.proxy != old.proxy || new.cluster_name() != old.cluster_name() {
             resize(
-                &self.limit,
+                &self.capacity.limit,
                 old.proxy.max_connections,
                 new.proxy.max_connections,
             );
@@ -438,7 +442,7 @@ impl Running {
             let (sessions, pool_stop) = new_sessions(
                 new,
                 &self.shared,
-                Arc::clone(&self.limit),
+                self.capacity.clone(),
                 pool,
                 &self.sessions.hard_stop,
                 &self.sessions.tracker,
@@ -507,7 +511,7 @@ impl Running {
 fn new_sessions(
     config: &Config,
     shared: &Arc<Shared>,
-    limit: Arc<Semaphore>,
+    capacity: Capacity,
     pool: Option<Arc<Preconnect>>,
     hard_stop: &CancellationToken,
     tracker: &TaskTracker,
@@ -523,6 +527,7 @@ fn new_sessions(
                 shared.route.clone(),
                 proxy.connect_timeout,
                 Arc::clone(&shared.own),
+                Arc::clone(&capacity.reserve),
                 token.clone(),
             ));
             stop = Some(token);
@@ -533,7 +538,7 @@ fn new_sessions(
         Arc::clone(shared),
         proxy.clone(),
         config.cluster_name(),
-        limit,
+        capacity,
         pool,
         hard_stop.clone(),
         tracker.clone(),

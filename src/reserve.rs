@@ -1,0 +1,149 @@
+//! One file descriptor held back, so a client that arrives while this process is out of
+//! descriptors can still be accepted and told why (53300) instead of waiting unseen in the
+//! listen backlog.
+//!
+//! The reserve is only worth anything if nothing else can take its descriptor. Every listener
+//! and every backend connect share one: a listener gives it up only for a client that is
+//! really waiting, and a backend connect never runs while the reserve is not held, since a
+//! session would keep that descriptor for as long as it lasts and the next client would get
+//! no answer until some session ended. Checks and DNS lookups may still take it for a moment;
+//! they let go, and the next refill takes it back.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+pub struct Reserve {
+    file: Mutex<Option<File>>,
+    /// Even while the descriptor is held, odd while it is not; bumped on every change, so a
+    /// connect can tell the reserve was given up while it made its socket.
+    turn: AtomicU64,
+}
+
+impl Reserve {
+    pub fn open() -> Arc<Reserve> {
+        let reserve = Reserve {
+            file: Mutex::new(None),
+            turn: AtomicU64::new(1),
+        };
+        reserve.refill();
+        Arc::new(reserve)
+    }
+
+    /// Takes a descriptor into reserve if none is held; whether one is held now.
+    pub fn refill(&self) -> bool {
+        let Ok(mut slot) = self.file.lock() else {
+            return false;
+        };
+        if slot.is_none() {
+            *slot = File::open("/dev/null").ok();
+            if slot.is_some() {
+                self.turn.fetch_add(1, SeqCst);
+            }
+        }
+        slot.is_some()
+    }
+
+    /// Gives the reserved descriptor to the client waiting on `listener`: `None` if none is
+    /// held. The lock keeps backend connects from making a socket between the close and the
+    /// accept.
+    pub fn accept(&self, listener: &TcpListener) -> Option<io::Result<TcpStream>> {
+        let mut slot = self.file.lock().ok()?;
+        let file = slot.take()?;
+        self.turn.fetch_add(1, SeqCst);
+        drop(file);
+        Some(accept_now(listener))
+    }
+
+    /// Connects to a backend, but never with the reserved descriptor: while the reserve is
+    /// not held, or was given up while the socket was made, the connect fails as if this
+    /// process were out of descriptors (it is, or nearly).
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let mut turn = self.turn.load(SeqCst);
+        if turn % 2 == 1 {
+            if !self.refill() {
+                return Err(out_of_descriptors());
+            }
+            turn = self.turn.load(SeqCst);
+        }
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        if turn % 2 == 1 || self.turn.load(SeqCst) != turn {
+            // Dropping the socket frees what may be the reserve's descriptor.
+            return Err(out_of_descriptors());
+        }
+        socket.connect(addr).await
+    }
+}
+
+fn out_of_descriptors() -> io::Error {
+    io::Error::from_raw_os_error(libc::EMFILE)
+}
+
+/// Whether a client is waiting to be accepted. Once accept has failed for want of a
+/// descriptor, the listener's readiness no longer says so: accept fails before it looks at
+/// the queue, so it fails the same with nobody waiting.
+pub fn client_waiting(listener: &TcpListener) -> bool {
+    let mut poll = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd that outlives the call; a zero timeout never blocks.
+    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+    // An error says nothing either way: try to accept.
+    ready != 0
+}
+
+/// Accepts a pending connection at once, with no await between: right after the reserve is
+/// released, any yield could let a check or a lookup take the descriptor first.
+fn accept_now(listener: &TcpListener) -> io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4 on the listener's open descriptor, with null address pointers (allowed).
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    TcpStream::from_std(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_reserve_goes_to_a_waiting_client_and_comes_back_before_a_connect() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reserve = Reserve::open();
+        assert!(!client_waiting(&listener));
+
+        let _client = TcpStream::connect(addr).await.unwrap();
+        assert!(client_waiting(&listener));
+        let given = reserve.accept(&listener).expect("a descriptor was held");
+        assert!(given.is_ok(), "the waiting client is accepted");
+        assert!(!client_waiting(&listener));
+        assert!(reserve.accept(&listener).is_none(), "given up: none left");
+
+        // Not held: the connect takes a descriptor back into reserve first.
+        let _backend = reserve.connect(addr).await.unwrap();
+        assert!(client_waiting(&listener));
+        assert!(reserve.accept(&listener).is_some(), "held again");
+    }
+}
