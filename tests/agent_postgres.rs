@@ -144,8 +144,16 @@ async fn agent_follows_a_real_failover() {
     drop(primary);
     drop(standby);
 
-    // The primary crashes: its agent cannot tell, and the standby is still a standby.
+    // The primary crashes: its agent cannot tell, and the standby is still a standby. The
+    // agent may give its answer from before the crash for `reuse_for`.
     cluster.stop_immediate(0).expect("kill node 0");
+    assert!(
+        support::harness::eventually(Duration::from_secs(10), || async {
+            agent0.role().await.0 == 500
+        })
+        .await,
+        "node 0's agent never said it cannot tell"
+    );
     let (status, body) = agent0.role().await;
     assert_eq!(status, 500, "node 0 is down, got body {body:?}");
     assert!(!body.is_empty(), "a 500 carries the error text");
