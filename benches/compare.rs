@@ -771,11 +771,15 @@ async fn copy_section(args: &Args, results: &mut Results, bench: &PgBench) {
     leader
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS bulk_rows;
-             CREATE TABLE bulk_rows AS SELECT g, repeat('x', 192) AS pad FROM generate_series(1, {rows}) g;
-             VACUUM ANALYZE bulk_rows"
+             CREATE TABLE bulk_rows AS SELECT g, repeat('x', 192) AS pad FROM generate_series(1, {rows}) g"
         ))
         .await
         .expect("create bulk_rows");
+    // VACUUM refuses to run in the implicit transaction of a multi-statement batch.
+    leader
+        .batch_execute("VACUUM ANALYZE bulk_rows")
+        .await
+        .expect("vacuum bulk_rows");
     let mut targets = bench.targets.clone();
     for round in 0..args.rounds {
         targets.rotate_left(usize::from(round > 0));
@@ -818,12 +822,19 @@ async fn transactions_section(args: &Args, results: &mut Results, bench: &PgBenc
         .collect();
     for round in 0..args.failovers {
         tokio::time::sleep(Duration::from_secs(3)).await;
+        // Every proxy and round has its own client numbers: the rows share one table.
         let clients: Vec<(&str, Transactions)> = proxies
             .iter()
-            .map(|(name, a)| {
+            .enumerate()
+            .map(|(i, (name, a))| {
+                let first = ((round * proxies.len() + i) * 100) as i32;
                 (
                     *name,
-                    Transactions::start(&conninfo(*a), 8, Duration::from_millis(300)),
+                    Transactions::start_numbered(
+                        &conninfo(*a),
+                        first..first + 8,
+                        Duration::from_millis(300),
+                    ),
                 )
             })
             .collect();
@@ -858,6 +869,13 @@ async fn transactions_section(args: &Args, results: &mut Results, bench: &PgBenc
                 outcome.committed.len(),
                 outcome.part_way()
             );
+            if let Some(first) = outcome
+                .failures
+                .iter()
+                .find(|f| matches!(f, transactions::Failure::PartWay(..)))
+            {
+                eprintln!("round {round} {name}: first transaction cut: {first:?}");
+            }
         }
         match switched {
             Ok(event) => eprintln!("round {round}: switchover {} -> {}", event.old, event.new),

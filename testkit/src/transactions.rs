@@ -106,9 +106,19 @@ pub struct Transactions {
 
 impl Transactions {
     pub fn start(conninfo: &str, clients: i32, sleep: Duration) -> Transactions {
+        Self::start_numbered(conninfo, 0..clients, sleep)
+    }
+
+    /// [`Transactions::start`] with the given client numbers, so that runs sharing the `txs`
+    /// table (one per proxy, one per round) never write the same `(client, seq)` key.
+    pub fn start_numbered(
+        conninfo: &str,
+        clients: std::ops::Range<i32>,
+        sleep: Duration,
+    ) -> Transactions {
         let (stop, stopped) = watch::channel(false);
         let outcome = Arc::new(Mutex::new(Outcome::default()));
-        let tasks = (0..clients)
+        let tasks = clients
             .map(|c| {
                 let client = Client {
                     conninfo: conninfo.to_owned(),
