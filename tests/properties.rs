@@ -271,11 +271,16 @@ fn duration() -> impl Strategy<Value = (Duration, String)> {
         Just(("days", Duration::from_secs(86_400), 100)),
     ];
     let part = unit.prop_flat_map(|(name, one, max)| (1..=max).prop_map(move |n| (n, name, one)));
-    (vec(part, 1..=3), prop_oneof![Just(""), Just(" ")], pad()).prop_map(|(parts, sep, p)| {
-        let total = parts.iter().map(|(n, _, one)| *one * (*n as u32)).sum();
-        let text: Vec<String> = parts.iter().map(|(n, u, _)| format!("{n}{u}")).collect();
-        (total, format!("{p}{}{p}", text.join(sep)))
-    })
+    (vec(part, 1..=3), prop_oneof![Just(""), Just(" ")], pad())
+        .prop_map(|(parts, sep, p)| {
+            let total = parts.iter().map(|(n, _, one)| *one * (*n as u32)).sum();
+            let text: Vec<String> = parts.iter().map(|(n, u, _)| format!("{n}{u}")).collect();
+            (total, format!("{p}{}{p}", text.join(sep)))
+        })
+        // Shorter than a millisecond is refused (rightly), so it is never a valid value.
+        .prop_filter("at least the 1 ms minimum", |(total, _)| {
+            *total >= Duration::from_millis(1)
+        })
 }
 
 /// A DNS name of at most 4 × 41 + 4 = 168 characters (DNS allows 253).
