@@ -16,12 +16,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::httpd::{self, Limits};
-use crate::leader::{unix_ms, Shared};
+use crate::leader::Shared;
 use crate::metrics;
 use crate::reload::Reloader;
 use crate::route::describe_route;
 use crate::stats_page::render_page;
-use crate::status::Status;
+use crate::status::{unix_ms, Status};
 
 /// The admin port is reachable from the whole private network, and a platform health check
 /// restarts the machine when `/healthz` does not answer: a neighbour holding connections open

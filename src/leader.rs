@@ -18,7 +18,9 @@ use crate::route::{
     decide_with, describe_route, explain, least_loaded, BackendView, Claim, Liveness, NoRoute,
     Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
 };
-use crate::status::{BackendStatus, Change, ListenerStatus, UnconfirmedStatus, HISTORY_LEN};
+use crate::status::{
+    unix_ms, BackendStatus, Change, ListenerStatus, UnconfirmedStatus, HISTORY_LEN,
+};
 use crate::supervise::Supervisor;
 
 /// Input to the leader view.
@@ -713,13 +715,6 @@ fn remember(shared: &Shared, kind: &'static str, text: String) {
             text,
         });
     }
-}
-
-/// Milliseconds since the Unix epoch (0 for a clock before it).
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn log_route_change(previous: &Route, route: &Route) {

@@ -214,7 +214,7 @@ async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode
                 "{}",
                 roleproxy::status_cli::render_status(
                     &status,
-                    roleproxy::leader::unix_ms(std::time::SystemTime::now())
+                    roleproxy::status::unix_ms(std::time::SystemTime::now())
                 )
             );
             ExitCode::SUCCESS

@@ -244,7 +244,7 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, m
 
 /// Why a client could not be given a backend.
 #[derive(Debug, thiserror::Error)]
-enum NoLeader {
+enum Unserved {
     #[error("{0}")]
     NoRoute(String),
     #[error("leader {0} is in maintenance, left DNS or unconfirmed too long")]
@@ -276,11 +276,11 @@ enum NoLeader {
 
 impl Sessions {
     /// The last line of defence against a loop: refuses an address the proxy listens on.
-    fn refuse_loop(&self, addr: SocketAddr) -> Result<(), NoLeader> {
+    fn refuse_loop(&self, addr: SocketAddr) -> Result<(), Unserved> {
         match self.shared.own.covering(addr) {
             Some(listener) => {
                 tracing::error!(backend = %addr, %listener, "backend is this proxy's own listener; refusing to connect to itself");
-                Err(NoLeader::Loop { addr, listener })
+                Err(Unserved::Loop { addr, listener })
             }
             None => Ok(()),
         }
@@ -357,7 +357,7 @@ async fn serve_client(
         }
     };
     let connected = tokio::select! {
-        _ = sessions.hard_stop.cancelled() => Err(NoLeader::Shutdown),
+        _ = sessions.hard_stop.cancelled() => Err(Unserved::Shutdown),
         c = connecting => c,
     };
     m::leader_wait(accepted.elapsed());
@@ -421,22 +421,22 @@ impl Silent {
 async fn refuse_client(
     mut client: TcpStream,
     first: &[u8],
-    reason: NoLeader,
+    reason: Unserved,
     accepted: Instant,
     plan: &ListenerPlan,
 ) {
     let sessions = &plan.sessions;
     let (result, code) = match &reason {
-        NoLeader::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
-        NoLeader::Unreachable { .. } | NoLeader::BackendUnreachable { .. } => {
+        Unserved::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
+        Unserved::Unreachable { .. } | Unserved::BackendUnreachable { .. } => {
             ("unreachable", pgwire::CANNOT_CONNECT_NOW)
         }
-        NoLeader::Shutdown | NoLeader::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
-        NoLeader::Loop { .. } => ("loop", pgwire::CANNOT_CONNECT_NOW),
+        Unserved::Shutdown | Unserved::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
+        Unserved::Loop { .. } => ("loop", pgwire::CANNOT_CONNECT_NOW),
         _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
     };
     let message = match (&reason, plan.serves) {
-        (NoLeader::OutOfResources(_), _) => {
+        (Unserved::OutOfResources(_), _) => {
             format!("sorry, too many clients already: {reason}")
         }
         (_, Serves::Leader) => {
@@ -455,7 +455,7 @@ async fn refuse_client(
         &message,
     )
     .await;
-    if let NoLeader::OutOfResources(_) = reason {
+    if let Unserved::OutOfResources(_) = reason {
         // Its descriptor goes back into reserve, if the reserve was what it lacked.
         drop(client);
         sessions.reserve.refill();
@@ -539,7 +539,7 @@ async fn run_session(
     tune(&backend);
     m::session_started(&plan.name);
     tracing::debug!(backend = %drainer.addr, "session started");
-    let (result, up, down) = splice(client, backend, first, &mut drainer, &plan.sessions).await;
+    let (result, up, down) = relay(client, backend, first, &mut drainer, &plan.sessions).await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
 }
@@ -553,7 +553,7 @@ async fn connect_replica(
     fallback_to_leader: bool,
     sessions: &Sessions,
     accepted: Instant,
-) -> Result<Connected, NoLeader> {
+) -> Result<Connected, Unserved> {
     let config = &sessions.config;
     let deadline = accepted + config.leader_wait;
     let mut failed: Vec<SocketAddr> = Vec::new();
@@ -580,7 +580,7 @@ async fn connect_replica(
                     })
                 }
                 Ok(Err(e)) if is_local_shortage(&e) => {
-                    return Err(NoLeader::OutOfResources(e.to_string()))
+                    return Err(Unserved::OutOfResources(e.to_string()))
                 }
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => "connect timed out".to_string(),
@@ -607,24 +607,24 @@ async fn connect_replica(
             changed = route.changed(), if fallback_to_leader => changed,
         };
         if changed.is_err() {
-            return Err(NoLeader::Stopping);
+            return Err(Unserved::Stopping);
         }
         failed.clear();
         if Instant::now() >= deadline {
             return Err(match last_error {
-                Some((addr, error)) => NoLeader::BackendUnreachable { addr, error },
+                Some((addr, error)) => Unserved::BackendUnreachable { addr, error },
                 None if fallback_to_leader => {
                     let leader = no_leader_reason(&route.borrow(), None);
-                    NoLeader::NoReplica(format!(" and {leader}"))
+                    Unserved::NoReplica(format!(" and {leader}"))
                 }
-                None => NoLeader::NoReplica(String::new()),
+                None => Unserved::NoReplica(String::new()),
             });
         }
     }
 }
 
 /// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
-async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connected, NoLeader> {
+async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connected, Unserved> {
     let config = &sessions.config;
     sessions.refuse_loop(addr)?;
     let mut attempt = 0;
@@ -640,7 +640,7 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
                 })
             }
             Ok(Err(e)) if is_local_shortage(&e) => {
-                return Err(NoLeader::OutOfResources(e.to_string()))
+                return Err(Unserved::OutOfResources(e.to_string()))
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
@@ -649,7 +649,7 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
         m::connect_failed(addr);
         attempt += 1;
         if attempt > config.connect_retries {
-            return Err(NoLeader::BackendUnreachable { addr, error });
+            return Err(Unserved::BackendUnreachable { addr, error });
         }
         tokio::time::sleep(RETRY_PAUSE).await;
     }
@@ -663,7 +663,7 @@ async fn connect_leader(
     route: &mut watch::Receiver<Route>,
     sessions: &Sessions,
     accepted: Instant,
-) -> Result<Connected, NoLeader> {
+) -> Result<Connected, Unserved> {
     let leader = |stream, addr, generation| Connected {
         stream,
         addr,
@@ -682,7 +682,7 @@ async fn connect_leader(
         let (addr, generation) = match waited {
             Ok(Ok(Some(found))) => found,
             Ok(Ok(None)) => continue,
-            Ok(Err(_)) => return Err(NoLeader::Stopping),
+            Ok(Err(_)) => return Err(Unserved::Stopping),
             Err(_) => return Err(no_leader_reason(&route.borrow(), last_error)),
         };
         if failed_generation != Some(generation) {
@@ -715,7 +715,7 @@ async fn connect_leader(
             Ok(Ok(_)) => continue,
             // Waiting will not help a client while this host has no descriptors to give.
             Ok(Err(e)) if is_local_shortage(&e) => {
-                return Err(NoLeader::OutOfResources(e.to_string()))
+                return Err(Unserved::OutOfResources(e.to_string()))
             }
             Ok(Err(e)) => {
                 let remote = matches!(
@@ -768,18 +768,18 @@ async fn connect_leader(
     }
 }
 
-fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> NoLeader {
+fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> Unserved {
     match (&route.target, last_error) {
-        (Target::Leader(addr), Some((failed, error))) if *addr == failed => NoLeader::Unreachable {
+        (Target::Leader(addr), Some((failed, error))) if *addr == failed => Unserved::Unreachable {
             addr: failed,
             error,
         },
-        (Target::Leader(addr), _) => NoLeader::Unreachable {
+        (Target::Leader(addr), _) => Unserved::Unreachable {
             addr: *addr,
             error: "no attempt succeeded in time".into(),
         },
-        (Target::Held(addr), _) => NoLeader::Held(*addr),
-        (Target::None(reason), _) => NoLeader::NoRoute(reason.to_string()),
+        (Target::Held(addr), _) => Unserved::Held(*addr),
+        (Target::None(reason), _) => Unserved::NoRoute(reason.to_string()),
     }
 }
 
@@ -788,7 +788,7 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
 /// stepped down while alive ends at its next transaction boundary instead (rule 9), within
 /// `proxy.switchover_grace`. `first` is the client's first packet, already read. Returns the
 /// result label and bytes copied (client→backend, backend→client).
-async fn splice(
+async fn relay(
     client: TcpStream,
     backend: TcpStream,
     first: Vec<u8>,

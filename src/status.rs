@@ -2,10 +2,18 @@
 //! server serialises it, the stats page renders it, and `roleproxy status` deserialises it.
 
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::route::{Role, Route};
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// The `/status` document. Lists and counts a server leaves out read as empty, so a client
 /// still shows what a server of another version sends.

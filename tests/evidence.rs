@@ -283,7 +283,7 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
         serde_json::from_value(proxy.status().await).expect("/status fits the schema");
     let table = roleproxy::status_cli::render_status(
         &status,
-        roleproxy::leader::unix_ms(std::time::SystemTime::now()),
+        roleproxy::status::unix_ms(std::time::SystemTime::now()),
     );
     assert!(table.contains("leader, unconfirmed (since"), "{table}");
     assert!(table.contains("Postgres answers"), "{table}");
