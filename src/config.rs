@@ -1,13 +1,22 @@
-//! `proxy.toml`: file → raw serde structs → `${VAR}` expansion → validated runtime [`Config`].
+//! `proxy.toml`: file → TOML tree → `${VAR}` expansion over the tree → serde builds the runtime
+//! [`Config`] → the checks that span several keys.
 //!
-//! Every error names the key it is about, so a bad deploy fails at start-up with a message an
-//! operator can act on instead of a proxy that routes wrongly.
+//! Each key is declared once, on its field: the function that reads it (and refuses what it
+//! cannot be) is its `deserialize_with`, and its default is in its section's `Default`. Every
+//! error names the key it is about, so a bad deploy fails at start-up with a message an operator
+//! can act on instead of a proxy that routes wrongly.
 
-use std::net::{IpAddr, SocketAddr};
+use std::borrow::Cow;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize, Serializer};
+use serde::de::{Error as _, IntoDeserializer};
+use serde::ser::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 use crate::route::SplitBrain;
 
@@ -39,65 +48,118 @@ pub struct Config {
     /// Listeners besides `[listen]`, which always serves the leader.
     pub listeners: Vec<ListenerConfig>,
     pub backends: BackendsConfig,
+    #[serde(serialize_with = "CheckConfig::serialize_own_keys")]
     pub check: CheckConfig,
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub reload: ReloadConfig,
 }
 
+/// The file as read: the runtime sections, with `[[listeners]]` as written until the rules
+/// that span their keys make them [`ListenerConfig`]s.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct File {
+    listen: ListenConfig,
+    listeners: Vec<WrittenListener>,
+    backends: BackendsConfig,
+    check: CheckConfig,
+    proxy: ProxyConfig,
+    admin: AdminConfig,
+    reload: ReloadConfig,
+}
+
 /// How a reload of this file is applied.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
     /// Apply a `[check]` change even when the current leader does not answer `leader` to it
     /// (the way to force a reload sent with SIGHUP; `POST /reload?force=true` is the other).
     pub force: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
+    #[serde(deserialize_with = "listen_addrs")]
     pub addresses: Vec<SocketAddr>,
 }
 
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            addresses: vec![
+                (Ipv4Addr::UNSPECIFIED, 5432).into(),
+                (Ipv6Addr::UNSPECIFIED, 5432).into(),
+            ],
+        }
+    }
+}
+
 /// A `[[listeners]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "WrittenListener")]
 pub struct ListenerConfig {
     pub name: String,
     pub addresses: Vec<SocketAddr>,
     pub serves: Serves,
 }
 
-/// Printed with the keys it is written with (`serves`, `fallback`, `target`), so the output of
-/// `roleproxy check` can be pasted back into a file.
-impl Serialize for ListenerConfig {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Written<'a> {
-            name: &'a str,
-            addresses: &'a [SocketAddr],
-            #[serde(skip_serializing_if = "Option::is_none")]
-            serves: Option<&'static str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            fallback: Option<&'static str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            target: Option<SocketAddr>,
-        }
-        let (serves, fallback, target) = match self.serves {
-            Serves::Leader => (Some("leader"), None, None),
+/// A `[[listeners]]` entry as written, read and printed (TOML leaves out a key that is `None`):
+/// `serves`, `fallback` and `target` together say what it [`Serves`].
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrittenListener {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(deserialize_with = "listen_addrs")]
+    addresses: Vec<SocketAddr>,
+    #[serde(default, deserialize_with = "some_word")]
+    serves: Option<ServesWritten>,
+    #[serde(default, deserialize_with = "some_word")]
+    fallback: Option<Fallback>,
+    #[serde(default, deserialize_with = "some_connect_addr")]
+    target: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ServesWritten {
+    Leader,
+    Replica,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Fallback {
+    None,
+    Leader,
+}
+
+/// Printed with the keys it is written with, so the output of `roleproxy check` can be pasted
+/// back into a file.
+impl From<ListenerConfig> for WrittenListener {
+    fn from(l: ListenerConfig) -> Self {
+        let (serves, fallback, target) = match l.serves {
+            Serves::Leader => (Some(ServesWritten::Leader), None, None),
             Serves::Replica { fallback_to_leader } => (
-                Some("replica"),
-                Some(if fallback_to_leader { "leader" } else { "none" }),
+                Some(ServesWritten::Replica),
+                Some(if fallback_to_leader {
+                    Fallback::Leader
+                } else {
+                    Fallback::None
+                }),
                 None,
             ),
             Serves::Target(addr) => (None, None, Some(addr)),
         };
-        Written {
-            name: &self.name,
-            addresses: &self.addresses,
+        WrittenListener {
+            name: Some(l.name),
+            addresses: l.addresses,
             serves,
             fallback,
             target,
         }
-        .serialize(s)
     }
 }
 
@@ -131,7 +193,7 @@ impl std::fmt::Display for Serves {
 }
 
 /// How a node's role is asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CheckKind {
     /// `GET check.path`; the body's word is the role (Fly's `/flycheck/role`).
@@ -142,133 +204,286 @@ pub enum CheckKind {
     Postgres,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+impl CheckKind {
+    /// The one kind that reads `check.KEY`, for a key only one kind reads.
+    fn owner(key: &str) -> Option<CheckKind> {
+        match key {
+            "path" | "leader" => Some(CheckKind::HttpBody),
+            "leader_path" | "replica_path" => Some(CheckKind::HttpStatus),
+            "user" | "password" | "database" => Some(CheckKind::Postgres),
+            _ => None,
+        }
+    }
+
+    /// Whether this kind reads `check.KEY`. A key it does not read is refused rather than
+    /// silently ignored, and left out of the printed configuration.
+    fn reads(self, key: &str) -> bool {
+        match key {
+            // Asking another port could read the role of another server than the one routed to.
+            "port" => self != CheckKind::Postgres,
+            key => CheckKind::owner(key).is_none_or(|owner| owner == self),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IpFamily {
     Ipv6,
     Ipv4,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct BackendsConfig {
+    #[serde(deserialize_with = "dns_names")]
     pub dns_names: Vec<String>,
+    #[serde(deserialize_with = "port")]
     pub port: u16,
+    #[serde(deserialize_with = "connect_addrs")]
     pub nameservers: Vec<SocketAddr>,
+    #[serde(deserialize_with = "word")]
     pub prefer: IpFamily,
+    #[serde(deserialize_with = "at_least_one")]
     pub max: usize,
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub resolve_interval: Duration,
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub resolve_timeout: Duration,
+    #[serde(deserialize_with = "connect_addrs")]
     pub backup: Vec<SocketAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl Default for BackendsConfig {
+    fn default() -> Self {
+        Self {
+            // ENV_DEFAULTS: a file that leaves them out gets them before expansion.
+            dns_names: Vec::new(),
+            port: 5433,
+            nameservers: vec![(Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 3), 53).into()],
+            prefer: IpFamily::Ipv6,
+            max: 10,
+            resolve_interval: Duration::from_secs(1),
+            resolve_timeout: Duration::from_secs(2),
+            backup: Vec::new(),
+        }
+    }
+}
+
+/// Defaults that name environment variables, written as a file writes them: put in the tree
+/// where the file leaves them out, they are expanded like the file's own values.
+const ENV_DEFAULTS: [(&str, &str, &str); 2] = [
+    (
+        "backends",
+        "dns_names",
+        "${PRIMARY_REGION}.${FLY_APP_NAME}.internal",
+    ),
+    ("backends", "backup", "[${PG_LISTEN_ADDRESS}]:5433"),
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckConfig {
+    #[serde(deserialize_with = "word")]
     pub kind: CheckKind,
+    /// 0 until [`CheckConfig::for_kind`] gives the kind's port (a written 0 is refused).
+    #[serde(deserialize_with = "port")]
     pub port: u16,
+    #[serde(deserialize_with = "url_path")]
     pub path: String,
+    #[serde(deserialize_with = "url_path")]
     pub leader_path: String,
+    #[serde(deserialize_with = "url_path")]
     pub replica_path: String,
+    #[serde(deserialize_with = "not_blank")]
     pub user: String,
+    #[serde(skip_serializing_if = "Secret::is_empty")]
     pub password: Secret,
+    #[serde(deserialize_with = "not_blank")]
     pub database: String,
+    #[serde(deserialize_with = "word")]
     pub split_brain: SplitBrain,
+    #[serde(with = "duration")]
     pub interval: Duration,
+    #[serde(with = "duration")]
     pub fast_interval: Duration,
+    #[serde(with = "duration")]
     pub timeout: Duration,
     /// Deadline of the Postgres liveness probe that follows a leader's failed check.
+    #[serde(with = "duration")]
     pub probe_timeout: Duration,
     /// How long a leader whose checks fail but whose Postgres answers stays the route.
+    #[serde(with = "duration")]
     pub unconfirmed_limit: Duration,
+    #[serde(deserialize_with = "leader_words")]
     pub leader: Vec<String>,
+    #[serde(deserialize_with = "at_least_one")]
     pub rise: u32,
+    #[serde(deserialize_with = "at_least_one")]
     pub fall: u32,
 }
 
+impl Default for CheckConfig {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::HttpBody,
+            port: 0,
+            path: "/flycheck/role".into(),
+            leader_path: "/primary".into(),
+            replica_path: "/replica".into(),
+            user: "postgres".into(),
+            password: Secret::default(),
+            database: "postgres".into(),
+            split_brain: SplitBrain::None,
+            interval: Duration::from_secs(2),
+            fast_interval: Duration::from_millis(250),
+            timeout: Duration::from_secs(5),
+            probe_timeout: Duration::from_secs(1),
+            unconfirmed_limit: Duration::from_secs(60),
+            leader: vec!["leader".into(), "primary".into()],
+            rise: 1,
+            fall: 2,
+        }
+    }
+}
+
+impl CheckConfig {
+    /// The rules between `check.kind` and the other keys; `written` are the keys the file sets.
+    fn for_kind(mut self, written: &[String], backends_port: u16) -> Result<Self, ConfigError> {
+        let kind = self.kind;
+        if let Some(key) = written.iter().find(|key| !kind.reads(key)) {
+            let reason = match CheckKind::owner(key) {
+                Some(owner) => format!(
+                    "only used with check.kind = {:?}, but check.kind is {:?}",
+                    name_of(&owner),
+                    name_of(&kind)
+                ),
+                None => format!(
+                    "not used with check.kind = {:?}: each backend is asked at its own address",
+                    name_of(&kind)
+                ),
+            };
+            return Err(invalid(&format!("check.{key}"), reason));
+        }
+        if self.split_brain == SplitBrain::HighestTimeline && kind != CheckKind::Postgres {
+            return Err(invalid(
+                "check.split_brain",
+                "\"highest-timeline\" needs check.kind = \"postgres\", the only check that reads timelines",
+            ));
+        }
+        if self.port == 0 {
+            self.port = match kind {
+                CheckKind::HttpBody => 5500,
+                // Patroni's REST API.
+                CheckKind::HttpStatus => 8008,
+                CheckKind::Postgres => backends_port,
+            };
+        }
+        Ok(self)
+    }
+
+    /// Printed with only its kind's own keys (another kind's would be refused when read back),
+    /// and never the password.
+    fn serialize_own_keys<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut table = toml::Table::try_from(self).map_err(S::Error::custom)?;
+        table.retain(|key, _| self.kind.reads(key));
+        table.serialize(s)
+    }
+}
+
+/// The name a value is written with in the file: its serde name, so no name is spelt twice.
+fn name_of<T: Serialize>(value: &T) -> String {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::String(name)) => name,
+        _ => String::new(),
+    }
+}
+
 /// A password: kept out of `Debug` output, logs and `roleproxy check`.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(pub String);
+
+impl Secret {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() {
-            "\"\""
-        } else {
-            "(hidden)"
-        })
+        f.write_str(if self.is_empty() { "\"\"" } else { "(hidden)" })
     }
 }
 
-/// Printed with only its kind's own keys, and never the password.
-impl Serialize for CheckConfig {
+impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let human = |d: Duration| humantime::format_duration(d).to_string();
-        let mut map = s.serialize_map(None)?;
-        map.serialize_entry("kind", &self.kind)?;
-        map.serialize_entry("port", &self.port)?;
-        match self.kind {
-            CheckKind::HttpBody => {
-                map.serialize_entry("path", &self.path)?;
-                map.serialize_entry("leader", &self.leader)?;
-            }
-            CheckKind::HttpStatus => {
-                map.serialize_entry("leader_path", &self.leader_path)?;
-                map.serialize_entry("replica_path", &self.replica_path)?;
-            }
-            CheckKind::Postgres => {
-                map.serialize_entry("user", &self.user)?;
-                if !self.password.0.is_empty() {
-                    map.serialize_entry("password", "(hidden)")?;
-                }
-                map.serialize_entry("database", &self.database)?;
-            }
-        }
-        map.serialize_entry("split_brain", &self.split_brain)?;
-        map.serialize_entry("interval", &human(self.interval))?;
-        map.serialize_entry("fast_interval", &human(self.fast_interval))?;
-        map.serialize_entry("timeout", &human(self.timeout))?;
-        map.serialize_entry("probe_timeout", &human(self.probe_timeout))?;
-        map.serialize_entry("unconfirmed_limit", &human(self.unconfirmed_limit))?;
-        map.serialize_entry("rise", &self.rise)?;
-        map.serialize_entry("fall", &self.fall)?;
-        map.end()
+        s.serialize_str(if self.is_empty() { "" } else { "(hidden)" })
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub connect_timeout: Duration,
     pub connect_retries: u32,
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// A client that has not sent its first packet this long after connecting is closed
     /// without a backend ever being connected for it.
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub silent_timeout: Duration,
     /// A session with one side closed and the other silent this long is closed.
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub half_close_timeout: Duration,
+    #[serde(deserialize_with = "max_connections")]
     pub max_connections: usize,
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub leader_wait: Duration,
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    #[serde(deserialize_with = "word")]
     pub copy: crate::copy::Mode,
+    #[serde(deserialize_with = "preconnect")]
     pub preconnect: usize,
     /// Worker threads; 0: one per CPU. Read at start-up only.
+    #[serde(deserialize_with = "threads")]
     pub threads: usize,
     /// How sessions end when their leader steps down while alive.
+    #[serde(deserialize_with = "word")]
     pub switchover: Switchover,
-    /// How long a session whose leader stepped down may take to end its transaction.
-    #[serde(serialize_with = "human")]
+    /// How long a session whose leader stepped down may take to end its transaction. Zero
+    /// (left out, or written `""`) until [`File::validate`] makes it half of `check.interval`.
+    #[serde(
+        serialize_with = "duration::serialize",
+        deserialize_with = "duration::or_blank"
+    )]
     pub switchover_grace: Duration,
 }
 
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(4),
+            connect_retries: 2,
+            idle_timeout: Duration::from_secs(30 * 60),
+            silent_timeout: Duration::from_secs(5),
+            half_close_timeout: Duration::from_secs(10),
+            max_connections: 1000,
+            leader_wait: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+            copy: crate::copy::Mode::Auto,
+            preconnect: 0,
+            threads: 0,
+            switchover: Switchover::Transaction,
+            switchover_grace: Duration::ZERO,
+        }
+    }
+}
+
 /// How the sessions of a leader that stepped down while alive (fenced or demoted) end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Switchover {
     /// At each session's next transaction boundary, within `proxy.switchover_grace`.
@@ -277,17 +492,29 @@ pub enum Switchover {
     Immediate,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// `None` when `admin.address = ""`: no admin listener.
+    #[serde(with = "admin_address")]
     pub address: Option<SocketAddr>,
     /// Whether requests that change state (`POST /reload`) are served. The admin port is
     /// reachable by every node of the private network, so this is off unless asked for.
     pub allow_changes: bool,
     /// How long a per-backend metric series may stay unchanged before it is removed; the
     /// series of backends still known are kept fresh, so only departed ones go. Start-up only.
-    #[serde(serialize_with = "human")]
+    #[serde(with = "duration")]
     pub metrics_expiry: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: Some((Ipv6Addr::UNSPECIFIED, 8404).into()),
+            allow_changes: false,
+            metrics_expiry: Duration::from_secs(120),
+        }
+    }
 }
 
 /// More sessions than any descriptor limit allows; also keeps the limit's arithmetic small.
@@ -298,220 +525,249 @@ const MIN_DURATION: Duration = Duration::from_millis(1);
 /// Longer durations are surely typos, and would overflow deadline arithmetic.
 const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
-fn human<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&humantime::format_duration(*d).to_string())
-}
+// ---- reading one value ----------------------------------------------------------------------
+//
+// Each function reads a value after `${VAR}` expansion and refuses what the key cannot be, in
+// the words the error shows after the key.
 
-// ---- the file as written -------------------------------------------------------------------
+/// Durations are written in quotes with a unit (`"2s"`) and printed in the same form.
+mod duration {
+    use super::*;
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawConfig {
-    listen: RawListen,
-    listeners: Vec<RawListener>,
-    backends: RawBackends,
-    check: RawCheck,
-    proxy: RawProxy,
-    admin: RawAdmin,
-    reload: RawReload,
-}
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawReload {
-    force: bool,
-}
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_str(Visitor { blank: None })
+    }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawListen {
-    addresses: Vec<String>,
-}
+    /// Blank (`""`) reads as zero: "the default", for a default that depends on other keys.
+    pub fn or_blank<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_str(Visitor {
+            blank: Some(Duration::ZERO),
+        })
+    }
 
-impl Default for RawListen {
-    fn default() -> Self {
-        Self {
-            addresses: vec!["0.0.0.0:5432".into(), "[::]:5432".into()],
+    /// Its own visitor so that a bare number (`interval = 2`) gets a hint with the unit
+    /// instead of "expected a string".
+    struct Visitor {
+        blank: Option<Duration>,
+    }
+
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Duration;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a duration in quotes, like \"2s\"")
         }
-    }
-}
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawListener {
-    name: Option<String>,
-    addresses: Vec<String>,
-    serves: Option<String>,
-    fallback: Option<String>,
-    target: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawBackends {
-    dns_names: Vec<String>,
-    port: u16,
-    nameservers: Vec<String>,
-    prefer: String,
-    max: usize,
-    resolve_interval: RawDuration,
-    resolve_timeout: RawDuration,
-    backup: Vec<String>,
-}
-
-impl Default for RawBackends {
-    fn default() -> Self {
-        Self {
-            dns_names: vec!["${PRIMARY_REGION}.${FLY_APP_NAME}.internal".into()],
-            port: 5433,
-            nameservers: vec!["[fdaa::3]:53".into()],
-            prefer: "ipv6".into(),
-            max: 10,
-            resolve_interval: "1s".into(),
-            resolve_timeout: "2s".into(),
-            backup: vec!["[${PG_LISTEN_ADDRESS}]:5433".into()],
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawCheck {
-    kind: String,
-    /// The default depends on the kind.
-    port: Option<u16>,
-    // Each kind's own keys are options, so setting one for another kind is an error.
-    path: Option<String>,
-    leader: Option<Vec<String>>,
-    leader_path: Option<String>,
-    replica_path: Option<String>,
-    user: Option<String>,
-    password: Option<String>,
-    database: Option<String>,
-    split_brain: String,
-    interval: RawDuration,
-    fast_interval: RawDuration,
-    timeout: RawDuration,
-    probe_timeout: RawDuration,
-    unconfirmed_limit: RawDuration,
-    rise: u32,
-    fall: u32,
-}
-
-impl Default for RawCheck {
-    fn default() -> Self {
-        Self {
-            kind: "http-body".into(),
-            port: None,
-            path: None,
-            leader: None,
-            leader_path: None,
-            replica_path: None,
-            user: None,
-            password: None,
-            database: None,
-            split_brain: "none".into(),
-            interval: "2s".into(),
-            fast_interval: "250ms".into(),
-            timeout: "5s".into(),
-            probe_timeout: "1s".into(),
-            unconfirmed_limit: "60s".into(),
-            rise: 1,
-            fall: 2,
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawProxy {
-    connect_timeout: RawDuration,
-    connect_retries: u32,
-    idle_timeout: RawDuration,
-    silent_timeout: RawDuration,
-    half_close_timeout: RawDuration,
-    max_connections: usize,
-    leader_wait: RawDuration,
-    shutdown_grace: RawDuration,
-    copy: String,
-    preconnect: usize,
-    threads: usize,
-    switchover: String,
-    /// Empty: half of `check.interval`.
-    switchover_grace: RawDuration,
-}
-
-impl Default for RawProxy {
-    fn default() -> Self {
-        Self {
-            connect_timeout: "4s".into(),
-            connect_retries: 2,
-            idle_timeout: "30m".into(),
-            silent_timeout: "5s".into(),
-            half_close_timeout: "10s".into(),
-            max_connections: 1000,
-            leader_wait: "10s".into(),
-            shutdown_grace: "10s".into(),
-            copy: "auto".into(),
-            preconnect: 0,
-            threads: 0,
-            switchover: "transaction".into(),
-            switchover_grace: RawDuration::default(),
-        }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-struct RawAdmin {
-    address: String,
-    allow_changes: bool,
-    metrics_expiry: RawDuration,
-}
-
-impl Default for RawAdmin {
-    fn default() -> Self {
-        Self {
-            address: "[::]:8404".into(),
-            allow_changes: false,
-            metrics_expiry: "2m".into(),
-        }
-    }
-}
-
-/// A duration as written, e.g. `"2s"`, read after `${VAR}` expansion. Its own type so that a
-/// bare number (`interval = 2`) gets a hint with the unit instead of "expected a string".
-#[derive(Default)]
-struct RawDuration(String);
-
-impl From<&str> for RawDuration {
-    fn from(text: &str) -> Self {
-        RawDuration(text.to_owned())
-    }
-}
-
-impl<'de> Deserialize<'de> for RawDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl serde::de::Visitor<'_> for Visitor {
-            type Value = RawDuration;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a duration in quotes, like \"2s\"")
-            }
-            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawDuration, E> {
-                Ok(text.into())
-            }
-            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<RawDuration, E> {
-                Err(E::custom(format!(
-                    "a duration needs quotes and a unit: write \"{n}s\" for {n} seconds or \"{n}ms\" for {n} milliseconds"
-                )))
-            }
-            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<RawDuration, E> {
-                self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Duration, E> {
+            match self.blank {
+                Some(blank) if text.trim().is_empty() => Ok(blank),
+                _ => parse(text).map_err(E::custom),
             }
         }
-        deserializer.deserialize_str(Visitor)
+
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "a duration needs quotes and a unit: write \"{n}s\" for {n} seconds or \"{n}ms\" for {n} milliseconds"
+            )))
+        }
+
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Duration, E> {
+            self.visit_i64(i64::try_from(n).unwrap_or(i64::MAX))
+        }
     }
+
+    fn parse(text: &str) -> Result<Duration, String> {
+        let d = humantime::parse_duration(text.trim()).map_err(|e| {
+            format!("bad duration {text:?} ({e}); use e.g. \"250ms\", \"2s\", \"30m\"")
+        })?;
+        if d.is_zero() {
+            return Err("must be greater than zero".into());
+        }
+        if d < MIN_DURATION {
+            return Err(format!("{text:?} is shorter than the minimum of 1ms"));
+        }
+        if d > MAX_DURATION {
+            return Err(format!("{text:?} is longer than the limit of 365 days"));
+        }
+        Ok(d)
+    }
+}
+
+/// A value of an enum, by its serde name. Read as text first, so a number is "expected text
+/// in quotes", and an unknown name gets the list of known ones.
+fn word<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<T, D::Error> {
+    T::deserialize(String::deserialize(d)?.into_deserializer())
+}
+
+fn some_word<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    word(d).map(Some)
+}
+
+/// Text, checked by `check`; its error is the reason shown after the key.
+fn text_with<'de, D: Deserializer<'de>, T>(
+    d: D,
+    check: impl FnOnce(String) -> Result<T, String>,
+) -> Result<T, D::Error> {
+    check(String::deserialize(d)?).map_err(D::Error::custom)
+}
+
+fn not_blank<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    text_with(d, |text| match text.trim() {
+        "" => Err("must not be empty".into()),
+        _ => Ok(text),
+    })
+}
+
+fn url_path<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    text_with(d, |path| {
+        if !path.starts_with('/') || path.parse::<hyper::http::uri::PathAndQuery>().is_err() {
+            return Err(format!(
+                "must be a URL path starting with '/', got {path:?}"
+            ));
+        }
+        Ok(path)
+    })
+}
+
+/// Words compared case-insensitively with what a role endpoint answers.
+fn leader_words<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let words: Vec<String> = Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|w| w.trim().to_ascii_lowercase())
+        .collect();
+    if words.is_empty() || words.iter().any(String::is_empty) {
+        return Err(D::Error::custom("must list at least one non-empty word"));
+    }
+    Ok(words)
+}
+
+fn dns_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct DnsName(String);
+    impl<'de> Deserialize<'de> for DnsName {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            text_with(d, |text| {
+                let name = text.trim();
+                let bad_label = name
+                    .trim_end_matches('.')
+                    .split('.')
+                    .any(|label| label.is_empty() || label.len() > 63);
+                // 253 characters is the most a DNS name can have (without the final dot).
+                let too_long = name.trim_end_matches('.').len() > 253;
+                if name.is_empty() || bad_label || too_long || name.contains(char::is_whitespace) {
+                    return Err(format!("bad DNS name {name:?}"));
+                }
+                Ok(DnsName(name.to_string()))
+            })
+        }
+    }
+    let names = Vec::<DnsName>::deserialize(d)?;
+    Ok(names.into_iter().map(|n| n.0).collect())
+}
+
+fn addr(text: String) -> Result<SocketAddr, String> {
+    parse_socket_addr(&text).ok_or_else(|| {
+        format!("bad address {text:?}; expected IP:PORT, e.g. \"0.0.0.0:5432\" or \"[::]:5432\"")
+    })
+}
+
+/// An address to connect to: port 0 is never right there.
+fn connect_addr(text: String) -> Result<SocketAddr, String> {
+    let addr = addr(text)?;
+    if addr.port() == 0 {
+        return Err(format!("port 0 in {addr} cannot be connected to"));
+    }
+    Ok(addr)
+}
+
+/// An address read by `read`, as a list element (so its error names `key[i]`).
+struct Addr<const CONNECT: bool>(SocketAddr);
+
+impl<'de, const CONNECT: bool> Deserialize<'de> for Addr<CONNECT> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        text_with(d, if CONNECT { connect_addr } else { addr }).map(Addr)
+    }
+}
+
+/// Addresses to listen on (port 0: any free port, as the tests use); at least one.
+fn listen_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let addrs = Vec::<Addr<false>>::deserialize(d)?;
+    if addrs.is_empty() {
+        return Err(D::Error::custom("must list at least one address"));
+    }
+    Ok(addrs.into_iter().map(|a| a.0).collect())
+}
+
+fn connect_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::Error> {
+    let addrs = Vec::<Addr<true>>::deserialize(d)?;
+    Ok(addrs.into_iter().map(|a| a.0).collect())
+}
+
+fn some_connect_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    text_with(d, connect_addr).map(Some)
+}
+
+/// `""` is no admin listener, and is printed so.
+mod admin_address {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(addr) => addr.serialize(s),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        text_with(d, |text| match text.trim() {
+            "" => Ok(None),
+            _ => addr(text).map(Some),
+        })
+    }
+}
+
+fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match u16::deserialize(d)? {
+        0 => Err(D::Error::custom("must not be 0")),
+        port => Ok(port),
+    }
+}
+
+fn at_least_one<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default + PartialEq,
+{
+    let n = T::deserialize(d)?;
+    if n == T::default() {
+        return Err(D::Error::custom("must be at least 1"));
+    }
+    Ok(n)
+}
+
+/// `n`, unless above `max`; `why` follows the limit in the error.
+fn at_most<E: serde::de::Error>(n: usize, max: usize, why: &str) -> Result<usize, E> {
+    if n > max {
+        return Err(E::custom(format!("at most {max}{why}")));
+    }
+    Ok(n)
+}
+
+fn max_connections<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = at_least_one(d)?;
+    at_most(n, MAX_CONNECTIONS, ": each session needs two descriptors")
+}
+
+fn preconnect<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let n = usize::deserialize(d)?;
+    at_most(n, 100, ": each one holds a Postgres backend on the leader")
+}
+
+fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    at_most(usize::deserialize(d)?, 1024, " (0 means one per CPU)")
 }
 
 // ---- loading --------------------------------------------------------------------------------
@@ -533,7 +789,7 @@ impl Config {
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let secrets = Secrets::written_in(text);
         secrets.check_type()?;
-        let parsed = read_raw(text).and_then(|raw| raw.validate(&Expander { env }));
+        let parsed = read(text, env).and_then(|(file, check_keys)| file.validate(&check_keys));
         parsed.map_err(|e| secrets.hide_in(e))
     }
 
@@ -571,14 +827,35 @@ impl Config {
     }
 }
 
-/// The raw structs, or an error in the user's terms: TOML syntax errors with their line and
-/// column, and errors in a value under the value's dotted key (`check.timeout`).
-fn read_raw(text: &str) -> Result<RawConfig, ConfigError> {
-    let document =
-        toml::Deserializer::parse(text).map_err(|e| ConfigError::Parse(parse_error(text, &e)))?;
-    serde_path_to_error::deserialize(document).map_err(|e| {
+/// The file's sections and the `[check]` keys it sets, or an error in the user's terms: TOML
+/// syntax errors with their line and column, and errors in a value under the value's dotted
+/// key (`check.timeout`).
+fn read(
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(File, Vec<String>), ConfigError> {
+    let mut tree = DeTable::parse(text).map_err(|e| ConfigError::Parse(parse_error(text, &e)))?;
+    let check_keys = match tree.get_ref().get("check").map(Spanned::get_ref) {
+        Some(DeValue::Table(check)) => check.keys().map(|k| k.get_ref().to_string()).collect(),
+        _ => Vec::new(),
+    };
+    // Past the end of the text: an error in a default gives no line and column.
+    let outside = text.len() + 1..text.len() + 1;
+    put_env_defaults(tree.get_mut(), outside);
+    let mut unexpanded = Vec::new();
+    expand_all(tree.get_mut(), "", env, &mut unexpanded);
+    let file = serde_path_to_error::deserialize(toml::Deserializer::from(tree));
+    let file = file.map_err(|e| {
         let key = e.path().to_string();
         let error = e.into_inner();
+        // A value left unexpanded fails to read too: then the first value that could not be
+        // expanded says why. An unknown key is the better message even then.
+        let unexpanded_here = unexpanded
+            .iter()
+            .any(|u| matches!(u, ConfigError::Invalid { key: k, .. } if *k == key));
+        if unexpanded_here && !error.message().starts_with("unknown field") {
+            return unexpanded.swap_remove(0);
+        }
         let at = error
             .span()
             .map(|span| at(text, span.start))
@@ -587,7 +864,76 @@ fn read_raw(text: &str) -> Result<RawConfig, ConfigError> {
             reason: format!("{}{at}", in_user_terms(&key, error.message())),
             key,
         }
-    })
+    })?;
+    match unexpanded.into_iter().next() {
+        Some(error) => Err(error),
+        None => Ok((file, check_keys)),
+    }
+}
+
+/// Puts [`ENV_DEFAULTS`] where the file leaves them out.
+fn put_env_defaults(root: &mut DeTable<'_>, outside: Range<usize>) {
+    fn spanned<T>(span: &Range<usize>, value: T) -> Spanned<T> {
+        Spanned::new(span.clone(), value)
+    }
+    for (section, key, value) in ENV_DEFAULTS {
+        if !root.contains_key(section) {
+            root.insert(
+                spanned(&outside, Cow::Borrowed(section)),
+                spanned(&outside, DeValue::Table(DeTable::new())),
+            );
+        }
+        let Some(DeValue::Table(table)) = root.get_mut(section).map(Spanned::get_mut) else {
+            continue;
+        };
+        if !table.contains_key(key) {
+            let list = std::iter::once(spanned(&outside, DeValue::String(Cow::Borrowed(value))));
+            table.insert(
+                spanned(&outside, Cow::Borrowed(key)),
+                spanned(&outside, DeValue::Array(list.collect())),
+            );
+        }
+    }
+}
+
+/// Expands every string of the tree in place, `path` being its dotted key. A value that cannot
+/// be expanded is left as written, and why is kept under its key.
+fn expand_all(
+    table: &mut DeTable<'_>,
+    path: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    for (key, value) in table.iter_mut() {
+        let key = match path {
+            "" => key.get_ref().to_string(),
+            path => format!("{path}.{}", key.get_ref()),
+        };
+        expand_value(value.get_mut(), &key, env, errors);
+    }
+}
+
+fn expand_value(
+    value: &mut DeValue<'_>,
+    key: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match value {
+        DeValue::String(text) => match expand(text, env) {
+            Ok(expanded) => *text = Cow::Owned(expanded),
+            // The password's error never quotes it.
+            Err(e) if key == "check.password" => errors.push(invalid(key, e.to_string())),
+            Err(e) => errors.push(invalid(key, format!("{e} in {text:?}"))),
+        },
+        DeValue::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_value(item.get_mut(), &format!("{key}[{i}]"), env, errors);
+            }
+        }
+        DeValue::Table(table) => expand_all(table, key, env, errors),
+        _ => {}
+    }
 }
 
 /// A TOML error with its line, column and key but without the source line that `toml` quotes:
@@ -601,22 +947,39 @@ fn parse_error(text: &str, error: &toml::de::Error) -> String {
     format!("TOML parse error{at}: {message}")
 }
 
-/// ` (line 2, column 12)` for a byte offset into `text`.
+/// ` (line 2, column 12)` for a byte offset into `text`; nothing for one past its end.
 fn at(text: &str, offset: usize) -> String {
-    let before = text.get(..offset).unwrap_or(text);
+    let Some(before) = text.get(..offset) else {
+        return String::new();
+    };
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     format!(" (line {line}, column {column})")
 }
 
-/// Serde's messages name Rust types (`expected usize`, `struct RawCheck`); these say what to
-/// write instead. A message of another form is kept as it is.
+/// Serde's messages name Rust types (`expected usize`, `struct CheckConfig`); these say what
+/// to write instead. A message of another form is kept as it is.
 fn in_user_terms(key: &str, message: &str) -> String {
     let name = key.rsplit(['.', ']']).next().unwrap_or(key);
     if let Some(rest) = message.strip_prefix("unknown field `") {
         let (unknown, known) = rest.split_once('`').unwrap_or((rest, ""));
         let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
         return unknown_key(unknown, &known);
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let (got, known) = rest.rsplit_once("`, expected ").unwrap_or((rest, ""));
+        let known: Vec<String> = known
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(|k| format!("{k:?}"))
+            .collect();
+        let last = known.last().cloned().unwrap_or_default();
+        let all = match known.split_last() {
+            Some((_, [])) | None => last,
+            Some((_, rest)) => format!("{} or {last}", rest.join(", ")),
+        };
+        return format!("expected {all}, got {got:?}");
     }
     if let Some(missing) = message.strip_prefix("missing field `") {
         return format!("is missing its key `{}`", missing.trim_end_matches('`'));
@@ -783,91 +1146,6 @@ impl Secrets {
     }
 }
 
-struct Expander<'a> {
-    env: &'a dyn Fn(&str) -> Option<String>,
-}
-
-impl Expander<'_> {
-    fn string(&self, key: &str, value: &str) -> Result<String, ConfigError> {
-        expand(value, self.env).map_err(|e| invalid(key, format!("{e} in {value:?}")))
-    }
-
-    /// Like [`Self::string`], but the reason never quotes the value.
-    fn secret(&self, key: &str, value: &str) -> Result<String, ConfigError> {
-        expand(value, self.env).map_err(|e| invalid(key, e.to_string()))
-    }
-
-    fn duration(&self, key: &str, value: &RawDuration) -> Result<Duration, ConfigError> {
-        let text = self.string(key, &value.0)?;
-        let d = humantime::parse_duration(text.trim()).map_err(|e| {
-            invalid(
-                key,
-                format!("bad duration {text:?} ({e}); use e.g. \"250ms\", \"2s\", \"30m\""),
-            )
-        })?;
-        if d.is_zero() {
-            return Err(invalid(key, "must be greater than zero"));
-        }
-        if d < MIN_DURATION {
-            return Err(invalid(
-                key,
-                format!("{text:?} is shorter than the minimum of 1ms"),
-            ));
-        }
-        if d > MAX_DURATION {
-            return Err(invalid(
-                key,
-                format!("{text:?} is longer than the limit of 365 days"),
-            ));
-        }
-        Ok(d)
-    }
-
-    fn addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        let text = self.string(key, value)?;
-        parse_socket_addr(&text).ok_or_else(|| {
-            invalid(
-                key,
-                format!("bad address {text:?}; expected IP:PORT, e.g. \"0.0.0.0:5432\" or \"[::]:5432\""),
-            )
-        })
-    }
-
-    /// An address to connect to: port 0 is never right there.
-    fn connect_addr(&self, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-        let addr = self.addr(key, value)?;
-        if addr.port() == 0 {
-            return Err(invalid(
-                key,
-                format!("port 0 in {addr} cannot be connected to"),
-            ));
-        }
-        Ok(addr)
-    }
-
-    /// Addresses to listen on (port 0: any free port, as the tests use).
-    fn listen_addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-        list(key, values, |key, v| self.addr(key, v))
-    }
-
-    fn connect_addrs(&self, key: &str, values: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-        list(key, values, |key, v| self.connect_addr(key, v))
-    }
-}
-
-/// Each value of a list, read by `one` under its own key (`key[i]`).
-fn list<T>(
-    key: &str,
-    values: &[String],
-    one: impl Fn(&str, &str) -> Result<T, ConfigError>,
-) -> Result<Vec<T>, ConfigError> {
-    values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| one(&format!("{key}[{i}]"), v))
-        .collect()
-}
-
 /// Accepts `1.2.3.4:5`, `[::1]:5` and also `[1.2.3.4]:5`, which the Fly template produces
 /// when `PG_LISTEN_ADDRESS` holds an IPv4 address.
 fn parse_socket_addr(text: &str) -> Option<SocketAddr> {
@@ -924,145 +1202,33 @@ fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, E
     Ok(out)
 }
 
-impl RawConfig {
-    fn validate(self, x: &Expander) -> Result<Config, ConfigError> {
-        let listen = ListenConfig {
-            addresses: x.listen_addrs("listen.addresses", &self.listen.addresses)?,
-        };
-        if listen.addresses.is_empty() {
-            return Err(invalid(
-                "listen.addresses",
-                "must list at least one address",
-            ));
-        }
+// ---- rules that span several keys -----------------------------------------------------------
 
-        let b = self.backends;
-        let mut dns_names = Vec::new();
-        for (i, name) in b.dns_names.iter().enumerate() {
-            let key = format!("backends.dns_names[{i}]");
-            let name = x.string(&key, name)?;
-            let name = name.trim();
-            let bad_label = name
-                .trim_end_matches('.')
-                .split('.')
-                .any(|label| label.is_empty() || label.len() > 63);
-            // 253 characters is the most a DNS name can have (without the final dot).
-            let too_long = name.trim_end_matches('.').len() > 253;
-            if name.is_empty() || bad_label || too_long || name.contains(char::is_whitespace) {
-                return Err(invalid(&key, format!("bad DNS name {name:?}")));
-            }
-            dns_names.push(name.to_string());
-        }
-        let prefer = match x.string("backends.prefer", &b.prefer)?.as_str() {
-            "ipv6" => IpFamily::Ipv6,
-            "ipv4" => IpFamily::Ipv4,
-            other => {
-                return Err(invalid(
-                    "backends.prefer",
-                    format!("expected \"ipv6\" or \"ipv4\", got {other:?}"),
-                ))
-            }
-        };
-        if b.max == 0 {
-            return Err(invalid("backends.max", "must be at least 1"));
-        }
-        if b.port == 0 {
-            return Err(invalid("backends.port", "must not be 0"));
-        }
-        let backends = BackendsConfig {
-            port: b.port,
-            nameservers: x.connect_addrs("backends.nameservers", &b.nameservers)?,
-            prefer,
-            max: b.max,
-            resolve_interval: x.duration("backends.resolve_interval", &b.resolve_interval)?,
-            resolve_timeout: x.duration("backends.resolve_timeout", &b.resolve_timeout)?,
-            backup: x.connect_addrs("backends.backup", &b.backup)?,
-            dns_names,
-        };
+impl File {
+    /// `check_keys` are the `[check]` keys the file sets.
+    fn validate(self, check_keys: &[String]) -> Result<Config, ConfigError> {
+        let File {
+            listen,
+            listeners,
+            backends,
+            check,
+            mut proxy,
+            admin,
+            reload,
+        } = self;
         if backends.dns_names.is_empty() && backends.backup.is_empty() {
             return Err(invalid(
                 "backends.dns_names",
                 "must list at least one name when backends.backup is empty",
             ));
         }
-
-        let check = validate_check(self.check, backends.port, x)?;
-
-        let p = self.proxy;
-        if p.max_connections == 0 {
-            return Err(invalid("proxy.max_connections", "must be at least 1"));
-        }
-        if p.max_connections > MAX_CONNECTIONS {
-            return Err(invalid(
-                "proxy.max_connections",
-                format!("at most {MAX_CONNECTIONS}: each session needs two descriptors"),
-            ));
-        }
-        if p.preconnect > 100 {
-            return Err(invalid(
-                "proxy.preconnect",
-                "at most 100: each one holds a Postgres backend on the leader",
-            ));
-        }
-        if p.threads > 1024 {
-            return Err(invalid(
-                "proxy.threads",
-                "at most 1024 (0 means one per CPU)",
-            ));
-        }
-        let proxy = ProxyConfig {
-            threads: p.threads,
-            connect_timeout: x.duration("proxy.connect_timeout", &p.connect_timeout)?,
-            connect_retries: p.connect_retries,
-            idle_timeout: x.duration("proxy.idle_timeout", &p.idle_timeout)?,
-            silent_timeout: x.duration("proxy.silent_timeout", &p.silent_timeout)?,
-            half_close_timeout: x.duration("proxy.half_close_timeout", &p.half_close_timeout)?,
-            max_connections: p.max_connections,
-            leader_wait: x.duration("proxy.leader_wait", &p.leader_wait)?,
-            shutdown_grace: x.duration("proxy.shutdown_grace", &p.shutdown_grace)?,
-            preconnect: p.preconnect,
-            copy: match x.string("proxy.copy", &p.copy)?.as_str() {
-                "auto" => crate::copy::Mode::Auto,
-                "splice" => crate::copy::Mode::Splice,
-                "buffered" => crate::copy::Mode::Buffered,
-                other => {
-                    return Err(invalid(
-                        "proxy.copy",
-                        format!("expected \"auto\", \"splice\" or \"buffered\", got {other:?}"),
-                    ))
-                }
-            },
-            switchover: match x.string("proxy.switchover", &p.switchover)?.as_str() {
-                "transaction" => Switchover::Transaction,
-                "immediate" => Switchover::Immediate,
-                other => {
-                    return Err(invalid(
-                        "proxy.switchover",
-                        format!("expected \"transaction\" or \"immediate\", got {other:?}"),
-                    ))
-                }
-            },
+        let check = check.for_kind(check_keys, backends.port)?;
+        if proxy.switchover_grace.is_zero() {
             // A planned switchover waits one check interval plus this grace between fencing
             // and demoting the leader (README, "Planned switchovers").
-            switchover_grace: if p.switchover_grace.0.trim().is_empty() {
-                check.interval / 2
-            } else {
-                x.duration("proxy.switchover_grace", &p.switchover_grace)?
-            },
-        };
-
-        let admin_text = x.string("admin.address", &self.admin.address)?;
-        let admin = AdminConfig {
-            address: if admin_text.trim().is_empty() {
-                None
-            } else {
-                Some(x.addr("admin.address", &admin_text)?)
-            },
-            allow_changes: self.admin.allow_changes,
-            metrics_expiry: x.duration("admin.metrics_expiry", &self.admin.metrics_expiry)?,
-        };
-        let listeners = validate_listeners(self.listeners, &listen, x)?;
-
+            proxy.switchover_grace = check.interval / 2;
+        }
+        let listeners = validate_listeners(listeners, &listen)?;
         let config = Config {
             listen,
             listeners,
@@ -1070,9 +1236,7 @@ impl RawConfig {
             check,
             proxy,
             admin,
-            reload: ReloadConfig {
-                force: self.reload.force,
-            },
+            reload,
         };
         refuse_loops(&config, &crate::loops::local_interfaces())?;
         Ok(config)
@@ -1136,161 +1300,11 @@ fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<()
     Ok(())
 }
 
-fn validate_check(
-    c: RawCheck,
-    backends_port: u16,
-    x: &Expander,
-) -> Result<CheckConfig, ConfigError> {
-    let kind = match x.string("check.kind", &c.kind)?.as_str() {
-        "http-body" => CheckKind::HttpBody,
-        "http-status" => CheckKind::HttpStatus,
-        "postgres" => CheckKind::Postgres,
-        other => {
-            return Err(invalid(
-                "check.kind",
-                format!("expected \"http-body\", \"http-status\" or \"postgres\", got {other:?}"),
-            ))
-        }
-    };
-    // A key of another kind would be silently ignored; say so instead.
-    let owned_by = |key: &str| match key {
-        "path" | "leader" => CheckKind::HttpBody,
-        "leader_path" | "replica_path" => CheckKind::HttpStatus,
-        _ => CheckKind::Postgres,
-    };
-    let set = [
-        ("path", c.path.is_some()),
-        ("leader", c.leader.is_some()),
-        ("leader_path", c.leader_path.is_some()),
-        ("replica_path", c.replica_path.is_some()),
-        ("user", c.user.is_some()),
-        ("password", c.password.is_some()),
-        ("database", c.database.is_some()),
-    ];
-    for (key, present) in set {
-        let owner = owned_by(key);
-        if present && owner != kind {
-            return Err(invalid(
-                &format!("check.{key}"),
-                format!(
-                    "only used with check.kind = {:?}, but check.kind is {:?}",
-                    kind_name(owner),
-                    kind_name(kind)
-                ),
-            ));
-        }
-    }
-    let url_path = |key: &str, value: Option<&String>, default: &str| {
-        let path = x.string(key, value.map_or(default, String::as_str))?;
-        if !path.starts_with('/') || path.parse::<hyper::http::uri::PathAndQuery>().is_err() {
-            return Err(invalid(
-                key,
-                format!("must be a URL path starting with '/', got {path:?}"),
-            ));
-        }
-        Ok(path)
-    };
-    let path = url_path("check.path", c.path.as_ref(), "/flycheck/role")?;
-    let leader_path = url_path("check.leader_path", c.leader_path.as_ref(), "/primary")?;
-    let replica_path = url_path("check.replica_path", c.replica_path.as_ref(), "/replica")?;
-    let words = c
-        .leader
-        .unwrap_or_else(|| vec!["leader".into(), "primary".into()]);
-    let leader: Vec<String> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| x.string(&format!("check.leader[{i}]"), w))
-        .map(|w| w.map(|w| w.trim().to_ascii_lowercase()))
-        .collect::<Result<_, _>>()?;
-    if leader.is_empty() || leader.iter().any(String::is_empty) {
-        return Err(invalid(
-            "check.leader",
-            "must list at least one non-empty word",
-        ));
-    }
-    let user = x.string("check.user", c.user.as_deref().unwrap_or("postgres"))?;
-    if user.trim().is_empty() {
-        return Err(invalid("check.user", "must not be empty"));
-    }
-    let password = x.secret("check.password", c.password.as_deref().unwrap_or(""))?;
-    let database = x.string(
-        "check.database",
-        c.database.as_deref().unwrap_or("postgres"),
-    )?;
-    if database.trim().is_empty() {
-        return Err(invalid("check.database", "must not be empty"));
-    }
-    let split_brain = match x.string("check.split_brain", &c.split_brain)?.as_str() {
-        "none" => SplitBrain::None,
-        "highest-timeline" if kind == CheckKind::Postgres => SplitBrain::HighestTimeline,
-        "highest-timeline" => {
-            return Err(invalid(
-                "check.split_brain",
-                "\"highest-timeline\" needs check.kind = \"postgres\", the only check that reads timelines",
-            ))
-        }
-        other => {
-            return Err(invalid(
-                "check.split_brain",
-                format!("expected \"none\" or \"highest-timeline\", got {other:?}"),
-            ))
-        }
-    };
-    if c.rise == 0 {
-        return Err(invalid("check.rise", "must be at least 1"));
-    }
-    if c.fall == 0 {
-        return Err(invalid("check.fall", "must be at least 1"));
-    }
-    if kind == CheckKind::Postgres && c.port.is_some() {
-        // Asking another port could read the role of another server than the one routed to.
-        return Err(invalid(
-            "check.port",
-            "not used with check.kind = \"postgres\": each backend is asked at its own address",
-        ));
-    }
-    let port = c.port.unwrap_or(match kind {
-        CheckKind::HttpBody => 5500,
-        // Patroni's REST API.
-        CheckKind::HttpStatus => 8008,
-        CheckKind::Postgres => backends_port,
-    });
-    if port == 0 {
-        return Err(invalid("check.port", "must not be 0"));
-    }
-    Ok(CheckConfig {
-        kind,
-        port,
-        path,
-        leader_path,
-        replica_path,
-        user,
-        password: Secret(password),
-        database,
-        split_brain,
-        interval: x.duration("check.interval", &c.interval)?,
-        fast_interval: x.duration("check.fast_interval", &c.fast_interval)?,
-        timeout: x.duration("check.timeout", &c.timeout)?,
-        probe_timeout: x.duration("check.probe_timeout", &c.probe_timeout)?,
-        unconfirmed_limit: x.duration("check.unconfirmed_limit", &c.unconfirmed_limit)?,
-        leader,
-        rise: c.rise,
-        fall: c.fall,
-    })
-}
-
-fn kind_name(kind: CheckKind) -> &'static str {
-    match kind {
-        CheckKind::HttpBody => "http-body",
-        CheckKind::HttpStatus => "http-status",
-        CheckKind::Postgres => "postgres",
-    }
-}
-
+/// Names each listener, refuses an address bound twice, and reads `serves`, `fallback` and
+/// `target` together.
 fn validate_listeners(
-    raw: Vec<RawListener>,
+    written: Vec<WrittenListener>,
     listen: &ListenConfig,
-    x: &Expander,
 ) -> Result<Vec<ListenerConfig>, ConfigError> {
     // Every address is bound once; the first user of each is remembered for the message.
     let mut used: Vec<(SocketAddr, String)> = listen
@@ -1301,10 +1315,10 @@ fn validate_listeners(
         .collect();
     let mut names = vec!["leader".to_string()];
     let mut listeners = Vec::new();
-    for (i, l) in raw.into_iter().enumerate() {
+    for (i, l) in written.into_iter().enumerate() {
         let key = |field: &str| format!("listeners[{i}].{field}");
         let name = match &l.name {
-            Some(name) => x.string(&key("name"), name)?.trim().to_string(),
+            Some(name) => name.trim().to_string(),
             None => format!("listener-{}", i + 1),
         };
         if name.is_empty() {
@@ -1317,74 +1331,35 @@ fn validate_listeners(
             ));
         }
         names.push(name.clone());
-        let addresses = x.listen_addrs(&key("addresses"), &l.addresses)?;
-        if addresses.is_empty() {
-            return Err(invalid(&key("addresses"), "must list at least one address"));
-        }
-        for (j, addr) in addresses.iter().enumerate() {
+        for (j, addr) in l.addresses.iter().enumerate() {
             let here = format!("listeners[{i}].addresses[{j}]");
             if let Some((_, first)) = used.iter().find(|(a, _)| a == addr && addr.port() != 0) {
                 return Err(invalid(&here, format!("{addr} is already used by {first}")));
             }
             used.push((*addr, here));
         }
-        let serves = match (&l.serves, &l.target) {
-            (Some(_), Some(_)) => {
+        let serves = match (l.serves, l.fallback, l.target) {
+            (Some(_), _, Some(_)) => {
                 return Err(invalid(
                     &key("target"),
                     "a listener with a fixed target serves nothing else; remove serves",
                 ))
             }
-            (None, Some(target)) => {
-                if l.fallback.is_some() {
-                    return Err(invalid(
-                        &key("fallback"),
-                        "only used with serves = \"replica\"",
-                    ));
-                }
-                Serves::Target(x.connect_addr(&key("target"), target)?)
+            (None | Some(ServesWritten::Leader), Some(_), _) => {
+                return Err(invalid(
+                    &key("fallback"),
+                    "only used with serves = \"replica\"",
+                ))
             }
-            (serves, None) => {
-                let serves = x.string(&key("serves"), serves.as_deref().unwrap_or("leader"))?;
-                let fallback = l
-                    .fallback
-                    .as_deref()
-                    .map(|f| x.string(&key("fallback"), f))
-                    .transpose()?;
-                match (serves.as_str(), fallback.as_deref()) {
-                    ("leader", None) => Serves::Leader,
-                    ("leader", Some(_)) => {
-                        return Err(invalid(
-                            &key("fallback"),
-                            "only used with serves = \"replica\"",
-                        ))
-                    }
-                    ("replica", None | Some("none")) => Serves::Replica {
-                        fallback_to_leader: false,
-                    },
-                    ("replica", Some("leader")) => Serves::Replica {
-                        fallback_to_leader: true,
-                    },
-                    ("replica", Some(other)) => {
-                        return Err(invalid(
-                            &key("fallback"),
-                            format!("expected \"none\" or \"leader\", got {other:?}"),
-                        ))
-                    }
-                    (other, _) => {
-                        return Err(invalid(
-                            &key("serves"),
-                            format!(
-                                "expected \"leader\" or \"replica\" (or set target), got {other:?}"
-                            ),
-                        ))
-                    }
-                }
-            }
+            (None, None, Some(target)) => Serves::Target(target),
+            (None | Some(ServesWritten::Leader), None, None) => Serves::Leader,
+            (Some(ServesWritten::Replica), fallback, None) => Serves::Replica {
+                fallback_to_leader: fallback == Some(Fallback::Leader),
+            },
         };
         listeners.push(ListenerConfig {
             name,
-            addresses,
+            addresses: l.addresses,
             serves,
         });
     }

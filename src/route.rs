@@ -620,7 +620,7 @@ pub fn describe_route(route: &Route) -> String {
 }
 
 /// What to do when several nodes claim leader.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SplitBrain {
     /// No route until only one claims leader.

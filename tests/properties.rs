@@ -337,23 +337,14 @@ const DURATION_KEYS: [(&str, &str); 13] = [
     ("proxy", "shutdown_grace"),
 ];
 
-fn duration_of(c: &Config, key: &str) -> Duration {
-    match key {
-        "backends.resolve_interval" => c.backends.resolve_interval,
-        "backends.resolve_timeout" => c.backends.resolve_timeout,
-        "check.interval" => c.check.interval,
-        "check.fast_interval" => c.check.fast_interval,
-        "check.timeout" => c.check.timeout,
-        "check.probe_timeout" => c.check.probe_timeout,
-        "check.unconfirmed_limit" => c.check.unconfirmed_limit,
-        "proxy.connect_timeout" => c.proxy.connect_timeout,
-        "proxy.idle_timeout" => c.proxy.idle_timeout,
-        "proxy.silent_timeout" => c.proxy.silent_timeout,
-        "proxy.half_close_timeout" => c.proxy.half_close_timeout,
-        "proxy.leader_wait" => c.proxy.leader_wait,
-        "proxy.shutdown_grace" => c.proxy.shutdown_grace,
-        other => unreachable!("{other}"),
-    }
+/// `[section] key` of a configuration, read back from its printed form, where each key is
+/// written as the file writes it (so no key is listed twice here).
+fn duration_of(c: &Config, section: &str, key: &str) -> Duration {
+    let printed = toml::Table::try_from(c).expect("a configuration prints");
+    let text = printed[section][key]
+        .as_str()
+        .expect("durations print as text");
+    humantime::parse_duration(text).expect("printed durations parse")
 }
 
 /// backends.port, backends.max, check.port, check.rise, check.fall, proxy.connect_retries,
@@ -915,7 +906,8 @@ proptest! {
     }
 
     /// Generated valid files, with every value written through random `${VAR}` /
-    /// `${VAR:-default}` substitutions, parse to exactly the values they were built from.
+    /// `${VAR:-default}` substitutions, parse to exactly the values they were built from, and
+    /// print as a file that parses to the same configuration.
     #[test]
     fn config_valid_files_round_trip(file in valid_file()) {
         let (text, env) = file.render();
@@ -935,9 +927,8 @@ proptest! {
         prop_assert_eq!(&c.check.leader, &file.leader.as_deref().map(values).unwrap_or(d.check.leader.clone()), "{}", ctx());
         prop_assert_eq!(c.admin.address, file.admin.as_ref().map(|a| a.value).unwrap_or(d.admin.address), "{}", ctx());
         for ((section, key), want) in DURATION_KEYS.iter().zip(&file.durations) {
-            let full = format!("{section}.{key}");
-            let want = want.as_ref().map(|w| w.value).unwrap_or_else(|| duration_of(&d, &full));
-            prop_assert_eq!(duration_of(&c, &full), want, "{}{}", full, ctx());
+            let want = want.as_ref().map(|w| w.value).unwrap_or_else(|| duration_of(&d, section, key));
+            prop_assert_eq!(duration_of(&c, section, key), want, "{}.{}{}", section, key, ctx());
         }
         let (bport, max, cport, rise, fall, retries, maxconn) = file.ints;
         prop_assert_eq!(c.backends.port, bport.unwrap_or(d.backends.port));
@@ -947,6 +938,12 @@ proptest! {
         prop_assert_eq!(c.check.fall, fall.unwrap_or(d.check.fall));
         prop_assert_eq!(c.proxy.connect_retries, retries.unwrap_or(d.proxy.connect_retries));
         prop_assert_eq!(c.proxy.max_connections, maxconn.unwrap_or(d.proxy.max_connections));
+        // What `roleproxy check` prints is a file that reads back to the same configuration.
+        let printed = toml::to_string(&c).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        match Config::parse(&printed, &|_| None) {
+            Ok(again) => prop_assert_eq!(again, c, "--- printed:\n{}{}", printed, ctx()),
+            Err(e) => return Err(TestCaseError::fail(format!("{e}\n--- printed:\n{printed}{}", ctx()))),
+        }
     }
 
     /// One bad value in an otherwise valid file: an error whose text names the key.
