@@ -979,7 +979,13 @@ fn in_user_terms(key: &str, message: &str) -> String {
             Some((_, [])) | None => last,
             Some((_, rest)) => format!("{} or {last}", rest.join(", ")),
         };
-        return format!("expected {all}, got {got:?}");
+        // `serves` has a third answer that is not one of its words: a fixed `target`.
+        let hint = if name == "serves" {
+            " (or set target)"
+        } else {
+            ""
+        };
+        return format!("expected {all}{hint}, got {got:?}");
     }
     if let Some(missing) = message.strip_prefix("missing field `") {
         return format!("is missing its key `{}`", missing.trim_end_matches('`'));
@@ -1584,7 +1590,10 @@ mod tests {
             ("[check]\nfall = 0", &["check.fall"]),
             ("[proxy]\nmax_connections = 0", &["proxy.max_connections"]),
             ("[proxy]\nconnect_retries = -1", &["connect_retries"]),
-            ("[proxy]\ncopy = \"zero\"", &["proxy.copy", "splice"]),
+            (
+                "[proxy]\ncopy = \"zero\"",
+                &["proxy.copy", "expected \"auto\", \"splice\" or \"buffered\""],
+            ),
             (
                 "[proxy]\nswitchover = \"later\"",
                 &["proxy.switchover", "transaction", "immediate"],
@@ -1691,7 +1700,7 @@ mod tests {
             ),
             (
                 "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nserves = \"standby\"",
-                &["listeners[0].serves", "standby"],
+                &["listeners[0].serves", "(or set target), got \"standby\""],
             ),
             (
                 "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nfallback = \"leader\"",

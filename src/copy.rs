@@ -51,13 +51,13 @@ pub const PIPE_POOL_CAP: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// `read` into a pooled buffer, `write` out of it.
-    Buffered,
-    /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
-    Splice,
     /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
     /// direction is moving bulk data (a read brought half a buffer or more).
     Auto,
+    /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
+    Splice,
+    /// `read` into a pooled buffer, `write` out of it.
+    Buffered,
 }
 
 /// When the session last moved a byte, and how many it moved each way.
