@@ -22,6 +22,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind};
 use crate::pgwire;
+use crate::reserve::is_local_shortage;
 use crate::route::{Liveness, Role};
 
 /// A role answer larger than this is not a role; it is an error.
@@ -320,14 +321,6 @@ async fn ask_postmaster(addr: SocketAddr) -> Option<Liveness> {
     let _ = stream.write_all(pgwire::terminate()).await;
     let _ = stream.shutdown().await;
     Some(answer)
-}
-
-/// Errors that come from this host running out of something, not from the peer.
-pub fn is_local_shortage(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
 }
 
 async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckError> {

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::check::is_local_shortage;
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::framing::{Framing, Side};
@@ -140,7 +139,7 @@ pub async fn accept_loop(
             _ = stop_accepting.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
-                Err(e) if is_local_shortage(&e) => {
+                Err(e) if reserve::is_local_shortage(&e) => {
                     let plan = Arc::clone(&plan.borrow());
                     out_of_descriptors(&listener, &local, e, &plan).await;
                     continue;
@@ -570,8 +569,8 @@ async fn connect_replica(
                 sessions.reserve.connect(addr),
             )
             .await;
-            let error = match attempt {
-                Ok(Ok(stream)) => {
+            let error = match classify(attempt)? {
+                Ok(stream) => {
                     return Ok(Connected {
                         stream,
                         addr,
@@ -579,11 +578,8 @@ async fn connect_replica(
                         _counted: counted,
                     })
                 }
-                Ok(Err(e)) if is_local_shortage(&e) => {
-                    return Err(Unserved::OutOfResources(e.to_string()))
-                }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "connect timed out".to_string(),
+                // The attempt's timer may be the client's deadline: no duration is named.
+                Err(failed) => failed.describe(None),
             };
             tracing::warn!(backend = %addr, %error, "connect to replica failed");
             m::connect_failed(addr);
@@ -630,8 +626,8 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
     let mut attempt = 0;
     loop {
         let connect = tokio::time::timeout(config.connect_timeout, sessions.reserve.connect(addr));
-        let error = match connect.await {
-            Ok(Ok(stream)) => {
+        let error = match classify(connect.await)? {
+            Ok(stream) => {
                 return Ok(Connected {
                     stream,
                     addr,
@@ -639,11 +635,7 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
                     _counted: sessions.shared.session_guard(addr),
                 })
             }
-            Ok(Err(e)) if is_local_shortage(&e) => {
-                return Err(Unserved::OutOfResources(e.to_string()))
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("connect timed out after {:?}", config.connect_timeout),
+            Err(failed) => failed.describe(Some(config.connect_timeout)),
         };
         tracing::warn!(target = %addr, %error, "connect failed");
         m::connect_failed(addr);
@@ -706,42 +698,24 @@ async fn connect_leader(
             a = tokio::time::timeout_at(attempt_deadline, sessions.reserve.connect(addr)) => a,
             _ = route.wait_for(|r| r.generation != generation) => continue,
         };
-        let error = match attempt {
+        let failed = match classify(attempt)? {
             // The route may have moved while the handshake completed: never start a session
             // on a leader the route has already left.
-            Ok(Ok(stream)) if route.borrow().generation == generation => {
+            Ok(stream) if route.borrow().generation == generation => {
                 return Ok(leader(stream, addr, generation))
             }
-            Ok(Ok(_)) => continue,
-            // Waiting will not help a client while this host has no descriptors to give.
-            Ok(Err(e)) if is_local_shortage(&e) => {
-                return Err(Unserved::OutOfResources(e.to_string()))
-            }
-            Ok(Err(e)) => {
-                let remote = matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused
-                        | io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::HostUnreachable
-                        | io::ErrorKind::NetworkUnreachable
-                        | io::ErrorKind::TimedOut
-                );
-                (e.to_string(), remote)
-            }
+            Ok(_) => continue,
             // Cut short by the client's own deadline: that says nothing about the leader.
-            Err(_) if attempt_deadline < full_attempt => {
+            Err(ConnectFailed::TimedOut) if attempt_deadline < full_attempt => {
                 return Err(no_leader_reason(&route.borrow(), last_error))
             }
-            Err(_) => (
-                format!("connect timed out after {:?}", config.connect_timeout),
-                true,
-            ),
+            Err(failed) => failed,
         };
-        let (error, remote) = error;
+        let error = failed.describe(Some(config.connect_timeout));
         tracing::warn!(backend = %addr, %error, "connect to leader failed");
         m::connect_failed(addr);
-        // Local failures (no descriptors, no memory) say nothing about the leader.
-        if remote {
+        // Only the leader's failures are evidence; this host's own say nothing about it.
+        if failed.blames_backend() {
             let _ = sessions.shared.events.try_send(Event::ConnectFailed {
                 addr,
                 error: error.clone(),
@@ -765,6 +739,60 @@ async fn connect_leader(
         if !moved && Instant::now() >= deadline {
             return Err(no_leader_reason(&route.borrow(), last_error));
         }
+    }
+}
+
+/// Why a connect attempt failed, told apart in one place for leader, replica and fixed-target
+/// connects. This host running out of descriptors or memory is not among them: [`classify`]
+/// turns it into [`Unserved::OutOfResources`] at once.
+#[derive(Debug)]
+enum ConnectFailed {
+    /// The backend, or the way to it, failed: refused, reset, unreachable.
+    Remote(io::Error),
+    /// Failed here for another reason; retried, but no evidence against the backend.
+    Local(io::Error),
+    /// No answer before the attempt's timer ran out.
+    TimedOut,
+}
+
+impl ConnectFailed {
+    /// Whether the failure is evidence against the backend, worth telling the view.
+    fn blames_backend(&self) -> bool {
+        matches!(self, ConnectFailed::Remote(_) | ConnectFailed::TimedOut)
+    }
+
+    /// The failure in words; `timeout` is named when the attempt's timer was the connect
+    /// timeout, not possibly the client's deadline.
+    fn describe(&self, timeout: Option<Duration>) -> String {
+        match (self, timeout) {
+            (ConnectFailed::Remote(e) | ConnectFailed::Local(e), _) => e.to_string(),
+            (ConnectFailed::TimedOut, Some(timeout)) => {
+                format!("connect timed out after {timeout:?}")
+            }
+            (ConnectFailed::TimedOut, None) => "connect timed out".to_string(),
+        }
+    }
+}
+
+/// Sorts out one timed connect attempt. A shortage of this host's is the outer `Err`: waiting
+/// will not help a client while this host has no descriptors to give, so it is refused (53300).
+fn classify(
+    attempt: Result<io::Result<TcpStream>, tokio::time::error::Elapsed>,
+) -> Result<Result<TcpStream, ConnectFailed>, Unserved> {
+    match attempt {
+        Ok(Ok(stream)) => Ok(Ok(stream)),
+        Ok(Err(e)) if reserve::is_local_shortage(&e) => {
+            Err(Unserved::OutOfResources(e.to_string()))
+        }
+        Ok(Err(e)) => Ok(Err(match e.kind() {
+            io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::TimedOut => ConnectFailed::Remote(e),
+            _ => ConnectFailed::Local(e),
+        })),
+        Err(_) => Ok(Err(ConnectFailed::TimedOut)),
     }
 }
 

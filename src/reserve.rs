@@ -8,6 +8,9 @@
 //! session would keep that descriptor for as long as it lasts and the next client would get
 //! no answer until some session ended. Checks and DNS lookups may still take it for a moment;
 //! they let go, and the next refill takes it back.
+//!
+//! Here too is what counts as this host running short ([`is_local_shortage`]): accepts, backend
+//! connects, checks and probes all tell it apart from a failing peer the same way.
 
 use std::fs::File;
 use std::io;
@@ -81,6 +84,15 @@ impl Reserve {
         }
         socket.connect(addr).await
     }
+}
+
+/// Errors that come from this host running out of descriptors or memory, not from the peer:
+/// they say nothing about a backend, and a client is told 53300 for them.
+pub fn is_local_shortage(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
 }
 
 fn out_of_descriptors() -> io::Error {
