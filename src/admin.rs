@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use crate::httpd::{self, Limits};
 use crate::leader::Shared;
 use crate::metrics;
-use crate::reload::Reloader;
 use crate::route::describe_route;
+use crate::running::Reloader;
 use crate::stats_page::render_page;
 use crate::status::{unix_ms, Status};
 

@@ -21,8 +21,10 @@
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
-//! - [`reserve`]: the descriptor held back so a client is told when this process has none.
-//! - [`reload`]: a running proxy's parts, and applying a new config to them (SIGHUP, `POST /reload`).
+//! - [`reserve`]: the descriptor held back so a client is told when this process has none, and
+//!   what counts as this host running short.
+//! - [`running`]: the running proxy: its listeners, the session settings of each configuration,
+//!   and reloading (SIGHUP, `POST /reload`).
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
 //!   page, `POST /reload`.
 //! - [`status`]: the `/status` document, one schema for the server, the page and the client.
@@ -51,9 +53,9 @@ pub mod metrics;
 pub mod pgwire;
 pub mod preconnect;
 pub mod proxy;
-pub mod reload;
 pub mod reserve;
 pub mod route;
+pub mod running;
 pub mod stats_page;
 pub mod status;
 pub mod status_cli;
@@ -71,7 +73,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-pub use reload::{ReloadError, Reloader};
+pub use running::{ReloadError, Reloader};
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -89,11 +91,11 @@ pub enum Error {
 /// A proxy whose sockets are bound; [`Proxy::run`] serves them.
 pub struct Proxy {
     config: Config,
-    listeners: Vec<reload::Bound>,
+    listeners: Vec<running::Bound>,
     admin: Option<TcpListener>,
     source: Option<PathBuf>,
     reloader: Reloader,
-    reloads: mpsc::Receiver<reload::Request>,
+    reloads: mpsc::Receiver<running::Request>,
 }
 
 impl Proxy {
@@ -201,11 +203,11 @@ impl Proxy {
 
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let mut running = reload::Running::start(
+        let mut running = running::Running::start(
             config,
             self.source,
             self.listeners,
-            reload::Fixed {
+            running::Fixed {
                 shared,
                 backends,
                 allow_changes,

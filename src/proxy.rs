@@ -62,8 +62,10 @@ pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Everything a session needs, shared by all of them.
-pub struct Sessions {
+/// What the sessions started under one configuration share: its `[proxy]` settings and cluster
+/// name, and the process-wide parts they use. A reload makes a new one; a session keeps the one
+/// it started with.
+pub struct SessionSettings {
     pub shared: Arc<Shared>,
     pub config: ProxyConfig,
     /// Names the cluster in client error messages.
@@ -81,7 +83,7 @@ pub struct Sessions {
     turn: std::sync::atomic::AtomicUsize,
 }
 
-impl Sessions {
+impl SessionSettings {
     pub fn new(
         shared: Arc<Shared>,
         config: ProxyConfig,
@@ -106,7 +108,7 @@ impl Sessions {
     }
 }
 
-/// What bounds sessions, kept by every generation of [`Sessions`] across reloads.
+/// What bounds sessions, kept by every generation of [`SessionSettings`] across reloads.
 #[derive(Clone)]
 pub struct Capacity {
     /// Counts sessions against `max_connections`.
@@ -121,7 +123,7 @@ pub struct ListenerPlan {
     /// allocate).
     pub name: Arc<str>,
     pub serves: Serves,
-    pub sessions: Arc<Sessions>,
+    pub settings: Arc<SessionSettings>,
 }
 
 /// Accepts clients until `stop_accepting` fires.
@@ -153,23 +155,23 @@ pub async fn accept_loop(
         };
         tune(&stream);
         let plan = Arc::clone(&plan.borrow());
-        let sessions = &plan.sessions;
+        let settings = &plan.settings;
         let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
-        match Arc::clone(&sessions.limit).try_acquire_owned() {
+        match Arc::clone(&settings.limit).try_acquire_owned() {
             Ok(permit) => {
                 let plan = Arc::clone(&plan);
-                sessions
+                settings
                     .tracker
                     .spawn(serve_client(stream, plan, permit).instrument(span));
             }
             Err(_) => {
                 m::session_result(&plan.name, "limit");
-                let Ok(slot) = Arc::clone(&sessions.refusals).try_acquire_owned() else {
+                let Ok(slot) = Arc::clone(&settings.refusals).try_acquire_owned() else {
                     continue; // dropping the stream closes it
                 };
                 let message = format!(
                     "sorry, too many clients already: roleproxy for {} has max_connections = {} sessions open",
-                    sessions.cluster, sessions.config.max_connections
+                    settings.cluster, settings.config.max_connections
                 );
                 tokio::spawn(
                     async move {
@@ -195,7 +197,7 @@ async fn out_of_descriptors(
     error: io::Error,
     plan: &ListenerPlan,
 ) {
-    let reserve = &plan.sessions.reserve;
+    let reserve = &plan.settings.reserve;
     if reserve::client_waiting(listener) {
         match reserve.accept(listener) {
             Some(Ok(stream)) => {
@@ -273,7 +275,7 @@ enum Unserved {
     },
 }
 
-impl Sessions {
+impl SessionSettings {
     /// The last line of defence against a loop: refuses an address the proxy listens on.
     fn refuse_loop(&self, addr: SocketAddr) -> Result<(), Unserved> {
         match self.shared.own.covering(addr) {
@@ -313,13 +315,13 @@ async fn serve_client(
     plan: Arc<ListenerPlan>,
     permit: OwnedSemaphorePermit,
 ) {
-    let sessions = &plan.sessions;
+    let settings = &plan.settings;
     // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
     // so a client that says nothing must never cost the leader one.
     let first = tokio::select! {
-        _ = sessions.hard_stop.cancelled() => Err(Silent::Shutdown),
+        _ = settings.hard_stop.cancelled() => Err(Silent::Shutdown),
         read = tokio::time::timeout(
-            sessions.config.silent_timeout,
+            settings.config.silent_timeout,
             pgwire::read_first_packet(&mut client),
         ) => match read {
             Ok(Ok(packet)) => Ok(packet),
@@ -337,26 +339,26 @@ async fn serve_client(
     };
     // Waiting for a leader counts from the client's request, not from its connect.
     let accepted = Instant::now();
-    let mut route = sessions.shared.route.clone();
-    let mut replicas = sessions.shared.replicas.clone();
+    let mut route = settings.shared.route.clone();
+    let mut replicas = settings.shared.replicas.clone();
     let connecting = async {
         match plan.serves {
-            Serves::Leader => connect_leader(&mut route, sessions, accepted).await,
+            Serves::Leader => connect_leader(&mut route, settings, accepted).await,
             Serves::Replica { fallback_to_leader } => {
                 connect_replica(
                     &mut replicas,
                     &mut route,
                     fallback_to_leader,
-                    sessions,
+                    settings,
                     accepted,
                 )
                 .await
             }
-            Serves::Target(addr) => connect_target(addr, sessions).await,
+            Serves::Target(addr) => connect_target(addr, settings).await,
         }
     };
     let connected = tokio::select! {
-        _ = sessions.hard_stop.cancelled() => Err(Unserved::Shutdown),
+        _ = settings.hard_stop.cancelled() => Err(Unserved::Shutdown),
         c = connecting => c,
     };
     m::leader_wait(accepted.elapsed());
@@ -385,7 +387,7 @@ async fn serve_client(
                 (_counted, permit),
                 Arc::clone(&plan),
             );
-            sessions
+            settings
                 .tracker
                 .spawn(session.instrument(tracing::Span::current()));
         }
@@ -424,7 +426,7 @@ async fn refuse_client(
     accepted: Instant,
     plan: &ListenerPlan,
 ) {
-    let sessions = &plan.sessions;
+    let settings = &plan.settings;
     let (result, code) = match &reason {
         Unserved::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
         Unserved::Unreachable { .. } | Unserved::BackendUnreachable { .. } => {
@@ -439,10 +441,10 @@ async fn refuse_client(
             format!("sorry, too many clients already: {reason}")
         }
         (_, Serves::Leader) => {
-            format!("no leader available for {}: {reason}", sessions.cluster)
+            format!("no leader available for {}: {reason}", settings.cluster)
         }
         (_, Serves::Replica { .. }) => {
-            format!("no replica available for {}: {reason}", sessions.cluster)
+            format!("no replica available for {}: {reason}", settings.cluster)
         }
         (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
     };
@@ -457,7 +459,7 @@ async fn refuse_client(
     if let Unserved::OutOfResources(_) = reason {
         // Its descriptor goes back into reserve, if the reserve was what it lacked.
         drop(client);
-        sessions.reserve.refill();
+        settings.reserve.refill();
     }
 }
 
@@ -538,7 +540,7 @@ async fn run_session(
     tune(&backend);
     m::session_started(&plan.name);
     tracing::debug!(backend = %drainer.addr, "session started");
-    let (result, up, down) = relay(client, backend, first, &mut drainer, &plan.sessions).await;
+    let (result, up, down) = relay(client, backend, first, &mut drainer, &plan.settings).await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
 }
@@ -550,23 +552,23 @@ async fn connect_replica(
     replicas: &mut watch::Receiver<Vec<SocketAddr>>,
     route: &mut watch::Receiver<Route>,
     fallback_to_leader: bool,
-    sessions: &Sessions,
+    settings: &SessionSettings,
     accepted: Instant,
 ) -> Result<Connected, Unserved> {
-    let config = &sessions.config;
+    let config = &settings.config;
     let deadline = accepted + config.leader_wait;
     let mut failed: Vec<SocketAddr> = Vec::new();
     let mut last_error: Option<(SocketAddr, String)> = None;
     loop {
         let set = replicas.borrow_and_update().clone();
-        let turn = sessions.turn.fetch_add(1, Ordering::Relaxed);
+        let turn = settings.turn.fetch_add(1, Ordering::Relaxed);
         // Counted before connecting, so a burst of clients spreads over the replicas.
-        if let Some(counted) = sessions.shared.pick_replica(&set, &failed, turn) {
+        if let Some(counted) = settings.shared.pick_replica(&set, &failed, turn) {
             let addr = counted.addr();
-            sessions.refuse_loop(addr)?;
+            settings.refuse_loop(addr)?;
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + config.connect_timeout),
-                sessions.reserve.connect(addr),
+                settings.reserve.connect(addr),
             )
             .await;
             let error = match classify(attempt)? {
@@ -588,7 +590,7 @@ async fn connect_replica(
             continue;
         }
         if fallback_to_leader && set.is_empty() && route.borrow().leader().is_some() {
-            return connect_leader(route, sessions, accepted).await;
+            return connect_leader(route, settings, accepted).await;
         }
         // Every replica failed, or none is up: wait for the set (or the leader) to change.
         let retry = if failed.is_empty() {
@@ -620,19 +622,22 @@ async fn connect_replica(
 }
 
 /// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
-async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connected, Unserved> {
-    let config = &sessions.config;
-    sessions.refuse_loop(addr)?;
+async fn connect_target(
+    addr: SocketAddr,
+    settings: &SessionSettings,
+) -> Result<Connected, Unserved> {
+    let config = &settings.config;
+    settings.refuse_loop(addr)?;
     let mut attempt = 0;
     loop {
-        let connect = tokio::time::timeout(config.connect_timeout, sessions.reserve.connect(addr));
+        let connect = tokio::time::timeout(config.connect_timeout, settings.reserve.connect(addr));
         let error = match classify(connect.await)? {
             Ok(stream) => {
                 return Ok(Connected {
                     stream,
                     addr,
                     drain: Drain::Never,
-                    _counted: sessions.shared.session_guard(addr),
+                    _counted: settings.shared.session_guard(addr),
                 })
             }
             Err(failed) => failed.describe(Some(config.connect_timeout)),
@@ -653,16 +658,16 @@ async fn connect_target(addr: SocketAddr, sessions: &Sessions) -> Result<Connect
 /// within `leader_wait`.
 async fn connect_leader(
     route: &mut watch::Receiver<Route>,
-    sessions: &Sessions,
+    settings: &SessionSettings,
     accepted: Instant,
 ) -> Result<Connected, Unserved> {
     let leader = |stream, addr, generation| Connected {
         stream,
         addr,
         drain: Drain::Route(generation),
-        _counted: sessions.shared.session_guard(addr),
+        _counted: settings.shared.session_guard(addr),
     };
-    let config = &sessions.config;
+    let config = &settings.config;
     let deadline = accepted + config.leader_wait;
     let mut failures = 0u32;
     let mut failed_generation = None;
@@ -680,8 +685,8 @@ async fn connect_leader(
         if failed_generation != Some(generation) {
             failures = 0;
         }
-        sessions.refuse_loop(addr)?;
-        if let Some(warm) = sessions
+        settings.refuse_loop(addr)?;
+        if let Some(warm) = settings
             .preconnect
             .as_ref()
             .and_then(|p| p.take(generation, addr))
@@ -695,7 +700,7 @@ async fn connect_leader(
         let full_attempt = Instant::now() + config.connect_timeout;
         let attempt_deadline = full_attempt.min(deadline);
         let attempt = tokio::select! {
-            a = tokio::time::timeout_at(attempt_deadline, sessions.reserve.connect(addr)) => a,
+            a = tokio::time::timeout_at(attempt_deadline, settings.reserve.connect(addr)) => a,
             _ = route.wait_for(|r| r.generation != generation) => continue,
         };
         let failed = match classify(attempt)? {
@@ -716,7 +721,7 @@ async fn connect_leader(
         m::connect_failed(addr);
         // Only the leader's failures are evidence; this host's own say nothing about it.
         if failed.blames_backend() {
-            let _ = sessions.shared.events.try_send(Event::ConnectFailed {
+            let _ = settings.shared.events.try_send(Event::ConnectFailed {
                 addr,
                 error: error.clone(),
             });
@@ -821,7 +826,7 @@ async fn relay(
     backend: TcpStream,
     first: Vec<u8>,
     drainer: &mut Drainer,
-    sessions: &Sessions,
+    settings: &SessionSettings,
 ) -> (&'static str, u64, u64) {
     let activity = copy::Activity::new();
     let sockets = copy::Socket::new(client).and_then(|c| Ok((c, copy::Socket::new(backend)?)));
@@ -832,7 +837,7 @@ async fn relay(
             return ("error", 0, 0);
         }
     };
-    let config = &sessions.config;
+    let config = &settings.config;
     let idle_timeout = config.idle_timeout;
     let idle = async {
         loop {
@@ -885,7 +890,7 @@ async fn relay(
             tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
             return counted("idle_timeout", &activity);
         }
-        _ = sessions.hard_stop.cancelled() => return counted("shutdown", &activity),
+        _ = settings.hard_stop.cancelled() => return counted("shutdown", &activity),
     };
     if fate == Fate::Close || !copying.tracked() {
         return counted("drained", &activity);
@@ -909,7 +914,7 @@ async fn relay(
             "grace_over"
         }
         _ = &mut idle => "idle_timeout",
-        _ = sessions.hard_stop.cancelled() => "shutdown",
+        _ = settings.hard_stop.cancelled() => "shutdown",
     };
     counted(result, &activity)
 }
@@ -966,7 +971,7 @@ mod tests {
             CancellationToken::new(),
             supervisor,
         );
-        let sessions = Sessions::new(
+        let settings = SessionSettings::new(
             Arc::clone(&shared),
             config.proxy.clone(),
             "c".into(),
@@ -991,7 +996,7 @@ mod tests {
         let plan = Arc::new(ListenerPlan {
             name: "leader".into(),
             serves: Serves::Leader,
-            sessions,
+            settings,
         });
         let permit = Arc::new(Semaphore::new(1))
             .try_acquire_owned()

@@ -1,4 +1,5 @@
-//! A running proxy's parts, and how a new configuration is applied to them without a restart.
+//! The running proxy: its listeners, the session settings of each configuration it ran, and how
+//! a new configuration is applied to them without a restart.
 //!
 //! A reload is all or nothing: the file is validated and every new listener is bound before
 //! anything changes, so a bad file or a taken port leaves the old configuration running. What
@@ -28,7 +29,7 @@ use crate::leader::{Event, Shared, ViewSettings};
 use crate::loops::Listening;
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
-use crate::proxy::{self, Capacity, ListenerPlan, Sessions};
+use crate::proxy::{self, Capacity, ListenerPlan, SessionSettings};
 use crate::reserve::Reserve;
 use crate::route::Role;
 use crate::status::ListenerStatus;
@@ -127,13 +128,13 @@ pub(crate) struct Running {
     /// Where reloads read the configuration from.
     pub source: Option<PathBuf>,
     pub shared: Arc<Shared>,
-    pub sessions: Arc<Sessions>,
+    pub settings: Arc<SessionSettings>,
     /// By listener name and configured address, so a `:0` address stays the same socket
     /// across reloads.
     listeners: BTreeMap<ListenerKey, RunningListener>,
     backends: watch::Sender<BackendsConfig>,
     preconnect_stop: Option<CancellationToken>,
-    /// Shared by every generation of [`Sessions`], so `max_connections` counts them all.
+    /// Shared by every generation of [`SessionSettings`], so `max_connections` counts them all.
     capacity: Capacity,
     stop_accepting: CancellationToken,
     background: CancellationToken,
@@ -167,7 +168,7 @@ impl Running {
             limit: Arc::new(Semaphore::new(config.proxy.max_connections)),
             reserve: Reserve::open(),
         };
-        let (sessions, preconnect_stop) = new_sessions(
+        let (settings, preconnect_stop) = new_settings(
             &config,
             &fixed.shared,
             capacity.clone(),
@@ -180,7 +181,7 @@ impl Running {
             config,
             source,
             shared: fixed.shared,
-            sessions,
+            settings,
             listeners: BTreeMap::new(),
             backends: fixed.backends,
             preconnect_stop,
@@ -244,7 +245,7 @@ impl Running {
         Arc::new(ListenerPlan {
             name: spec.name.as_str().into(),
             serves: spec.serves,
-            sessions: Arc::clone(&self.sessions),
+            settings: Arc::clone(&self.settings),
         })
     }
 
@@ -432,23 +433,23 @@ impl Running {
             let keep_pool = (new.proxy.preconnect, new.proxy.connect_timeout)
                 == (old.proxy.preconnect, old.proxy.connect_timeout);
             let pool = if keep_pool {
-                self.sessions.preconnect.clone()
+                self.settings.preconnect.clone()
             } else {
                 if let Some(stop) = self.preconnect_stop.take() {
                     stop.cancel();
                 }
                 None
             };
-            let (sessions, pool_stop) = new_sessions(
+            let (settings, pool_stop) = new_settings(
                 new,
                 &self.shared,
                 self.capacity.clone(),
                 pool,
-                &self.sessions.hard_stop,
-                &self.sessions.tracker,
+                &self.settings.hard_stop,
+                &self.settings.tracker,
                 &self.background,
             );
-            self.sessions = sessions;
+            self.settings = settings;
             if pool_stop.is_some() {
                 self.preconnect_stop = pool_stop;
             }
@@ -508,7 +509,7 @@ impl Running {
 }
 
 /// A new generation of session settings; a new preconnect pool when none is carried over.
-fn new_sessions(
+fn new_settings(
     config: &Config,
     shared: &Arc<Shared>,
     capacity: Capacity,
@@ -516,7 +517,7 @@ fn new_sessions(
     hard_stop: &CancellationToken,
     tracker: &TaskTracker,
     background: &CancellationToken,
-) -> (Arc<Sessions>, Option<CancellationToken>) {
+) -> (Arc<SessionSettings>, Option<CancellationToken>) {
     let proxy: &ProxyConfig = &config.proxy;
     let mut stop = None;
     let pool = pool.or_else(|| {
@@ -534,7 +535,7 @@ fn new_sessions(
             pool
         })
     });
-    let sessions = Sessions::new(
+    let settings = SessionSettings::new(
         Arc::clone(shared),
         proxy.clone(),
         config.cluster_name(),
@@ -543,7 +544,7 @@ fn new_sessions(
         hard_stop.clone(),
         tracker.clone(),
     );
-    (sessions, stop)
+    (settings, stop)
 }
 
 /// Changes how many sessions the shared limit admits. Permits held by running sessions cannot
