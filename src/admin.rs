@@ -16,12 +16,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::httpd::{self, Limits};
-use crate::leader::Shared;
+use crate::leader::ViewHandle;
 use crate::metrics;
 use crate::route::describe_route;
 use crate::running::Reloader;
 use crate::stats_page::render_page;
-use crate::status::{unix_ms, Status};
+use crate::status::{unix_ms, ServingStatus, Status};
+use crate::supervise::Supervisor;
 
 /// The admin port is reachable from the whole private network, and a platform health check
 /// restarts the machine when `/healthz` does not answer: a neighbour holding connections open
@@ -37,7 +38,12 @@ const LIMITS: Limits = Limits {
 
 /// What the admin handlers read.
 pub struct AdminState {
-    pub shared: Arc<Shared>,
+    /// The route, the session counters and the view's part of `/status`.
+    pub view: ViewHandle,
+    /// The cluster's name and the listeners, as the running configuration publishes them.
+    pub serving: watch::Receiver<ServingStatus>,
+    /// Which core task ended, if one did, for `/healthz`.
+    pub supervisor: Supervisor,
     /// Fires when the proxy stops accepting clients; `/ready` then answers 503.
     pub stopping: CancellationToken,
     /// `admin.allow_changes`, as of the latest reload.
@@ -46,40 +52,27 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    /// The `/status` document, put together from what each owner last published; each part is
+    /// copied out at once, so no owner waits on a reader.
     pub fn status(&self) -> Status {
-        let route = self.shared.route.borrow().clone();
-        let since = self
-            .shared
-            .route_since
-            .lock()
-            .map(|t| *t)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        let sessions = snapshot(&self.shared.sessions);
-        let mut backends = snapshot(&self.shared.backends);
+        let route = self.view.route.borrow().clone();
+        let view = self.view.status.borrow().clone();
+        let counted = self.view.backends.borrow().clone();
+        let serving = self.serving.borrow().clone();
+        let mut backends = view.backends;
         for backend in &mut backends {
-            backend.sessions = sessions.get(&backend.address).copied().unwrap_or(0);
+            backend.sessions = counted.sessions(backend.address);
         }
-        let history = self
-            .shared
-            .history
-            .lock()
-            .map(|h| h.iter().cloned().collect())
-            .unwrap_or_default();
         Status {
-            listeners: snapshot(&self.shared.listeners),
-            cluster: snapshot(&self.shared.cluster),
+            listeners: serving.listeners,
+            cluster: serving.cluster,
             route_text: describe_route(&route),
             route,
-            route_since_unix_ms: unix_ms(since),
+            route_since_unix_ms: unix_ms(view.route_since),
             backends,
-            history,
+            history: view.history.iter().cloned().collect(),
         }
     }
-}
-
-/// A copy of shared state for one answer; a poisoned lock gives the empty value, not a panic.
-fn snapshot<T: Clone + Default>(shared: &std::sync::Mutex<T>) -> T {
-    shared.lock().map(|v| v.clone()).unwrap_or_default()
 }
 
 /// Serves admin requests until `cancel` fires.
@@ -115,7 +108,7 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
             Ok(json) => reply(StatusCode::OK, "application/json", json),
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         },
-        "/healthz" => match state.shared.supervisor.failure() {
+        "/healthz" => match state.supervisor.failure() {
             Some(task) => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("unhealthy: the {task}; the process is stopping\n"),
@@ -127,7 +120,7 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
             "not ready: shutting down\n".into(),
         ),
         "/ready" => {
-            let route = state.shared.route.borrow().clone();
+            let route = state.view.route.borrow().clone();
             match route.leader() {
                 Some(leader) => text(StatusCode::OK, format!("ready: leader {leader}\n")),
                 None => text(

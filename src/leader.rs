@@ -1,10 +1,12 @@
 //! The leader view: the one task that owns every backend's state, feeds check results through
-//! the rules of [`crate::route`] and publishes the route on a `tokio::sync::watch` channel that
-//! every session listens to.
+//! the rules of [`crate::route`] and publishes, each on a `tokio::sync::watch` channel, what the
+//! rest of the proxy reads: the route every session listens to, the backend set with its session
+//! counters, and its part of `/status` ([`ViewHandle`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
@@ -18,9 +20,7 @@ use crate::route::{
     decide_with, describe_route, explain, least_loaded, BackendView, Claim, Liveness, NoRoute,
     Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
 };
-use crate::status::{
-    unix_ms, BackendStatus, Change, ListenerStatus, UnconfirmedStatus, HISTORY_LEN,
-};
+use crate::status::{unix_ms, BackendStatus, Change, UnconfirmedStatus, ViewStatus, HISTORY_LEN};
 use crate::supervise::Supervisor;
 
 /// Input to the leader view.
@@ -80,61 +80,61 @@ impl ViewSettings {
     }
 }
 
-/// State shared with the proxy and the admin server.
-pub struct Shared {
+/// How the rest of the proxy reads what the view publishes, and reports to it; cheap to clone.
+#[derive(Clone)]
+pub struct ViewHandle {
     pub route: watch::Receiver<Route>,
-    /// Backends that check as replica and are still in the backend set, in address order.
-    pub replicas: watch::Receiver<Vec<SocketAddr>>,
-    /// When the current route was published.
-    pub route_since: Mutex<SystemTime>,
-    pub backends: Mutex<Vec<BackendStatus>>,
-    /// Open sessions per backend, maintained by the proxy.
-    pub sessions: Mutex<BTreeMap<SocketAddr, u64>>,
+    /// Which backends are replicas, and every backend's session counter.
+    pub backends: watch::Receiver<BackendSet>,
+    /// The view's part of `/status`.
+    pub status: watch::Receiver<ViewStatus>,
+    /// Connect failures go here, and discovery's backend sets.
     pub events: mpsc::Sender<Event>,
-    /// The latest role and route changes, oldest first, for people reading `/` and `/status`.
-    pub history: Mutex<std::collections::VecDeque<Change>>,
-    /// The listeners as last started or reloaded.
-    pub listeners: Mutex<Vec<ListenerStatus>>,
-    /// The cluster's name for people (`Config::cluster_name`), as last started or reloaded.
-    pub cluster: Mutex<String>,
-    /// Starts the core tasks (check loops, listeners) and knows whether one has ended.
-    pub supervisor: Supervisor,
-    /// The proxy's own addresses, which nothing connects to.
-    pub own: Arc<crate::loops::OwnAddrs>,
 }
 
-impl Shared {
-    /// Picks the least loaded replica (see [`least_loaded`]) and counts a session against it,
-    /// under one lock, so clients arriving together spread out.
-    pub fn pick_replica(
-        self: &Arc<Self>,
-        replicas: &[SocketAddr],
-        exclude: &[SocketAddr],
-        turn: usize,
-    ) -> Option<SessionGuard> {
-        let mut map = self.sessions.lock().ok()?;
-        let addr = least_loaded(replicas, &map, exclude, turn)?;
-        *map.entry(addr).or_default() += 1;
-        Some(SessionGuard {
-            shared: Arc::clone(self),
-            addr,
-        })
+/// The backend set as sessions see it: which backends are replicas, and a session counter for
+/// every backend. Counting a session is one atomic add and ending it one atomic subtract, so
+/// connects and disconnects take no lock of their own. A backend keeps its counter while the
+/// view knows it, and after that while a session still counts against it, so a backend that
+/// leaves and returns finds its count.
+#[derive(Clone, Default)]
+pub struct BackendSet {
+    /// Backends that check as replica and are still in the backend set, in address order.
+    pub replicas: Vec<SocketAddr>,
+    counters: Arc<BTreeMap<SocketAddr, Arc<AtomicU64>>>,
+}
+
+impl BackendSet {
+    /// Open sessions to `addr`.
+    pub fn sessions(&self, addr: SocketAddr) -> u64 {
+        self.counters
+            .get(&addr)
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
     }
 
-    /// Counts a session against its backend until the guard is dropped.
-    pub fn session_guard(self: &Arc<Self>, addr: SocketAddr) -> SessionGuard {
-        if let Ok(mut map) = self.sessions.lock() {
-            *map.entry(addr).or_default() += 1;
-        }
-        SessionGuard {
-            shared: Arc::clone(self),
-            addr,
-        }
+    /// Counts a session against `addr` until the guard is dropped. An address the view does not
+    /// know (a fixed target) gets a counter of its own that nothing reads.
+    pub fn count(&self, addr: SocketAddr) -> SessionGuard {
+        let counter = self.counters.get(&addr).cloned().unwrap_or_default();
+        counter.fetch_add(1, Ordering::Relaxed);
+        SessionGuard { counter, addr }
+    }
+
+    /// Picks the least loaded replica (see [`least_loaded`]) and counts a session against it at
+    /// once, so clients arriving together spread out. Nothing locks between reading the counts
+    /// and adding one: clients picking at the same instant may read the same counts. Each has
+    /// its own `turn`, so equal counts still spread; otherwise a pick is off by the few clients
+    /// that raced, and the next picks read the real counts and even it out. The pick balances,
+    /// it limits nothing, so that costs nothing worth a lock on every connect.
+    pub fn pick_replica(&self, exclude: &[SocketAddr], turn: usize) -> Option<SessionGuard> {
+        let addr = least_loaded(&self.replicas, |a| self.sessions(a), exclude, turn)?;
+        Some(self.count(addr))
     }
 }
 
+/// One session counted against its backend, until dropped.
 pub struct SessionGuard {
-    shared: Arc<Shared>,
+    counter: Arc<AtomicU64>,
     addr: SocketAddr,
 }
 
@@ -146,14 +146,7 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        if let Ok(mut map) = self.shared.sessions.lock() {
-            if let Some(n) = map.get_mut(&self.addr) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(&self.addr);
-                }
-            }
-        }
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -197,7 +190,6 @@ pub struct LeaderView {
     check: Arc<CheckSettings>,
     backends: BTreeMap<SocketAddr, BackendState>,
     route_tx: watch::Sender<Route>,
-    replicas_tx: watch::Sender<Vec<SocketAddr>>,
     /// Bumped to make every check loop check now (rule 6).
     recheck_tx: watch::Sender<u64>,
     /// Rechecks are at most one per `fast_interval`, however many clients fail to connect.
@@ -207,49 +199,65 @@ pub struct LeaderView {
     /// DNS names whose lookups fail, as discovery last said.
     dns_failing: Vec<String>,
     next_loop_id: u64,
-    shared: Arc<Shared>,
+    backends_tx: watch::Sender<BackendSet>,
+    /// Every backend's session counter, and those of departed backends with sessions left.
+    counters: BTreeMap<SocketAddr, Arc<AtomicU64>>,
+    status_tx: watch::Sender<ViewStatus>,
+    /// The latest role and route changes, oldest first, for people reading `/` and `/status`.
+    history: Arc<VecDeque<Change>>,
+    route_since: SystemTime,
+    /// For the check loops and probes to report back.
+    events: mpsc::Sender<Event>,
+    /// Runs the check loops.
+    supervisor: Supervisor,
     cancel: CancellationToken,
 }
 
 impl LeaderView {
-    /// Creates the view and the shared state; call [`LeaderView::run`] to start it.
+    /// Creates the view and the handle the rest of the proxy reads it by; call
+    /// [`LeaderView::run`] to start it.
     pub fn new(
         settings: ViewSettings,
         cancel: CancellationToken,
         supervisor: Supervisor,
-    ) -> (LeaderView, Arc<Shared>, mpsc::Receiver<Event>) {
+    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
         let (route_tx, route_rx) = watch::channel(Route::initial());
-        let (replicas_tx, replicas_rx) = watch::channel(Vec::new());
+        let (backends_tx, backends_rx) = watch::channel(BackendSet::default());
+        let now = SystemTime::now();
+        let history = Arc::new(VecDeque::with_capacity(HISTORY_LEN));
+        let (status_tx, status_rx) = watch::channel(ViewStatus {
+            backends: Vec::new(),
+            history: Arc::clone(&history),
+            route_since: now,
+        });
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (recheck_tx, _) = watch::channel(0);
-        let shared = Arc::new(Shared {
+        let handle = ViewHandle {
             route: route_rx,
-            replicas: replicas_rx,
-            route_since: Mutex::new(SystemTime::now()),
-            backends: Mutex::new(Vec::new()),
-            sessions: Mutex::new(BTreeMap::new()),
-            history: Mutex::new(std::collections::VecDeque::with_capacity(HISTORY_LEN)),
-            listeners: Mutex::new(Vec::new()),
-            cluster: Mutex::new(String::new()),
-            own: Arc::new(crate::loops::OwnAddrs::new()),
-            events: events_tx,
-            supervisor,
-        });
+            backends: backends_rx,
+            status: status_rx,
+            events: events_tx.clone(),
+        };
         let view = LeaderView {
             check: Arc::new(settings.check.clone()),
             settings,
             backends: BTreeMap::new(),
             route_tx,
-            replicas_tx,
             recheck_tx,
             last_recheck: None,
             seq: 0,
             dns_failing: Vec::new(),
             next_loop_id: 0,
-            shared: Arc::clone(&shared),
+            backends_tx,
+            counters: BTreeMap::new(),
+            status_tx,
+            history,
+            route_since: now,
+            events: events_tx,
+            supervisor,
             cancel,
         };
-        (view, shared, events_rx)
+        (view, handle, events_rx)
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
@@ -357,21 +365,19 @@ impl LeaderView {
 
     /// Starts a check loop for every backend that has none.
     fn start_checks(&mut self) {
-        for (addr, state) in &mut self.backends {
-            if state.checker.is_some() {
-                continue;
-            }
+        let unchecked: Vec<SocketAddr> = self
+            .backends
+            .iter()
+            .filter(|(_, state)| state.checker.is_none())
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in unchecked {
             let token = self.cancel.child_token();
             self.next_loop_id += 1;
-            spawn_check_loop(
-                &self.shared,
-                *addr,
-                self.next_loop_id,
-                Arc::clone(&self.check),
-                self.recheck_tx.subscribe(),
-                token.clone(),
-            );
-            state.checker = Some((self.next_loop_id, token));
+            self.spawn_check_loop(addr, self.next_loop_id, token.clone());
+            if let Some(state) = self.backends.get_mut(&addr) {
+                state.checker = Some((self.next_loop_id, token));
+            }
         }
     }
 
@@ -415,13 +421,17 @@ impl LeaderView {
                 let after = state.history.role().clone();
                 tracing::info!(backend = %addr, from = %before, to = %after, "role changed");
                 m::backend_role(addr, Some(&after));
-                remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
+                remember(
+                    &mut self.history,
+                    "role",
+                    format!("{addr}: {before} → {after}"),
+                );
             }
             Observed::Probe if state.failing_since.is_none() => {
                 state.failing_since = Some((std::time::Instant::now(), SystemTime::now()));
                 tracing::warn!(backend = %addr, error = state.last_error.as_deref().unwrap_or(""), "leader's check failed; asking its Postgres");
                 remember(
-                    &self.shared,
+                    &mut self.history,
                     "role",
                     format!("{addr}: leader, unconfirmed (check failing)"),
                 );
@@ -433,7 +443,11 @@ impl LeaderView {
             && state.history.role() == &Role::Leader
         {
             tracing::info!(backend = %addr, "leader confirmed again");
-            remember(&self.shared, "role", format!("{addr}: leader, confirmed"));
+            remember(
+                &mut self.history,
+                "role",
+                format!("{addr}: leader, confirmed"),
+            );
         }
         if observed == Observed::Probe {
             self.probe(addr);
@@ -460,7 +474,7 @@ impl LeaderView {
         }
         state.probing = true;
         state.last_probe = Some(now);
-        let events = self.shared.events.clone();
+        let events = self.events.clone();
         let timeout = self.settings.probe_timeout;
         let cancel = self.cancel.clone();
         tokio::spawn(async move {
@@ -490,7 +504,11 @@ impl LeaderView {
             state.failed(liveness.to_string());
             tracing::warn!(backend = %addr, from = %before, to = %after, "role changed: the leader's Postgres is gone");
             m::backend_role(addr, Some(&after));
-            remember(&self.shared, "role", format!("{addr}: {before} → {after}"));
+            remember(
+                &mut self.history,
+                "role",
+                format!("{addr}: {before} → {after}"),
+            );
         } else if state.history.is_failing() && state.postgres.as_ref() != Some(&liveness) {
             tracing::warn!(backend = %addr, postgres = %liveness, "leader, unconfirmed: its check fails but its Postgres answers; it stays the route");
         }
@@ -513,6 +531,8 @@ impl LeaderView {
     }
 
     fn publish(&mut self) {
+        // Before the route: a session that reads a new leader finds its counter.
+        self.publish_backend_set();
         let previous = self.route_tx.borrow().clone();
         let limit = self.settings.unconfirmed_limit;
         let views: Vec<BackendView<'_>> = self
@@ -532,7 +552,7 @@ impl LeaderView {
         drop(views);
         if route != previous {
             log_route_change(&previous, &route);
-            remember(&self.shared, "route", describe_route(&route));
+            remember(&mut self.history, "route", describe_route(&route));
             if route.generation != previous.generation {
                 m::route_changed(route.generation);
             }
@@ -545,9 +565,7 @@ impl LeaderView {
             // then fails and its probe takes it down; a live one answers and is a split brain.
             let verifying = matches!(route.target, Target::None(NoRoute::Verifying(_)));
             let lost_leader = previous.leader().is_some() && route.leader().is_none();
-            if let Ok(mut since) = self.shared.route_since.lock() {
-                *since = SystemTime::now();
-            }
+            self.route_since = SystemTime::now();
             self.route_tx.send_replace(route);
             if lost_leader || verifying {
                 self.recheck_all();
@@ -569,27 +587,44 @@ impl LeaderView {
                 .and_then(|addr| self.backends.get(&addr))
                 .is_some_and(|state| state.history.is_failing()),
         );
-        self.publish_replicas();
         self.publish_status();
     }
 
-    fn publish_replicas(&self) {
+    /// Publishes the replicas and the session counters, when either changed. A counter stays
+    /// while its backend is known or sessions still count against it.
+    fn publish_backend_set(&mut self) {
+        let known = &self.backends;
+        let before = self.counters.len();
+        self.counters.retain(|addr, counter| {
+            known.contains_key(addr) || counter.load(Ordering::Relaxed) > 0
+        });
+        let mut counters_changed = self.counters.len() != before;
+        for addr in known.keys() {
+            if !self.counters.contains_key(addr) {
+                self.counters.insert(*addr, Arc::default());
+                counters_changed = true;
+            }
+        }
         let replicas: Vec<SocketAddr> = self
             .backends
             .iter()
             .filter(|(_, s)| s.present && s.history.is_replica())
             .map(|(addr, _)| *addr)
             .collect();
-        self.replicas_tx.send_if_modified(|current| {
-            let changed = *current != replicas;
-            if changed {
-                *current = replicas;
+        let counters = &self.counters;
+        self.backends_tx.send_if_modified(|current| {
+            let replicas_changed = current.replicas != replicas;
+            if replicas_changed {
+                current.replicas = replicas;
             }
-            changed
+            if counters_changed {
+                current.counters = Arc::new(counters.clone());
+            }
+            replicas_changed || counters_changed
         });
     }
 
-    /// Session counts are left at 0 here; `/status` reads them live.
+    /// Session counts are left at 0 here; `/status` reads them from the counters.
     fn publish_status(&self) {
         let status = self
             .backends
@@ -617,29 +652,23 @@ impl LeaderView {
                 sessions: 0,
             })
             .collect();
-        if let Ok(mut backends) = self.shared.backends.lock() {
-            *backends = status;
-        }
+        self.status_tx.send_replace(ViewStatus {
+            backends: status,
+            history: Arc::clone(&self.history),
+            route_since: self.route_since,
+        });
     }
-}
 
-/// Starts the check loop of one backend, supervised: [`check::check_role`] every interval (every
-/// fast interval while there is no route, or sooner on a recheck), each result sent to the view.
-/// It stops when `cancel` fires or the view is gone.
-fn spawn_check_loop(
-    shared: &Shared,
-    backend: SocketAddr,
-    loop_id: u64,
-    settings: Arc<CheckSettings>,
-    mut recheck: watch::Receiver<u64>,
-    cancel: CancellationToken,
-) {
-    let endpoint = settings.endpoint(backend);
-    let events = shared.events.clone();
-    let route = shared.route.clone();
-    shared
-        .supervisor
-        .spawn("check", cancel.clone(), async move {
+    /// Starts the check loop of one backend, supervised: [`check::check_role`] every interval
+    /// (every fast interval while there is no route, or sooner on a recheck), each result sent to
+    /// the view. It stops when `cancel` fires or the view is gone.
+    fn spawn_check_loop(&self, backend: SocketAddr, loop_id: u64, cancel: CancellationToken) {
+        let settings = Arc::clone(&self.check);
+        let mut recheck = self.recheck_tx.subscribe();
+        let endpoint = settings.endpoint(backend);
+        let events = self.events.clone();
+        let route = self.route_tx.subscribe();
+        self.supervisor.spawn("check", cancel.clone(), async move {
             recheck.mark_unchanged();
             loop {
                 let started = Instant::now();
@@ -686,6 +715,7 @@ fn spawn_check_loop(
                 }
             }
         });
+    }
 }
 
 /// The evidence behind a backend's leader role, for [`decide`].
@@ -704,17 +734,16 @@ fn claim_of(state: &BackendState, limit: Duration) -> Claim {
 }
 
 /// Adds a change to the timeline, dropping the oldest beyond [`HISTORY_LEN`].
-fn remember(shared: &Shared, kind: &'static str, text: String) {
-    if let Ok(mut history) = shared.history.lock() {
-        if history.len() == HISTORY_LEN {
-            history.pop_front();
-        }
-        history.push_back(Change {
-            unix_ms: unix_ms(SystemTime::now()),
-            kind: kind.to_owned(),
-            text,
-        });
+fn remember(history: &mut Arc<VecDeque<Change>>, kind: &'static str, text: String) {
+    let history = Arc::make_mut(history);
+    if history.len() == HISTORY_LEN {
+        history.pop_front();
     }
+    history.push_back(Change {
+        unix_ms: unix_ms(SystemTime::now()),
+        kind: kind.to_owned(),
+        text,
+    });
 }
 
 fn log_route_change(previous: &Route, route: &Route) {
@@ -739,5 +768,109 @@ fn log_route_change(previous: &Route, route: &Route) {
             reason = %reason,
             "no route"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 5433))
+    }
+
+    fn discovered(addrs: &[SocketAddr]) -> Event {
+        let set = addrs
+            .iter()
+            .map(|&addr| Backend {
+                addr,
+                sources: vec![Source::Dns("c.internal".into())],
+            })
+            .collect();
+        Event::Discovered(Discovered::Backends(set))
+    }
+
+    /// A view whose check loops end as they start: these tests feed it events by hand.
+    fn view() -> (LeaderView, ViewHandle) {
+        let config = crate::config::Config::parse(
+            "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]",
+            &|_| None,
+        )
+        .expect("valid");
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let (supervisor, _ended) = Supervisor::new();
+        let (view, handle, _events) =
+            LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
+        (view, handle)
+    }
+
+    fn step(view: &mut LeaderView, event: Event) {
+        view.apply(event);
+        view.publish();
+    }
+
+    #[tokio::test]
+    async fn session_counts_survive_republishing_and_a_backend_that_leaves_and_returns() {
+        let (mut view, handle) = view();
+        let sessions = |a| handle.backends.borrow().sessions(a);
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        let first = handle.backends.borrow().count(addr(1));
+        let second = handle.backends.borrow().count(addr(1));
+        assert_eq!(sessions(addr(1)), 2);
+
+        step(&mut view, discovered(&[addr(2), addr(1)]));
+        assert_eq!(sessions(addr(1)), 2, "the same backend keeps its counter");
+
+        step(&mut view, discovered(&[addr(2)]));
+        assert_eq!(
+            sessions(addr(1)),
+            2,
+            "gone from the set, its sessions still count"
+        );
+        drop(first);
+        assert_eq!(sessions(addr(1)), 1);
+
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        assert_eq!(
+            sessions(addr(1)),
+            1,
+            "back in the set, with the count it left with"
+        );
+        drop(second);
+        assert_eq!(sessions(addr(1)), 0);
+
+        step(&mut view, discovered(&[addr(2)]));
+        assert!(
+            !view.counters.contains_key(&addr(1)),
+            "a departed backend with no sessions is forgotten"
+        );
+        assert!(view.counters.contains_key(&addr(2)));
+    }
+
+    #[test]
+    fn clients_picking_a_replica_together_spread_out() {
+        let counters = [addr(1), addr(2), addr(3)]
+            .into_iter()
+            .map(|a| (a, Arc::default()))
+            .collect();
+        let set = BackendSet {
+            replicas: vec![addr(1), addr(2), addr(3)],
+            counters: Arc::new(counters),
+        };
+        // The same turn every time: only counting at once spreads them.
+        let picked: Vec<SessionGuard> = (0..6)
+            .map(|_| set.pick_replica(&[], 0).expect("a replica"))
+            .collect();
+        for a in [addr(1), addr(2), addr(3)] {
+            assert_eq!(set.sessions(a), 2, "{a}");
+        }
+        drop(picked);
+        for a in [addr(1), addr(2), addr(3)] {
+            assert_eq!(set.sessions(a), 0, "{a}");
+        }
+        // An address the view does not know is counted apart, and reads as none.
+        let target = set.count(addr(9));
+        assert_eq!((target.addr(), set.sessions(addr(9))), (addr(9), 0));
     }
 }

@@ -164,29 +164,33 @@ impl Proxy {
         let background = CancellationToken::new();
         let (supervisor, mut ended) = supervise::Supervisor::new();
 
-        let (view, shared, events) = leader::LeaderView::new(
+        let (view, handle, events) = leader::LeaderView::new(
             leader::ViewSettings::from_config(&config.check),
             background.clone(),
             supervisor.clone(),
         );
         supervisor.spawn("leader_view", background.clone(), view.run(events));
+        let own = Arc::new(loops::OwnAddrs::new());
         let (backends, backend_configs) = watch::channel(config.backends.clone());
         supervisor.spawn(
             "discovery",
             background.clone(),
             discovery::run(
                 backend_configs,
-                shared.events.clone(),
-                Arc::clone(&shared.own),
+                handle.events.clone(),
+                Arc::clone(&own),
                 background.clone(),
             ),
         );
         let stop_accepting = CancellationToken::new();
         let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
+        let (serving, serving_rx) = watch::channel(status::ServingStatus::default());
         let admin = self.admin.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(listener) = self.admin {
             let state = Arc::new(admin::AdminState {
-                shared: Arc::clone(&shared),
+                view: handle.clone(),
+                serving: serving_rx,
+                supervisor: supervisor.clone(),
                 stopping: stop_accepting.clone(),
                 allow_changes: allow_changes_rx,
                 reloader: Some(self.reloader.clone()),
@@ -208,7 +212,10 @@ impl Proxy {
             self.source,
             self.listeners,
             running::Fixed {
-                shared,
+                view: handle,
+                own,
+                supervisor,
+                serving,
                 backends,
                 allow_changes,
                 stop_accepting,

@@ -26,7 +26,8 @@ use tracing::Instrument;
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::framing::{Framing, Side};
-use crate::leader::{Event, SessionGuard, Shared};
+use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
+use crate::loops::OwnAddrs;
 use crate::metrics as m;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
@@ -66,54 +67,49 @@ pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
 /// name, and the process-wide parts they use. A reload makes a new one; a session keeps the one
 /// it started with.
 pub struct SessionSettings {
-    pub shared: Arc<Shared>,
     pub config: ProxyConfig,
     /// Names the cluster in client error messages.
     pub cluster: String,
-    limit: Arc<Semaphore>,
-    refusals: Arc<Semaphore>,
     /// Warm connections to the leader, when `proxy.preconnect` > 0.
     pub preconnect: Option<Arc<Preconnect>>,
-    /// The descriptor held back for refusals; shared by every listener and backend connect.
-    pub reserve: Arc<Reserve>,
-    /// Stops sessions once the shutdown grace period is over.
-    pub hard_stop: CancellationToken,
-    pub tracker: TaskTracker,
+    pub base: SessionBase,
+    refusals: Arc<Semaphore>,
     /// Rotates ties between equally loaded replicas.
     turn: std::sync::atomic::AtomicUsize,
 }
 
 impl SessionSettings {
     pub fn new(
-        shared: Arc<Shared>,
+        base: SessionBase,
         config: ProxyConfig,
         cluster: String,
-        capacity: Capacity,
         preconnect: Option<Arc<Preconnect>>,
-        hard_stop: CancellationToken,
-        tracker: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
-            limit: capacity.limit,
-            reserve: capacity.reserve,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             preconnect,
-            shared,
+            base,
             config,
             cluster,
-            hard_stop,
-            tracker,
             turn: Default::default(),
         })
     }
 }
 
-/// What bounds sessions, kept by every generation of [`SessionSettings`] across reloads.
+/// What every generation of [`SessionSettings`] is built on, kept across reloads.
 #[derive(Clone)]
-pub struct Capacity {
-    /// Counts sessions against `max_connections`.
+pub struct SessionBase {
+    /// The route and the backend set sessions follow; connect failures are reported here.
+    pub view: ViewHandle,
+    /// The proxy's own addresses, which no session connects to.
+    pub own: Arc<OwnAddrs>,
+    /// Counts sessions against `max_connections`, whichever configuration they started under.
     pub limit: Arc<Semaphore>,
+    /// The descriptor held back for refusals; shared by every listener and backend connect.
     pub reserve: Arc<Reserve>,
+    /// Stops sessions once the shutdown grace period is over.
+    pub hard_stop: CancellationToken,
+    pub tracker: TaskTracker,
 }
 
 /// What one listener does with its clients. A reload sends a new plan; sessions keep the plan
@@ -157,10 +153,11 @@ pub async fn accept_loop(
         let plan = Arc::clone(&plan.borrow());
         let settings = &plan.settings;
         let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
-        match Arc::clone(&settings.limit).try_acquire_owned() {
+        match Arc::clone(&settings.base.limit).try_acquire_owned() {
             Ok(permit) => {
                 let plan = Arc::clone(&plan);
                 settings
+                    .base
                     .tracker
                     .spawn(serve_client(stream, plan, permit).instrument(span));
             }
@@ -197,7 +194,7 @@ async fn out_of_descriptors(
     error: io::Error,
     plan: &ListenerPlan,
 ) {
-    let reserve = &plan.settings.reserve;
+    let reserve = &plan.settings.base.reserve;
     if reserve::client_waiting(listener) {
         match reserve.accept(listener) {
             Some(Ok(stream)) => {
@@ -278,7 +275,7 @@ enum Unserved {
 impl SessionSettings {
     /// The last line of defence against a loop: refuses an address the proxy listens on.
     fn refuse_loop(&self, addr: SocketAddr) -> Result<(), Unserved> {
-        match self.shared.own.covering(addr) {
+        match self.base.own.covering(addr) {
             Some(listener) => {
                 tracing::error!(backend = %addr, %listener, "backend is this proxy's own listener; refusing to connect to itself");
                 Err(Unserved::Loop { addr, listener })
@@ -319,7 +316,7 @@ async fn serve_client(
     // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
     // so a client that says nothing must never cost the leader one.
     let first = tokio::select! {
-        _ = settings.hard_stop.cancelled() => Err(Silent::Shutdown),
+        _ = settings.base.hard_stop.cancelled() => Err(Silent::Shutdown),
         read = tokio::time::timeout(
             settings.config.silent_timeout,
             pgwire::read_first_packet(&mut client),
@@ -339,14 +336,14 @@ async fn serve_client(
     };
     // Waiting for a leader counts from the client's request, not from its connect.
     let accepted = Instant::now();
-    let mut route = settings.shared.route.clone();
-    let mut replicas = settings.shared.replicas.clone();
+    let mut route = settings.base.view.route.clone();
+    let mut backends = settings.base.view.backends.clone();
     let connecting = async {
         match plan.serves {
             Serves::Leader => connect_leader(&mut route, settings, accepted).await,
             Serves::Replica { fallback_to_leader } => {
                 connect_replica(
-                    &mut replicas,
+                    &mut backends,
                     &mut route,
                     fallback_to_leader,
                     settings,
@@ -358,7 +355,7 @@ async fn serve_client(
         }
     };
     let connected = tokio::select! {
-        _ = settings.hard_stop.cancelled() => Err(Unserved::Shutdown),
+        _ = settings.base.hard_stop.cancelled() => Err(Unserved::Shutdown),
         c = connecting => c,
     };
     m::leader_wait(accepted.elapsed());
@@ -374,7 +371,7 @@ async fn serve_client(
             let drainer = Drainer {
                 drain,
                 route,
-                replicas,
+                backends,
                 addr,
             };
             // A task of its own, so what connecting took is freed and an open session holds
@@ -388,6 +385,7 @@ async fn serve_client(
                 Arc::clone(&plan),
             );
             settings
+                .base
                 .tracker
                 .spawn(session.instrument(tracing::Span::current()));
         }
@@ -459,7 +457,7 @@ async fn refuse_client(
     if let Unserved::OutOfResources(_) = reason {
         // Its descriptor goes back into reserve, if the reserve was what it lacked.
         drop(client);
-        settings.reserve.refill();
+        settings.base.reserve.refill();
     }
 }
 
@@ -467,7 +465,7 @@ async fn refuse_client(
 struct Drainer {
     drain: Drain,
     route: watch::Receiver<Route>,
-    replicas: watch::Receiver<Vec<SocketAddr>>,
+    backends: watch::Receiver<BackendSet>,
     addr: SocketAddr,
 }
 
@@ -496,7 +494,10 @@ impl Drainer {
                 fate
             }
             Drain::Replica => {
-                let _ = self.replicas.wait_for(|set| !set.contains(&addr)).await;
+                let _ = self
+                    .backends
+                    .wait_for(|set| !set.replicas.contains(&addr))
+                    .await;
                 tracing::info!(backend = %addr, "no longer a replica; closing session");
                 Fate::Close
             }
@@ -549,7 +550,7 @@ async fn run_session(
 /// others when one cannot be reached; with `fallback_to_leader`, to the leader while no
 /// replica is up. Waits within `leader_wait` for one to appear.
 async fn connect_replica(
-    replicas: &mut watch::Receiver<Vec<SocketAddr>>,
+    backends: &mut watch::Receiver<BackendSet>,
     route: &mut watch::Receiver<Route>,
     fallback_to_leader: bool,
     settings: &SessionSettings,
@@ -560,15 +561,15 @@ async fn connect_replica(
     let mut failed: Vec<SocketAddr> = Vec::new();
     let mut last_error: Option<(SocketAddr, String)> = None;
     loop {
-        let set = replicas.borrow_and_update().clone();
+        let set = backends.borrow_and_update().clone();
         let turn = settings.turn.fetch_add(1, Ordering::Relaxed);
         // Counted before connecting, so a burst of clients spreads over the replicas.
-        if let Some(counted) = settings.shared.pick_replica(&set, &failed, turn) {
+        if let Some(counted) = set.pick_replica(&failed, turn) {
             let addr = counted.addr();
             settings.refuse_loop(addr)?;
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + config.connect_timeout),
-                settings.reserve.connect(addr),
+                settings.base.reserve.connect(addr),
             )
             .await;
             let error = match classify(attempt)? {
@@ -589,7 +590,7 @@ async fn connect_replica(
             failed.push(addr);
             continue;
         }
-        if fallback_to_leader && set.is_empty() && route.borrow().leader().is_some() {
+        if fallback_to_leader && set.replicas.is_empty() && route.borrow().leader().is_some() {
             return connect_leader(route, settings, accepted).await;
         }
         // Every replica failed, or none is up: wait for the set (or the leader) to change.
@@ -601,7 +602,7 @@ async fn connect_replica(
         // A closed channel means the leader view ended: say so at once, never spin on it.
         let changed = tokio::select! {
             _ = tokio::time::sleep_until(retry.min(deadline)) => Ok(()),
-            changed = replicas.changed() => changed,
+            changed = backends.changed() => changed,
             changed = route.changed(), if fallback_to_leader => changed,
         };
         if changed.is_err() {
@@ -630,14 +631,15 @@ async fn connect_target(
     settings.refuse_loop(addr)?;
     let mut attempt = 0;
     loop {
-        let connect = tokio::time::timeout(config.connect_timeout, settings.reserve.connect(addr));
+        let connect =
+            tokio::time::timeout(config.connect_timeout, settings.base.reserve.connect(addr));
         let error = match classify(connect.await)? {
             Ok(stream) => {
                 return Ok(Connected {
                     stream,
                     addr,
                     drain: Drain::Never,
-                    _counted: settings.shared.session_guard(addr),
+                    _counted: settings.base.view.backends.borrow().count(addr),
                 })
             }
             Err(failed) => failed.describe(Some(config.connect_timeout)),
@@ -665,7 +667,7 @@ async fn connect_leader(
         stream,
         addr,
         drain: Drain::Route(generation),
-        _counted: settings.shared.session_guard(addr),
+        _counted: settings.base.view.backends.borrow().count(addr),
     };
     let config = &settings.config;
     let deadline = accepted + config.leader_wait;
@@ -700,7 +702,7 @@ async fn connect_leader(
         let full_attempt = Instant::now() + config.connect_timeout;
         let attempt_deadline = full_attempt.min(deadline);
         let attempt = tokio::select! {
-            a = tokio::time::timeout_at(attempt_deadline, settings.reserve.connect(addr)) => a,
+            a = tokio::time::timeout_at(attempt_deadline, settings.base.reserve.connect(addr)) => a,
             _ = route.wait_for(|r| r.generation != generation) => continue,
         };
         let failed = match classify(attempt)? {
@@ -721,7 +723,7 @@ async fn connect_leader(
         m::connect_failed(addr);
         // Only the leader's failures are evidence; this host's own say nothing about it.
         if failed.blames_backend() {
-            let _ = settings.shared.events.try_send(Event::ConnectFailed {
+            let _ = settings.base.view.events.try_send(Event::ConnectFailed {
                 addr,
                 error: error.clone(),
             });
@@ -890,7 +892,7 @@ async fn relay(
             tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
             return counted("idle_timeout", &activity);
         }
-        _ = settings.hard_stop.cancelled() => return counted("shutdown", &activity),
+        _ = settings.base.hard_stop.cancelled() => return counted("shutdown", &activity),
     };
     if fate == Fate::Close || !copying.tracked() {
         return counted("drained", &activity);
@@ -914,7 +916,7 @@ async fn relay(
             "grace_over"
         }
         _ = &mut idle => "idle_timeout",
-        _ = settings.hard_stop.cancelled() => "shutdown",
+        _ = settings.base.hard_stop.cancelled() => "shutdown",
     };
     counted(result, &activity)
 }
@@ -966,31 +968,28 @@ mod tests {
         )
         .expect("valid");
         let (supervisor, _ended) = crate::supervise::Supervisor::new();
-        let (_view, shared, _events) = crate::leader::LeaderView::new(
+        let (_view, view, _events) = crate::leader::LeaderView::new(
             crate::leader::ViewSettings::from_config(&config.check),
             CancellationToken::new(),
             supervisor,
         );
-        let settings = SessionSettings::new(
-            Arc::clone(&shared),
-            config.proxy.clone(),
-            "c".into(),
-            Capacity {
-                limit: Arc::new(Semaphore::new(1)),
-                reserve: crate::reserve::Reserve::open(),
-            },
-            None,
-            CancellationToken::new(),
-            TaskTracker::new(),
-        );
+        let base = SessionBase {
+            view: view.clone(),
+            own: Arc::new(OwnAddrs::new()),
+            limit: Arc::new(Semaphore::new(1)),
+            reserve: crate::reserve::Reserve::open(),
+            hard_stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        };
+        let settings = SessionSettings::new(base, config.proxy.clone(), "c".into(), None);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let client = TcpStream::connect(addr).await.expect("connect");
         let (backend, _) = listener.accept().await.expect("accept");
         let drainer = Drainer {
             drain: Drain::Route(1),
-            route: shared.route.clone(),
-            replicas: shared.replicas.clone(),
+            route: view.route.clone(),
+            backends: view.backends.clone(),
             addr,
         };
         let plan = Arc::new(ListenerPlan {
@@ -1001,7 +1000,7 @@ mod tests {
         let permit = Arc::new(Semaphore::new(1))
             .try_acquire_owned()
             .expect("a permit");
-        let counted = (shared.session_guard(addr), permit);
+        let counted = (view.backends.borrow().count(addr), permit);
         let session = run_session(client, backend, Vec::new(), drainer, counted, plan);
         let size = std::mem::size_of_val(&session);
         assert!(size <= 2560, "an open session's task holds {size} bytes");

@@ -28,7 +28,6 @@
 //!    alive has its sessions closed at their next transaction boundary; once another node leads,
 //!    at once, so writes never land on two leaders.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 
@@ -522,23 +521,24 @@ pub fn session_fate(route: &Route, generation: u64, addr: SocketAddr) -> Fate {
 
 /// The replica a new read-only session goes to: the fewest open sessions, skipping `exclude`
 /// (replicas that just failed to connect); `turn` rotates among equally loaded ones so they
-/// share a burst. Pure.
+/// share a burst. `sessions` gives a replica's open sessions and is asked once per replica, so
+/// counts that move meanwhile cannot make the pick inconsistent. Pure.
 pub fn least_loaded(
     replicas: &[SocketAddr],
-    sessions: &BTreeMap<SocketAddr, u64>,
+    sessions: impl Fn(SocketAddr) -> u64,
     exclude: &[SocketAddr],
     turn: usize,
 ) -> Option<SocketAddr> {
-    let load = |addr: &SocketAddr| sessions.get(addr).copied().unwrap_or(0);
-    let candidates: Vec<SocketAddr> = replicas
+    let loads: Vec<(SocketAddr, u64)> = replicas
         .iter()
         .filter(|a| !exclude.contains(a))
-        .copied()
+        .map(|&a| (a, sessions(a)))
         .collect();
-    let least = candidates.iter().map(load).min()?;
-    let tied: Vec<SocketAddr> = candidates
+    let least = loads.iter().map(|&(_, n)| n).min()?;
+    let tied: Vec<SocketAddr> = loads
         .into_iter()
-        .filter(|a| load(a) == least)
+        .filter(|&(_, n)| n == least)
+        .map(|(a, _)| a)
         .collect();
     tied.get(turn % tied.len()).copied()
 }
@@ -667,6 +667,7 @@ impl std::fmt::Display for Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, n], 5433))
@@ -1525,7 +1526,12 @@ mod tests {
         ];
         for (replicas, exclude, turn, expected) in rows {
             assert_eq!(
-                least_loaded(replicas, &counts, exclude, *turn),
+                least_loaded(
+                    replicas,
+                    |a| counts.get(&a).copied().unwrap_or(0),
+                    exclude,
+                    *turn
+                ),
                 *expected,
                 "{replicas:?} excluding {exclude:?}, turn {turn}"
             );

@@ -25,14 +25,15 @@ use tokio_util::task::TaskTracker;
 
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
-use crate::leader::{Event, Shared, ViewSettings};
-use crate::loops::Listening;
+use crate::leader::{Event, ViewHandle, ViewSettings};
+use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
-use crate::proxy::{self, Capacity, ListenerPlan, SessionSettings};
+use crate::proxy::{self, ListenerPlan, SessionBase, SessionSettings};
 use crate::reserve::Reserve;
 use crate::route::Role;
-use crate::status::ListenerStatus;
+use crate::status::{ListenerStatus, ServingStatus};
+use crate::supervise::Supervisor;
 
 /// Why a reload was refused. The old configuration stays in force.
 #[derive(Debug, thiserror::Error)]
@@ -127,15 +128,19 @@ pub(crate) struct Running {
     pub config: Config,
     /// Where reloads read the configuration from.
     pub source: Option<PathBuf>,
-    pub shared: Arc<Shared>,
     pub settings: Arc<SessionSettings>,
     /// By listener name and configured address, so a `:0` address stays the same socket
     /// across reloads.
     listeners: BTreeMap<ListenerKey, RunningListener>,
     backends: watch::Sender<BackendsConfig>,
     preconnect_stop: Option<CancellationToken>,
-    /// Shared by every generation of [`SessionSettings`], so `max_connections` counts them all.
-    capacity: Capacity,
+    /// What every generation of [`SessionSettings`] is built on, so `max_connections` counts
+    /// them all.
+    base: SessionBase,
+    supervisor: Supervisor,
+    /// The cluster's name and the listeners, for `/status`; published here, where the
+    /// configuration is.
+    serving: watch::Sender<ServingStatus>,
     stop_accepting: CancellationToken,
     background: CancellationToken,
     /// Whether the admin port serves `POST /reload`; read by the admin handlers.
@@ -146,7 +151,11 @@ pub(crate) struct Running {
 
 /// Parts that outlive every reload.
 pub(crate) struct Fixed {
-    pub shared: Arc<Shared>,
+    pub view: ViewHandle,
+    /// The proxy's own addresses, which this publishes.
+    pub own: Arc<OwnAddrs>,
+    pub supervisor: Supervisor,
+    pub serving: watch::Sender<ServingStatus>,
     pub backends: watch::Sender<BackendsConfig>,
     pub allow_changes: watch::Sender<bool>,
     pub stop_accepting: CancellationToken,
@@ -164,28 +173,25 @@ impl Running {
         bound: Vec<Bound>,
         fixed: Fixed,
     ) -> Running {
-        let capacity = Capacity {
+        let base = SessionBase {
+            view: fixed.view,
+            own: fixed.own,
             limit: Arc::new(Semaphore::new(config.proxy.max_connections)),
             reserve: Reserve::open(),
+            hard_stop: fixed.hard_stop,
+            tracker: fixed.tracker,
         };
-        let (settings, preconnect_stop) = new_settings(
-            &config,
-            &fixed.shared,
-            capacity.clone(),
-            None,
-            &fixed.hard_stop,
-            &fixed.tracker,
-            &fixed.background,
-        );
+        let (settings, preconnect_stop) = new_settings(&config, &base, None, &fixed.background);
         let mut running = Running {
             config,
             source,
-            shared: fixed.shared,
             settings,
             listeners: BTreeMap::new(),
             backends: fixed.backends,
             preconnect_stop,
-            capacity,
+            base,
+            supervisor: fixed.supervisor,
+            serving: fixed.serving,
             stop_accepting: fixed.stop_accepting,
             background: fixed.background,
             allow_changes: fixed.allow_changes,
@@ -203,11 +209,14 @@ impl Running {
     /// fixed targets.
     pub fn metered_backends(&self) -> Vec<SocketAddr> {
         let mut backends: Vec<SocketAddr> = self
-            .shared
+            .base
+            .view
+            .status
+            .borrow()
             .backends
-            .lock()
-            .map(|b| b.iter().map(|b| b.address).collect())
-            .unwrap_or_default();
+            .iter()
+            .map(|b| b.address)
+            .collect();
         for spec in &self.config.listeners {
             if let Serves::Target(addr) = spec.serves {
                 backends.push(addr);
@@ -223,7 +232,7 @@ impl Running {
         m::listener_started(&first_plan.name);
         let (plan, plans) = watch::channel(first_plan);
         let stop = self.stop_accepting.child_token();
-        let task = self.shared.supervisor.spawn(
+        let task = self.supervisor.spawn(
             "listener",
             stop.clone(),
             proxy::accept_loop(listener, plans, stop.clone()),
@@ -253,7 +262,7 @@ impl Running {
     /// refuses the reload, unless it is forced (then the refusal is only logged and returned
     /// as a note for the summary).
     async fn try_check(&self, new: &Config, force: bool) -> Result<Option<String>, ReloadError> {
-        let Some(leader) = self.shared.route.borrow().leader() else {
+        let Some(leader) = self.base.view.route.borrow().leader() else {
             return Ok(None);
         };
         let settings = CheckSettings::from_config(&new.check);
@@ -292,7 +301,7 @@ impl Running {
                 dual_stack: addr.is_ipv6(),
             });
         }
-        self.shared.own.set_listening(listening);
+        self.base.own.set_listening(listening);
     }
 
     /// Tells `/status` and the stats page which listeners run, in configuration order, and the
@@ -313,12 +322,10 @@ impl Running {
                 addresses,
             });
         }
-        if let Ok(mut published) = self.shared.listeners.lock() {
-            *published = listeners;
-        }
-        if let Ok(mut cluster) = self.shared.cluster.lock() {
-            *cluster = self.config.cluster_name();
-        }
+        self.serving.send_replace(ServingStatus {
+            cluster: self.config.cluster_name(),
+            listeners,
+        });
     }
 
     /// Stops accepting on every listener and waits for the accept loops to end.
@@ -407,7 +414,8 @@ impl Running {
             // Awaited, not tried: a queue full of connect failures must not lose it.
             let settings = ViewSettings::from_config(&new.check);
             if self
-                .shared
+                .base
+                .view
                 .events
                 .send(Event::Reconfigure(settings))
                 .await
@@ -426,7 +434,7 @@ impl Running {
         }
         if new.proxy != old.proxy || new.cluster_name() != old.cluster_name() {
             resize(
-                &self.capacity.limit,
+                &self.base.limit,
                 old.proxy.max_connections,
                 new.proxy.max_connections,
             );
@@ -440,15 +448,7 @@ impl Running {
                 }
                 None
             };
-            let (settings, pool_stop) = new_settings(
-                new,
-                &self.shared,
-                self.capacity.clone(),
-                pool,
-                &self.settings.hard_stop,
-                &self.settings.tracker,
-                &self.background,
-            );
+            let (settings, pool_stop) = new_settings(new, &self.base, pool, &self.background);
             self.settings = settings;
             if pool_stop.is_some() {
                 self.preconnect_stop = pool_stop;
@@ -511,11 +511,8 @@ impl Running {
 /// A new generation of session settings; a new preconnect pool when none is carried over.
 fn new_settings(
     config: &Config,
-    shared: &Arc<Shared>,
-    capacity: Capacity,
+    base: &SessionBase,
     pool: Option<Arc<Preconnect>>,
-    hard_stop: &CancellationToken,
-    tracker: &TaskTracker,
     background: &CancellationToken,
 ) -> (Arc<SessionSettings>, Option<CancellationToken>) {
     let proxy: &ProxyConfig = &config.proxy;
@@ -525,25 +522,17 @@ fn new_settings(
             let pool = Preconnect::new(proxy.preconnect);
             let token = background.child_token();
             tokio::spawn(Arc::clone(&pool).run(
-                shared.route.clone(),
+                base.view.route.clone(),
                 proxy.connect_timeout,
-                Arc::clone(&shared.own),
-                Arc::clone(&capacity.reserve),
+                Arc::clone(&base.own),
+                Arc::clone(&base.reserve),
                 token.clone(),
             ));
             stop = Some(token);
             pool
         })
     });
-    let settings = SessionSettings::new(
-        Arc::clone(shared),
-        proxy.clone(),
-        config.cluster_name(),
-        capacity,
-        pool,
-        hard_stop.clone(),
-        tracker.clone(),
-    );
+    let settings = SessionSettings::new(base.clone(), proxy.clone(), config.cluster_name(), pool);
     (settings, stop)
 }
 

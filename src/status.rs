@@ -1,7 +1,13 @@
 //! The `/status` document, one schema for all who use it: the view fills in its parts, the admin
 //! server serialises it, the stats page renders it, and `roleproxy status` deserialises it.
+//!
+//! Each part has one owner, which publishes it whole on a watch channel: the view its
+//! [`ViewStatus`], the running proxy its [`ServingStatus`]. The admin server puts the document
+//! together from them, the route and the session counters; nobody locks anything to write it.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -87,4 +93,24 @@ pub struct Change {
     /// `role` or `route`.
     pub kind: String,
     pub text: String,
+}
+
+/// The view's part of `/status`, as of its latest event.
+#[derive(Debug, Clone)]
+pub struct ViewStatus {
+    /// Session counts are 0 here: the admin server reads them from the counters.
+    pub backends: Vec<BackendStatus>,
+    /// Shared with the view, which copies it only when it adds a change while a reader holds it.
+    pub history: Arc<VecDeque<Change>>,
+    /// When the current route was published.
+    pub route_since: SystemTime,
+}
+
+/// The running configuration's part of `/status`: what the proxy serves.
+#[derive(Debug, Clone, Default)]
+pub struct ServingStatus {
+    /// The cluster's name for people (`Config::cluster_name`).
+    pub cluster: String,
+    /// The listeners, in configuration order.
+    pub listeners: Vec<ListenerStatus>,
 }

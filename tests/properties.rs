@@ -2074,7 +2074,7 @@ proptest! {
             (0..POOL).map(|i| (pool_addr(i), loads[i])).collect();
         let candidates: Vec<SocketAddr> =
             replicas.iter().filter(|a| !excluded.contains(a)).copied().collect();
-        match least_loaded(&replicas, &sessions, &excluded, turn) {
+        match least_loaded(&replicas, |a| sessions[&a], &excluded, turn) {
             None => prop_assert!(candidates.is_empty()),
             Some(pick) => {
                 prop_assert!(candidates.contains(&pick));
