@@ -172,16 +172,6 @@ impl Proxy {
         supervisor.spawn("leader_view", background.clone(), view.run(events));
         let own = Arc::new(loops::OwnAddrs::new());
         let (backends, backend_configs) = watch::channel(config.backends.clone());
-        supervisor.spawn(
-            "discovery",
-            background.clone(),
-            discovery::run(
-                backend_configs,
-                handle.events.clone(),
-                Arc::clone(&own),
-                background.clone(),
-            ),
-        );
         let stop_accepting = CancellationToken::new();
         let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
         let (serving, serving_rx) = watch::channel(status::ServingStatus::default());
@@ -207,14 +197,15 @@ impl Proxy {
 
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let reports = handle.events.clone();
         let mut running = running::Running::start(
             config,
             self.source,
             self.listeners,
             running::Fixed {
                 view: handle,
-                own,
-                supervisor,
+                own: Arc::clone(&own),
+                supervisor: supervisor.clone(),
                 serving,
                 backends,
                 allow_changes,
@@ -224,6 +215,13 @@ impl Proxy {
                 tracker: tracker.clone(),
                 admin,
             },
+        );
+        // Only now that the listeners are published as the proxy's own: a first answer that
+        // names one of them is dropped, never routed to.
+        supervisor.spawn(
+            "discovery",
+            background.clone(),
+            discovery::run(backend_configs, reports, own, background.clone()),
         );
 
         // Several times per expiry, so a live backend's series never expire between two.
