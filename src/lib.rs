@@ -13,7 +13,8 @@
 //! - [`discovery`]: DNS names and backup addresses → the backend set.
 //! - [`check`]: one role check of one node (HTTP GET → [`route::Role`]) and the probe of its Postgres.
 //! - [`leader`]: the view: the task that owns every backend's state and check loop, runs the
-//!   rules and publishes the route.
+//!   rules and publishes the route, the backend set with its session counters, and its part of
+//!   `/status`.
 //! - [`loops`]: the proxy's own addresses, which it never connects to.
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
@@ -27,7 +28,8 @@
 //!   and reloading (SIGHUP, `POST /reload`).
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
 //!   page, `POST /reload`.
-//! - [`status`]: the `/status` document, one schema for the server, the page and the client.
+//! - [`status`]: the `/status` document, one schema for the server, the page and the client, and
+//!   the parts of it that their owners publish.
 //! - [`stats_page`]: the stats page's HTML.
 //! - [`status_cli`]: `roleproxy status`, the terminal client of `/status`.
 //! - [`wording`]: how times, errors and network text read for people, on the page and in the
