@@ -59,6 +59,7 @@ fn raise_descriptor_limit(wanted: u64) {
 async fn abuse(admin: SocketAddr, trickle: bool, seen: Arc<Seen>, stop: CancellationToken) {
     while !stop.is_cancelled() {
         let Ok(mut stream) = TcpStream::connect(admin).await else {
+            // Not a wait: paces this abuser's reconnects.
             tokio::time::sleep(RECONNECT_PAUSE).await;
             continue;
         };
@@ -73,6 +74,7 @@ async fn abuse(admin: SocketAddr, trickle: bool, seen: Arc<Seen>, stop: Cancella
                     return;
                 }
                 loop {
+                    // Not a wait: the trickle's pace, a byte every 100 ms.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     if stream.write_all(b"X").await.is_err() {
                         return;
@@ -87,6 +89,7 @@ async fn abuse(admin: SocketAddr, trickle: bool, seen: Arc<Seen>, stop: Cancella
             () = held => { seen.closed_by_server.fetch_add(1, Ordering::Relaxed); }
             () = stop.cancelled() => return,
         }
+        // Not a wait: paces this abuser's reconnects.
         tokio::time::sleep(RECONNECT_PAUSE).await;
     }
 }

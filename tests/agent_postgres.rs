@@ -7,9 +7,12 @@
 use roleproxy_testkit as support;
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use roleproxy::agent::{serve_with, AgentError, AgentOptions, APPLICATION_NAME};
+use support::exit_status;
+use support::harness::{eventually, holds_for};
 use support::pg::PgCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -120,19 +123,16 @@ async fn agent_follows_a_real_failover() {
         .await
         .expect("write on the primary");
     let standby = connect(&cluster.conninfo(1)).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let replicated = standby
-            .query_opt("SELECT id FROM failover WHERE id = 1", &[])
-            .await
-            .map(|row| row.is_some())
-            .unwrap_or(false);
-        if replicated {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the write never reached node 1");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            standby
+                .query_opt("SELECT id FROM failover WHERE id = 1", &[])
+                .await
+                .is_ok_and(|row| row.is_some())
+        })
+        .await,
+        "the write never reached node 1"
+    );
     let refused = standby
         .batch_execute("INSERT INTO failover VALUES (2)")
         .await
@@ -148,7 +148,7 @@ async fn agent_follows_a_real_failover() {
     // agent may give its answer from before the crash for `reuse_for`.
     cluster.stop_immediate(0).expect("kill node 0");
     assert!(
-        support::harness::eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(10), || async {
             agent0.role().await.0 == 500
         })
         .await,
@@ -163,7 +163,7 @@ async fn agent_follows_a_real_failover() {
     // before for `reuse_for`.
     cluster.promote(1).expect("promote node 1");
     assert!(
-        support::harness::eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(10), || async {
             agent1.role().await == (200, "leader".to_owned())
         })
         .await,
@@ -215,11 +215,15 @@ async fn forty_clients_hammering_cost_at_most_two_postgres_connections() {
             })
         })
         .collect();
-    let mut most = 0;
-    while started.elapsed() < hammering {
-        most = most.max(agent_connections(&monitor).await);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Watched for as long as the clients hammer: the count must never exceed two.
+    let most = AtomicI64::new(0);
+    holds_for(hammering.saturating_sub(started.elapsed()), || async {
+        let now = agent_connections(&monitor).await;
+        most.fetch_max(now, Ordering::Relaxed);
+        now <= 2
+    })
+    .await;
+    let most = most.into_inner();
     let mut answers = 0;
     for client in clients {
         answers += client.await.expect("client task");
@@ -360,18 +364,12 @@ impl AgentProcess {
 
     /// The first log line from now on that contains `words`.
     async fn wait_for(&self, words: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            match self.lines.try_recv() {
-                Ok(line) if line.contains(words) => return line,
-                Ok(_) => continue,
-                Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
-            }
-        }
-        panic!("the agent never logged {words:?}");
+        eventually(Duration::from_secs(30), || async {
+            // Every line logged so far, until one has the words.
+            self.lines.try_iter().find(|line| line.contains(words))
+        })
+        .await
+        .unwrap_or_else(|| panic!("the agent never logged {words:?}"))
     }
 
     fn signal(&self, name: &str) {
@@ -391,14 +389,8 @@ impl AgentProcess {
     /// SIGTERM, and the exit status.
     async fn stop(mut self) -> std::process::ExitStatus {
         self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the agent did not stop");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        tokio::task::block_in_place(|| exit_status(&mut self.child, Duration::from_secs(30)))
+            .expect("the agent stops")
     }
 }
 

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use roleproxy_testkit::exit_status;
+
 const BIN: &str = env!("CARGO_BIN_EXE_roleproxy");
 
 fn write_config(name: &str, text: &str) -> PathBuf {
@@ -147,18 +149,8 @@ fn sigterm_stops_the_proxy_with_exit_zero() {
     // Once it says "listening", the signal handlers are installed.
     proxy.wait_for("listening");
     proxy.signal("TERM");
-    let started = Instant::now();
-    loop {
-        if let Some(status) = proxy.child.try_wait().expect("wait") {
-            assert!(status.success(), "exit status {status:?}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "proxy did not stop"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = exit_status(&mut proxy.child, Duration::from_secs(30)).expect("proxy stops");
+    assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_file(path);
 }
 
@@ -174,17 +166,8 @@ fn a_core_task_that_dies_makes_the_process_exit_non_zero_saying_why() {
             Running::start_env(&path, &[], &[(roleproxy::supervise::TEST_PANIC_VAR, task)]);
         let line = proxy.wait_for("core task ended");
         assert!(line.contains(task) && line.contains("panicked"), "{line}");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = proxy.child.try_wait().expect("wait") {
-                break status;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "the proxy kept running without its {task} task"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = exit_status(&mut proxy.child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the proxy kept running without its {task} task"));
         assert!(!status.success(), "{task}: exit status {status:?}");
     }
     let _ = std::fs::remove_file(path);

@@ -33,6 +33,8 @@ async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = backend.accept().await {
             let _ = stream.write_all(b"partial").await;
+            // Not a wait: the crash comes a moment after the bytes, as it would on a real
+            // server, rather than racing them to the proxy.
             tokio::time::sleep(Duration::from_millis(100)).await;
             // Linger 0: close sends RST, as a crashing server's kernel would.
             let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -239,8 +241,10 @@ async fn a_role_endpoint_that_trickles_bytes_is_judged_by_the_whole_check_timeou
     proxy.stop().await;
 
     let strict = cluster.config().set("check.timeout", "\"300ms\"").config();
+    let checks = cluster.nodes[0].role.requests();
     let proxy = RunningProxy::start(strict).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Three checks have begun, so the first two have ended, each cut off mid-trickle.
+    assert!(cluster.nodes[0].role.wait_requests(checks + 3, LONG).await);
     assert_eq!(
         proxy.route_leader().await,
         None,
@@ -267,7 +271,7 @@ async fn dns_answers_that_change_on_every_query_never_drain_the_leader() {
         .dns
         .set_rotating(NAME, cluster.nodes.iter().map(|n| n.ip).collect());
     let queries = cluster.dns.queries();
-    support::wait_until(LONG, || cluster.dns.queries() > queries + 60).await;
+    support::harness::eventually(LONG, || async { cluster.dns.queries() > queries + 60 }).await;
     // The leader came and went from the answers; its sessions held and nothing else was routed.
     assert_eq!(generation(&proxy).await, before);
     assert!(session.echo("through the churn").await);
@@ -358,6 +362,8 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
         let mut waiting: Option<TcpStream> = None;
         for _ in 0..60 {
             let Ok(mut stream) = TcpStream::connect(addr).await else {
+                // Not a wait: a connect the kernel refused is one of the attempts; pause as a
+                // client would before the next.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
@@ -411,17 +417,14 @@ fn running_out_of_descriptors_refuses_new_clients_and_keeps_sessions() {
         }
         // Descriptors free up: new clients are served again.
         sessions.truncate(sessions.len() / 2);
-        let mut served = false;
-        for _ in 0..50 {
-            if Client::connect(addr, Duration::from_secs(2))
-                .await
-                .is_some()
-            {
-                served = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(served, "recovered once descriptors were free");
+        assert!(
+            support::harness::eventually(LONG, || async {
+                Client::connect(addr, Duration::from_secs(2))
+                    .await
+                    .is_some()
+            })
+            .await,
+            "recovered once descriptors were free"
+        );
     });
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::backend::TaggedBackend;
 use support::fake_cluster::FakeCluster as Cluster;
-use support::harness::{postgres_refusal, Client};
+use support::harness::{eventually, postgres_refusal, Client};
 use support::loopback;
 use support::role::RoleReply;
 
@@ -58,22 +58,17 @@ async fn replica_listener_balances_by_least_sessions_and_never_reaches_the_leade
     held.retain(|c| c.tag != r1);
     // Counted by the proxy, not only by the backend, before the next pick.
     let first = cluster.nodes[1].addr();
-    let mut counted = None;
-    for _ in 0..200 {
-        let status = proxy.status().await;
-        counted = status["backends"]
-            .as_array()
-            .and_then(|b| b.iter().find(|b| b["address"] == first.as_str()))
-            .and_then(|b| b["sessions"].as_u64());
-        if counted == Some(0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        counted,
-        Some(0),
-        "the closed sessions are no longer counted"
+    assert!(
+        eventually(LONG, || async {
+            proxy.status().await["backends"]
+                .as_array()
+                .and_then(|b| b.iter().find(|b| b["address"] == first.as_str()))
+                .and_then(|b| b["sessions"].as_u64())
+                == Some(0)
+        })
+        .await,
+        "the closed sessions are no longer counted: {}",
+        proxy.status().await
     );
     let next: Vec<Client> = vec![
         Client::connect(replicas, LONG).await.expect("served"),
@@ -132,15 +127,13 @@ async fn without_replicas_a_replica_listener_refuses_or_falls_back_to_the_leader
     // A replica appears: both listeners use it; the fallback session stays on the leader.
     cluster.nodes[1].role.set(RoleReply::replica());
     let replica = cluster.nodes[1].tag();
-    let mut served = None;
-    for _ in 0..100 {
-        served = tag_of(proxy.listener("ro-or-leader")).await;
-        if served.as_deref() == Some(replica.as_str()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(served, Some(replica.clone()));
+    assert!(
+        eventually(LONG, || async {
+            tag_of(proxy.listener("ro-or-leader")).await.as_deref() == Some(replica.as_str())
+        })
+        .await,
+        "the fallback listener moves to the replica"
+    );
     assert_eq!(tag_of(proxy.listener("ro")).await, Some(replica));
     assert!(fallback.echo("still on the leader").await);
 

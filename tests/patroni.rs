@@ -8,7 +8,7 @@ use roleproxy_testkit as support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::harness::{ConfigBuilder, RunningProxy};
+use support::harness::{eventually, ConfigBuilder, RunningProxy};
 use support::patroni::{conninfo, PatroniCluster};
 use support::writer::{connect, Writer, CREATE_TABLE};
 
@@ -74,7 +74,11 @@ async fn patroni_rest_api_routes_leader_and_replicas_and_follows_a_switchover() 
         .expect("create the table");
     let held = connect(&conninfo(proxy.addr)).await.expect("a session");
     let writer = Writer::start(conninfo(proxy.addr), "roleproxy", Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old_leader = cluster.node_addr(leader).to_string();
+    assert!(
+        eventually(WAIT, || async { writer.landed_on(&old_leader) }).await,
+        "writes land on the leader before the switchover"
+    );
 
     let to = (leader + 1) % cluster.len();
     cluster.switchover(to).await.expect("switchover");
@@ -86,18 +90,18 @@ async fn patroni_rest_api_routes_leader_and_replicas_and_follows_a_switchover() 
         proxy.status().await
     );
     // Writes reach the new leader before the writer stops.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if served(proxy.addr).await == Ok((cluster.node_addr(to).to_string(), false)) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never served by the new leader"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let to_addr = cluster.node_addr(to).to_string();
+    assert!(
+        eventually(WAIT, || async {
+            served(proxy.addr).await == Ok((to_addr.clone(), false))
+        })
+        .await,
+        "never served by the new leader"
+    );
+    assert!(
+        eventually(WAIT, || async { writer.landed_on(&to_addr) }).await,
+        "the writer reached the new leader"
+    );
     let attempts = writer.stop().await;
     assert!(
         held.simple_query("SELECT 1").await.is_err(),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use roleproxy_testkit::harness::eventually;
 use roleproxy_testkit::patroni::PatroniCluster;
 use roleproxy_testkit::writer::connect;
 
@@ -67,21 +68,17 @@ async fn one_primary_streaming_replicas_and_a_switchover() {
         .await
         .expect("write on the leader");
     let reader = connect(&cluster.conninfo(to)).await.expect("replica");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while reader
-        .query_one("SELECT count(*) FROM marks", &[])
-        .await
-        .map(|row| row.get::<_, i64>(0))
-        .unwrap_or(0)
-        != 1
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the row never reached {}",
-            cluster.name(to)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        eventually(WAIT, || async {
+            reader
+                .query_one("SELECT count(*) FROM marks", &[])
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+        })
+        .await,
+        "the row never reached {}",
+        cluster.name(to)
+    );
 
     // During the switchover both may answer 503 on /primary for a moment; afterwards `to`
     // leads and the old leader streams from it.

@@ -3,10 +3,11 @@
 //! outcomes (where writes landed, what clients saw), never how fast.
 
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
-use roleproxy_testkit::harness::RunningProxy;
+use roleproxy_testkit::harness::{eventually, holds_for, RunningProxy};
 use roleproxy_testkit::writer::{connect, Attempt, Writer, CREATE_TABLE};
 use tokio_postgres::NoTls;
 
@@ -49,51 +50,39 @@ async fn start(spec: ClusterSpec, leader_wait: &str) -> (LocalCluster, RunningPr
     // Replication is asynchronous: make sure every replica has the table before anything is
     // promoted, or the new leader would not know it.
     for i in 1..cluster.len() {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let replicated = match connect(&cluster.conninfo(i)).await {
+        let replicated = eventually(WAIT, || async {
+            match connect(&cluster.conninfo(i)).await {
                 Ok(replica) => replica
                     .query_one("SELECT to_regclass('writes') IS NOT NULL", &[])
                     .await
-                    .map(|row| row.get::<_, bool>(0))
-                    .unwrap_or(false),
+                    .is_ok_and(|row| row.get::<_, bool>(0)),
                 Err(_) => false,
-            };
-            if replicated {
-                break;
             }
-            assert!(
-                Instant::now() < deadline,
-                "the table never reached node {i}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        assert!(replicated, "the table never reached node {i}");
     }
     (cluster, proxy, conninfo)
 }
 
 /// Waits until `writer`-style attempts have succeeded on `server` a few times.
 async fn wait_writes_on(conninfo: &str, server: &str) {
-    let deadline = Instant::now() + WAIT;
-    let mut seq = 1_000_000i64;
-    loop {
-        seq += 1;
-        if let Ok(client) = connect(conninfo).await {
-            let row = client
-                .query_one(
-                    "INSERT INTO writes (via, seq, server) VALUES ('probe', $1, host(inet_server_addr())) RETURNING server",
-                    &[&seq],
-                )
-                .await;
-            if let Ok(row) = row {
-                if row.get::<_, String>(0) == server {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "writes never reached {server}");
-        tokio::time::sleep(PERIOD).await;
-    }
+    let seq = AtomicI64::new(1_000_000);
+    let landed = eventually(WAIT, || async {
+        let seq = seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let Ok(client) = connect(conninfo).await else {
+            return false;
+        };
+        client
+            .query_one(
+                "INSERT INTO writes (via, seq, server) VALUES ('probe', $1, host(inet_server_addr())) RETURNING server",
+                &[&seq],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, String>(0) == server)
+    })
+    .await;
+    assert!(landed, "writes never reached {server}");
 }
 
 fn servers(attempts: &[Attempt]) -> Vec<String> {
@@ -121,7 +110,10 @@ async fn hard_failover_is_a_pause_and_every_write_lands_on_the_leader_of_its_tim
     let failover = cluster.failover().await.expect("failover");
     let new = ip(&cluster, failover.new);
     wait_writes_on(&conninfo, &new).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        eventually(WAIT, || async { writer.landed_on(&new) }).await,
+        "the writer reached the new leader"
+    );
     let attempts = writer.stop().await;
 
     // Writes went to the old leader, then to the new one, and nowhere else.
@@ -174,7 +166,10 @@ async fn switchover_closes_old_sessions_and_moves_new_ones_without_errors() {
     let switch = cluster.switchover().await.expect("switchover");
     let new = ip(&cluster, switch.new);
     wait_writes_on(&conninfo, &new).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        eventually(WAIT, || async { writer.landed_on(&new) }).await,
+        "the writer reached the new leader"
+    );
     let attempts = writer.stop().await;
 
     assert!(
@@ -220,20 +215,21 @@ async fn split_brain_lands_no_write_until_resolved() {
 
     // Promote a replica while the leader still runs: two nodes say leader.
     cluster.promote(1).await.expect("promote node 1");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = proxy.status().await;
-        if status["route"]["target"]["detail"]["reason"] == "split_brain" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "split brain never detected: {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    assert!(
+        eventually(WAIT, || async {
+            proxy.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
+        })
+        .await,
+        "split brain never detected: {}",
+        proxy.status().await
+    );
     let writer = Writer::start(conninfo.clone(), "during", Duration::from_millis(200));
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // No event says "no write landed": watch the writer for a bounded window (the loop below
+    // names any write that landed).
+    holds_for(Duration::from_secs(5), || async {
+        writer.acknowledged() == 0
+    })
+    .await;
     let attempts = writer.stop().await;
     assert!(!attempts.is_empty());
     for a in &attempts {
@@ -367,7 +363,20 @@ async fn cancel_request_reaches_the_sessions_node() {
     let client = connect(&conninfo).await.expect("session");
     let cancel = client.cancel_token();
     let sleeping = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(60)").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let leader = connect(&cluster.conninfo(0)).await.expect("node 0");
+    assert!(
+        eventually(WAIT, || async {
+            leader
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = 'SELECT pg_sleep(60)'",
+                    &[],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+        })
+        .await,
+        "the query is running on node 0"
+    );
     // The cancel travels on a new connection, through the proxy, carrying the backend key.
     cancel
         .cancel_query(NoTls)

@@ -89,16 +89,13 @@ async fn writes_resume_on_the_promoted_replica() {
     let replica = connect(&cluster.conninfo(1))
         .await
         .expect("replica reachable");
-    let mut replicated = false;
-    for _ in 0..200 {
-        if let Ok(row) = replica.query_one("SELECT count(*) FROM writes", &[]).await {
-            if row.get::<_, i64>(0) == 1 {
-                replicated = true;
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let replicated = support::harness::eventually(Duration::from_secs(30), || async {
+        replica
+            .query_one("SELECT count(*) FROM writes", &[])
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await;
     assert!(replicated, "the row reached the replica");
     drop(replica);
 

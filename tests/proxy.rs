@@ -12,14 +12,35 @@ use support::dns::{DnsMode, DnsServer};
 use support::fake_cluster::{
     echo_session, echoes, served_by, FakeCluster as Cluster, FakeNode as Node, NAME,
 };
-use support::harness::{postgres_refusal, Client, ConfigBuilder, RunningProxy};
+use support::harness::{
+    eventually, holds_for, postgres_refusal, Client, ConfigBuilder, RunningProxy,
+};
 use support::loopback;
 use support::role::{RoleEndpoint, RoleReply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LONG: Duration = Duration::from_secs(20);
-/// Long enough that a wrongly routed client would have been served.
+/// The observation window of a test that asserts a client is NOT served: long enough that a
+/// wrongly routed client would have been.
 const SETTLE: Duration = Duration::from_millis(800);
+
+/// Whether `/status` lists `count` backends, each with `role` (`leader`, `replica`, `down`).
+async fn all_judged(proxy: &RunningProxy, count: usize, role: &str) -> bool {
+    let status = proxy.status().await;
+    let backends = status["backends"].as_array().cloned().unwrap_or_default();
+    backends.len() == count && backends.iter().all(|b| b["role"]["role"] == role)
+}
+
+/// The DNS lookups the proxy counted as failed, whatever the reason.
+async fn failed_lookups(proxy: &RunningProxy) -> f64 {
+    let (_, metrics) = proxy.get("/metrics").await;
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("roleproxy_dns_resolutions_total{"))
+        .filter(|line| !line.contains("result=\"ok\""))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_gets_connections_and_nothing_before_a_positive_check() {
@@ -31,12 +52,18 @@ async fn only_the_leader_gets_connections_and_nothing_before_a_positive_check() 
         let addr = proxy.addr;
         async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
     });
-    tokio::time::sleep(SETTLE).await;
     assert!(
-        !waiting.is_finished(),
+        eventually(LONG, || all_judged(&proxy, 3, "replica")).await,
+        "every node checked: {}",
+        proxy.status().await
+    );
+    assert!(
+        holds_for(SETTLE, || async {
+            !waiting.is_finished() && cluster.nodes.iter().all(|n| n.backend.connections() == 0)
+        })
+        .await,
         "no client is served before a node says leader"
     );
-    assert!(cluster.nodes.iter().all(|n| n.backend.connections() == 0));
 
     cluster.nodes[1].role.set(RoleReply::leader());
     assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[1].tag()));
@@ -94,7 +121,7 @@ async fn split_brain_means_no_route_until_resolved() {
     // Rule 7: the second claim is newer than the first leader's last answer, so the route is
     // first "verifying"; the old leader's next `leader` answer makes it a split brain.
     assert!(
-        support::harness::eventually(LONG, || async {
+        eventually(LONG, || async {
             proxy.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
         })
         .await,
@@ -106,9 +133,8 @@ async fn split_brain_means_no_route_until_resolved() {
         let addr = proxy.addr;
         async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
     });
-    tokio::time::sleep(SETTLE).await;
     assert!(
-        !waiting.is_finished(),
+        holds_for(SETTLE, || async { !waiting.is_finished() }).await,
         "no client is served during split brain"
     );
     let before = cluster.nodes[0].backend.connections() + cluster.nodes[1].backend.connections();
@@ -177,7 +203,7 @@ async fn dns_down_at_start_then_up() {
         async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
     });
     assert!(
-        support::harness::eventually(LONG, || async {
+        eventually(LONG, || async {
             proxy.status().await["route"]["target"]["detail"]["reason"] == "dns_failing"
         })
         .await,
@@ -190,8 +216,16 @@ async fn dns_down_at_start_then_up() {
     assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[0].tag()));
 
     // A later outage keeps the last good answer: the route stays.
+    let failed = failed_lookups(&proxy).await;
     cluster.dns.set_mode(DnsMode::ServFail);
-    tokio::time::sleep(SETTLE).await;
+    assert!(
+        eventually(LONG, || async {
+            failed_lookups(&proxy).await >= failed + 2.0
+        })
+        .await,
+        "the proxy met the outage"
+    );
+    assert_eq!(proxy.route_leader().await, Some(cluster.nodes[0].addr()));
     assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
     let (_, metrics) = proxy.get("/metrics").await;
     assert!(
@@ -214,7 +248,11 @@ async fn nodes_added_to_and_removed_from_dns() {
     let proxy = RunningProxy::start(config).await;
 
     // The leader is not in DNS, so it is not a backend.
-    tokio::time::sleep(SETTLE).await;
+    assert!(
+        eventually(LONG, || all_judged(&proxy, 1, "replica")).await,
+        "node 0 resolved and checked: {}",
+        proxy.status().await
+    );
     let (code, _) = postgres_refusal(proxy.addr, false).await;
     assert_eq!(code, "57P03");
     assert_eq!(cluster.nodes[1].backend.connections(), 0);
@@ -311,8 +349,7 @@ async fn hostile_role_endpoints_are_down_not_leader() {
     assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
 
     // Wait until every hostile node has been judged down, then look at the reasons.
-    let deadline = tokio::time::Instant::now() + LONG;
-    let status = loop {
+    let judged = eventually(LONG, || async {
         let status = proxy.status().await;
         let all_down = status["backends"]
             .as_array()
@@ -320,10 +357,13 @@ async fn hostile_role_endpoints_are_down_not_leader() {
             .iter()
             .filter(|b| b["address"] != cluster.nodes[0].addr())
             .all(|b| b["role"]["role"] == "down");
-        if all_down || tokio::time::Instant::now() > deadline {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        all_down.then_some(status)
+    })
+    .await;
+    // Not all down in time: the asserts below say which reason is missing.
+    let status = match judged {
+        Some(status) => status,
+        None => proxy.status().await,
     };
     let error_of = |node: &Node| {
         status["backends"]
@@ -363,13 +403,7 @@ async fn max_connections_refuses_with_53300() {
 
     drop(first);
     assert!(cluster.nodes[0].backend.wait_open(1, LONG).await);
-    let mut third = None;
-    for _ in 0..50 {
-        third = Client::connect(proxy.addr, Duration::from_secs(2)).await;
-        if third.is_some() {
-            break;
-        }
-    }
+    let third = eventually(LONG, || Client::connect(proxy.addr, Duration::from_secs(2))).await;
     assert!(third.is_some(), "a freed slot is reused");
     proxy.stop().await;
 }
@@ -385,15 +419,25 @@ async fn idle_sessions_are_closed() {
     let proxy = RunningProxy::start(config).await;
     let mut busy = Client::connect(proxy.addr, LONG).await.expect("served");
     let mut idle = Client::connect(proxy.addr, LONG).await.expect("served");
-    // The busy session keeps talking past the idle timeout.
-    for i in 0..8 {
+    // The busy session keeps talking, a line at least every 200 ms (the wait for the idle
+    // one to close paces it), until the idle one is closed; then it is still open.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut i = 0;
+    loop {
         assert!(
             busy.echo(&format!("ping {i}")).await,
             "an active session is not idle"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        i += 1;
+        if idle.closed_within(Duration::from_millis(200)).await {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the idle session was never closed"
+        );
     }
-    assert!(idle.closed_within(LONG).await);
+    assert!(busy.echo("after the idle one closed").await);
     let (_, metrics) = proxy.get("/metrics").await;
     assert!(metrics.contains("result=\"idle_timeout\""), "{metrics}");
     proxy.stop().await;
@@ -524,14 +568,16 @@ async fn shutdown_lets_sessions_finish_within_the_grace_period() {
     let addr = proxy.addr;
     let mut session = Client::connect(addr, LONG).await.expect("served");
     let stopping = tokio::spawn(proxy.stop());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        eventually(LONG, || async {
+            tokio::net::TcpStream::connect(addr).await.is_err()
+        })
+        .await,
+        "no new clients once stopping"
+    );
     assert!(
         session.echo("during grace").await,
         "sessions run during the grace period"
-    );
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "no new clients once stopping"
     );
     assert!(
         session.closed_within(LONG).await,
@@ -637,7 +683,7 @@ async fn a_refused_client_is_told_why() {
 
 async fn assert_told(proxy: &RunningProxy, words: &str) {
     assert!(
-        support::harness::eventually(LONG, || async {
+        eventually(LONG, || async {
             proxy.status().await["route_text"]
                 .as_str()
                 .is_some_and(|text| text.contains(words))
@@ -717,7 +763,7 @@ async fn speaking_client(addr: SocketAddr) -> tokio::net::TcpStream {
 async fn half_open_sessions_freed(proxy: &RunningProxy, name: &str, rounds: u32) {
     let (half_closed, active) = (ended(name, "half_closed"), active(name));
     assert!(
-        support::harness::eventually(LONG, || async {
+        eventually(LONG, || async {
             proxy.metric(&half_closed).await == f64::from(rounds)
                 && proxy.metric(&active).await == 0.0
         })

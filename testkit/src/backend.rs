@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
+use crate::{accept_loop, bind_with_retry, eventually, lock, TaskGuard};
 
 /// Read buffer size and the chunk size of [`random_chunks`].
 const CHUNK: usize = 64 * 1024;
@@ -116,7 +116,7 @@ impl TaggedBackend {
     /// Waits until exactly `n` connections are open (0 shows that the proxy
     /// has drained its connections); false on timeout.
     pub async fn wait_open(&self, n: u64, timeout: Duration) -> bool {
-        wait_until(timeout, || self.open() == n).await
+        eventually(timeout, || async { self.open() == n }).await
     }
 
     /// Stops the backend and waits until its listener and connections are
@@ -125,7 +125,7 @@ impl TaggedBackend {
         self.task.stop().await;
         // Aborting the accept task drops its connection set, which aborts the
         // connections; those are dropped a moment later.
-        wait_until(STOP_WAIT, || self.open() == 0).await;
+        eventually(STOP_WAIT, || async { self.open() == 0 }).await;
     }
 }
 
@@ -221,20 +221,14 @@ impl SinkSourceBackend {
     /// once it has reached EOF; `None` if that does not happen within
     /// `timeout` (no connection, still sending, or the connection failed).
     pub async fn received_digest(&self, timeout: Duration) -> Option<[u8; 32]> {
-        let mut digest = None;
-        wait_until(timeout, || {
-            digest = lock(&self.shared.last).digest;
-            digest.is_some()
-        })
-        .await;
-        digest
+        eventually(timeout, || async { lock(&self.shared.last).digest }).await
     }
 
     /// Stops the backend and waits until its listener and connections are
     /// closed.
     pub async fn stop(mut self) {
         self.task.stop().await;
-        wait_until(STOP_WAIT, || self.open() == 0).await;
+        eventually(STOP_WAIT, || async { self.open() == 0 }).await;
     }
 }
 

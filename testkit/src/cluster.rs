@@ -27,8 +27,8 @@ use tokio_postgres::NoTls;
 
 use crate::dns::DnsServer;
 use crate::harness::ConfigBuilder;
-use crate::lock;
 use crate::pg::{Options, PgCluster, PgError};
+use crate::{eventually, lock};
 
 /// Bound on one status query to a node (connect included), so a hung node shows as an error.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -42,8 +42,6 @@ const FOLLOW_GRACE: Duration = Duration::from_secs(3);
 const STREAMING_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long binding an agent port retries while a just-stopped agent releases it.
 const BIND_RETRY_FOR: Duration = Duration::from_secs(5);
-/// Poll period while waiting for replication to move.
-const POLL: Duration = Duration::from_millis(20);
 
 /// What to start: the Fly topology with ports and addresses a test may change.
 #[derive(Clone, Debug)]
@@ -529,6 +527,8 @@ impl LocalCluster {
             ClusterError::State(format!("cannot fence {}: {source}", self.pg_addr(old)))
         })?;
         let killed_at = Instant::now();
+        // Not a wait for an event: a proxy's sessions on the fenced leader cannot be seen from
+        // here, so like an operator's switchover this gives them a fixed time to drain.
         tokio::time::sleep(self.spec.fence_wait).await;
         let demoted = self.blocking(move |pg| pg.set_read_only(old, true)).await;
         // Read-only now (or failed): either way the agent must speak for Postgres again.
@@ -592,27 +592,33 @@ impl LocalCluster {
             }
         };
         let leader_host = self.spec.ips[leader].to_string();
-        let grace = tokio::time::Instant::now() + FOLLOW_GRACE;
-        let rebuild = loop {
-            let states = self.pg_states().await;
-            let mut rebuild = Vec::new();
-            let mut settling = false;
-            for node in states.iter().filter(|node| node.index != leader) {
-                if node.upstream.as_deref() == Some(&leader_host) {
-                    continue;
-                }
-                let following = node.configured_upstream.as_deref() == Some(&leader_host);
-                if node.is_replica() && following && tokio::time::Instant::now() < grace {
-                    // Just repointed, perhaps still switching timelines.
-                    settling = true;
-                } else {
-                    rebuild.push(node.index);
-                }
-            }
-            if !settling {
-                break rebuild;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // Every node not streaming from the leader, and whether it is settling: a replica
+        // just repointed at it, perhaps still switching timelines.
+        let not_streaming = |states: Vec<NodeStatus>| -> Vec<(usize, bool)> {
+            states
+                .iter()
+                .filter(|node| {
+                    node.index != leader && node.upstream.as_deref() != Some(&leader_host)
+                })
+                .map(|node| {
+                    let following = node.configured_upstream.as_deref() == Some(&leader_host);
+                    (node.index, node.is_replica() && following)
+                })
+                .collect()
+        };
+        let indexes = |nodes: Vec<(usize, bool)>| nodes.into_iter().map(|(i, _)| i).collect();
+        let settled = eventually(FOLLOW_GRACE, || async {
+            let nodes = not_streaming(self.pg_states().await);
+            nodes
+                .iter()
+                .all(|&(_, settling)| !settling)
+                .then(|| indexes(nodes))
+        })
+        .await;
+        // Past the grace, a node still settling is rebuilt too.
+        let rebuild: Vec<usize> = match settled {
+            Some(rebuild) => rebuild,
+            None => indexes(not_streaming(self.pg_states().await)),
         };
         for &i in &rebuild {
             self.blocking(move |pg| pg.rejoin_as_replica(i, leader))
@@ -630,8 +636,7 @@ impl LocalCluster {
 
     async fn wait_streaming(&self, leader: usize, timeout: Duration) -> Result<(), ClusterError> {
         let leader_host = self.spec.ips[leader].to_string();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
+        eventually(timeout, || async {
             let lagging: Vec<String> = self
                 .pg_states()
                 .await
@@ -642,17 +647,16 @@ impl LocalCluster {
                 .map(|node| node.ip.to_string())
                 .collect();
             if lagging.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(ClusterError::State(format!(
+                Ok(())
+            } else {
+                Err(ClusterError::State(format!(
                     "after {timeout:?}, {} still not streaming from {}",
                     lagging.join(", "),
                     self.pg_addr(leader)
-                )));
+                )))
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
     }
 
     /// The switchover's middle: wait for the replicas to catch up with the (now read-only)
@@ -667,21 +671,18 @@ impl LocalCluster {
             return Err(ClusterError::State("no running replica to promote".into()));
         }
         if let Some(target) = probe(&self.pg, old).await.current_lsn {
-            let deadline = tokio::time::Instant::now() + CATCH_UP_TIMEOUT;
-            while tokio::time::Instant::now() < deadline {
+            // Not caught up in time: the most advanced replica is promoted all the same.
+            eventually(CATCH_UP_TIMEOUT, || async {
                 let states = self.pg_states().await;
-                let caught_up = replicas.iter().all(|&j| {
+                replicas.iter().all(|&j| {
                     states
                         .iter()
                         .find(|node| node.index == j)
                         .and_then(NodeStatus::position)
                         .is_some_and(|lsn| lsn >= target)
-                });
-                if caught_up {
-                    break;
-                }
-                tokio::time::sleep(POLL).await;
-            }
+                })
+            })
+            .await;
         }
         let detach = replicas.to_vec();
         self.blocking(move |pg| detach.iter().try_for_each(|&j| pg.detach(j)))
@@ -893,18 +894,20 @@ async fn in_node_order(mut probes: JoinSet<NodeStatus>) -> Vec<NodeStatus> {
 
 /// Binds an agent port, retrying briefly while an agent that just stopped releases it.
 async fn bind_agent(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
-    let deadline = tokio::time::Instant::now() + BIND_RETRY_FOR;
-    loop {
+    // `None` while the port is still in use (an event to wait for), `Some` for the answer.
+    let bound = eventually(BIND_RETRY_FOR, || async {
         match TcpListener::bind(addr).await {
-            Ok(listener) => return Ok(listener),
-            Err(e)
-                if e.kind() == io::ErrorKind::AddrInUse
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(POLL).await;
-            }
-            Err(source) => return Err(ClusterError::AgentBind { addr, source }),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => None,
+            other => Some(other),
         }
+    })
+    .await;
+    match bound {
+        Some(result) => result.map_err(|source| ClusterError::AgentBind { addr, source }),
+        // One last try, for its error.
+        None => TcpListener::bind(addr)
+            .await
+            .map_err(|source| ClusterError::AgentBind { addr, source }),
     }
 }
 

@@ -120,11 +120,12 @@ impl Haproxy {
             config_path,
             listen: config.listen,
         };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(config.stats).await.is_ok() {
-                return Ok(haproxy);
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        if crate::eventually(Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(config.stats).await.is_ok()
+        })
+        .await
+        {
+            return Ok(haproxy);
         }
         Err(std::io::Error::other("haproxy did not start listening"))
     }

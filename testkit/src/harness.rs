@@ -9,6 +9,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use crate::{eventually, holds_for};
+
 /// Config values as `section.key` → TOML literal; [`ConfigBuilder::toml`] writes the file.
 #[derive(Clone)]
 pub struct ConfigBuilder {
@@ -229,17 +231,12 @@ impl RunningProxy {
         }
     }
 
+    /// Waits until the route's leader is `leader` (`None`: no route).
     pub async fn wait_route(&self, leader: Option<&str>, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if self.route_leader().await.as_deref() == leader {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(timeout, || async {
+            self.route_leader().await.as_deref() == leader
+        })
+        .await
     }
 }
 
@@ -470,15 +467,12 @@ impl Drop for ProxyProcess {
 
 /// Waits until a proxy process listens on `addr` and serves a client.
 pub async fn wait_served(addr: SocketAddr) -> Client {
-    for _ in 0..300 {
-        if TcpStream::connect(addr).await.is_ok() {
-            if let Some(client) = Client::connect(addr, Duration::from_secs(2)).await {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the proxy at {addr} never served a client");
+    eventually(Duration::from_secs(60), || async {
+        TcpStream::connect(addr).await.ok()?;
+        Client::connect(addr, Duration::from_secs(2)).await
+    })
+    .await
+    .unwrap_or_else(|| panic!("the proxy at {addr} never served a client"))
 }
 
 /// A two-worker runtime, like `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`,
@@ -489,22 +483,4 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-}
-
-/// Polls an async condition until it holds; false on timeout.
-pub async fn eventually<F, Fut>(timeout: Duration, mut condition: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

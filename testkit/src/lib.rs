@@ -48,19 +48,98 @@ pub fn loopback(a: u8, b: u8, c: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, a, b, c))
 }
 
-/// Polls `f` every 20 ms until it returns true (then true) or `timeout`
-/// passes (then false, after one last look).
-pub async fn wait_until<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool {
+/// How often [`eventually`] and [`holds_for`] look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// What a condition given to [`eventually`] returns: whether the event it waits for has
+/// happened. `bool` says so; `Option` and `Result` also carry what the event produced (or, on
+/// a timeout, the last error seen, for the failure message).
+pub trait Outcome {
+    fn happened(&self) -> bool;
+}
+
+impl Outcome for bool {
+    fn happened(&self) -> bool {
+        *self
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    fn happened(&self) -> bool {
+        self.is_some()
+    }
+}
+
+impl<T, E> Outcome for Result<T, E> {
+    fn happened(&self) -> bool {
+        self.is_ok()
+    }
+}
+
+/// The one way tests wait: looks at `condition` until it reports the event
+/// ([`Outcome::happened`]) or `timeout` passes, and returns its last answer (`true`, `Some` or
+/// `Ok` when the event came; on a timeout, the answer of one last look taken after it).
+/// Between looks it pauses 20 ms, or as long as the last look took if that was longer, so a
+/// wait on a slow server (a query, a Patroni request) never keeps it busier than half the time.
+/// Timeouts are generous: they bound a hang, they never measure a speed.
+pub async fn eventually<O, F, Fut>(timeout: Duration, mut condition: F) -> O
+where
+    O: Outcome,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = O>,
+{
     let deadline = Instant::now() + timeout;
     loop {
-        if f() {
-            return true;
+        let look = Instant::now();
+        let outcome = condition().await;
+        if outcome.happened() || Instant::now() >= deadline {
+            return outcome;
         }
-        if Instant::now() >= deadline {
+        tokio::time::sleep(POLL.max(look.elapsed())).await;
+    }
+}
+
+/// [`eventually`] for code that cannot await: `#[test]` bodies that own a child process, and
+/// `Drop`. Blocks the calling thread between looks.
+pub fn eventually_blocking<O: Outcome>(timeout: Duration, mut condition: impl FnMut() -> O) -> O {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let outcome = condition();
+        if outcome.happened() || std::time::Instant::now() >= deadline {
+            return outcome;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// A bounded observation window, for asserting that something does NOT happen ("the session
+/// stays open", "no write lands"): no event can say that, so this looks at `condition` every
+/// 20 ms for `window` and returns false as soon as it breaks, true if it held throughout
+/// (including one last look at the end).
+pub async fn holds_for<F, Fut>(window: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let end = Instant::now() + window;
+    loop {
+        if !condition().await {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if Instant::now() >= end {
+            return true;
+        }
+        tokio::time::sleep(POLL).await;
     }
+}
+
+/// Waits up to `timeout` for `child` to exit, and returns how it exited.
+pub fn exit_status(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    // `try_wait` keeps the status once reaped, so asking again after the wait is free.
+    eventually_blocking(timeout, || child.try_wait().ok().flatten())
 }
 
 /// Runs `bind` until it succeeds, retrying `AddrInUse` for a few seconds.
@@ -69,15 +148,21 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = io::Result<T>>,
 {
-    let deadline = Instant::now() + BIND_RETRY_FOR;
-    loop {
-        match bind().await {
-            Ok(bound) => return bound,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    // `None` while the address is still in use (an event to wait for), `Some` for the answer.
+    let bound = eventually(BIND_RETRY_FOR, || {
+        let attempt = bind();
+        async move {
+            match attempt.await {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => None,
+                other => Some(other),
             }
-            Err(e) => panic!("cannot bind {what}: {e}"),
         }
+    })
+    .await;
+    match bound {
+        Some(Ok(bound)) => bound,
+        Some(Err(e)) => panic!("cannot bind {what}: {e}"),
+        None => panic!("cannot bind {what}: still in use after {BIND_RETRY_FOR:?}"),
     }
 }
 
@@ -100,7 +185,8 @@ where
                 connections.spawn(handle(stream));
             }
             // Per-connection failures (a peer resetting before accept, a
-            // momentary fd shortage) must not end the listener.
+            // momentary fd shortage) must not end the listener. Not a wait: a
+            // pause so a lasting shortage does not spin the loop.
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }

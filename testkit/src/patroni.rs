@@ -48,8 +48,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::lock;
 use crate::pg::pg_bin;
+use crate::{eventually, eventually_blocking, exit_status, lock};
 
 /// The Postgres superuser every connection may use, with [`SUPERUSER_PASSWORD`].
 pub const SUPERUSER: &str = "postgres";
@@ -81,8 +81,8 @@ const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(40);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a `SIGQUIT`ed Postgres may take to go away before it is killed.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Poll period of every wait.
-const POLL: Duration = Duration::from_millis(100);
+/// How long processes still left after `SIGKILL` may take to go away.
+const KILL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Lines of each node's log quoted when something fails.
 const LOG_TAIL_LINES: usize = 30;
 
@@ -342,19 +342,19 @@ impl PatroniCluster {
     /// Waits until exactly one node answers 200 on `GET /primary` and returns it. Panics with
     /// the logs after `timeout`, or as soon as a Patroni exits by itself.
     pub async fn wait_leader(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let leader = eventually(timeout, || async {
             self.panic_on_exits();
-            if let Some(leader) = self.leader().await {
-                return leader;
-            }
-            if Instant::now() >= deadline {
+            self.leader().await
+        })
+        .await;
+        match leader {
+            Some(leader) => leader,
+            None => {
                 let codes = self.status_codes("/primary").await;
                 self.fail(&format!(
                     "after {timeout:?}, no single node answers 200 on GET /primary: {codes:?}"
-                ));
+                ))
             }
-            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -366,30 +366,29 @@ impl PatroniCluster {
     /// [`PatroniCluster::kill_node`] are left out. Panics with the logs after `timeout`, or as
     /// soon as a Patroni exits by itself.
     pub async fn wait_replicas_streaming(&self, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let streaming = eventually(timeout, || async {
             self.panic_on_exits();
-            let missing = match self.leader().await {
+            match self.leader().await {
                 Some(leader) => match self.not_streaming(leader).await {
-                    Ok(missing) if missing.is_empty() => return leader,
-                    Ok(missing) => format!(
+                    Ok(missing) if missing.is_empty() => Ok(leader),
+                    Ok(missing) => Err(format!(
                         "{} not streaming from {} ({})",
                         missing.join(", "),
                         self.name(leader),
                         self.nodes[leader].ip
-                    ),
-                    Err(e) => e,
+                    )),
+                    Err(e) => Err(e),
                 },
                 None => {
                     let codes = self.status_codes("/primary").await;
-                    format!("no single node answers 200 on GET /primary: {codes:?}")
+                    Err(format!(
+                        "no single node answers 200 on GET /primary: {codes:?}"
+                    ))
                 }
-            };
-            if Instant::now() >= deadline {
-                self.fail(&format!("after {timeout:?}, {missing}"));
             }
-            tokio::time::sleep(POLL).await;
-        }
+        })
+        .await;
+        streaming.unwrap_or_else(|missing| self.fail(&format!("after {timeout:?}, {missing}")))
     }
 
     /// Switches over from the current leader to node `to` with `POST /switchover` (leader and
@@ -437,7 +436,7 @@ impl PatroniCluster {
         let outcome = tokio::task::spawn_blocking(move || {
             let exited = child.map(|mut child| {
                 signal(child.id(), libc::SIGTERM);
-                let exited = wait_child(&mut child, STOP_TIMEOUT);
+                let exited = exit_status(&mut child, STOP_TIMEOUT);
                 if exited.is_none() {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -783,18 +782,6 @@ fn signal(pid: u32, sig: libc::c_int) {
     }
 }
 
-/// Waits up to `timeout` for `child` to exit.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL),
-            _ => return None,
-        }
-    }
-}
-
 /// Ends every process left in these node directories (`(dir, data_dir)`) once their Patroni
 /// is gone: Postgres gets `SIGQUIT` (an immediate shutdown that frees its shared memory),
 /// Patroni's helpers (`pg_basebackup`, `initdb`, ...) `SIGKILL`, and whatever is left after a
@@ -814,20 +801,16 @@ fn reap(dirs: &[(&Path, &Path)]) {
         }
     }
     let remaining = || -> Vec<u32> { dirs.iter().flat_map(|(dir, _)| processes_in(dir)).collect() };
-    let deadline = Instant::now() + QUIT_TIMEOUT;
-    while !remaining().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    if eventually_blocking(QUIT_TIMEOUT, || remaining().is_empty()) {
+        return;
     }
-    for _ in 0..50 {
+    eventually_blocking(KILL_TIMEOUT, || {
         let left = remaining();
-        if left.is_empty() {
-            return;
-        }
-        for pid in left {
+        for &pid in &left {
             signal(pid, libc::SIGKILL);
         }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        left.is_empty()
+    });
 }
 
 /// The postmaster's pid from `postmaster.pid`, if there is one.

@@ -16,7 +16,7 @@ use rand::RngCore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{accept_loop, bind_with_retry, lock, wait_until, TaskGuard};
+use crate::{accept_loop, bind_with_retry, eventually, lock, TaskGuard};
 
 /// Largest request head accepted; longer ones get the connection closed.
 const MAX_HEAD: usize = 8 * 1024;
@@ -140,7 +140,7 @@ impl RoleEndpoint {
     /// Each counted request has already had its reply chosen, so a test can
     /// wait for a check and only then change the reply for the next one.
     pub async fn wait_requests(&self, n: u64, timeout: Duration) -> bool {
-        wait_until(timeout, || self.requests() >= n).await
+        eventually(timeout, || async { self.requests() >= n }).await
     }
 
     /// Stops the endpoint and waits until its listener is closed.
@@ -260,6 +260,7 @@ async fn write_slowly(stream: &mut TcpStream, delay: Duration) -> std::io::Resul
     response.extend_from_slice(b"leader");
     for (i, byte) in response.iter().enumerate() {
         if i > 0 {
+            // Not a wait: this endpoint must be slow.
             tokio::time::sleep(delay).await;
         }
         stream.write_all(std::slice::from_ref(byte)).await?;

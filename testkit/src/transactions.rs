@@ -181,6 +181,7 @@ impl Client {
                     Ok(s) => s,
                     Err(e) => {
                         self.record(Failure::Connect(e.to_string()));
+                        // Not a wait: paces this load client's reconnects while it is refused.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }

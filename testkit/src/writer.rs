@@ -1,12 +1,15 @@
 //! A client that writes one row per new connection, as an app with no pool would, and records
 //! what it saw. The failover tests and benchmarks judge a proxy by these records.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::NoTls;
+
+use crate::lock;
 
 /// The table every writer inserts into; create it on the leader with [`CREATE_TABLE`].
 pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS writes (
@@ -54,7 +57,8 @@ impl Attempt {
 /// A running writer; [`Writer::stop`] returns every attempt in order.
 pub struct Writer {
     stop: watch::Sender<bool>,
-    task: JoinHandle<Vec<Attempt>>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    task: JoinHandle<()>,
 }
 
 impl Writer {
@@ -63,34 +67,53 @@ impl Writer {
     pub fn start(conninfo: String, via: &str, period: Duration) -> Writer {
         let (stop, mut stopped) = watch::channel(false);
         let via = via.to_string();
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let record = Arc::clone(&attempts);
         let task = tokio::spawn(async move {
-            let mut attempts = Vec::new();
             let mut seq = 0i64;
             loop {
                 if *stopped.borrow() {
-                    return attempts;
+                    return;
                 }
                 seq += 1;
                 let started = Instant::now();
                 let result = write_one(&conninfo, &via, seq).await;
-                attempts.push(Attempt {
+                lock(&record).push(Attempt {
                     seq,
                     started,
                     finished: Instant::now(),
                     result,
                 });
+                // Not a wait: paces the writes, one every `period`.
                 tokio::select! {
                     _ = tokio::time::sleep_until(started + period) => {}
                     _ = stopped.changed() => {}
                 }
             }
         });
-        Writer { stop, task }
+        Writer {
+            stop,
+            attempts,
+            task,
+        }
+    }
+
+    /// Whether a write has been acknowledged by `server` so far: an event a test waits for.
+    pub fn landed_on(&self, server: &str) -> bool {
+        lock(&self.attempts)
+            .iter()
+            .any(|a| a.result.as_deref() == Ok(server))
+    }
+
+    /// How many writes have been acknowledged so far, by any server.
+    pub fn acknowledged(&self) -> usize {
+        lock(&self.attempts).iter().filter(|a| a.ok()).count()
     }
 
     pub async fn stop(self) -> Vec<Attempt> {
         let _ = self.stop.send(true);
-        self.task.await.expect("writer task does not panic")
+        self.task.await.expect("writer task does not panic");
+        std::mem::take(&mut *lock(&self.attempts))
     }
 }
 
