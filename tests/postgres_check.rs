@@ -75,10 +75,7 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
     // Rule 7: the promoted node's claim is newer than the primary's last answer, so the route
     // is "verifying" until the primary answers again, which makes it a split brain.
     assert!(
-        support::harness::eventually(LONG, || async {
-            strict.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
-        })
-        .await,
+        strict.wait_no_route("split_brain", LONG).await,
         "{}",
         strict.status().await
     );

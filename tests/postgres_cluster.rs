@@ -216,10 +216,7 @@ async fn split_brain_lands_no_write_until_resolved() {
     // Promote a replica while the leader still runs: two nodes say leader.
     cluster.promote(1).await.expect("promote node 1");
     assert!(
-        eventually(WAIT, || async {
-            proxy.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
-        })
-        .await,
+        proxy.wait_no_route("split_brain", WAIT).await,
         "split brain never detected: {}",
         proxy.status().await
     );

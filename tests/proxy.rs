@@ -121,10 +121,7 @@ async fn split_brain_means_no_route_until_resolved() {
     // Rule 7: the second claim is newer than the first leader's last answer, so the route is
     // first "verifying"; the old leader's next `leader` answer makes it a split brain.
     assert!(
-        eventually(LONG, || async {
-            proxy.status().await["route"]["target"]["detail"]["reason"] == "split_brain"
-        })
-        .await,
+        proxy.wait_no_route("split_brain", LONG).await,
         "{}",
         proxy.status().await
     );
@@ -203,10 +200,7 @@ async fn dns_down_at_start_then_up() {
         async move { Client::connect(addr, LONG).await.map(|c| c.tag) }
     });
     assert!(
-        eventually(LONG, || async {
-            proxy.status().await["route"]["target"]["detail"]["reason"] == "dns_failing"
-        })
-        .await,
+        proxy.wait_no_route("dns_failing", LONG).await,
         "DNS named as the cause: {}",
         proxy.status().await
     );

@@ -259,10 +259,7 @@ async fn a_stepped_down_leader_keeps_transactions_to_their_end_but_not_tls_sessi
     );
 
     cluster.fence(0).expect("fence node 0");
-    let stepped_down = eventually(WAIT, || async {
-        proxy.status().await["route"]["target"]["detail"]["reason"] == "stepped_down"
-    })
-    .await;
+    let stepped_down = proxy.wait_no_route("stepped_down", WAIT).await;
     assert!(stepped_down, "{}", proxy.status().await);
 
     let node = connect(&cluster.conninfo(0)).await.expect("node 0");

@@ -231,6 +231,15 @@ impl RunningProxy {
         }
     }
 
+    /// Waits until there is no route for `reason`, as `/status` names it (`split_brain`,
+    /// `dns_failing`, `stepped_down`, ...).
+    pub async fn wait_no_route(&self, reason: &str, timeout: Duration) -> bool {
+        eventually(timeout, || async {
+            self.status().await["route"]["target"]["detail"]["reason"] == reason
+        })
+        .await
+    }
+
     /// Waits until the route's leader is `leader` (`None`: no route).
     pub async fn wait_route(&self, leader: Option<&str>, timeout: Duration) -> bool {
         eventually(timeout, || async {

@@ -48,7 +48,7 @@ pub fn loopback(a: u8, b: u8, c: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, a, b, c))
 }
 
-/// How often [`eventually`] and [`holds_for`] look again.
+/// The shortest pause between two looks of [`eventually`].
 const POLL: Duration = Duration::from_millis(20);
 
 /// What a condition given to [`eventually`] returns: whether the event it waits for has
@@ -104,33 +104,30 @@ where
 pub fn eventually_blocking<O: Outcome>(timeout: Duration, mut condition: impl FnMut() -> O) -> O {
     let deadline = std::time::Instant::now() + timeout;
     loop {
+        let look = std::time::Instant::now();
         let outcome = condition();
         if outcome.happened() || std::time::Instant::now() >= deadline {
             return outcome;
         }
-        std::thread::sleep(POLL);
+        std::thread::sleep(POLL.max(look.elapsed()));
     }
 }
 
 /// A bounded observation window, for asserting that something does NOT happen ("the session
-/// stays open", "no write lands"): no event can say that, so this looks at `condition` every
-/// 20 ms for `window` and returns false as soon as it breaks, true if it held throughout
-/// (including one last look at the end).
+/// stays open", "no write lands"): no event can say that, so this looks at `condition` for
+/// `window` as [`eventually`] would, and returns false as soon as it breaks, true if it held
+/// at every look (the last one taken after the window).
 pub async fn holds_for<F, Fut>(window: Duration, mut condition: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let end = Instant::now() + window;
-    loop {
-        if !condition().await {
-            return false;
-        }
-        if Instant::now() >= end {
-            return true;
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let broke = eventually(window, || {
+        let holds = condition();
+        async move { !holds.await }
+    })
+    .await;
+    !broke
 }
 
 /// Waits up to `timeout` for `child` to exit, and returns how it exited.
