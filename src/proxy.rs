@@ -10,14 +10,14 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -104,12 +104,56 @@ pub struct SessionBase {
     /// The proxy's own addresses, which no session connects to.
     pub own: Arc<OwnAddrs>,
     /// Counts sessions against `max_connections`, whichever configuration they started under.
-    pub limit: Arc<Semaphore>,
+    pub limit: Arc<SessionLimit>,
     /// The descriptor held back for refusals; shared by every listener and backend connect.
     pub reserve: Arc<Reserve>,
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
+}
+
+/// `proxy.max_connections`: one atomic count of open sessions, so admitting a session and
+/// ending it take no lock (a semaphore's permit takes its waiters' lock as it is dropped).
+/// Nothing waits for a place: a client over the limit is refused at once.
+#[derive(Debug)]
+pub struct SessionLimit {
+    open: AtomicUsize,
+    max: AtomicUsize,
+}
+
+impl SessionLimit {
+    pub fn new(max: usize) -> Arc<SessionLimit> {
+        Arc::new(SessionLimit {
+            open: AtomicUsize::new(0),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// A place for one more session, held until the [`Admitted`] is dropped; `None` at the limit.
+    pub fn try_admit(self: &Arc<Self>) -> Option<Admitted> {
+        let max = self.max.load(Ordering::Relaxed);
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .ok()?;
+        Some(Admitted(Arc::clone(self)))
+    }
+
+    /// A reload's new limit. Open sessions are not closed for it: a lower limit is reached as
+    /// they end.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+}
+
+/// One session's place under `max_connections`.
+pub struct Admitted(Arc<SessionLimit>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What one listener does with its clients. A reload sends a new plan; sessions keep the plan
@@ -153,15 +197,15 @@ pub async fn accept_loop(
         let plan = Arc::clone(&plan.borrow());
         let settings = &plan.settings;
         let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
-        match Arc::clone(&settings.base.limit).try_acquire_owned() {
-            Ok(permit) => {
+        match settings.base.limit.try_admit() {
+            Some(permit) => {
                 let plan = Arc::clone(&plan);
                 settings
                     .base
                     .tracker
                     .spawn(serve_client(stream, plan, permit).instrument(span));
             }
-            Err(_) => {
+            None => {
                 m::session_result(&plan.name, "limit");
                 let Ok(slot) = Arc::clone(&settings.refusals).try_acquire_owned() else {
                     continue; // dropping the stream closes it
@@ -307,11 +351,7 @@ enum Drain {
 /// Waits for the client's first packet, connects it to what its listener serves, then hands
 /// the session to a task of its own; `permit` counts it against `max_connections` until it
 /// ends.
-async fn serve_client(
-    mut client: TcpStream,
-    plan: Arc<ListenerPlan>,
-    permit: OwnedSemaphorePermit,
-) {
+async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Admitted) {
     let settings = &plan.settings;
     // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
     // so a client that says nothing must never cost the leader one.
@@ -535,7 +575,7 @@ async fn run_session(
     backend: TcpStream,
     first: Vec<u8>,
     mut drainer: Drainer,
-    _counted: (SessionGuard, OwnedSemaphorePermit),
+    _counted: (SessionGuard, Admitted),
     plan: Arc<ListenerPlan>,
 ) {
     tune(&backend);
@@ -957,6 +997,36 @@ fn counted(result: &'static str, activity: &copy::Activity) -> (&'static str, u6
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_session_limit_admits_up_to_max_and_a_lowered_one_is_reached_as_sessions_end() {
+        let limit = SessionLimit::new(2);
+        let mut open: Vec<Admitted> = (0..2)
+            .map(|_| limit.try_admit().expect("a place"))
+            .collect();
+        assert!(limit.try_admit().is_none(), "full at max_connections");
+        drop(open.pop());
+        open.push(
+            limit
+                .try_admit()
+                .expect("a session ended, so a place is free"),
+        );
+
+        limit.set_max(1);
+        assert!(
+            limit.try_admit().is_none(),
+            "lowered: open sessions stay, none is added"
+        );
+        drop(open.pop());
+        assert!(limit.try_admit().is_none(), "still at the lowered limit");
+        drop(open.pop());
+        open.push(limit.try_admit().expect("below the lowered limit"));
+
+        limit.set_max(3);
+        open.push(limit.try_admit().expect("raised: admitted at once"));
+        open.push(limit.try_admit().expect("raised: admitted at once"));
+        assert!(limit.try_admit().is_none());
+    }
+
     /// Most sessions are idle most of the time, and an idle session's memory is mostly its
     /// task: what only a drain needs must not be carried in it. (About 1.7 KB today; 4.7 KB
     /// when the switchover goodbye sat inline.)
@@ -976,7 +1046,7 @@ mod tests {
         let base = SessionBase {
             view: view.clone(),
             own: Arc::new(OwnAddrs::new()),
-            limit: Arc::new(Semaphore::new(1)),
+            limit: SessionLimit::new(1),
             reserve: crate::reserve::Reserve::open(),
             hard_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -997,9 +1067,7 @@ mod tests {
             serves: Serves::Leader,
             settings,
         });
-        let permit = Arc::new(Semaphore::new(1))
-            .try_acquire_owned()
-            .expect("a permit");
+        let permit = SessionLimit::new(1).try_admit().expect("a place");
         let counted = (view.backends.borrow().count(addr), permit);
         let session = run_session(client, backend, Vec::new(), drainer, counted, plan);
         let size = std::mem::size_of_val(&session);

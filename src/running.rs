@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,7 +29,7 @@ use crate::leader::{Event, ViewHandle, ViewSettings};
 use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
-use crate::proxy::{self, ListenerPlan, SessionBase, SessionSettings};
+use crate::proxy::{self, ListenerPlan, SessionBase, SessionLimit, SessionSettings};
 use crate::reserve::Reserve;
 use crate::route::Role;
 use crate::status::{ListenerStatus, ServingStatus};
@@ -176,7 +176,7 @@ impl Running {
         let base = SessionBase {
             view: fixed.view,
             own: fixed.own,
-            limit: Arc::new(Semaphore::new(config.proxy.max_connections)),
+            limit: SessionLimit::new(config.proxy.max_connections),
             reserve: Reserve::open(),
             hard_stop: fixed.hard_stop,
             tracker: fixed.tracker,
@@ -433,11 +433,7 @@ impl Running {
             changes.push("backends".to_string());
         }
         if new.proxy != old.proxy || new.cluster_name() != old.cluster_name() {
-            resize(
-                &self.base.limit,
-                old.proxy.max_connections,
-                new.proxy.max_connections,
-            );
+            self.base.limit.set_max(new.proxy.max_connections);
             let keep_pool = (new.proxy.preconnect, new.proxy.connect_timeout)
                 == (old.proxy.preconnect, old.proxy.connect_timeout);
             let pool = if keep_pool {
@@ -534,25 +530,4 @@ fn new_settings(
     });
     let settings = SessionSettings::new(base.clone(), proxy.clone(), config.cluster_name(), pool);
     (settings, stop)
-}
-
-/// Changes how many sessions the shared limit admits. Permits held by running sessions cannot
-/// be taken back, so a lower limit is reached as they end.
-fn resize(limit: &Arc<Semaphore>, old: usize, new: usize) {
-    if new > old {
-        limit.add_permits(new - old);
-    } else if new < old {
-        let excess = old - new;
-        let forgotten = limit.forget_permits(excess);
-        // At most `config::MAX_CONNECTIONS`, so it fits.
-        let owed = u32::try_from(excess - forgotten).unwrap_or(u32::MAX);
-        if owed > 0 {
-            let limit = Arc::clone(limit);
-            tokio::spawn(async move {
-                if let Ok(permits) = limit.acquire_many_owned(owed).await {
-                    permits.forget();
-                }
-            });
-        }
-    }
 }
