@@ -146,7 +146,7 @@ enum CheckError {
     Busy(String),
 }
 
-/// Maps an HTTP answer to a role (DESIGN.md rule 1). Pure.
+/// Maps an HTTP answer to a role (routing rule 1: positive evidence only). Pure.
 pub fn role_from_answer(status: u16, body: &[u8], leader: &[String]) -> Role {
     let text = String::from_utf8_lossy(body);
     let word = text.trim().to_ascii_lowercase();

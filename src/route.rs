@@ -425,8 +425,8 @@ impl Route {
     }
 }
 
-/// The routing rules (DESIGN.md, rules 1–5 and 7), with the default split-brain policy:
-/// several leaders mean no route.
+/// The routing rules (rules 1–5 and 7 in the module doc and the README), with the default
+/// split-brain policy: several leaders mean no route.
 pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
     decide_with(previous, backends, SplitBrain::None)
 }
