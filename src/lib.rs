@@ -178,7 +178,7 @@ impl Proxy {
         let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
         let (serving, serving_rx) = watch::channel(status::ServingStatus::default());
         let admin = self.admin.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(listener) = self.admin {
+        let admin_server = self.admin.map(|listener| {
             let state = Arc::new(admin::AdminState {
                 view: handle.clone(),
                 serving: serving_rx,
@@ -187,15 +187,8 @@ impl Proxy {
                 allow_changes: allow_changes_rx,
                 reloader: Some(self.reloader.clone()),
             });
-            if let Ok(addr) = listener.local_addr() {
-                tracing::info!(address = %addr, "admin listening: /metrics /status /healthz /ready and the stats page on /");
-            }
-            supervisor.spawn(
-                "admin",
-                background.clone(),
-                admin::serve(listener, state, background.clone()),
-            );
-        }
+            (listener, state)
+        });
 
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -218,6 +211,18 @@ impl Proxy {
                 admin,
             },
         );
+        // Only now that every listener's series is registered at 0: a scrape never finds a
+        // listener missing. Requests that came meanwhile wait in the bound socket's backlog.
+        if let Some((listener, state)) = admin_server {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(address = %addr, "admin listening: /metrics /status /healthz /ready and the stats page on /");
+            }
+            supervisor.spawn(
+                "admin",
+                background.clone(),
+                admin::serve(listener, state, background.clone()),
+            );
+        }
         // Only now that the listeners are published as the proxy's own: a first answer that
         // names one of them is dropped, never routed to.
         supervisor.spawn(
