@@ -305,13 +305,14 @@ fn logs_are_plain_text_or_json_and_name_every_listener_and_the_admin_port() {
     let path = write_config("logs", config);
 
     // stderr is a pipe here, as with a log file or a journal: no colour codes.
+    // The listeners start first, then the admin port (once their series are registered).
     let mut text = Running::start(&path);
-    let admin = text.wait_for("admin listening");
-    assert!(admin.contains("address=127.58.0.1:"), "{admin}");
     let listening = text.wait_for("listener=leader");
     assert!(!listening.contains('\u{1b}'), "{listening:?}");
     assert!(listening.contains("address=127.58.0.1:"), "{listening}");
     assert!(listening.contains("serves=leader"), "{listening}");
+    let admin = text.wait_for("admin listening");
+    assert!(admin.contains("address=127.58.0.1:"), "{admin}");
     let _ = text.child.kill();
     let _ = text.child.wait();
 
