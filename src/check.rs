@@ -34,6 +34,10 @@ pub struct CheckSettings {
     /// The role endpoint's port on each node; `None`: the backend's own address (Postgres).
     pub port: Option<u16>,
     pub timeout: Duration,
+    /// Bound on a check's TCP handshake (`check.probe_timeout`, within `check.timeout`): a node
+    /// that takes longer is treated as a failed check at once, so a black-holed leader's
+    /// Postgres is probed without waiting out the whole check timeout.
+    pub connect_timeout: Duration,
     pub interval: Duration,
     /// Used while there is no route, so a new leader is found quickly.
     pub fast_interval: Duration,
@@ -101,6 +105,7 @@ impl CheckSettings {
         CheckSettings {
             port: (c.kind != CheckKind::Postgres).then_some(c.port),
             timeout: c.timeout,
+            connect_timeout: c.probe_timeout.min(c.timeout),
             interval: c.interval,
             fast_interval: c.fast_interval,
             probe,
@@ -130,6 +135,8 @@ enum CheckError {
     Timeout(Duration),
     #[error("connect: {0}")]
     Connect(std::io::Error),
+    #[error("no TCP handshake within {0:?}")]
+    ConnectTimeout(Duration),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("bad request: {0}")]
@@ -193,10 +200,12 @@ pub fn role_from_statuses(leader: u16, replica: Option<u16>) -> Role {
 /// is too busy to answer (a full leader must not lose its sessions for it). Neither may move
 /// the route.
 pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Option<Observation> {
-    match tokio::time::timeout(settings.timeout, probe(endpoint, &settings.probe)).await {
+    let asked = probe(endpoint, settings.connect_timeout, &settings.probe);
+    match tokio::time::timeout(settings.timeout, asked).await {
         Ok(Ok(observation)) => Some(observation),
         Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => {
-            tracing::warn!(%endpoint, error = %e, "check skipped: out of local resources (descriptors or memory)");
+            tracing::warn!(%endpoint, error = %e, "check skipped: this host is short of descriptors, memory or ports");
+            crate::metrics::local_shortage("check");
             None
         }
         Ok(Err(CheckError::Busy(reason))) => {
@@ -208,20 +217,36 @@ pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Optio
     }
 }
 
-async fn probe(endpoint: SocketAddr, probe: &Probe) -> Result<Observation, CheckError> {
+/// Connects to `endpoint` within `within`.
+async fn connect(endpoint: SocketAddr, within: Duration) -> Result<TcpStream, CheckError> {
+    let stream = tokio::time::timeout(within, TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| CheckError::ConnectTimeout(within))?
+        .map_err(CheckError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn probe(
+    endpoint: SocketAddr,
+    connect_within: Duration,
+    probe: &Probe,
+) -> Result<Observation, CheckError> {
+    let fetch =
+        |path| async move { fetch(connect(endpoint, connect_within).await?, endpoint, path).await };
     match probe {
         Probe::HttpBody { path, leader } => {
-            let (status, body) = fetch(endpoint, path).await?;
+            let (status, body) = fetch(path).await?;
             Ok(role_from_answer(status, &body, leader).into())
         }
         Probe::HttpStatus {
             leader_path,
             replica_path,
         } => {
-            let (leader, _) = fetch(endpoint, leader_path).await?;
+            let (leader, _) = fetch(leader_path).await?;
             // Only a node that is not primary is asked whether it is a replica.
             let replica = match leader {
-                503 => Some(fetch(endpoint, replica_path).await?.0),
+                503 => Some(fetch(replica_path).await?.0),
                 _ => None,
             };
             Ok(role_from_statuses(leader, replica).into())
@@ -230,7 +255,15 @@ async fn probe(endpoint: SocketAddr, probe: &Probe) -> Result<Observation, Check
             user,
             password,
             database,
-        } => ask_postgres(endpoint, user, password, database).await,
+        } => {
+            ask_postgres(
+                connect(endpoint, connect_within).await?,
+                user,
+                password,
+                database,
+            )
+            .await
+        }
     }
 }
 
@@ -241,15 +274,11 @@ const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int8 END";
 
 async fn ask_postgres(
-    endpoint: SocketAddr,
+    stream: TcpStream,
     user: &str,
     password: &str,
     database: &str,
 ) -> Result<Observation, CheckError> {
-    let stream = TcpStream::connect(endpoint)
-        .await
-        .map_err(CheckError::Connect)?;
-    let _ = stream.set_nodelay(true);
     let mut config = tokio_postgres::Config::new();
     config
         .user(user)
@@ -285,24 +314,34 @@ async fn ask_postgres(
 
 /// Asks the Postgres at `addr` whether it takes connections, as `pg_isready` does: a
 /// StartupMessage for [`pgwire::PROBE_USER`], the first answer read, then Terminate. No
-/// credentials are sent and no session stays open. `None`: this host is out of descriptors or
-/// memory, which says nothing about the node.
+/// credentials are sent and no session stays open. A timeout says which half ran out: no TCP
+/// handshake ([`Liveness::Silent`]) or no answer once connected ([`Liveness::Stalled`], a
+/// stalled postmaster whose kernel still queues connections). `None`: this host is short of
+/// descriptors, memory or ports, which says nothing about the node.
 pub async fn probe_postgres(addr: SocketAddr, timeout: Duration) -> Option<Liveness> {
-    match tokio::time::timeout(timeout, ask_postmaster(addr)).await {
-        Ok(answer) => answer,
-        Err(_) => Some(Liveness::Gone(format!("no answer within {timeout:?}"))),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Err(_) => {
+            return Some(Liveness::Silent(format!(
+                "no TCP handshake within {timeout:?}"
+            )))
+        }
+        Ok(Err(e)) if is_local_shortage(&e) => return None,
+        Ok(Err(e)) => return Some(Liveness::Gone(format!("connect: {e}"))),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    match tokio::time::timeout_at(deadline, ask_postmaster(&mut stream)).await {
+        Ok(answer) => Some(answer),
+        Err(_) => Some(Liveness::Stalled(format!(
+            "connected, no answer within {timeout:?}"
+        ))),
     }
 }
 
-async fn ask_postmaster(addr: SocketAddr) -> Option<Liveness> {
-    let mut stream = match TcpStream::connect(addr).await {
-        Ok(stream) => stream,
-        Err(e) if is_local_shortage(&e) => return None,
-        Err(e) => return Some(Liveness::Gone(format!("connect: {e}"))),
-    };
-    let _ = stream.set_nodelay(true);
+async fn ask_postmaster(stream: &mut TcpStream) -> Liveness {
     if let Err(e) = stream.write_all(&pgwire::probe_startup()).await {
-        return Some(Liveness::Gone(format!("sending the startup: {e}")));
+        return Liveness::Gone(format!("sending the startup: {e}"));
     }
     let mut received = Vec::with_capacity(256);
     let mut buf = [0u8; 1024];
@@ -320,14 +359,14 @@ async fn ask_postmaster(addr: SocketAddr) -> Option<Liveness> {
     };
     let _ = stream.write_all(pgwire::terminate()).await;
     let _ = stream.shutdown().await;
-    Some(answer)
+    answer
 }
 
-async fn fetch(endpoint: SocketAddr, path: &str) -> Result<(u16, Bytes), CheckError> {
-    let stream = TcpStream::connect(endpoint)
-        .await
-        .map_err(CheckError::Connect)?;
-    let _ = stream.set_nodelay(true);
+async fn fetch(
+    stream: TcpStream,
+    endpoint: SocketAddr,
+    path: &str,
+) -> Result<(u16, Bytes), CheckError> {
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
     // The connection is driven by its own task, dropped (aborted) with this check.

@@ -281,6 +281,9 @@ const ENV_DEFAULTS: [(&str, &str, &str); 2] = [
     ("backends", "backup", "[${PG_LISTEN_ADDRESS}]:5433"),
 ];
 
+/// The least `proxy.switchover_grace` derived from the check interval.
+const MIN_SWITCHOVER_GRACE: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckConfig {
@@ -315,6 +318,14 @@ pub struct CheckConfig {
     /// How long a leader whose checks fail but whose Postgres answers stays the route.
     #[serde(with = "duration")]
     pub unconfirmed_limit: Duration,
+    /// How long another node's new `leader` claim contests a confirmed leader's route (new
+    /// clients wait, sessions pause at a boundary) before it counts as a promotion or split brain.
+    #[serde(with = "duration")]
+    pub contest_hold: Duration,
+    /// How long bytes from a leader's sessions, or a completed handshake, postpone a verdict of
+    /// death on a probe that timed out.
+    #[serde(with = "duration")]
+    pub liveness_window: Duration,
     #[serde(deserialize_with = "leader_words")]
     pub leader: Vec<String>,
     #[serde(deserialize_with = "at_least_one")]
@@ -335,11 +346,13 @@ impl Default for CheckConfig {
             password: Secret::default(),
             database: "postgres".into(),
             split_brain: SplitBrain::None,
-            interval: Duration::from_secs(2),
-            fast_interval: Duration::from_millis(250),
+            interval: Duration::from_secs(1),
+            fast_interval: Duration::from_millis(100),
             timeout: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(1),
             unconfirmed_limit: Duration::from_secs(60),
+            contest_hold: Duration::from_secs(4),
+            liveness_window: Duration::from_secs(2),
             leader: vec!["leader".into(), "primary".into()],
             rise: 1,
             fall: 2,
@@ -1231,8 +1244,9 @@ impl File {
         let check = check.for_kind(check_keys, backends.port)?;
         if proxy.switchover_grace.is_zero() {
             // A planned switchover waits one check interval plus this grace between fencing
-            // and demoting the leader (README, "Planned switchovers").
-            proxy.switchover_grace = check.interval / 2;
+            // and demoting the leader (README, "Planned switchovers"); at least a second,
+            // so ordinary transactions finish however short the interval.
+            proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }
         let listeners = validate_listeners(listeners, &listen)?;
         let config = Config {
@@ -1413,8 +1427,11 @@ mod tests {
         assert_eq!(c.backends.backup, vec!["[fdaa::7]:5433".parse().unwrap()]);
         assert_eq!(c.check.port, 5500);
         assert_eq!(c.check.path, "/flycheck/role");
-        assert_eq!(c.check.interval, Duration::from_secs(2));
+        assert_eq!(c.check.interval, Duration::from_secs(1));
+        assert_eq!(c.check.fast_interval, Duration::from_millis(100));
         assert_eq!(c.check.timeout, Duration::from_secs(5));
+        assert_eq!(c.check.contest_hold, Duration::from_secs(4));
+        assert_eq!(c.check.liveness_window, Duration::from_secs(2));
         assert_eq!(c.check.leader, vec!["leader", "primary"]);
         assert_eq!(c.proxy.connect_timeout, Duration::from_secs(4));
         assert_eq!(c.proxy.connect_retries, 2);
@@ -1908,7 +1925,7 @@ mod tests {
     fn effective_config_serializes() {
         let c = parse("").expect("valid");
         let text = toml::to_string(&c).expect("serializes");
-        assert!(text.contains("interval = \"2s\""), "{text}");
+        assert!(text.contains("interval = \"1s\""), "{text}");
         assert!(text.contains("idle_timeout = \"30m\""), "{text}");
     }
 }

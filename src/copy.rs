@@ -20,6 +20,7 @@ use std::net::{Shutdown, TcpStream as StdTcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -60,34 +61,65 @@ pub enum Mode {
     Buffered,
 }
 
+/// The instant [`clock_ms`] counts from: its first use.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Milliseconds on tokio's clock (paused in tests that pause it), from 1 on, so 0 can mean
+/// "never": the clock of [`Activity`] and of the per-backend stamp of when bytes last came from
+/// a backend, which sessions write and the leader view reads without a lock.
+pub fn clock_ms() -> u64 {
+    epoch().elapsed().as_millis() as u64 + 1
+}
+
+/// The instant a [`clock_ms`] reading stands for.
+pub fn clock_instant(ms: u64) -> Instant {
+    epoch() + Duration::from_millis(ms.saturating_sub(1))
+}
+
 /// When the session last moved a byte, and how many it moved each way.
 pub struct Activity {
-    start: Instant,
+    /// [`clock_ms`] of the last byte moved (the session's start if none).
     last_ms: AtomicU64,
     /// Client → backend.
     pub up: AtomicU64,
     /// Backend → client.
     pub down: AtomicU64,
+    /// Where bytes from the backend are also stamped: the backend's own "heard from" time,
+    /// shared by all its sessions, which the leader view reads as evidence that it lives.
+    heard: Option<Arc<AtomicU64>>,
 }
 
 impl Activity {
     pub fn new() -> Self {
+        Self::stamping(None)
+    }
+
+    /// An activity that also stamps bytes from the backend into `heard`.
+    pub fn stamping(heard: Option<Arc<AtomicU64>>) -> Self {
         Self {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            last_ms: AtomicU64::new(clock_ms()),
             up: AtomicU64::new(0),
             down: AtomicU64::new(0),
+            heard,
         }
     }
 
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
+    fn touch(&self, side: Side) {
+        let ms = clock_ms();
         self.last_ms.store(ms, Ordering::Relaxed);
+        if side == Side::Server {
+            if let Some(heard) = &self.heard {
+                heard.store(ms, Ordering::Relaxed);
+            }
+        }
     }
 
     /// When the session last moved a byte (its start if never).
     pub fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        clock_instant(self.last_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -427,7 +459,7 @@ impl<'a> Pump<'a> {
             }
             self.bulk = moving_bulk(self.bulk, n);
             self.counter.fetch_add(n as u64, Ordering::Relaxed);
-            self.activity.touch();
+            self.activity.touch(self.side);
             self.chunk = Some(chunk);
         }
     }

@@ -7,18 +7,21 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::check::{self, CheckSettings};
 use crate::config::CheckConfig;
+use crate::copy;
 use crate::discovery::{Backend, Discovered};
 use crate::metrics as m;
 use crate::route::{
-    decide_with, describe_route, explain, least_loaded, BackendView, Claim, Liveness, NoRoute,
-    Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
+    decide_with, describe_route, explain, least_loaded, probe_verdict, BackendView, Claim,
+    Liveness, NoRoute, Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
+    Verdict,
 };
 use crate::status::{unix_ms, BackendStatus, Change, UnconfirmedStatus, ViewStatus, HISTORY_LEN};
 use crate::supervise::Supervisor;
@@ -65,6 +68,11 @@ pub struct ViewSettings {
     pub split_brain: SplitBrain,
     pub probe_timeout: Duration,
     pub unconfirmed_limit: Duration,
+    /// How long a rival's new `leader` claim contests the route before it counts (rule 9).
+    pub contest_hold: Duration,
+    /// How long a sign of life (bytes on a session, a completed handshake) postpones a verdict
+    /// of death on a timeout (rule 9).
+    pub liveness_window: Duration,
 }
 
 impl ViewSettings {
@@ -76,6 +84,8 @@ impl ViewSettings {
             split_brain: c.split_brain,
             probe_timeout: c.probe_timeout,
             unconfirmed_limit: c.unconfirmed_limit,
+            contest_hold: c.contest_hold,
+            liveness_window: c.liveness_window,
         }
     }
 }
@@ -101,7 +111,27 @@ pub struct ViewHandle {
 pub struct BackendSet {
     /// Backends that check as replica and are still in the backend set, in address order.
     pub replicas: Vec<SocketAddr>,
-    counters: Arc<BTreeMap<SocketAddr, Arc<AtomicU64>>>,
+    counters: Arc<BTreeMap<SocketAddr, Arc<BackendCounters>>>,
+}
+
+/// What a backend's sessions tell the view without a message: how many are open, and when
+/// one last received bytes from it.
+#[derive(Debug, Default)]
+pub struct BackendCounters {
+    sessions: AtomicU64,
+    /// [`copy::clock_ms`] when a session last received bytes from the backend (0: never):
+    /// evidence that its host and Postgres live, which postpones a timeout verdict.
+    heard: Arc<AtomicU64>,
+}
+
+impl BackendCounters {
+    /// When a session last received bytes from the backend, if one ever did.
+    fn heard_at(&self) -> Option<Instant> {
+        match self.heard.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(copy::clock_instant(ms)),
+        }
+    }
 }
 
 impl BackendSet {
@@ -109,15 +139,15 @@ impl BackendSet {
     pub fn sessions(&self, addr: SocketAddr) -> u64 {
         self.counters
             .get(&addr)
-            .map_or(0, |counter| counter.load(Ordering::Relaxed))
+            .map_or(0, |counters| counters.sessions.load(Ordering::Relaxed))
     }
 
     /// Counts a session against `addr` until the guard is dropped. An address the view does not
     /// know (a fixed target) gets a counter of its own that nothing reads.
     pub fn count(&self, addr: SocketAddr) -> SessionGuard {
-        let counter = self.counters.get(&addr).cloned().unwrap_or_default();
-        counter.fetch_add(1, Ordering::Relaxed);
-        SessionGuard { counter, addr }
+        let counters = self.counters.get(&addr).cloned().unwrap_or_default();
+        counters.sessions.fetch_add(1, Ordering::Relaxed);
+        SessionGuard { counters, addr }
     }
 
     /// Picks the least loaded replica (see [`least_loaded`]) and counts a session against it at
@@ -134,7 +164,7 @@ impl BackendSet {
 
 /// One session counted against its backend, until dropped.
 pub struct SessionGuard {
-    counter: Arc<AtomicU64>,
+    counters: Arc<BackendCounters>,
     addr: SocketAddr,
 }
 
@@ -142,11 +172,16 @@ impl SessionGuard {
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
+
+    /// Where the session stamps bytes received from its backend ([`copy::Activity::stamping`]).
+    pub fn heard(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.counters.heard)
+    }
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        self.counter.fetch_sub(1, Ordering::Relaxed);
+        self.counters.sessions.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -161,14 +196,38 @@ struct BackendState {
     /// The running check loop: its id and its stop token.
     checker: Option<(u64, CancellationToken)>,
     /// Since when this leader's checks have failed (monotonic for the bound, wall for people).
-    failing_since: Option<(std::time::Instant, SystemTime)>,
+    failing_since: Option<(Instant, SystemTime)>,
     /// The latest Postgres probe's answer.
     postgres: Option<Liveness>,
     /// A probe is running; another waits for it.
     probing: bool,
     /// When the latest probe started: at most one per `check.fast_interval`.
-    last_probe: Option<std::time::Instant>,
+    last_probe: Option<Instant>,
+    /// The latest check failed (timeout, refused, HTTP error): its last definite answer is
+    /// not a current claim.
+    check_failing: bool,
+    /// Since when its answers have claimed leader: a rival's hold-down counts from here and
+    /// is never reset while the claim lasts.
+    claim_since: Option<Instant>,
+    /// When one of its claims last lapsed within its hold-down: a node whose claims keep
+    /// lapsing gets no new hold-down for [`LAPSED_CLAIM_MEMORY`].
+    lapsed_at: Option<Instant>,
+    /// When a probe last found its host alive (Postgres answered, or the handshake completed).
+    alive_at: Option<Instant>,
+    /// Its Postgres port failed a probe, and none has found it answering since (rule 9).
+    data_error: Option<String>,
+    /// A silent probe's verdict was postponed by a recent sign of life: probe again then.
+    probe_again_at: Option<Instant>,
 }
+
+/// How long a lapsed claim is remembered: a node claiming leader again within this gets no
+/// hold-down, so a flapping or lying node cannot keep the route contested.
+const LAPSED_CLAIM_MEMORY: Duration = Duration::from_secs(60);
+
+/// While there is no route, the check loops run every `check.fast_interval` for this long,
+/// then every four fast intervals: a failover is seen at once, a long outage costs each node
+/// a quarter of the checks.
+const FAST_CHECKS_FOR: Duration = Duration::from_secs(30);
 
 impl BackendState {
     fn failed(&mut self, error: String) {
@@ -193,15 +252,15 @@ pub struct LeaderView {
     /// Bumped to make every check loop check now (rule 6).
     recheck_tx: watch::Sender<u64>,
     /// Rechecks are at most one per `fast_interval`, however many clients fail to connect.
-    last_recheck: Option<std::time::Instant>,
+    last_recheck: Option<Instant>,
     /// Numbers check results, so claims can be ordered without clocks.
     seq: u64,
     /// DNS names whose lookups fail, as discovery last said.
     dns_failing: Vec<String>,
     next_loop_id: u64,
     backends_tx: watch::Sender<BackendSet>,
-    /// Every backend's session counter, and those of departed backends with sessions left.
-    counters: BTreeMap<SocketAddr, Arc<AtomicU64>>,
+    /// Every backend's session counters, and those of departed backends with sessions left.
+    counters: BTreeMap<SocketAddr, Arc<BackendCounters>>,
     status_tx: watch::Sender<ViewStatus>,
     /// The latest role and route changes, oldest first, for people reading `/` and `/status`.
     history: Arc<VecDeque<Change>>,
@@ -264,14 +323,19 @@ impl LeaderView {
         m::set_route_generation(0);
         m::leader_unconfirmed(false);
         loop {
+            let probe_due = self.next_probe_due();
             let event = tokio::select! {
                 _ = self.cancel.cancelled() => break,
                 event = events.recv() => match event {
-                    Some(event) => event,
+                    Some(event) => Some(event),
                     None => break,
                 },
+                _ = sleep_until_some(probe_due) => None,
             };
-            self.apply(event);
+            match event {
+                Some(event) => self.apply(event),
+                None => self.probe_postponed(),
+            }
             self.publish();
         }
         for state in self.backends.values_mut() {
@@ -351,6 +415,12 @@ impl LeaderView {
                 postgres: None,
                 probing: false,
                 last_probe: None,
+                check_failing: false,
+                claim_since: None,
+                lapsed_at: None,
+                alive_at: None,
+                data_error: None,
+                probe_again_at: None,
             });
             if !state.present {
                 tracing::info!(backend = %addr, sources = %sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "backend joined the backend set");
@@ -411,6 +481,8 @@ impl LeaderView {
         }
         let failed = matches!(role, Role::Down(_));
         let before = state.history.role().clone();
+        let claimed = state.history.claims_leader();
+        state.check_failing = failed;
         self.seq += 1;
         let observed =
             state
@@ -428,7 +500,7 @@ impl LeaderView {
                 );
             }
             Observed::Probe if state.failing_since.is_none() => {
-                state.failing_since = Some((std::time::Instant::now(), SystemTime::now()));
+                state.failing_since = Some((Instant::now(), SystemTime::now()));
                 tracing::warn!(backend = %addr, error = state.last_error.as_deref().unwrap_or(""), "leader's check failed; asking its Postgres");
                 remember(
                     &mut self.history,
@@ -438,6 +510,24 @@ impl LeaderView {
             }
             Observed::Probe | Observed::Same => {}
         }
+        let now = Instant::now();
+        match (claimed, state.history.claims_leader()) {
+            (false, true) => state.claim_since = Some(now),
+            (true, false) => {
+                if state
+                    .claim_since
+                    .is_some_and(|since| now.duration_since(since) < self.settings.contest_hold)
+                {
+                    state.lapsed_at = Some(now);
+                }
+                state.claim_since = None;
+            }
+            _ => {}
+        }
+        // A node whose Postgres port failed is routed again only once a probe finds it
+        // answering: its role endpoint's word alone is what sent clients into the failure.
+        let probe_data_port =
+            !failed && state.data_error.is_some() && state.history.claims_leader();
         if !state.history.is_failing()
             && state.failing_since.take().is_some()
             && state.history.role() == &Role::Leader
@@ -449,7 +539,7 @@ impl LeaderView {
                 format!("{addr}: leader, confirmed"),
             );
         }
-        if observed == Observed::Probe {
+        if observed == Observed::Probe || probe_data_port {
             self.probe(addr);
         }
         // Rule 6: a failing leader makes everyone check now, not at the next tick.
@@ -464,7 +554,7 @@ impl LeaderView {
         let Some(state) = self.backends.get_mut(&addr) else {
             return;
         };
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if state.probing
             || state
                 .last_probe
@@ -474,28 +564,99 @@ impl LeaderView {
         }
         state.probing = true;
         state.last_probe = Some(now);
+        state.probe_again_at = None;
         let events = self.events.clone();
         let timeout = self.settings.probe_timeout;
         let cancel = self.cancel.clone();
+        let probe = tokio::spawn(check::probe_postgres(addr, timeout));
+        // The probe's own task, so a panic in it is reported as "could not tell" and the
+        // backend is probed again later, never left `probing` for good.
         tokio::spawn(async move {
+            let probe = tokio_util::task::AbortOnDropHandle::new(probe);
             let liveness = tokio::select! {
                 _ = cancel.cancelled() => return,
-                liveness = check::probe_postgres(addr, timeout) => liveness,
+                joined = probe => joined.unwrap_or_else(|e| {
+                    tracing::error!(backend = %addr, error = %e, "probe task failed");
+                    None
+                }),
             };
             let _ = events.send(Event::Probed { addr, liveness }).await;
         });
     }
 
+    /// The earliest postponed probe.
+    fn next_probe_due(&self) -> Option<Instant> {
+        self.backends
+            .values()
+            .filter_map(|state| state.probe_again_at)
+            .min()
+    }
+
+    /// Runs the probes whose verdict was postponed and whose time has come.
+    fn probe_postponed(&mut self) {
+        let now = Instant::now();
+        let due: Vec<SocketAddr> = self
+            .backends
+            .iter()
+            .filter(|(_, state)| state.probe_again_at.is_some_and(|at| at <= now))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in due {
+            if let Some(state) = self.backends.get_mut(&addr) {
+                state.probe_again_at = None;
+                state.last_probe = None;
+            }
+            self.probe(addr);
+        }
+    }
+
+    /// When the node last showed life: bytes on any of its sessions, or a probe that found its
+    /// host alive.
+    fn last_life(&self, addr: SocketAddr) -> Option<Instant> {
+        let heard = self.counters.get(&addr).and_then(|c| c.heard_at());
+        let probed = self.backends.get(&addr).and_then(|s| s.alive_at);
+        heard.max(probed)
+    }
+
     fn probed(&mut self, addr: SocketAddr, liveness: Option<Liveness>) {
+        let now = Instant::now();
+        let last_life = self.last_life(addr).map(|at| now.duration_since(at));
+        let window = self.settings.liveness_window;
         let Some(state) = self.backends.get_mut(&addr) else {
             return;
         };
         state.probing = false;
         let Some(liveness) = liveness else {
-            tracing::warn!(backend = %addr, "probe skipped: out of local resources (descriptors or memory)");
+            tracing::warn!(backend = %addr, "probe skipped: this host is short of descriptors, memory or ports");
+            m::local_shortage("probe");
             return;
         };
         m::postgres_probe(addr, &liveness);
+        match probe_verdict(&liveness, last_life, window) {
+            Verdict::Lives => {
+                state.alive_at = Some(now);
+                if state.data_error.take().is_some() {
+                    tracing::info!(backend = %addr, postgres = %liveness, "Postgres port answers again");
+                    remember(
+                        &mut self.history,
+                        "role",
+                        format!("{addr}: Postgres port answers again"),
+                    );
+                }
+            }
+            Verdict::ProbeAgainIn(wait) => {
+                tracing::warn!(backend = %addr, postgres = %liveness, last_life_ms = last_life.map_or(0, |d| d.as_millis() as u64), "probe got no handshake, but the node showed life lately; probing again before any verdict");
+                state.probe_again_at = Some(now + wait);
+                state.postgres = Some(liveness);
+                return;
+            }
+            Verdict::Gone => {
+                if state.data_error.is_none() {
+                    tracing::warn!(backend = %addr, postgres = %liveness, "Postgres port fails; not routed until a probe finds it answering");
+                }
+                state.data_error = Some(liveness.to_string());
+            }
+        }
         let before = state.history.role().clone();
         let gone = state.history.probed(&liveness);
         if gone {
@@ -519,7 +680,7 @@ impl LeaderView {
     }
 
     fn recheck_all(&mut self) {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         if self
             .last_recheck
             .is_some_and(|at| now.duration_since(at) < self.check.fast_interval)
@@ -534,7 +695,6 @@ impl LeaderView {
         // Before the route: a session that reads a new leader finds its counter.
         self.publish_backend_set();
         let previous = self.route_tx.borrow().clone();
-        let limit = self.settings.unconfirmed_limit;
         let views: Vec<BackendView<'_>> = self
             .backends
             .iter()
@@ -544,7 +704,8 @@ impl LeaderView {
                 present: state.present,
                 role: state.history.role(),
                 timeline: state.timeline,
-                claim: claim_of(state, limit),
+                claim: claim_of(state, &self.settings),
+                data_error: state.data_error.as_deref(),
             })
             .collect();
         let route = decide_with(&previous, &views, self.settings.split_brain);
@@ -563,7 +724,10 @@ impl LeaderView {
             }
             // A stale claim is settled by evidence: recheck everyone now. A dead leader's check
             // then fails and its probe takes it down; a live one answers and is a split brain.
-            let verifying = matches!(route.target, Target::None(NoRoute::Verifying(_)));
+            let verifying = matches!(
+                route.target,
+                Target::None(NoRoute::Verifying(_)) | Target::Contested(_)
+            );
             let lost_leader = previous.leader().is_some() && route.leader().is_none();
             self.route_since = SystemTime::now();
             self.route_tx.send_replace(route);
@@ -596,7 +760,7 @@ impl LeaderView {
         let known = &self.backends;
         let before = self.counters.len();
         self.counters.retain(|addr, counter| {
-            known.contains_key(addr) || counter.load(Ordering::Relaxed) > 0
+            known.contains_key(addr) || counter.sessions.load(Ordering::Relaxed) > 0
         });
         let mut counters_changed = self.counters.len() != before;
         for addr in known.keys() {
@@ -670,6 +834,7 @@ impl LeaderView {
         let route = self.route_tx.subscribe();
         self.supervisor.spawn("check", cancel.clone(), async move {
             recheck.mark_unchanged();
+            let mut unrouted_since = None;
             loop {
                 let started = Instant::now();
                 let checked = tokio::select! {
@@ -697,11 +862,8 @@ impl LeaderView {
                 if events.send(event).await.is_err() {
                     return;
                 }
-                let wait = if route.borrow().leader().is_some() {
-                    settings.interval
-                } else {
-                    settings.fast_interval
-                };
+                let routed = route.borrow().leader().is_some();
+                let wait = check_pause(&settings, routed, &mut unrouted_since, latency);
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
@@ -711,25 +873,69 @@ impl LeaderView {
                 // fast interval, so `check.fall` still spans real time.
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep_until((started + settings.fast_interval).into()) => {}
+                    _ = tokio::time::sleep_until(started + settings.fast_interval) => {}
                 }
             }
         });
     }
 }
 
-/// The evidence behind a backend's leader role, for [`decide`].
-fn claim_of(state: &BackendState, limit: Duration) -> Claim {
+/// The evidence behind a backend's leader claim, for [`crate::route::decide`].
+fn claim_of(state: &BackendState, settings: &ViewSettings) -> Claim {
     let (first, last) = state.history.claim();
     let standing = match state.failing_since {
-        Some((at, _)) if state.history.is_failing() && at.elapsed() >= limit => Standing::Expired,
+        Some((at, _))
+            if state.history.is_failing() && at.elapsed() >= settings.unconfirmed_limit =>
+        {
+            Standing::Expired
+        }
         _ if state.history.is_failing() => Standing::Unconfirmed,
         _ => Standing::Confirmed,
     };
+    let held_down = state
+        .claim_since
+        .is_some_and(|since| since.elapsed() < settings.contest_hold)
+        && state
+            .lapsed_at
+            .is_none_or(|at| at.elapsed() >= LAPSED_CLAIM_MEMORY);
     Claim {
         first,
         last,
         standing,
+        claiming: state.history.claims_leader() && !state.check_failing,
+        held_down,
+    }
+}
+
+/// The pause before a backend's next check. With a route, `check.interval`. Without one,
+/// `check.fast_interval` for [`FAST_CHECKS_FOR`], so a promotion is seen within one fast
+/// interval, then four of them. Never shorter than the last check took: a slow node is never
+/// asked more than half the time.
+fn check_pause(
+    settings: &CheckSettings,
+    routed: bool,
+    unrouted_since: &mut Option<Instant>,
+    latency: Duration,
+) -> Duration {
+    let pause = if routed {
+        *unrouted_since = None;
+        settings.interval
+    } else {
+        let since = *unrouted_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < FAST_CHECKS_FOR {
+            settings.fast_interval
+        } else {
+            (settings.fast_interval * 4).min(settings.interval)
+        }
+    };
+    pause.max(latency)
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -755,6 +961,11 @@ fn log_route_change(previous: &Route, route: &Route) {
             generation = route.generation,
             leader = %addr,
             "route held: leader in maintenance, left DNS or unconfirmed too long; existing sessions stay, new ones wait"
+        ),
+        Target::Contested(addr) => tracing::warn!(
+            generation = route.generation,
+            leader = %addr,
+            "route contested: another node claims leader; new clients wait, the leader's sessions pause at their next transaction boundary"
         ),
         Target::None(reason @ NoRoute::SplitBrain(_)) => tracing::error!(
             generation = route.generation,

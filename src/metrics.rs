@@ -41,6 +41,10 @@ pub const LEADER_UNCONFIRMED: &str = "roleproxy_leader_unconfirmed";
 pub const ROUTE_UP: &str = "roleproxy_route_up";
 pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
+pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
+
+/// Where this host's own shortage was met: never counted against a node.
+pub const SHORTAGE_DURING: [&str; 3] = ["session", "check", "probe"];
 
 /// Every `result` a session or a refused client can end with, so each listener's counters
 /// exist at 0 from its start.
@@ -278,6 +282,9 @@ fn process_series_at_zero() {
     for reason in DROP_REASONS {
         counter!(DISCOVERY_DROPPED_TOTAL, "reason" => reason).increment(0);
     }
+    for during in SHORTAGE_DURING {
+        counter!(LOCAL_SHORTAGES_TOTAL, "during" => during).increment(0);
+    }
     // Registered, not recorded: an empty histogram until the first client waits.
     let _ = histogram!(LEADER_WAIT);
 }
@@ -365,6 +372,10 @@ fn describe() {
         DISCOVERY_DROPPED_TOTAL,
         "Backend addresses dropped: unspecified, multicast or broadcast DNS answers, or the proxy's own listener"
     );
+    describe_counter!(
+        LOCAL_SHORTAGES_TOTAL,
+        "Times this host ran short of descriptors, memory, socket buffers or ephemeral ports, by what met it (session connect, check, probe); never counted against a node"
+    );
 }
 
 pub fn session_started(listener: &Arc<str>) {
@@ -432,6 +443,11 @@ pub fn leader_wait(waited: Duration) {
 
 pub fn discovery_dropped(reason: &'static str) {
     counter!(DISCOVERY_DROPPED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// This host ran short (`during` is one of [`SHORTAGE_DURING`]).
+pub fn local_shortage(during: &'static str) {
+    counter!(LOCAL_SHORTAGES_TOTAL, "during" => during).increment(1);
 }
 
 pub fn connect_failed(backend: SocketAddr) {

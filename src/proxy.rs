@@ -291,6 +291,8 @@ enum Unserved {
     NoRoute(String),
     #[error("leader {0} is in maintenance, left DNS or unconfirmed too long")]
     Held(SocketAddr),
+    #[error("another node claims leader besides {0}; waiting for the claim to lapse or hold")]
+    Contested(SocketAddr),
     #[error("leader {addr} unreachable: {error}")]
     Unreachable { addr: SocketAddr, error: String },
     #[error("no node checks as replica{0}")]
@@ -581,7 +583,16 @@ async fn run_session(
     tune(&backend);
     m::session_started(&plan.name);
     tracing::debug!(backend = %drainer.addr, "session started");
-    let (result, up, down) = relay(client, backend, first, &mut drainer, &plan.settings).await;
+    let activity = copy::Activity::stamping(Some(_counted.0.heard()));
+    let (result, up, down) = relay(
+        client,
+        backend,
+        first,
+        &activity,
+        &mut drainer,
+        &plan.settings,
+    )
+    .await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
 }
@@ -829,6 +840,7 @@ fn classify(
     match attempt {
         Ok(Ok(stream)) => Ok(Ok(stream)),
         Ok(Err(e)) if reserve::is_local_shortage(&e) => {
+            m::local_shortage("session");
             Err(Unserved::OutOfResources(e.to_string()))
         }
         Ok(Err(e)) => Ok(Err(match e.kind() {
@@ -854,6 +866,7 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
             error: "no attempt succeeded in time".into(),
         },
         (Target::Held(addr), _) => Unserved::Held(*addr),
+        (Target::Contested(addr), _) => Unserved::Contested(*addr),
         (Target::None(reason), _) => Unserved::NoRoute(reason.to_string()),
     }
 }
@@ -867,10 +880,10 @@ async fn relay(
     client: TcpStream,
     backend: TcpStream,
     first: Vec<u8>,
+    activity: &copy::Activity,
     drainer: &mut Drainer,
     settings: &SessionSettings,
 ) -> (&'static str, u64, u64) {
-    let activity = copy::Activity::new();
     let sockets = copy::Socket::new(client).and_then(|c| Ok((c, copy::Socket::new(backend)?)));
     let (client, backend) = match sockets {
         Ok(pair) => pair,
@@ -910,7 +923,7 @@ async fn relay(
         &client,
         &backend,
         config.copy,
-        &activity,
+        activity,
         half_close_timeout,
         framing.as_mut(),
     );
@@ -926,16 +939,16 @@ async fn relay(
         }
     };
     let fate = tokio::select! {
-        copied = &mut copying => return counted(ended(copied), &activity),
+        copied = &mut copying => return counted(ended(copied), activity),
         fate = drainer.drained() => fate,
         _ = &mut idle => {
             tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
-            return counted("idle_timeout", &activity);
+            return counted("idle_timeout", activity);
         }
-        _ = settings.base.hard_stop.cancelled() => return counted("shutdown", &activity),
+        _ = settings.base.hard_stop.cancelled() => return counted("shutdown", activity),
     };
     if fate == Fate::Close || !copying.tracked() {
-        return counted("drained", &activity);
+        return counted("drained", activity);
     }
     copying.end_when_idle();
     let grace = config.switchover_grace;
@@ -958,7 +971,7 @@ async fn relay(
         _ = &mut idle => "idle_timeout",
         _ = settings.base.hard_stop.cancelled() => "shutdown",
     };
-    counted(result, &activity)
+    counted(result, activity)
 }
 
 /// Ends a session between transactions the way Postgres ends a terminated backend: the

@@ -86,12 +86,14 @@ impl Reserve {
     }
 }
 
-/// Errors that come from this host running out of descriptors or memory, not from the peer:
-/// they say nothing about a backend, and a client is told 53300 for them.
+/// Errors that come from this host running short, not from the peer: out of descriptors,
+/// memory, socket buffers or ephemeral ports (a connect's EADDRNOTAVAIL). They say nothing about
+/// a backend, so sessions, checks and probes alike never count them against one, and a client
+/// is told 53300 for them.
 pub fn is_local_shortage(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
     )
 }
 

@@ -151,6 +151,11 @@ impl RoleHistory {
         self.failing && self.confirmed == Role::Leader
     }
 
+    /// Its latest definite answer was `leader` (failed checks leave it as it was).
+    pub fn claims_leader(&self) -> bool {
+        self.claims_leader
+    }
+
     /// Sequence numbers of the first and latest `leader` answer of the current claim.
     pub fn claim(&self) -> (u64, u64) {
         self.claim
@@ -208,9 +213,10 @@ impl RoleHistory {
     /// Applies a probe of the node's Postgres; returns true when the node went down. A leader
     /// whose Postgres does not answer, or refuses connections (57P03), is down at once, even if
     /// its role endpoint still says `leader`: clients cannot use it, there is nothing to wait
-    /// `fall` checks for, and a dead leader must never race a promoted one.
+    /// `fall` checks for, and a dead leader must never race a promoted one. A probe that timed
+    /// out is passed here only once [`probe_verdict`] has judged it.
     pub fn probed(&mut self, liveness: &Liveness) -> bool {
-        if self.confirmed != Role::Leader || matches!(liveness, Liveness::Alive(_)) {
+        if self.confirmed != Role::Leader || liveness.lives() {
             return false;
         }
         self.confirmed = Role::Down(liveness.to_string());
@@ -253,8 +259,20 @@ pub struct BackendView<'a> {
     pub role: &'a Role,
     /// The timeline a Postgres check last read from it, when it is a leader.
     pub timeline: Option<u32>,
-    /// The evidence behind a `leader` role (ignored for other roles).
+    /// The evidence behind a `leader` role, or behind a claim not yet risen to one.
     pub claim: Claim,
+    /// Its Postgres port was found failing (refused, reset, not Postgres, or silent with no
+    /// sign of life) and no probe has found it answering since: whatever its role endpoint
+    /// says, no session can use it, so it is not routed. The error, for people.
+    pub data_error: Option<&'a str>,
+}
+
+impl BackendView<'_> {
+    /// Claims leader: confirmed as leader, or its latest definite answer was `leader` (a claim
+    /// that has not reached `check.rise` yet still stops new sessions: it may take writes).
+    fn claiming(&self) -> bool {
+        *self.role == Role::Leader || self.claim.claiming
+    }
 }
 
 /// The evidence behind one leader claim, as plain data: the view numbers check results, and
@@ -266,6 +284,11 @@ pub struct Claim {
     /// The sequence number of its latest `leader` answer.
     pub last: u64,
     pub standing: Standing,
+    /// Its latest definite answer was `leader`, whatever its confirmed role.
+    pub claiming: bool,
+    /// The claim began less than `check.contest_hold` ago, and the node has not had a claim
+    /// lapse lately: as a rival's claim, it holds the route instead of cutting it.
+    pub held_down: bool,
 }
 
 /// How well a leader claim is backed right now.
@@ -308,6 +331,9 @@ pub enum NoRoute {
     /// The leader still answers, but no longer as leader (fenced or demoted: a planned
     /// switchover), and no other node leads yet. Its sessions may end their transactions.
     SteppedDown(SocketAddr),
+    /// The only node whose role endpoint says leader has a Postgres port that fails (a wrong
+    /// `backends.port`, a firewall, a dead Postgres behind a live endpoint): the error.
+    DataPortFailing(SocketAddr, String),
 }
 
 impl fmt::Display for NoRoute {
@@ -336,6 +362,10 @@ impl fmt::Display for NoRoute {
                     list.join(", ")
                 )
             }
+            NoRoute::DataPortFailing(addr, error) => write!(
+                f,
+                "{addr} reports leader, but its Postgres port fails: {error}"
+            ),
             NoRoute::SteppedDown(addr) => {
                 write!(
                     f,
@@ -357,7 +387,12 @@ pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String
         return route;
     }
     let present: Vec<&BackendView<'_>> = backends.iter().filter(|b| b.present).collect();
-    let why = if present.is_empty() {
+    let data_failing = present
+        .iter()
+        .find_map(|b| Some((b.addr, b.data_error?)).filter(|_| *b.role == Role::Leader));
+    let why = if let Some((addr, error)) = data_failing {
+        NoRoute::DataPortFailing(addr, error.to_owned())
+    } else if present.is_empty() {
         if dns_failing.is_empty() {
             NoRoute::NoBackends
         } else {
@@ -388,6 +423,11 @@ pub enum Target {
     /// The leader is in maintenance, left DNS, or has been unconfirmed for longer than
     /// `check.unconfirmed_limit`: its sessions stay, new ones wait.
     Held(SocketAddr),
+    /// The leader is confirmed, but another node has just claimed leader too (rule 9): new
+    /// clients wait and the leader's sessions pause at their next transaction boundary, until
+    /// the rival's claim lapses (the sessions resume) or holds past `check.contest_hold` (a
+    /// promotion or a split brain: the route moves on).
+    Contested(SocketAddr),
     None(NoRoute),
 }
 
@@ -395,7 +435,7 @@ impl Target {
     /// The backend that current sessions belong to.
     pub fn backend(&self) -> Option<SocketAddr> {
         match self {
-            Target::Leader(a) | Target::Held(a) => Some(*a),
+            Target::Leader(a) | Target::Held(a) | Target::Contested(a) => Some(*a),
             Target::None(_) => None,
         }
     }
@@ -433,7 +473,7 @@ pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
 
 /// The routing rules with a split-brain policy. Pure, so every case is a table row.
 pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: SplitBrain) -> Route {
-    let claims = |b: &&BackendView<'_>| *b.role == Role::Leader;
+    let claims = |b: &&BackendView<'_>| *b.role == Role::Leader && b.data_error.is_none();
     // A discovered node that left DNS but still says leader counts toward split brain: writes
     // must never move from one live leader to another.
     let mut discovered: Vec<&BackendView<'_>> = backends
@@ -460,7 +500,8 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         [] => None,
     };
     // Rule 4: a backup counts only while no discovered backend is leader.
-    let target = choose(&discovered)
+    let target = contested(previous, backends)
+        .or_else(|| choose(&discovered))
         .or_else(|| choose(&backups))
         .or_else(|| held(previous, backends))
         .unwrap_or_else(|| {
@@ -484,9 +525,10 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
 /// not leader: `replica` or another word. Down, gone or in maintenance do not count.
 fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<SocketAddr> {
     let old = match previous.target {
-        Target::Leader(addr) | Target::Held(addr) | Target::None(NoRoute::SteppedDown(addr)) => {
-            addr
-        }
+        Target::Leader(addr)
+        | Target::Held(addr)
+        | Target::Contested(addr)
+        | Target::None(NoRoute::SteppedDown(addr)) => addr,
         Target::None(_) => return None,
     };
     backends
@@ -496,11 +538,45 @@ fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<Socket
         .map(|b| b.addr)
 }
 
+/// Rule 9: a new claim from another node while the route's leader is confirmed contests the
+/// route instead of cutting it, while every rival's claim is within its hold-down and none
+/// shows a newer timeline than the leader's. One stray answer is not evidence; a claim that
+/// lasts, or a newer timeline, is a promotion or a split brain, judged by the other rules.
+fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
+    let current = match previous.target {
+        Target::Leader(addr) | Target::Contested(addr) => addr,
+        _ => return None,
+    };
+    let leader = backends.iter().find(|b| b.addr == current)?;
+    if !leader.present
+        || *leader.role != Role::Leader
+        || leader.claim.standing != Standing::Confirmed
+    {
+        return None;
+    }
+    let mut rivals = backends
+        .iter()
+        .filter(|b| b.addr != current && b.discovered && b.claiming())
+        .peekable();
+    rivals.peek()?;
+    let newer = |rival: &BackendView<'_>| match (rival.timeline, leader.timeline) {
+        (Some(theirs), Some(ours)) => theirs > ours,
+        _ => false,
+    };
+    rivals
+        .all(|rival| rival.claim.held_down && !newer(rival))
+        .then_some(Target::Contested(current))
+}
+
 /// What a session does when the route changes under it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fate {
     /// Its route still holds: carry on.
     Stay,
+    /// Its leader is contested (rule 9): pause at the next transaction boundary, forwarding
+    /// nothing more the client sends, until the route says stay (resume) or end. A session
+    /// whose boundaries cannot be seen (TLS, not Postgres) closes at once.
+    Hold,
     /// Its leader stepped down while alive and nobody else leads yet: end at the next
     /// transaction boundary (rule 9).
     EndTransaction,
@@ -511,7 +587,11 @@ pub enum Fate {
 /// The fate of a session opened on `addr` under `generation`, given the route now. Pure.
 pub fn session_fate(route: &Route, generation: u64, addr: SocketAddr) -> Fate {
     if route.generation == generation {
-        Fate::Stay
+        if route.target == Target::Contested(addr) {
+            Fate::Hold
+        } else {
+            Fate::Stay
+        }
     } else if route.target == Target::None(NoRoute::SteppedDown(addr)) {
         Fate::EndTransaction
     } else {
@@ -614,6 +694,9 @@ pub fn describe_route(route: &Route) -> String {
     let what = match &route.target {
         Target::Leader(addr) => format!("sessions go to {addr}"),
         Target::Held(addr) => format!("held: {addr} keeps its sessions, new clients wait"),
+        Target::Contested(addr) => format!(
+            "contested: another node claims leader; {addr}'s sessions pause at their next transaction boundary, new clients wait"
+        ),
         Target::None(reason) => format!("no route ({reason})"),
     };
     format!("generation {}: {what}", route.generation)
@@ -637,8 +720,15 @@ pub enum Liveness {
     Alive(String),
     /// It refuses every connection: starting up, shutting down or in recovery (57P03).
     Refusing(String),
-    /// No Postgres answered: nothing there, or something that does not speak its protocol.
+    /// No Postgres answered: refused, reset, or something that does not speak its protocol.
     Gone(String),
+    /// The TCP handshake completed but the postmaster did not answer in time (stalled by a
+    /// stuck fork, a paused VM, an fsync storm): the kernel that queued the connection lives.
+    Stalled(String),
+    /// Not even a TCP handshake in time: a dead or black-holed host, or one so overloaded it
+    /// drops connections. Evidence of death only when nothing else shows life
+    /// ([`probe_verdict`]).
+    Silent(String),
 }
 
 impl Liveness {
@@ -648,10 +738,48 @@ impl Liveness {
             Liveness::Alive(_) => "alive",
             Liveness::Refusing(_) => "refusing",
             Liveness::Gone(_) => "gone",
+            Liveness::Stalled(_) => "stalled",
+            Liveness::Silent(_) => "silent",
         }
     }
 
-    pub const LABELS: [&'static str; 3] = ["alive", "refusing", "gone"];
+    pub const LABELS: [&'static str; 5] = ["alive", "refusing", "gone", "stalled", "silent"];
+
+    /// The node lives: its Postgres answered, or at least its kernel took the connection.
+    pub fn lives(&self) -> bool {
+        matches!(self, Liveness::Alive(_) | Liveness::Stalled(_))
+    }
+}
+
+/// What a probe says of a leader, once weighed against other signs of life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// It lives (it may still be unconfirmed, if its checks fail).
+    Lives,
+    /// It is gone: refused, reset, shutting down, or silent with no other sign of life.
+    Gone,
+    /// It was silent, but showed life within the window: probe again after this long.
+    ProbeAgainIn(std::time::Duration),
+}
+
+/// Rule 9: a timeout alone is not evidence of death while the node showed life lately. A
+/// probe that got no TCP handshake is a verdict of death only once the latest sign of life
+/// (bytes from the node on any session, a probe whose handshake completed), `last_life` ago,
+/// is at least `window` old; until then it is probed again. Everything else is judged on its
+/// own: refused, reset and 57P03 are death at once, whatever bytes came before. Pure.
+pub fn probe_verdict(
+    liveness: &Liveness,
+    last_life: Option<std::time::Duration>,
+    window: std::time::Duration,
+) -> Verdict {
+    match liveness {
+        l if l.lives() => Verdict::Lives,
+        Liveness::Silent(_) => match last_life {
+            Some(age) if age < window => Verdict::ProbeAgainIn(window - age),
+            _ => Verdict::Gone,
+        },
+        _ => Verdict::Gone,
+    }
 }
 
 impl std::fmt::Display for Liveness {
@@ -660,6 +788,13 @@ impl std::fmt::Display for Liveness {
             Liveness::Alive(detail) => write!(f, "Postgres answers ({detail})"),
             Liveness::Refusing(detail) => write!(f, "Postgres refuses connections ({detail})"),
             Liveness::Gone(detail) => write!(f, "Postgres does not answer ({detail})"),
+            Liveness::Stalled(detail) => {
+                write!(
+                    f,
+                    "Postgres takes connections but does not answer ({detail})"
+                )
+            }
+            Liveness::Silent(detail) => write!(f, "no TCP handshake ({detail})"),
         }
     }
 }
@@ -668,6 +803,7 @@ impl std::fmt::Display for Liveness {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::time::Duration;
 
     fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, n], 5433))
@@ -693,6 +829,7 @@ mod tests {
                 role,
                 timeline: None,
                 claim: Claim::default(),
+                data_error: None,
             })
             .collect()
     }
@@ -1027,10 +1164,256 @@ mod tests {
                 (4, 11),
                 Fate::Close,
             ),
+            (
+                "its leader contested: pause at the next boundary",
+                route(4, Target::Contested(addr(11))),
+                (4, 11),
+                Fate::Hold,
+            ),
+            (
+                "contest over, the leader kept the route: resume",
+                route(4, Target::Leader(addr(11))),
+                (4, 11),
+                Fate::Stay,
+            ),
+            (
+                "contest over, the rival leads: close",
+                route(5, Target::Leader(addr(12))),
+                (4, 11),
+                Fate::Close,
+            ),
         ];
         for (what, now, (generation, node), fate) in cases {
             assert_eq!(session_fate(&now, generation, addr(node)), fate, "{what}");
         }
+    }
+
+    /// Rule 9: another node's new claim contests a confirmed leader's route for its hold-down;
+    /// it never keeps a leader past a rival's lasting claim or newer timeline.
+    #[test]
+    fn a_rival_claim_contests_the_route_within_its_hold_down() {
+        use Standing::*;
+        let at_11 = route(4, Target::Leader(addr(11)));
+        let contested_11 = route(4, Target::Contested(addr(11)));
+        let leader = |standing| Claim {
+            standing,
+            claiming: true,
+            first: 1,
+            last: 20,
+            ..Claim::default()
+        };
+        let rival = |held_down| Claim {
+            claiming: true,
+            held_down,
+            first: 10,
+            last: 10,
+            ..Claim::default()
+        };
+        // A risen claim that is the route's rival: (role, claim, timeline)
+        type Node = (u8, Role, Claim, Option<u32>);
+        // (what, previous, nodes, expected)
+        let rows: Vec<(&str, Route, Vec<Node>, Route)> = vec![
+            (
+                "a new claim within its hold-down contests, same generation",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "a claim not yet risen to leader contests too: it may take writes",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "the claim lapses: the route is the leader's again, same generation",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, Claim::default(), None),
+                ],
+                at_11.clone(),
+            ),
+            (
+                "the hold-down runs out with both claiming: split brain",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Leader, rival(false), None),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "a rival on a newer timeline is not held down",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), Some(3)),
+                    (12, Role::Leader, rival(true), Some(4)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "a rival on an older timeline still contests",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), Some(4)),
+                    (12, Role::Leader, rival(true), Some(3)),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "an unconfirmed leader does not contest: the confirmed rival leads",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Unconfirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "the leader steps down while contested: the rival leads",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Replica, Claim::default(), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "no route before: two claims are a split brain at once",
+                route(4, Target::None(NoRoute::NoLeader)),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                route(
+                    4,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+        ];
+        for (what, previous, nodes, expected) in rows {
+            let views: Vec<BackendView<'_>> = nodes
+                .iter()
+                .map(|(n, role, claim, timeline)| BackendView {
+                    addr: addr(*n),
+                    discovered: true,
+                    present: true,
+                    role,
+                    timeline: *timeline,
+                    claim: *claim,
+                    data_error: None,
+                })
+                .collect();
+            assert_eq!(decide(&previous, &views), expected, "{what}");
+        }
+    }
+
+    /// Rule 9: a probe's timeout is death only with no sign of life within the window.
+    #[test]
+    fn a_timeout_is_death_only_without_signs_of_life() {
+        let window = Duration::from_secs(2);
+        let secs = Duration::from_secs;
+        let silent = Liveness::Silent("no TCP handshake within 1s".into());
+        let cases = [
+            (
+                "answered",
+                Liveness::Alive("auth".into()),
+                None,
+                Verdict::Lives,
+            ),
+            (
+                "handshake completed, postmaster stalled",
+                Liveness::Stalled("no answer".into()),
+                None,
+                Verdict::Lives,
+            ),
+            (
+                "refused, even with bytes just now",
+                Liveness::Gone("refused".into()),
+                Some(secs(0)),
+                Verdict::Gone,
+            ),
+            (
+                "shutting down (57P03)",
+                Liveness::Refusing("57P03".into()),
+                Some(secs(0)),
+                Verdict::Gone,
+            ),
+            (
+                "silent, never heard from",
+                silent.clone(),
+                None,
+                Verdict::Gone,
+            ),
+            (
+                "silent, heard from long ago",
+                silent.clone(),
+                Some(secs(30)),
+                Verdict::Gone,
+            ),
+            (
+                "silent, heard from exactly a window ago",
+                silent.clone(),
+                Some(window),
+                Verdict::Gone,
+            ),
+            (
+                "silent, bytes half a second ago: probe again when they are a window old",
+                silent.clone(),
+                Some(Duration::from_millis(500)),
+                Verdict::ProbeAgainIn(Duration::from_millis(1500)),
+            ),
+        ];
+        for (what, liveness, last_life, verdict) in cases {
+            assert_eq!(
+                probe_verdict(&liveness, last_life, window),
+                verdict,
+                "{what}"
+            );
+        }
+    }
+
+    /// A node whose role endpoint says leader but whose Postgres port fails is not routed, and
+    /// the route says why.
+    #[test]
+    fn a_failing_data_port_is_not_routed_and_named() {
+        let role = Role::Leader;
+        let view = BackendView {
+            addr: addr(11),
+            discovered: true,
+            present: true,
+            role: &role,
+            timeline: None,
+            claim: Claim::default(),
+            data_error: Some("Postgres does not answer (connect: Connection refused)"),
+        };
+        let views = [view];
+        let previous = route(3, Target::Leader(addr(11)));
+        let decided = explain(decide(&previous, &views), &views, &[]);
+        assert_eq!(
+            decided,
+            route(
+                4,
+                Target::None(NoRoute::DataPortFailing(
+                    addr(11),
+                    "Postgres does not answer (connect: Connection refused)".into()
+                ))
+            )
+        );
+        assert!(decided.leader().is_none());
     }
 
     #[test]
@@ -1282,6 +1665,7 @@ mod tests {
             first,
             last,
             standing,
+            ..Claim::default()
         };
         let ok = |first, last| claim(first, last, Confirmed);
         // (what, previous, [(node, present, role, claim)], expected)
@@ -1409,6 +1793,7 @@ mod tests {
                     role,
                     timeline: None,
                     claim: *claim,
+                    data_error: None,
                 })
                 .collect();
             assert_eq!(decide(&previous, &views), expected, "{what}");
@@ -1495,6 +1880,7 @@ mod tests {
                     role,
                     timeline: *timeline,
                     claim: Claim::default(),
+                    data_error: None,
                 })
                 .collect();
             let got = decide_with(&previous, &views, *policy);

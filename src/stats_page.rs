@@ -12,6 +12,7 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
     let state = match status.route.target {
         Target::Leader(_) => "leader",
         Target::Held(_) => "held",
+        Target::Contested(_) => "contested",
         Target::None(_) => "none",
     };
     let mut rows = String::new();

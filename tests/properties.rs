@@ -1570,6 +1570,7 @@ fn views(slots: &[Option<Slot>]) -> Vec<BackendView<'_>> {
                 role,
                 timeline: None,
                 claim: Claim::default(),
+                data_error: None,
             })
         })
         .collect()
@@ -1644,6 +1645,20 @@ fn check_step(
             prop_assert!(
                 v.is_some_and(|v| matches!(v.role, Role::Leader | Role::Maintenance)),
                 "held a backend that is neither leader nor in maintenance{}",
+                ctx()
+            );
+        }
+        // A contested route keeps the leader it had, which is still a present leader.
+        Target::Contested(addr) => {
+            prop_assert_eq!(
+                previous.target.backend(),
+                Some(*addr),
+                "contested a new backend{}",
+                ctx()
+            );
+            prop_assert!(
+                view(*addr).is_some_and(|v| *v.role == Role::Leader && v.present),
+                "contested a backend that is not a present leader{}",
                 ctx()
             );
         }
@@ -1884,6 +1899,7 @@ fn claim() -> impl Strategy<Value = Claim> {
             first,
             last: first + more,
             standing,
+            ..Claim::default()
         })
 }
 
@@ -1903,6 +1919,7 @@ fn claim_views(slots: &[Option<ClaimSlot>]) -> Vec<BackendView<'_>> {
                     role,
                     timeline: None,
                     claim: *claim,
+                    data_error: None,
                 })
         })
         .collect()
@@ -1985,7 +2002,7 @@ proptest! {
         others in vec(prop_oneof![Just(Role::Replica), Just(Role::Maintenance), Just(Role::Down("x".into()))], 0..POOL - 1),
     ) {
         let previous = Route { generation, target: Target::Leader(pool_addr(0)) };
-        let mut slots: Vec<Option<ClaimSlot>> = vec![Some((true, true, Role::Leader, Claim { first: 1, last: 3, standing }))];
+        let mut slots: Vec<Option<ClaimSlot>> = vec![Some((true, true, Role::Leader, Claim { first: 1, last: 3, standing, ..Claim::default() }))];
         slots.extend(others.into_iter().map(|r| Some((true, true, r, Claim::default()))));
         let v = claim_views(&slots);
         let next = decide(&previous, &v);
