@@ -47,10 +47,10 @@ pub const ROLE_PATH: &str = "/flycheck/role";
 /// timeout so a hung Postgres shows up as a 500 rather than as a dead agent.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// How long one answer is reused by default: a tenth of the proxy's default 2 s check
-/// interval and below its 250 ms fast interval, so a failover is seen as soon as without
-/// reuse, while a flood of requests costs at most five queries a second.
-pub const DEFAULT_REUSE_FOR: Duration = Duration::from_millis(200);
+/// How long one answer is reused by default: half the proxy's default 100 ms fast interval, so
+/// a promotion is seen within 0.2 s of it as without reuse, while a flood of requests costs at
+/// most twenty queries a second.
+pub const DEFAULT_REUSE_FOR: Duration = Duration::from_millis(50);
 
 /// The agent's clients are the proxies of a handful of nodes, each checking every couple of
 /// seconds; these bounds leave them ample room and keep a flood from holding more.

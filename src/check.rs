@@ -321,11 +321,7 @@ async fn ask_postgres(
 pub async fn probe_postgres(addr: SocketAddr, timeout: Duration) -> Option<Liveness> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
-        Err(_) => {
-            return Some(Liveness::Silent(format!(
-                "no TCP handshake within {timeout:?}"
-            )))
-        }
+        Err(_) => return Some(Liveness::Silent(format!("within {timeout:?}"))),
         Ok(Err(e)) if is_local_shortage(&e) => return None,
         Ok(Err(e)) => return Some(Liveness::Gone(format!("connect: {e}"))),
         Ok(Ok(stream)) => stream,
@@ -333,9 +329,7 @@ pub async fn probe_postgres(addr: SocketAddr, timeout: Duration) -> Option<Liven
     let _ = stream.set_nodelay(true);
     match tokio::time::timeout_at(deadline, ask_postmaster(&mut stream)).await {
         Ok(answer) => Some(answer),
-        Err(_) => Some(Liveness::Stalled(format!(
-            "connected, no answer within {timeout:?}"
-        ))),
+        Err(_) => Some(Liveness::Stalled(format!("within {timeout:?}"))),
     }
 }
 

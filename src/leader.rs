@@ -23,7 +23,9 @@ use crate::route::{
     Liveness, NoRoute, Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
     Verdict,
 };
-use crate::status::{unix_ms, BackendStatus, Change, UnconfirmedStatus, ViewStatus, HISTORY_LEN};
+use crate::status::{
+    unix_ms, BackendStatus, Change, DataPortStatus, UnconfirmedStatus, ViewStatus, HISTORY_LEN,
+};
 use crate::supervise::Supervisor;
 
 /// Input to the leader view.
@@ -214,8 +216,9 @@ struct BackendState {
     lapsed_at: Option<Instant>,
     /// When a probe last found its host alive (Postgres answered, or the handshake completed).
     alive_at: Option<Instant>,
-    /// Its Postgres port failed a probe, and none has found it answering since (rule 9).
-    data_error: Option<String>,
+    /// Its Postgres port failed a probe, and none has found it answering since (rule 9): the
+    /// error, and since when.
+    data_error: Option<(String, SystemTime)>,
     /// A silent probe's verdict was postponed by a recent sign of life: probe again then.
     probe_again_at: Option<Instant>,
 }
@@ -651,10 +654,15 @@ impl LeaderView {
                 return;
             }
             Verdict::Gone => {
-                if state.data_error.is_none() {
-                    tracing::warn!(backend = %addr, postgres = %liveness, "Postgres port fails; not routed until a probe finds it answering");
+                state.failed(liveness.to_string());
+                if state.data_error.is_some() {
+                    // Known already: it stays out of the route without flipping its role on
+                    // every `leader` answer and probe.
+                    state.postgres = Some(liveness);
+                    return;
                 }
-                state.data_error = Some(liveness.to_string());
+                tracing::warn!(backend = %addr, postgres = %liveness, "Postgres port fails; not routed until a probe finds it answering");
+                state.data_error = Some((liveness.to_string(), SystemTime::now()));
             }
         }
         let before = state.history.role().clone();
@@ -705,7 +713,7 @@ impl LeaderView {
                 role: state.history.role(),
                 timeline: state.timeline,
                 claim: claim_of(state, &self.settings),
-                data_error: state.data_error.as_deref(),
+                data_error: state.data_error.as_ref().map(|(error, _)| error.as_str()),
             })
             .collect();
         let route = decide_with(&previous, &views, self.settings.split_brain);
@@ -813,6 +821,13 @@ impl LeaderView {
                         expired: at.elapsed() >= self.settings.unconfirmed_limit,
                     }),
                 postgres: state.postgres.as_ref().map(ToString::to_string),
+                data_port: state
+                    .data_error
+                    .as_ref()
+                    .map(|(error, since)| DataPortStatus {
+                        since_unix_ms: unix_ms(*since),
+                        error: error.clone(),
+                    }),
                 sessions: 0,
             })
             .collect();
@@ -1057,6 +1072,176 @@ mod tests {
             "a departed backend with no sessions is forgotten"
         );
         assert!(view.counters.contains_key(&addr(2)));
+    }
+
+    fn route(handle: &ViewHandle) -> Route {
+        handle.route.borrow().clone()
+    }
+
+    fn probed(view: &mut LeaderView, addr: SocketAddr, liveness: Liveness) {
+        step(
+            view,
+            Event::Probed {
+                addr,
+                liveness: Some(liveness),
+            },
+        );
+    }
+
+    fn silent() -> Liveness {
+        Liveness::Silent("within 1s".into())
+    }
+
+    /// Rule 10: a probe that got no handshake takes a leader down only when nothing else showed
+    /// life lately; bytes on a session postpone the verdict to a probe a window later.
+    #[tokio::test(start_paused = true)]
+    async fn bytes_on_a_session_postpone_a_timeout_verdict() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).leader(), Some(addr(1)));
+        let generation = route(&handle).generation;
+
+        let session = handle.backends.borrow().count(addr(1));
+        session.heard().store(copy::clock_ms(), Ordering::Relaxed);
+        view.observe(addr(1), Role::Down("timed out".into()), None);
+        probed(&mut view, addr(1), silent());
+        assert_eq!(
+            route(&handle),
+            Route {
+                generation,
+                target: Target::Leader(addr(1))
+            },
+            "bytes just now: the leader stays"
+        );
+        let due = view.next_probe_due().expect("a probe is due later");
+        assert!(due > Instant::now() && due <= Instant::now() + view.settings.liveness_window);
+
+        // A window later, nothing more heard: the same answer is death.
+        tokio::time::advance(view.settings.liveness_window).await;
+        probed(&mut view, addr(1), silent());
+        assert_eq!(route(&handle).leader(), None, "silent, nothing heard: gone");
+        assert_eq!(route(&handle).generation, generation + 1);
+    }
+
+    /// A stalled postmaster (handshake done, no answer) is alive; a refusal is death at once,
+    /// whatever bytes came before.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_postmaster_lives_and_a_refusal_does_not() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        let session = handle.backends.borrow().count(addr(1));
+        view.observe(addr(1), Role::Down("HTTP 500".into()), None);
+        probed(&mut view, addr(1), Liveness::Stalled("within 1s".into()));
+        assert_eq!(route(&handle).leader(), Some(addr(1)), "stalled: alive");
+        session.heard().store(copy::clock_ms(), Ordering::Relaxed);
+        probed(
+            &mut view,
+            addr(1),
+            Liveness::Gone("connect: refused".into()),
+        );
+        assert_eq!(route(&handle).leader(), None, "refused: gone at once");
+    }
+
+    /// Rule 10: a node whose Postgres port fails is not routed on its role endpoint's word, and
+    /// its `leader` answers do not rebuild the route; a probe that finds it answering does.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_data_port_keeps_a_leader_out_until_a_probe_finds_it() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        step(
+            &mut view,
+            Event::ConnectFailed {
+                addr: addr(1),
+                error: "Connection refused".into(),
+            },
+        );
+        probed(
+            &mut view,
+            addr(1),
+            Liveness::Gone("connect: refused".into()),
+        );
+        let failing = route(&handle);
+        assert!(
+            matches!(failing.target, Target::None(NoRoute::DataPortFailing(a, _)) if a == addr(1)),
+            "{failing:?}"
+        );
+        for _ in 0..3 {
+            view.observe(addr(1), Role::Leader, None);
+            view.publish();
+            probed(
+                &mut view,
+                addr(1),
+                Liveness::Gone("connect: refused".into()),
+            );
+            assert_eq!(route(&handle), failing, "no new generation per answer");
+        }
+        assert!(handle.status.borrow().backends[0].data_port.is_some());
+        probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+        assert_eq!(route(&handle).leader(), Some(addr(1)));
+        assert!(handle.status.borrow().backends[0].data_port.is_none());
+    }
+
+    /// Rule 10: another node's claim contests the route for the hold-down; a lapsed claim
+    /// resumes it; a claimant that lapsed lately gets no second hold-down.
+    #[tokio::test(start_paused = true)]
+    async fn a_rival_claim_is_held_down_once_then_judged_at_once() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let at_1 = route(&handle);
+        assert_eq!(at_1.leader(), Some(addr(1)));
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).target, Target::Contested(addr(1)));
+        assert_eq!(route(&handle).generation, at_1.generation);
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        assert_eq!(
+            route(&handle),
+            at_1,
+            "the claim lapsed: resumed, same generation"
+        );
+
+        // The same node claims again soon after: no hold-down this time.
+        view.observe(addr(2), Role::Leader, None);
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        assert!(
+            matches!(route(&handle).target, Target::None(NoRoute::SplitBrain(_))),
+            "{:?}",
+            route(&handle)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_outlasts_its_hold_down_is_a_split_brain() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).target, Target::Contested(addr(1)));
+        tokio::time::advance(view.settings.contest_hold).await;
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert!(
+            matches!(route(&handle).target, Target::None(NoRoute::SplitBrain(_))),
+            "{:?}",
+            route(&handle)
+        );
     }
 
     #[test]

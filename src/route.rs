@@ -27,6 +27,11 @@
 //! 9. **Stepping down lets transactions finish.** A leader that stops claiming leader while
 //!    alive has its sessions closed at their next transaction boundary; once another node leads,
 //!    at once, so writes never land on two leaders.
+//! 10. **Only a death or a demotion cuts a session.** A probe's timeout is death only with no
+//!     sign of life within the window ([`probe_verdict`]); a rival's new claim *contests* a
+//!     confirmed leader's route for its hold-down ([`Target::Contested`], sessions pause:
+//!     [`Fate::Hold`]) before it counts; a node whose Postgres port fails is not routed, and the
+//!     route says so ([`NoRoute::DataPortFailing`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -331,8 +336,8 @@ pub enum NoRoute {
     /// The leader still answers, but no longer as leader (fenced or demoted: a planned
     /// switchover), and no other node leads yet. Its sessions may end their transactions.
     SteppedDown(SocketAddr),
-    /// The only node whose role endpoint says leader has a Postgres port that fails (a wrong
-    /// `backends.port`, a firewall, a dead Postgres behind a live endpoint): the error.
+    /// No node leads, and the one that led or says it leads has a Postgres port that fails (a
+    /// wrong `backends.port`, a firewall, a dead Postgres behind a live endpoint): the error.
     DataPortFailing(SocketAddr, String),
 }
 
@@ -362,10 +367,9 @@ impl fmt::Display for NoRoute {
                     list.join(", ")
                 )
             }
-            NoRoute::DataPortFailing(addr, error) => write!(
-                f,
-                "{addr} reports leader, but its Postgres port fails: {error}"
-            ),
+            NoRoute::DataPortFailing(addr, error) => {
+                write!(f, "leader {addr}'s Postgres port fails: {error}")
+            }
             NoRoute::SteppedDown(addr) => {
                 write!(
                     f,
@@ -387,9 +391,10 @@ pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String
         return route;
     }
     let present: Vec<&BackendView<'_>> = backends.iter().filter(|b| b.present).collect();
-    let data_failing = present
-        .iter()
-        .find_map(|b| Some((b.addr, b.data_error?)).filter(|_| *b.role == Role::Leader));
+    // A node that said leader (or was leader when it went down) and whose port fails.
+    let data_failing = present.iter().find_map(|b| {
+        Some((b.addr, b.data_error?)).filter(|_| matches!(b.role, Role::Leader | Role::Down(_)))
+    });
     let why = if let Some((addr, error)) = data_failing {
         NoRoute::DataPortFailing(addr, error.to_owned())
     } else if present.is_empty() {
@@ -1326,7 +1331,7 @@ mod tests {
     fn a_timeout_is_death_only_without_signs_of_life() {
         let window = Duration::from_secs(2);
         let secs = Duration::from_secs;
-        let silent = Liveness::Silent("no TCP handshake within 1s".into());
+        let silent = Liveness::Silent("within 1s".into());
         let cases = [
             (
                 "answered",

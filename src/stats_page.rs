@@ -2,7 +2,7 @@
 
 use crate::route::Target;
 use crate::status::Status;
-use crate::wording::{error_text, printable, unconfirmed_text, when};
+use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
 
 /// How often the stats page reloads itself.
 const PAGE_REFRESH_SECS: u32 = 2;
@@ -27,6 +27,9 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
             ),
             None => b.role.to_string(),
         };
+        if let Some(d) = &b.data_port {
+            role.push_str(&data_port_text(d.since_unix_ms, &d.error, now_unix_ms));
+        }
         if !b.present {
             role.push_str(" (left DNS)");
         }
@@ -41,12 +44,7 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
             b.sessions,
-            escape(&error_text(
-                b.last_error.as_deref(),
-                b.last_error_unix_ms,
-                b.last_check_unix_ms,
-                now_unix_ms
-            )),
+            escape(&backend_error_text(b, now_unix_ms)),
         ));
     }
     let mut listeners = String::new();
@@ -155,6 +153,7 @@ mod tests {
                 last_error_unix_ms: Some(1_000),
                 unconfirmed: None,
                 postgres: None,
+                data_port: None,
                 sessions: 2,
             }],
             listeners: vec![ListenerStatus {

@@ -59,8 +59,20 @@ pub struct BackendStatus {
     pub unconfirmed: Option<UnconfirmedStatus>,
     /// The latest probe of its Postgres, if one ran.
     pub postgres: Option<String>,
+    /// Set while its Postgres port fails (refused, reset, not Postgres, or silent with no sign
+    /// of life): it is not routed, whatever its role endpoint says, until a probe finds it
+    /// answering.
+    #[serde(default)]
+    pub data_port: Option<DataPortStatus>,
     #[serde(default)]
     pub sessions: u64,
+}
+
+/// A node whose Postgres port fails, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataPortStatus {
+    pub since_unix_ms: u64,
+    pub error: String,
 }
 
 /// A leader that leads on its Postgres's word only, as `/status` shows it.

@@ -10,7 +10,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::route::Role;
 use crate::status::Status;
-use crate::wording::{error_text, printable, unconfirmed_text, when};
+use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
 
 /// Why `roleproxy status` could not show the status.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +102,9 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
                 now_unix_ms,
             );
         }
+        if let Some(d) = &backend.data_port {
+            role.push_str(&data_port_text(d.since_unix_ms, &d.error, now_unix_ms));
+        }
         if !backend.present {
             role.push_str(", left DNS");
         }
@@ -115,12 +118,7 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".into()),
             backend.sessions.to_string(),
-            clean(&error_text(
-                backend.last_error.as_deref(),
-                backend.last_error_unix_ms,
-                backend.last_check_unix_ms,
-                now_unix_ms,
-            )),
+            clean(&backend_error_text(backend, now_unix_ms)),
         ]);
     }
     let widths: Vec<usize> = (0..7)

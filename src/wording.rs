@@ -40,6 +40,20 @@ pub fn error_text(
     }
 }
 
+/// A backend's last error as [`error_text`] words it; while its Postgres port fails, the error
+/// is current whatever its role endpoint answered since: it has not recovered.
+pub fn backend_error_text(backend: &crate::status::BackendStatus, now_unix_ms: u64) -> String {
+    let last_check = backend
+        .last_check_unix_ms
+        .filter(|_| backend.data_port.is_none());
+    error_text(
+        backend.last_error.as_deref(),
+        backend.last_error_unix_ms,
+        last_check,
+        now_unix_ms,
+    )
+}
+
 /// "leader, unconfirmed (since …, check failing: …; Postgres answers (…))", for people (rule 7).
 pub fn unconfirmed_text(
     since_unix_ms: u64,
@@ -57,6 +71,15 @@ pub fn unconfirmed_text(
         } else {
             ""
         }
+    )
+}
+
+/// ", Postgres port fails (since …): …", for people: why a node that says leader is not
+/// routed.
+pub fn data_port_text(since_unix_ms: u64, error: &str, now_unix_ms: u64) -> String {
+    format!(
+        ", Postgres port fails (since {}): {error}",
+        ago(now_unix_ms, since_unix_ms)
     )
 }
 

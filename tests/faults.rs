@@ -77,7 +77,7 @@ async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
+async fn a_black_holed_leader_gets_a_clear_error_and_is_not_routed_while_silent() {
     let cluster = FakeCluster::start(41, 0).await;
     // A "node" whose listener has a full accept queue: SYNs are dropped, so a connect hangs,
     // as to a host that vanished. Its role endpoint still says leader.
@@ -110,55 +110,49 @@ async fn a_black_holed_leader_gets_a_clear_error_and_is_marked_down() {
     let (code, message) = postgres_refusal(proxy.addr, false).await;
     assert_eq!(code, "57P03");
     assert!(
-        message.contains("timed out")
-            || message.contains("every node is a replica")
-            || message.contains("no node is reachable"),
+        message.contains("timed out") || message.contains("Postgres port fails"),
         "{message}"
     );
     // A failed connect is followed by a probe of the leader's Postgres; the probe's own short
-    // timeout finds nothing there, so the leader is down (until its next good check), with the
-    // reason.
-    let probe_found_nothing = |status: serde_json::Value| {
+    // timeout gets no handshake, and with no bytes from any session to say it lives, the port
+    // fails: the node is not routed, whatever its role endpoint says, and the route says why.
+    let silent = |status: serde_json::Value| {
         status["backends"]
             .as_array()
             .and_then(|b| b.iter().find(|b| b["address"] == black_holed))
-            .and_then(|b| b["last_error"].as_str())
-            .is_some_and(|e| e.contains("does not answer (no answer within 700ms)"))
+            .and_then(|b| b["data_port"]["error"].as_str())
+            .is_some_and(|e| e.contains("no TCP handshake within 700ms"))
     };
     assert!(
-        support::harness::eventually(LONG, || async { probe_found_nothing(proxy.status().await) })
-            .await,
+        support::harness::eventually(LONG, || async { silent(proxy.status().await) }).await,
         "{}",
         proxy.status().await
     );
-
-    // The whole node black-holed: its role endpoint hangs too. The check times out, the probe
-    // times out sooner, and the node is down: no route.
+    let (code, message) = postgres_refusal(proxy.addr, false).await;
+    assert_eq!(code, "57P03");
     assert!(
-        proxy.wait_route(Some(&black_holed), LONG).await,
-        "back after a good check"
+        message.contains("Postgres port fails")
+            && message.contains("no TCP handshake within 700ms"),
+        "{message}"
     );
-    let gone = || async {
+    // Its `leader` answers do not route it again while the port stays silent: each one is
+    // followed by a probe, and each probe counts.
+    let silent_probes = || async {
         let (_, metrics) = proxy.get("/metrics").await;
         let series = format!(
-            "roleproxy_postgres_probes_total{{backend=\"{black_holed}\",result=\"gone\"}} "
+            "roleproxy_postgres_probes_total{{backend=\"{black_holed}\",result=\"silent\"}} "
         );
         metrics
             .lines()
             .find_map(|l| l.strip_prefix(series.as_str())?.parse::<u64>().ok())
             .unwrap_or(0)
     };
-    let gone_before = gone().await;
-    role.set(RoleReply::Hang);
+    let before = silent_probes().await;
     assert!(
-        support::harness::eventually(LONG, || async {
-            proxy.route_leader().await.is_none() && gone().await > gone_before
-        })
-        .await,
-        "{}",
-        proxy.status().await
+        support::harness::eventually(LONG, || async { silent_probes().await > before }).await,
+        "probed again"
     );
-    assert!(probe_found_nothing(proxy.status().await));
+    assert_eq!(proxy.route_leader().await, None, "still not routed");
     drop(fillers);
     proxy.stop().await;
 }

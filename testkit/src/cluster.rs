@@ -77,8 +77,8 @@ impl ClusterSpec {
             agent_port: 5500,
             dns_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             tls: false,
-            // check.interval 2 s + switchover_grace 1 s (the defaults), and slack.
-            fence_wait: Duration::from_millis(3500),
+            // check.interval 1 s + switchover_grace 1 s (the defaults), and slack.
+            fence_wait: Duration::from_millis(2500),
         }
     }
 
