@@ -39,6 +39,8 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
             .set("check.interval", "\"200ms\"")
             .set("check.fast_interval", "\"50ms\"")
             .set("check.split_brain", &format!("\"{policy}\""))
+            // Rule 10: a rival on a newer timeline is never held down, however long the hold.
+            .set("check.contest_hold", "\"120s\"")
             .listener("name = \"replicas\"\naddresses = [\"127.58.0.1:0\"]\nserves = \"replica\"")
             .config()
     };
@@ -60,6 +62,7 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
         );
     }
     let held = connect(&conninfo(newest.addr)).await.expect("a session");
+    let strict_session = connect(&conninfo(strict.addr)).await.expect("a session");
 
     // Promote the standby while the primary lives on: two nodes accept writes.
     cluster.promote(1).await.expect("promote the standby");
@@ -89,6 +92,19 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
     assert!(
         held.simple_query("SELECT 1").await.is_err(),
         "the session on the old timeline was closed when the route moved"
+    );
+    // Closed long before the 120 s hold-down could have run out: a held session would answer
+    // nothing, so each try is bounded.
+    assert!(
+        support::eventually(LONG, || async {
+            matches!(
+                tokio::time::timeout(Duration::from_secs(1), strict_session.simple_query("SELECT 1"))
+                    .await,
+                Ok(Err(_))
+            )
+        })
+        .await,
+        "the default policy ends the old leader's sessions at once too"
     );
     strict.stop().await;
     newest.stop().await;
