@@ -181,7 +181,8 @@ impl Running {
             hard_stop: fixed.hard_stop,
             tracker: fixed.tracker,
         };
-        let (settings, preconnect_stop) = new_settings(&config, &base, None, &fixed.background);
+        let (settings, preconnect_stop) =
+            new_settings(&config, &base, None, &fixed.background, &fixed.supervisor);
         let mut running = Running {
             config,
             source,
@@ -444,7 +445,8 @@ impl Running {
                 }
                 None
             };
-            let (settings, pool_stop) = new_settings(new, &self.base, pool, &self.background);
+            let (settings, pool_stop) =
+                new_settings(new, &self.base, pool, &self.background, &self.supervisor);
             self.settings = settings;
             if pool_stop.is_some() {
                 self.preconnect_stop = pool_stop;
@@ -510,6 +512,7 @@ fn new_settings(
     base: &SessionBase,
     pool: Option<Arc<Preconnect>>,
     background: &CancellationToken,
+    supervisor: &Supervisor,
 ) -> (Arc<SessionSettings>, Option<CancellationToken>) {
     let proxy: &ProxyConfig = &config.proxy;
     let mut stop = None;
@@ -517,13 +520,17 @@ fn new_settings(
         (proxy.preconnect > 0).then(|| {
             let pool = Preconnect::new(proxy.preconnect);
             let token = background.child_token();
-            tokio::spawn(Arc::clone(&pool).run(
-                base.view.route.clone(),
-                proxy.connect_timeout,
-                Arc::clone(&base.own),
-                Arc::clone(&base.reserve),
+            supervisor.spawn(
+                "preconnect",
                 token.clone(),
-            ));
+                Arc::clone(&pool).run(
+                    base.view.route.clone(),
+                    proxy.connect_timeout,
+                    Arc::clone(&base.own),
+                    Arc::clone(&base.reserve),
+                    token.clone(),
+                ),
+            );
             stop = Some(token);
             pool
         })
