@@ -26,6 +26,8 @@
 //!   what counts as this host running short.
 //! - [`running`]: the running proxy: its listeners, the session settings of each configuration,
 //!   and reloading (SIGHUP, `POST /reload`).
+//! - [`preflight`]: a new configuration tried against the live cluster before a reload applies
+//!   it: refused if it would leave routing worse than now.
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
 //!   page, `POST /reload`.
 //! - [`status`]: the `/status` document, one schema for the server, the page and the client, and
@@ -54,6 +56,7 @@ pub mod loops;
 pub mod metrics;
 pub mod pgwire;
 pub mod preconnect;
+pub mod preflight;
 pub mod proxy;
 pub mod reserve;
 pub mod route;
