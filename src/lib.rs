@@ -162,7 +162,7 @@ impl Proxy {
     /// Runs until `shutdown` resolves, then stops accepting, gives sessions
     /// `proxy.shutdown_grace` to finish, and closes the rest. Reload requests are applied
     /// meanwhile.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let config = self.config;
         let expiry = config.metrics_expiry();
         metrics::install(expiry);
@@ -239,6 +239,8 @@ impl Proxy {
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failure = None;
+        // Evaluated off this loop: shutdown and a dead core task never wait for a reload.
+        let mut reloads = running::Reloads::new(self.reloads);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -247,17 +249,12 @@ impl Proxy {
                     break;
                 }
                 _ = keep_alive.tick() => metrics::keep_alive(running.metered_backends()),
-                Some((force, reply)) = self.reloads.recv() => {
-                    let outcome = running.reload(force).await;
-                    if let Err(e) = &outcome {
-                        tracing::error!(error = %e, "reload refused; the running configuration stays");
-                    }
-                    let _ = reply.send(outcome);
-                }
+                step = reloads.next() => reloads.handle(step, &mut running).await,
             }
         }
-        // A reload asked for from now on is answered "stopped", not left waiting.
-        drop(self.reloads);
+        // The evaluation under way is aborted; it and any reload asked for from now on are
+        // answered "stopped", not left waiting.
+        drop(reloads);
         let grace = running.config.proxy.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new clients");
         running.stop_listeners().await;
