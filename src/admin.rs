@@ -141,7 +141,7 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
 
 /// `POST /reload`: re-reads the configuration file; 200 with what changed, 400 with why the
 /// file was refused (the running configuration stays), 403 while `admin.allow_changes` is off.
-/// `?force=true` applies a `[check]` that the current leader does not answer `leader` to.
+/// `?force=true` applies a configuration that would leave routing worse than now.
 async fn reload(state: &AdminState, method: &Method, force: bool) -> Response<Full<Bytes>> {
     if method != Method::POST {
         return text(

@@ -73,8 +73,8 @@ struct File {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
-    /// Apply a `[check]` change even when the current leader does not answer `leader` to it
-    /// (the way to force a reload sent with SIGHUP; `POST /reload?force=true` is the other).
+    /// Apply a reload even when it would leave routing worse than now (the way to force a
+    /// reload sent with SIGHUP; `POST /reload?force=true` is the other).
     pub force: bool,
 }
 

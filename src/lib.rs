@@ -26,6 +26,8 @@
 //!   what counts as this host running short.
 //! - [`running`]: the running proxy: its listeners, the session settings of each configuration,
 //!   and reloading (SIGHUP, `POST /reload`).
+//! - [`preflight`]: a new configuration tried against the live cluster before a reload applies
+//!   it: refused if it would leave routing worse than now.
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
 //!   page, `POST /reload`.
 //! - [`status`]: the `/status` document, one schema for the server, the page and the client, and
@@ -54,6 +56,7 @@ pub mod loops;
 pub mod metrics;
 pub mod pgwire;
 pub mod preconnect;
+pub mod preflight;
 pub mod proxy;
 pub mod reserve;
 pub mod route;
@@ -159,7 +162,7 @@ impl Proxy {
     /// Runs until `shutdown` resolves, then stops accepting, gives sessions
     /// `proxy.shutdown_grace` to finish, and closes the rest. Reload requests are applied
     /// meanwhile.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let config = self.config;
         let expiry = config.metrics_expiry();
         metrics::install(expiry);
@@ -236,6 +239,8 @@ impl Proxy {
         keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = std::pin::pin!(shutdown);
         let mut failure = None;
+        // Evaluated off this loop: shutdown and a dead core task never wait for a reload.
+        let mut reloads = running::Reloads::new(self.reloads);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -244,17 +249,12 @@ impl Proxy {
                     break;
                 }
                 _ = keep_alive.tick() => metrics::keep_alive(running.metered_backends()),
-                Some((force, reply)) = self.reloads.recv() => {
-                    let outcome = running.reload(force).await;
-                    if let Err(e) = &outcome {
-                        tracing::error!(error = %e, "reload refused; the running configuration stays");
-                    }
-                    let _ = reply.send(outcome);
-                }
+                step = reloads.next() => reloads.handle(step, &mut running).await,
             }
         }
-        // A reload asked for from now on is answered "stopped", not left waiting.
-        drop(self.reloads);
+        // The evaluation under way is aborted; it and any reload asked for from now on are
+        // answered "stopped", not left waiting.
+        drop(reloads);
         let grace = running.config.proxy.shutdown_grace;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down: no new clients");
         running.stop_listeners().await;

@@ -298,7 +298,8 @@ fn raise_fd_limit() {
 }
 
 /// SIGHUP re-reads the configuration file, as HAProxy and PgBouncer users expect. The outcome
-/// is logged by the proxy.
+/// is logged by the proxy; signals that come while a reload is evaluated are answered together
+/// by the next one.
 fn reload_on_sighup(reloader: roleproxy::Reloader) {
     let mut hangups = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -310,7 +311,9 @@ fn reload_on_sighup(reloader: roleproxy::Reloader) {
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
-            let _ = reloader.reload().await;
+            if reloader.ask(false).await.is_err() {
+                return;
+            }
         }
     });
 }

@@ -145,17 +145,18 @@ fn alive(stream: &TcpStream) -> bool {
 mod tests {
     use super::*;
     use tokio::net::TcpListener;
+    use tokio_util::task::AbortOnDropHandle;
 
     #[tokio::test]
     async fn hands_out_connections_of_the_current_generation_only() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let accepted = tokio::spawn(async move {
+        let _accepting = AbortOnDropHandle::new(tokio::spawn(async move {
             let mut held = Vec::new();
             while let Ok((s, _)) = listener.accept().await {
                 held.push(s);
             }
-        });
+        }));
         let route = Route {
             generation: 3,
             target: crate::route::Target::Leader(addr),
@@ -164,13 +165,13 @@ mod tests {
         let pool = Preconnect::new(2);
         let cancel = CancellationToken::new();
         let own = Arc::new(crate::loops::OwnAddrs::new());
-        tokio::spawn(Arc::clone(&pool).run(
+        let filler = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&pool).run(
             rx,
             Duration::from_secs(1),
             own,
             Reserve::open(),
             cancel.clone(),
-        ));
+        )));
         for _ in 0..100 {
             if pool.len() == 2 {
                 break;
@@ -197,6 +198,6 @@ mod tests {
         assert_eq!(pool.len(), 0);
         assert!(pool.take(4, addr).is_none());
         cancel.cancel();
-        accepted.abort();
+        filler.await.expect("the filler stops when cancelled");
     }
 }

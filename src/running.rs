@@ -7,12 +7,22 @@
 //! role, discovery keeps its last good answers, so a leader that is still the leader keeps its
 //! route generation and its sessions.
 //!
-//! A new `[check]` is first tried on the current leader: unless it answers `leader`, the reload
-//! is refused, since applied it would move the route and close every session at once. An
-//! operator who means it forces the reload (`POST /reload?force=true`, or `reload.force = true`
-//! in the file for SIGHUP).
+//! Before that, whatever sections it changes, the new configuration is evaluated against the
+//! live cluster ([`crate::preflight`]): its DNS names resolved with its `[backends]`, every node
+//! it would find checked with its `[check]`, and the leader it would route to probed on its data
+//! address unless the live route already goes there. A reload that would leave routing worse
+//! than now is refused: the live leader no longer routed, the route moved to another leader, or
+//! a leader whose data address does not answer. An operator who means it forces the reload
+//! (`POST /reload?force=true`, or `reload.force = true` in the file for SIGHUP); the summary
+//! then says what it was forced past.
+//!
+//! The evaluation runs in a task of its own ([`Reloads`]), so shutdown and a dead core task
+//! never wait for it; its result is applied on the main loop, which only binds and sends on
+//! channels. Requests that come during an evaluation wait for the next one, which reads the
+//! file as it is then and answers them all.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,57 +31,54 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
 use crate::leader::{Event, ViewHandle, ViewSettings};
 use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
 use crate::preconnect::Preconnect;
+use crate::preflight::{self, Live, Worse};
 use crate::proxy::{self, ListenerPlan, SessionBase, SessionLimit, SessionSettings};
 use crate::reserve::Reserve;
-use crate::route::Role;
-use crate::status::{ListenerStatus, ServingStatus};
+use crate::status::{BackendStatus, ListenerStatus, ServingStatus};
 use crate::supervise::Supervisor;
 
 /// Why a reload was refused. The old configuration stays in force.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ReloadError {
     #[error("no configuration file to reload from (started without --config)")]
     NoSource,
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(Arc<ConfigError>),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
+    /// Applied, the configuration would leave routing worse than it is now.
+    #[error(transparent)]
+    Worse(#[from] Worse),
     #[error("the proxy is shutting down")]
     Stopped,
-    /// The new `[check]` could not even ask the current leader (wrong port, path, password):
-    /// applied, it would take every node down and close every session.
-    #[error(
-        "check: the new settings cannot check the current leader {leader}: {error}; {FORCE_HINT}"
-    )]
-    CheckFails { leader: SocketAddr, error: String },
-    /// The new `[check]` hears the current leader say something other than `leader` (a leader
-    /// word it does not know, another path or port, another kind): applied, it would move the
-    /// route and close every session.
-    #[error("check: with the new settings the current leader {leader} answers {role}, not leader; applied, this would close every session; {FORCE_HINT}")]
-    NotLeader { leader: SocketAddr, role: Role },
-    /// The new `[check]` could not tell (the leader or this host is out of resources).
-    #[error("check: the new settings could not tell the current leader {leader}'s role (it or this host is out of resources); try again, or {FORCE_HINT}")]
-    Undecided { leader: SocketAddr },
+    /// The evaluation itself failed (a bug); nothing was applied.
+    #[error("the reload's evaluation failed: {0}")]
+    Failed(String),
 }
 
-const FORCE_HINT: &str =
-    "to apply it anyway, POST /reload?force=true or set reload.force = true in the file";
+impl From<ConfigError> for ReloadError {
+    fn from(e: ConfigError) -> Self {
+        ReloadError::Config(Arc::new(e))
+    }
+}
 
 impl ReloadError {
     /// The file or its settings were refused (as opposed to the proxy stopping).
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, ReloadError::NoSource | ReloadError::Stopped)
+        !matches!(
+            self,
+            ReloadError::NoSource | ReloadError::Stopped | ReloadError::Failed(_)
+        )
     }
 }
 
@@ -80,7 +87,9 @@ type ListenerKey = (String, SocketAddr);
 /// One configured address of a listener, bound.
 pub(crate) type Bound = (ListenerConfig, SocketAddr, TcpListener);
 
-type Reply = oneshot::Sender<Result<String, ReloadError>>;
+type Outcome = Result<String, ReloadError>;
+
+type Reply = oneshot::Sender<Outcome>;
 
 /// A reload request: whether it is forced, and where the outcome goes.
 pub(crate) type Request = (bool, Reply);
@@ -102,15 +111,24 @@ impl Reloader {
         self.reload_with(false).await
     }
 
-    /// Reloads; `force` applies a `[check]` change even when the current leader does not
-    /// answer `leader` to it.
+    /// Reloads; `force` applies the new configuration even when it would leave routing worse
+    /// than now.
     pub async fn reload_with(&self, force: bool) -> Result<String, ReloadError> {
+        self.ask(force).await?.await
+    }
+
+    /// Asks for a reload and returns once the proxy has the request, before it is evaluated;
+    /// the future returned gives the outcome. Dropping it leaves the outcome to the log.
+    pub async fn ask(
+        &self,
+        force: bool,
+    ) -> Result<impl Future<Output = Outcome> + Send + 'static, ReloadError> {
         let (reply, outcome) = oneshot::channel();
         self.requests
             .send((force, reply))
             .await
             .map_err(|_| ReloadError::Stopped)?;
-        outcome.await.map_err(|_| ReloadError::Stopped)?
+        Ok(async move { outcome.await.map_err(|_| ReloadError::Stopped)? })
     }
 }
 
@@ -181,7 +199,8 @@ impl Running {
             hard_stop: fixed.hard_stop,
             tracker: fixed.tracker,
         };
-        let (settings, preconnect_stop) = new_settings(&config, &base, None, &fixed.background);
+        let (settings, preconnect_stop) =
+            new_settings(&config, &base, None, &fixed.background, &fixed.supervisor);
         let mut running = Running {
             config,
             source,
@@ -208,21 +227,19 @@ impl Running {
     /// Backends whose metric series are kept: every one the leader view still knows, and the
     /// fixed targets.
     pub fn metered_backends(&self) -> Vec<SocketAddr> {
-        let mut backends: Vec<SocketAddr> = self
-            .base
-            .view
-            .status
-            .borrow()
-            .backends
-            .iter()
-            .map(|b| b.address)
-            .collect();
+        let mut backends: Vec<SocketAddr> =
+            self.with_backends(|known| known.iter().map(|b| b.address).collect());
         for spec in &self.config.listeners {
             if let Serves::Target(addr) = spec.serves {
                 backends.push(addr);
             }
         }
         backends
+    }
+
+    /// Reads the backends the leader view knows, as it last published them.
+    fn with_backends<T>(&self, read: impl FnOnce(&[BackendStatus]) -> T) -> T {
+        read(&self.base.view.status.borrow().backends)
     }
 
     fn spawn_listener(&mut self, spec: ListenerConfig, addr: SocketAddr, listener: TcpListener) {
@@ -256,32 +273,6 @@ impl Running {
             serves: spec.serves,
             settings: Arc::clone(&self.settings),
         })
-    }
-
-    /// Runs one check of the current leader with the new settings: anything but `leader`
-    /// refuses the reload, unless it is forced (then the refusal is only logged and returned
-    /// as a note for the summary).
-    async fn try_check(&self, new: &Config, force: bool) -> Result<Option<String>, ReloadError> {
-        let Some(leader) = self.base.view.route.borrow().leader() else {
-            return Ok(None);
-        };
-        let settings = CheckSettings::from_config(&new.check);
-        let refusal = match check::check_role(settings.endpoint(leader), &settings).await {
-            Some(Observation {
-                role: Role::Leader, ..
-            }) => return Ok(None),
-            Some(Observation {
-                role: Role::Down(error),
-                ..
-            }) => ReloadError::CheckFails { leader, error },
-            Some(Observation { role, .. }) => ReloadError::NotLeader { leader, role },
-            None => ReloadError::Undecided { leader },
-        };
-        if !force {
-            return Err(refusal);
-        }
-        tracing::warn!(reason = %refusal, "reload forced");
-        Ok(Some(format!("forced past: {refusal}")))
     }
 
     /// Tells sessions and discovery which addresses are the proxy's own.
@@ -336,20 +327,30 @@ impl Running {
         }
     }
 
-    /// Reads the configuration file again and applies it; `force` as in [`Reloader::reload_with`].
-    pub async fn reload(&mut self, force: bool) -> Result<String, ReloadError> {
-        let path = self.source.clone().ok_or(ReloadError::NoSource)?;
-        let config = Config::load(&path)?;
-        self.apply(config, force).await
+    /// What an evaluation of a new configuration compares with.
+    fn live(&self) -> Live {
+        let known = self.with_backends(|known| {
+            known
+                .iter()
+                .filter(|b| b.present)
+                .map(|b| (b.address, b.sources.clone()))
+                .collect()
+        });
+        Live {
+            route: self.base.view.route.clone(),
+            check: self.config.check.clone(),
+            dns_names: self.config.backends.dns_names.clone(),
+            known,
+            own: Arc::clone(&self.base.own),
+        }
     }
 
-    /// Applies a validated configuration; returns what changed, in words.
-    pub async fn apply(&mut self, new: Config, force: bool) -> Result<String, ReloadError> {
-        let forced = if new.check != self.config.check {
-            self.try_check(&new, force || new.reload.force).await?
-        } else {
-            None
-        };
+    /// Applies an evaluated configuration; returns what changed, in words.
+    pub async fn apply(&mut self, ready: Ready) -> Result<String, ReloadError> {
+        let Ready {
+            config: new,
+            forced,
+        } = ready;
         // Bind first: a taken port refuses the whole reload.
         let mut wanted: BTreeMap<ListenerKey, ListenerConfig> = BTreeMap::new();
         for spec in new.all_listeners() {
@@ -377,7 +378,7 @@ impl Running {
             }
             let listener = proxy::bind(*addr, true).map_err(|source| ReloadError::Bind {
                 addr: *addr,
-                source,
+                source: Arc::new(source),
             })?;
             fresh.push((spec.clone(), *addr, listener));
         }
@@ -385,6 +386,9 @@ impl Running {
         let old = std::mem::replace(&mut self.config, new);
         let new = &self.config;
         let mut changes = Vec::new();
+        if let Some(worse) = forced {
+            changes.push(format!("forced past: {worse}"));
+        }
 
         if new.admin.address != old.admin.address {
             changes.push(format!(
@@ -423,10 +427,7 @@ impl Running {
             {
                 return Err(ReloadError::Stopped);
             }
-            changes.push(match forced {
-                Some(note) => format!("check settings ({note})"),
-                None => "check settings".to_string(),
-            });
+            changes.push("check settings".to_string());
         }
         if new.backends != old.backends {
             self.backends.send_replace(new.backends.clone());
@@ -444,7 +445,8 @@ impl Running {
                 }
                 None
             };
-            let (settings, pool_stop) = new_settings(new, &self.base, pool, &self.background);
+            let (settings, pool_stop) =
+                new_settings(new, &self.base, pool, &self.background, &self.supervisor);
             self.settings = settings;
             if pool_stop.is_some() {
                 self.preconnect_stop = pool_stop;
@@ -504,12 +506,151 @@ impl Running {
     }
 }
 
+/// A configuration evaluated and ready to apply, with the refusal it was forced past, if any.
+pub(crate) struct Ready {
+    config: Config,
+    forced: Option<Worse>,
+}
+
+/// What the main loop hears from [`Reloads::next`].
+pub(crate) enum Step {
+    Asked(Request),
+    Evaluated(Result<Box<Ready>, ReloadError>),
+}
+
+/// An evaluation under way, and the requests its outcome answers.
+struct Evaluation {
+    task: AbortOnDropHandle<Result<Box<Ready>, ReloadError>>,
+    replies: Vec<Reply>,
+}
+
+/// Reload requests, evaluated one at a time in a task of their own, so the main loop never
+/// waits for an evaluation; dropped, it aborts the one under way and its requesters hear that
+/// the proxy is stopping.
+pub(crate) struct Reloads {
+    requests: mpsc::Receiver<Request>,
+    evaluating: Option<Evaluation>,
+    /// Requests that came during it. The next evaluation answers them all: it reads the file
+    /// as it is then, and the last request's `force` counts.
+    waiting: Vec<Reply>,
+    force: bool,
+}
+
+impl Reloads {
+    pub fn new(requests: mpsc::Receiver<Request>) -> Reloads {
+        Reloads {
+            requests,
+            evaluating: None,
+            waiting: Vec::new(),
+            force: false,
+        }
+    }
+
+    /// Waits for a request or for the evaluation under way to end.
+    pub async fn next(&mut self) -> Step {
+        let Reloads {
+            requests,
+            evaluating,
+            ..
+        } = self;
+        let evaluated = async {
+            match evaluating {
+                Some(evaluation) => (&mut evaluation.task).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(request) = requests.recv() => Step::Asked(request),
+            joined = evaluated => Step::Evaluated(
+                joined.unwrap_or_else(|e| Err(ReloadError::Failed(e.to_string())))
+            ),
+        }
+    }
+
+    /// Queues a request, or applies an evaluated configuration and answers its requests; then
+    /// starts the next evaluation if requests wait for one.
+    pub async fn handle(&mut self, step: Step, running: &mut Running) {
+        match step {
+            Step::Asked(request) => self.wait(request),
+            Step::Evaluated(evaluated) => {
+                let replies = self
+                    .evaluating
+                    .take()
+                    .map(|e| e.replies)
+                    .unwrap_or_default();
+                // Requests already sent came during this evaluation: the next one covers them.
+                while let Ok(request) = self.requests.try_recv() {
+                    self.wait(request);
+                }
+                let outcome = match evaluated {
+                    Ok(ready) => running.apply(*ready).await,
+                    Err(e) => Err(e),
+                };
+                answer(replies, outcome);
+            }
+        }
+        if self.evaluating.is_none() && !self.waiting.is_empty() {
+            self.start(running);
+        }
+    }
+
+    fn wait(&mut self, (force, reply): Request) {
+        self.waiting.push(reply);
+        self.force = force;
+    }
+
+    /// Reads the file and evaluates it in a task of its own.
+    fn start(&mut self, running: &Running) {
+        let replies = std::mem::take(&mut self.waiting);
+        let force = std::mem::take(&mut self.force);
+        let loaded = running.source.as_deref().ok_or(ReloadError::NoSource);
+        let config = match loaded.and_then(|path| Ok(Config::load(path)?)) {
+            Ok(config) => config,
+            Err(e) => return answer(replies, Err(e)),
+        };
+        tracing::info!("reload: evaluating the new configuration against the live cluster");
+        let live = running.live();
+        let task = tokio::spawn(async move {
+            let force = force || config.reload.force;
+            match preflight::evaluate(&config, &live).await {
+                Ok(()) => Ok(Box::new(Ready {
+                    config,
+                    forced: None,
+                })),
+                Err(worse) if force => {
+                    tracing::warn!(reason = %worse, "reload forced");
+                    Ok(Box::new(Ready {
+                        config,
+                        forced: Some(worse),
+                    }))
+                }
+                Err(worse) => Err(worse.into()),
+            }
+        });
+        self.evaluating = Some(Evaluation {
+            task: AbortOnDropHandle::new(task),
+            replies,
+        });
+    }
+}
+
+/// Logs a reload's outcome and gives it to everyone who asked for it.
+fn answer(replies: Vec<Reply>, outcome: Outcome) {
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "reload refused; the running configuration stays");
+    }
+    for reply in replies {
+        let _ = reply.send(outcome.clone());
+    }
+}
+
 /// A new generation of session settings; a new preconnect pool when none is carried over.
 fn new_settings(
     config: &Config,
     base: &SessionBase,
     pool: Option<Arc<Preconnect>>,
     background: &CancellationToken,
+    supervisor: &Supervisor,
 ) -> (Arc<SessionSettings>, Option<CancellationToken>) {
     let proxy: &ProxyConfig = &config.proxy;
     let mut stop = None;
@@ -517,13 +658,17 @@ fn new_settings(
         (proxy.preconnect > 0).then(|| {
             let pool = Preconnect::new(proxy.preconnect);
             let token = background.child_token();
-            tokio::spawn(Arc::clone(&pool).run(
-                base.view.route.clone(),
-                proxy.connect_timeout,
-                Arc::clone(&base.own),
-                Arc::clone(&base.reserve),
+            supervisor.spawn(
+                "preconnect",
                 token.clone(),
-            ));
+                Arc::clone(&pool).run(
+                    base.view.route.clone(),
+                    proxy.connect_timeout,
+                    Arc::clone(&base.own),
+                    Arc::clone(&base.reserve),
+                    token.clone(),
+                ),
+            );
             stop = Some(token);
             pool
         })

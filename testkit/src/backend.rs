@@ -6,7 +6,7 @@
 //! nor invents a byte.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -63,6 +63,8 @@ impl Drop for OpenGuard {
 pub struct TaggedBackend {
     addr: SocketAddr,
     counters: Arc<Counters>,
+    /// Whether it answers roleproxy's `pg_isready`-style probe as Postgres would.
+    probes: Arc<AtomicBool>,
     task: TaskGuard,
 }
 
@@ -80,22 +82,38 @@ impl TaggedBackend {
         let counters = Arc::new(Counters::default());
         let greeting: Arc<[u8]> = format!("{tag}\n").into_bytes().into();
         let conn_counters = Arc::clone(&counters);
+        let probes = Arc::new(AtomicBool::new(false));
+        let conn_probes = Arc::clone(&probes);
         let task = TaskGuard::spawn(accept_loop(listener, move |stream| {
             // Counted at accept, before the task first runs, so `open()` is
             // right as soon as the connection exists.
             let guard = OpenGuard::new(&conn_counters);
             let greeting = Arc::clone(&greeting);
+            let probes = conn_probes.load(Ordering::SeqCst);
             async move {
                 let _guard = guard;
                 // An error means the client reset or vanished: just close.
-                let _ = greet_and_echo(stream, &greeting).await;
+                let _ = if probes {
+                    answer_probe_or_echo(stream, &greeting).await
+                } else {
+                    greet_and_echo(stream, &greeting).await
+                };
             }
         }));
         TaggedBackend {
             addr,
             counters,
+            probes,
             task,
         }
+    }
+
+    /// From now on, answers roleproxy's `pg_isready`-style probe as Postgres does (it asks
+    /// for a password), so the probe finds Postgres here; other clients are greeted once
+    /// their first bytes arrive, as Postgres clients speak first. By default it greets at
+    /// once, and a probe finds no Postgres.
+    pub fn answer_probes(&self) {
+        self.probes.store(true, Ordering::SeqCst);
     }
 
     /// The bound address.
@@ -131,6 +149,11 @@ impl TaggedBackend {
 
 async fn greet_and_echo(mut stream: TcpStream, greeting: &[u8]) -> std::io::Result<()> {
     stream.write_all(greeting).await?;
+    echo_until_eof(stream).await
+}
+
+/// Echoes until the client's EOF, then half-closes.
+async fn echo_until_eof(mut stream: TcpStream) -> std::io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
         let n = stream.read(&mut buf).await?;
@@ -139,6 +162,27 @@ async fn greet_and_echo(mut stream: TcpStream, greeting: &[u8]) -> std::io::Resu
         }
         stream.write_all(&buf[..n]).await?;
     }
+}
+
+/// roleproxy's probe: a StartupMessage for this user.
+const PROBE_USER: &[u8] = b"roleproxy_probe";
+/// AuthenticationCleartextPassword: what Postgres answers a user it asks a password of.
+const ASKS_PASSWORD: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 3];
+
+/// Answers a probe as Postgres would; greets and echoes anyone else, from their first bytes.
+async fn answer_probe_or_echo(mut stream: TcpStream, greeting: &[u8]) -> std::io::Result<()> {
+    let mut first = vec![0u8; CHUNK];
+    let n = stream.read(&mut first).await?;
+    if first[..n]
+        .windows(PROBE_USER.len())
+        .any(|w| w == PROBE_USER)
+    {
+        stream.write_all(&ASKS_PASSWORD).await?;
+        return stream.shutdown().await;
+    }
+    stream.write_all(greeting).await?;
+    stream.write_all(&first[..n]).await?;
+    echo_until_eof(stream).await
 }
 
 /// A backend for integrity tests. On each connection it, at the same time,

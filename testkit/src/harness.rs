@@ -127,6 +127,8 @@ pub struct RunningProxy {
     pub admin: SocketAddr,
     /// Bound addresses by listener name (`leader` is `[listen]`), as started.
     pub listeners: BTreeMap<String, Vec<SocketAddr>>,
+    /// Asks this proxy to reload, as `POST /reload` and SIGHUP do.
+    pub reloader: roleproxy::Reloader,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), roleproxy::Error>>>,
 }
@@ -157,6 +159,7 @@ impl RunningProxy {
             .collect();
         let addr = proxy.listen_addrs()[0];
         let admin = proxy.admin_addr().expect("admin enabled in tests");
+        let reloader = proxy.reloader();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(proxy.run(async move {
             let _ = stopped.await;
@@ -165,6 +168,7 @@ impl RunningProxy {
             addr,
             admin,
             listeners,
+            reloader,
             stop: Some(stop),
             task: Some(task),
         }
