@@ -129,6 +129,7 @@ impl Outlook {
                     standing: *standing,
                     ..Claim::default()
                 },
+                data_error: None,
             })
             .collect();
         let route = route::decide_with(&Route::initial(), &views, self.split_brain);
@@ -197,9 +198,9 @@ pub fn judge(live: Option<SocketAddr>, outlook: &Outlook) -> Result<(), Worse> {
     match (target, live) {
         (Target::Leader(to), live) => match (&outlook.probed, live) {
             (Some(None), _) => Err(Worse::Unprobed { leader: to }),
-            (Some(Some(Liveness::Gone(error))), _) => Err(Worse::Silent {
+            (Some(Some(liveness)), _) if !liveness.lives() => Err(Worse::Silent {
                 leader: to,
-                error: error.clone(),
+                error: liveness.to_string(),
             }),
             (_, Some(from)) => Err(Worse::Moves { from, to }),
             (_, None) => Ok(()),
@@ -215,10 +216,12 @@ pub fn judge(live: Option<SocketAddr>, outlook: &Outlook) -> Result<(), Worse> {
                     .join(", "),
             })
         }
-        (Target::None(_) | Target::Held(_), Some(leader)) => Err(Worse::NoLeader {
-            leader,
-            heard: outlook.heard_text(),
-        }),
+        (Target::None(_) | Target::Held(_) | Target::Contested(_), Some(leader)) => {
+            Err(Worse::NoLeader {
+                leader,
+                heard: outlook.heard_text(),
+            })
+        }
     }
 }
 

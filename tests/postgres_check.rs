@@ -98,8 +98,11 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
     assert!(
         support::eventually(LONG, || async {
             matches!(
-                tokio::time::timeout(Duration::from_secs(1), strict_session.simple_query("SELECT 1"))
-                    .await,
+                tokio::time::timeout(
+                    Duration::from_secs(1),
+                    strict_session.simple_query("SELECT 1")
+                )
+                .await,
                 Ok(Err(_))
             )
         })
