@@ -793,13 +793,13 @@ impl std::fmt::Display for Liveness {
             Liveness::Alive(detail) => write!(f, "Postgres answers ({detail})"),
             Liveness::Refusing(detail) => write!(f, "Postgres refuses connections ({detail})"),
             Liveness::Gone(detail) => write!(f, "Postgres does not answer ({detail})"),
-            Liveness::Stalled(detail) => {
-                write!(
-                    f,
-                    "Postgres takes connections but does not answer ({detail})"
-                )
+            Liveness::Stalled(detail) => write!(
+                f,
+                "Postgres takes connections but does not answer (handshake done, no answer {detail})"
+            ),
+            Liveness::Silent(detail) => {
+                write!(f, "Postgres does not answer (no TCP handshake {detail})")
             }
-            Liveness::Silent(detail) => write!(f, "no TCP handshake ({detail})"),
         }
     }
 }
