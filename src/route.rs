@@ -553,7 +553,9 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
         _ => return None,
     };
     let leader = backends.iter().find(|b| b.addr == current)?;
+    // A backup leads only while no discovered node does (rule 4): it is never held.
     if !leader.present
+        || !leader.discovered
         || *leader.role != Role::Leader
         || leader.claim.standing != Standing::Confirmed
     {
@@ -1297,6 +1299,15 @@ mod tests {
                 route(5, Target::Leader(addr(12))),
             ),
             (
+                "a backup leader is not held: a discovered leader takes over at once (rule 4)",
+                route(4, Target::Leader(addr(50))),
+                vec![
+                    (50, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
                 "no route before: two claims are a split brain at once",
                 route(4, Target::None(NoRoute::NoLeader)),
                 vec![
@@ -1314,7 +1325,8 @@ mod tests {
                 .iter()
                 .map(|(n, role, claim, timeline)| BackendView {
                     addr: addr(*n),
-                    discovered: true,
+                    // Node 50 stands for a backup address.
+                    discovered: *n != 50,
                     present: true,
                     role,
                     timeline: *timeline,
