@@ -198,10 +198,14 @@ pub fn judge(live: Option<SocketAddr>, outlook: &Outlook) -> Result<(), Worse> {
     match (target, live) {
         (Target::Leader(to), live) => match (&outlook.probed, live) {
             (Some(None), _) => Err(Worse::Unprobed { leader: to }),
-            (Some(Some(liveness)), _) if !liveness.lives() => Err(Worse::Silent {
-                leader: to,
-                error: liveness.to_string(),
-            }),
+            // Refusing (57P03) is Postgres at that address, starting up or in recovery: the
+            // address is right.
+            (Some(Some(liveness @ (Liveness::Gone(_) | Liveness::Silent(_)))), _) => {
+                Err(Worse::Silent {
+                    leader: to,
+                    error: liveness.to_string(),
+                })
+            }
             (_, Some(from)) => Err(Worse::Moves { from, to }),
             (_, None) => Ok(()),
         },

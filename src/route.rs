@@ -570,8 +570,12 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
         (Some(theirs), Some(ours)) => theirs > ours,
         _ => false,
     };
+    // Only a claim that began after the leader's is new: the leader a promotion replaced is
+    // no rival to hold down.
     rivals
-        .all(|rival| rival.claim.held_down && !newer(rival))
+        .all(|rival| {
+            rival.claim.held_down && rival.claim.first > leader.claim.first && !newer(rival)
+        })
         .then_some(Target::Contested(current))
 }
 
@@ -1297,6 +1301,35 @@ mod tests {
                     (12, Role::Leader, rival(true), None),
                 ],
                 route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "the leader a promotion replaced still claims: no hold-down, its claim is older",
+                route(5, Target::Leader(addr(12))),
+                vec![
+                    (
+                        11,
+                        Role::Leader,
+                        Claim {
+                            last: 50,
+                            ..rival(true)
+                        },
+                        None,
+                    ),
+                    (
+                        12,
+                        Role::Leader,
+                        Claim {
+                            first: 30,
+                            last: 40,
+                            ..leader(Confirmed)
+                        },
+                        None,
+                    ),
+                ],
+                route(
+                    6,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
             ),
             (
                 "a backup leader is not held: a discovered leader takes over at once (rule 4)",
