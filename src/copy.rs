@@ -11,7 +11,8 @@
 //! A session may be followed by a [`Framing`]: every buffered read is shown to it, and a splice
 //! never moves more than the rest of the current message's body, so each header passes through
 //! user space and the framing never loses count. A followed session can then end between
-//! transactions ([`Bidirectional::end_when_idle`]).
+//! transactions ([`Bidirectional::end_when_idle`]), or pause there and resume
+//! ([`Bidirectional::pause_when_idle`], [`Bidirectional::resume`]).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -216,8 +217,21 @@ pub fn bidirectional<'a>(
         half_close_timeout,
         half_closed: None,
         framing,
-        end_when_idle: false,
+        at_idle: AtIdle::Copy,
     }
+}
+
+/// What a followed copy does at the session's next transaction boundary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AtIdle {
+    /// Nothing: it copies on.
+    Copy,
+    /// Ends there ([`Ended::Idle`]).
+    End,
+    /// Stops reading the client there.
+    Pause,
+    /// Reached the boundary with a pause asked for: the client's bytes wait in its socket.
+    Paused,
 }
 
 /// How a copy ended without failing.
@@ -247,7 +261,7 @@ pub struct Bidirectional<'a> {
     /// timer.
     half_closed: Option<Pin<Box<Sleep>>>,
     framing: Option<&'a mut Framing>,
-    end_when_idle: bool,
+    at_idle: AtIdle,
 }
 
 impl Bidirectional<'_> {
@@ -259,14 +273,50 @@ impl Bidirectional<'_> {
     /// From now on, ends ([`Ended::Idle`]) as soon as the session is between transactions with
     /// nothing in flight either way; at once if it already is.
     pub fn end_when_idle(&mut self) {
-        self.end_when_idle = true;
+        self.at_idle = AtIdle::End;
     }
 
-    fn idle(&self) -> bool {
-        self.end_when_idle
-            && self.up.chunk.is_none()
+    /// From now on, stops reading the client as soon as the session is between transactions
+    /// with nothing in flight (at once if it already is), until [`Bidirectional::resume`]: the
+    /// client's next bytes wait in its socket, so none is lost or reordered, and none reaches
+    /// the backend meanwhile. The backend's side still flows, so a notice, a notification or
+    /// its close still reaches the client. The future never ends at the pause itself.
+    pub fn pause_when_idle(&mut self) {
+        if self.at_idle != AtIdle::Paused {
+            self.at_idle = AtIdle::Pause;
+        }
+    }
+
+    /// Copies on as before: reads the client again where it stopped. The caller polls the
+    /// future again, which is what reads the bytes that waited.
+    pub fn resume(&mut self) {
+        self.at_idle = AtIdle::Copy;
+    }
+
+    /// Stopped at a transaction boundary by [`Bidirectional::pause_when_idle`]: the backend
+    /// has answered everything the client sent, and nothing more was read from the client.
+    pub fn paused(&self) -> bool {
+        self.at_idle == AtIdle::Paused
+    }
+
+    /// Between transactions with nothing in flight either way.
+    fn at_boundary(&self) -> bool {
+        self.up.chunk.is_none()
             && self.down.chunk.is_none()
             && self.framing.as_deref().is_some_and(Framing::idle)
+    }
+
+    /// Whether to end here; pauses here if a pause was asked for. A pause stays until
+    /// resumed, whatever the backend sends meanwhile (it has nothing left to answer).
+    fn stops_here(&mut self) -> bool {
+        match self.at_idle {
+            AtIdle::End => self.at_boundary(),
+            AtIdle::Pause if self.at_boundary() => {
+                self.at_idle = AtIdle::Paused;
+                false
+            }
+            _ => false,
+        }
     }
 }
 
@@ -277,11 +327,16 @@ impl Future for Bidirectional<'_> {
         let this = self.get_mut();
         // Checked before each direction moves, server side first: once the server's
         // ReadyForQuery has reached the client, nothing the client sends next is read.
-        if this.idle() {
+        if this.stops_here() {
             return Poll::Ready(Ok(Ended::Idle));
         }
         let mut pending = false;
         for side in [Side::Server, Side::Client] {
+            if side == Side::Client && this.paused() {
+                // Not polled, so not woken by it either: the client's bytes wait unread.
+                pending = true;
+                continue;
+            }
             let Bidirectional {
                 up,
                 down,
@@ -307,7 +362,7 @@ impl Future for Bidirectional<'_> {
                     error.get_or_insert(e);
                 }
             }
-            if this.idle() {
+            if this.stops_here() {
                 return Poll::Ready(Ok(Ended::Idle));
             }
         }
@@ -904,6 +959,17 @@ mod tests {
         pg_msg(b'Q', &[sql.as_bytes(), b"\0"].concat())
     }
 
+    /// A copy followed by `framing`, in auto mode.
+    fn followed<'a>(
+        c: &'a Socket,
+        b: &'a Socket,
+        activity: &'a Activity,
+        framing: &'a mut Framing,
+    ) -> Bidirectional<'a> {
+        let half_close = Duration::from_secs(60);
+        bidirectional(c, b, Mode::Auto, activity, half_close, Some(framing))
+    }
+
     /// Reads from `stream` until `expected` bytes came, and returns them.
     async fn read_n(stream: &mut TcpStream, expected: usize) -> Vec<u8> {
         let mut got = vec![0u8; expected];
@@ -924,14 +990,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            let mut copy = bidirectional(
-                &c,
-                &b,
-                Mode::Auto,
-                &activity,
-                Duration::from_secs(60),
-                Some(&mut framing),
-            );
+            let mut copy = followed(&c, &b, &activity, &mut framing);
             tokio::select! {
                 ended = &mut copy => panic!("ended early: {ended:?}"),
                 _ = &mut told => {}
@@ -982,6 +1041,92 @@ mod tests {
         let mut rest = Vec::new();
         let _ = client.read_to_end(&mut rest).await;
         assert_eq!(rest, b"bye");
+    }
+
+    /// A followed session asked to pause waits for its transaction's end, then reads nothing
+    /// more from the client: its next query stays in its socket while the backend's own
+    /// messages (a notification) still reach the client. Resumed, the query goes through,
+    /// whole and in order, and so does everything after it.
+    #[tokio::test]
+    async fn a_paused_session_keeps_the_clients_bytes_until_it_resumes() {
+        let (mut client, proxy_client) = pair().await;
+        let (proxy_backend, mut backend) = pair().await;
+        let activity = Activity::new();
+        let mut framing = Framing::new();
+        let (in_transaction, mut told) = tokio::sync::oneshot::channel::<()>();
+        let (paused_tx, paused_rx) = tokio::sync::oneshot::channel::<()>();
+        let (resume_tx, mut resume_rx) = tokio::sync::oneshot::channel::<()>();
+        let ready_i = pg_msg(b'Z', b"I");
+        let ready_t = pg_msg(b'Z', b"T");
+        let notification = pg_msg(b'A', b"\0\0\0\x07chan\0hi\0");
+        let copier = async {
+            let c = Socket::new(proxy_client).unwrap();
+            let b = Socket::new(proxy_backend).unwrap();
+            let mut copy = followed(&c, &b, &activity, &mut framing);
+            tokio::select! {
+                ended = &mut copy => panic!("ended early: {ended:?}"),
+                _ = &mut told => {}
+            }
+            copy.pause_when_idle();
+            let mut paused_tx = Some(paused_tx);
+            loop {
+                tokio::select! {
+                    ended = &mut copy => panic!("a pause never ends the copy: {ended:?}"),
+                    _ = tokio::time::sleep(Duration::from_millis(5)), if paused_tx.is_some() => {
+                        if copy.paused() {
+                            if let Some(tx) = paused_tx.take() {
+                                tx.send(()).unwrap();
+                            }
+                        }
+                    }
+                    _ = &mut resume_rx => break,
+                }
+            }
+            assert!(copy.paused());
+            copy.resume();
+            let ended = (&mut copy).await;
+            assert!(!copy.paused());
+            ended.unwrap()
+        };
+        let peers = async {
+            client.write_all(&pg_startup()).await.unwrap();
+            read_n(&mut backend, pg_startup().len()).await;
+            backend.write_all(&ready_i).await.unwrap();
+            read_n(&mut client, ready_i.len()).await;
+            client.write_all(&pg_query("BEGIN")).await.unwrap();
+            read_n(&mut backend, pg_query("BEGIN").len()).await;
+            backend.write_all(&ready_t).await.unwrap();
+            read_n(&mut client, ready_t.len()).await;
+            // In a transaction: the pause waits for its end.
+            in_transaction.send(()).unwrap();
+            client.write_all(&pg_query("COMMIT")).await.unwrap();
+            read_n(&mut backend, pg_query("COMMIT").len()).await;
+            backend.write_all(&ready_i).await.unwrap();
+            read_n(&mut client, ready_i.len()).await;
+            paused_rx.await.unwrap();
+            client.write_all(&pg_query("SELECT 1")).await.unwrap();
+            backend.write_all(&notification).await.unwrap();
+            assert_eq!(
+                read_n(&mut client, notification.len()).await,
+                notification,
+                "the backend's side flows while paused"
+            );
+            let mut early = [0u8; 1];
+            let held =
+                tokio::time::timeout(Duration::from_millis(200), backend.read(&mut early)).await;
+            assert!(
+                held.is_err(),
+                "nothing the client sent reached the backend: {held:?}"
+            );
+            resume_tx.send(()).unwrap();
+            client.write_all(&pg_query("SELECT 2")).await.unwrap();
+            let expected = [pg_query("SELECT 1"), pg_query("SELECT 2")].concat();
+            assert_eq!(read_n(&mut backend, expected.len()).await, expected);
+            client.shutdown().await.unwrap();
+            backend.shutdown().await.unwrap();
+        };
+        let (ended, ()) = tokio::join!(copier, peers);
+        assert_eq!(ended, Ended::Closed);
     }
 
     /// Splicing a followed session stops at each header, so the framing keeps count over a

@@ -45,6 +45,10 @@ pub enum Event {
     },
     /// A session could not connect to this backend (refused or timed out).
     ConnectFailed { addr: SocketAddr, error: String },
+    /// A client's startup on this backend failed before it answered (closed, reset, 57P03):
+    /// a reason to probe its Postgres at once, never by itself evidence that it is gone (rule
+    /// 10). The client is meanwhile held for the next leader.
+    StartupFailed { addr: SocketAddr, error: String },
     /// What a probe of this backend's Postgres found; `None`: this host could not tell.
     Probed {
         addr: SocketAddr,
@@ -377,6 +381,15 @@ impl LeaderView {
                 if self.route_tx.borrow().leader() == Some(addr) {
                     tracing::warn!(backend = %addr, %error, "connect to leader failed; probing its Postgres and re-checking every backend");
                     self.observe(addr, Role::Down(format!("connect: {error}")), None);
+                }
+            }
+            Event::StartupFailed { addr, error } => {
+                // Only the probe's answer may take the leader down (57P03, no Postgres);
+                // meanwhile its checks and every rival's are asked again.
+                if self.route_tx.borrow().target.backend() == Some(addr) {
+                    tracing::warn!(backend = %addr, %error, "a client's startup failed on the leader; probing its Postgres and re-checking every backend");
+                    self.probe(addr);
+                    self.recheck_all();
                 }
             }
             Event::Probed { addr, liveness } => self.probed(addr, liveness),

@@ -21,6 +21,8 @@
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
+//! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
+//!   next leader when a dying one fails it (rule 10).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
 //! - [`reserve`]: the descriptor held back so a client is told when this process has none, and
 //!   what counts as this host running short.
@@ -61,6 +63,7 @@ pub mod proxy;
 pub mod reserve;
 pub mod route;
 pub mod running;
+pub mod startup;
 pub mod stats_page;
 pub mod status;
 pub mod status_cli;

@@ -42,17 +42,22 @@ pub const ROUTE_UP: &str = "roleproxy_route_up";
 pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
 pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
+pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
+
+/// Why a leader failed a client's startup, which was then held for the next leader.
+pub const STARTUP_FAILURES: [&str; 3] = ["closed", "refusing", "timed_out"];
 
 /// Where this host's own shortage was met: never counted against a node.
 pub const SHORTAGE_DURING: [&str; 3] = ["session", "check", "probe"];
 
 /// Every `result` a session or a refused client can end with, so each listener's counters
 /// exist at 0 from its start.
-pub const SESSION_RESULTS: [&str; 13] = [
+pub const SESSION_RESULTS: [&str; 14] = [
     "closed",
     "error",
     "drained",
     "transaction_end",
+    "contest_lost",
     "grace_over",
     "idle_timeout",
     "shutdown",
@@ -285,6 +290,9 @@ fn process_series_at_zero() {
     for during in SHORTAGE_DURING {
         counter!(LOCAL_SHORTAGES_TOTAL, "during" => during).increment(0);
     }
+    for reason in STARTUP_FAILURES {
+        counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(0);
+    }
     // Registered, not recorded: an empty histogram until the first client waits.
     let _ = histogram!(LEADER_WAIT);
 }
@@ -373,6 +381,10 @@ fn describe() {
         "Backend addresses dropped: unspecified, multicast or broadcast DNS answers, or the proxy's own listener"
     );
     describe_counter!(
+        STARTUP_RETRIES_TOTAL,
+        "Client startups a leader failed before answering them (closed, refusing with 57P03, timed out), held and replayed on the next leader within proxy.leader_wait, by reason"
+    );
+    describe_counter!(
         LOCAL_SHORTAGES_TOTAL,
         "Times this host ran short of descriptors, memory, socket buffers or ephemeral ports, by what met it (session connect, check, probe); never counted against a node"
     );
@@ -448,6 +460,12 @@ pub fn discovery_dropped(reason: &'static str) {
 /// This host ran short (`during` is one of [`SHORTAGE_DURING`]).
 pub fn local_shortage(during: &'static str) {
     counter!(LOCAL_SHORTAGES_TOTAL, "during" => during).increment(1);
+}
+
+/// A leader failed a client's startup before answering it (`reason`: one of
+/// [`STARTUP_FAILURES`]); the startup is held for the next leader.
+pub fn startup_retried(reason: &'static str) {
+    counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(1);
 }
 
 pub fn connect_failed(backend: SocketAddr) {

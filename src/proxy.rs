@@ -25,7 +25,6 @@ use tracing::Instrument;
 
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
-use crate::framing::{Framing, Side};
 use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
 use crate::loops::OwnAddrs;
 use crate::metrics as m;
@@ -33,6 +32,7 @@ use crate::pgwire;
 use crate::preconnect::Preconnect;
 use crate::reserve::{self, Reserve};
 use crate::route::{session_fate, Fate, Route, Target};
+use crate::startup::{Attempt, Started, Startup};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
@@ -214,7 +214,7 @@ pub async fn accept_loop(
                     "sorry, too many clients already: roleproxy for {} has max_connections = {} sessions open",
                     settings.cluster, settings.config.max_connections
                 );
-                tokio::spawn(
+                settings.base.tracker.spawn(
                     async move {
                         tracing::warn!("connection limit reached; refusing client");
                         let mut stream = stream;
@@ -246,7 +246,8 @@ async fn out_of_descriptors(
                 m::session_result(&plan.name, "limit");
                 let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({error})");
                 let reserve = Arc::clone(reserve);
-                tokio::spawn(async move {
+                // Tracked like the sessions, so shutdown waits for the refusal too.
+                plan.settings.base.tracker.spawn(async move {
                     let mut stream = stream;
                     refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
                     // Closed first, so its descriptor is the one taken back.
@@ -304,6 +305,13 @@ enum Unserved {
     /// The route channel closed: the leader view ended, and the process is stopping.
     #[error("roleproxy is stopping: internal task ended")]
     Stopping,
+    /// Replayed on a new leader, the client's SSLRequest or GSSENCRequest got another answer
+    /// than the `N` the client was given: it must start over.
+    #[error("the new leader {0} answered the client's encryption request differently from the leader that failed; reconnect")]
+    Unreplayable(SocketAddr),
+    /// The client left during its startup, or went silent.
+    #[error("{0}")]
+    Client(Silent),
     /// This host, not the leader, is out of descriptors or memory.
     #[error("roleproxy is out of resources: {0}")]
     OutOfResources(String),
@@ -380,9 +388,21 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
     let accepted = Instant::now();
     let mut route = settings.base.view.route.clone();
     let mut backends = settings.base.view.backends.clone();
+    let mut startup = Startup::new(first);
+    let follow = settings.config.switchover == Switchover::Transaction;
     let connecting = async {
-        match plan.serves {
-            Serves::Leader => connect_leader(&mut route, settings, accepted).await,
+        let connected = match plan.serves {
+            Serves::Leader => {
+                return start_on_leader(
+                    &mut client,
+                    &mut startup,
+                    &mut route,
+                    settings,
+                    accepted,
+                    follow,
+                )
+                .await
+            }
             Serves::Replica { fallback_to_leader } => {
                 connect_replica(
                     &mut backends,
@@ -394,6 +414,16 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 .await
             }
             Serves::Target(addr) => connect_target(addr, settings).await,
+        };
+        let mut connected = connected?;
+        // Only sessions routed to a leader are followed (and only those are held).
+        let follow = follow && matches!(connected.drain, Drain::Route(_));
+        match startup.forward(&mut connected.stream, follow).await {
+            Ok(started) => Ok((connected, started)),
+            Err(e) => Err(Unserved::BackendUnreachable {
+                addr: connected.addr,
+                error: format!("closed before the client's first packet: {e}"),
+            }),
         }
     };
     let connected = tokio::select! {
@@ -404,12 +434,15 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
     match connected {
         // Its own function, so an open session's task holds only what copying needs, not
         // what connecting or refusing needed (idle sessions are most sessions).
-        Ok(Connected {
-            stream,
-            addr,
-            drain,
-            _counted,
-        }) => {
+        Ok((
+            Connected {
+                stream,
+                addr,
+                drain,
+                _counted,
+            },
+            started,
+        )) => {
             let drainer = Drainer {
                 drain,
                 route,
@@ -421,7 +454,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
             let session = run_session(
                 client,
                 stream,
-                first,
+                started,
                 drainer,
                 (_counted, permit),
                 Arc::clone(&plan),
@@ -431,7 +464,63 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 .tracker
                 .spawn(session.instrument(tracing::Span::current()));
         }
-        Err(reason) => refuse_client(client, &first, reason, accepted, &plan).await,
+        Err(Unserved::Client(silent)) => {
+            tracing::debug!(reason = %silent, "client left during its startup");
+            m::session_result(&plan.name, silent.result());
+        }
+        Err(reason) => refuse_client(client, &startup.unanswered(), reason, accepted, &plan).await,
+    }
+}
+
+/// Connects a leader listener's client and runs its startup there (rule 10). A leader that
+/// closes, resets or answers 57P03 before answering it is reported to the view, which probes
+/// it at once (the failure itself is no evidence), and the client's held packets go to the
+/// next leader, within `leader_wait`: the client never meets a dying leader. So does a
+/// startup the route leaves behind.
+async fn start_on_leader(
+    client: &mut TcpStream,
+    startup: &mut Startup,
+    route: &mut watch::Receiver<Route>,
+    settings: &SessionSettings,
+    accepted: Instant,
+    follow: bool,
+) -> Result<(Connected, Started), Unserved> {
+    let mut connects = LeaderConnects::new(settings, accepted);
+    loop {
+        let (mut connected, generation) = connects.connect(route).await?;
+        let addr = connected.addr;
+        let attempt = startup
+            .attempt(
+                client,
+                &mut connected.stream,
+                route_left(route.clone(), addr, generation),
+                connects.deadline,
+                settings.config.silent_timeout,
+                follow,
+            )
+            .await;
+        let failed = match attempt {
+            Attempt::Started(started) => return Ok((connected, started)),
+            Attempt::Abandoned => {
+                tracing::info!(backend = %addr, "the route left the leader before it answered the client's startup; trying the next route");
+                continue;
+            }
+            Attempt::Unreplayable => return Err(Unserved::Unreplayable(addr)),
+            Attempt::ClientGone(e) if e.kind() == io::ErrorKind::TimedOut => {
+                return Err(Unserved::Client(Silent::Timeout))
+            }
+            Attempt::ClientGone(e) => return Err(Unserved::Client(Silent::Gone(e))),
+            Attempt::Failed(failed) => failed,
+        };
+        drop(connected);
+        let error = failed.to_string();
+        tracing::warn!(backend = %addr, %error, "leader failed the client's startup; holding it for the next leader");
+        m::startup_retried(failed.label());
+        let _ = settings.base.view.events.try_send(Event::StartupFailed {
+            addr,
+            error: error.clone(),
+        });
+        connects.failed(route, addr, generation, error).await?;
     }
 }
 
@@ -469,9 +558,9 @@ async fn refuse_client(
     let settings = &plan.settings;
     let (result, code) = match &reason {
         Unserved::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
-        Unserved::Unreachable { .. } | Unserved::BackendUnreachable { .. } => {
-            ("unreachable", pgwire::CANNOT_CONNECT_NOW)
-        }
+        Unserved::Unreachable { .. }
+        | Unserved::BackendUnreachable { .. }
+        | Unserved::Unreplayable(_) => ("unreachable", pgwire::CANNOT_CONNECT_NOW),
         Unserved::Shutdown | Unserved::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
         Unserved::Loop { .. } => ("loop", pgwire::CANNOT_CONNECT_NOW),
         _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
@@ -512,30 +601,36 @@ struct Drainer {
 }
 
 impl Drainer {
-    /// Waits until the session must end: at once ([`Fate::Close`]) or at its next transaction
-    /// boundary ([`Fate::EndTransaction`]).
-    async fn drained(&mut self) -> Fate {
+    /// Waits until the session's fate differs from `now`, and returns it: the route holds again
+    /// ([`Fate::Stay`]), contests its leader ([`Fate::Hold`]), ends it at its next transaction
+    /// boundary ([`Fate::EndTransaction`]) or at once ([`Fate::Close`]).
+    async fn next_fate(&mut self, now: Fate) -> Fate {
         let addr = self.addr;
         match self.drain {
             Drain::Route(generation) => {
                 let fate = match self
                     .route
-                    .wait_for(|r| session_fate(r, generation, addr) != Fate::Stay)
+                    .wait_for(|r| session_fate(r, generation, addr) != now)
                     .await
                 {
                     Ok(route) => session_fate(&route, generation, addr),
                     Err(_) => Fate::Close,
                 };
                 match fate {
+                    Fate::Stay => tracing::info!(generation, "contest over, the leader kept the route; the session resumes"),
+                    Fate::Hold => tracing::info!(
+                        generation,
+                        "another node claims leader; pausing the session at its next transaction boundary"
+                    ),
                     Fate::EndTransaction => tracing::info!(
                         generation,
                         "leader stepped down; ending the session at its next transaction boundary"
                     ),
-                    _ => tracing::info!(generation, "route moved; closing session"),
+                    Fate::Close => tracing::info!(generation, "route moved; closing session"),
                 }
                 fate
             }
-            Drain::Replica => {
+            Drain::Replica if now == Fate::Stay => {
                 let _ = self
                     .backends
                     .wait_for(|set| !set.replicas.contains(&addr))
@@ -543,30 +638,8 @@ impl Drainer {
                 tracing::info!(backend = %addr, "no longer a replica; closing session");
                 Fate::Close
             }
-            Drain::Never => std::future::pending().await,
+            Drain::Replica | Drain::Never => std::future::pending().await,
         }
-    }
-
-    /// Waits until a session already ending at a transaction boundary must close at once:
-    /// another node leads, or its own leader is gone.
-    async fn must_close(&mut self) {
-        if let Drain::Route(generation) = self.drain {
-            let addr = self.addr;
-            let _ = self
-                .route
-                .wait_for(|r| session_fate(r, generation, addr) == Fate::Close)
-                .await;
-            tracing::info!(
-                generation,
-                "route moved on while the session ended its transaction; closing session"
-            );
-        }
-    }
-
-    /// Whether the session can follow its transactions: only sessions routed to a leader
-    /// ever end between transactions.
-    fn follows_transactions(&self, switchover: Switchover) -> bool {
-        switchover == Switchover::Transaction && matches!(self.drain, Drain::Route(_))
     }
 }
 
@@ -575,7 +648,7 @@ impl Drainer {
 async fn run_session(
     client: TcpStream,
     backend: TcpStream,
-    first: Vec<u8>,
+    started: Started,
     mut drainer: Drainer,
     _counted: (SessionGuard, Admitted),
     plan: Arc<ListenerPlan>,
@@ -587,7 +660,7 @@ async fn run_session(
     let (result, up, down) = relay(
         client,
         backend,
-        first,
+        started,
         &activity,
         &mut drainer,
         &plan.settings,
@@ -705,98 +778,172 @@ async fn connect_target(
     }
 }
 
-/// Waits for a route with a leader and connects to it. Connect failures are reported to the
-/// leader view (which counts them against the leader and re-checks every backend) and retried;
-/// once `connect_retries` are spent on one leader, the client waits for the route to move,
-/// within `leader_wait`.
+/// Waits for a route with a leader and connects to it (see [`LeaderConnects`]).
 async fn connect_leader(
     route: &mut watch::Receiver<Route>,
     settings: &SessionSettings,
     accepted: Instant,
 ) -> Result<Connected, Unserved> {
-    let leader = |stream, addr, generation| Connected {
-        stream,
-        addr,
-        drain: Drain::Route(generation),
-        _counted: settings.base.view.backends.borrow().count(addr),
-    };
-    let config = &settings.config;
-    let deadline = accepted + config.leader_wait;
-    let mut failures = 0u32;
-    let mut failed_generation = None;
-    let mut last_error: Option<(SocketAddr, String)> = None;
-    loop {
-        let waited = tokio::time::timeout_at(deadline, route.wait_for(|r| r.leader().is_some()))
-            .await
-            .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation))));
-        let (addr, generation) = match waited {
-            Ok(Ok(Some(found))) => found,
-            Ok(Ok(None)) => continue,
-            Ok(Err(_)) => return Err(Unserved::Stopping),
-            Err(_) => return Err(no_leader_reason(&route.borrow(), last_error)),
-        };
-        if failed_generation != Some(generation) {
-            failures = 0;
+    let (connected, _generation) = LeaderConnects::new(settings, accepted)
+        .connect(route)
+        .await?;
+    Ok(connected)
+}
+
+/// Whether `route` still sends new clients to `addr` under `generation`. A connect or a
+/// startup begun under it is abandoned the moment it does not: the leader stepped down, died,
+/// is held, or is contested by another node's claim (the generation stays the same then).
+fn sends_to(route: &Route, addr: SocketAddr, generation: u64) -> bool {
+    route.generation == generation && route.leader() == Some(addr)
+}
+
+/// Ends once `route` no longer sends new clients to `addr` under `generation` (or the route
+/// channel closed).
+async fn route_left(mut route: watch::Receiver<Route>, addr: SocketAddr, generation: u64) {
+    let _ = route.wait_for(|r| !sends_to(r, addr, generation)).await;
+}
+
+/// One client's way to the leader, within `leader_wait`: waits for a route with a leader,
+/// connects, and retries. Failures (a connect's, or a startup's: rule 10) are counted per
+/// leader; once `connect_retries` are spent on one, the client waits for the route to move.
+/// Connect failures are reported to the leader view, which counts them against the leader and
+/// re-checks every backend.
+struct LeaderConnects<'s> {
+    settings: &'s SessionSettings,
+    deadline: Instant,
+    failures: u32,
+    failed_generation: Option<u64>,
+    last_error: Option<(SocketAddr, String)>,
+}
+
+impl<'s> LeaderConnects<'s> {
+    fn new(settings: &'s SessionSettings, accepted: Instant) -> Self {
+        LeaderConnects {
+            settings,
+            deadline: accepted + settings.config.leader_wait,
+            failures: 0,
+            failed_generation: None,
+            last_error: None,
         }
-        settings.refuse_loop(addr)?;
-        if let Some(warm) = settings
-            .preconnect
-            .as_ref()
-            .and_then(|p| p.take(generation, addr))
-        {
-            return Ok(leader(warm, addr, generation));
+    }
+
+    fn connected(&self, stream: TcpStream, addr: SocketAddr, generation: u64) -> Connected {
+        Connected {
+            stream,
+            addr,
+            drain: Drain::Route(generation),
+            _counted: self.settings.base.view.backends.borrow().count(addr),
         }
-        if Instant::now() >= deadline {
-            return Err(no_leader_reason(&route.borrow(), last_error));
-        }
-        // A connect that outlives its route, or the client's patience, is abandoned.
-        let full_attempt = Instant::now() + config.connect_timeout;
-        let attempt_deadline = full_attempt.min(deadline);
-        let attempt = tokio::select! {
-            a = tokio::time::timeout_at(attempt_deadline, settings.base.reserve.connect(addr)) => a,
-            _ = route.wait_for(|r| r.generation != generation) => continue,
-        };
-        let failed = match classify(attempt)? {
-            // The route may have moved while the handshake completed: never start a session
-            // on a leader the route has already left.
-            Ok(stream) if route.borrow().generation == generation => {
-                return Ok(leader(stream, addr, generation))
+    }
+
+    /// Why the client gives up now.
+    fn gave_up(&mut self, route: &watch::Receiver<Route>) -> Unserved {
+        no_leader_reason(&route.borrow(), self.last_error.take())
+    }
+
+    /// A connected leader, and the route generation it was connected under.
+    async fn connect(
+        &mut self,
+        route: &mut watch::Receiver<Route>,
+    ) -> Result<(Connected, u64), Unserved> {
+        let settings = self.settings;
+        let config = &settings.config;
+        loop {
+            let waited =
+                tokio::time::timeout_at(self.deadline, route.wait_for(|r| r.leader().is_some()))
+                    .await
+                    .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation))));
+            let (addr, generation) = match waited {
+                Ok(Ok(Some(found))) => found,
+                Ok(Ok(None)) => continue,
+                Ok(Err(_)) => return Err(Unserved::Stopping),
+                Err(_) => return Err(self.gave_up(route)),
+            };
+            if self.failed_generation != Some(generation) {
+                self.failures = 0;
             }
-            Ok(_) => continue,
-            // Cut short by the client's own deadline: that says nothing about the leader.
-            Err(ConnectFailed::TimedOut) if attempt_deadline < full_attempt => {
-                return Err(no_leader_reason(&route.borrow(), last_error))
+            settings.refuse_loop(addr)?;
+            if let Some(warm) = settings
+                .preconnect
+                .as_ref()
+                .and_then(|p| p.take(generation, addr))
+            {
+                // The route may have moved since it was read: a warm connection to a leader
+                // it left is dropped, never handed out.
+                if sends_to(&route.borrow(), addr, generation) {
+                    return Ok((self.connected(warm, addr, generation), generation));
+                }
+                continue;
             }
-            Err(failed) => failed,
-        };
-        let error = failed.describe(Some(config.connect_timeout));
-        tracing::warn!(backend = %addr, %error, "connect to leader failed");
-        m::connect_failed(addr);
-        // Only the leader's failures are evidence; this host's own say nothing about it.
-        if failed.blames_backend() {
-            let _ = settings.base.view.events.try_send(Event::ConnectFailed {
-                addr,
-                error: error.clone(),
-            });
+            if Instant::now() >= self.deadline {
+                return Err(self.gave_up(route));
+            }
+            // A connect that outlives its route, or the client's patience, is abandoned.
+            let full_attempt = Instant::now() + config.connect_timeout;
+            let attempt_deadline = full_attempt.min(self.deadline);
+            let attempt = tokio::select! {
+                a = tokio::time::timeout_at(attempt_deadline, settings.base.reserve.connect(addr)) => a,
+                _ = route_left(route.clone(), addr, generation) => {
+                    tracing::info!(backend = %addr, "the route left the leader during the connect; connect abandoned");
+                    continue;
+                }
+            };
+            let failed = match classify(attempt)? {
+                // The route may have moved while the handshake completed: never start a session
+                // on a leader the route has already left.
+                Ok(stream) if sends_to(&route.borrow(), addr, generation) => {
+                    return Ok((self.connected(stream, addr, generation), generation))
+                }
+                Ok(_) => continue,
+                // Cut short by the client's own deadline: that says nothing about the leader.
+                Err(ConnectFailed::TimedOut) if attempt_deadline < full_attempt => {
+                    return Err(self.gave_up(route))
+                }
+                Err(failed) => failed,
+            };
+            let error = failed.describe(Some(config.connect_timeout));
+            tracing::warn!(backend = %addr, %error, "connect to leader failed");
+            m::connect_failed(addr);
+            // Only the leader's failures are evidence; this host's own say nothing about it.
+            if failed.blames_backend() {
+                let _ = settings.base.view.events.try_send(Event::ConnectFailed {
+                    addr,
+                    error: error.clone(),
+                });
+            }
+            self.failed(route, addr, generation, error).await?;
         }
-        last_error = Some((addr, error));
-        failures += 1;
-        failed_generation = Some(generation);
+    }
+
+    /// Counts a failed attempt on `addr` and waits before the next: a short pause while that
+    /// leader has retries left, else until the route moves; either cut short by a new route.
+    /// Errs once the client's time is up.
+    async fn failed(
+        &mut self,
+        route: &mut watch::Receiver<Route>,
+        addr: SocketAddr,
+        generation: u64,
+        error: String,
+    ) -> Result<(), Unserved> {
+        self.last_error = Some((addr, error));
+        self.failures += 1;
+        self.failed_generation = Some(generation);
         // Once this leader's retries are spent, only a new route helps.
-        let pause_until = if failures > config.connect_retries {
-            deadline
+        let pause_until = if self.failures > self.settings.config.connect_retries {
+            self.deadline
         } else {
             Instant::now() + RETRY_PAUSE
         };
         let moved = tokio::time::timeout_at(
-            pause_until.min(deadline),
+            pause_until.min(self.deadline),
             route.wait_for(|r| r.generation != generation),
         )
         .await
         .is_ok();
-        if !moved && Instant::now() >= deadline {
-            return Err(no_leader_reason(&route.borrow(), last_error));
+        if !moved && Instant::now() >= self.deadline {
+            return Err(self.gave_up(route));
         }
+        Ok(())
     }
 }
 
@@ -874,12 +1021,13 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
 /// Copies both ways until both sides are done, the drainer says the node is no longer what
 /// the listener serves, the session idles out, or the process stops. A session whose leader
 /// stepped down while alive ends at its next transaction boundary instead (rule 9), within
-/// `proxy.switchover_grace`. `first` is the client's first packet, already read. Returns the
-/// result label and bytes copied (client→backend, backend→client).
+/// `proxy.switchover_grace`; one whose leader is contested pauses there until the route
+/// decides. `started` is what the client and the backend already said to each other. Returns
+/// the result label and bytes copied (client→backend, backend→client).
 async fn relay(
     client: TcpStream,
     backend: TcpStream,
-    first: Vec<u8>,
+    started: Started,
     activity: &copy::Activity,
     drainer: &mut Drainer,
     settings: &SessionSettings,
@@ -893,43 +1041,129 @@ async fn relay(
         }
     };
     let config = &settings.config;
-    let idle_timeout = config.idle_timeout;
-    let idle = async {
-        loop {
-            let due = activity.last() + idle_timeout;
-            if Instant::now() >= due {
-                return;
-            }
-            tokio::time::sleep_until(due).await;
-        }
-    };
-    let mut idle = std::pin::pin!(idle);
-    let mut framing = drainer
-        .follows_transactions(config.switchover)
-        .then(Framing::new);
-    // The first packet goes ahead of everything else, exactly as it came, and the framing
-    // reads it as the start of the session: it says whether the session can be followed.
-    if let Err(e) = backend.send_all(&first).await {
-        tracing::warn!(error = %e, "backend closed before the first packet");
-        return ("error", 0, 0);
-    }
-    if let Some(framing) = framing.as_mut() {
-        framing.observe(Side::Client, &first);
-    }
-    activity.up.fetch_add(first.len() as u64, Ordering::Relaxed);
-    drop(first);
-    let half_close_timeout = config.half_close_timeout;
+    let mut idle = std::pin::pin!(idle_timeout(activity, config.idle_timeout));
+    let Started {
+        mut framing,
+        up,
+        down,
+    } = started;
+    activity.up.fetch_add(up, Ordering::Relaxed);
+    activity.down.fetch_add(down, Ordering::Relaxed);
     let mut copying = copy::bidirectional(
         &client,
         &backend,
         config.copy,
         activity,
-        half_close_timeout,
+        config.half_close_timeout,
         framing.as_mut(),
     );
-    let ended = |copied: io::Result<copy::Ended>| match copied {
+    loop {
+        let fate = tokio::select! {
+            copied = &mut copying => return counted(ended(copied, settings), activity),
+            fate = drainer.next_fate(Fate::Stay) => fate,
+            _ = &mut idle => {
+                tracing::info!(idle_timeout = %humantime::format_duration(config.idle_timeout), "idle timeout; closing session");
+                return counted("idle_timeout", activity);
+            }
+            _ = settings.base.hard_stop.cancelled() => return counted("shutdown", activity),
+        };
+        if fate == Fate::Close || !copying.tracked() {
+            return counted("drained", activity);
+        }
+        // Boxed: its timers and the goodbye would otherwise sit in every session's task for
+        // its whole life, though only a drain or a contest ever runs it.
+        let outcome = Box::pin(to_the_boundary(
+            fate,
+            &mut copying,
+            (&client, &backend),
+            drainer,
+            settings,
+            activity,
+        ))
+        .await;
+        match outcome {
+            Some(result) => return counted(result, activity),
+            // The contest lapsed and the copy resumed where it paused.
+            None => continue,
+        }
+    }
+}
+
+/// Follows a session whose leader is contested ([`Fate::Hold`]) or stepped down
+/// ([`Fate::EndTransaction`]) to its next transaction boundary and on from there as the
+/// route decides. Held, it pauses there (the client's next bytes stay in its socket) and
+/// resumes if the route holds again (`None`); it ends with 57P01 if the route moves on. A
+/// session still in a transaction when another node leads is closed at once: writes never
+/// land on two leaders. Otherwise returns the session's result.
+async fn to_the_boundary(
+    mut fate: Fate,
+    copying: &mut copy::Bidirectional<'_>,
+    (client, backend): (&copy::Socket, &copy::Socket),
+    drainer: &mut Drainer,
+    settings: &SessionSettings,
+    activity: &copy::Activity,
+) -> Option<&'static str> {
+    let config = &settings.config;
+    let mut idle = std::pin::pin!(idle_timeout(activity, config.idle_timeout));
+    let mut grace = std::pin::pin!(tokio::time::sleep(config.switchover_grace));
+    let mut grace_running = false;
+    loop {
+        match fate {
+            Fate::Stay => {
+                copying.resume();
+                return None;
+            }
+            Fate::Hold => copying.pause_when_idle(),
+            Fate::EndTransaction => {
+                copying.end_when_idle();
+                if !grace_running {
+                    grace
+                        .as_mut()
+                        .reset(Instant::now() + config.switchover_grace);
+                    grace_running = true;
+                }
+            }
+            Fate::Close if copying.paused() => {
+                say_goodbye(client, backend, CONTEST_LOST).await;
+                return Some("contest_lost");
+            }
+            Fate::Close => return Some("drained"),
+        }
+        fate = tokio::select! {
+            copied = &mut *copying => return Some(match copied {
+                Ok(copy::Ended::Idle) => {
+                    say_goodbye(client, backend, STEPPED_DOWN).await;
+                    "transaction_end"
+                }
+                other => ended(other, settings),
+            }),
+            next = drainer.next_fate(fate) => next,
+            _ = &mut grace, if grace_running => {
+                tracing::info!(grace = %humantime::format_duration(config.switchover_grace), "still in a transaction when the switchover grace ran out; closing session");
+                return Some("grace_over");
+            }
+            _ = &mut idle => return Some("idle_timeout"),
+            _ = settings.base.hard_stop.cancelled() => return Some("shutdown"),
+        };
+    }
+}
+
+/// Ends when the session has moved no byte for `timeout`.
+async fn idle_timeout(activity: &copy::Activity, timeout: Duration) {
+    loop {
+        let due = activity.last() + timeout;
+        if Instant::now() >= due {
+            return;
+        }
+        tokio::time::sleep_until(due).await;
+    }
+}
+
+/// The result label of a copy that ended by itself.
+fn ended(copied: io::Result<copy::Ended>, settings: &SessionSettings) -> &'static str {
+    match copied {
         Ok(copy::Ended::HalfOpen) => {
-            tracing::info!(half_close_timeout = %humantime::format_duration(half_close_timeout), "one side closed, the other silent; closing session");
+            tracing::info!(half_close_timeout = %humantime::format_duration(settings.config.half_close_timeout), "one side closed, the other silent; closing session");
             "half_closed"
         }
         Ok(_) => "closed",
@@ -937,51 +1171,20 @@ async fn relay(
             tracing::debug!(error = %e, "session ended with an error");
             "error"
         }
-    };
-    let fate = tokio::select! {
-        copied = &mut copying => return counted(ended(copied), activity),
-        fate = drainer.drained() => fate,
-        _ = &mut idle => {
-            tracing::info!(idle_timeout = %humantime::format_duration(idle_timeout), "idle timeout; closing session");
-            return counted("idle_timeout", activity);
-        }
-        _ = settings.base.hard_stop.cancelled() => return counted("shutdown", activity),
-    };
-    if fate == Fate::Close || !copying.tracked() {
-        return counted("drained", activity);
     }
-    copying.end_when_idle();
-    let grace = config.switchover_grace;
-    let result = tokio::select! {
-        copied = &mut copying => match copied {
-            Ok(copy::Ended::Idle) => {
-                drop(copying);
-                // Boxed: its buffers and timers would otherwise sit in every session's task
-                // for its whole life, though only a drain ever runs it.
-                Box::pin(say_goodbye(&client, &backend)).await;
-                "transaction_end"
-            }
-            other => ended(other),
-        },
-        _ = drainer.must_close() => "drained",
-        _ = tokio::time::sleep(grace) => {
-            tracing::info!(grace = %humantime::format_duration(grace), "still in a transaction when the switchover grace ran out; closing session");
-            "grace_over"
-        }
-        _ = &mut idle => "idle_timeout",
-        _ = settings.base.hard_stop.cancelled() => "shutdown",
-    };
-    counted(result, activity)
 }
+
+/// What a session ended at a transaction boundary because its leader stepped down is told.
+const STEPPED_DOWN: &str = "terminating connection: the leader moved (planned switchover); reconnect to reach the new leader";
+/// What a session paused by a contest is told when the route moved on from its leader.
+const CONTEST_LOST: &str =
+    "terminating connection: another node became leader; reconnect to reach it";
 
 /// Ends a session between transactions the way Postgres ends a terminated backend: the
 /// client gets `FATAL 57P01` (drivers and pools take it as a lost connection to retry), the
 /// backend gets Terminate (Postgres logs a clean disconnect).
-async fn say_goodbye(client: &copy::Socket, backend: &copy::Socket) {
-    let farewell = pgwire::error_response(
-        pgwire::ADMIN_SHUTDOWN,
-        "terminating connection: the leader moved (planned switchover); reconnect to reach the new leader",
-    );
+async fn say_goodbye(client: &copy::Socket, backend: &copy::Socket, message: &str) {
+    let farewell = pgwire::error_response(pgwire::ADMIN_SHUTDOWN, message);
     let words = async {
         if let Err(e) = client.send_all(&farewell).await {
             tracing::debug!(error = %e, "client gone before the switchover notice");
@@ -995,7 +1198,10 @@ async fn say_goodbye(client: &copy::Socket, backend: &copy::Socket) {
     };
     // Bounded: a client that stopped reading must not hold the session.
     let _ = tokio::time::timeout(GOODBYE_WAIT, async { tokio::join!(words, terminate) }).await;
-    tracing::info!("ended between transactions: client told 57P01, backend sent Terminate");
+    tracing::info!(
+        message,
+        "ended between transactions: client told 57P01, backend sent Terminate"
+    );
 }
 
 fn counted(result: &'static str, activity: &copy::Activity) -> (&'static str, u64, u64) {
@@ -1082,7 +1288,12 @@ mod tests {
         });
         let permit = SessionLimit::new(1).try_admit().expect("a place");
         let counted = (view.backends.borrow().count(addr), permit);
-        let session = run_session(client, backend, Vec::new(), drainer, counted, plan);
+        let started = Started {
+            framing: Some(crate::framing::Framing::new()),
+            up: 0,
+            down: 0,
+        };
+        let session = run_session(client, backend, started, drainer, counted, plan);
         let size = std::mem::size_of_val(&session);
         assert!(size <= 2560, "an open session's task holds {size} bytes");
     }

@@ -553,7 +553,8 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
         _ => return None,
     };
     let leader = backends.iter().find(|b| b.addr == current)?;
-    // A backup leads only while no discovered node does (rule 4): it is never held.
+    // Rule 4: a backup leads only while no discovered node does; a discovered claim
+    // replaces it at once instead of contesting it.
     if !leader.present
         || !leader.discovered
         || *leader.role != Role::Leader
@@ -1369,6 +1370,49 @@ mod tests {
                 .collect();
             assert_eq!(decide(&previous, &views), expected, "{what}");
         }
+    }
+
+    /// Rule 4 before rule 9: a discovered node's claim is no rival of a backup that leads; it
+    /// takes the route at once.
+    #[test]
+    fn a_discovered_claim_replaces_a_backup_leader_without_a_contest() {
+        let rival = Claim {
+            claiming: true,
+            held_down: true,
+            first: 10,
+            last: 10,
+            ..Claim::default()
+        };
+        let backup = Claim {
+            claiming: true,
+            first: 1,
+            last: 20,
+            ..Claim::default()
+        };
+        let views = [
+            BackendView {
+                addr: addr(50),
+                discovered: false,
+                present: true,
+                role: &Role::Leader,
+                timeline: None,
+                claim: backup,
+                data_error: None,
+            },
+            BackendView {
+                addr: addr(11),
+                discovered: true,
+                present: true,
+                role: &Role::Leader,
+                timeline: None,
+                claim: rival,
+                data_error: None,
+            },
+        ];
+        assert_eq!(
+            decide(&route(4, Target::Leader(addr(50))), &views),
+            route(5, Target::Leader(addr(11)))
+        );
     }
 
     /// Rule 9: a probe's timeout is death only with no sign of life within the window.

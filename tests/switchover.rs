@@ -356,3 +356,104 @@ async fn raw_tcp_sessions_close_at_once_when_the_leader_steps_down() {
     );
     proxy.stop().await;
 }
+
+/// Sessions already idle when the leader steps down (a fence-first switchover) end at once
+/// with 57P01, not when `proxy.switchover_grace` runs out: with a 30 s grace, every one of them
+/// is told before the switchover has even promoted the new leader. Idle here means a session
+/// that never ran a statement, one that ran a simple and an extended query, and psql waiting
+/// at its prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sessions_end_at_once_when_the_leader_steps_down() {
+    let (cluster, proxy) = start(spec(133), &[("proxy.switchover_grace", "\"30s\"")]).await;
+    let never = Session::open(&conninfo(&proxy, "never"))
+        .await
+        .expect("session");
+    let queried = Session::open(&conninfo(&proxy, "queried"))
+        .await
+        .expect("session");
+    queried
+        .client
+        .simple_query("SELECT 1")
+        .await
+        .expect("simple query");
+    queried
+        .client
+        .query_one("SELECT $1::int", &[&1i32])
+        .await
+        .expect("extended query");
+    let mut psql = tokio::process::Command::new("psql")
+        .arg(conninfo(&proxy, "psql"))
+        .args(["-X", "-q", "-At"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql runs");
+    let mut stdin = psql.stdin.take().expect("psql stdin");
+    let mut stdout = BufReader::new(psql.stdout.take().expect("psql stdout")).lines();
+    let mut stderr = BufReader::new(psql.stderr.take().expect("psql stderr")).lines();
+    stdin.write_all(b"SELECT 1;\n").await.expect("psql input");
+    let one = tokio::time::timeout(WAIT, stdout.next_line()).await;
+    assert!(matches!(one, Ok(Ok(Some(ref l))) if l == "1"), "{one:?}");
+
+    let fenced = std::time::Instant::now();
+    let switch = async {
+        let switched = cluster.switchover().await.expect("switchover");
+        (switched, std::time::Instant::now())
+    };
+    let told = |session: Session| async move {
+        let code = session.end().await;
+        (code, std::time::Instant::now())
+    };
+    let node = connect(&cluster.conninfo(0)).await.expect("node 0");
+    let psql_told = async {
+        // psql reads the server only when it runs a statement: wait for its backend to go,
+        // then have it run one, which shows what it was told.
+        let gone = eventually(WAIT, || async {
+            node.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'psql'",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 0)
+        })
+        .await;
+        let at = std::time::Instant::now();
+        assert!(gone, "psql's session ended");
+        stdin.write_all(b"SELECT 2;\n").await.expect("psql input");
+        let said = tokio::time::timeout(WAIT, stderr.next_line()).await;
+        (said, at)
+    };
+    let ((switched, switched_at), (never, never_at), (queried, queried_at), (said, psql_at)) =
+        tokio::join!(switch, told(never), told(queried), psql_told);
+    assert_eq!(
+        never,
+        Some(SqlState::ADMIN_SHUTDOWN),
+        "never queried: 57P01"
+    );
+    assert_eq!(queried, Some(SqlState::ADMIN_SHUTDOWN), "queried: 57P01");
+    assert!(
+        matches!(said, Ok(Ok(Some(ref line))) if line.contains("the leader moved")),
+        "psql was told: {said:?}"
+    );
+    for (what, at) in [
+        ("never", never_at),
+        ("queried", queried_at),
+        ("psql", psql_at),
+    ] {
+        assert!(
+            at < switched_at,
+            "{what}: told before the switchover promoted node {}",
+            switched.new
+        );
+        eprintln!(
+            "{what}: 57P01 {:.3} s after the fence",
+            at.duration_since(fenced).as_secs_f64()
+        );
+    }
+    drop(stdin);
+    let _ = psql.kill().await;
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
