@@ -74,10 +74,10 @@ pub struct ViewSettings {
     pub split_brain: SplitBrain,
     pub probe_timeout: Duration,
     pub unconfirmed_limit: Duration,
-    /// How long a rival's new `leader` claim contests the route before it counts (rule 9).
+    /// How long a rival's new `leader` claim contests the route before it counts (rule 10).
     pub contest_hold: Duration,
     /// How long a sign of life (bytes on a session, a completed handshake) postpones a verdict
-    /// of death on a timeout (rule 9).
+    /// of death on a timeout (rule 10).
     pub liveness_window: Duration,
 }
 
@@ -220,7 +220,7 @@ struct BackendState {
     lapsed_at: Option<Instant>,
     /// When a probe last found its host alive (Postgres answered, or the handshake completed).
     alive_at: Option<Instant>,
-    /// Its Postgres port failed a probe, and none has found it answering since (rule 9): the
+    /// Its Postgres port failed a probe, and none has found it answering since (rule 10): the
     /// error, and since when.
     data_error: Option<(String, SystemTime)>,
     /// A silent probe's verdict was postponed by a recent sign of life: probe again then.

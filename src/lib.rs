@@ -22,7 +22,7 @@
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
-//!   next leader when a dying one fails it (rule 10).
+//!   next leader when a dying one fails it (rule 11).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
 //! - [`reserve`]: the descriptor held back so a client is told when this process has none, and
 //!   what counts as this host running short.

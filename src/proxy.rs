@@ -472,7 +472,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
     }
 }
 
-/// Connects a leader listener's client and runs its startup there (rule 10). A leader that
+/// Connects a leader listener's client and runs its startup there (rule 11). A leader that
 /// closes, resets or answers 57P03 before answering it is reported to the view, which probes
 /// it at once (the failure itself is no evidence), and the client's held packets go to the
 /// next leader, within `leader_wait`: the client never meets a dying leader. So does a
@@ -804,7 +804,7 @@ async fn route_left(mut route: watch::Receiver<Route>, addr: SocketAddr, generat
 }
 
 /// One client's way to the leader, within `leader_wait`: waits for a route with a leader,
-/// connects, and retries. Failures (a connect's, or a startup's: rule 10) are counted per
+/// connects, and retries. Failures (a connect's, or a startup's: rule 11) are counted per
 /// leader; once `connect_retries` are spent on one, the client waits for the route to move.
 /// Connect failures are reported to the leader view, which counts them against the leader and
 /// re-checks every backend.

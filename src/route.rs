@@ -428,7 +428,7 @@ pub enum Target {
     /// The leader is in maintenance, left DNS, or has been unconfirmed for longer than
     /// `check.unconfirmed_limit`: its sessions stay, new ones wait.
     Held(SocketAddr),
-    /// The leader is confirmed, but another node has just claimed leader too (rule 9): new
+    /// The leader is confirmed, but another node has just claimed leader too (rule 10): new
     /// clients wait and the leader's sessions pause at their next transaction boundary, until
     /// the rival's claim lapses (the sessions resume) or holds past `check.contest_hold` (a
     /// promotion or a split brain: the route moves on).
@@ -543,7 +543,7 @@ fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<Socket
         .map(|b| b.addr)
 }
 
-/// Rule 9: a new claim from another node while the route's leader is confirmed contests the
+/// Rule 10: a new claim from another node while the route's leader is confirmed contests the
 /// route instead of cutting it, while every rival's claim is within its hold-down and none
 /// shows a newer timeline than the leader's. One stray answer is not evidence; a claim that
 /// lasts, or a newer timeline, is a promotion or a split brain, judged by the other rules.
@@ -585,7 +585,7 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
 pub enum Fate {
     /// Its route still holds: carry on.
     Stay,
-    /// Its leader is contested (rule 9): pause at the next transaction boundary, forwarding
+    /// Its leader is contested (rule 10): pause at the next transaction boundary, forwarding
     /// nothing more the client sends, until the route says stay (resume) or end. A session
     /// whose boundaries cannot be seen (TLS, not Postgres) closes at once.
     Hold,
@@ -774,7 +774,7 @@ pub enum Verdict {
     ProbeAgainIn(std::time::Duration),
 }
 
-/// Rule 9: a timeout alone is not evidence of death while the node showed life lately. A
+/// Rule 10: a timeout alone is not evidence of death while the node showed life lately. A
 /// probe that got no TCP handshake is a verdict of death only once the latest sign of life
 /// (bytes from the node on any session, a probe whose handshake completed), `last_life` ago,
 /// is at least `window` old; until then it is probed again. Everything else is judged on its
@@ -1200,7 +1200,7 @@ mod tests {
         }
     }
 
-    /// Rule 9: another node's new claim contests a confirmed leader's route for its hold-down;
+    /// Rule 10: another node's new claim contests a confirmed leader's route for its hold-down;
     /// it never keeps a leader past a rival's lasting claim or newer timeline.
     #[test]
     fn a_rival_claim_contests_the_route_within_its_hold_down() {
@@ -1372,7 +1372,7 @@ mod tests {
         }
     }
 
-    /// Rule 4 before rule 9: a discovered node's claim is no rival of a backup that leads; it
+    /// Rule 4 before rule 10: a discovered node's claim is no rival of a backup that leads; it
     /// takes the route at once.
     #[test]
     fn a_discovered_claim_replaces_a_backup_leader_without_a_contest() {
@@ -1415,7 +1415,7 @@ mod tests {
         );
     }
 
-    /// Rule 9: a probe's timeout is death only with no sign of life within the window.
+    /// Rule 10: a probe's timeout is death only with no sign of life within the window.
     #[test]
     fn a_timeout_is_death_only_without_signs_of_life() {
         let window = Duration::from_secs(2);

@@ -1,5 +1,5 @@
 //! A client's startup, held until the backend answers it, so a failing leader's answer never
-//! reaches the client (rule 10).
+//! reaches the client (rule 11).
 //!
 //! A Postgres client opens with at most an SSLRequest and a GSSENCRequest, each answered by
 //! one byte, then its StartupMessage (or a CancelRequest). Until the backend has sent anything
