@@ -343,6 +343,8 @@ fn haproxy_config(
         backup,
         expect: "leader".into(),
         maxconn,
+        tuned: false,
+        ulimit_n: None,
     }
 }
 
@@ -552,6 +554,8 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         backup: local,
         expect: "leader".into(),
         maxconn: 1000,
+        tuned: false,
+        ulimit_n: None,
     })
     .await
     .expect("start haproxy");
