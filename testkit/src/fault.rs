@@ -35,6 +35,9 @@ const CHAIN_PREFIX: &str = "RP-BH-";
 
 static NEXT_CHAIN: AtomicUsize = AtomicUsize::new(0);
 
+/// The network namespaces [`own_network_namespace`] made, by inode.
+static OWN_NAMESPACES: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
 /// Moves the calling thread into a new network namespace whose loopback is up, and returns
 /// once it is there. Threads and processes it starts afterwards (a tokio runtime built on it,
 /// Postgres, HAProxy, a proxy process) live there too; the rest of the process does not.
@@ -48,14 +51,20 @@ pub fn own_network_namespace() -> io::Result<()> {
             io::Error::last_os_error()
         )));
     }
+    let inode = current_namespace()?;
+    crate::lock(&OWN_NAMESPACES).push(inode);
     run(&tool("ip", "iproute2")?, &["link", "set", "lo", "up"])
 }
 
-/// Whether the calling thread shares the network namespace of process 1, the host's.
-pub fn in_host_network_namespace() -> bool {
+/// Whether the calling thread is in a namespace [`own_network_namespace`] made: the only
+/// place this module changes network settings.
+pub fn in_own_network_namespace() -> bool {
+    current_namespace().is_ok_and(|inode| crate::lock(&OWN_NAMESPACES).contains(&inode))
+}
+
+fn current_namespace() -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;
-    let inode = |path: &str| std::fs::metadata(path).map(|m| m.ino()).ok();
-    inode("/proc/thread-self/ns/net") == inode("/proc/1/ns/net")
+    std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino())
 }
 
 /// Drops every packet to and from one address, or to and from some of its TCP ports, with
@@ -315,7 +324,7 @@ pub struct PortShortage {
 
 impl PortShortage {
     pub fn start() -> io::Result<PortShortage> {
-        if in_host_network_namespace() {
+        if !in_own_network_namespace() {
             return Err(io::Error::other(
                 "a port shortage is made only in a network namespace of the test's own \
                  (fault::own_network_namespace), never on the host",
