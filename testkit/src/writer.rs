@@ -206,10 +206,17 @@ impl Writer {
         lock(&self.attempts).iter().filter(|a| a.ok()).count()
     }
 
-    pub async fn stop(self) -> Vec<Attempt> {
+    pub async fn stop(mut self) -> Vec<Attempt> {
         let _ = self.stop.send(true);
-        self.task.await.expect("writer task does not panic");
+        (&mut self.task).await.expect("writer task does not panic");
         std::mem::take(&mut *lock(&self.attempts))
+    }
+}
+
+/// A writer dropped unstopped (a test that failed) stops writing.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -434,11 +441,11 @@ impl Trickle {
 
     /// Stops the sessions after their write in flight; one still stuck after `grace` is
     /// counted as hung and abandoned.
-    pub async fn stop(self, grace: Duration) -> TrickleLog {
+    pub async fn stop(mut self, grace: Duration) -> TrickleLog {
         let _ = self.stop.send(true);
         let mut hung = 0;
-        for mut task in self.tasks {
-            if tokio::time::timeout(grace, &mut task).await.is_err() {
+        for task in &mut self.tasks {
+            if tokio::time::timeout(grace, &mut *task).await.is_err() {
                 task.abort();
                 hung += 1;
             }
@@ -446,6 +453,15 @@ impl Trickle {
         let mut log = std::mem::take(&mut *lock(&self.log));
         log.hung = hung;
         log
+    }
+}
+
+/// Sessions dropped unstopped (a test that failed) end.
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
