@@ -3,7 +3,7 @@
 //! ```sh
 //! apt-get install -y haproxy
 //! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,copy,failover,transactions,busy,flood] [--json FILE]
-//! cargo bench --bench compare -- --sections faults [--targets roleproxy,haproxy,haproxy-tuned] [--fault-secs N] [--topology per-node]
+//! cargo bench --bench compare -- --sections faults [--targets roleproxy,haproxy,haproxy-tuned] [--fault-secs N] [--faults stall,kill] [--topology per-node]
 //! ```
 //!
 //! The `faults` section (not run by default) is the fault matrix of `compare/faults.rs`; it
@@ -60,6 +60,8 @@ struct Args {
     fault_sessions: usize,
     /// Faults section: one roleproxy per node (`--topology per-node`) instead of the targets.
     per_node: bool,
+    /// Faults section: only the faults whose label contains one of these (`--faults`).
+    only_faults: Vec<String>,
 }
 
 impl Args {
@@ -93,6 +95,7 @@ fn args() -> Args {
         fault_secs: None,
         fault_sessions: 4,
         per_node: false,
+        only_faults: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -141,6 +144,15 @@ fn args() -> Args {
             "--fault-secs" => args.fault_secs = it.next().and_then(|v| v.parse().ok()),
             "--fault-sessions" => {
                 args.fault_sessions = it.next().and_then(|v| v.parse().ok()).unwrap_or(4)
+            }
+            "--faults" => {
+                args.only_faults = it
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|f| !f.is_empty())
+                    .map(str::to_string)
+                    .collect()
             }
             "--topology" => args.per_node = it.next().as_deref() == Some("per-node"),
             _ => {} // cargo bench passes --bench

@@ -150,6 +150,9 @@ fn faults(args: &Args) -> Vec<(Fault, Duration)> {
             Fault::Stall(d) => Fault::Stall(d.min(cap)),
             other => other,
         })
+        .filter(|f| {
+            args.only_faults.is_empty() || args.only_faults.iter().any(|o| f.slug().contains(o))
+        })
         .filter(|f| seen.insert(f.name()))
         .map(|f| (f, f.nominal().min(cap)))
         .collect()
@@ -460,7 +463,7 @@ impl Figures {
     ) -> Figures {
         let on_leader: Vec<Instant> = new_acks
             .iter()
-            .filter(|a| timeline.leader_at(a.started) == Some(a.server.as_str()))
+            .filter(|a| timeline.led(&a.server, a.started))
             .map(|a| a.finished)
             .collect();
         let all_acks: Vec<Ack> = log.acks.iter().chain(new_acks).cloned().collect();
@@ -469,13 +472,40 @@ impl Figures {
             .into_iter()
             .map(|a| (a.via.clone(), a.seq))
             .collect();
+        // Rows (acknowledged or not) a node took while another led, as far as the running
+        // nodes tell; for a node that cannot be read (killed), the acknowledgements tell.
         let mine = format!("{via}/");
+        let rows_mine: Vec<writer::Row> = rows
+            .all
+            .iter()
+            .filter(|r| r.via.starts_with(&mine))
+            .cloned()
+            .collect();
         strays.extend(
-            rows.diverged
-                .iter()
-                .filter(|(row, _)| row.starts_with(&mine))
-                .cloned(),
+            timeline
+                .stray_rows(&rows_mine)
+                .into_iter()
+                .map(|r| (r.via.clone(), r.seq)),
         );
+        for ack in timeline.strays(&all_acks).iter().take(3) {
+            eprintln!(
+                "{via}: stray ack {} {} by {} sent {:.3} s after the fault",
+                ack.via,
+                ack.seq,
+                ack.server,
+                ack.started.saturating_duration_since(at).as_secs_f64()
+            );
+        }
+        for row in timeline.stray_rows(&rows_mine).iter().take(3) {
+            let taken = timeline.instant_of(row.at);
+            eprintln!(
+                "{via}: stray row {} {} on {} taken {:.3} s after the fault",
+                row.via,
+                row.seq,
+                row.server,
+                taken.saturating_duration_since(at).as_secs_f64()
+            );
+        }
         let early = log.cuts.iter().filter(|c| c.at < at).count();
         if early > 0 {
             eprintln!("{via}: {early} sessions were cut before the fault and are not counted");
@@ -520,11 +550,11 @@ impl Figures {
     }
 }
 
-/// The rows of one round: on the final leader, and on other nodes but not on it.
+/// The rows of one round: the final leader's, and every row any running node has.
 #[derive(Default)]
 struct Rows {
     on_leader: HashSet<(String, i64)>,
-    diverged: HashSet<(String, i64)>,
+    all: Vec<writer::Row>,
 }
 
 /// Reads every running node's rows of this round (over unix sockets).
@@ -535,13 +565,15 @@ async fn audit(cluster: &LocalCluster, leader: usize, prefix: &str) -> Rows {
             continue;
         }
         match tokio::task::block_in_place(|| rows_on(cluster.pg(), i, prefix)) {
-            Ok(found) if i == leader => rows.on_leader = found,
-            Ok(found) => rows.diverged.extend(found),
+            Ok(found) => {
+                if i == leader {
+                    rows.on_leader = found.iter().map(|r| (r.via.clone(), r.seq)).collect();
+                }
+                rows.all.extend(found);
+            }
             Err(e) => eprintln!("cannot read node {i}'s rows: {e}"),
         }
     }
-    let on_leader = &rows.on_leader;
-    rows.diverged.retain(|row| !on_leader.contains(row));
     rows
 }
 
@@ -689,11 +721,17 @@ async fn inject(
             .map_err(|e| error(&e))?;
             let killed = Instant::from_std(event.killed_at);
             let promoted = Instant::from_std(event.promoted_at);
-            injected.at = killed;
+            let (old, new) = (host(event.old), host(event.new));
+            // `at` stays when the kill began: sessions die while `pg_ctl stop` runs.
+            // The promotion began after the kill (or the fence), and the new leader took
+            // writes before `pg_ctl promote -w` returned; the fenced old leader took writes
+            // until it was made read-only.
             if fault == Fault::Kill {
-                injected.timeline.then(killed, None);
+                injected.timeline.then(killed, &[&new]);
+            } else {
+                injected.timeline.then(killed, &[&old, &new]);
             }
-            injected.timeline.then(promoted, Some(&host(event.new)));
+            injected.timeline.then(promoted, &[&new]);
             injected.promoted = Some((promoted, event.new));
             injected.leader_after = event.new;
             Held::Nothing
@@ -715,13 +753,16 @@ async fn promote(
     new: usize,
     injected: &mut Injected,
 ) -> Result<(), String> {
+    let old = cluster.pg_addr(injected.leader_after).ip().to_string();
+    let host = cluster.pg_addr(new).ip().to_string();
+    // Both may take writes until the promotion reports that it is done.
+    injected.timeline.then(Instant::now(), &[&old, &host]);
     cluster
         .promote(new)
         .await
         .map_err(|e| format!("promote: {e}"))?;
     let promoted = Instant::now();
-    let host = cluster.pg_addr(new).ip().to_string();
-    injected.timeline.then(promoted, Some(&host));
+    injected.timeline.then(promoted, &[&host]);
     injected.promoted = Some((promoted, new));
     injected.leader_after = new;
     if let Err(e) = cluster.repoint_replicas(new).await {

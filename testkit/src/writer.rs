@@ -465,32 +465,63 @@ impl Drop for Trickle {
     }
 }
 
-/// Who led when: each entry names the leader's address (as `inet_server_addr()` gives it)
-/// from that instant on, `None` while nobody did.
-#[derive(Debug, Clone, Default)]
-pub struct Timeline(Vec<(Instant, Option<String>)>);
+/// Who led when: each entry names the nodes (their addresses, as `inet_server_addr()` gives
+/// them) that may take writes from that instant on. Two during a handover whose exact instant
+/// is not known (a promotion takes a while to report that it is done), none while nobody leads.
+#[derive(Debug, Clone)]
+pub struct Timeline {
+    entries: Vec<(Instant, Vec<String>)>,
+    /// One instant on both clocks, to place a node's timestamps ([`Row::at`]).
+    anchor: (Instant, std::time::SystemTime),
+}
 
 impl Timeline {
     /// `leader` leads from `at` on (and, for the record, before it too).
     pub fn starting(leader: &str, at: Instant) -> Timeline {
-        Timeline(vec![(at, Some(leader.to_owned()))])
+        Timeline {
+            entries: vec![(at, vec![leader.to_owned()])],
+            anchor: (Instant::now(), std::time::SystemTime::now()),
+        }
     }
 
-    /// From `at` on, `leader` leads.
-    pub fn then(&mut self, at: Instant, leader: Option<&str>) {
-        self.0.push((at, leader.map(str::to_owned)));
-        self.0.sort_by_key(|(at, _)| *at);
+    /// The instant a wall-clock time of this machine stands for.
+    pub fn instant_of(&self, wall: std::time::SystemTime) -> Instant {
+        let (instant, system) = self.anchor;
+        match wall.duration_since(system) {
+            Ok(after) => instant + after,
+            Err(before) => instant - before.duration(),
+        }
     }
 
-    pub fn leader_at(&self, t: Instant) -> Option<&str> {
-        let entry = self.0.iter().rev().find(|(from, _)| *from <= t);
-        entry.or(self.0.first()).and_then(|(_, l)| l.as_deref())
+    /// Rows a node took while it was not the leader.
+    pub fn stray_rows<'a>(&self, rows: &'a [Row]) -> Vec<&'a Row> {
+        rows.iter()
+            .filter(|r| !self.led(&r.server, self.instant_of(r.at)))
+            .collect()
     }
 
-    /// Writes acknowledged by a node that was not the leader when they were sent.
+    /// From `at` on, `leaders` may take writes.
+    pub fn then(&mut self, at: Instant, leaders: &[&str]) {
+        let leaders = leaders.iter().map(|l| (*l).to_owned()).collect();
+        self.entries.push((at, leaders));
+        self.entries.sort_by_key(|(at, _)| *at);
+    }
+
+    /// Whether `server` led at `t`.
+    pub fn led(&self, server: &str, t: Instant) -> bool {
+        let entry = self.entries.iter().rev().find(|(from, _)| *from <= t);
+        entry
+            .or(self.entries.first())
+            .is_some_and(|(_, leaders)| leaders.iter().any(|l| l == server))
+    }
+
+    /// Writes acknowledged by a node that was not the leader when they were sent, nor when
+    /// they were acknowledged (a client that waited for a route through a promotion was
+    /// served by a leader). [`Timeline::stray_rows`] places a write exactly, by the node's
+    /// own clock, where the node can still be read.
     pub fn strays<'a>(&self, acks: &'a [Ack]) -> Vec<&'a Ack> {
         acks.iter()
-            .filter(|a| self.leader_at(a.started) != Some(a.server.as_str()))
+            .filter(|a| !self.led(&a.server, a.started) && !self.led(&a.server, a.finished))
             .collect()
     }
 }
@@ -532,29 +563,49 @@ pub fn resumed_after(
         .map(|a| a.finished.saturating_duration_since(event))
 }
 
-/// The `(via, seq)` of every row in node `i`'s `writes` whose `via` starts with `prefix`
-/// (letters, digits, `-`, `/` and `_` only), read over the node's unix socket, so it works
-/// whatever the network does.
-pub fn rows_on(
-    pg: &crate::pg::PgCluster,
-    i: usize,
-    prefix: &str,
-) -> Result<std::collections::HashSet<(String, i64)>, String> {
+/// A row of `writes` as a node has it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub via: String,
+    pub seq: i64,
+    /// The node that took it.
+    pub server: String,
+    /// When that node took it (its `clock_timestamp()`).
+    pub at: std::time::SystemTime,
+}
+
+/// Every row in node `i`'s `writes` whose `via` starts with `prefix` (letters, digits, `-`,
+/// `/` and `_` only), read over the node's unix socket, so it works whatever the network does.
+pub fn rows_on(pg: &crate::pg::PgCluster, i: usize, prefix: &str) -> Result<Vec<Row>, String> {
     if !prefix
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "-/_".contains(c))
     {
         return Err(format!("not a plain prefix: {prefix:?}"));
     }
-    let query = format!("SELECT via || ' ' || seq FROM writes WHERE via LIKE '{prefix}%'");
+    let query = format!(
+        "SELECT via, seq, server, extract(epoch FROM at) FROM writes WHERE via LIKE '{prefix}%'"
+    );
     let text = pg.sql(i, &[&query]).map_err(|e| e.to_string())?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let (via, seq) = line.rsplit_once(' ')?;
-            Some((via.to_owned(), seq.parse().ok()?))
-        })
-        .collect())
+    Ok(text.lines().filter_map(parse_row).collect())
+}
+
+/// A row as `psql -A -t` prints it: `via|seq|server|epoch seconds`.
+fn parse_row(line: &str) -> Option<Row> {
+    let mut fields = line.split('|');
+    let (via, seq, server, epoch) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    let epoch: f64 = epoch.parse().ok()?;
+    Some(Row {
+        via: via.to_owned(),
+        seq: seq.parse().ok()?,
+        server: server.to_owned(),
+        at: std::time::UNIX_EPOCH + Duration::from_secs_f64(epoch),
+    })
 }
 
 #[cfg(test)]
@@ -631,17 +682,47 @@ mod tests {
             finished: base + Duration::from_millis(at_ms + 5),
         };
         let mut timeline = Timeline::starting("old", base);
-        timeline.then(base + Duration::from_millis(100), None);
-        timeline.then(base + Duration::from_millis(200), Some("new"));
+        timeline.then(base + Duration::from_millis(100), &[]);
+        timeline.then(base + Duration::from_millis(200), &["old", "new"]);
+        timeline.then(base + Duration::from_millis(280), &["new"]);
         let acks = vec![
             ack("old", 50),
             ack("old", 150),
-            ack("new", 250),
+            ack("new", 210),
+            ack("old", 250),
             ack("old", 300),
+            // Sent while nobody led, taken once "new" did.
+            Ack {
+                finished: base + Duration::from_millis(290),
+                ..ack("new", 120)
+            },
         ];
         let strays: Vec<i64> = timeline.strays(&acks).iter().map(|a| a.seq).collect();
         assert_eq!(strays, vec![150, 300]);
-        assert_eq!(timeline.leader_at(base), Some("old"));
+        assert!(timeline.led("old", base));
+        assert!(!timeline.led("new", base));
+        // A second from now, when "new" alone leads.
+        let wall = std::time::SystemTime::now() + Duration::from_secs(1);
+        let row = |server: &str| {
+            parse_row(&format!(
+                "t/s0|7|{server}|{}",
+                wall.duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64()
+            ))
+            .expect("a row")
+        };
+        let rows = [row("old"), row("new")];
+        let then = timeline
+            .instant_of(wall)
+            .saturating_duration_since(Instant::now());
+        assert!(then > Duration::from_millis(500) && then <= Duration::from_secs(1));
+        let strays: Vec<&str> = timeline
+            .stray_rows(&rows)
+            .iter()
+            .map(|r| r.server.as_str())
+            .collect();
+        assert_eq!(strays, vec!["old"], "{rows:?}");
     }
 
     #[test]
