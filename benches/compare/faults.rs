@@ -96,10 +96,10 @@ impl Fault {
     fn slug(self) -> String {
         self.name()
             .chars()
-            .filter_map(|c| match c {
-                'a'..='z' | '0'..='9' => Some(c),
-                'A'..='Z' => Some(c.to_ascii_lowercase()),
-                _ => Some('-'),
+            .map(|c| match c {
+                'a'..='z' | '0'..='9' => c,
+                'A'..='Z' => c.to_ascii_lowercase(),
+                _ => '-',
             })
             .collect()
     }
@@ -235,7 +235,8 @@ impl Matrix {
     }
 }
 
-/// A proxy the clients go through, and what keeps it running if it was started for one fault.
+/// A proxy the clients go through.
+#[derive(Clone)]
 struct Target {
     name: String,
     addr: SocketAddr,
@@ -256,40 +257,26 @@ pub(crate) async fn section(args: &Args, bench: &PgBench, matrix: &mut Matrix) {
     } else {
         None
     };
-    let shared: Vec<Target> = match &per_node {
-        Some((targets, _)) => targets
-            .iter()
-            .map(|(name, addr)| Target {
-                name: name.clone(),
-                addr: *addr,
-            })
-            .collect(),
+    let listed = match &per_node {
+        Some((targets, _)) => targets.clone(),
         None => bench
             .targets
             .iter()
             .filter(|(name, _)| args.targets.contains(name))
-            .map(|(name, addr)| Target {
-                name: name.clone(),
-                addr: *addr,
-            })
+            .cloned()
             .collect(),
     };
+    let shared: Vec<Target> = listed
+        .into_iter()
+        .map(|(name, addr)| Target { name, addr })
+        .collect();
     for round in 0..args.rounds {
         for (fault, hold) in faults(args) {
             eprintln!("round {round}: {} for {hold:?}", fault.name());
             let (mut targets, _started) = if fault == Fault::Descriptors {
                 limited_targets(args, bench).await
             } else {
-                (
-                    shared
-                        .iter()
-                        .map(|t| Target {
-                            name: t.name.clone(),
-                            addr: t.addr,
-                        })
-                        .collect(),
-                    Started::default(),
-                )
+                (shared.clone(), Started::default())
             };
             // The order the targets' clients start in rotates from round to round.
             let len = targets.len().max(1);
@@ -461,9 +448,10 @@ impl Figures {
         rows: &Rows,
         promoted: Option<(Instant, String)>,
     ) -> Figures {
+        // A new client's write counts when the node that took it led by the time it said so.
         let on_leader: Vec<Instant> = new_acks
             .iter()
-            .filter(|a| timeline.led(&a.server, a.started))
+            .filter(|a| timeline.led(&a.server, a.finished))
             .map(|a| a.finished)
             .collect();
         let all_acks: Vec<Ack> = log.acks.iter().chain(new_acks).cloned().collect();

@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::cluster::LocalCluster;
 use crate::pg::PgCluster;
-use crate::role::{RoleEndpoint, RoleReply};
+use crate::role::{RoleEndpoint, RoleReply, RoleSwitch};
 use crate::TaskGuard;
 
 /// Prefix of every [`Blackhole`] chain: `RP-BH-<pid>-<n>`.
@@ -288,18 +288,38 @@ impl CheckRelays {
         self.endpoints[i].set(RoleReply::Relay(self.agents[i]));
     }
 
-    /// Node `i` claims `leader` for `claim`, then speaks for its Postgres again: a stray
-    /// answer, as from an agent that read a stale state.
-    pub async fn lie(&self, i: usize, claim: Duration) {
+    /// Node `i` claims `leader` until the returned guard is dropped, then speaks for its
+    /// Postgres again: a stray answer, as from an agent that read a stale state.
+    pub fn claim(&self, i: usize) -> Claim {
         self.set(i, RoleReply::leader());
+        Claim {
+            switch: self.endpoints[i].switch(),
+            agent: self.agents[i],
+        }
+    }
+
+    /// Node `i` claims `leader` for `claim` ([`CheckRelays::claim`]).
+    pub async fn lie(&self, i: usize, claim: Duration) {
+        let _claim = self.claim(i);
         // Not a wait for an event: the lie lasts this long.
         tokio::time::sleep(claim).await;
-        self.relay(i);
     }
 
     /// Checks node `i`'s relay has answered so far.
     pub fn requests(&self, i: usize) -> u64 {
         self.endpoints[i].requests()
+    }
+}
+
+/// A node's false claim to lead ([`CheckRelays::claim`]); it ends when dropped.
+pub struct Claim {
+    switch: RoleSwitch,
+    agent: SocketAddr,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.switch.set(RoleReply::Relay(self.agent));
     }
 }
 

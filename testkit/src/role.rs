@@ -135,7 +135,12 @@ impl RoleEndpoint {
     /// Changes the reply for requests that arrive from now on; responses
     /// already being written are not affected.
     pub fn set(&self, reply: RoleReply) {
-        *lock(&self.shared.reply) = reply;
+        self.switch().set(reply);
+    }
+
+    /// A handle that changes this endpoint's reply, for a guard that must not borrow it.
+    pub fn switch(&self) -> RoleSwitch {
+        RoleSwitch(Arc::clone(&self.shared))
     }
 
     /// Number of complete request heads received so far.
@@ -154,6 +159,18 @@ impl RoleEndpoint {
     /// Stops the endpoint and waits until its listener is closed.
     pub async fn stop(mut self) {
         self.task.stop().await;
+    }
+}
+
+/// Changes a [`RoleEndpoint`]'s reply ([`RoleEndpoint::switch`]); does nothing once the
+/// endpoint is gone.
+#[derive(Clone)]
+pub struct RoleSwitch(Arc<Shared>);
+
+impl RoleSwitch {
+    /// What [`RoleEndpoint::set`] does.
+    pub fn set(&self, reply: RoleReply) {
+        *lock(&self.0.reply) = reply;
     }
 }
 
