@@ -71,6 +71,16 @@ impl Args {
     }
 }
 
+/// A comma-separated option value as its items.
+fn list(value: Option<String>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 fn args() -> Args {
     let mut args = Args {
         rounds: 5,
@@ -123,37 +133,13 @@ fn args() -> Args {
                 args.pgbench_secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(10)
             }
             "--failovers" => args.failovers = it.next().and_then(|v| v.parse().ok()).unwrap_or(10),
-            "--variants" => {
-                args.variants = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
-            "--targets" => {
-                args.targets = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter(|t| !t.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
+            "--variants" => args.variants = list(it.next()),
+            "--targets" => args.targets = list(it.next()),
             "--fault-secs" => args.fault_secs = it.next().and_then(|v| v.parse().ok()),
             "--fault-sessions" => {
                 args.fault_sessions = it.next().and_then(|v| v.parse().ok()).unwrap_or(4)
             }
-            "--faults" => {
-                args.only_faults = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter(|f| !f.is_empty())
-                    .map(str::to_string)
-                    .collect()
-            }
+            "--faults" => args.only_faults = list(it.next()),
             "--topology" => args.per_node = it.next().as_deref() == Some("per-node"),
             _ => {} // cargo bench passes --bench
         }
