@@ -3,7 +3,11 @@
 //! ```sh
 //! apt-get install -y haproxy
 //! cargo bench --bench compare -- [--rounds 5] [--sections bulk,idle,pgbench,copy,failover,transactions,busy,flood] [--json FILE]
+//! cargo bench --bench compare -- --sections faults [--targets roleproxy,haproxy,haproxy-tuned] [--fault-secs N] [--faults stall,kill] [--topology per-node]
 //! ```
+//!
+//! The `faults` section (not run by default) is the fault matrix of `compare/faults.rs`; it
+//! moves the whole benchmark into a network namespace of its own first.
 //!
 //! Every section runs the targets in interleaved rounds (the order rotates each round), so drift
 //! of this noisy machine hits all of them alike, and reports medians and the median over rounds
@@ -19,13 +23,17 @@ use std::time::{Duration, Instant};
 use roleproxy_testkit::bulk::{self, BulkBackend};
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::dns::DnsServer;
+use roleproxy_testkit::fault::{self, CheckRelays};
 use roleproxy_testkit::haproxy::{FlyHaproxyConfig, Haproxy};
 use roleproxy_testkit::harness::ProxyProcess;
 use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
 use roleproxy_testkit::transactions::{self, Transactions};
-use roleproxy_testkit::writer::{self, connect, conninfo, Attempt, Writer, CREATE_TABLE};
+use roleproxy_testkit::writer::{self, connect, conninfo, Writer, CREATE_TABLE};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
+
+#[path = "compare/faults.rs"]
+mod faults;
 
 const NAME: &str = "iad.bench.internal";
 
@@ -44,6 +52,33 @@ struct Args {
     /// is followed, as before transaction boundaries were), or `tokio-copy` (the calibration
     /// proxy, pgbench and bulk).
     variants: Vec<String>,
+    /// Faults section: the targets (`roleproxy`, `haproxy`, `haproxy-tuned`).
+    targets: Vec<String>,
+    /// Faults section: no fault is held longer than this.
+    fault_secs: Option<u64>,
+    /// Faults section: sessions kept open through each fault, per target.
+    fault_sessions: usize,
+    /// Faults section: one roleproxy per node (`--topology per-node`) instead of the targets.
+    per_node: bool,
+    /// Faults section: only the faults whose label contains one of these (`--faults`).
+    only_faults: Vec<String>,
+}
+
+impl Args {
+    /// Whether the faults section runs against `target`.
+    fn wants_target(&self, target: &str) -> bool {
+        self.sections.iter().any(|s| s == "faults") && self.targets.iter().any(|t| t == target)
+    }
+}
+
+/// A comma-separated option value as its items.
+fn list(value: Option<String>) -> Vec<String> {
+    value
+        .unwrap_or_default()
+        .split(',')
+        .filter(|item| !item.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn args() -> Args {
@@ -66,6 +101,11 @@ fn args() -> Args {
         pgbench_secs: 10,
         failovers: 10,
         variants: Vec::new(),
+        targets: vec!["roleproxy".into(), "haproxy".into(), "haproxy-tuned".into()],
+        fault_secs: None,
+        fault_sessions: 4,
+        per_node: false,
+        only_faults: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -93,15 +133,14 @@ fn args() -> Args {
                 args.pgbench_secs = it.next().and_then(|v| v.parse().ok()).unwrap_or(10)
             }
             "--failovers" => args.failovers = it.next().and_then(|v| v.parse().ok()).unwrap_or(10),
-            "--variants" => {
-                args.variants = it
-                    .next()
-                    .unwrap_or_default()
-                    .split(',')
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string)
-                    .collect()
+            "--variants" => args.variants = list(it.next()),
+            "--targets" => args.targets = list(it.next()),
+            "--fault-secs" => args.fault_secs = it.next().and_then(|v| v.parse().ok()),
+            "--fault-sessions" => {
+                args.fault_sessions = it.next().and_then(|v| v.parse().ok()).unwrap_or(4)
             }
+            "--faults" => args.only_faults = list(it.next()),
+            "--topology" => args.per_node = it.next().as_deref() == Some("per-node"),
             _ => {} // cargo bench passes --bench
         }
     }
@@ -343,6 +382,8 @@ fn haproxy_config(
         backup,
         expect: "leader".into(),
         maxconn,
+        tuned: false,
+        ulimit_n: None,
     }
 }
 
@@ -466,13 +507,92 @@ async fn idle_section(args: &Args, results: &mut Results) {
 /// The real cluster used by the Postgres sections, with both proxies in front of it.
 struct PgBench {
     cluster: LocalCluster,
+    /// Role endpoints relaying the agents' answers, which the proxies check instead of the
+    /// agents when the fault matrix runs, so it can make a node's check hang, fail or lie.
+    relays: Option<CheckRelays>,
     _roleproxies: Vec<ProxyProcess>,
-    _haproxy: Haproxy,
+    _haproxies: Vec<Haproxy>,
     targets: Vec<(String, SocketAddr)>,
+}
+
+impl PgBench {
+    /// The port the proxies send role checks to.
+    fn check_port(&self) -> u16 {
+        self.relays
+            .as_ref()
+            .map_or(self.cluster.spec().agent_port, CheckRelays::port)
+    }
 }
 
 fn pg_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 8, 1)), port)
+}
+
+/// roleproxy's configuration for the bench cluster: the cluster's defaults, the node's own
+/// Postgres as the backup like the Fly image, and a `variant`: a `proxy.copy` mode,
+/// `preconnect` or `preconnectN` (auto copy, 4 or N warm connections), `threadsN` (auto copy,
+/// `proxy.threads = N`) or `immediate` (auto copy, no session followed).
+fn roleproxy_pg_toml(
+    bench_cluster: &LocalCluster,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    backup: SocketAddr,
+    check_port: u16,
+    variant: &str,
+) -> String {
+    let threads = variant
+        .strip_prefix("threads")
+        .and_then(|n| n.parse::<usize>().ok());
+    let warm = variant
+        .strip_prefix("preconnect")
+        .map(|n| n.parse::<usize>().unwrap_or(4));
+    let (copy, preconnect) = match variant {
+        _ if warm.is_some() => ("auto", warm.unwrap_or(4)),
+        _ if threads.is_some() => ("auto", 0),
+        "immediate" => ("auto", 0),
+        mode => (mode, 0),
+    };
+    let switchover = if variant == "immediate" {
+        "immediate"
+    } else {
+        "transaction"
+    };
+    bench_cluster
+        .proxy_config(&listen.ip().to_string())
+        .set("listen.addresses", &format!("[\"{listen}\"]"))
+        .set("admin.address", &format!("\"{admin}\""))
+        .set("backends.backup", &format!("[\"{backup}\"]"))
+        .set("check.port", &check_port.to_string())
+        .set("proxy.shutdown_grace", "\"10s\"")
+        .set("proxy.copy", &format!("\"{copy}\""))
+        .set("proxy.preconnect", &preconnect.to_string())
+        .set("proxy.threads", &threads.unwrap_or(0).to_string())
+        .set("proxy.switchover", &format!("\"{switchover}\""))
+        .toml()
+}
+
+/// The Fly image's HAProxy (tuned or not) in front of the bench cluster.
+fn haproxy_pg_config(
+    bench_cluster: &LocalCluster,
+    listen: SocketAddr,
+    stats: SocketAddr,
+    backup: SocketAddr,
+    check_port: u16,
+    tuned: bool,
+) -> FlyHaproxyConfig {
+    FlyHaproxyConfig {
+        listen,
+        stats,
+        nameserver: bench_cluster.dns_addr(),
+        name: bench_cluster.spec().name.clone(),
+        pg_port: bench_cluster.spec().pg_port,
+        check_port,
+        backup,
+        expect: "leader".into(),
+        maxconn: 1000,
+        tuned,
+        ulimit_n: None,
+    }
 }
 
 async fn pg_bench_setup(args: &Args) -> PgBench {
@@ -483,40 +603,14 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     };
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
     let local = cluster.pg_addr(0);
-    // A variant is a `proxy.copy` mode, `preconnect` or `preconnectN` (auto copy, 4 or N warm
-    // connections), `threadsN` (auto copy, `proxy.threads = N`) or `immediate` (auto copy, no
-    // session followed).
-    let roleproxy_config = |listen: SocketAddr, admin: SocketAddr, variant: &str| {
-        let threads = variant
-            .strip_prefix("threads")
-            .and_then(|n| n.parse::<usize>().ok());
-        let warm = variant
-            .strip_prefix("preconnect")
-            .map(|n| n.parse::<usize>().unwrap_or(4));
-        let (copy, preconnect) = match variant {
-            _ if warm.is_some() => ("auto", warm.unwrap_or(4)),
-            _ if threads.is_some() => ("auto", 0),
-            "immediate" => ("auto", 0),
-            mode => (mode, 0),
-        };
-        let switchover = if variant == "immediate" {
-            "immediate"
-        } else {
-            "transaction"
-        };
-        cluster
-            .proxy_config(&listen.ip().to_string())
-            .set("listen.addresses", &format!("[\"{listen}\"]"))
-            .set("admin.address", &format!("\"{admin}\""))
-            // Like the Fly image: the node's own Postgres is the backup.
-            .set("backends.backup", &format!("[\"{local}\"]"))
-            .set("proxy.shutdown_grace", "\"10s\"")
-            .set("proxy.copy", &format!("\"{copy}\""))
-            .set("proxy.preconnect", &preconnect.to_string())
-            .set("proxy.threads", &threads.unwrap_or(0).to_string())
-            .set("proxy.switchover", &format!("\"{switchover}\""))
-            .toml()
+    let relays = if args.sections.iter().any(|s| s == "faults") {
+        Some(CheckRelays::start(&cluster, fault::RELAY_PORT).await)
+    } else {
+        None
     };
+    let check_port = relays
+        .as_ref()
+        .map_or(cluster.spec().agent_port, CheckRelays::port);
     let mut targets = Vec::new();
     let mut roleproxies = Vec::new();
     for (i, mode) in std::iter::once("auto")
@@ -531,7 +625,7 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         }
         let admin = pg_addr(26490 + i as u16);
         roleproxies.push(roleproxy_process(
-            &roleproxy_config(listen, admin, mode),
+            &roleproxy_pg_toml(&cluster, listen, admin, local, check_port, mode),
             &format!("pg-{mode}"),
         ));
         let name = if mode == "auto" {
@@ -541,26 +635,28 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         };
         targets.push((name, listen));
     }
-    let hp = pg_addr(26463);
-    let haproxy = Haproxy::start(&FlyHaproxyConfig {
-        listen: hp,
-        stats: pg_addr(26475),
-        nameserver: cluster.dns_addr(),
-        name: cluster.spec().name.clone(),
-        pg_port: 5433,
-        check_port: 5500,
-        backup: local,
-        expect: "leader".into(),
-        maxconn: 1000,
-    })
-    .await
-    .expect("start haproxy");
+    let mut haproxies = Vec::new();
+    let mut flavours = vec![("haproxy", false, 26463, 26475)];
+    if args.wants_target("haproxy-tuned") {
+        flavours.push(("haproxy-tuned", true, 26464, 26476));
+    }
+    for (name, tuned, port, stats) in flavours {
+        let config = haproxy_pg_config(
+            &cluster,
+            pg_addr(port),
+            pg_addr(stats),
+            local,
+            check_port,
+            tuned,
+        );
+        haproxies.push(Haproxy::start(&config).await.expect("start haproxy"));
+        targets.push((name.to_string(), pg_addr(port)));
+    }
     let client = connect(&conninfo(local)).await.expect("leader");
     client
         .batch_execute(CREATE_TABLE)
         .await
         .expect("create table");
-    targets.push(("haproxy".to_string(), hp));
     targets.push(("direct".to_string(), local));
     for (name, a) in &targets {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -571,8 +667,9 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
     }
     PgBench {
         cluster,
+        relays,
         _roleproxies: roleproxies,
-        _haproxy: haproxy,
+        _haproxies: haproxies,
         targets,
     }
 }
@@ -984,11 +1081,8 @@ async fn failover_section(args: &Args, results: &mut Results, bench: &PgBench) {
                 name,
                 seen.errors as f64,
             );
-            let resumed = attempts
-                .iter()
-                .find(|a: &&Attempt| a.ok() && a.started >= promoted)
-                .map(|a| a.finished.saturating_duration_since(promoted).as_secs_f64());
-            if let Some(resumed) = resumed {
+            if let Some(resumed) = writer::resumed_after(&attempts, promoted, None) {
+                let resumed = resumed.as_secs_f64();
                 results.add(
                     &format!("{kind}: writes resumed after promotion"),
                     "s",
@@ -1254,6 +1348,13 @@ fn main() {
         eprintln!("haproxy is not installed: apt-get install -y haproxy");
         std::process::exit(1);
     }
+    if args.sections.iter().any(|s| s == "faults") {
+        // Still one thread: the whole process moves, and everything it starts lives there.
+        if let Err(e) = fault::own_network_namespace() {
+            eprintln!("the faults section needs a network namespace of its own: {e}");
+            std::process::exit(1);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -1261,6 +1362,7 @@ fn main() {
         .expect("runtime");
     let mut results = Results::default();
     let mut overloads = Vec::new();
+    let mut matrix = faults::Matrix::default();
     runtime.block_on(async {
         // The Postgres cluster starts with the first section that needs it, so the raw TCP
         // sections do not share the machine with its checkpoints, replication and checks.
@@ -1268,7 +1370,7 @@ fn main() {
         for section in &args.sections {
             let needs_pg = matches!(
                 section.as_str(),
-                "pgbench" | "copy" | "failover" | "transactions" | "busy" | "flood"
+                "pgbench" | "copy" | "failover" | "transactions" | "busy" | "flood" | "faults"
             );
             if needs_pg && pg.is_none() {
                 pg = Some(pg_bench_setup(&args).await);
@@ -1282,6 +1384,7 @@ fn main() {
                 ("transactions", Some(pg)) => transactions_section(&args, &mut results, pg).await,
                 ("busy", Some(pg)) => busy_section(&mut results, pg, &mut overloads).await,
                 ("flood", Some(pg)) => flood_section(&mut results, pg, &mut overloads).await,
+                ("faults", Some(pg)) => faults::section(&args, pg, &mut matrix).await,
                 (other, _) => eprintln!("unknown section {other}"),
             }
         }
@@ -1318,7 +1421,15 @@ fn main() {
     if !overloads.is_empty() {
         println!("Overload (one run each):\n\n{}", overload_table(&overloads));
     }
-    let doc = json!({ "machine": machine, "rounds": args.rounds, "metrics": results.json() });
+    if !matrix.is_empty() {
+        println!("Fault matrix (median over rounds):\n\n{}", matrix.table());
+    }
+    let doc = json!({
+        "machine": machine,
+        "rounds": args.rounds,
+        "metrics": results.json(),
+        "faults": matrix.json(),
+    });
     if let Some(parent) = args.json.parent() {
         let _ = std::fs::create_dir_all(parent);
     }

@@ -712,8 +712,8 @@ impl LocalCluster {
             .collect()
     }
 
-    /// Points every running replica at `leader`.
-    async fn repoint_replicas(&self, leader: usize) -> Result<(), ClusterError> {
+    /// Points every running replica at `leader` (after a [`LocalCluster::promote`], say).
+    pub async fn repoint_replicas(&self, leader: usize) -> Result<(), ClusterError> {
         let replicas = self.running_replicas().await;
         self.blocking(move |pg| replicas.iter().try_for_each(|&j| pg.follow(j, leader)))
             .await

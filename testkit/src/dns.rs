@@ -35,6 +35,9 @@ pub enum DnsMode {
     Silent,
     /// Reply SERVFAIL to every query, like a resolver whose upstream is down.
     ServFail,
+    /// Reply to every query with its id and then random bytes: a reply the resolver matches
+    /// to its query and cannot parse.
+    Garbage,
 }
 
 /// A DNS server on one loopback address, serving UDP and TCP on one port.
@@ -164,6 +167,10 @@ async fn serve_udp(socket: UdpSocket, shared: Arc<Shared>) {
             // A failed receive concerns one datagram; keep serving.
             Err(_) => continue,
         };
+        if let Some(garbage) = shared.garbage(&buf[..len]) {
+            let _ = socket.send_to(&garbage, peer).await;
+            continue;
+        }
         let Some(response) = shared.respond(&buf[..len]) else {
             continue;
         };
@@ -201,7 +208,11 @@ async fn serve_tcp(mut stream: TcpStream, shared: Arc<Shared>) {
         }
         // In Silent mode the connection stays open with no reply, so the
         // resolver's TCP attempt times out too.
-        let Some(bytes) = shared.respond(packet).as_ref().and_then(encode) else {
+        let reply = match shared.garbage(packet) {
+            Some(garbage) => Some(garbage),
+            None => shared.respond(packet).as_ref().and_then(encode),
+        };
+        let Some(bytes) = reply else {
             continue;
         };
         let Ok(len) = u16::try_from(bytes.len()) else {
@@ -217,6 +228,20 @@ async fn serve_tcp(mut stream: TcpStream, shared: Arc<Shared>) {
 }
 
 impl Shared {
+    /// In [`DnsMode::Garbage`], the reply to `packet` (counted as a query): its id, then
+    /// random bytes. `None` in every other mode.
+    fn garbage(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        if lock(&self.zone).mode != DnsMode::Garbage {
+            return None;
+        }
+        self.queries.fetch_add(1, Ordering::SeqCst);
+        let mut reply = packet.get(..2)?.to_vec();
+        let mut noise = [0u8; 30];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut noise);
+        reply.extend_from_slice(&noise);
+        Some(reply)
+    }
+
     /// Counts the query and builds the reply the current mode calls for;
     /// `None` means stay silent.
     fn respond(&self, packet: &[u8]) -> Option<Message> {
@@ -236,6 +261,9 @@ impl Shared {
                 response.metadata.authoritative = false;
                 response.metadata.response_code = ResponseCode::ServFail;
             }
+            // Answered before a reply is built (`Shared::garbage`); a mode switch in between
+            // leaves this query unanswered.
+            DnsMode::Garbage => return None,
             DnsMode::Answer => match (request.metadata.op_code, request.queries.as_slice()) {
                 (OpCode::Query, [query]) => zone.answer(query, &mut response),
                 (OpCode::Query, _) => response.metadata.response_code = ResponseCode::FormErr,

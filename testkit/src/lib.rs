@@ -17,6 +17,7 @@ pub mod bulk;
 pub mod cluster;
 pub mod dns;
 pub mod fake_cluster;
+pub mod fault;
 pub mod haproxy;
 pub mod harness;
 pub mod patroni;
@@ -217,8 +218,6 @@ impl Drop for TaskGuard {
     }
 }
 
-/// Locks a fake's state, ignoring poisoning: a panicking test thread must not
-/// turn every later request into a second, confusing panic.
 /// The absolute path of `program` on `PATH`, or an error naming the Debian `package` that
 /// provides it. A missing tool must read as missing, not as a failure of the code under test
 /// (a bare name run as another user fails with "Permission denied" when `PATH` has
@@ -240,6 +239,19 @@ pub fn find_program(program: &str, package: &str) -> Result<PathBuf, String> {
         })
 }
 
+/// Sends signal `sig` to process `pid` (that process only, never its group).
+pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("no such pid"))?;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Locks a fake's state, ignoring poisoning: a panicking test thread must not
+/// turn every later request into a second, confusing panic.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }

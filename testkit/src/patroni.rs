@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
-use crate::pg::pg_bin;
+use crate::pg::{pg_bin, postmaster_pid};
 use crate::{eventually, eventually_blocking, exit_status, lock};
 
 /// The Postgres superuser every connection may use, with [`SUPERUSER_PASSWORD`].
@@ -771,15 +771,9 @@ fn postgres_owner() -> Result<Option<Owner>, String> {
     }))
 }
 
-/// Sends `sig` to `pid`.
+/// Sends `sig` to `pid`; a process already gone is what the callers want anyway.
 fn signal(pid: u32, sig: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return;
-    };
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    let _ = crate::signal(pid, sig);
 }
 
 /// Ends every process left in these node directories (`(dir, data_dir)`) once their Patroni
@@ -811,17 +805,6 @@ fn reap(dirs: &[(&Path, &Path)]) {
         }
         left.is_empty()
     });
-}
-
-/// The postmaster's pid from `postmaster.pid`, if there is one.
-fn postmaster_pid(data_dir: &Path) -> Option<u32> {
-    fs::read_to_string(data_dir.join("postmaster.pid"))
-        .ok()?
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Live processes whose working directory is `dir` or inside it (zombies have none).

@@ -274,17 +274,7 @@ impl PgCluster {
     /// Whether node `i`'s postmaster is alive, from its pid file and `/proc`: cheap enough
     /// to call from async code.
     pub fn is_running(&self, i: usize) -> bool {
-        let Some(node) = self.nodes.get(i) else {
-            return false;
-        };
-        let Ok(pid_file) = fs::read_to_string(node.data_dir.join("postmaster.pid")) else {
-            return false;
-        };
-        let Some(pid) = pid_file
-            .lines()
-            .next()
-            .and_then(|line| line.trim().parse::<u32>().ok())
-        else {
+        let Some(pid) = self.postmaster_pid(i) else {
             return false;
         };
         // A crashed postmaster leaves its pid file behind, and may linger as a zombie.
@@ -295,6 +285,12 @@ impl PgCluster {
                 .is_some_and(|state| state != "Z" && state != "X"),
             Err(_) => false,
         }
+    }
+
+    /// Node `i`'s postmaster pid, from its `postmaster.pid` (left behind by a crash, so
+    /// [`PgCluster::is_running`] says whether it is alive).
+    pub fn postmaster_pid(&self, i: usize) -> Option<u32> {
+        postmaster_pid(&self.nodes.get(i)?.data_dir)
     }
 
     /// Rebuilds node `i` as a streaming replica of `leader`: stops it if running, wipes its
@@ -562,6 +558,17 @@ pub fn accepted_connections(addr: std::net::SocketAddrV4) -> usize {
             fields.next() == Some(local.as_str()) && fields.nth(1) == Some("01")
         })
         .count()
+}
+
+/// The postmaster's pid: the first line of `postmaster.pid` in `data_dir`, if there is one.
+pub fn postmaster_pid(data_dir: &Path) -> Option<u32> {
+    fs::read_to_string(data_dir.join("postmaster.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 pub fn pg_bin(name: &str) -> PathBuf {

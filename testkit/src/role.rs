@@ -44,7 +44,15 @@ pub enum RoleReply {
     SlowBytes(Duration),
     /// Each request gets the next reply of this list, round and round: a flapping node.
     Cycle(Vec<RoleReply>),
+    /// Whatever the role endpoint at this address answers to `GET /flycheck/role` now
+    /// (status and body); no answer from it (refused, reset, [`RELAY_TIMEOUT`]) closes the
+    /// connection unanswered. Puts a switch in front of a real node's agent.
+    Relay(SocketAddr),
 }
+
+/// How long a [`RoleReply::Relay`] waits for the endpoint it relays: the proxies' check
+/// timeout (5 s by default) decides what a slow agent means, not the relay.
+pub const RELAY_TIMEOUT: Duration = Duration::from_secs(6);
 
 impl RoleReply {
     /// HTTP 200 `leader`, as postgres-ha reports the primary.
@@ -127,7 +135,12 @@ impl RoleEndpoint {
     /// Changes the reply for requests that arrive from now on; responses
     /// already being written are not affected.
     pub fn set(&self, reply: RoleReply) {
-        *lock(&self.shared.reply) = reply;
+        self.switch().set(reply);
+    }
+
+    /// A handle that changes this endpoint's reply, for a guard that must not borrow it.
+    pub fn switch(&self) -> RoleSwitch {
+        RoleSwitch(Arc::clone(&self.shared))
     }
 
     /// Number of complete request heads received so far.
@@ -146,6 +159,18 @@ impl RoleEndpoint {
     /// Stops the endpoint and waits until its listener is closed.
     pub async fn stop(mut self) {
         self.task.stop().await;
+    }
+}
+
+/// Changes a [`RoleEndpoint`]'s reply ([`RoleEndpoint::switch`]); does nothing once the
+/// endpoint is gone.
+#[derive(Clone)]
+pub struct RoleSwitch(Arc<Shared>);
+
+impl RoleSwitch {
+    /// What [`RoleEndpoint::set`] does.
+    pub fn set(&self, reply: RoleReply) {
+        *lock(&self.0.reply) = reply;
     }
 }
 
@@ -180,6 +205,18 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
         RoleReply::Huge(len) => {
             if write_huge(&mut stream, len).await.is_ok() {
                 finish(stream).await;
+            }
+        }
+        RoleReply::Relay(agent) => {
+            let path = roleproxy::agent::ROLE_PATH;
+            if let Ok((status, body)) =
+                crate::try_http(agent, "GET", path, None, RELAY_TIMEOUT).await
+            {
+                let mut response = head(status, body.len()).into_bytes();
+                response.extend_from_slice(body.as_bytes());
+                if stream.write_all(&response).await.is_ok() {
+                    finish(stream).await;
+                }
             }
         }
         RoleReply::SlowBytes(delay) => {
