@@ -68,6 +68,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    ignore_sighup_until_handled();
     let cli = Cli::parse();
     raise_fd_limit();
     init_logging(cli.log_format);
@@ -255,6 +256,16 @@ async fn agent(
             ExitCode::FAILURE
         }
     }
+}
+
+/// SIGHUP's default action ends the process, and a reload sent to every process of a node can
+/// come at any moment, also while this one starts. It is ignored from the first instruction of
+/// `main`, before there is a runtime to handle it; the handler installed later takes over from
+/// this disposition. A SIGHUP that comes before the handler asks to reload a configuration
+/// that is being read for the first time anyway.
+fn ignore_sighup_until_handled() {
+    // SAFETY: SIG_IGN is a valid disposition for SIGHUP, set while this is the only thread.
+    unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
 }
 
 /// The agent has nothing to reload, and a SIGHUP (a reload sent to every process of a node)

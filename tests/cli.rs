@@ -326,3 +326,111 @@ fn logs_are_plain_text_or_json_and_name_every_listener_and_the_admin_port() {
     let _ = json.child.wait();
     let _ = std::fs::remove_file(path);
 }
+
+/// Whether process `pid` ignores or handles SIGHUP, from `/proc`: from then on a SIGHUP cannot
+/// kill it. Before that the process is still being loaded, and nothing in it can help.
+fn sighup_taken_over(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let hup = 1 << (libc::SIGHUP - 1);
+    (mask("SigIgn:") | mask("SigCgt:")) & hup != 0
+}
+
+fn send_sighup(pid: u32) {
+    // SAFETY: kill with a valid signal number has no memory effects.
+    let sent = unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(sent, 0, "SIGHUP sent to {pid}");
+}
+
+/// A SIGHUP while the proxy is still reading its configuration, before there is a runtime to
+/// handle signals: the configuration file is a FIFO, so start-up waits there until the test
+/// writes it. The process survives and starts as usual.
+#[test]
+fn a_sighup_before_the_handler_is_installed_does_not_kill_the_proxy() {
+    let config = "[listen]\naddresses = [\"127.93.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.93.0.1:1\"]\n[check]\nport = 1\n";
+    for attempt in 0..3 {
+        let path = std::env::temp_dir().join(format!(
+            "roleproxy-cli-{}-fifo-{attempt}.toml",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let made = Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let mut proxy = Running::start(&path);
+        let pid = proxy.child.id();
+        let waiting = roleproxy_testkit::eventually_blocking(Duration::from_secs(30), || {
+            std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                .is_ok_and(|wchan| wchan.trim() == "wait_for_partner")
+        });
+        assert!(waiting, "the proxy waits to read its configuration");
+        send_sighup(pid);
+        // Opening the FIFO for writing lets the proxy's read go on.
+        std::fs::write(&path, config).expect("write the configuration into the FIFO");
+        proxy.wait_for("listening");
+        assert!(
+            proxy.child.try_wait().expect("wait").is_none(),
+            "attempt {attempt}: the SIGHUP killed the proxy"
+        );
+        let _ = proxy.child.kill();
+        let _ = proxy.child.wait();
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+/// The agent, sent a SIGHUP as soon as it has taken the signal over, lives on and serves.
+#[test]
+fn a_sighup_at_start_up_does_not_kill_the_agent() {
+    for attempt in 0..3 {
+        let mut agent = Command::new(BIN)
+            .args([
+                "agent",
+                "--postgres",
+                "host=127.93.0.2 port=1 user=postgres",
+                "--listen",
+                "127.93.0.2:0",
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the agent starts");
+        let logs = agent.stderr.take().expect("stderr piped");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(logs).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut agent = Running {
+            child: agent,
+            lines,
+        };
+        let pid = agent.child.id();
+        assert!(
+            roleproxy_testkit::eventually_blocking(Duration::from_secs(30), || {
+                sighup_taken_over(pid)
+            }),
+            "the agent takes SIGHUP over"
+        );
+        send_sighup(pid);
+        agent.wait_for("role agent listening");
+        send_sighup(pid);
+        agent.wait_for("nothing to reload");
+        assert!(
+            agent.child.try_wait().expect("wait").is_none(),
+            "attempt {attempt}: a SIGHUP killed the agent"
+        );
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+    }
+}
