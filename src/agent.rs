@@ -18,7 +18,7 @@
 //!
 //! Error bodies say what failed (timed out, login refused, no slot left, SQLSTATE) but never
 //! quote the server: its messages can name users and `pg_hba.conf` lines. The full text goes
-//! to the agent's log.
+//! to the agent's log, its control characters written out so it cannot forge a line there.
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
@@ -95,7 +95,9 @@ pub enum QueryError {
     Postgres {
         /// What failed, in the agent's own words.
         summary: String,
-        /// The whole error chain, server messages included.
+        /// The whole error chain, server messages included, made printable: the node's own
+        /// Postgres is the operator's, and its words help them, but they are still bytes from
+        /// a socket.
         detail: String,
     },
     /// The server answered the query without a value.
@@ -120,7 +122,7 @@ impl From<tokio_postgres::Error> for QueryError {
     fn from(error: tokio_postgres::Error) -> Self {
         QueryError::Postgres {
             summary: summarise(&error),
-            detail: crate::error_chain(&error),
+            detail: crate::wording::printable(&crate::error_chain(&error)).into_owned(),
         }
     }
 }

@@ -5,8 +5,10 @@
 //! Patroni's REST API where the status of `GET /primary` and `/replica` is the answer, and a
 //! Postgres connection that asks `pg_is_in_recovery()` and the timeline.
 //!
-//! The node is untrusted input: the whole exchange has a deadline and an HTTP body a size cap,
-//! so a hung or hostile endpoint costs one timeout, never memory or a stuck loop.
+//! The node is untrusted input: the whole exchange has a deadline and an HTTP body a size cap
+//! ([`MAX_BODY`]), so a hung or hostile endpoint costs one
+//! timeout, never memory or a stuck loop. What it says is escaped ([`printable`])
+//! before it is kept, so it cannot forge a log line or drive a terminal.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,6 +26,7 @@ use crate::config::{CheckConfig, CheckKind};
 use crate::pgwire;
 use crate::reserve::is_local_shortage;
 use crate::route::{Liveness, Role};
+use crate::wording::printable;
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;
@@ -154,6 +157,10 @@ enum CheckError {
 }
 
 /// Maps an HTTP answer to a role (routing rule 1: positive evidence only). Pure.
+///
+/// The body is the node's own text, kept in the role for the log, `/status` and the stats
+/// page: shortened, and its control characters written out, so a newline cannot start a
+/// forged log line and an escape sequence cannot reach a terminal.
 pub fn role_from_answer(status: u16, body: &[u8], leader: &[String]) -> Role {
     let text = String::from_utf8_lossy(body);
     let word = text.trim().to_ascii_lowercase();
@@ -174,11 +181,13 @@ pub fn role_from_answer(status: u16, body: &[u8], leader: &[String]) -> Role {
     }
 }
 
+/// At most `max` characters of `text`, made [`printable`].
 fn shorten(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
+    let text = match text.char_indices().nth(max) {
         Some((i, _)) => format!("{}...", &text[..i]),
         None => text.to_string(),
-    }
+    };
+    printable(&text).into_owned()
 }
 
 /// Maps Patroni's answers to `GET /primary` and (when asked) `GET /replica` to a role. Pure.
@@ -209,10 +218,12 @@ pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Optio
             None
         }
         Ok(Err(CheckError::Busy(reason))) => {
+            let reason = printable(&reason);
             tracing::warn!(%endpoint, %reason, "check skipped: the node is out of resources");
             None
         }
-        Ok(Err(e)) => Some(Role::Down(e.to_string()).into()),
+        // Errors can quote the node (a server's message, a malformed header).
+        Ok(Err(e)) => Some(Role::Down(printable(&e.to_string()).into_owned()).into()),
         Err(_) => Some(Role::Down(CheckError::Timeout(settings.timeout).to_string()).into()),
     }
 }
@@ -412,6 +423,19 @@ mod tests {
             ),
             (503, b"", Role::Down("HTTP 503: ".into())),
             (301, b"leader", Role::Down("HTTP 301: leader".into())),
+            (
+                500,
+                b"down\n2024-01-01T00:00:00Z ERROR forged\x1b]0;t\x07\x1b[2J",
+                Role::Down(
+                    "HTTP 500: down\\u{a}2024-01-01T00:00:00Z ERROR forged\\u{1b}]0;t\\u{7}\\u{1b}[2J"
+                        .into(),
+                ),
+            ),
+            (
+                200,
+                b"odd\rword",
+                Role::Other("odd\\u{d}word".into()),
+            ),
         ];
         for (status, body, expected) in rows {
             assert_eq!(

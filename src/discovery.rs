@@ -38,8 +38,9 @@ pub enum DiscoveryError {
     NxDomain,
     #[error("no address records")]
     NoRecords,
+    /// Any other failure, as text made printable: it can quote the DNS server's answer.
     #[error("{0}")]
-    Lookup(NetError),
+    Lookup(String),
 }
 
 impl DiscoveryError {
@@ -107,7 +108,9 @@ impl DnsResolver {
             Err(e) if e.is_nx_domain() => Err(DiscoveryError::NxDomain),
             Err(e) if e.is_no_records_found() => Err(DiscoveryError::NoRecords),
             Err(NetError::Timeout) => Err(DiscoveryError::Timeout),
-            Err(e) => Err(DiscoveryError::Lookup(e)),
+            Err(e) => Err(DiscoveryError::Lookup(
+                crate::wording::printable(&e.to_string()).into_owned(),
+            )),
         }
     }
 }

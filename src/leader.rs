@@ -237,8 +237,10 @@ const LAPSED_CLAIM_MEMORY: Duration = Duration::from_secs(60);
 const FAST_CHECKS_FOR: Duration = Duration::from_secs(30);
 
 impl BackendState {
+    /// Keeps `error` for `/status` and the stats page; it may quote a node (a role body, a
+    /// server's error), so its control characters are written out here, once for every reader.
     fn failed(&mut self, error: String) {
-        self.last_error = Some(error);
+        self.last_error = Some(crate::wording::printable(&error).into_owned());
         self.last_error_at = Some(SystemTime::now());
     }
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::route::Liveness;
+use crate::wording::printable;
 
 /// Postgres itself refuses startup packets larger than this.
 pub const MAX_STARTUP_LEN: usize = 10_000;
@@ -51,6 +52,28 @@ pub enum StartupPacket {
     GssEncRequest,
     Cancel { process_id: u32, secret_key: u32 },
     Startup { params: Vec<(String, String)> },
+}
+
+impl StartupPacket {
+    /// For the log: what the client asked for, its user, database and application name made
+    /// printable (a client chooses them, control characters and all); other parameters are
+    /// left out.
+    pub fn describe(&self) -> String {
+        match self {
+            StartupPacket::SslRequest => "SSLRequest".to_owned(),
+            StartupPacket::GssEncRequest => "GSSENCRequest".to_owned(),
+            StartupPacket::Cancel { process_id, .. } => format!("CancelRequest pid={process_id}"),
+            StartupPacket::Startup { params } => {
+                let mut text = "StartupMessage".to_owned();
+                for name in ["user", "database", "application_name"] {
+                    if let Some(value) = param(params, name) {
+                        text.push_str(&format!(" {name}=\"{}\"", printable(value)));
+                    }
+                }
+                text
+            }
+        }
+    }
 }
 
 /// Validates the 4-byte length prefix (it counts itself).
@@ -315,7 +338,9 @@ pub fn terminate() -> &'static [u8] {
 /// `None`: more bytes are needed. An authentication request (`R`), a protocol negotiation
 /// (`v`) or an ErrorResponse with any SQLSTATE but 57P03 is [`Liveness::Alive`]; 57P03 is
 /// [`Liveness::Refusing`]; anything else, or an error without a SQLSTATE (as `PQping`
-/// treats it), is [`Liveness::Gone`].
+/// treats it), is [`Liveness::Gone`]. An error is described by its SQLSTATE in our words
+/// ([`server_error`]), never by the server's message: any node DNS names can send one, and it
+/// goes to the log and `/status`.
 pub fn read_liveness(received: &[u8]) -> Option<Liveness> {
     let tag = *received.first()?;
     if !matches!(tag, b'R' | b'v' | b'E') {
@@ -335,7 +360,7 @@ pub fn read_liveness(received: &[u8]) -> Option<Liveness> {
         _ => {}
     }
     let body = received.get(5..1 + len)?;
-    let (mut code, mut message) = (None, String::new());
+    let mut code = None;
     let mut rest = body;
     while let Some((&field, after)) = rest.split_first() {
         if field == 0 {
@@ -344,20 +369,56 @@ pub fn read_liveness(received: &[u8]) -> Option<Liveness> {
         let Ok((value, after)) = cstr(after) else {
             return Some(Liveness::Gone("malformed ErrorResponse".into()));
         };
-        match field {
-            b'C' => code = Some(value),
-            b'M' => message = value,
-            _ => {}
+        if field == b'C' {
+            code = Some(value);
         }
         rest = after;
     }
-    Some(match code {
-        Some(code) if code == CANNOT_CONNECT_NOW => {
-            Liveness::Refusing(format!("{code}: {message}"))
-        }
-        Some(code) if code.len() == 5 => Liveness::Alive(format!("{code}: {message}")),
-        _ => Liveness::Gone("ErrorResponse without a SQLSTATE".into()),
+    Some(match code.filter(|code| is_sqlstate(code)) {
+        Some(code) if code == CANNOT_CONNECT_NOW => Liveness::Refusing(server_error(&code)),
+        Some(code) => Liveness::Alive(server_error(&code)),
+        None => Liveness::Gone("ErrorResponse without a SQLSTATE".into()),
     })
+}
+
+/// Five digits or upper-case letters, as every SQLSTATE is.
+fn is_sqlstate(code: &str) -> bool {
+    code.len() == 5
+        && code
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+}
+
+/// A server's error as the proxy tells it: its SQLSTATE and a short reason of ours,
+/// `57P03 (cannot connect now)`. The server's own message is left out: it may come from any
+/// node DNS names, and may carry anything, a forged log line or a terminal's escape codes.
+/// `code` must be a SQLSTATE (five digits or upper-case letters).
+pub fn server_error(code: &str) -> String {
+    format!("{code} ({})", sqlstate_reason(code))
+}
+
+/// What a SQLSTATE means, in a few words: the codes a postmaster answers a startup with by
+/// name, the others by their class.
+pub fn sqlstate_reason(code: &str) -> &'static str {
+    match code {
+        CANNOT_CONNECT_NOW => "cannot connect now",
+        TOO_MANY_CONNECTIONS => "too many connections",
+        ADMIN_SHUTDOWN => "terminated by an administrator",
+        "57P02" => "crash shutdown",
+        "28000" => "login refused",
+        "28P01" => "password refused",
+        "3D000" => "no such database",
+        "0A000" => "feature not supported",
+        _ => match code.get(..2) {
+            Some("08") => "connection exception",
+            Some("28") => "authorization failed",
+            Some("53") => "out of resources",
+            Some("57") => "operator intervention",
+            Some("58") => "system error",
+            Some("XX") => "internal error",
+            _ => "server error",
+        },
+    }
 }
 
 #[cfg(test)]
@@ -417,36 +478,44 @@ mod tests {
             (
                 "full",
                 error("53300", "sorry, too many clients already"),
-                alive("53300: sorry, too many clients already"),
+                alive("53300 (too many connections)"),
             ),
             (
                 "no such role",
                 error("28000", "role \"roleproxy_probe\" does not exist"),
-                alive("28000: role \"roleproxy_probe\" does not exist"),
+                alive("28000 (login refused)"),
             ),
             (
                 "bad password",
                 error("28P01", "password authentication failed"),
-                alive("28P01: password authentication failed"),
+                alive("28P01 (password refused)"),
             ),
             (
                 "no such database",
                 error("3D000", "database does not exist"),
-                alive("3D000: database does not exist"),
+                alive("3D000 (no such database)"),
             ),
             (
                 "starting up",
                 error("57P03", "the database system is starting up"),
-                Some(Refusing("57P03: the database system is starting up".into())),
+                Some(Refusing("57P03 (cannot connect now)".into())),
             ),
             (
                 "shutting down",
                 error("57P03", "the database system is shutting down"),
-                Some(Refusing(
-                    "57P03: the database system is shutting down".into(),
-                )),
+                Some(Refusing("57P03 (cannot connect now)".into())),
             ),
             ("half an error", error("53300", "sorry")[..9].to_vec(), None),
+            (
+                "the server's words stay out",
+                error("XX000", "line one\n2024-01-01 ERROR forged\x1b[2J"),
+                alive("XX000 (internal error)"),
+            ),
+            (
+                "a SQLSTATE that is none",
+                error("5\x1b[2J", "x"),
+                Some(Gone("ErrorResponse without a SQLSTATE".into())),
+            ),
             ("length only partly read", vec![b'E', 0, 0], None),
             (
                 "error without SQLSTATE",
@@ -485,6 +554,21 @@ mod tests {
         for (what, bytes, expected) in rows {
             assert_eq!(read_liveness(&bytes), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn a_startup_is_described_printably() {
+        let startup = StartupPacket::Startup {
+            params: vec![
+                ("user".into(), "app\n2024-01-01 ERROR forged".into()),
+                ("options".into(), "-c secret".into()),
+                ("application_name".into(), "\u{1b}]0;title\u{7}".into()),
+            ],
+        };
+        assert_eq!(
+            startup.describe(),
+            "StartupMessage user=\"app\\u{a}2024-01-01 ERROR forged\" application_name=\"\\u{1b}]0;title\\u{7}\""
+        );
     }
 
     #[test]

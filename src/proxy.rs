@@ -278,7 +278,9 @@ fn tune(stream: &TcpStream) {
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
     match pgwire::refuse(stream, code, message, REFUSAL_DEADLINE).await {
-        Ok(packet) => tracing::debug!(?packet, code, message, "client refused"),
+        Ok(packet) => {
+            tracing::debug!(packet = %packet.describe(), code, message, "client refused")
+        }
         Err(e) => {
             tracing::debug!(error = %e, code, message, "client refused before a startup packet")
         }

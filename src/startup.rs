@@ -382,7 +382,7 @@ mod tests {
             client_side,
         );
         assert!(
-            matches!(attempt, Attempt::Failed(Failed::Refusing(ref why)) if why.contains("shutting down"))
+            matches!(attempt, Attempt::Failed(Failed::Refusing(ref why)) if why == "57P03 (cannot connect now)")
         );
         assert_eq!(first_backend.await.unwrap(), [ssl(), startup()].concat());
 

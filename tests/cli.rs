@@ -353,8 +353,8 @@ fn send_sighup(pid: u32) {
 /// writes it. The process survives and starts as usual.
 #[test]
 fn a_sighup_before_the_handler_is_installed_does_not_kill_the_proxy() {
-    let config = "[listen]\naddresses = [\"127.93.0.1:0\"]\n[admin]\naddress = \"\"\n\
-         [backends]\ndns_names = []\nbackup = [\"127.93.0.1:1\"]\n[check]\nport = 1\n";
+    let config = "[listen]\naddresses = [\"127.161.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.161.0.1:1\"]\n[check]\nport = 1\n";
     for attempt in 0..3 {
         let path = std::env::temp_dir().join(format!(
             "roleproxy-cli-{}-fifo-{attempt}.toml",
@@ -395,9 +395,9 @@ fn a_sighup_at_start_up_does_not_kill_the_agent() {
             .args([
                 "agent",
                 "--postgres",
-                "host=127.93.0.2 port=1 user=postgres",
+                "host=127.161.0.2 port=1 user=postgres",
                 "--listen",
-                "127.93.0.2:0",
+                "127.161.0.2:0",
             ])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -433,4 +433,74 @@ fn a_sighup_at_start_up_does_not_kill_the_agent() {
         let _ = agent.child.kill();
         let _ = agent.child.wait();
     }
+}
+
+/// A role endpoint whose error body carries a newline and a forged log line, a terminal title
+/// sequence and a clear-screen sequence: the proxy logs it on one line, in text and in JSON,
+/// with every control character written out.
+#[test]
+fn a_role_body_cannot_forge_a_log_line_or_reach_a_terminal() {
+    use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z ERROR roleproxy::leader: forged";
+    let runtime = roleproxy_testkit::harness::runtime();
+    let endpoint = runtime.block_on(RoleEndpoint::start(
+        "127.162.0.11:5500".parse().expect("address"),
+    ));
+    endpoint.set(RoleReply::error(
+        500,
+        &format!("down\n{FORGED}\u{1b}]0;pwned\u{7}\u{1b}[2J\r"),
+    ));
+    let path = write_config(
+        "forged",
+        "[listen]\naddresses = [\"127.162.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.162.0.11:5433\"]\n\
+         [check]\nport = 5500\ninterval = \"100ms\"\nfast_interval = \"50ms\"\n",
+    );
+    for format in ["text", "json"] {
+        let mut proxy = Running::start_with(&path, &["--log-format", format]);
+        let first = proxy.wait_for("forged");
+        // Checked a few more times, each answer the same forged body.
+        let asked = endpoint.requests();
+        assert!(
+            runtime.block_on(endpoint.wait_requests(asked + 5, Duration::from_secs(30))),
+            "the proxy keeps checking"
+        );
+        let _ = proxy.child.kill();
+        let _ = proxy.child.wait();
+        // The log from that line on, to the end of the stream.
+        let lines: Vec<String> = std::iter::once(first).chain(proxy.lines.iter()).collect();
+        let forged: Vec<&String> = lines.iter().filter(|l| l.contains("forged")).collect();
+        assert_eq!(
+            forged.len(),
+            1,
+            "{format}: the body is logged on one line, once, when the role changed: {forged:#?}"
+        );
+        let shown = match format {
+            "json" => serde_json::from_str::<serde_json::Value>(forged[0])
+                .expect("one JSON object a line")["fields"]["to"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            _ => forged[0].clone(),
+        };
+        assert!(
+            shown.contains("down\\u{a}2026-01-01") && shown.contains("\\u{1b}[2J"),
+            "{format}: the body, its control characters written out: {shown}"
+        );
+        for line in &lines {
+            assert!(
+                !line.chars().any(char::is_control),
+                "{format}: a control character reached the log: {line:?}"
+            );
+            assert!(
+                !line.starts_with("2026-01-01"),
+                "{format}: forged line {line:?}"
+            );
+            if format == "json" {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .unwrap_or_else(|e| panic!("one JSON object a line: {e}: {line:?}"));
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
 }
