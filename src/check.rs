@@ -5,10 +5,10 @@
 //! Patroni's REST API where the status of `GET /primary` and `/replica` is the answer, and a
 //! Postgres connection that asks `pg_is_in_recovery()` and the timeline.
 //!
-//! The node is untrusted input: the whole exchange has a deadline and an HTTP body a size cap
-//! ([`MAX_BODY`]), so a hung or hostile endpoint costs one
-//! timeout, never memory or a stuck loop. What it says is escaped ([`printable`])
-//! before it is kept, so it cannot forge a log line or drive a terminal.
+//! The node is untrusted input: the whole exchange has a deadline, and an HTTP answer's head
+//! ([`MAX_HEAD`]) and body ([`MAX_BODY`]) have size caps, so a hung or hostile endpoint costs
+//! one timeout, never memory or a stuck loop. What it says is escaped ([`printable`]) before
+//! it is kept, so it cannot forge a log line or drive a terminal.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +30,12 @@ use crate::wording::printable;
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;
+/// The largest response head (status line and headers) read from a role endpoint; a larger
+/// one fails the check. Role endpoints send a handful of short headers; 8 KiB is the least
+/// hyper reads with, where its default would buffer about 400 KiB per check.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// The most headers a role endpoint's answer may have.
+const MAX_HEADERS: usize = 32;
 
 /// How every backend is checked.
 #[derive(Debug, Clone, PartialEq)]
@@ -372,8 +378,12 @@ async fn fetch(
     endpoint: SocketAddr,
     path: &str,
 ) -> Result<(u16, Bytes), CheckError> {
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream)).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD)
+        .max_header_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await?;
     // The connection is driven by its own task, dropped (aborted) with this check.
     let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
     let request = Request::get(path)

@@ -7,6 +7,13 @@
 //!   oldest connection that is not inside a request, so a flood of idle connections pushes out
 //!   its own oldest members, never the health check that just arrived.
 //! - At most [`Limits::max_requests`] requests are handled at once; more wait their turn.
+//! - A request head is at most [`MAX_HEAD`] bytes with at most [`MAX_HEADERS`] headers; a
+//!   larger one is answered 431 and its connection closed. No handler reads a request body:
+//!   hyper reads what arrived with the head, within the same buffer, and closes the
+//!   connection rather than read more. A connection so buffers at most 8 KiB whatever its
+//!   client streams: 256 clients each sending a 400 KiB head grow the process by a few MiB,
+//!   where hyper's default buffer of about 400 KiB let them take over 80 MiB
+//!   (`tests/bounds.rs`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -28,6 +35,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The largest request head (request line and headers) read. Health checks, scrapers and
+/// proxies send a few hundred bytes; hyper cannot read with less than 8 KiB of buffer anyway.
+pub(crate) const MAX_HEAD: usize = 8 * 1024;
+/// The most headers one request may have; curl sends three, Prometheus five.
+pub(crate) const MAX_HEADERS: usize = 32;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -199,6 +212,9 @@ async fn serve_connection<H, F>(
     let serving = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_HEAD)
+        .max_header_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(serving);
     // The first poll reads a request that is already there, and marks the connection busy.
