@@ -23,7 +23,9 @@ use tokio::net::TcpStream;
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind};
+use crate::metrics::warning;
 use crate::pgwire;
+use crate::ratelimit;
 use crate::reserve::is_local_shortage;
 use crate::route::{Liveness, Role};
 use crate::wording::printable;
@@ -219,13 +221,17 @@ pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Optio
     match tokio::time::timeout(settings.timeout, asked).await {
         Ok(Ok(observation)) => Some(observation),
         Ok(Err(CheckError::Connect(e))) if is_local_shortage(&e) => {
-            tracing::warn!(%endpoint, error = %e, "check skipped: this host is short of descriptors, memory or ports");
+            if let Some(suppressed) = ratelimit::allow(warning::CHECK_SKIPPED, endpoint) {
+                tracing::warn!(%endpoint, error = %e, suppressed, "check skipped: this host is short of descriptors, memory or ports");
+            }
             crate::metrics::local_shortage("check");
             None
         }
         Ok(Err(CheckError::Busy(reason))) => {
             let reason = printable(&reason);
-            tracing::warn!(%endpoint, %reason, "check skipped: the node is out of resources");
+            if let Some(suppressed) = ratelimit::allow(warning::CHECK_SKIPPED, endpoint) {
+                tracing::warn!(%endpoint, %reason, suppressed, "check skipped: the node is out of resources");
+            }
             None
         }
         // Errors can quote the node (a server's message, a malformed header).

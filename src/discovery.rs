@@ -5,7 +5,9 @@
 //! node leaving. Only [`DnsResolver`] touches hickory.
 //!
 //! Answers no node can have are dropped with a warning: the unspecified address (a connect to
-//! `0.0.0.0` reaches this host), multicast and broadcast. Loopback stays allowed: a proxy may
+//! `0.0.0.0` reaches this host), multicast and broadcast. A steady bad answer is warned about
+//! once; changing ones, and failed lookups, at most once per name and reason every 10 s
+//! ([`ratelimit`]), so a DNS server rotating bad answers cannot flood the log. Loopback stays allowed: a proxy may
 //! front a node on its own host, and the tests' nodes are loopback addresses. An address that
 //! is one of the proxy's own listeners is dropped too ([`crate::loops`]).
 
@@ -25,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, IpFamily};
 use crate::loops::OwnAddrs;
-use crate::metrics as m;
+use crate::metrics::{self as m, warning};
+use crate::ratelimit;
 use crate::route::Source;
 
 #[derive(Debug, thiserror::Error)]
@@ -269,8 +272,15 @@ pub async fn run<E: From<Discovered>>(
                         for (ip, reason) in odd {
                             m::discovery_dropped(reason);
                             let addr = SocketAddr::new(ip, config.port);
+                            // A steady bad answer is warned about once; new ones at most
+                            // once per name and reason every 10 s, however they rotate.
                             if !warned.contains(&(addr, reason)) {
-                                tracing::warn!(name = %name, address = %ip, reason, "DNS answer dropped: no node has this address");
+                                if let Some(suppressed) = ratelimit::allow(
+                                    warning::DNS_DROPPED,
+                                    format_args!("{name} {reason}"),
+                                ) {
+                                    tracing::warn!(name = %name, address = %ip, reason, suppressed, "DNS answer dropped: no node has this address");
+                                }
                             }
                             dropped.insert((addr, reason));
                         }
@@ -283,7 +293,9 @@ pub async fn run<E: From<Discovered>>(
                     Err(e) => {
                         m::dns_resolution(name, e.label());
                         failing.push(format!("{} ({})", name.trim_end_matches('.'), e.label()));
-                        tracing::warn!(name = %name, error = %e, kept = %list(last_good.get(name).map_or(&[], Vec::as_slice)), "DNS lookup failed; keeping the last good answer");
+                        if let Some(suppressed) = ratelimit::allow(warning::DNS_FAILED, name) {
+                            tracing::warn!(name = %name, error = %e, kept = %list(last_good.get(name).map_or(&[], Vec::as_slice)), suppressed, "DNS lookup failed; keeping the last good answer");
+                        }
                     }
                 }
             }
@@ -305,8 +317,13 @@ pub async fn run<E: From<Discovered>>(
                 return true;
             };
             m::discovery_dropped(OWN_ADDRESS);
-            if !warned.contains(&(backend.addr, OWN_ADDRESS)) {
-                tracing::warn!(backend = %backend.addr, sources = %backend.sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), %listener, "backend dropped: it is this proxy's own listener, and connecting to it would loop");
+            let allowed = if warned.contains(&(backend.addr, OWN_ADDRESS)) {
+                None
+            } else {
+                ratelimit::allow(warning::DNS_DROPPED, OWN_ADDRESS)
+            };
+            if let Some(suppressed) = allowed {
+                tracing::warn!(backend = %backend.addr, sources = %backend.sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), %listener, suppressed, "backend dropped: it is this proxy's own listener, and connecting to it would loop");
             }
             dropped.insert((backend.addr, OWN_ADDRESS));
             false

@@ -17,7 +17,8 @@ use crate::check::{self, CheckSettings};
 use crate::config::CheckConfig;
 use crate::copy;
 use crate::discovery::{Backend, Discovered};
-use crate::metrics as m;
+use crate::metrics::{self as m, warning};
+use crate::ratelimit;
 use crate::route::{
     decide_with, describe_route, explain, least_loaded, probe_verdict, BackendView, Claim,
     Liveness, NoRoute, Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
@@ -381,7 +382,11 @@ impl LeaderView {
                 // at once; but only the probe's answer, not the failure itself, may take the
                 // leader down (rule 7).
                 if self.route_tx.borrow().leader() == Some(addr) {
-                    tracing::warn!(backend = %addr, %error, "connect to leader failed; probing its Postgres and re-checking every backend");
+                    if let Some(suppressed) =
+                        ratelimit::allow(warning::CONNECT_FAILED, format_args!("view {addr}"))
+                    {
+                        tracing::warn!(backend = %addr, %error, suppressed, "connect to leader failed; probing its Postgres and re-checking every backend");
+                    }
                     self.observe(addr, Role::Down(format!("connect: {error}")), None);
                 }
             }
@@ -389,7 +394,12 @@ impl LeaderView {
                 // Only the probe's answer may take the leader down (57P03, no Postgres);
                 // meanwhile its checks and every rival's are asked again.
                 if self.route_tx.borrow().target.backend() == Some(addr) {
-                    tracing::warn!(backend = %addr, %error, "a client's startup failed on the leader; probing its Postgres and re-checking every backend");
+                    if let Some(suppressed) = ratelimit::allow(
+                        warning::CONNECT_FAILED,
+                        format_args!("view startup {addr}"),
+                    ) {
+                        tracing::warn!(backend = %addr, %error, suppressed, "a client's startup failed on the leader; probing its Postgres and re-checking every backend");
+                    }
                     self.probe(addr);
                     self.recheck_all();
                 }
@@ -645,7 +655,9 @@ impl LeaderView {
         };
         state.probing = false;
         let Some(liveness) = liveness else {
-            tracing::warn!(backend = %addr, "probe skipped: this host is short of descriptors, memory or ports");
+            if let Some(suppressed) = ratelimit::allow(warning::PROBE, addr) {
+                tracing::warn!(backend = %addr, suppressed, "probe skipped: this host is short of descriptors, memory or ports");
+            }
             m::local_shortage("probe");
             return;
         };
@@ -663,7 +675,9 @@ impl LeaderView {
                 }
             }
             Verdict::ProbeAgainIn(wait) => {
-                tracing::warn!(backend = %addr, postgres = %liveness, last_life_ms = last_life.map_or(0, |d| d.as_millis() as u64), "probe got no handshake, but the node showed life lately; probing again before any verdict");
+                if let Some(suppressed) = ratelimit::allow(warning::PROBE, addr) {
+                    tracing::warn!(backend = %addr, postgres = %liveness, last_life_ms = last_life.map_or(0, |d| d.as_millis() as u64), suppressed, "probe got no handshake, but the node showed life lately; probing again before any verdict");
+                }
                 state.probe_again_at = Some(now + wait);
                 state.postgres = Some(liveness);
                 return;

@@ -39,9 +39,11 @@
 //! - [`wording`]: how times, errors and network text read for people, on the page and in the
 //!   terminal.
 //! - [`metrics`]: metric names and descriptions.
+//! - [`ratelimit`]: repeated warnings, one line per key every 10 s with the count left out.
 //! - [`supervise`]: the core tasks, watched; one that ends unexpectedly stops the process.
 //! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
-//! - `httpd`: the admin port's and the agent's HTTP server, bounded against idle and slow clients.
+//! - `httpd`: the admin port's and the agent's HTTP server, bounded against idle and slow
+//!   clients and against request heads of any size.
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
@@ -60,6 +62,7 @@ pub mod pgwire;
 pub mod preconnect;
 pub mod preflight;
 pub mod proxy;
+pub mod ratelimit;
 pub mod reserve;
 pub mod route;
 pub mod running;

@@ -43,6 +43,7 @@ pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
 pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
 pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
+pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
 
 /// Why a leader failed a client's startup, which was then held for the next leader.
 pub const STARTUP_FAILURES: [&str; 3] = ["closed", "refusing", "timed_out"];
@@ -87,6 +88,31 @@ pub const PER_BACKEND: [&str; 5] = [
     CONNECT_FAILURES_TOTAL,
     POSTGRES_PROBES_TOTAL,
 ];
+
+/// What a rate-limited warning ([`crate::ratelimit`]) is about: the `what` label of
+/// `roleproxy_log_suppressed_total`.
+pub mod warning {
+    /// A DNS answer dropped: no node can have that address (or it is the proxy's own).
+    pub const DNS_DROPPED: &str = "dns_dropped";
+    /// A DNS lookup failed, and the last good answer is kept.
+    pub const DNS_FAILED: &str = "dns_failed";
+    /// A check could not tell: this host or the node is out of resources.
+    pub const CHECK_SKIPPED: &str = "check_skipped";
+    /// A probe of a node's Postgres skipped or postponed.
+    pub const PROBE: &str = "probe";
+    /// A connect to a backend, or a client's startup on it, failed.
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    /// A client was refused: no route, no replica, or the backend unreachable.
+    pub const CLIENT_REFUSED: &str = "client_refused";
+    pub const ALL: [&str; 6] = [
+        DNS_DROPPED,
+        DNS_FAILED,
+        CHECK_SKIPPED,
+        PROBE,
+        CONNECT_FAILED,
+        CLIENT_REFUSED,
+    ];
+}
 
 /// Reasons a discovered or configured backend address is dropped.
 pub const DROP_REASONS: [&str; 4] = ["unspecified", "multicast", "broadcast", "own_address"];
@@ -293,6 +319,9 @@ fn process_series_at_zero() {
     for reason in STARTUP_FAILURES {
         counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(0);
     }
+    for what in warning::ALL {
+        counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(0);
+    }
     // Registered, not recorded: an empty histogram until the first client waits.
     let _ = histogram!(LEADER_WAIT);
 }
@@ -385,6 +414,10 @@ fn describe() {
         "Client startups a leader failed before answering them (closed, refusing with 57P03, timed out), held and replayed on the next leader within proxy.leader_wait, by reason"
     );
     describe_counter!(
+        LOG_SUPPRESSED_TOTAL,
+        "Warning lines left out of the log by the rate limit of one line per key every 10 s, by what they were about"
+    );
+    describe_counter!(
         LOCAL_SHORTAGES_TOTAL,
         "Times this host ran short of descriptors, memory, socket buffers or ephemeral ports, by what met it (session connect, check, probe); never counted against a node"
     );
@@ -466,6 +499,11 @@ pub fn local_shortage(during: &'static str) {
 /// [`STARTUP_FAILURES`]); the startup is held for the next leader.
 pub fn startup_retried(reason: &'static str) {
     counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A warning about `what` (one of [`warning::ALL`]) left out of the log.
+pub fn log_suppressed(what: &'static str) {
+    counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(1);
 }
 
 pub fn connect_failed(backend: SocketAddr) {

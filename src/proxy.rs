@@ -27,9 +27,10 @@ use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
 use crate::loops::OwnAddrs;
-use crate::metrics as m;
+use crate::metrics::{self as m, warning};
 use crate::pgwire;
 use crate::preconnect::Preconnect;
+use crate::ratelimit;
 use crate::reserve::{self, Reserve};
 use crate::route::{session_fate, Fate, Route, Target};
 use crate::startup::{Attempt, Started, Startup};
@@ -216,7 +217,10 @@ pub async fn accept_loop(
                 );
                 settings.base.tracker.spawn(
                     async move {
-                        tracing::warn!("connection limit reached; refusing client");
+                        if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, "limit")
+                        {
+                            tracing::warn!(suppressed, "connection limit reached; refusing client");
+                        }
                         let mut stream = stream;
                         refuse(&mut stream, pgwire::TOO_MANY_CONNECTIONS, &message).await;
                         drop(slot);
@@ -242,7 +246,9 @@ async fn out_of_descriptors(
     if reserve::client_waiting(listener) {
         match reserve.accept(listener) {
             Some(Ok(stream)) => {
-                tracing::warn!(listener = %local, %error, "out of descriptors; refusing client");
+                if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, "descriptors") {
+                    tracing::warn!(listener = %local, %error, suppressed, "out of descriptors; refusing client");
+                }
                 m::session_result(&plan.name, "limit");
                 let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({error})");
                 let reserve = Arc::clone(reserve);
@@ -516,7 +522,11 @@ async fn start_on_leader(
         };
         drop(connected);
         let error = failed.to_string();
-        tracing::warn!(backend = %addr, %error, "leader failed the client's startup; holding it for the next leader");
+        if let Some(suppressed) =
+            ratelimit::allow(warning::CONNECT_FAILED, format_args!("startup {addr}"))
+        {
+            tracing::warn!(backend = %addr, %error, suppressed, "leader failed the client's startup; holding it for the next leader");
+        }
         m::startup_retried(failed.label());
         let _ = settings.base.view.events.try_send(Event::StartupFailed {
             addr,
@@ -580,7 +590,9 @@ async fn refuse_client(
         (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
     };
     m::session_result(&plan.name, result);
-    tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, "client refused");
+    if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, &plan.name) {
+        tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, suppressed, "client refused");
+    }
     refuse(
         &mut pgwire::Prefixed::new(first, &mut client),
         code,
@@ -710,7 +722,9 @@ async fn connect_replica(
                 // The attempt's timer may be the client's deadline: no duration is named.
                 Err(failed) => failed.describe(None),
             };
-            tracing::warn!(backend = %addr, %error, "connect to replica failed");
+            if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
+                tracing::warn!(backend = %addr, %error, suppressed, "connect to replica failed");
+            }
             m::connect_failed(addr);
             last_error = Some((addr, error));
             failed.push(addr);
@@ -770,7 +784,9 @@ async fn connect_target(
             }
             Err(failed) => failed.describe(Some(config.connect_timeout)),
         };
-        tracing::warn!(target = %addr, %error, "connect failed");
+        if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
+            tracing::warn!(target = %addr, %error, suppressed, "connect failed");
+        }
         m::connect_failed(addr);
         attempt += 1;
         if attempt > config.connect_retries {
@@ -904,7 +920,9 @@ impl<'s> LeaderConnects<'s> {
                 Err(failed) => failed,
             };
             let error = failed.describe(Some(config.connect_timeout));
-            tracing::warn!(backend = %addr, %error, "connect to leader failed");
+            if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
+                tracing::warn!(backend = %addr, %error, suppressed, "connect to leader failed");
+            }
             m::connect_failed(addr);
             // Only the leader's failures are evidence; this host's own say nothing about it.
             if failed.blames_backend() {

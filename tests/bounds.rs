@@ -96,8 +96,9 @@ async fn endless_body(addr: SocketAddr, path: &str) {
     let (mut reader, mut writer) = stream.split();
     let writing = async { while writer.write_all(&chunk).await.is_ok() {} };
     let mut answer = Vec::new();
+    // The server's answer, then its close, which also ends the writing.
     let closed = tokio::time::timeout(WAIT, async {
-        tokio::join!(writing, reader.read_to_end(&mut answer));
+        let ((), _answered) = tokio::join!(writing, reader.read_to_end(&mut answer));
     })
     .await;
     assert!(closed.is_ok(), "the server never closed an endless body");
