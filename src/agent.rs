@@ -32,6 +32,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_postgres::{Client, Config, NoTls, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -39,6 +40,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::Secret;
 use crate::httpd::{self, Limits};
+use crate::metrics::warning;
+use crate::ratelimit;
 
 /// The only path the agent answers.
 pub const ROLE_PATH: &str = "/flycheck/role";
@@ -62,6 +65,10 @@ const LIMITS: Limits = Limits {
     // A request waits at most for one query behind the lock, then runs one.
     shutdown_grace: Duration::from_secs(7),
 };
+
+/// Bound on one look at the fence file. A stat on a local file system takes microseconds; one
+/// that takes longer is on a hung (network) file system, and the answer is unknown (503).
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Shown in `pg_stat_activity` unless the conninfo names its own application.
 pub const APPLICATION_NAME: &str = "roleproxy-agent";
@@ -106,6 +113,10 @@ pub enum QueryError {
     /// The fence file's directory cannot be read: neither `leader` nor `replica` is safe.
     #[error("cannot tell whether the fence file exists")]
     Fence,
+    /// The fence file's file system did not answer within [`FENCE_TIMEOUT`] (a hung network
+    /// file system): unknown, as above.
+    #[error("the fence file's file system did not answer within {0:?}")]
+    FenceTimeout(Duration),
 }
 
 impl QueryError {
@@ -218,7 +229,7 @@ pub async fn serve_with(
     }
     let node = Arc::new(Node {
         postgres: config,
-        fence_file: options.fence_file,
+        fence: options.fence_file.map(Fence::new),
         reuse_for: options.reuse_for,
         asked: tokio::sync::Mutex::new(Asked::default()),
     });
@@ -255,6 +266,10 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
                 crate::wording::printable(value)
             ),
         ),
+        // The fence cannot be read: whether the node takes writes is unknown, not failed.
+        Err(error @ (QueryError::Fence | QueryError::FenceTimeout(_))) => {
+            (StatusCode::SERVICE_UNAVAILABLE, error.to_string())
+        }
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
     }
 }
@@ -262,7 +277,7 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
 /// What one agent answers for.
 struct Node {
     postgres: Config,
-    fence_file: Option<PathBuf>,
+    fence: Option<Fence>,
     reuse_for: Duration,
     /// Held by the one request asking Postgres; the others wait for its answer.
     asked: tokio::sync::Mutex<Asked>,
@@ -297,7 +312,11 @@ async fn handle(request: &Request<Incoming>, node: &Node) -> Response<Full<Bytes
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return response;
     }
-    let outcome = match fenced(node.fence_file.as_deref()).await {
+    let fenced = match &node.fence {
+        Some(fence) => fence.exists().await,
+        None => Ok(false),
+    };
+    let outcome = match fenced {
         Ok(true) => {
             debug!("fenced: answering replica");
             return text_response(StatusCode::OK, "replica".to_owned());
@@ -309,21 +328,83 @@ async fn handle(request: &Request<Incoming>, node: &Node) -> Response<Full<Bytes
     text_response(status, body)
 }
 
-/// Whether the fence file exists, asked off the runtime threads: a stat can block on a slow or
-/// hung file system.
-async fn fenced(fence: Option<&Path>) -> Result<bool, QueryError> {
-    let Some(fence) = fence else {
-        return Ok(false);
-    };
-    let path = fence.to_owned();
-    let outcome = tokio::task::spawn_blocking(move || path.try_exists())
-        .await
-        .map_err(std::io::Error::other)
-        .and_then(|exists| exists);
-    outcome.map_err(|error| {
-        warn!(fence = %fence.display(), %error, "cannot check the fence file");
-        QueryError::Fence
-    })
+/// The fence file, looked at off the runtime threads: a stat can block on a slow or hung
+/// file system. One stat runs at a time, and each request waits for its answer at most
+/// [`FENCE_TIMEOUT`]: a hung file system costs one blocked thread, however many requests come,
+/// and they answer 503 (unknown) meanwhile.
+struct Fence {
+    path: PathBuf,
+    /// The latest stat: its answer once it has one (`None` while it runs). Requests that come
+    /// while it runs wait for it instead of starting another.
+    latest: std::sync::Mutex<Option<Stat>>,
+    /// How the file is looked at; a test stands in a hung file system here.
+    stat: fn(&Path) -> std::io::Result<bool>,
+}
+
+/// One stat's answer, `None` while it runs; the error as text.
+type Stat = watch::Receiver<Option<Result<bool, String>>>;
+
+impl Fence {
+    fn new(path: PathBuf) -> Fence {
+        Fence::with_stat(path, Path::try_exists)
+    }
+
+    fn with_stat(path: PathBuf, stat: fn(&Path) -> std::io::Result<bool>) -> Fence {
+        Fence {
+            path,
+            latest: std::sync::Mutex::new(None),
+            stat,
+        }
+    }
+
+    /// Whether the fence file exists: the answer of the stat running now, or of a new one.
+    async fn exists(&self) -> Result<bool, QueryError> {
+        let mut answer = {
+            let mut latest = self
+                .latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Still running: its stat has no answer yet, and its thread has not gone.
+            let running = latest
+                .as_ref()
+                .filter(|stat| stat.borrow().is_none() && stat.has_changed().is_ok());
+            match running {
+                Some(stat) => stat.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    let (path, stat) = (self.path.clone(), self.stat);
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(Some(stat(&path).map_err(|e| e.to_string())));
+                    });
+                    *latest = Some(rx.clone());
+                    rx
+                }
+            }
+        };
+        let outcome =
+            match tokio::time::timeout(FENCE_TIMEOUT, answer.wait_for(Option::is_some)).await {
+                Ok(Ok(answered)) => match answered.as_ref() {
+                    Some(Ok(exists)) => return Ok(*exists),
+                    Some(Err(error)) => Err((error.clone(), QueryError::Fence)),
+                    None => Err(("no answer".to_owned(), QueryError::Fence)),
+                },
+                // The stat's thread ended without an answer (it panicked).
+                Ok(Err(_)) => Err((
+                    "the stat ended without an answer".to_owned(),
+                    QueryError::Fence,
+                )),
+                Err(_) => Err((
+                    format!("no answer within {FENCE_TIMEOUT:?}"),
+                    QueryError::FenceTimeout(FENCE_TIMEOUT),
+                )),
+            };
+        outcome.map_err(|(error, unknown)| {
+            if let Some(suppressed) = ratelimit::allow(warning::FENCE, self.path.display()) {
+                warn!(fence = %self.path.display(), %error, suppressed, "cannot check the fence file; answering 503");
+            }
+            unknown
+        })
+    }
 }
 
 /// `transaction_read_only`, from the latest answer while it is fresh, else asked once for
@@ -702,6 +783,61 @@ mod tests {
         );
         stop.send(()).expect("agent running");
         task.await.expect("agent task").expect("agent result");
+    }
+
+    /// Stands in for a hung file system: each stat blocks until [`RELEASED`], counted in
+    /// [`STATS`].
+    static STATS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    static RELEASED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    fn hung_stat(_: &Path) -> std::io::Result<bool> {
+        use std::sync::atomic::Ordering;
+        STATS.fetch_add(1, Ordering::SeqCst);
+        while !RELEASED.load(Ordering::SeqCst) {
+            // The hang itself, not a wait for an event.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(false)
+    }
+
+    /// A hung file system: every request answers 503 (unknown) within the bound, and however
+    /// many come, one stat is blocked, not one each; once the file system answers, so does the
+    /// fence.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_fence_file_system_answers_unknown_with_one_stat_in_flight() {
+        use std::sync::atomic::Ordering;
+        let fence = Arc::new(Fence::with_stat(PathBuf::from("/hung/fence"), hung_stat));
+        for _ in 0..3 {
+            let asked: Vec<_> = (0..10)
+                .map(|_| {
+                    let fence = Arc::clone(&fence);
+                    tokio::spawn(async move { fence.exists().await })
+                })
+                .collect();
+            for request in asked {
+                match request.await.expect("request task") {
+                    Err(error @ QueryError::FenceTimeout(_)) => {
+                        let (status, body) = role_reply(Err(&error));
+                        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+                    }
+                    other => panic!("unknown while the file system hangs: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(STATS.load(Ordering::SeqCst), 1, "one stat in flight");
+        RELEASED.store(true, Ordering::SeqCst);
+        // The blocked stat returns now, within the bound, and its answer is shared.
+        assert_eq!(
+            fence.exists().await.ok(),
+            Some(false),
+            "the file system answers again"
+        );
+        assert_eq!(fence.exists().await.ok(), Some(false));
+        assert_eq!(
+            STATS.load(Ordering::SeqCst),
+            2,
+            "a new stat once the last one answered"
+        );
     }
 
     #[tokio::test]

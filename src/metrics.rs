@@ -104,13 +104,16 @@ pub mod warning {
     pub const CONNECT_FAILED: &str = "connect_failed";
     /// A client was refused: no route, no replica, or the backend unreachable.
     pub const CLIENT_REFUSED: &str = "client_refused";
-    pub const ALL: [&str; 6] = [
+    /// The agent could not tell whether its fence file exists.
+    pub const FENCE: &str = "fence";
+    pub const ALL: [&str; 7] = [
         DNS_DROPPED,
         DNS_FAILED,
         CHECK_SKIPPED,
         PROBE,
         CONNECT_FAILED,
         CLIENT_REFUSED,
+        FENCE,
     ];
 }
 
