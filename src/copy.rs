@@ -270,6 +270,11 @@ impl Bidirectional<'_> {
         self.framing.as_deref().is_some_and(Framing::tracked)
     }
 
+    /// The backend's cancel key, once the framing has seen it.
+    pub fn backend_key(&self) -> Option<crate::framing::BackendKey> {
+        self.framing.as_deref().and_then(Framing::backend_key)
+    }
+
     /// From now on, ends ([`Ended::Idle`]) as soon as the session is between transactions with
     /// nothing in flight either way; at once if it already is.
     pub fn end_when_idle(&mut self) {

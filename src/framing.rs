@@ -11,6 +11,10 @@
 //! as Postgres (an unknown message type, an impossible length). Such a session is never "between
 //! transactions", so it is closed as it was before this module existed.
 //!
+//! It also keeps the server's BackendKeyData (its process id and secret key, the key a
+//! CancelRequest must carry), so a cancel can be sent to the backend that issued the key.
+//! [`Framing::startup_only`] follows a session only that far: up to its first ReadyForQuery.
+//!
 //! Pure: no I/O, no clocks, no allocation.
 
 /// Postgres refuses larger messages (`MaxAllocSize`); a longer length means the stream is not
@@ -27,6 +31,18 @@ const CLIENT_TYPES: &[u8] = b"BCdcDEHFfpPQSX";
 /// Message types a server sends (protocol 3).
 const SERVER_TYPES: &[u8] = b"RKSZTDCENAGHWdc123nstIVv";
 
+/// The key a backend gives its client (BackendKeyData) for cancelling its queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendKey {
+    pub process_id: u32,
+    pub secret_key: u32,
+}
+
+/// Length of a protocol 3.0 BackendKeyData (`K`): itself, a process id and a 4-byte secret.
+/// Protocol 3.2 keys are longer; they are not kept, and a cancel for one is sent to every
+/// backend it may be for.
+const KEY_DATA_LEN: u32 = 12;
+
 /// One direction of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -40,8 +56,8 @@ pub enum Side {
 #[derive(Debug, Clone, Copy, Default)]
 struct Cursor {
     /// Header bytes so far: type and length (typed), or length and code (a startup packet);
-    /// for ReadyForQuery, also its status byte.
-    header: [u8; 8],
+    /// for ReadyForQuery, also its status byte; for BackendKeyData, also its key.
+    header: [u8; 13],
     have: u8,
     /// Header bytes wanted before the message can be judged.
     need: u8,
@@ -87,6 +103,10 @@ pub struct Framing {
     unanswered: u32,
     /// An extended-protocol message has been sent since the last Sync.
     open_batch: bool,
+    /// The server's BackendKeyData, once seen.
+    backend_key: Option<BackendKey>,
+    /// Stops following at the first ReadyForQuery: only the startup is wanted.
+    startup_only: bool,
 }
 
 impl Default for Framing {
@@ -107,7 +127,23 @@ impl Framing {
             status: 0,
             unanswered: 0,
             open_batch: false,
+            backend_key: None,
+            startup_only: false,
         }
+    }
+
+    /// A session followed through its startup only, for its BackendKeyData: from its first
+    /// ReadyForQuery on it is not followed, so it splices freely and costs nothing more.
+    pub fn startup_only() -> Framing {
+        Framing {
+            startup_only: true,
+            ..Framing::new()
+        }
+    }
+
+    /// The server's BackendKeyData (protocol 3.0), once it has sent it in the clear.
+    pub fn backend_key(&self) -> Option<BackendKey> {
+        self.backend_key
     }
 
     /// Still following the session (unencrypted, and every byte so far framed as Postgres).
@@ -226,6 +262,23 @@ impl Framing {
             }
             self.status = status;
             self.unanswered = self.unanswered.saturating_sub(1);
+            if self.startup_only {
+                self.on = false;
+            }
+            return;
+        }
+        if side == Side::Server && kind == b'K' && len == KEY_DATA_LEN {
+            if cursor.need == 5 {
+                // The key itself: eight more bytes, the whole body.
+                cursor.need = 13;
+                return;
+            }
+            let key = BackendKey {
+                process_id: cursor.u32_at(5),
+                secret_key: cursor.u32_at(9),
+            };
+            *cursor = Cursor::new(5);
+            self.backend_key = Some(key);
             return;
         }
         *cursor = Cursor {
@@ -688,6 +741,44 @@ mod tests {
         framing.skipped(S, 7);
         assert!(!framing.tracked());
         assert_eq!(framing.skippable(S), usize::MAX);
+    }
+
+    /// The key comes in the startup, split anywhere; a startup-only framing stops at the first
+    /// ReadyForQuery, having kept it.
+    #[test]
+    fn the_backend_key_is_kept() {
+        let key = BackendKey {
+            process_id: 7,
+            secret_key: 0x0102_0304,
+        };
+        let whole: usize = welcome().len();
+        for at in 0..=whole {
+            for startup_only in [false, true] {
+                let mut framing = if startup_only {
+                    Framing::startup_only()
+                } else {
+                    Framing::new()
+                };
+                framing.observe(C, &startup());
+                let welcome = welcome();
+                framing.observe(S, &welcome[..at]);
+                framing.observe(S, &welcome[at..]);
+                assert_eq!(framing.backend_key(), Some(key), "split at {at}");
+                assert_eq!(framing.tracked(), !startup_only, "split at {at}");
+                assert_eq!(framing.skippable(S) == usize::MAX, startup_only);
+            }
+        }
+        let mut tls = Framing::startup_only();
+        tls.observe(C, &packet(SSL_REQUEST, b""));
+        tls.observe(S, b"S");
+        tls.observe(S, &welcome());
+        assert_eq!(tls.backend_key(), None, "inside TLS nothing is seen");
+        let mut longer = Framing::new();
+        longer.observe(C, &startup());
+        longer.observe(S, &msg(b'K', &[0, 0, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8]));
+        longer.observe(S, &ready(b'I'));
+        assert_eq!(longer.backend_key(), None, "a 3.2 key is not kept");
+        assert!(longer.idle(), "but followed past");
     }
 
     #[test]

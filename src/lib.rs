@@ -18,6 +18,7 @@
 //! - [`loops`]: the proxy's own addresses, which it never connects to.
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
+//! - [`cancel`]: where a CancelRequest goes: each plaintext replica session's key and backend.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
@@ -49,6 +50,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod cancel;
 pub mod check;
 pub mod config;
 pub mod copy;

@@ -44,6 +44,15 @@ pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
 pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
 pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
 pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
+pub const CANCEL_REQUESTS_TOTAL: &str = "roleproxy_cancel_requests_total";
+
+/// A replica listener's CancelRequest, sent to the backend of the session whose key it
+/// carries ...
+pub const CANCEL_TO_SESSION_BACKEND: &str = "session_backend";
+/// ... to every replica, its key unknown here (a TLS session, another proxy, evicted) ...
+pub const CANCEL_TO_EVERY_REPLICA: &str = "every_replica";
+/// ... or nowhere: its key unknown, and no replica.
+pub const CANCEL_TO_NONE: &str = "none";
 
 /// Why a leader failed a client's startup, which was then held for the next leader.
 pub const STARTUP_FAILURES: [&str; 3] = ["closed", "refusing", "timed_out"];
@@ -322,6 +331,13 @@ fn process_series_at_zero() {
     for reason in STARTUP_FAILURES {
         counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(0);
     }
+    for sent_to in [
+        CANCEL_TO_SESSION_BACKEND,
+        CANCEL_TO_EVERY_REPLICA,
+        CANCEL_TO_NONE,
+    ] {
+        counter!(CANCEL_REQUESTS_TOTAL, "sent_to" => sent_to).increment(0);
+    }
     for what in warning::ALL {
         counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(0);
     }
@@ -417,6 +433,10 @@ fn describe() {
         "Client startups a leader failed before answering them (closed, refusing with 57P03, timed out), held and replayed on the next leader within proxy.leader_wait, by reason"
     );
     describe_counter!(
+        CANCEL_REQUESTS_TOTAL,
+        "CancelRequests on replica listeners, by where they were sent: the backend of the session whose key they carry, every replica (key unknown: TLS, another proxy, evicted), or none"
+    );
+    describe_counter!(
         LOG_SUPPRESSED_TOTAL,
         "Warning lines left out of the log by the rate limit of one line per key every 10 s, by what they were about"
     );
@@ -502,6 +522,11 @@ pub fn local_shortage(during: &'static str) {
 /// [`STARTUP_FAILURES`]); the startup is held for the next leader.
 pub fn startup_retried(reason: &'static str) {
     counter!(STARTUP_RETRIES_TOTAL, "reason" => reason).increment(1);
+}
+
+/// A replica listener's CancelRequest, by where it was sent (`CANCEL_TO_*`).
+pub fn cancel_request(sent_to: &'static str) {
+    counter!(CANCEL_REQUESTS_TOTAL, "sent_to" => sent_to).increment(1);
 }
 
 /// A warning about `what` (one of [`warning::ALL`]) left out of the log.

@@ -168,6 +168,12 @@ pub fn first_packet_len(prefix: [u8; 4]) -> usize {
     check_length(u32::from_be_bytes(prefix)).map_or(4, |body| body + 4)
 }
 
+/// Whether a client's first packet (with its length) is a CancelRequest: also one with a
+/// protocol 3.2 key, longer than the 4 bytes [`parse_startup`] reads.
+pub fn is_cancel_request(packet: &[u8]) -> bool {
+    packet.len() >= 16 && u32_at(packet, 4) == Some(CANCEL_REQUEST)
+}
+
 /// Reads a client's first packet as raw bytes, to be forwarded untouched. It is everything a
 /// Postgres client sends before the server answers (SSLRequest, GSSENCRequest,
 /// CancelRequest or StartupMessage), however many writes it came in.

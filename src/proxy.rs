@@ -23,8 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::cancel::{CancelKeys, KeyRecorder};
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
+use crate::framing::{BackendKey, Framing};
 use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
 use crate::loops::OwnAddrs;
 use crate::metrics::{self as m, warning};
@@ -108,6 +110,9 @@ pub struct SessionBase {
     pub limit: Arc<SessionLimit>,
     /// The descriptor held back for refusals; shared by every listener and backend connect.
     pub reserve: Arc<Reserve>,
+    /// Each plaintext replica session's cancel key and backend, kept across reloads: a
+    /// session started under an older configuration can still be cancelled.
+    pub cancel_keys: Arc<CancelKeys>,
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
@@ -392,6 +397,13 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
             return;
         }
     };
+    if let (Serves::Replica { fallback_to_leader }, true) =
+        (plan.serves, pgwire::is_cancel_request(&first))
+    {
+        cancel(&first, fallback_to_leader, settings).await;
+        m::session_result(&plan.name, "closed");
+        return;
+    }
     // Waiting for a leader counts from the client's request, not from its connect.
     let accepted = Instant::now();
     let mut route = settings.base.view.route.clone();
@@ -424,9 +436,14 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
             Serves::Target(addr) => connect_target(addr, settings).await,
         };
         let mut connected = connected?;
-        // Only sessions routed to a leader are followed (and only those are held).
-        let follow = follow && matches!(connected.drain, Drain::Route(_));
-        match startup.forward(&mut connected.stream, follow).await {
+        // Only sessions routed to a leader are followed (and only those are held); a replica
+        // listener's, through their startup, for the cancel key.
+        let framing = match connected.drain {
+            Drain::Route(_) if follow => Some(Framing::new()),
+            _ if matches!(plan.serves, Serves::Replica { .. }) => Some(Framing::startup_only()),
+            _ => None,
+        };
+        match startup.forward(&mut connected.stream, framing).await {
             Ok(started) => Ok((connected, started)),
             Err(e) => Err(Unserved::BackendUnreachable {
                 addr: connected.addr,
@@ -457,12 +474,14 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 backends,
                 addr,
             };
+            let keys = matches!(plan.serves, Serves::Replica { .. })
+                .then(|| KeyRecorder::new(Arc::clone(&settings.base.cancel_keys), addr));
             // A task of its own, so what connecting took is freed and an open session holds
             // only what copying needs: idle sessions are most sessions, and this is their memory.
             let session = run_session(
                 client,
                 stream,
-                started,
+                (started, keys),
                 drainer,
                 (_counted, permit),
                 Arc::clone(&plan),
@@ -662,7 +681,7 @@ impl Drainer {
 async fn run_session(
     client: TcpStream,
     backend: TcpStream,
-    started: Started,
+    (started, keys): (Started, Option<KeyRecorder>),
     mut drainer: Drainer,
     _counted: (SessionGuard, Admitted),
     plan: Arc<ListenerPlan>,
@@ -674,7 +693,7 @@ async fn run_session(
     let (result, up, down) = relay(
         client,
         backend,
-        started,
+        (started, keys),
         &activity,
         &mut drainer,
         &plan.settings,
@@ -1047,7 +1066,7 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
 async fn relay(
     client: TcpStream,
     backend: TcpStream,
-    started: Started,
+    (started, mut keys): (Started, Option<KeyRecorder>),
     activity: &copy::Activity,
     drainer: &mut Drainer,
     settings: &SessionSettings,
@@ -1079,7 +1098,7 @@ async fn relay(
     );
     loop {
         let fate = tokio::select! {
-            copied = &mut copying => return counted(ended(copied, settings), activity),
+            copied = keeping_key(&mut copying, keys.as_mut()) => return counted(ended(copied, settings), activity),
             fate = drainer.next_fate(Fate::Stay) => fate,
             _ = &mut idle => {
                 tracing::info!(idle_timeout = %humantime::format_duration(config.idle_timeout), "idle timeout; closing session");
@@ -1107,6 +1126,87 @@ async fn relay(
             None => continue,
         }
     }
+}
+
+/// Polls `copying`, and gives `keys` the backend's cancel key once the framing has seen it:
+/// at the start of the session, before its client can have sent a CancelRequest with it.
+fn keeping_key<'c, 'a>(
+    copying: &'c mut copy::Bidirectional<'a>,
+    mut keys: Option<&'c mut KeyRecorder>,
+) -> impl std::future::Future<Output = io::Result<copy::Ended>> + use<'c, 'a> {
+    std::future::poll_fn(move |cx| {
+        let polled = std::future::Future::poll(std::pin::Pin::new(&mut *copying), cx);
+        if let Some(keys) = keys.as_deref_mut() {
+            keys.saw(copying.backend_key());
+        }
+        polled
+    })
+}
+
+/// Sends a replica listener's CancelRequest (`packet`, as the client sent it) to the replica
+/// whose session got its key, or, when the key is not known here (the session was TLS, went
+/// through another proxy, or its key was evicted), to every replica (and the leader, with
+/// `fallback_to_leader`): Postgres ignores a key that is not its own. As Postgres does, the
+/// client gets no answer but the close.
+async fn cancel(packet: &[u8], fallback_to_leader: bool, settings: &SessionSettings) {
+    let key = match pgwire::parse_startup(packet.get(4..).unwrap_or_default()) {
+        Ok(pgwire::StartupPacket::Cancel {
+            process_id,
+            secret_key,
+        }) => Some(BackendKey {
+            process_id,
+            secret_key,
+        }),
+        _ => None,
+    };
+    let known = key.and_then(|key| settings.base.cancel_keys.backend(key));
+    let targets = match known {
+        Some(addr) => vec![addr],
+        None => {
+            let mut every = settings.base.view.backends.borrow().replicas.clone();
+            if fallback_to_leader {
+                every.extend(settings.base.view.route.borrow().leader());
+            }
+            every
+        }
+    };
+    let sent_to = match (known, targets.is_empty()) {
+        (Some(_), _) => m::CANCEL_TO_SESSION_BACKEND,
+        (None, false) => m::CANCEL_TO_EVERY_REPLICA,
+        (None, true) => m::CANCEL_TO_NONE,
+    };
+    m::cancel_request(sent_to);
+    tracing::debug!(sent_to, backends = targets.len(), "CancelRequest");
+    let mut sends = tokio::task::JoinSet::new();
+    for addr in targets {
+        if settings.refuse_loop(addr).is_err() {
+            continue;
+        }
+        let packet = packet.to_vec();
+        let reserve = Arc::clone(&settings.base.reserve);
+        let within = settings.config.connect_timeout;
+        sends.spawn(async move {
+            let sent = tokio::time::timeout(within, async {
+                let mut stream = reserve.connect(addr).await?;
+                tokio::io::AsyncWriteExt::write_all(&mut stream, &packet).await?;
+                // Postgres reads the request, then closes: its close is its answer.
+                let mut rest = [0u8; 64];
+                while tokio::io::AsyncReadExt::read(&mut stream, &mut rest).await? > 0 {}
+                io::Result::Ok(())
+            })
+            .await;
+            if let Some(error) = match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer within {within:?}")),
+            } {
+                if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, format_args!("cancel {addr}")) {
+                    tracing::warn!(backend = %addr, %error, suppressed, "cannot send a CancelRequest");
+                }
+            }
+        });
+    }
+    while sends.join_next().await.is_some() {}
 }
 
 /// Follows a session whose leader is contested ([`Fate::Hold`]) or stepped down
@@ -1287,6 +1387,7 @@ mod tests {
             own: Arc::new(OwnAddrs::new()),
             limit: SessionLimit::new(1),
             reserve: crate::reserve::Reserve::open(),
+            cancel_keys: crate::cancel::CancelKeys::new(),
             hard_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
         };
@@ -1313,7 +1414,15 @@ mod tests {
             up: 0,
             down: 0,
         };
-        let session = run_session(client, backend, started, drainer, counted, plan);
+        let keys = KeyRecorder::new(CancelKeys::new(), addr);
+        let session = run_session(
+            client,
+            backend,
+            (started, Some(keys)),
+            drainer,
+            counted,
+            plan,
+        );
         let size = std::mem::size_of_val(&session);
         assert!(size <= 2560, "an open session's task holds {size} bytes");
     }

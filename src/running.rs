@@ -196,6 +196,7 @@ impl Running {
             own: fixed.own,
             limit: SessionLimit::new(config.proxy.max_connections),
             reserve: Reserve::open(),
+            cancel_keys: crate::cancel::CancelKeys::new(),
             hard_stop: fixed.hard_stop,
             tracker: fixed.tracker,
         };

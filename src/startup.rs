@@ -129,14 +129,15 @@ impl Startup {
         self.packets[self.answered..].concat()
     }
 
-    /// Sends the client's first packet and nothing more: a session that is not held.
+    /// Sends the client's first packet and nothing more: a session that is not held,
+    /// followed by `framing` if it is given one.
     pub async fn forward<B: AsyncWrite + Unpin>(
         &self,
         backend: &mut B,
-        follow: bool,
+        framing: Option<Framing>,
     ) -> io::Result<Started> {
         backend.write_all(&self.packets[0]).await?;
-        Ok(self.started(follow))
+        Ok(self.started(framing))
     }
 
     /// Runs the startup on `backend`: replays what the client sent before, then carries on
@@ -163,7 +164,7 @@ impl Startup {
             if next == self.packets.len() {
                 // The client has its `N` and speaks next.
                 if self.packets.len() == MAX_PACKETS {
-                    return Attempt::Started(self.started(follow));
+                    return Attempt::Started(self.started(follow.then(Framing::new)));
                 }
                 let packet = tokio::time::timeout(silent, pgwire::read_first_packet(client)).await;
                 match packet {
@@ -177,7 +178,7 @@ impl Startup {
             let written = backend.write_all(packet).await;
             if kind == Kind::Other {
                 // Never held, so never retried: the copy meets a failed write next.
-                return Attempt::Started(self.started(follow));
+                return Attempt::Started(self.started(follow.then(Framing::new)));
             }
             if let Err(e) = written {
                 return Attempt::Failed(Failed::Closed(e));
@@ -196,7 +197,7 @@ impl Startup {
                     return Attempt::Failed(Failed::TimedOut);
                 }
                 // Held long enough: copied from here, whatever comes.
-                return Attempt::Started(self.started(follow));
+                return Attempt::Started(self.started(follow.then(Framing::new)));
             };
             if let Err(failed) = read {
                 self.answer.clear();
@@ -219,13 +220,13 @@ impl Startup {
             if let Err(e) = client.write_all(&self.answer).await {
                 return Attempt::ClientGone(e);
             }
-            return Attempt::Started(self.started(follow));
+            return Attempt::Started(self.started(follow.then(Framing::new)));
         }
     }
 
-    /// What was said, read by a framing in the order it was said.
-    fn started(&self, follow: bool) -> Started {
-        let mut framing = follow.then(Framing::new);
+    /// What was said, read by `framing` (when the session is followed) in the order it was
+    /// said.
+    fn started(&self, mut framing: Option<Framing>) -> Started {
         let mut up = 0;
         for (i, packet) in self.packets.iter().enumerate() {
             up += packet.len() as u64;
