@@ -104,6 +104,37 @@ async fn endless_body(addr: SocketAddr, path: &str) {
     assert!(closed.is_ok(), "the server never closed an endless body");
 }
 
+/// Sends `addr` 256 unfinished `HEAD`-byte request heads, one endless head (which must be
+/// answered 431) and one endless body to `body_path`, then asserts that the peak resident set
+/// of process `pid` grew less than `bound` MiB over `before_kib`. Returns the unfinished
+/// connections, still open.
+async fn flood(
+    addr: SocketAddr,
+    pid: u32,
+    before_kib: u64,
+    body_path: &str,
+    what: &str,
+    bound: f64,
+) -> Vec<TcpStream> {
+    let held = unfinished_heads(addr, 256).await;
+    let answer = endless_head(addr).await;
+    assert!(
+        answer.contains(" 431 "),
+        "{what}: an endless head is refused: {answer:?}"
+    );
+    endless_body(addr, body_path).await;
+    let grew = growth_mib(pid, before_kib);
+    println!(
+        "{what}: 256 unfinished {} KiB heads, an endless head and an endless body: peak RSS grew {grew:.1} MiB",
+        HEAD / 1024
+    );
+    assert!(
+        grew < bound,
+        "{what}: peak RSS grew {grew:.1} MiB, more than {bound} MiB"
+    );
+    held
+}
+
 /// Growth of the peak resident set since `before_kib`, in MiB.
 fn growth_mib(pid: u32, before_kib: u64) -> f64 {
     memory_kib(pid, "VmHWM").saturating_sub(before_kib) as f64 / 1024.0
@@ -126,22 +157,7 @@ async fn the_admin_port_holds_a_bounded_request_head_however_much_is_sent() {
     let pid = proxy.pid();
     let before = memory_kib(pid, "VmRSS");
 
-    let held = unfinished_heads(admin, 256).await;
-    let answer = endless_head(admin).await;
-    assert!(
-        answer.contains(" 431 "),
-        "an endless head is refused: {answer:?}"
-    );
-    endless_body(admin, "/reload").await;
-    let grew = growth_mib(pid, before);
-    println!(
-        "admin port: 256 unfinished {} KiB heads, an endless head and an endless body: peak RSS grew {grew:.1} MiB",
-        HEAD / 1024
-    );
-    assert!(
-        grew < ADMIN_BOUND_MIB,
-        "peak RSS grew {grew:.1} MiB, more than {ADMIN_BOUND_MIB} MiB"
-    );
+    let held = flood(admin, pid, before, "/reload", "admin port", ADMIN_BOUND_MIB).await;
     drop(held);
     let (status, body) = http_get(admin, "/healthz").await;
     assert_eq!((status, body.as_str()), (200, "ok\n"), "still healthy");
@@ -182,22 +198,15 @@ async fn the_agent_holds_a_bounded_request_head_however_much_is_sent() {
     let pid = agent.0.id();
     let before = memory_kib(pid, "VmRSS");
 
-    let held = unfinished_heads(addr, 256).await;
-    let answer = endless_head(addr).await;
-    assert!(
-        answer.contains(" 431 "),
-        "an endless head is refused: {answer:?}"
-    );
-    endless_body(addr, "/flycheck/role").await;
-    let grew = growth_mib(pid, before);
-    println!(
-        "agent: 256 unfinished {} KiB heads, an endless head and an endless body: peak RSS grew {grew:.1} MiB",
-        HEAD / 1024
-    );
-    assert!(
-        grew < AGENT_BOUND_MIB,
-        "peak RSS grew {grew:.1} MiB, more than {AGENT_BOUND_MIB} MiB"
-    );
+    let held = flood(
+        addr,
+        pid,
+        before,
+        "/flycheck/role",
+        "agent",
+        AGENT_BOUND_MIB,
+    )
+    .await;
     drop(held);
 }
 

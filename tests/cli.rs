@@ -32,11 +32,18 @@ impl Running {
     }
 
     fn start_env(config: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Running {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(args)
             .args(["--config"])
             .arg(config)
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        Running::spawn(command)
+    }
+
+    /// Runs `command` (the binary with its arguments), logging at `info`.
+    fn spawn(mut command: Command) -> Running {
+        let mut child = command
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -63,6 +70,13 @@ impl Running {
             }
         }
         panic!("the proxy never logged {words:?}");
+    }
+
+    /// Asserts the process still runs (`died` says what it means if not), then kills it.
+    fn stop_running(mut self, died: &str) {
+        assert!(self.child.try_wait().expect("wait").is_none(), "{died}");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn signal(&self, name: &str) {
@@ -366,7 +380,7 @@ fn a_sighup_before_the_handler_is_installed_does_not_kill_the_proxy() {
             .status()
             .expect("mkfifo runs");
         assert!(made.success());
-        let mut proxy = Running::start(&path);
+        let proxy = Running::start(&path);
         let pid = proxy.child.id();
         let waiting = roleproxy_testkit::eventually_blocking(Duration::from_secs(30), || {
             std::fs::read_to_string(format!("/proc/{pid}/wchan"))
@@ -377,12 +391,7 @@ fn a_sighup_before_the_handler_is_installed_does_not_kill_the_proxy() {
         // Opening the FIFO for writing lets the proxy's read go on.
         std::fs::write(&path, config).expect("write the configuration into the FIFO");
         proxy.wait_for("listening");
-        assert!(
-            proxy.child.try_wait().expect("wait").is_none(),
-            "attempt {attempt}: the SIGHUP killed the proxy"
-        );
-        let _ = proxy.child.kill();
-        let _ = proxy.child.wait();
+        proxy.stop_running(&format!("attempt {attempt}: the SIGHUP killed the proxy"));
         let _ = std::fs::remove_file(&path);
     }
 }
@@ -391,30 +400,15 @@ fn a_sighup_before_the_handler_is_installed_does_not_kill_the_proxy() {
 #[test]
 fn a_sighup_at_start_up_does_not_kill_the_agent() {
     for attempt in 0..3 {
-        let mut agent = Command::new(BIN)
-            .args([
-                "agent",
-                "--postgres",
-                "host=127.161.0.2 port=1 user=postgres",
-                "--listen",
-                "127.161.0.2:0",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the agent starts");
-        let logs = agent.stderr.take().expect("stderr piped");
-        let (tx, lines) = std::sync::mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            for line in BufReader::new(logs).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut agent = Running {
-            child: agent,
-            lines,
-        };
+        let mut command = Command::new(BIN);
+        command.args([
+            "agent",
+            "--postgres",
+            "host=127.161.0.2 port=1 user=postgres",
+            "--listen",
+            "127.161.0.2:0",
+        ]);
+        let agent = Running::spawn(command);
         let pid = agent.child.id();
         assert!(
             roleproxy_testkit::eventually_blocking(Duration::from_secs(30), || {
@@ -426,12 +420,7 @@ fn a_sighup_at_start_up_does_not_kill_the_agent() {
         agent.wait_for("role agent listening");
         send_sighup(pid);
         agent.wait_for("nothing to reload");
-        assert!(
-            agent.child.try_wait().expect("wait").is_none(),
-            "attempt {attempt}: a SIGHUP killed the agent"
-        );
-        let _ = agent.child.kill();
-        let _ = agent.child.wait();
+        agent.stop_running(&format!("attempt {attempt}: a SIGHUP killed the agent"));
     }
 }
 
