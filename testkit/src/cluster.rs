@@ -381,8 +381,10 @@ impl LocalCluster {
             .set("backends.resolve_interval", "\"1s\"")
             .set("backends.resolve_timeout", "\"2s\"")
             .set("check.port", &self.spec.agent_port.to_string())
-            .set("check.interval", "\"2s\"")
-            .set("check.fast_interval", "\"250ms\"")
+            // The shipped check cadence: what the switchover's fence wait is sized for, and
+            // what the bench compares with HAProxy.
+            .unset("check.interval")
+            .unset("check.fast_interval")
             .set("check.timeout", "\"5s\"")
             .set("proxy.connect_timeout", "\"4s\"")
             .set("proxy.leader_wait", "\"10s\"")
