@@ -19,6 +19,8 @@
 //! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
+//!   read bounded.
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
@@ -56,6 +58,7 @@ mod httpd;
 pub mod leader;
 pub mod loops;
 pub mod metrics;
+pub mod pgclient;
 pub mod pgwire;
 pub mod preconnect;
 pub mod preflight;

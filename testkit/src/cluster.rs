@@ -305,6 +305,17 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// [`LocalCluster::start`], then waits up to `timeout` until every standby streams from
+    /// node 0.
+    pub async fn start_streaming(
+        spec: ClusterSpec,
+        timeout: Duration,
+    ) -> Result<LocalCluster, ClusterError> {
+        let cluster = LocalCluster::start(spec).await?;
+        cluster.wait_replicas(timeout).await?;
+        Ok(cluster)
+    }
+
     /// Stops the agents and every Postgres node off the async threads, then removes the
     /// cluster's directories.
     pub async fn shutdown(mut self) {
