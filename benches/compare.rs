@@ -999,7 +999,7 @@ async fn failover_section(args: &Args, results: &mut Results, bench: &PgBench) {
     let proxies: Vec<(&str, SocketAddr)> = bench
         .targets
         .iter()
-        .filter(|(name, _)| name == "roleproxy" || name == "haproxy")
+        .filter(|(name, _)| ["roleproxy", "haproxy", "haproxy-tuned"].contains(&name.as_str()))
         .map(|(name, a)| (name.as_str(), *a))
         .collect();
     let writers: Vec<(&str, Writer)> = proxies

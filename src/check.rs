@@ -5,10 +5,12 @@
 //! Patroni's REST API where the status of `GET /primary` and `/replica` is the answer, and a
 //! Postgres connection that asks `pg_is_in_recovery()` and the timeline.
 //!
-//! The node is untrusted input: the whole exchange has a deadline, and an HTTP answer's head
-//! ([`MAX_HEAD`]) and body ([`MAX_BODY`]) have size caps, so a hung or hostile endpoint costs
-//! one timeout, never memory or a stuck loop. What it says is escaped ([`printable`]) before
-//! it is kept, so it cannot forge a log line or drive a terminal.
+//! The node is untrusted input: the whole exchange has a deadline, an HTTP answer's head
+//! ([`MAX_HEAD`]) and body ([`MAX_BODY`]) size caps, and a Postgres exchange caps of its own
+//! ([`pgclient`]), so a hung or hostile endpoint costs one timeout, never memory or a stuck
+//! loop. What it says is escaped ([`printable`]) before it is kept, so it cannot forge a log
+//! line or drive a terminal. The Postgres check hands a node no credential but a SCRAM-SHA-256
+//! proof.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -22,8 +24,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::config::{CheckConfig, CheckKind};
+use crate::config::{CheckConfig, CheckKind, CheckTls};
 use crate::metrics::warning;
+use crate::pgclient::{self, PgClientError, Tls};
 use crate::pgwire;
 use crate::ratelimit;
 use crate::reserve::is_local_shortage;
@@ -71,6 +74,8 @@ pub enum Probe {
         user: String,
         password: String,
         database: String,
+        /// `None`: unencrypted (`check.tls = "disable"`).
+        tls: Option<Tls>,
     },
 }
 
@@ -83,8 +88,17 @@ impl std::fmt::Debug for Probe {
                 leader_path,
                 replica_path,
             } => write!(f, "http-status GET {leader_path} | {replica_path}"),
-            Probe::Postgres { user, database, .. } => {
-                write!(f, "postgres user={user} dbname={database}")
+            Probe::Postgres {
+                user,
+                database,
+                tls,
+                ..
+            } => {
+                write!(f, "postgres user={user} dbname={database}")?;
+                match tls {
+                    Some(tls) => write!(f, " {tls:?}"),
+                    None => f.write_str(" tls=disable"),
+                }
             }
         }
     }
@@ -111,6 +125,7 @@ impl CheckSettings {
                 user: c.user.clone(),
                 password: c.password.0.clone(),
                 database: c.database.clone(),
+                tls: tls_of(c),
             },
         };
         CheckSettings {
@@ -121,6 +136,19 @@ impl CheckSettings {
             fast_interval: c.fast_interval,
             probe,
         }
+    }
+}
+
+/// The check's TLS, from settings the configuration has validated. A name it could not read
+/// (it never is) would leave the node's address to be verified instead, never less.
+fn tls_of(c: &CheckConfig) -> Option<Tls> {
+    let name = (!c.tls_server_name.is_empty())
+        .then(|| pgclient::server_name(&c.tls_server_name).ok())
+        .flatten();
+    match c.tls {
+        CheckTls::Disable => None,
+        CheckTls::Require => Some(Tls::require(name)),
+        CheckTls::VerifyFull => Some(Tls::verify_full(c.tls_roots.clone(), name)),
     }
 }
 
@@ -156,8 +184,8 @@ enum CheckError {
     TooLarge,
     #[error("reading answer: {0}")]
     Body(String),
-    #[error("{0}")]
-    Postgres(String),
+    #[error(transparent)]
+    Postgres(PgClientError),
     /// The node answered but is out of resources (Postgres SQLSTATE class 53, e.g. too many
     /// connections): it says nothing about its role.
     #[error("{0}")]
@@ -234,6 +262,16 @@ pub async fn check_role(endpoint: SocketAddr, settings: &CheckSettings) -> Optio
             }
             None
         }
+        Ok(Err(CheckError::Postgres(
+            e @ (PgClientError::Refused(_)
+            | PgClientError::NoScram(_)
+            | PgClientError::TooManyIterations(_)),
+        ))) => {
+            // Every time: a node that asks for a password in the clear may not be a node.
+            let error = printable(&e.to_string()).into_owned();
+            tracing::error!(%endpoint, %error, "check failed: no password was sent");
+            Some(Role::Down(error).into())
+        }
         // Errors can quote the node (a server's message, a malformed header).
         Ok(Err(e)) => Some(Role::Down(printable(&e.to_string()).into_owned()).into()),
         Err(_) => Some(Role::Down(CheckError::Timeout(settings.timeout).to_string()).into()),
@@ -278,14 +316,15 @@ async fn probe(
             user,
             password,
             database,
+            tls,
         } => {
-            ask_postgres(
-                connect(endpoint, connect_within).await?,
+            let login = pgclient::Login {
                 user,
                 password,
                 database,
-            )
-            .await
+            };
+            let stream = connect(endpoint, connect_within).await?;
+            ask_postgres(stream, tls.as_ref(), &login).await
         }
     }
 }
@@ -298,39 +337,37 @@ const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
 
 async fn ask_postgres(
     stream: TcpStream,
-    user: &str,
-    password: &str,
-    database: &str,
+    tls: Option<&Tls>,
+    login: &pgclient::Login<'_>,
 ) -> Result<Observation, CheckError> {
-    let mut config = tokio_postgres::Config::new();
-    config
-        .user(user)
-        .dbname(database)
-        .application_name("roleproxy-check");
-    if !password.is_empty() {
-        config.password(password);
-    }
-    let postgres = |e: tokio_postgres::Error| {
-        let text = crate::error_chain(&e);
-        match e.code() {
-            Some(code) if code.code().starts_with("53") => CheckError::Busy(text),
-            _ => CheckError::Postgres(text),
+    let row = match pgclient::query_row(stream, tls, login, ROLE_QUERY).await {
+        Ok(row) => row,
+        Err(e) if e.code().is_some_and(|code| code.starts_with("53")) => {
+            return Err(CheckError::Busy(e.to_string()))
         }
+        Err(e) => return Err(CheckError::Postgres(e)),
     };
-    let (client, connection) = config
-        .connect_raw(stream, tokio_postgres::NoTls)
-        .await
-        .map_err(postgres)?;
-    let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
-    let row = client.query_one(ROLE_QUERY, &[]).await.map_err(postgres)?;
-    let in_recovery: bool = row.try_get(0).map_err(postgres)?;
-    let timeline: Option<i64> = row.try_get(1).map_err(postgres)?;
-    Ok(Observation {
-        role: if in_recovery {
-            Role::Replica
-        } else {
-            Role::Leader
-        },
+    observation_from_row(&row).ok_or_else(|| {
+        CheckError::Postgres(PgClientError::Protocol(
+            "the role query's row is not a boolean and a timeline".into(),
+        ))
+    })
+}
+
+/// `pg_is_in_recovery()` and the timeline, as the simple query protocol sends them: `t` or `f`,
+/// and a number or NULL. Pure.
+fn observation_from_row(row: &[Option<String>]) -> Option<Observation> {
+    let role = match row.first()?.as_deref()? {
+        "t" => Role::Replica,
+        "f" => Role::Leader,
+        _ => return None,
+    };
+    let timeline = match row.get(1)? {
+        Some(text) => Some(text.parse::<i64>().ok()?),
+        None => None,
+    };
+    Some(Observation {
+        role,
         timeline: timeline.and_then(|t| u32::try_from(t).ok()),
     })
 }
@@ -497,6 +534,30 @@ mod tests {
                 expected,
                 "{leader} {replica:?}"
             );
+        }
+    }
+
+    #[test]
+    fn role_query_rows_map_to_observations() {
+        let text = |v: &str| Some(v.to_string());
+        let rows: Vec<(Vec<Option<String>>, Option<Observation>)> = vec![
+            (
+                vec![text("f"), text("3")],
+                Some(Observation {
+                    role: Role::Leader,
+                    timeline: Some(3),
+                }),
+            ),
+            (vec![text("t"), None], Some(Role::Replica.into())),
+            (vec![text("f"), text("-1")], Some(Role::Leader.into())),
+            (vec![text("f"), text("x")], None),
+            (vec![text("yes"), None], None),
+            (vec![None, None], None),
+            (vec![text("t")], None),
+            (vec![], None),
+        ];
+        for (row, expected) in rows {
+            assert_eq!(observation_from_row(&row), expected, "{row:?}");
         }
     }
 

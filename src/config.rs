@@ -210,7 +210,8 @@ impl CheckKind {
         match key {
             "path" | "leader" => Some(CheckKind::HttpBody),
             "leader_path" | "replica_path" => Some(CheckKind::HttpStatus),
-            "user" | "password" | "database" => Some(CheckKind::Postgres),
+            "user" | "password" | "password_file" | "database" | "tls" | "tls_root_cert"
+            | "tls_server_name" => Some(CheckKind::Postgres),
             _ => None,
         }
     }
@@ -224,6 +225,18 @@ impl CheckKind {
             key => CheckKind::owner(key).is_none_or(|owner| owner == self),
         }
     }
+}
+
+/// Whether the Postgres check encrypts, and what it verifies (`check.tls`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckTls {
+    Disable,
+    /// Encrypted; the node's certificate is not verified.
+    Require,
+    /// Encrypted; the chain up to `check.tls_root_cert` and the name `check.tls_server_name`
+    /// are verified.
+    VerifyFull,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,10 +313,22 @@ pub struct CheckConfig {
     pub replica_path: String,
     #[serde(deserialize_with = "not_blank")]
     pub user: String,
+    /// Only from the environment (`${VAR}`), or read from `password_file` at load.
     #[serde(skip_serializing_if = "Secret::is_empty")]
     pub password: Secret,
+    /// `""`: none.
+    pub password_file: String,
     #[serde(deserialize_with = "not_blank")]
     pub database: String,
+    #[serde(deserialize_with = "word")]
+    pub tls: CheckTls,
+    /// `""`: none; needed by `verify-full`, refused by the others.
+    pub tls_root_cert: String,
+    /// `""` until [`CheckConfig::for_kind`] makes it the first of `backends.dns_names`.
+    pub tls_server_name: String,
+    /// The certificates of `tls_root_cert`, read at load.
+    #[serde(skip)]
+    pub tls_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     #[serde(deserialize_with = "word")]
     pub split_brain: SplitBrain,
     #[serde(with = "duration")]
@@ -344,7 +369,12 @@ impl Default for CheckConfig {
             replica_path: "/replica".into(),
             user: "postgres".into(),
             password: Secret::default(),
+            password_file: String::new(),
             database: "postgres".into(),
+            tls: CheckTls::Disable,
+            tls_root_cert: String::new(),
+            tls_server_name: String::new(),
+            tls_roots: Vec::new(),
             split_brain: SplitBrain::None,
             interval: Duration::from_secs(1),
             fast_interval: Duration::from_millis(100),
@@ -362,7 +392,11 @@ impl Default for CheckConfig {
 
 impl CheckConfig {
     /// The rules between `check.kind` and the other keys; `written` are the keys the file sets.
-    fn for_kind(mut self, written: &[String], backends_port: u16) -> Result<Self, ConfigError> {
+    fn for_kind(
+        mut self,
+        written: &[String],
+        backends: &BackendsConfig,
+    ) -> Result<Self, ConfigError> {
         let kind = self.kind;
         if let Some(key) = written.iter().find(|key| !kind.reads(key)) {
             let reason = match CheckKind::owner(key) {
@@ -389,10 +423,88 @@ impl CheckConfig {
                 CheckKind::HttpBody => 5500,
                 // Patroni's REST API.
                 CheckKind::HttpStatus => 8008,
-                CheckKind::Postgres => backends_port,
+                CheckKind::Postgres => backends.port,
             };
         }
+        if kind == CheckKind::Postgres {
+            self.read_password_file()?;
+            self.read_tls(&backends.dns_names)?;
+        }
         Ok(self)
+    }
+
+    /// `check.password_file` into `password`, at load: a file that cannot be read stops the
+    /// start (or the reload) rather than a check failing later on every node.
+    fn read_password_file(&mut self) -> Result<(), ConfigError> {
+        const KEY: &str = "check.password_file";
+        if self.password_file.is_empty() {
+            return Ok(());
+        }
+        if !self.password.is_empty() {
+            return Err(invalid(
+                KEY,
+                "set check.password or check.password_file, not both",
+            ));
+        }
+        let path = &self.password_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(KEY, format!("cannot read {path}: {e}")))?;
+        let password = text.strip_suffix('\n').unwrap_or(&text);
+        let password = password.strip_suffix('\r').unwrap_or(password);
+        if password.is_empty() {
+            return Err(invalid(KEY, format!("{path} is empty")));
+        }
+        self.password = Secret(password.to_owned());
+        Ok(())
+    }
+
+    /// The rules between `check.tls` and the keys it reads; reads the root certificates.
+    fn read_tls(&mut self, dns_names: &[String]) -> Result<(), ConfigError> {
+        let verify_full = name_of(&CheckTls::VerifyFull);
+        if self.tls != CheckTls::VerifyFull && !self.tls_root_cert.is_empty() {
+            return Err(invalid(
+                "check.tls_root_cert",
+                format!(
+                    "only used with check.tls = {verify_full:?} (check.tls is {:?}, which verifies no certificate)",
+                    name_of(&self.tls)
+                ),
+            ));
+        }
+        if self.tls == CheckTls::Disable {
+            if !self.tls_server_name.is_empty() {
+                return Err(invalid(
+                    "check.tls_server_name",
+                    "only used with check.tls = \"require\" or \"verify-full\"",
+                ));
+            }
+            return Ok(());
+        }
+        if self.tls_server_name.is_empty() {
+            if let Some(name) = dns_names.first() {
+                self.tls_server_name = name.trim_end_matches('.').to_owned();
+            }
+        }
+        if !self.tls_server_name.is_empty() {
+            crate::pgclient::server_name(&self.tls_server_name)
+                .map_err(|e| invalid("check.tls_server_name", e))?;
+        }
+        if self.tls == CheckTls::VerifyFull {
+            if self.tls_server_name.is_empty() {
+                return Err(invalid(
+                    "check.tls_server_name",
+                    format!("needed with check.tls = {verify_full:?} when backends.dns_names is empty: the name the nodes' certificates hold"),
+                ));
+            }
+            if self.tls_root_cert.is_empty() {
+                return Err(invalid(
+                    "check.tls_root_cert",
+                    format!("needed with check.tls = {verify_full:?}: a PEM file with the certificate that signed the nodes' certificates"),
+                ));
+            }
+            self.tls_roots = crate::pgclient::read_root_certs(&self.tls_root_cert)
+                .map_err(|e| invalid("check.tls_root_cert", e))?;
+        }
+        Ok(())
     }
 
     /// Printed with only its kind's own keys (another kind's would be refused when read back),
@@ -400,6 +512,10 @@ impl CheckConfig {
     fn serialize_own_keys<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut table = toml::Table::try_from(self).map_err(S::Error::custom)?;
         table.retain(|key, _| self.kind.reads(key));
+        if !self.password_file.is_empty() {
+            // Read from the file; printed as that file.
+            table.remove("password");
+        }
         table.serialize(s)
     }
 }
@@ -854,6 +970,7 @@ fn read(
     };
     // Past the end of the text: an error in a default gives no line and column.
     let outside = text.len() + 1..text.len() + 1;
+    refuse_written_password(tree.get_ref())?;
     put_env_defaults(tree.get_mut(), outside);
     let mut unexpanded = Vec::new();
     expand_all(tree.get_mut(), "", env, &mut unexpanded);
@@ -882,6 +999,47 @@ fn read(
         Some(error) => Err(error),
         None => Ok((file, check_keys)),
     }
+}
+
+/// Refuses a `check.password` written in the file: the file is copied, backed up, diffed and
+/// shown, and a password in it goes everywhere it goes. The value must come from the
+/// environment, as `${VAR}` references and nothing else (an empty default, `${VAR:-}`, is
+/// allowed; any other default is written in the file), or from `check.password_file`.
+fn refuse_written_password(tree: &DeTable<'_>) -> Result<(), ConfigError> {
+    let Some(DeValue::Table(check)) = tree.get("check").map(Spanned::get_ref) else {
+        return Ok(());
+    };
+    let Some(DeValue::String(written)) = check.get("password").map(Spanned::get_ref) else {
+        return Ok(());
+    };
+    if only_variables(written) {
+        return Ok(());
+    }
+    Err(invalid(
+        "check.password",
+        "a password written in the file is refused: write password = \"${VAR}\" to take it from the environment variable VAR, or set check.password_file to a file that holds it",
+    ))
+}
+
+/// Whether `text` is only `${VAR}` (or `${VAR:-}`) references, or empty. Pure.
+fn only_variables(text: &str) -> bool {
+    let mut rest = text;
+    while !rest.is_empty() {
+        let Some(after) = rest.strip_prefix("${") else {
+            return false;
+        };
+        let Some(end) = after.find('}') else {
+            return false;
+        };
+        if after[..end]
+            .split_once(":-")
+            .is_some_and(|(_, default)| !default.is_empty())
+        {
+            return false;
+        }
+        rest = &after[end + 1..];
+    }
+    true
 }
 
 /// Puts [`ENV_DEFAULTS`] where the file leaves them out.
@@ -1241,7 +1399,7 @@ impl File {
                 "must list at least one name when backends.backup is empty",
             ));
         }
-        let check = check.for_kind(check_keys, backends.port)?;
+        let check = check.for_kind(check_keys, &backends)?;
         if proxy.switchover_grace.is_zero() {
             // A planned switchover waits one check interval plus this grace between fencing
             // and demoting the leader (README, "Planned switchovers"); at least a second,
@@ -1396,6 +1554,7 @@ mod tests {
             "FLY_APP_NAME" => Some("app".into()),
             "PG_LISTEN_ADDRESS" => Some("fdaa::7".into()),
             "EMPTY" => Some(String::new()),
+            "CHECK_PASSWORD" => Some("s3cret".into()),
             _ => None,
         }
     }
@@ -1655,6 +1814,50 @@ mod tests {
                 &["check.port", "own address"],
             ),
             (
+                "[check]\nkind = \"postgres\"\npassword = \"hunter22\"",
+                &["check.password", "${VAR}", "check.password_file"],
+            ),
+            (
+                "[check]\npassword_file = \"/x\"",
+                &["check.password_file", "only used with", "postgres"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\npassword_file = \"/nonexistent/pw\"",
+                &["check.password_file", "cannot read /nonexistent/pw"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls = \"prefer\"",
+                &["check.tls", "\"disable\", \"require\" or \"verify-full\""],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls_root_cert = \"/ca.pem\"",
+                &["check.tls_root_cert", "only used with check.tls = \"verify-full\""],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls = \"require\"\ntls_root_cert = \"/ca.pem\"",
+                &["check.tls_root_cert", "verifies no certificate"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls_server_name = \"db\"",
+                &["check.tls_server_name", "only used with"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls = \"verify-full\"",
+                &["check.tls_root_cert", "needed with check.tls = \"verify-full\""],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls = \"verify-full\"\ntls_root_cert = \"/nonexistent/ca.pem\"",
+                &["check.tls_root_cert", "cannot read /nonexistent/ca.pem"],
+            ),
+            (
+                "[backends]\ndns_names = []\nbackup = [\"10.0.0.1:5433\"]\n[check]\nkind = \"postgres\"\ntls = \"verify-full\"\ntls_root_cert = \"/ca.pem\"",
+                &["check.tls_server_name", "backends.dns_names is empty"],
+            ),
+            (
+                "[check]\nkind = \"postgres\"\ntls = \"require\"\ntls_server_name = \"a b\"",
+                &["check.tls_server_name", "not a DNS name"],
+            ),
+            (
                 "[proxy]\nmax_connections = 4611686018427387904",
                 &["proxy.max_connections", "at most 1000000"],
             ),
@@ -1854,7 +2057,8 @@ mod tests {
         );
         assert_eq!(pg.check.split_brain, SplitBrain::HighestTimeline);
         let text = toml::to_string(
-            &parse("[check]\nkind = \"postgres\"\npassword = \"s3cret\"").expect("valid"),
+            &parse("[check]\nkind = \"postgres\"\npassword = \"${CHECK_PASSWORD}\"")
+                .expect("valid"),
         )
         .expect("serializes");
         assert!(
@@ -1871,9 +2075,120 @@ mod tests {
         assert!(forced.reload.force && !parse("").expect("valid").reload.force);
         let debug = format!(
             "{:?}",
-            parse("[check]\nkind = \"postgres\"\npassword = \"s3cret\"").expect("valid")
+            parse("[check]\nkind = \"postgres\"\npassword = \"${CHECK_PASSWORD}\"").expect("valid")
         );
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    /// The check's password is never written in the file: it comes from the environment, as
+    /// `${VAR}` references and nothing else, or from `check.password_file`.
+    #[test]
+    fn the_check_password_comes_from_the_environment_or_a_file() {
+        let postgres =
+            |password: &str| format!("[check]\nkind = \"postgres\"\npassword = {password}");
+        for written in [
+            "\"hunter22\"",
+            "'hunter22'",
+            "\"${CHECK_PASSWORD:-hunter22}\"",
+            "\"x${CHECK_PASSWORD}\"",
+        ] {
+            let message = error(&postgres(written));
+            assert!(
+                message.starts_with("check.password: a password written in the file is refused"),
+                "{written}: {message}"
+            );
+            assert!(!message.contains("hunter22"), "{message}");
+        }
+        for (written, expected) in [
+            ("\"${CHECK_PASSWORD}\"", "s3cret"),
+            ("\"${CHECK_PASSWORD}${EMPTY}\"", "s3cret"),
+            ("\"${NOPE:-}\"", ""),
+            ("\"\"", ""),
+        ] {
+            let config = parse(&postgres(written)).expect(written);
+            assert_eq!(config.check.password.0, expected, "{written}");
+        }
+
+        let dir = std::env::temp_dir().join(format!("roleproxy-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write the password file");
+            path.display().to_string()
+        };
+        let from_file = |path: &str| {
+            parse(&format!(
+                "[check]\nkind = \"postgres\"\npassword_file = {path:?}"
+            ))
+        };
+        for (name, text, expected) in [
+            ("lf", "s3cret\n", "s3cret"),
+            ("crlf", "s3cret\r\n", "s3cret"),
+            ("bare", "s3cret", "s3cret"),
+            ("spaces", " s3 cret \n\n", " s3 cret \n"),
+        ] {
+            let config = from_file(&file(name, text)).expect(name);
+            assert_eq!(config.check.password.0, expected, "{name}");
+            let printed = toml::to_string(&config).expect("serializes");
+            assert!(!printed.contains("s3"), "{printed}");
+            let again = parse(&printed).expect("the printed configuration parses");
+            assert_eq!(again.check, config.check, "{printed}");
+        }
+        let empty = file("empty", "\n");
+        let message = from_file(&empty)
+            .map(|_| ())
+            .expect_err("empty")
+            .to_string();
+        assert!(
+            message.starts_with("check.password_file") && message.contains("is empty"),
+            "{message}"
+        );
+        let both = format!(
+            "[check]\nkind = \"postgres\"\npassword = \"${{CHECK_PASSWORD}}\"\npassword_file = {:?}",
+            file("both", "x")
+        );
+        let message = error(&both);
+        assert!(
+            message.starts_with("check.password_file") && message.contains("not both"),
+            "{message}"
+        );
+        let not_pem = file("not-pem", "-----BEGIN CERTIFICATE-----\nnot base64\n");
+        let message = error(&format!(
+            "[check]\nkind = \"postgres\"\ntls = \"verify-full\"\ntls_root_cert = {not_pem:?}"
+        ));
+        assert!(
+            message.starts_with("check.tls_root_cert") && message.contains("PEM"),
+            "{message}"
+        );
+        let no_cert = file("no-cert", "hello\n");
+        let message = error(&format!(
+            "[check]\nkind = \"postgres\"\ntls = \"verify-full\"\ntls_root_cert = {no_cert:?}"
+        ));
+        assert!(message.contains("holds no PEM certificate"), "{message}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_check_tls_server_name_defaults_to_the_shared_dns_name() {
+        let c = parse("[backends]\ndns_names = [\"iad.app.internal.\", \"app.internal\"]\n[check]\nkind = \"postgres\"\ntls = \"require\"")
+            .expect("valid");
+        assert_eq!(c.check.tls, CheckTls::Require);
+        assert_eq!(c.check.tls_server_name, "iad.app.internal");
+        let c = parse(
+            "[check]\nkind = \"postgres\"\ntls = \"require\"\ntls_server_name = \"10.0.0.1\"",
+        )
+        .expect("valid");
+        assert_eq!(c.check.tls_server_name, "10.0.0.1");
+        let c = parse("[backends]\ndns_names = []\nbackup = [\"10.0.0.1:5433\"]\n[check]\nkind = \"postgres\"\ntls = \"require\"")
+            .expect("require needs no name: it verifies nothing");
+        assert_eq!(c.check.tls_server_name, "");
+        assert_eq!(
+            parse("[check]\nkind = \"postgres\"")
+                .expect("valid")
+                .check
+                .tls,
+            CheckTls::Disable
+        );
     }
 
     #[test]

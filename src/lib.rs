@@ -20,6 +20,8 @@
 //!   backend, connect, copy, drain.
 //! - [`cancel`]: where a CancelRequest goes: each plaintext replica session's key and backend.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
+//!   read bounded.
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
@@ -60,6 +62,7 @@ mod httpd;
 pub mod leader;
 pub mod loops;
 pub mod metrics;
+pub mod pgclient;
 pub mod pgwire;
 pub mod preconnect;
 pub mod preflight;

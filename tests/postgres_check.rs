@@ -25,11 +25,9 @@ async fn postgres_check_finds_roles_and_highest_timeline_settles_a_split_brain()
         dns_ip: IpAddr::V4(Ipv4Addr::new(127, 58, 0, 1)),
         ..ClusterSpec::demo().with_ips((11..=12).map(|d| Ipv4Addr::new(127, 58, 0, d)))
     };
-    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
-    cluster
-        .wait_replicas(LONG)
+    let cluster = LocalCluster::start_streaming(spec, LONG)
         .await
-        .expect("the standby streams");
+        .expect("the cluster starts and its standby streams");
     let (primary, standby) = (cluster.pg_addr(0), cluster.pg_addr(1));
     let config = |policy: &str| {
         cluster

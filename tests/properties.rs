@@ -1055,11 +1055,16 @@ fn password() -> impl Strategy<Value = String> {
     ]
 }
 
-/// How the password is written: basic string, literal string, bare number, or a basic string
-/// with a bad escape (a syntax error on the password's own line).
+/// The environment variable that holds the password when it is written as it must be.
+const PASSWORD_VAR: &str = "CHECK_PASSWORD";
+
+/// How the password is written: as a `${VAR}` reference to the environment (the one way it is
+/// accepted), or, refused, as a basic string, a literal string, a bare number, or a basic
+/// string with a bad escape (a syntax error on the password's own line).
 fn written(password: &str, how: u8) -> String {
     let bare_number = password.chars().all(|c| c.is_ascii_digit());
-    match how % 4 {
+    match how % 5 {
+        0 => format!("\"${{{PASSWORD_VAR}}}\""),
         1 if !password.contains('\'') => format!("'{password}'"),
         2 if bare_number => password.to_string(),
         3 => format!("\"{password}\\q\""),
@@ -1087,7 +1092,8 @@ proptest! {
 
     /// `check.password` never appears, raw or escaped, in an error (the text logged, printed
     /// by `roleproxy check` and sent in the 400 answer to `POST /reload`) or in the printed
-    /// configuration, however it is written and whatever else is wrong in the file.
+    /// configuration, however it is written and whatever else is wrong in the file; and it is
+    /// accepted only from the environment.
     #[test]
     fn config_never_repeats_the_password(
         password in password(),
@@ -1108,9 +1114,20 @@ proptest! {
             debug.trim_matches('"').to_string(),
             password.escape_default().to_string(),
             toml_str(&password).trim_matches('"').to_string(),
-            value.clone(),
+            // The variable's name is no secret.
+            if value.contains(PASSWORD_VAR) { password.clone() } else { value.clone() },
         ];
-        let shown = match Config::parse(&text, &bad_env) {
+        let env = |name: &str| match name {
+            PASSWORD_VAR => Some(password.clone()),
+            name => bad_env(name),
+        };
+        let parsed = Config::parse(&text, &env);
+        if which % 9 == 0 {
+            // With nothing else wrong, the one accepted way to write it is from the environment.
+            let from_env = postgres && value.contains(PASSWORD_VAR);
+            prop_assert_eq!(parsed.is_ok(), from_env, "{:?}", parsed.as_ref().err());
+        }
+        let shown = match parsed {
             Ok(config) => vec![
                 toml::to_string(&config).map_err(|e| TestCaseError::fail(e.to_string()))?,
                 format!("{config:?}"),

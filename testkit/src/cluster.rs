@@ -305,6 +305,17 @@ impl LocalCluster {
         Ok(cluster)
     }
 
+    /// [`LocalCluster::start`], then waits up to `timeout` until every standby streams from
+    /// node 0.
+    pub async fn start_streaming(
+        spec: ClusterSpec,
+        timeout: Duration,
+    ) -> Result<LocalCluster, ClusterError> {
+        let cluster = LocalCluster::start(spec).await?;
+        cluster.wait_replicas(timeout).await?;
+        Ok(cluster)
+    }
+
     /// Stops the agents and every Postgres node off the async threads, then removes the
     /// cluster's directories.
     pub async fn shutdown(mut self) {
@@ -381,8 +392,10 @@ impl LocalCluster {
             .set("backends.resolve_interval", "\"1s\"")
             .set("backends.resolve_timeout", "\"2s\"")
             .set("check.port", &self.spec.agent_port.to_string())
-            .set("check.interval", "\"2s\"")
-            .set("check.fast_interval", "\"250ms\"")
+            // The shipped check cadence: what the switchover's fence wait is sized for, and
+            // what the bench compares with HAProxy.
+            .unset("check.interval")
+            .unset("check.fast_interval")
             .set("check.timeout", "\"5s\"")
             .set("proxy.connect_timeout", "\"4s\"")
             .set("proxy.leader_wait", "\"10s\"")

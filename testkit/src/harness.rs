@@ -91,7 +91,13 @@ impl ConfigBuilder {
     }
 
     pub fn config(&self) -> roleproxy::Config {
-        roleproxy::Config::parse(&self.toml(), &|_| None).expect("test config is valid")
+        self.config_with_env(&|_| None)
+    }
+
+    /// The configuration with `${VAR}` looked up in `env` instead of the process environment,
+    /// which parallel tests share.
+    pub fn config_with_env(&self, env: &dyn Fn(&str) -> Option<String>) -> roleproxy::Config {
+        roleproxy::Config::parse(&self.toml(), env).expect("test config is valid")
     }
 }
 
@@ -467,6 +473,18 @@ impl ProxyProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The process's resident memory in KiB (`VmRSS`), or `None` once it has exited.
+    pub fn rss_kib(&self) -> Option<u64> {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .ok()?
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 }
 

@@ -17,6 +17,7 @@ pub mod bulk;
 pub mod cluster;
 pub mod dns;
 pub mod fake_cluster;
+pub mod fake_postgres;
 pub mod fault;
 pub mod haproxy;
 pub mod harness;

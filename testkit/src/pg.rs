@@ -132,7 +132,8 @@ pub struct CommandFailure {
 /// How [`PgCluster::start_with`] sets the nodes up.
 #[derive(Clone, Debug, Default)]
 pub struct Options {
-    /// Serve TLS with a self-signed certificate (`ssl = on`); plain connections still work.
+    /// Serve TLS (`ssl = on`) with a certificate signed by a test authority; plain connections
+    /// still work.
     pub tls: bool,
 }
 
@@ -228,9 +229,17 @@ impl PgCluster {
         Ok(cluster)
     }
 
-    /// The self-signed certificate the nodes serve when TLS is on, for clients that verify it.
+    /// The certificate the nodes serve when TLS is on.
     pub fn tls_cert(&self) -> Option<&Path> {
         self.tls.as_ref().map(|(cert, _)| cert.as_path())
+    }
+
+    /// The certificate of the authority that signed [`PgCluster::tls_cert`], for clients that
+    /// verify it (`sslrootcert`).
+    pub fn tls_root_cert(&self) -> Option<PathBuf> {
+        self.tls
+            .as_ref()
+            .map(|(cert, _)| cert.with_file_name(CA_CERT))
     }
 
     /// The directory holding every node; removed on drop.
@@ -363,6 +372,16 @@ impl PgCluster {
         }
         let output = self.run_checked_output(i, &mut command)?;
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Puts `rules` in front of node `i`'s `pg_hba.conf` (the first matching rule applies; the
+    /// trust rules follow them) and reloads it. `pg_hba.conf` is not replicated: set it on
+    /// every node that needs it.
+    pub fn set_hba(&self, i: usize, rules: &str) -> Result<(), PgError> {
+        let path = self.node(i)?.data_dir.join("pg_hba.conf");
+        write(&path, &format!("{}\n{PG_HBA}", rules.trim_end()))?;
+        give_to_postgres(&path)?;
+        self.sql(i, &["SELECT pg_reload_conf()"]).map(drop)
     }
 
     /// A libpq conninfo for node `i` over TCP.
@@ -499,29 +518,78 @@ fn pg_ctl_args<'a>(command: &'a mut Command, node: &PgNode, action: &[&str]) -> 
         .args(action)
 }
 
-/// Writes a self-signed certificate for `localhost`, 127.0.0.1 and the nodes' addresses.
-/// Postgres insists that the key is private to its owner.
+/// The test authority's certificate, beside the nodes' certificate.
+const CA_CERT: &str = "ca.crt";
+
+/// Writes a certificate for `localhost`, 127.0.0.1 and the nodes' addresses, signed by a test
+/// authority made for this cluster (its certificate is [`CA_CERT`] in the same directory):
+/// strict verifiers refuse an authority's certificate served as a server's own. Postgres
+/// insists that the key is private to its owner.
 fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgError> {
     use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = cert.parent() {
-        fs::create_dir_all(dir).map_err(io_error("create", dir))?;
-    }
+    let dir = cert
+        .parent()
+        .ok_or_else(|| PgError::Invalid(format!("{} has no directory", cert.display())))?;
+    fs::create_dir_all(dir).map_err(io_error("create", dir))?;
     let names: Vec<String> = ["DNS:localhost".to_owned(), "IP:127.0.0.1".to_owned()]
         .into_iter()
         .chain(ips.iter().map(|ip| format!("IP:{ip}")))
         .collect();
+    let (ca_cert, ca_key) = (dir.join(CA_CERT), dir.join("ca.key"));
+    let (request, extensions) = (dir.join("server.csr"), dir.join("server.ext"));
+    write(
+        &extensions,
+        &format!(
+            "basicConstraints = critical, CA:FALSE\nextendedKeyUsage = serverAuth\nsubjectAltName = {}\n",
+            names.join(",")
+        ),
+    )?;
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(|c| {
+        c.args(["req", "-x509", "-days", "2"])
+            .args(ec)
+            .args(["-subj", "/CN=roleproxy test authority"])
+            .arg("-keyout")
+            .arg(&ca_key)
+            .arg("-out")
+            .arg(&ca_cert)
+    })?;
+    openssl(|c| {
+        c.arg("req")
+            .args(ec)
+            .args(["-subj", "/CN=localhost"])
+            .arg("-keyout")
+            .arg(key)
+            .arg("-out")
+            .arg(&request)
+    })?;
+    openssl(|c| {
+        c.args(["x509", "-req", "-days", "2", "-set_serial", "1"])
+            .arg("-in")
+            .arg(&request)
+            .arg("-CA")
+            .arg(&ca_cert)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-extfile")
+            .arg(&extensions)
+            .arg("-out")
+            .arg(cert)
+    })?;
+    fs::set_permissions(key, fs::Permissions::from_mode(0o600)).map_err(io_error("chmod", key))
+}
+
+/// Runs `openssl` with the arguments `args` adds.
+fn openssl(args: impl FnOnce(&mut Command) -> &mut Command) -> Result<(), PgError> {
     let openssl = crate::find_program("openssl", "openssl").map_err(PgError::Invalid)?;
     let mut command = Command::new(openssl);
-    command
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=localhost", "-addext"])
-        .arg(format!("subjectAltName={}", names.join(",")))
-        .arg("-keyout")
-        .arg(key)
-        .arg("-out")
-        .arg(cert);
+    args(&mut command);
     let description = describe(&command);
     let output = command.output().map_err(|source| PgError::Spawn {
         command: description.clone(),
@@ -534,7 +602,7 @@ fn make_certificate(cert: &Path, key: &Path, ips: &[Ipv4Addr]) -> Result<(), PgE
             output_text(&output)
         )));
     }
-    fs::set_permissions(key, fs::Permissions::from_mode(0o600)).map_err(io_error("chmod", key))
+    Ok(())
 }
 
 /// Path of a Postgres binary: in `pg_config --bindir` (Debian keeps the server binaries off
