@@ -30,6 +30,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use crate::pgwire;
+
 /// The largest message the check reads. Postgres' answers to it are far smaller: an
 /// authentication request is under 100 bytes, a ParameterStatus or an ErrorResponse a few
 /// hundred, the one row under 50.
@@ -75,13 +77,11 @@ pub enum PgClientError {
     NoTls,
     #[error("TLS: {0}")]
     Tls(io::Error),
-    /// An ErrorResponse.
-    #[error("{severity} {code}: {message}")]
-    Server {
-        severity: String,
-        code: String,
-        message: String,
-    },
+    /// An ErrorResponse, named by its SQLSTATE and a reason of ours: the server's own message
+    /// is not kept, since any node DNS names can send one, and it would reach the log and
+    /// `/status`.
+    #[error("{}", pgwire::server_error(code))]
+    Server { code: String },
     #[error("not a Postgres answer: {0}")]
     Protocol(String),
 }
@@ -90,7 +90,7 @@ impl PgClientError {
     /// The SQLSTATE of a server's error.
     pub fn code(&self) -> Option<&str> {
         match self {
-            PgClientError::Server { code, .. } => Some(code),
+            PgClientError::Server { code } => Some(code),
             _ => None,
         }
     }
@@ -336,24 +336,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 }
 
 fn server_error(body: &ErrorResponseBody) -> PgClientError {
-    let (mut severity, mut code, mut message) = (String::new(), String::new(), String::new());
+    let mut code = String::new();
     let mut fields = body.fields();
     while let Ok(Some(field)) = fields.next() {
-        let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
-        match field.type_() {
-            // `V` is the severity never translated.
-            b'V' => severity = value,
-            b'S' if severity.is_empty() => severity = value,
-            b'C' => code = value,
-            b'M' => message = value,
-            _ => {}
+        if field.type_() == b'C' {
+            code = String::from_utf8_lossy(field.value_bytes()).into_owned();
         }
     }
-    PgClientError::Server {
-        severity,
-        code,
-        message,
-    }
+    PgClientError::Server { code }
 }
 
 fn unexpected(message: &Message, when: &str) -> PgClientError {

@@ -397,10 +397,14 @@ fn is_sqlstate(code: &str) -> bool {
 
 /// A server's error as the proxy tells it: its SQLSTATE and a short reason of ours,
 /// `57P03 (cannot connect now)`. The server's own message is left out: it may come from any
-/// node DNS names, and may carry anything, a forged log line or a terminal's escape codes.
-/// `code` must be a SQLSTATE (five digits or upper-case letters).
+/// node DNS names, and may carry anything, a forged log line or a terminal's escape codes. A
+/// code that is no SQLSTATE (five digits or upper-case letters) is not repeated either.
 pub fn server_error(code: &str) -> String {
-    format!("{code} ({})", sqlstate_reason(code))
+    if is_sqlstate(code) {
+        format!("{code} ({})", sqlstate_reason(code))
+    } else {
+        "an error without a SQLSTATE".to_owned()
+    }
 }
 
 /// What a SQLSTATE means, in a few words: the codes a postmaster answers a startup with by
@@ -560,6 +564,16 @@ mod tests {
         for (what, bytes, expected) in rows {
             assert_eq!(read_liveness(&bytes), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn server_errors_are_named_by_their_class_in_our_words() {
+        assert_eq!(server_error("57P03"), "57P03 (cannot connect now)");
+        assert_eq!(server_error("28P01"), "28P01 (password refused)");
+        assert_eq!(server_error("53400"), "53400 (out of resources)");
+        assert_eq!(server_error("22012"), "22012 (server error)");
+        assert_eq!(server_error("5\u{1b}[2J"), "an error without a SQLSTATE");
+        assert_eq!(server_error(""), "an error without a SQLSTATE");
     }
 
     #[test]
