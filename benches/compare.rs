@@ -66,8 +66,13 @@ struct Args {
 
 impl Args {
     /// Whether the faults section runs against `target`.
+    /// A target beyond roleproxy and HAProxy as Fly ships it: for the sections that compare
+    /// failovers (`faults`, `failover`), when `--targets` names it.
     fn wants_target(&self, target: &str) -> bool {
-        self.sections.iter().any(|s| s == "faults") && self.targets.iter().any(|t| t == target)
+        self.sections
+            .iter()
+            .any(|s| s == "faults" || s == "failover")
+            && self.targets.iter().any(|t| t == target)
     }
 }
 
