@@ -217,13 +217,14 @@ pub fn role_from_answer(status: u16, body: &[u8], leader: &[String]) -> Role {
     }
 }
 
-/// At most `max` characters of `text`, made [`printable`].
+/// `text` made [`printable`], then cut to at most `max` characters: escaping first keeps the
+/// bound whatever control characters a node sends.
 fn shorten(text: &str, max: usize) -> String {
-    let text = match text.char_indices().nth(max) {
+    let text = printable(text);
+    match text.char_indices().nth(max) {
         Some((i, _)) => format!("{}...", &text[..i]),
-        None => text.to_string(),
-    };
-    printable(&text).into_owned()
+        None => text.into_owned(),
+    }
 }
 
 /// Maps Patroni's answers to `GET /primary` and (when asked) `GET /replica` to a role. Pure.
