@@ -98,7 +98,7 @@ pub const PER_BACKEND: [&str; 5] = [
     POSTGRES_PROBES_TOTAL,
 ];
 
-/// What a rate-limited warning ([`crate::ratelimit`]) is about: the `what` label of
+/// What a rate-limited warning (the `ratelimit` module) is about: the `what` label of
 /// `roleproxy_log_suppressed_total`.
 pub mod warning {
     /// A DNS answer dropped: no node can have that address (or it is the proxy's own).
