@@ -699,7 +699,6 @@ impl LeaderView {
         if gone {
             let after = state.history.role().clone();
             state.failing_since = None;
-            state.failed(liveness.to_string());
             tracing::warn!(backend = %addr, from = %before, to = %after, "role changed: the leader's Postgres is gone");
             m::backend_role(addr, Some(&after));
             remember(
