@@ -1402,7 +1402,7 @@ impl File {
         let check = check.for_kind(check_keys, &backends)?;
         if proxy.switchover_grace.is_zero() {
             // A planned switchover waits one check interval plus this grace between fencing
-            // and demoting the leader (README, "Planned switchovers"); at least a second,
+            // and demoting the leader (`docs/how-it-works.md`, "Planned switchovers"); at least a second,
             // so ordinary transactions finish however short the interval.
             proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }

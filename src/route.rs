@@ -2,7 +2,7 @@
 //! into one route. It imports nothing from the rest of the crate, so it is the place to start
 //! reading; `tests/module_graph.rs` keeps it that way.
 //!
-//! The routing rules, numbered as in the README, each decided by [`decide`], [`RoleHistory`] or
+//! The routing rules, numbered as in `docs/how-it-works.md`, each decided by [`decide`], [`RoleHistory`] or
 //! [`session_fate`] and table-tested below:
 //!
 //! 1. **Positive evidence to enter.** A node is leader only after its role endpoint said one of
@@ -470,7 +470,7 @@ impl Route {
     }
 }
 
-/// The routing rules (rules 1–5 and 7 in the module doc and the README), with the default
+/// The routing rules (rules 1–5 and 7 in the module doc and `docs/how-it-works.md`), with the default
 /// split-brain policy: several leaders mean no route.
 pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
     decide_with(previous, backends, SplitBrain::None)

@@ -137,13 +137,15 @@ fn the_route_core_imports_nothing_from_the_crate() {
     );
 }
 
-/// The README's Layout table is where a newcomer starts: it names every module, and no other.
+/// The Layout table in `docs/how-it-works.md` is where a newcomer starts: it names every
+/// module, and no other.
 #[test]
-fn the_readme_layout_names_every_module() {
+fn the_layout_table_names_every_module() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let graph = module_graph(&root.join("src"));
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
-    let listed: BTreeSet<String> = readme
+    let layout =
+        std::fs::read_to_string(root.join("docs/how-it-works.md")).expect("docs/how-it-works.md");
+    let listed: BTreeSet<String> = layout
         .lines()
         .filter_map(|l| {
             l.strip_prefix("| `src/")?
@@ -153,7 +155,10 @@ fn the_readme_layout_names_every_module() {
         .filter(|m| m != "main" && m != "lib")
         .collect();
     let modules: BTreeSet<String> = graph.keys().cloned().collect();
-    assert_eq!(listed, modules, "README's Layout table against src/lib.rs");
+    assert_eq!(
+        listed, modules,
+        "the Layout table of docs/how-it-works.md against src/lib.rs"
+    );
 }
 
 #[test]

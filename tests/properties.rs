@@ -3,7 +3,7 @@
 //!
 //! Each property runs a fixed number of generated cases (the `CASES_*` constants) so the whole
 //! file stays fast enough for every `cargo test`; `PROPTEST_CASES=N` overrides them for a longer
-//! search, and the cargo-fuzz targets in `fuzz/` run for as long as you like (README, "Property
+//! search, and the cargo-fuzz targets in `fuzz/` run for as long as you like (`docs/testing.md`, "Property
 //! and fuzz tests"). A failing property prints its shrunk input.
 
 use std::collections::BTreeMap;

@@ -82,7 +82,7 @@ fn ip(cluster: &LocalCluster, i: usize) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_under_transactions_costs_no_transaction() {
     // The switchover waits one check interval plus the grace (half an interval) between
-    // fencing and demoting, as the README asks of a planned switchover.
+    // fencing and demoting, as `docs/how-it-works.md` asks of a planned switchover.
     let spec = ClusterSpec {
         fence_wait: Duration::from_millis(1500),
         ..spec(130)
