@@ -22,7 +22,9 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
-use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::op::Query;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::{Hosts, TokioResolver};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -65,6 +67,8 @@ impl DiscoveryError {
 pub struct DnsResolver {
     inner: TokioResolver,
     timeout: Duration,
+    /// The system's hosts file, read once: a name it lists is answered from it alone.
+    hosts: Option<Hosts>,
 }
 
 impl DnsResolver {
@@ -92,7 +96,35 @@ impl DnsResolver {
         opts.attempts = 1;
         opts.ndots = 0;
         let inner = builder.build().map_err(DiscoveryError::Resolver)?;
-        Ok(Self { inner, timeout })
+        Ok(Self {
+            inner,
+            timeout,
+            hosts: Hosts::from_system().ok(),
+        })
+    }
+
+    /// The addresses the hosts file gives `fqdn`, as the C library's `files` source answers
+    /// before DNS is asked. Hickory asks DNS for the family the file leaves out, so a name
+    /// listed with IPv4 only would wait on (and fail with) a slow or unreachable DNS server.
+    fn from_hosts(&self, fqdn: &str) -> Option<Vec<IpAddr>> {
+        let name = Name::from_ascii(fqdn).ok()?;
+        let hosts = self.hosts.as_ref()?;
+        let ips: Vec<IpAddr> = [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|kind| hosts.lookup_static_host(&Query::query(name.clone(), kind)))
+            .flat_map(|lookup| {
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        (!ips.is_empty()).then_some(ips)
     }
 
     /// Every address of `name`, both families.
@@ -103,6 +135,9 @@ impl DnsResolver {
         } else {
             format!("{name}.")
         };
+        if let Some(ips) = self.from_hosts(&fqdn) {
+            return Ok(ips);
+        }
         // The resolver's own timeout covers each query; this bounds the whole lookup.
         let lookup = tokio::time::timeout(self.timeout * 2, self.inner.lookup_ip(fqdn))
             .await

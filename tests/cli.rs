@@ -111,7 +111,16 @@ fn check_prints_the_effective_config_of_the_shipped_file() {
 #[test]
 fn bad_configs_stop_start_up_naming_the_key() {
     let rows = [
-        ("missing-var", "", "PRIMARY_REGION is not set"),
+        (
+            "missing-var",
+            "[backends]\ndns_names = [\"${PRIMARY_REGION}.${FLY_APP_NAME}.internal\"]\n",
+            "PRIMARY_REGION is not set",
+        ),
+        (
+            "no-backends",
+            "",
+            "backends.dns_names: not set, nor backends.backup",
+        ),
         (
             "unknown-key",
             "[proxy]\nleader_wiat = \"1s\"\n",
