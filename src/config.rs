@@ -341,6 +341,15 @@ impl std::str::FromStr for Endpoint {
         }
         let port: u16 = port.parse().map_err(|_| bad())?;
         let host = dns_name(host).map_err(|_| bad())?;
+        // No top-level domain is all digits: this is a mistyped IP address, not a name.
+        let top = host
+            .trim_end_matches('.')
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
+        if top.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
         Ok(Endpoint::Name { host, port })
     }
 }
@@ -349,7 +358,7 @@ impl std::str::FromStr for Endpoint {
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Endpoint::Addr(addr) => addr.fmt(f),
+            Endpoint::Addr(addr) => write!(f, "{addr}"),
             Endpoint::Name { host, port } => write!(f, "{host}:{port}"),
         }
     }
@@ -2012,6 +2021,7 @@ mod tests {
             ("a..b:5432", Err("expected HOST:PORT")),
             ("fdaa::7:5433", Err("in brackets")),
             ("pg-a.test:70000", Err("expected HOST:PORT")),
+            ("10.0.0.300:5432", Err("expected HOST:PORT")),
         ];
         for (written, expected) in rows {
             match (written.parse::<Endpoint>(), expected) {

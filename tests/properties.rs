@@ -722,6 +722,17 @@ fn bad_case() -> impl Strategy<Value = BadCase> {
         bad_address(),
     )
         .prop_map(|((section, key), len, index, v)| {
+            // A backup may be NAME:PORT; such a value is made a name with no port.
+            let v = match (key, v.split_once(':')) {
+                ("backup", Some((host, port)))
+                    if host.chars().all(|c| c.is_ascii_lowercase())
+                        && !host.is_empty()
+                        && port.parse::<u16>().is_ok_and(|p| p != 0) =>
+                {
+                    host.to_owned()
+                }
+                _ => v,
+            };
             let index = index.min(len);
             BadCase {
                 what: "address in a list",
