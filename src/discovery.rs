@@ -106,7 +106,7 @@ impl DnsResolver {
     /// The addresses the hosts file gives `fqdn`, as the C library's `files` source answers
     /// before DNS is asked. Hickory asks DNS for the family the file leaves out, so a name
     /// listed with IPv4 only would wait on (and fail with) a slow or unreachable DNS server.
-    fn from_hosts(&self, fqdn: &str) -> Option<Vec<IpAddr>> {
+    fn in_hosts_file(&self, fqdn: &str) -> Option<Vec<IpAddr>> {
         let name = Name::from_ascii(fqdn).ok()?;
         let hosts = self.hosts.as_ref()?;
         let ips: Vec<IpAddr> = [RecordType::A, RecordType::AAAA]
@@ -135,7 +135,7 @@ impl DnsResolver {
         } else {
             format!("{name}.")
         };
-        if let Some(ips) = self.from_hosts(&fqdn) {
+        if let Some(ips) = self.in_hosts_file(&fqdn) {
             return Ok(ips);
         }
         // The resolver's own timeout covers each query; this bounds the whole lookup.

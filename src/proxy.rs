@@ -802,15 +802,16 @@ async fn resolve_target(
     target: &Endpoint,
     resolver: Option<&HostResolver>,
 ) -> Result<SocketAddr, Unserved> {
-    let Endpoint::Name { host, port } = target else {
-        return target.addr().ok_or(Unserved::Stopping);
+    let (host, port) = match target {
+        Endpoint::Addr(addr) => return Ok(*addr),
+        Endpoint::Name { host, port } => (host, *port),
     };
     let unresolved = |error: String| Unserved::Unresolved {
         target: target.to_string(),
         error,
     };
     let resolver = resolver.ok_or_else(|| unresolved("no DNS resolver".into()))?;
-    match resolver.resolve(host, *port).await {
+    match resolver.resolve(host, port).await {
         Ok(addrs) => addrs
             .first()
             .copied()
