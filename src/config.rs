@@ -30,14 +30,56 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Parse(String),
-    #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
+    /// Every key that is wrong, in the order of the file: fixing a file takes one run, not
+    /// one per mistake.
+    #[error("{}", KeyError::lines(.0))]
+    Invalid(Vec<KeyError>),
 }
 
-fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+impl From<KeyError> for ConfigError {
+    fn from(e: KeyError) -> Self {
+        ConfigError::Invalid(vec![e])
+    }
+}
+
+/// One key's error: the key, why, and where the file writes it (none for a key left out).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}{}", self.at.map(|a| a.to_string()).unwrap_or_default())]
+pub struct KeyError {
+    pub key: String,
+    pub reason: String,
+    pub at: Option<Position>,
+}
+
+impl KeyError {
+    /// One error a line.
+    fn lines(errors: &[KeyError]) -> String {
+        errors
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Where in the file: ` (line 2, column 12)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    pub line: usize,
+    pub column: usize,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, " (line {}, column {})", self.line, self.column)
+    }
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> KeyError {
+    KeyError {
         key: key.to_string(),
         reason: reason.into(),
+        at: None,
     }
 }
 
@@ -118,8 +160,8 @@ struct WrittenListener {
     serves: Option<ServesWritten>,
     #[serde(default, deserialize_with = "some_word")]
     fallback: Option<Fallback>,
-    #[serde(default, deserialize_with = "some_connect_addr")]
-    target: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "some_endpoint")]
+    target: Option<Endpoint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +206,7 @@ impl From<ListenerConfig> for WrittenListener {
 }
 
 /// What a listener's clients are sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Serves {
     /// The one leader; sessions close when it moves.
@@ -173,7 +215,7 @@ pub enum Serves {
     /// replica is up.
     Replica { fallback_to_leader: bool },
     /// One fixed address, no checks (postgres-ha's `*:5433` to the local Postgres).
-    Target(SocketAddr),
+    Target(Endpoint),
 }
 
 /// How people read it: `leader`, `replica`, `replica, else leader`, `target ADDR`.
@@ -246,6 +288,88 @@ pub enum IpFamily {
     Ipv4,
 }
 
+/// An address to connect to as written: an IP address, or a name resolved (A and AAAA, as
+/// `backends.prefer` says) with the resolver of `backends.dns_names`, so nodes listed by name
+/// need no IP addresses in the file.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Endpoint {
+    Addr(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl Endpoint {
+    /// The address, when written as one; a name has none until resolved.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Endpoint::Addr(addr) => Some(*addr),
+            Endpoint::Name { .. } => None,
+        }
+    }
+
+    /// The name to resolve, if it is one.
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Endpoint::Addr(_) => None,
+            Endpoint::Name { host, .. } => Some(host),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        match self {
+            Endpoint::Addr(addr) => addr.port(),
+            Endpoint::Name { port, .. } => *port,
+        }
+    }
+}
+
+/// Reads `IP:PORT`, `[IPv6]:PORT` or `NAME:PORT`. Pure.
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Endpoint, String> {
+        if let Some(addr) = parse_socket_addr(text) {
+            return Ok(Endpoint::Addr(addr));
+        }
+        let bad = || {
+            format!(
+                "bad address {text:?}; expected HOST:PORT, e.g. \"10.0.1.11:5432\", \"[fdaa::7]:5433\" or \"pg0.example.com:5432\""
+            )
+        };
+        let (host, port) = text.trim().rsplit_once(':').ok_or_else(bad)?;
+        if host.contains(':') || host.starts_with('[') {
+            return Err(format!("{}; an IPv6 address is written in brackets", bad()));
+        }
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = dns_name(host).map_err(|_| bad())?;
+        // No top-level domain is all digits: this is a mistyped IP address, not a name.
+        let top = host
+            .trim_end_matches('.')
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
+        if top.chars().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        Ok(Endpoint::Name { host, port })
+    }
+}
+
+/// As written: `10.0.0.1:5433`, `[fdaa::7]:5433`, `pg0.example.com:5432`.
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Addr(addr) => write!(f, "{addr}"),
+            Endpoint::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Serialize for Endpoint {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendsConfig {
@@ -263,17 +387,20 @@ pub struct BackendsConfig {
     pub resolve_interval: Duration,
     #[serde(with = "duration")]
     pub resolve_timeout: Duration,
-    #[serde(deserialize_with = "connect_addrs")]
-    pub backup: Vec<SocketAddr>,
+    /// Static backends, by address or by name (re-resolved as `dns_names` are).
+    #[serde(deserialize_with = "endpoints")]
+    pub backup: Vec<Endpoint>,
 }
 
 impl Default for BackendsConfig {
     fn default() -> Self {
         Self {
-            // ENV_DEFAULTS: a file that leaves them out gets them before expansion.
+            // No default names the cluster: a file that sets neither this nor `backup` is
+            // refused (see `File::validate`).
             dns_names: Vec::new(),
             port: 5433,
-            nameservers: vec![(Ipv6Addr::new(0xfdaa, 0, 0, 0, 0, 0, 0, 3), 53).into()],
+            // The system resolver (`/etc/resolv.conf`), which on Fly is `fdaa::3` anyway.
+            nameservers: Vec::new(),
             prefer: IpFamily::Ipv6,
             max: 10,
             resolve_interval: Duration::from_secs(1),
@@ -282,17 +409,6 @@ impl Default for BackendsConfig {
         }
     }
 }
-
-/// Defaults that name environment variables, written as a file writes them: put in the tree
-/// where the file leaves them out, they are expanded like the file's own values.
-const ENV_DEFAULTS: [(&str, &str, &str); 2] = [
-    (
-        "backends",
-        "dns_names",
-        "${PRIMARY_REGION}.${FLY_APP_NAME}.internal",
-    ),
-    ("backends", "backup", "[${PG_LISTEN_ADDRESS}]:5433"),
-];
 
 /// The least `proxy.switchover_grace` derived from the check interval.
 const MIN_SWITCHOVER_GRACE: Duration = Duration::from_secs(1);
@@ -392,11 +508,7 @@ impl Default for CheckConfig {
 
 impl CheckConfig {
     /// The rules between `check.kind` and the other keys; `written` are the keys the file sets.
-    fn for_kind(
-        mut self,
-        written: &[String],
-        backends: &BackendsConfig,
-    ) -> Result<Self, ConfigError> {
+    fn for_kind(mut self, written: &[String], backends: &BackendsConfig) -> Result<Self, KeyError> {
         let kind = self.kind;
         if let Some(key) = written.iter().find(|key| !kind.reads(key)) {
             let reason = match CheckKind::owner(key) {
@@ -435,7 +547,7 @@ impl CheckConfig {
 
     /// `check.password_file` into `password`, at load: a file that cannot be read stops the
     /// start (or the reload) rather than a check failing later on every node.
-    fn read_password_file(&mut self) -> Result<(), ConfigError> {
+    fn read_password_file(&mut self) -> Result<(), KeyError> {
         const KEY: &str = "check.password_file";
         if self.password_file.is_empty() {
             return Ok(());
@@ -459,7 +571,7 @@ impl CheckConfig {
     }
 
     /// The rules between `check.tls` and the keys it reads; reads the root certificates.
-    fn read_tls(&mut self, dns_names: &[String]) -> Result<(), ConfigError> {
+    fn read_tls(&mut self, dns_names: &[String]) -> Result<(), KeyError> {
         let verify_full = name_of(&CheckTls::VerifyFull);
         if self.tls != CheckTls::VerifyFull && !self.tls_root_cert.is_empty() {
             return Err(invalid(
@@ -778,23 +890,26 @@ fn dns_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     struct DnsName(String);
     impl<'de> Deserialize<'de> for DnsName {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            text_with(d, |text| {
-                let name = text.trim();
-                let bad_label = name
-                    .trim_end_matches('.')
-                    .split('.')
-                    .any(|label| label.is_empty() || label.len() > 63);
-                // 253 characters is the most a DNS name can have (without the final dot).
-                let too_long = name.trim_end_matches('.').len() > 253;
-                if name.is_empty() || bad_label || too_long || name.contains(char::is_whitespace) {
-                    return Err(format!("bad DNS name {name:?}"));
-                }
-                Ok(DnsName(name.to_string()))
-            })
+            text_with(d, |text| dns_name(&text).map(DnsName))
         }
     }
     let names = Vec::<DnsName>::deserialize(d)?;
     Ok(names.into_iter().map(|n| n.0).collect())
+}
+
+/// A DNS name, trimmed. Pure.
+fn dns_name(text: &str) -> Result<String, String> {
+    let name = text.trim();
+    let bad_label = name
+        .trim_end_matches('.')
+        .split('.')
+        .any(|label| label.is_empty() || label.len() > 63);
+    // 253 characters is the most a DNS name can have (without the final dot).
+    let too_long = name.trim_end_matches('.').len() > 253;
+    if name.is_empty() || bad_label || too_long || name.contains(char::is_whitespace) {
+        return Err(format!("bad DNS name {name:?}"));
+    }
+    Ok(name.to_string())
 }
 
 fn addr(text: String) -> Result<SocketAddr, String> {
@@ -835,8 +950,28 @@ fn connect_addrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<SocketAddr>, D::
     Ok(addrs.into_iter().map(|a| a.0).collect())
 }
 
-fn some_connect_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
-    text_with(d, connect_addr).map(Some)
+/// An address or a name to connect to: port 0 is never right there.
+fn endpoint(text: String) -> Result<Endpoint, String> {
+    let endpoint: Endpoint = text.parse()?;
+    if endpoint.port() == 0 {
+        return Err(format!("port 0 in {endpoint} cannot be connected to"));
+    }
+    Ok(endpoint)
+}
+
+fn endpoints<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Endpoint>, D::Error> {
+    struct Read(Endpoint);
+    impl<'de> Deserialize<'de> for Read {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            text_with(d, endpoint).map(Read)
+        }
+    }
+    let read = Vec::<Read>::deserialize(d)?;
+    Ok(read.into_iter().map(|r| r.0).collect())
+}
+
+fn some_endpoint<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Endpoint>, D::Error> {
+    text_with(d, endpoint).map(Some)
 }
 
 /// `""` is no admin listener, and is printed so.
@@ -918,8 +1053,8 @@ impl Config {
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
         let secrets = Secrets::written_in(text);
         secrets.check_type()?;
-        let parsed = read(text, env).and_then(|(file, check_keys)| file.validate(&check_keys));
-        parsed.map_err(|e| secrets.hide_in(e))
+        let parsed = read(text, env).and_then(|(file, written)| file.validate(&written));
+        parsed.map_err(|e| secrets.hide_in(locate(text, e)))
     }
 
     /// Every listener: `[listen]` first, named `leader`, then `[[listeners]]`.
@@ -941,6 +1076,33 @@ impl Config {
         self.admin.metrics_expiry.max(check_gap.saturating_mul(2))
     }
 
+    /// Why this configuration, though valid, cannot route a client: no name to discover
+    /// backends by and no static backend (both written as empty lists). Pure.
+    pub fn cannot_route(&self) -> Option<&'static str> {
+        (self.backends.dns_names.is_empty() && self.backends.backup.is_empty()).then_some(
+            "backends.dns_names and backends.backup are both empty: no backend will ever be found, and every client is refused",
+        )
+    }
+
+    /// Every name this configuration resolves, with the key that writes it.
+    pub fn names(&self) -> Vec<(String, &str)> {
+        let mut names: Vec<(String, &str)> = Vec::new();
+        for (i, name) in self.backends.dns_names.iter().enumerate() {
+            names.push((format!("backends.dns_names[{i}]"), name));
+        }
+        for (i, backup) in self.backends.backup.iter().enumerate() {
+            if let Some(host) = backup.host() {
+                names.push((format!("backends.backup[{i}]"), host));
+            }
+        }
+        for (i, spec) in self.listeners.iter().enumerate() {
+            if let Serves::Target(Endpoint::Name { host, .. }) = &spec.serves {
+                names.push((format!("listeners[{i}].target"), host));
+            }
+        }
+        names
+    }
+
     /// A name for the cluster in logs and client errors, e.g. `iad.app.internal`.
     pub fn cluster_name(&self) -> String {
         if self.backends.dns_names.is_empty() {
@@ -956,56 +1118,177 @@ impl Config {
     }
 }
 
-/// The file's sections and the `[check]` keys it sets, or an error in the user's terms: TOML
-/// syntax errors with their line and column, and errors in a value under the value's dotted
-/// key (`check.timeout`).
-fn read(
-    text: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(File, Vec<String>), ConfigError> {
+/// The keys a file sets in the sections whose rules depend on what is left out.
+#[derive(Default)]
+struct Written {
+    check: Vec<String>,
+    backends: Vec<String>,
+}
+
+impl Written {
+    fn in_tree(tree: &DeTable<'_>) -> Written {
+        let keys = |section: &str| match tree.get(section).map(Spanned::get_ref) {
+            Some(DeValue::Table(table)) => table.keys().map(|k| k.get_ref().to_string()).collect(),
+            _ => Vec::new(),
+        };
+        Written {
+            check: keys("check"),
+            backends: keys("backends"),
+        }
+    }
+}
+
+/// The file's sections and the keys it sets, or every error in the user's terms: a TOML syntax
+/// error with its line and column, or each value that cannot be expanded or read, and each
+/// unknown key, under its dotted key (`check.timeout`) with its line.
+fn read(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(File, Written), ConfigError> {
     let mut tree = DeTable::parse(text).map_err(|e| ConfigError::Parse(parse_error(text, &e)))?;
-    let check_keys = match tree.get_ref().get("check").map(Spanned::get_ref) {
-        Some(DeValue::Table(check)) => check.keys().map(|k| k.get_ref().to_string()).collect(),
-        _ => Vec::new(),
-    };
-    // Past the end of the text: an error in a default gives no line and column.
-    let outside = text.len() + 1..text.len() + 1;
-    refuse_written_password(tree.get_ref())?;
-    put_env_defaults(tree.get_mut(), outside);
+    let written = Written::in_tree(tree.get_ref());
+    let mut errors = Vec::new();
+    if let Err(e) = refuse_written_password(tree.get_ref()) {
+        remove_key(tree.get_mut(), &e.key);
+        errors.push(e);
+    }
     let mut unexpanded = Vec::new();
     expand_all(tree.get_mut(), "", env, &mut unexpanded);
-    let file = serde_path_to_error::deserialize(toml::Deserializer::from(tree));
-    let file = file.map_err(|e| {
+    // A value that cannot be expanded is not read: its own error says why.
+    for (e, _) in &unexpanded {
+        remove_key(tree.get_mut(), &e.key);
+    }
+    errors.extend(unexpanded.into_iter().map(|(e, span)| KeyError {
+        at: position(text, span.start),
+        ..e
+    }));
+    // Serde stops at the first error: each key found wrong is taken out and the rest read
+    // again, so one run names them all. Every round removes a key, so this ends.
+    let mut removed: Vec<String> = errors.iter().map(|e| e.key.clone()).collect();
+    loop {
+        let file = serde_path_to_error::deserialize(toml::Deserializer::from(tree.clone()));
+        let e = match file {
+            Ok(file) if errors.is_empty() => return Ok((file, written)),
+            Ok(_) => return Err(ConfigError::Invalid(errors)),
+            Err(e) => e,
+        };
         let key = e.path().to_string();
         let error = e.into_inner();
-        // A value left unexpanded fails to read too: then the first value that could not be
-        // expanded says why. An unknown key is the better message even then.
-        let unexpanded_here = unexpanded
-            .iter()
-            .any(|u| matches!(u, ConfigError::Invalid { key: k, .. } if *k == key));
-        if unexpanded_here && !error.message().starts_with("unknown field") {
-            return unexpanded.swap_remove(0);
+        let message = error.message();
+        // A required key taken out for its own error is not missing a second time.
+        let taken_out = message
+            .strip_prefix("missing field `")
+            .map(|field| format!("{key}.{}", field.trim_end_matches('`')))
+            .is_some_and(|missing| {
+                let inside = format!("{missing}[");
+                removed
+                    .iter()
+                    .any(|r| *r == missing || r.starts_with(&inside))
+            });
+        if !taken_out {
+            errors.push(KeyError {
+                reason: in_user_terms(&key, message),
+                at: error.span().and_then(|span| position(text, span.start)),
+                key: key.clone(),
+            });
         }
-        let at = error
-            .span()
-            .map(|span| at(text, span.start))
-            .unwrap_or_default();
-        ConfigError::Invalid {
-            reason: format!("{}{at}", in_user_terms(&key, error.message())),
-            key,
+        if !remove_key(tree.get_mut(), &key) {
+            return Err(ConfigError::Invalid(errors));
         }
-    })?;
-    match unexpanded.into_iter().next() {
-        Some(error) => Err(error),
-        None => Ok((file, check_keys)),
+        removed.push(key);
     }
+}
+
+/// A dotted key as serde names it (`listeners[1].target`), split into table keys and list
+/// indexes. Pure.
+fn key_path(key: &str) -> Vec<Result<&str, usize>> {
+    let mut path = Vec::new();
+    for part in key.split('.') {
+        let mut pieces = part.split('[');
+        if let Some(name) = pieces.next().filter(|n| !n.is_empty()) {
+            path.push(Ok(name));
+        }
+        for index in pieces {
+            match index.trim_end_matches(']').parse() {
+                Ok(i) => path.push(Err(i)),
+                Err(_) => return Vec::new(),
+            }
+        }
+    }
+    path
+}
+
+/// Takes the table key that holds `key` out of the tree: the whole list for a key inside one
+/// (`listen.addresses[1]` takes `listen.addresses`). Whether anything was taken out.
+fn remove_key(root: &mut DeTable<'_>, key: &str) -> bool {
+    let path = key_path(key);
+    let Some(last) = path.iter().rposition(Result::is_ok) else {
+        return false;
+    };
+    let (Some(table), Ok(name)) = (table_at(root, &path[..last]), path[last]) else {
+        return false;
+    };
+    table.remove(name).is_some()
+}
+
+/// The table at `path`, which ends with a table key or a list index.
+fn table_at<'t, 'i>(
+    table: &'t mut DeTable<'i>,
+    path: &[Result<&str, usize>],
+) -> Option<&'t mut DeTable<'i>> {
+    let Some((first, rest)) = path.split_first() else {
+        return Some(table);
+    };
+    let Ok(name) = first else { return None };
+    let mut value = table.get_mut(*name)?.get_mut();
+    let mut rest = rest;
+    while let Some((Err(i), more)) = rest.split_first() {
+        let DeValue::Array(items) = value else {
+            return None;
+        };
+        value = items.get_mut(*i)?.get_mut();
+        rest = more;
+    }
+    match value {
+        DeValue::Table(table) => table_at(table, rest),
+        _ => None,
+    }
+}
+
+/// The errors, each with the line of the value its key names when the file writes it, in the
+/// order of the file.
+fn locate(text: &str, error: ConfigError) -> ConfigError {
+    let ConfigError::Invalid(mut errors) = error else {
+        return error;
+    };
+    if let Ok(tree) = DeTable::parse(text) {
+        for e in errors.iter_mut().filter(|e| e.at.is_none()) {
+            e.at = span_of(tree.get_ref(), &e.key).and_then(|span| position(text, span.start));
+        }
+    }
+    // Keys not written (no line) last.
+    errors.sort_by_key(|e| (e.at.is_none(), e.at));
+    errors.dedup();
+    ConfigError::Invalid(errors)
+}
+
+/// Where the file writes the value of `key`, if it does.
+fn span_of(root: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
+    let mut value: Option<&Spanned<DeValue<'_>>> = None;
+    for step in key_path(key) {
+        let next = match (step, value.map(Spanned::get_ref)) {
+            (Ok(name), None) => root.get(name),
+            (Ok(name), Some(DeValue::Table(t))) => t.get(name),
+            (Err(i), Some(DeValue::Array(items))) => items.get(i),
+            _ => None,
+        };
+        value = Some(next?);
+    }
+    value.map(Spanned::span)
 }
 
 /// Refuses a `check.password` written in the file: the file is copied, backed up, diffed and
 /// shown, and a password in it goes everywhere it goes. The value must come from the
 /// environment, as `${VAR}` references and nothing else (an empty default, `${VAR:-}`, is
 /// allowed; any other default is written in the file), or from `check.password_file`.
-fn refuse_written_password(tree: &DeTable<'_>) -> Result<(), ConfigError> {
+fn refuse_written_password(tree: &DeTable<'_>) -> Result<(), KeyError> {
     let Some(DeValue::Table(check)) = tree.get("check").map(Spanned::get_ref) else {
         return Ok(());
     };
@@ -1042,64 +1325,40 @@ fn only_variables(text: &str) -> bool {
     true
 }
 
-/// Puts [`ENV_DEFAULTS`] where the file leaves them out.
-fn put_env_defaults(root: &mut DeTable<'_>, outside: Range<usize>) {
-    fn spanned<T>(span: &Range<usize>, value: T) -> Spanned<T> {
-        Spanned::new(span.clone(), value)
-    }
-    for (section, key, value) in ENV_DEFAULTS {
-        if !root.contains_key(section) {
-            root.insert(
-                spanned(&outside, Cow::Borrowed(section)),
-                spanned(&outside, DeValue::Table(DeTable::new())),
-            );
-        }
-        let Some(DeValue::Table(table)) = root.get_mut(section).map(Spanned::get_mut) else {
-            continue;
-        };
-        if !table.contains_key(key) {
-            let list = std::iter::once(spanned(&outside, DeValue::String(Cow::Borrowed(value))));
-            table.insert(
-                spanned(&outside, Cow::Borrowed(key)),
-                spanned(&outside, DeValue::Array(list.collect())),
-            );
-        }
-    }
-}
-
 /// Expands every string of the tree in place, `path` being its dotted key. A value that cannot
 /// be expanded is left as written, and why is kept under its key.
 fn expand_all(
     table: &mut DeTable<'_>,
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Vec<(KeyError, Range<usize>)>,
 ) {
     for (key, value) in table.iter_mut() {
         let key = match path {
             "" => key.get_ref().to_string(),
             path => format!("{path}.{}", key.get_ref()),
         };
-        expand_value(value.get_mut(), &key, env, errors);
+        expand_value(value, &key, env, errors);
     }
 }
 
 fn expand_value(
-    value: &mut DeValue<'_>,
+    value: &mut Spanned<DeValue<'_>>,
     key: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Vec<(KeyError, Range<usize>)>,
 ) {
-    match value {
+    let span = value.span();
+    match value.get_mut() {
         DeValue::String(text) => match expand(text, env) {
             Ok(expanded) => *text = Cow::Owned(expanded),
             // The password's error never quotes it.
-            Err(e) if key == "check.password" => errors.push(invalid(key, e.to_string())),
-            Err(e) => errors.push(invalid(key, format!("{e} in {text:?}"))),
+            Err(e) if key == "check.password" => errors.push((invalid(key, e.to_string()), span)),
+            Err(e) => errors.push((invalid(key, format!("{e} in {text:?}")), span)),
         },
         DeValue::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
-                expand_value(item.get_mut(), &format!("{key}[{i}]"), env, errors);
+                expand_value(item, &format!("{key}[{i}]"), env, errors);
             }
         }
         DeValue::Table(table) => expand_all(table, key, env, errors),
@@ -1113,19 +1372,18 @@ fn parse_error(text: &str, error: &toml::de::Error) -> String {
     let message = error.message().trim_end().replace('\n', "; ");
     let at = error
         .span()
-        .map(|span| at(text, span.start))
+        .and_then(|span| position(text, span.start))
+        .map(|p| p.to_string())
         .unwrap_or_default();
     format!("TOML parse error{at}: {message}")
 }
 
-/// ` (line 2, column 12)` for a byte offset into `text`; nothing for one past its end.
-fn at(text: &str, offset: usize) -> String {
-    let Some(before) = text.get(..offset) else {
-        return String::new();
-    };
+/// The line and column of a byte offset into `text`; none past its end.
+fn position(text: &str, offset: usize) -> Option<Position> {
+    let before = text.get(..offset)?;
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    format!(" (line {line}, column {column})")
+    Some(Position { line, column })
 }
 
 /// Serde's messages name Rust types (`expected usize`, `struct CheckConfig`); these say what
@@ -1295,7 +1553,7 @@ impl Secrets {
     }
 
     /// A bare number would be echoed by the deserializer's "invalid type" message.
-    fn check_type(&self) -> Result<(), ConfigError> {
+    fn check_type(&self) -> Result<(), KeyError> {
         if self.not_a_string {
             return Err(invalid(
                 "check.password",
@@ -1314,10 +1572,15 @@ impl Secrets {
         };
         match error {
             ConfigError::Parse(message) => ConfigError::Parse(hide(message)),
-            ConfigError::Invalid { key, reason } => ConfigError::Invalid {
-                key,
-                reason: hide(reason),
-            },
+            ConfigError::Invalid(errors) => ConfigError::Invalid(
+                errors
+                    .into_iter()
+                    .map(|e| KeyError {
+                        reason: hide(e.reason),
+                        ..e
+                    })
+                    .collect(),
+            ),
             read @ ConfigError::Read { .. } => read,
         }
     }
@@ -1381,9 +1644,13 @@ fn expand(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, E
 
 // ---- rules that span several keys -----------------------------------------------------------
 
+/// What an operator whose file relied on the Fly defaults, which no longer exist, adds.
+const NO_BACKENDS: &str = "not set, nor backends.backup: there is no default. List the DNS names that resolve to the cluster's nodes, or the nodes in backends.backup (HOST:PORT). On Fly, add under [backends]: dns_names = [\"${PRIMARY_REGION}.${FLY_APP_NAME}.internal\"] and backup = [\"[${PG_LISTEN_ADDRESS}]:5433\"]";
+
 impl File {
-    /// `check_keys` are the `[check]` keys the file sets.
-    fn validate(self, check_keys: &[String]) -> Result<Config, ConfigError> {
+    /// `written` are the keys the file sets. Rules that do not depend on each other are all
+    /// checked, so their errors come together.
+    fn validate(self, written: &Written) -> Result<Config, ConfigError> {
         let File {
             listen,
             listeners,
@@ -1393,20 +1660,26 @@ impl File {
             admin,
             reload,
         } = self;
-        if backends.dns_names.is_empty() && backends.backup.is_empty() {
-            return Err(invalid(
-                "backends.dns_names",
-                "must list at least one name when backends.backup is empty",
-            ));
+        let mut errors = Vec::new();
+        let names_written = ["dns_names", "backup"]
+            .iter()
+            .any(|key| written.backends.iter().any(|k| k == key));
+        if !names_written {
+            errors.push(invalid("backends.dns_names", NO_BACKENDS));
         }
-        let check = check.for_kind(check_keys, &backends)?;
+        let check = check
+            .for_kind(&written.check, &backends)
+            .map_err(|e| errors.push(e));
+        let listeners = validate_listeners(listeners, &listen).map_err(|e| errors.push(e));
+        let (Ok(check), Ok(listeners), true) = (check, listeners, errors.is_empty()) else {
+            return Err(ConfigError::Invalid(errors));
+        };
         if proxy.switchover_grace.is_zero() {
             // A planned switchover waits one check interval plus this grace between fencing
             // and demoting the leader (`docs/how-it-works.md`, "Planned switchovers"); at least a second,
             // so ordinary transactions finish however short the interval.
             proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }
-        let listeners = validate_listeners(listeners, &listen)?;
         let config = Config {
             listen,
             listeners,
@@ -1425,6 +1698,7 @@ impl File {
 /// exactly, or covered by a wildcard on a local interface): every client sent there would come
 /// back in and connect again. Listeners on port 0 are checked once bound, at connect.
 fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<(), ConfigError> {
+    let mut errors = Vec::new();
     use crate::loops::{covering, Listening};
     let mut own: Vec<(Listening, String)> = Vec::new();
     for (i, spec) in config.all_listeners().iter().enumerate() {
@@ -1449,15 +1723,17 @@ fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<()
         own.push((listening, "admin.address".to_string()));
     }
     let listening: Vec<Listening> = own.iter().map(|(l, _)| *l).collect();
+    // A name is checked when it is resolved: discovery drops a backend at the proxy's own
+    // address, and a fixed target's session refuses it.
     let mut targets: Vec<(String, SocketAddr)> = config
         .backends
         .backup
         .iter()
         .enumerate()
-        .map(|(i, a)| (format!("backends.backup[{i}]"), *a))
+        .filter_map(|(i, e)| Some((format!("backends.backup[{i}]"), e.addr()?)))
         .collect();
     for (i, spec) in config.listeners.iter().enumerate() {
-        if let Serves::Target(addr) = spec.serves {
+        if let Serves::Target(Endpoint::Addr(addr)) = spec.serves {
             targets.push((format!("listeners[{i}].target"), addr));
         }
     }
@@ -1467,7 +1743,7 @@ fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<()
                 .iter()
                 .find(|(l, _)| l.addr == listen)
                 .map_or("", |(_, key)| key.as_str());
-            return Err(invalid(
+            errors.push(invalid(
                 &key,
                 format!(
                     "{target} is this proxy's own listening address ({owner} = {listen} covers it): clients would loop back into the proxy"
@@ -1475,7 +1751,10 @@ fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<()
             ));
         }
     }
-    Ok(())
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::Invalid(errors)),
+    }
 }
 
 /// Names each listener, refuses an address bound twice, and reads `serves`, `fallback` and
@@ -1483,7 +1762,7 @@ fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<()
 fn validate_listeners(
     written: Vec<WrittenListener>,
     listen: &ListenConfig,
-) -> Result<Vec<ListenerConfig>, ConfigError> {
+) -> Result<Vec<ListenerConfig>, KeyError> {
     // Every address is bound once; the first user of each is remembered for the message.
     let mut used: Vec<(SocketAddr, String)> = listen
         .addresses
@@ -1559,8 +1838,19 @@ mod tests {
         }
     }
 
+    /// The cluster's name, added to a fragment that names no backends (after the fragment,
+    /// so its line numbers stay those of the fragment).
+    const NAMES: &str = "dns_names = [\"iad.app.internal\"]";
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
-        Config::parse(text, &fly_env)
+        let text = if text.contains("dns_names") || text.contains("backup") {
+            text.to_owned()
+        } else if text.contains("[backends]\n") {
+            text.replacen("[backends]\n", &format!("[backends]\n{NAMES}\n"), 1)
+        } else {
+            format!("{text}\n[backends]\n{NAMES}\n")
+        };
+        Config::parse(&text, &fly_env)
     }
 
     fn error(text: &str) -> String {
@@ -1570,20 +1860,42 @@ mod tests {
         }
     }
 
+    /// A file that names no backends was the Fly configuration when its defaults named
+    /// environment variables; now it is refused, with the lines to add.
     #[test]
-    fn empty_file_gives_the_fly_defaults() {
-        let c = parse("").expect("defaults are valid");
+    fn a_file_without_backends_is_refused_with_the_fly_lines_to_copy() {
+        for text in ["", "[backends]\nport = 5433", "[check]\ninterval = \"2s\""] {
+            let message = match Config::parse(text, &|_| None) {
+                Ok(_) => panic!("{text:?} names no backends"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                message.starts_with("backends.dns_names: not set, nor backends.backup"),
+                "{text:?}: {message}"
+            );
+            for line in [
+                "dns_names = [\"${PRIMARY_REGION}.${FLY_APP_NAME}.internal\"]",
+                "backup = [\"[${PG_LISTEN_ADDRESS}]:5433\"]",
+            ] {
+                assert!(message.contains(line), "{text:?}: {message}");
+            }
+        }
+    }
+
+    /// The defaults name no environment variable and no Fly address: a file with one name
+    /// runs anywhere, with nothing in the environment.
+    #[test]
+    fn the_defaults_work_anywhere() {
+        let c = Config::parse("[backends]\ndns_names = [\"pg.cluster.test\"]", &|_| None)
+            .expect("valid with no environment variable set");
         assert_eq!(c.listen.addresses.len(), 2);
-        assert_eq!(c.backends.dns_names, vec!["iad.app.internal"]);
+        assert_eq!(c.backends.dns_names, vec!["pg.cluster.test"]);
         assert_eq!(c.backends.port, 5433);
-        assert_eq!(
-            c.backends.nameservers,
-            vec!["[fdaa::3]:53".parse().unwrap()]
-        );
+        assert!(c.backends.nameservers.is_empty(), "the system resolver");
+        assert!(c.backends.backup.is_empty());
         assert_eq!(c.backends.prefer, IpFamily::Ipv6);
         assert_eq!(c.backends.max, 10);
         assert_eq!(c.backends.resolve_interval, Duration::from_secs(1));
-        assert_eq!(c.backends.backup, vec!["[fdaa::7]:5433".parse().unwrap()]);
         assert_eq!(c.check.port, 5500);
         assert_eq!(c.check.path, "/flycheck/role");
         assert_eq!(c.check.interval, Duration::from_secs(1));
@@ -1602,7 +1914,151 @@ mod tests {
         assert_eq!(c.proxy.switchover, Switchover::Transaction);
         assert_eq!(c.proxy.switchover_grace, Duration::from_secs(1));
         assert_eq!(c.admin.address, Some("[::]:8404".parse().unwrap()));
-        assert_eq!(c.cluster_name(), "iad.app.internal");
+        assert_eq!(c.cluster_name(), "pg.cluster.test");
+        assert_eq!(c.cannot_route(), None);
+        let printed = toml::to_string(&c).expect("serializes");
+        for fly in ["${", "fdaa", "FLY"] {
+            assert!(!printed.contains(fly), "{fly}: {printed}");
+        }
+    }
+
+    /// Both lists written empty is valid (a file may be filled in later) but cannot route,
+    /// which `roleproxy check` warns about.
+    #[test]
+    fn no_names_and_no_backups_cannot_route() {
+        let c = parse("[backends]\ndns_names = []\nbackup = []").expect("valid");
+        let why = c.cannot_route().expect("cannot route");
+        assert!(
+            why.contains("backends.dns_names") && why.contains("backends.backup"),
+            "{why}"
+        );
+        let only_backup = parse("[backends]\ndns_names = []\nbackup = [\"pg-a.test:5432\"]");
+        assert_eq!(only_backup.expect("valid").cannot_route(), None);
+    }
+
+    /// A missing variable, an unknown key and a bad value, in three sections: all three in one
+    /// run, each with its key and line, in the order of the file.
+    #[test]
+    fn every_error_is_reported_at_once() {
+        let text = "[backends]\ndns_names = [\"${PRIMARY_REGION}.${FLY_APP_NAME}.internal\"]\n\
+                    backup = [\"[${PG_LISTEN_ADDRESS}]:5433\"]\n\
+                    [check]\nintervall = \"2s\"\ntimeout = \"soon\"\n\
+                    [[listeners]]\naddresses = [\"nowhere\"]\ntarget = \"pg-a.test:5432\"\n\
+                    [proxy]\ncopy = \"zero\"\n";
+        let errors = match Config::parse(text, &|_| None) {
+            Err(ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected key errors, got {other:?}"),
+        };
+        let got: Vec<(&str, usize)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.at.map_or(0, |a| a.line)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("backends.dns_names[0]", 2),
+                ("backends.backup[0]", 3),
+                ("check.intervall", 5),
+                ("check.timeout", 6),
+                ("listeners[0].addresses[0]", 8),
+                ("proxy.copy", 11),
+            ],
+            "{errors:#?}"
+        );
+        let message = ConfigError::Invalid(errors).to_string();
+        let lines: Vec<&str> = message.lines().collect();
+        assert_eq!(lines.len(), 6, "one error a line: {message}");
+        for (line, words) in lines.iter().zip([
+            &[
+                "PRIMARY_REGION is not set",
+                "${PRIMARY_REGION:-default}",
+                "(line 2, column",
+            ][..],
+            &["PG_LISTEN_ADDRESS is not set", "(line 3, column"],
+            &["did you mean `interval`?", "(line 5, column"],
+            &["bad duration", "(line 6, column"],
+            &["bad address", "(line 8, column"],
+            &["\"auto\"", "(line 11, column"],
+        ]) {
+            for word in words {
+                assert!(line.contains(word), "{line:?} should say {word:?}");
+            }
+        }
+        // The rules between keys come together too, each at its line.
+        let text = "[check]\nkind = \"http-status\"\npath = \"/x\"\n\
+                    [[listeners]]\naddresses = [\"0.0.0.0:5434\"]\nfallback = \"leader\"\n";
+        let errors = match Config::parse(text, &|_| None) {
+            Err(ConfigError::Invalid(errors)) => errors,
+            other => panic!("expected key errors, got {other:?}"),
+        };
+        let got: Vec<(&str, Option<usize>)> = errors
+            .iter()
+            .map(|e| (e.key.as_str(), e.at.map(|a| a.line)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("check.path", Some(3)),
+                ("listeners[0].fallback", Some(6)),
+                ("backends.dns_names", None),
+            ],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn addresses_to_connect_to_may_be_names() {
+        // (written, read, or the words of its error)
+        let rows: &[(&str, Result<&str, &str>)] = &[
+            ("10.0.0.1:5433", Ok("10.0.0.1:5433")),
+            ("[fdaa::7]:5433", Ok("[fdaa::7]:5433")),
+            ("[10.0.0.1]:5433", Ok("10.0.0.1:5433")),
+            ("pg-a.cluster.test:5432", Ok("pg-a.cluster.test:5432")),
+            (" localhost:8404 ", Ok("localhost:8404")),
+            ("pg-a.cluster.test", Err("expected HOST:PORT")),
+            ("pg-a:port", Err("expected HOST:PORT")),
+            ("pg a:5432", Err("expected HOST:PORT")),
+            ("a..b:5432", Err("expected HOST:PORT")),
+            ("fdaa::7:5433", Err("in brackets")),
+            ("pg-a.test:70000", Err("expected HOST:PORT")),
+            ("10.0.0.300:5432", Err("expected HOST:PORT")),
+        ];
+        for (written, expected) in rows {
+            match (written.parse::<Endpoint>(), expected) {
+                (Ok(e), Ok(shown)) => assert_eq!(e.to_string(), *shown, "{written}"),
+                (Err(e), Err(words)) => assert!(e.contains(words), "{written}: {e}"),
+                (got, _) => panic!("{written}: {got:?}"),
+            }
+        }
+        let c = parse(
+            "[backends]\nbackup = [\"pg-a.cluster.test:5432\", \"10.0.0.1:5432\"]\n\
+             [[listeners]]\naddresses = [\"0.0.0.0:5434\"]\ntarget = \"localhost:5433\"",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.backends.backup[0],
+            Endpoint::Name {
+                host: "pg-a.cluster.test".into(),
+                port: 5432
+            }
+        );
+        let printed = toml::to_string(&c).expect("serializes");
+        assert!(printed.contains("\"pg-a.cluster.test:5432\""), "{printed}");
+        let again = parse(&printed).expect("parses back");
+        assert_eq!(
+            (&again.backends, &again.listeners),
+            (&c.backends, &c.listeners)
+        );
+        let keys: Vec<(String, &str)> = c.names();
+        assert_eq!(
+            keys,
+            [
+                ("backends.backup[0]".to_string(), "pg-a.cluster.test"),
+                ("listeners[0].target".to_string(), "localhost"),
+            ]
+        );
+        let message = error("[backends]\nbackup = [\"pg-a.cluster.test:0\"]");
+        assert!(message.contains("backends.backup[0]: port 0"), "{message}");
     }
 
     #[test]
@@ -1616,11 +2072,21 @@ mod tests {
         assert_eq!(c.proxy.switchover, Switchover::Immediate);
     }
 
+    /// The shipped file reproduces the Fly HAProxy setup, every Fly value written out.
     #[test]
     fn shipped_proxy_toml_is_valid() {
         let text = include_str!("../proxy.toml");
         let c = parse(text).expect("proxy.toml is valid");
         assert_eq!(c.backends.dns_names, vec!["iad.app.internal"]);
+        assert_eq!(
+            c.backends.nameservers,
+            vec!["[fdaa::3]:53".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.backends.backup, vec!["[fdaa::7]:5433".parse().unwrap()]);
+        assert!(
+            c.proxy.shutdown_grace < Duration::from_secs(5),
+            "within the Fly supervisor's 5 s"
+        );
     }
 
     #[test]
@@ -1651,6 +2117,13 @@ mod tests {
             Some("[::1]:1".parse().unwrap())
         );
         assert_eq!(parse_socket_addr("localhost:1"), None);
+        assert_eq!(
+            "localhost:1".parse::<Endpoint>(),
+            Ok(Endpoint::Name {
+                host: "localhost".into(),
+                port: 1
+            })
+        );
     }
 
     /// Each row: a config fragment and words the error must contain (the key and the reason).
@@ -1726,10 +2199,6 @@ mod tests {
             (
                 "[backends]\ndns_names = [\"a..b\"]",
                 &["backends.dns_names[0]", "bad DNS name"],
-            ),
-            (
-                "[backends]\ndns_names = []\nbackup = []",
-                &["backends.dns_names", "at least one"],
             ),
             (
                 "[backends]\nprefer = \"ipv5\"",

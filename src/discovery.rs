@@ -1,5 +1,6 @@
-//! Names → addresses: resolves `backends.dns_names` every `resolve_interval`, adds the backup
-//! addresses, and sends the backend set to the leader view whenever it changes.
+//! Names → addresses: resolves `backends.dns_names` and the backup addresses given by name
+//! every `resolve_interval`, adds the backup addresses, and sends the backend set to the leader
+//! view whenever it changes.
 //!
 //! A failed lookup keeps that name's last good answer: a DNS outage must not look like every
 //! node leaving. Only [`DnsResolver`] touches hickory.
@@ -21,11 +22,13 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::NetError;
-use hickory_resolver::TokioResolver;
+use hickory_resolver::proto::op::Query;
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::{Hosts, TokioResolver};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{BackendsConfig, IpFamily};
+use crate::config::{BackendsConfig, Config, Endpoint, IpFamily};
 use crate::loops::OwnAddrs;
 use crate::metrics::{self as m, warning};
 use crate::ratelimit;
@@ -64,6 +67,8 @@ impl DiscoveryError {
 pub struct DnsResolver {
     inner: TokioResolver,
     timeout: Duration,
+    /// The system's hosts file, read once: a name it lists is answered from it alone.
+    hosts: Option<Hosts>,
 }
 
 impl DnsResolver {
@@ -91,7 +96,35 @@ impl DnsResolver {
         opts.attempts = 1;
         opts.ndots = 0;
         let inner = builder.build().map_err(DiscoveryError::Resolver)?;
-        Ok(Self { inner, timeout })
+        Ok(Self {
+            inner,
+            timeout,
+            hosts: Hosts::from_system().ok(),
+        })
+    }
+
+    /// The addresses the hosts file gives `fqdn`, as the C library's `files` source answers
+    /// before DNS is asked. Hickory asks DNS for the family the file leaves out, so a name
+    /// listed with IPv4 only would wait on (and fail with) a slow or unreachable DNS server.
+    fn in_hosts_file(&self, fqdn: &str) -> Option<Vec<IpAddr>> {
+        let name = Name::from_ascii(fqdn).ok()?;
+        let hosts = self.hosts.as_ref()?;
+        let ips: Vec<IpAddr> = [RecordType::A, RecordType::AAAA]
+            .into_iter()
+            .filter_map(|kind| hosts.lookup_static_host(&Query::query(name.clone(), kind)))
+            .flat_map(|lookup| {
+                lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(aaaa) => Some(IpAddr::V6(aaaa.0)),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        (!ips.is_empty()).then_some(ips)
     }
 
     /// Every address of `name`, both families.
@@ -102,6 +135,9 @@ impl DnsResolver {
         } else {
             format!("{name}.")
         };
+        if let Some(ips) = self.in_hosts_file(&fqdn) {
+            return Ok(ips);
+        }
         // The resolver's own timeout covers each query; this bounds the whole lookup.
         let lookup = tokio::time::timeout(self.timeout * 2, self.inner.lookup_ip(fqdn))
             .await
@@ -116,6 +152,80 @@ impl DnsResolver {
             )),
         }
     }
+}
+
+/// One name to connect to, resolved as discovery resolves `backends.dns_names`: the same
+/// resolver, the same family preference, the same answers dropped.
+pub struct HostResolver {
+    resolver: DnsResolver,
+    prefer: IpFamily,
+}
+
+impl HostResolver {
+    pub fn new(config: &BackendsConfig) -> Result<Self, DiscoveryError> {
+        Ok(Self {
+            resolver: DnsResolver::new(&config.nameservers, config.resolve_timeout)?,
+            prefer: config.prefer,
+        })
+    }
+
+    /// The addresses of `host` to try, preferred family first, lowest first; at least one.
+    pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, DiscoveryError> {
+        let ips = self.resolver.resolve(host).await?;
+        let (usable, _) = usable_addresses(&ips);
+        let kept = select_addresses(&usable, self.prefer, usize::MAX);
+        if kept.is_empty() {
+            return Err(DiscoveryError::NoRecords);
+        }
+        Ok(kept
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect())
+    }
+}
+
+/// Every name discovery resolves: `dns_names`, then the hosts of backups given by name. Pure.
+pub fn names(config: &BackendsConfig) -> Vec<String> {
+    let mut names = config.dns_names.clone();
+    for host in config.backup.iter().filter_map(Endpoint::host) {
+        if !names.iter().any(|n| n == host) {
+            names.push(host.to_owned());
+        }
+    }
+    names
+}
+
+/// The names of `config` that do not resolve with its resolver, each with its key and why:
+/// what `roleproxy check --resolve` warns about.
+pub async fn unresolved(config: &Config) -> Vec<(String, String, DiscoveryError)> {
+    let names = config.names();
+    let resolver = match DnsResolver::new(
+        &config.backends.nameservers,
+        config.backends.resolve_timeout,
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            let why = e.to_string();
+            return names
+                .into_iter()
+                .map(|(key, name)| (key, name.to_owned(), DiscoveryError::Lookup(why.clone())))
+                .collect();
+        }
+    };
+    let mut failed = Vec::new();
+    for (key, name) in names {
+        let usable = match resolver.resolve(name).await {
+            Ok(ips) => usable_addresses(&ips).0,
+            Err(e) => {
+                failed.push((key, name.to_owned(), e));
+                continue;
+            }
+        };
+        if usable.is_empty() {
+            failed.push((key, name.to_owned(), DiscoveryError::NoRecords));
+        }
+    }
+    failed
 }
 
 /// Addresses for a log line: `127.0.0.11, 127.0.0.12`, or `none`.
@@ -191,22 +301,36 @@ pub enum Discovered {
     DnsFailing(Vec<String>),
 }
 
-/// Builds the backend set from each name's addresses and the backups. Pure.
+/// Builds the backend set from each name's addresses (`resolved`, by name) and the backups.
+/// A backup given by name has the addresses its name resolved to, at its own port. Pure.
 pub fn backend_set(
     resolved: &BTreeMap<String, Vec<IpAddr>>,
-    port: u16,
-    backup: &[SocketAddr],
+    config: &BackendsConfig,
 ) -> Vec<Backend> {
     let mut set: BTreeMap<SocketAddr, Vec<Source>> = BTreeMap::new();
-    for (name, ips) in resolved {
-        for ip in ips {
-            set.entry(SocketAddr::new(*ip, port))
+    for name in &config.dns_names {
+        for ip in resolved.get(name).into_iter().flatten() {
+            set.entry(SocketAddr::new(*ip, config.port))
                 .or_default()
                 .push(Source::Dns(name.clone()));
         }
     }
-    for addr in backup {
-        set.entry(*addr).or_default().push(Source::Backup);
+    for backup in &config.backup {
+        let addrs: Vec<SocketAddr> = match backup {
+            Endpoint::Addr(addr) => vec![*addr],
+            Endpoint::Name { host, port } => resolved
+                .get(host)
+                .into_iter()
+                .flatten()
+                .map(|ip| SocketAddr::new(*ip, *port))
+                .collect(),
+        };
+        for addr in addrs {
+            let sources = set.entry(addr).or_default();
+            if !sources.contains(&Source::Backup) {
+                sources.push(Source::Backup);
+            }
+        }
     }
     set.into_iter()
         .map(|(addr, sources)| Backend { addr, sources })
@@ -222,8 +346,7 @@ pub async fn run<E: From<Discovered>>(
     cancel: CancellationToken,
 ) {
     let mut config = configs.borrow_and_update().clone();
-    config
-        .dns_names
+    names(&config)
         .iter()
         .for_each(|name| m::dns_name_configured(name));
     let mut resolver = resolver_for(&config);
@@ -252,15 +375,16 @@ pub async fn run<E: From<Discovered>>(
                     tick = tokio::time::interval(new.resolve_interval);
                     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 }
-                last_good.retain(|name, _| new.dns_names.contains(name));
-                new.dns_names.iter().for_each(|name| m::dns_name_configured(name));
+                let new_names = names(&new);
+                last_good.retain(|name, _| new_names.contains(name));
+                new_names.iter().for_each(|name| m::dns_name_configured(name));
                 config = new;
             }
         }
         let mut failing: Vec<String> = Vec::new();
         let mut dropped: BTreeSet<(SocketAddr, &'static str)> = BTreeSet::new();
         if let Some(resolver) = &resolver {
-            for name in &config.dns_names {
+            for name in &names(&config) {
                 let result = tokio::select! {
                     _ = cancel.cancelled() => return,
                     r = resolver.resolve(name) => r,
@@ -311,7 +435,7 @@ pub async fn run<E: From<Discovered>>(
             failing_sent = failing;
         }
         own.refresh_interfaces();
-        let mut set = backend_set(&last_good, config.port, &config.backup);
+        let mut set = backend_set(&last_good, &config);
         set.retain(|backend| {
             let Some(listener) = own.covering(backend.addr) else {
                 return true;
@@ -454,9 +578,29 @@ mod tests {
             vec![ip("127.0.0.11"), ip("127.0.0.12")],
         );
         resolved.insert("b.internal".to_string(), vec![ip("127.0.0.12")]);
-        let backup: SocketAddr = "127.0.0.12:5433".parse().unwrap();
-        let other_backup: SocketAddr = "127.0.0.1:6000".parse().unwrap();
-        let set = backend_set(&resolved, 5433, &[backup, other_backup]);
+        // A backup by name: its answer, at its own port; an answer for a name no longer
+        // configured is not used.
+        resolved.insert("pg-a.test".to_string(), vec![ip("127.0.0.13")]);
+        resolved.insert("gone.internal".to_string(), vec![ip("127.0.0.14")]);
+        let config = BackendsConfig {
+            dns_names: vec!["a.internal".into(), "b.internal".into()],
+            port: 5433,
+            backup: [
+                "127.0.0.12:5433",
+                "127.0.0.1:6000",
+                "pg-a.test:6001",
+                "nowhere.test:1",
+            ]
+            .iter()
+            .map(|e| e.parse().unwrap())
+            .collect(),
+            ..BackendsConfig::default()
+        };
+        assert_eq!(
+            names(&config),
+            ["a.internal", "b.internal", "pg-a.test", "nowhere.test"]
+        );
+        let set = backend_set(&resolved, &config);
         let got: Vec<(String, Vec<String>)> = set
             .iter()
             .map(|b| {
@@ -482,6 +626,7 @@ mod tests {
                         "backup".to_string()
                     ]
                 ),
+                ("127.0.0.13:6001".to_string(), vec!["backup".to_string()]),
             ]
         );
     }

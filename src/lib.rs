@@ -9,8 +9,8 @@
 //!
 //! - [`route`]: **the routing rules** ([`route::decide`]) and their vocabulary; pure, imports
 //!   nothing from the crate. Start reading here.
-//! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming the bad key.
-//! - [`discovery`]: DNS names and backup addresses → the backend set.
+//! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming every bad key.
+//! - [`discovery`]: DNS names and backup addresses (or names) → the backend set; the resolver.
 //! - [`check`]: one role check of one node (HTTP GET → [`route::Role`]) and the probe of its Postgres.
 //! - [`leader`]: the view: the task that owns every backend's state and check loop, runs the
 //!   rules and publishes the route, the backend set with its session counters, and its part of

@@ -35,13 +35,20 @@ enum LogFormat {
 enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the configuration and print the effective values.
-    Check,
+    /// Validate the configuration and print the effective values; warn on stderr when it
+    /// cannot route.
+    Check {
+        /// Also resolve every name the configuration holds, with its resolver, and warn about
+        /// each one that does not resolve.
+        #[arg(long)]
+        resolve: bool,
+    },
     /// Show a running proxy's route and backends (from its admin port's `/status`).
     Status {
-        /// Admin address; defaults to `admin.address` of the config file, on loopback.
+        /// Admin address, HOST:PORT (a name is resolved with the system resolver); defaults to
+        /// `admin.address` of the config file, on loopback.
         #[arg(long)]
-        admin: Option<SocketAddr>,
+        admin: Option<String>,
     },
     /// Serve a Fly-style role endpoint (`GET /flycheck/role`) for a Postgres node.
     Agent {
@@ -90,7 +97,7 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::Check => check(&cli.config),
+        Command::Check { resolve } => runtime.block_on(check(&cli.config, resolve)),
         Command::Status { admin } => runtime.block_on(status(&cli.config, admin)),
         Command::Run => match config {
             Some(config) => runtime.block_on(run(config, cli.config.clone())),
@@ -153,15 +160,39 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn config_error(path: &std::path::Path, e: &roleproxy::config::ConfigError) -> ExitCode {
-    eprintln!("roleproxy: invalid configuration {}: {e}", path.display());
+    use roleproxy::config::ConfigError;
+    match e {
+        ConfigError::Invalid(errors) if errors.len() > 1 => {
+            eprintln!(
+                "roleproxy: invalid configuration {} ({} errors):",
+                path.display(),
+                errors.len()
+            );
+            for error in errors {
+                eprintln!("  {error}");
+            }
+        }
+        e => eprintln!("roleproxy: invalid configuration {}: {e}", path.display()),
+    }
     ExitCode::from(2)
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+async fn check(path: &std::path::Path, resolve: bool) -> ExitCode {
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return config_error(path, &e),
     };
+    if let Some(why) = config.cannot_route() {
+        eprintln!("roleproxy: warning: {}: {why}", path.display());
+    }
+    if resolve {
+        for (key, name, error) in roleproxy::discovery::unresolved(&config).await {
+            eprintln!(
+                "roleproxy: warning: {}: {key}: {name} does not resolve: {error}",
+                path.display()
+            );
+        }
+    }
     match toml::to_string(&config) {
         Ok(text) => {
             println!(
@@ -178,6 +209,9 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
+    if let Some(why) = config.cannot_route() {
+        tracing::warn!(config = %path.display(), "{why}");
+    }
     let shutdown = shutdown_signal();
     let proxy = match roleproxy::Proxy::bind(config).await {
         Ok(p) => p.reload_from(path),
@@ -196,20 +230,29 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
     }
 }
 
-async fn status(config: &std::path::Path, admin: Option<SocketAddr>) -> ExitCode {
-    let admin = admin.unwrap_or_else(|| {
-        let configured = Config::load(config).ok().and_then(|c| c.admin.address);
-        let addr = configured.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8404)));
-        // A wildcard listener is reached on loopback.
-        match addr.ip() {
-            ip if ip.is_unspecified() && ip.is_ipv6() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+async fn status(config: &std::path::Path, admin: Option<String>) -> ExitCode {
+    let admin = match admin {
+        Some(written) => match roleproxy::status_cli::admin_addresses(&written).await {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                eprintln!("roleproxy status: {e}");
+                return ExitCode::FAILURE;
             }
-            ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
-            _ => addr,
+        },
+        None => {
+            let configured = Config::load(config).ok().and_then(|c| c.admin.address);
+            let addr = configured.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8404)));
+            // A wildcard listener is reached on loopback.
+            vec![match addr.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv6() => {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+                }
+                ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+                _ => addr,
+            }]
         }
-    });
-    match roleproxy::status_cli::fetch_status(admin).await {
+    };
+    match roleproxy::status_cli::fetch_status_from(&admin).await {
         Ok(status) => {
             print!(
                 "{}",

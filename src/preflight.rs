@@ -262,11 +262,12 @@ pub async fn evaluate(new: &Config, live: &Live) -> Result<(), Worse> {
 /// The backend set `config` would give, from one lookup of each name, and the names whose
 /// lookup failed.
 async fn discover(config: &BackendsConfig, live: &Live) -> (Vec<Backend>, Vec<String>) {
+    let names = discovery::names(config);
     let answers: Vec<Result<Vec<IpAddr>, &'static str>> =
         match DnsResolver::new(&config.nameservers, config.resolve_timeout) {
             Ok(resolver) => {
                 let resolver = Arc::new(resolver);
-                all(config.dns_names.iter().map(|name| {
+                all(names.iter().map(|name| {
                     let (resolver, name) = (Arc::clone(&resolver), name.clone());
                     async move { resolver.resolve(&name).await.map_err(|e| e.label()) }
                 }))
@@ -275,11 +276,11 @@ async fn discover(config: &BackendsConfig, live: &Live) -> (Vec<Backend>, Vec<St
                 .map(|answer| answer.unwrap_or(Err("error")))
                 .collect()
             }
-            Err(e) => vec![Err(e.label()); config.dns_names.len()],
+            Err(e) => vec![Err(e.label()); names.len()],
         };
     let mut resolved: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     let mut failing = Vec::new();
-    for (name, answer) in config.dns_names.iter().zip(answers) {
+    for (name, answer) in names.iter().zip(answers) {
         let kept = match answer {
             Ok(ips) => {
                 let (usable, _) = discovery::usable_addresses(&ips);
@@ -300,7 +301,7 @@ async fn discover(config: &BackendsConfig, live: &Live) -> (Vec<Backend>, Vec<St
         };
         resolved.insert(name.clone(), kept);
     }
-    let mut set = discovery::backend_set(&resolved, config.port, &config.backup);
+    let mut set = discovery::backend_set(&resolved, config);
     set.retain(|backend| live.own.covering(backend.addr).is_none());
     (set, failing)
 }

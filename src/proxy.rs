@@ -24,8 +24,9 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cancel::{CancelKeys, KeyRecorder};
-use crate::config::{ProxyConfig, Serves, Switchover};
+use crate::config::{Endpoint, ProxyConfig, Serves, Switchover};
 use crate::copy;
+use crate::discovery::HostResolver;
 use crate::framing::{BackendKey, Framing};
 use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
 use crate::loops::OwnAddrs;
@@ -169,6 +170,9 @@ pub struct ListenerPlan {
     /// allocate).
     pub name: Arc<str>,
     pub serves: Serves,
+    /// Resolves a fixed target given by name (`None` for any other listener, or when no
+    /// resolver could be built).
+    pub resolver: Option<Arc<HostResolver>>,
     pub settings: Arc<SessionSettings>,
 }
 
@@ -313,6 +317,9 @@ enum Unserved {
     NoReplica(String),
     #[error("{addr} unreachable: {error}")]
     BackendUnreachable { addr: SocketAddr, error: String },
+    /// A fixed target given by name that does not resolve.
+    #[error("cannot resolve {target}: {error}")]
+    Unresolved { target: String, error: String },
     #[error("proxy is shutting down")]
     Shutdown,
     /// The route channel closed: the leader view ended, and the process is stopping.
@@ -397,8 +404,8 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
             return;
         }
     };
-    if let (Serves::Replica { fallback_to_leader }, true) =
-        (plan.serves, pgwire::is_cancel_request(&first))
+    if let (&Serves::Replica { fallback_to_leader }, true) =
+        (&plan.serves, pgwire::is_cancel_request(&first))
     {
         cancel(&first, fallback_to_leader, settings).await;
         m::session_result(&plan.name, "closed");
@@ -411,7 +418,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
     let mut startup = Startup::new(first);
     let follow = settings.config.switchover == Switchover::Transaction;
     let connecting = async {
-        let connected = match plan.serves {
+        let connected = match &plan.serves {
             Serves::Leader => {
                 return start_on_leader(
                     &mut client,
@@ -423,7 +430,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 )
                 .await
             }
-            Serves::Replica { fallback_to_leader } => {
+            &Serves::Replica { fallback_to_leader } => {
                 connect_replica(
                     &mut backends,
                     &mut route,
@@ -433,7 +440,10 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 )
                 .await
             }
-            Serves::Target(addr) => connect_target(addr, settings).await,
+            Serves::Target(target) => {
+                let addr = resolve_target(target, plan.resolver.as_deref()).await?;
+                connect_target(addr, settings).await
+            }
         };
         let mut connected = connected?;
         // Only sessions routed to a leader are followed (and only those are held); a replica
@@ -591,12 +601,13 @@ async fn refuse_client(
         Unserved::OutOfResources(_) => ("limit", pgwire::TOO_MANY_CONNECTIONS),
         Unserved::Unreachable { .. }
         | Unserved::BackendUnreachable { .. }
+        | Unserved::Unresolved { .. }
         | Unserved::Unreplayable(_) => ("unreachable", pgwire::CANNOT_CONNECT_NOW),
         Unserved::Shutdown | Unserved::Stopping => ("shutdown", pgwire::CANNOT_CONNECT_NOW),
         Unserved::Loop { .. } => ("loop", pgwire::CANNOT_CONNECT_NOW),
         _ => ("no_leader", pgwire::CANNOT_CONNECT_NOW),
     };
-    let message = match (&reason, plan.serves) {
+    let message = match (&reason, &plan.serves) {
         (Unserved::OutOfResources(_), _) => {
             format!("sorry, too many clients already: {reason}")
         }
@@ -782,6 +793,38 @@ async fn connect_replica(
 }
 
 /// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
+/// The address of a fixed target. A name is resolved at each connect, with the resolver of
+/// `backends.dns_names`: the simplest way that follows a target that moves (a node replaced,
+/// an address reassigned) without a reload, and a client that connects is the only one
+/// waiting for the answer. The first address of the preferred family is used; the loop guard
+/// checks it as it checks an address written in the file.
+async fn resolve_target(
+    target: &Endpoint,
+    resolver: Option<&HostResolver>,
+) -> Result<SocketAddr, Unserved> {
+    let (host, port) = match target {
+        Endpoint::Addr(addr) => return Ok(*addr),
+        Endpoint::Name { host, port } => (host, *port),
+    };
+    let unresolved = |error: String| Unserved::Unresolved {
+        target: target.to_string(),
+        error,
+    };
+    let resolver = resolver.ok_or_else(|| unresolved("no DNS resolver".into()))?;
+    match resolver.resolve(host, port).await {
+        Ok(addrs) => addrs
+            .first()
+            .copied()
+            .ok_or_else(|| unresolved("no address records".into())),
+        Err(e) => {
+            if let Some(suppressed) = ratelimit::allow(warning::DNS_FAILED, host) {
+                tracing::warn!(target = %target, error = %e, suppressed, "fixed target does not resolve");
+            }
+            Err(unresolved(e.to_string()))
+        }
+    }
+}
+
 async fn connect_target(
     addr: SocketAddr,
     settings: &SessionSettings,
@@ -1405,6 +1448,7 @@ mod tests {
         let plan = Arc::new(ListenerPlan {
             name: "leader".into(),
             serves: Serves::Leader,
+            resolver: None,
             settings,
         });
         let permit = SessionLimit::new(1).try_admit().expect("a place");

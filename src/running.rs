@@ -33,7 +33,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use crate::config::{BackendsConfig, Config, ConfigError, ListenerConfig, ProxyConfig, Serves};
+use crate::config::{
+    BackendsConfig, Config, ConfigError, Endpoint, ListenerConfig, ProxyConfig, Serves,
+};
+use crate::discovery::HostResolver;
 use crate::leader::{Event, ViewHandle, ViewSettings};
 use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
@@ -231,7 +234,7 @@ impl Running {
         let mut backends: Vec<SocketAddr> =
             self.with_backends(|known| known.iter().map(|b| b.address).collect());
         for spec in &self.config.listeners {
-            if let Serves::Target(addr) = spec.serves {
+            if let Serves::Target(Endpoint::Addr(addr)) = spec.serves {
                 backends.push(addr);
             }
         }
@@ -271,9 +274,25 @@ impl Running {
     fn plan(&self, spec: &ListenerConfig) -> Arc<ListenerPlan> {
         Arc::new(ListenerPlan {
             name: spec.name.as_str().into(),
-            serves: spec.serves,
+            serves: spec.serves.clone(),
+            resolver: self.target_resolver(&spec.serves),
             settings: Arc::clone(&self.settings),
         })
+    }
+
+    /// The resolver of a fixed target given by name, built with each plan so a reload that
+    /// changes `backends.nameservers` or `backends.prefer` is followed.
+    fn target_resolver(&self, serves: &Serves) -> Option<Arc<HostResolver>> {
+        let Serves::Target(Endpoint::Name { host, .. }) = serves else {
+            return None;
+        };
+        match HostResolver::new(&self.config.backends) {
+            Ok(resolver) => Some(Arc::new(resolver)),
+            Err(e) => {
+                tracing::error!(target = %host, error = %e, "cannot resolve the fixed target: its clients are refused");
+                None
+            }
+        }
     }
 
     /// Tells sessions and discovery which addresses are the proxy's own.
@@ -638,7 +657,9 @@ impl Reloads {
 /// Logs a reload's outcome and gives it to everyone who asked for it.
 fn answer(replies: Vec<Reply>, outcome: Outcome) {
     if let Err(e) = &outcome {
-        tracing::error!(error = %e, "reload refused; the running configuration stays");
+        // Every error of the file, on the one line of this event.
+        let error = e.to_string().replace('\n', "; ");
+        tracing::error!(%error, "reload refused; the running configuration stays");
     }
     for reply in replies {
         let _ = reply.send(outcome.clone());

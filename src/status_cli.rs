@@ -8,6 +8,8 @@ use bytes::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
+use crate::config::Endpoint;
+use crate::discovery::DnsResolver;
 use crate::route::Role;
 use crate::status::Status;
 use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
@@ -21,6 +23,49 @@ pub enum StatusError {
     Http { addr: SocketAddr, status: u16 },
     #[error("the admin port {addr} sent something that is not a status document: {error}")]
     Invalid { addr: SocketAddr, error: String },
+    #[error("--admin: {0}")]
+    BadAddress(String),
+    #[error("--admin: cannot resolve {host}: {error}")]
+    Unresolved { host: String, error: String },
+}
+
+/// How long resolving `--admin` may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `--admin HOST:PORT`: the address, or every address of the name, from the system resolver
+/// (`/etc/hosts`, then `/etc/resolv.conf`), as the proxy resolves names with no
+/// `backends.nameservers`.
+pub async fn admin_addresses(written: &str) -> Result<Vec<SocketAddr>, StatusError> {
+    let (host, port) = match written.parse().map_err(StatusError::BadAddress)? {
+        Endpoint::Addr(addr) => return Ok(vec![addr]),
+        Endpoint::Name { host, port } => (host, port),
+    };
+    let unresolved = |error: String| StatusError::Unresolved {
+        host: host.clone(),
+        error,
+    };
+    let resolver = DnsResolver::new(&[], RESOLVE_TIMEOUT).map_err(|e| unresolved(e.to_string()))?;
+    let ips = resolver
+        .resolve(&host)
+        .await
+        .map_err(|e| unresolved(e.to_string()))?;
+    Ok(ips
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect())
+}
+
+/// Fetches `/status` from the first of `addrs` that can be reached (a name's addresses: the
+/// admin port may listen on only one family).
+pub async fn fetch_status_from(addrs: &[SocketAddr]) -> Result<Status, StatusError> {
+    let mut last = StatusError::BadAddress("no address".into());
+    for addr in addrs {
+        match fetch_status(*addr).await {
+            Err(e @ StatusError::Unreachable { .. }) => last = e,
+            answer => return answer,
+        }
+    }
+    Err(last)
 }
 
 /// Largest `/status` document `roleproxy status` accepts.

@@ -111,7 +111,16 @@ fn check_prints_the_effective_config_of_the_shipped_file() {
 #[test]
 fn bad_configs_stop_start_up_naming_the_key() {
     let rows = [
-        ("missing-var", "", "PRIMARY_REGION is not set"),
+        (
+            "missing-var",
+            "[backends]\ndns_names = [\"${PRIMARY_REGION}.${FLY_APP_NAME}.internal\"]\n",
+            "PRIMARY_REGION is not set",
+        ),
+        (
+            "no-backends",
+            "",
+            "backends.dns_names: not set, nor backends.backup",
+        ),
         (
             "unknown-key",
             "[proxy]\nleader_wiat = \"1s\"\n",
@@ -150,6 +159,47 @@ fn bad_configs_stop_start_up_naming_the_key() {
         }
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// A missing variable, an unknown key and a bad value: all three in one run of `check` and of
+/// `run`, one a line, each with its key and line.
+#[test]
+fn every_config_error_is_reported_in_one_run() {
+    let path = write_config(
+        "three-errors",
+        "[backends]\ndns_names = [\"${NOT_SET_ANYWHERE}.internal\"]\n\
+         [proxy]\nleader_wiat = \"1s\"\n\
+         [check]\ninterval = \"fast\"\n",
+    );
+    for command in ["check", "run"] {
+        let output = Command::new(BIN)
+            .args([command, "--config"])
+            .arg(&path)
+            .env_remove("NOT_SET_ANYWHERE")
+            .output()
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains("(3 errors)"), "{command}: {stderr}");
+        let expected = [
+            "backends.dns_names[0]: environment variable NOT_SET_ANYWHERE is not set (write ${NOT_SET_ANYWHERE:-default}",
+            "proxy.leader_wiat: unknown key; did you mean `leader_wait`?",
+            "check.interval: bad duration",
+        ];
+        let lines: Vec<&str> = stderr.lines().skip(1).map(str::trim).collect();
+        assert_eq!(lines.len(), 3, "{command}: one error a line: {stderr}");
+        for ((line, words), number) in lines.iter().zip(expected).zip([2, 4, 6]) {
+            assert!(
+                line.starts_with(words),
+                "{command}: {line:?} should start {words:?}"
+            );
+            assert!(
+                line.contains(&format!("(line {number}, column")),
+                "{command}: {line:?} should be at line {number}"
+            );
+        }
+    }
+    let _ = std::fs::remove_file(path);
 }
 
 #[test]
@@ -269,6 +319,49 @@ fn status_prints_the_route_and_every_backend() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot reach the admin port"));
 }
 
+/// `--admin` takes a name, resolved by the system resolver: `localhost` reaches an admin port
+/// on loopback.
+#[test]
+fn status_takes_the_admin_port_by_name() {
+    let path = write_config(
+        "status-by-name",
+        "[listen]\naddresses = [\"127.0.0.1:0\"]\n[admin]\naddress = \"127.0.0.1:0\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.0.0.1:1\"]\n[check]\nport = 1\n",
+    );
+    let proxy = Running::start(&path);
+    let line = proxy.wait_for("admin listening");
+    let port = line
+        .split("address=127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|port| port.parse::<u16>().ok())
+        .unwrap_or_else(|| panic!("no admin port in {line:?}"));
+    let status = |admin: &str| {
+        Command::new(BIN)
+            .args(["status", "--admin", admin])
+            .output()
+            .expect("runs")
+    };
+    let output = status(&format!("localhost:{port}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.starts_with("cluster backup"), "{stdout}");
+    assert!(stdout.contains("127.0.0.1:1"), "the backup's row: {stdout}");
+    let output = status("localhost");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("--admin: bad address \"localhost\"; expected HOST:PORT"),
+        "{stderr}"
+    );
+    proxy.stop_running("the proxy stopped");
+    let _ = std::fs::remove_file(path);
+}
+
 #[test]
 fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
     let base = "[listen]\naddresses = [\"127.57.0.1:0\"]\n[admin]\naddress = \"\"\n\
@@ -296,11 +389,19 @@ fn sighup_reloads_the_config_file_and_a_bad_file_changes_nothing() {
         .accept()
         .expect("the client is forwarded to the target");
 
-    // A bad file is refused in the log; the process and its listeners stay.
-    std::fs::write(&path, format!("{added}[proxy]\ncopy = \"zero\"\n")).expect("rewrite config");
+    // A bad file is refused in the log, every error on the one line; the process and its
+    // listeners stay.
+    std::fs::write(
+        &path,
+        format!("{added}[proxy]\ncopy = \"zero\"\nleader_wiat = \"1s\"\n"),
+    )
+    .expect("rewrite config");
     proxy.signal("HUP");
     let refused = proxy.wait_for("reload refused");
-    assert!(refused.contains("proxy.copy"), "{refused}");
+    assert!(
+        refused.contains("proxy.copy") && refused.contains("; proxy.leader_wiat"),
+        "{refused}"
+    );
     assert!(
         proxy.child.try_wait().expect("wait").is_none(),
         "still running"

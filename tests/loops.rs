@@ -189,3 +189,52 @@ async fn a_leader_that_became_the_proxys_own_address_is_refused_at_connect() {
     );
     proxy.stop().await;
 }
+
+/// A name is checked when it is resolved: a backup by name that resolves to the proxy's own
+/// listener is dropped as such a DNS answer is, and a fixed target by name that does is
+/// refused at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_that_resolve_to_the_proxys_own_listener_are_refused_once_resolved() {
+    const SELF: &str = "self.loop.test";
+    let cluster = Cluster::start(75, 0).await;
+    let own = SocketAddr::new(loopback(75, 0, 11), 25750);
+    cluster.dns.set(SELF, vec![own.ip()]);
+    let config = cluster
+        .config()
+        .listener(&format!(
+            "name = \"self75\"\naddresses = [\"{own}\"]\ntarget = \"{SELF}:{}\"",
+            own.port()
+        ))
+        .set("backends.backup", &format!("[\"{SELF}:{}\"]", own.port()))
+        .config();
+    let proxy = RunningProxy::start(config).await;
+
+    let series = "roleproxy_discovery_dropped_total{reason=\"own_address\"}";
+    let dropped = proxy.metric(series).await;
+    let proxy_ref = &proxy;
+    assert!(
+        eventually(LONG, move || async move {
+            proxy_ref.metric(series).await > dropped
+        })
+        .await,
+        "the backup by name is dropped once resolved"
+    );
+    let status = proxy.status().await;
+    assert_eq!(status["backends"], serde_json::json!([]), "{status}");
+
+    let (code, message) = postgres_refusal(own, false).await;
+    assert_eq!(code, "57P03", "{message}");
+    for words in [
+        own.to_string().as_str(),
+        "own listening address",
+        "refusing to connect to itself",
+    ] {
+        assert!(message.contains(words), "{words:?} in {message}");
+    }
+    assert_eq!(
+        sessions_counted(&proxy, &["self75"]).await,
+        ["roleproxy_sessions_total{listener=\"self75\",result=\"loop\"} 1"],
+        "one refusal, and no session chained behind it"
+    );
+    proxy.stop().await;
+}

@@ -266,6 +266,47 @@ async fn nodes_added_to_and_removed_from_dns() {
     proxy.stop().await;
 }
 
+/// A backup given by name is resolved with the resolver of `dns_names`, on its cadence: when
+/// the name moves to another node the route follows, and when it stops resolving its last
+/// answer is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_by_name_is_re_resolved_like_a_dns_name() {
+    const BACKUP: &str = "pg.backup.test";
+    let cluster = Cluster::start(214, 2).await;
+    cluster.dns_nodes(&[]);
+    cluster.dns.set(BACKUP, vec![cluster.nodes[0].ip]);
+    for node in &cluster.nodes {
+        node.role.set(RoleReply::leader());
+    }
+    let config = cluster
+        .config()
+        .set("backends.dns_names", "[]")
+        .set("backends.backup", &format!("[\"{BACKUP}:5433\"]"))
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
+
+    cluster.dns.set(BACKUP, vec![cluster.nodes[1].ip]);
+    assert!(
+        proxy.wait_route(Some(&cluster.nodes[1].addr()), LONG).await,
+        "the route follows the name"
+    );
+    assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[1].tag()));
+
+    cluster.dns.remove(BACKUP);
+    let asked = cluster.dns.queries();
+    assert!(
+        support::eventually(LONG, || async { cluster.dns.queries() >= asked + 6 }).await,
+        "the name is asked again"
+    );
+    assert_eq!(
+        served_by(&proxy, LONG).await,
+        Some(cluster.nodes[1].tag()),
+        "a name that stops resolving keeps its last answer"
+    );
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_is_used_only_while_no_discovered_node_is_leader() {
     let cluster = Cluster::start(7, 1).await;
