@@ -91,6 +91,12 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub use running::{ReloadError, Reloader};
 
+/// The crate version, as released.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit built from: git's short hash, `-dirty` with uncommitted changes; else
+/// `ROLEPROXY_COMMIT` at build time, else `unknown` (see `build.rs`).
+pub const COMMIT: &str = env!("ROLEPROXY_COMMIT");
+
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

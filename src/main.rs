@@ -8,9 +8,17 @@ use clap::{Parser, Subcommand};
 use roleproxy::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// `roleproxy --version`: the release and the commit, so a bug report names the exact build.
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ROLEPROXY_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    version = VERSION_LINE,
     about = "A role-aware TCP proxy for Postgres high-availability clusters"
 )]
 struct Cli {
