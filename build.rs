@@ -7,7 +7,11 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-env-changed=ROLEPROXY_COMMIT");
     let commit = git_commit()
-        .or_else(|| std::env::var("ROLEPROXY_COMMIT").ok().filter(|c| !c.is_empty()))
+        .or_else(|| {
+            std::env::var("ROLEPROXY_COMMIT")
+                .ok()
+                .filter(|c| !c.is_empty())
+        })
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=ROLEPROXY_COMMIT={commit}");
 }

@@ -22,6 +22,7 @@
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
 //!   read bounded.
+//! - [`access`]: the access log, one line per client connection (`proxy.access_log`).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
@@ -50,6 +51,7 @@
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod cancel;

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::{self, Ended, Opened};
 use crate::cancel::{CancelKeys, KeyRecorder};
 use crate::config::{ProxyConfig, Serves, Switchover};
 use crate::copy;
@@ -179,9 +180,10 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
 ) {
     // For log lines: the bound address, as people read it.
-    let local = listener
+    let local: Arc<str> = listener
         .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+        .into();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -200,6 +202,7 @@ pub async fn accept_loop(
             },
         };
         tune(&stream);
+        let opened = Opened::now(peer, Arc::clone(&local));
         let plan = Arc::clone(&plan.borrow());
         let settings = &plan.settings;
         let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
@@ -209,10 +212,10 @@ pub async fn accept_loop(
                 settings
                     .base
                     .tracker
-                    .spawn(serve_client(stream, plan, permit).instrument(span));
+                    .spawn(serve_client(stream, plan, permit, opened).instrument(span));
             }
             None => {
-                m::session_result(&plan.name, "limit");
+                unserved(&plan, &opened, "limit");
                 let Ok(slot) = Arc::clone(&settings.refusals).try_acquire_owned() else {
                     continue; // dropping the stream closes it
                 };
@@ -243,7 +246,7 @@ pub async fn accept_loop(
 /// leaving it free for a connect to take for good.
 async fn out_of_descriptors(
     listener: &TcpListener,
-    local: &str,
+    local: &Arc<str>,
     error: io::Error,
     plan: &ListenerPlan,
 ) {
@@ -254,7 +257,10 @@ async fn out_of_descriptors(
                 if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, "descriptors") {
                     tracing::warn!(listener = %local, %error, suppressed, "out of descriptors; refusing client");
                 }
-                m::session_result(&plan.name, "limit");
+                match stream.peer_addr() {
+                    Ok(peer) => unserved(plan, &Opened::now(peer, Arc::clone(local)), "limit"),
+                    Err(_) => m::session_result(&plan.name, "limit"),
+                }
                 let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({error})");
                 let reserve = Arc::clone(reserve);
                 // Tracked like the sessions, so shutdown waits for the refusal too.
@@ -374,7 +380,12 @@ enum Drain {
 /// Waits for the client's first packet, connects it to what its listener serves, then hands
 /// the session to a task of its own; `permit` counts it against `max_connections` until it
 /// ends.
-async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Admitted) {
+async fn serve_client(
+    mut client: TcpStream,
+    plan: Arc<ListenerPlan>,
+    permit: Admitted,
+    opened: Opened,
+) {
     let settings = &plan.settings;
     // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
     // so a client that says nothing must never cost the leader one.
@@ -393,7 +404,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         Ok(packet) => packet,
         Err(silent) => {
             tracing::debug!(reason = %silent, "client closed before its first packet");
-            m::session_result(&plan.name, silent.result());
+            unserved(&plan, &opened, silent.result());
             return;
         }
     };
@@ -401,7 +412,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         (plan.serves, pgwire::is_cancel_request(&first))
     {
         cancel(&first, fallback_to_leader, settings).await;
-        m::session_result(&plan.name, "closed");
+        unserved(&plan, &opened, "closed");
         return;
     }
     // Waiting for a leader counts from the client's request, not from its connect.
@@ -485,6 +496,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 drainer,
                 (_counted, permit),
                 Arc::clone(&plan),
+                opened,
             );
             settings
                 .base
@@ -493,9 +505,12 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         }
         Err(Unserved::Client(silent)) => {
             tracing::debug!(reason = %silent, "client left during its startup");
-            m::session_result(&plan.name, silent.result());
+            unserved(&plan, &opened, silent.result());
         }
-        Err(reason) => refuse_client(client, &startup.unanswered(), reason, accepted, &plan).await,
+        Err(reason) => {
+            let first = startup.unanswered();
+            refuse_client(client, &first, reason, (accepted, &opened), &plan).await
+        }
     }
 }
 
@@ -583,7 +598,7 @@ async fn refuse_client(
     mut client: TcpStream,
     first: &[u8],
     reason: Unserved,
-    accepted: Instant,
+    (accepted, opened): (Instant, &Opened),
     plan: &ListenerPlan,
 ) {
     let settings = &plan.settings;
@@ -608,7 +623,7 @@ async fn refuse_client(
         }
         (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
     };
-    m::session_result(&plan.name, result);
+    unserved(plan, opened, result);
     if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, &plan.name) {
         tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, suppressed, "client refused");
     }
@@ -685,6 +700,7 @@ async fn run_session(
     mut drainer: Drainer,
     _counted: (SessionGuard, Admitted),
     plan: Arc<ListenerPlan>,
+    opened: Opened,
 ) {
     tune(&backend);
     m::session_started(&plan.name);
@@ -701,6 +717,23 @@ async fn run_session(
     .await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
+    if plan.settings.config.access_log {
+        let ended = Ended {
+            backend: Some(drainer.addr),
+            result,
+            client_to_backend: up,
+            backend_to_client: down,
+        };
+        access::log(&plan.name, &opened, ended);
+    }
+}
+
+/// Counts a client that never became a session, and writes its access line.
+fn unserved(plan: &ListenerPlan, opened: &Opened, result: &'static str) {
+    m::session_result(&plan.name, result);
+    if plan.settings.config.access_log {
+        access::log(&plan.name, opened, Ended::unserved(result));
+    }
 }
 
 /// Sends a replica listener's client to the replica with the fewest sessions, trying the
