@@ -102,7 +102,7 @@ pub const COMMIT: &str = env!("ROLEPROXY_COMMIT");
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", proxy::bind_hint(*addr, source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

@@ -251,7 +251,8 @@ async fn agent(
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("roleproxy agent: cannot listen on {listen}: {e}");
+            let hint = roleproxy::proxy::bind_hint(listen, &e);
+            eprintln!("roleproxy agent: cannot listen on {listen}: {e}{hint}");
             return ExitCode::FAILURE;
         }
     };

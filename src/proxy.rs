@@ -67,6 +67,17 @@ pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
+/// What to do when binding `addr` failed with `error`: a port below 1024 needs root or
+/// `CAP_NET_BIND_SERVICE`, and "Permission denied" alone does not say so. Empty otherwise. Pure.
+pub fn bind_hint(addr: SocketAddr, error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        "; ports below 1024 need CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep` on the \
+         binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its systemd unit"
+    } else {
+        ""
+    }
+}
+
 /// What the sessions started under one configuration share: its `[proxy]` settings and cluster
 /// name, and the process-wide parts they use. A reload makes a new one; a session keeps the one
 /// it started with.
@@ -1370,6 +1381,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_privileged_port_refused_names_the_capability() {
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let rows: [(&str, &io::Error, bool); 4] = [
+            ("0.0.0.0:443", &denied, true),
+            ("[::]:1023", &denied, true),
+            ("0.0.0.0:5432", &denied, false),
+            ("0.0.0.0:443", &in_use, false),
+        ];
+        for (addr, error, hinted) in rows {
+            let hint = bind_hint(addr.parse().expect("address"), error);
+            assert_eq!(hint.contains("CAP_NET_BIND_SERVICE"), hinted, "{addr} {error}");
+        }
+    }
+
+    #[test]
     fn the_session_limit_admits_up_to_max_and_a_lowered_one_is_reached_as_sessions_end() {
         let limit = SessionLimit::new(2);
         let mut open: Vec<Admitted> = (0..2)
@@ -1455,6 +1482,7 @@ mod tests {
             drainer,
             counted,
             plan,
+            Opened::now(addr, "127.0.0.1:5432".into()),
         );
         let size = std::mem::size_of_val(&session);
         assert!(size <= 2560, "an open session's task holds {size} bytes");

@@ -701,3 +701,34 @@ fn build_info_is_1_with_the_version_and_commit_labels() {
     proxy.stop_running("the proxy died");
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn a_privileged_port_without_the_capability_says_how_to_grant_it() {
+    let path = write_config(
+        "privileged",
+        "[listen]\naddresses = [\"127.87.0.4:80\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.87.0.4:1\"]\n[check]\nport = 1\n",
+    );
+    // Root may bind any port: the test runs the binary as nobody then.
+    // SAFETY: geteuid has no preconditions.
+    let mut command = if unsafe { libc::geteuid() } == 0 {
+        let mut runuser = Command::new("runuser");
+        runuser.args(["-u", "nobody", "--", BIN]);
+        runuser
+    } else {
+        Command::new(BIN)
+    };
+    let output = command
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on 127.87.0.4:80: Permission denied"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("CAP_NET_BIND_SERVICE"), "{stderr}");
+    let _ = std::fs::remove_file(path);
+}
