@@ -732,3 +732,20 @@ fn a_privileged_port_without_the_capability_says_how_to_grant_it() {
     assert!(stderr.contains("CAP_NET_BIND_SERVICE"), "{stderr}");
     let _ = std::fs::remove_file(path);
 }
+
+#[test]
+fn status_against_a_postgres_port_says_it_is_not_an_admin_port() {
+    let node = std::net::Ipv4Addr::new(127, 87, 0, 21);
+    let pg = roleproxy_testkit::pg::PgCluster::start(&[node], 5433).expect("postgres starts");
+    let output = Command::new(BIN)
+        .args(["status", "--admin", "127.87.0.21:5433"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("127.87.0.21:5433 is not a roleproxy admin port ("),
+        "{stderr}"
+    );
+    drop(pg);
+}
