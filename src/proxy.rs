@@ -35,7 +35,7 @@ use crate::pgwire;
 use crate::preconnect::Preconnect;
 use crate::ratelimit;
 use crate::reserve::{self, Reserve};
-use crate::route::{session_fate, Fate, Route, Target};
+use crate::route::{session_fate, Fate, Hold, Route, Target};
 use crate::startup::{Attempt, Started, Startup};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
@@ -320,8 +320,8 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, m
 enum Unserved {
     #[error("{0}")]
     NoRoute(String),
-    #[error("leader {0} is in maintenance, left DNS or unconfirmed too long")]
-    Held(SocketAddr),
+    #[error("leader {0} {1}")]
+    Held(SocketAddr, Hold),
     #[error("another node claims leader besides {0}; waiting for the claim to lapse or hold")]
     Contested(SocketAddr),
     #[error("leader {addr} unreachable: {error}")]
@@ -1095,7 +1095,7 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
             addr: *addr,
             error: "no attempt succeeded in time".into(),
         },
-        (Target::Held(addr), _) => Unserved::Held(*addr),
+        (Target::Held(addr, why), _) => Unserved::Held(*addr, *why),
         (Target::Contested(addr), _) => Unserved::Contested(*addr),
         (Target::None(reason), _) => Unserved::NoRoute(reason.to_string()),
     }
@@ -1392,7 +1392,11 @@ mod tests {
         ];
         for (addr, error, hinted) in rows {
             let hint = bind_hint(addr.parse().expect("address"), error);
-            assert_eq!(hint.contains("CAP_NET_BIND_SERVICE"), hinted, "{addr} {error}");
+            assert_eq!(
+                hint.contains("CAP_NET_BIND_SERVICE"),
+                hinted,
+                "{addr} {error}"
+            );
         }
     }
 
