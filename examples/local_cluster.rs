@@ -87,8 +87,10 @@ impl Interrupts {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour codes only on a terminal: the demo's output piped to a file reads as plain text.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(roleproxy::wording::stderr_colours())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
                 tracing_subscriber::EnvFilter::new("info,roleproxy::agent=warn")

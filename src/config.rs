@@ -701,6 +701,9 @@ pub struct ProxyConfig {
         deserialize_with = "duration::or_blank"
     )]
     pub switchover_grace: Duration,
+    /// One log line per client connection (HAProxy's `option tcplog`), on the tracing target
+    /// `roleproxy::access`.
+    pub access_log: bool,
 }
 
 impl Default for ProxyConfig {
@@ -719,6 +722,7 @@ impl Default for ProxyConfig {
             threads: 0,
             switchover: Switchover::Transaction,
             switchover_grace: Duration::ZERO,
+            access_log: false,
         }
     }
 }

@@ -1000,10 +1000,11 @@ fn log_route_change(previous: &Route, route: &Route) {
         Target::Leader(addr) => {
             tracing::info!(generation = route.generation, leader = %addr, "route: sessions go to leader")
         }
-        Target::Held(addr) => tracing::warn!(
+        Target::Held(addr, why) => tracing::warn!(
             generation = route.generation,
             leader = %addr,
-            "route held: leader in maintenance, left DNS or unconfirmed too long; existing sessions stay, new ones wait"
+            held = %why,
+            "route held: existing sessions stay, new ones wait"
         ),
         Target::Contested(addr) => tracing::warn!(
             generation = route.generation,

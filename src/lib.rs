@@ -22,6 +22,7 @@
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
 //! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
 //!   read bounded.
+//! - [`access`]: the access log, one line per client connection (`proxy.access_log`).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
 //! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
@@ -50,6 +51,7 @@
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
+pub mod access;
 pub mod admin;
 pub mod agent;
 pub mod cancel;
@@ -91,10 +93,16 @@ use tokio_util::task::TaskTracker;
 pub use config::Config;
 pub use running::{ReloadError, Reloader};
 
+/// The crate version, as released.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit built from: git's short hash, `-dirty` with uncommitted changes; else
+/// `ROLEPROXY_COMMIT` at build time, else `unknown` (see `build.rs`).
+pub const COMMIT: &str = env!("ROLEPROXY_COMMIT");
+
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", proxy::bind_hint(*addr, source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

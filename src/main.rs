@@ -8,9 +8,17 @@ use clap::{Parser, Subcommand};
 use roleproxy::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
+/// `roleproxy --version`: the release and the commit, so a bug report names the exact build.
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("ROLEPROXY_COMMIT"),
+    ")"
+);
+
 #[derive(Parser)]
 #[command(
-    version,
+    version = VERSION_LINE,
     about = "A role-aware TCP proxy for Postgres high-availability clusters"
 )]
 struct Cli {
@@ -128,18 +136,13 @@ fn main() -> ExitCode {
 /// Logs go to stderr. Text has colours only on a terminal, and never when `NO_COLOR` is set
 /// (no-color.org), so a log file or a journal gets plain lines.
 fn init_logging(format: LogFormat) {
-    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
     match format {
-        LogFormat::Text => {
-            let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-            logs.with_ansi(std::io::stderr().is_terminal() && !no_color)
-                .init()
-        }
+        LogFormat::Text => logs.with_ansi(roleproxy::wording::stderr_colours()).init(),
         LogFormat::Json => logs.json().init(),
     }
 }
@@ -286,7 +289,8 @@ async fn agent(
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("roleproxy agent: cannot listen on {listen}: {e}");
+            let hint = roleproxy::proxy::bind_hint(listen, &e);
+            eprintln!("roleproxy agent: cannot listen on {listen}: {e}{hint}");
             return ExitCode::FAILURE;
         }
     };

@@ -45,6 +45,7 @@ pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
 pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
 pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
 pub const CANCEL_REQUESTS_TOTAL: &str = "roleproxy_cancel_requests_total";
+pub const BUILD_INFO: &str = "roleproxy_build_info";
 
 /// A replica listener's CancelRequest, sent to the backend of the session whose key it
 /// carries ...
@@ -314,6 +315,7 @@ pub fn sort_series(text: &str) -> String {
 /// starting values: an alert or a rate over them works from the first scrape, not from the
 /// first event.
 fn process_series_at_zero() {
+    gauge!(BUILD_INFO, "version" => crate::VERSION, "commit" => crate::COMMIT).set(1.0);
     counter!(SPLIT_BRAIN_TOTAL).increment(0);
     counter!(LEADER_CHANGES_TOTAL).increment(0);
     gauge!(ROUTE_GENERATION).set(0.0);
@@ -373,6 +375,10 @@ pub fn route_up(up: bool) {
 }
 
 fn describe() {
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; its labels name the running version and the commit it was built from"
+    );
     describe_gauge!(
         SESSIONS_ACTIVE,
         "Client sessions currently open, by listener"

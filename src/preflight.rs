@@ -220,7 +220,7 @@ pub fn judge(live: Option<SocketAddr>, outlook: &Outlook) -> Result<(), Worse> {
                     .join(", "),
             })
         }
-        (Target::None(_) | Target::Held(_) | Target::Contested(_), Some(leader)) => {
+        (Target::None(_) | Target::Held(..) | Target::Contested(_), Some(leader)) => {
             Err(Worse::NoLeader {
                 leader,
                 heard: outlook.heard_text(),

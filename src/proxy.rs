@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::access::{self, Ended, Opened};
 use crate::cancel::{CancelKeys, KeyRecorder};
 use crate::config::{Endpoint, ProxyConfig, Serves, Switchover};
 use crate::copy;
@@ -35,7 +36,7 @@ use crate::pgwire;
 use crate::preconnect::Preconnect;
 use crate::ratelimit;
 use crate::reserve::{self, Reserve};
-use crate::route::{session_fate, Fate, Route, Target};
+use crate::route::{session_fate, Fate, Hold, Route, Target};
 use crate::startup::{Attempt, Started, Startup};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
@@ -65,6 +66,17 @@ pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// What to do when binding `addr` failed with `error`: a port below 1024 needs root or
+/// `CAP_NET_BIND_SERVICE`, and "Permission denied" alone does not say so. Empty otherwise. Pure.
+pub fn bind_hint(addr: SocketAddr, error: &io::Error) -> &'static str {
+    if error.kind() == io::ErrorKind::PermissionDenied && addr.port() < 1024 {
+        "; ports below 1024 need CAP_NET_BIND_SERVICE: `setcap cap_net_bind_service=+ep` on the \
+         binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in its systemd unit"
+    } else {
+        ""
+    }
 }
 
 /// What the sessions started under one configuration share: its `[proxy]` settings and cluster
@@ -183,9 +195,10 @@ pub async fn accept_loop(
     stop_accepting: CancellationToken,
 ) {
     // For log lines: the bound address, as people read it.
-    let local = listener
+    let local: Arc<str> = listener
         .local_addr()
-        .map_or_else(|e| e.to_string(), |a| a.to_string());
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
+        .into();
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop_accepting.cancelled() => return,
@@ -204,6 +217,7 @@ pub async fn accept_loop(
             },
         };
         tune(&stream);
+        let opened = Opened::now(peer, Arc::clone(&local));
         let plan = Arc::clone(&plan.borrow());
         let settings = &plan.settings;
         let span = tracing::info_span!("session", client = %peer, listener = %plan.name);
@@ -213,10 +227,10 @@ pub async fn accept_loop(
                 settings
                     .base
                     .tracker
-                    .spawn(serve_client(stream, plan, permit).instrument(span));
+                    .spawn(serve_client(stream, plan, permit, opened).instrument(span));
             }
             None => {
-                m::session_result(&plan.name, "limit");
+                unserved(&plan, &opened, "limit");
                 let Ok(slot) = Arc::clone(&settings.refusals).try_acquire_owned() else {
                     continue; // dropping the stream closes it
                 };
@@ -247,7 +261,7 @@ pub async fn accept_loop(
 /// leaving it free for a connect to take for good.
 async fn out_of_descriptors(
     listener: &TcpListener,
-    local: &str,
+    local: &Arc<str>,
     error: io::Error,
     plan: &ListenerPlan,
 ) {
@@ -258,7 +272,10 @@ async fn out_of_descriptors(
                 if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, "descriptors") {
                     tracing::warn!(listener = %local, %error, suppressed, "out of descriptors; refusing client");
                 }
-                m::session_result(&plan.name, "limit");
+                match stream.peer_addr() {
+                    Ok(peer) => unserved(plan, &Opened::now(peer, Arc::clone(local)), "limit"),
+                    Err(_) => m::session_result(&plan.name, "limit"),
+                }
                 let message = format!("sorry, too many clients already: roleproxy is out of file descriptors ({error})");
                 let reserve = Arc::clone(reserve);
                 // Tracked like the sessions, so shutdown waits for the refusal too.
@@ -307,8 +324,8 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, m
 enum Unserved {
     #[error("{0}")]
     NoRoute(String),
-    #[error("leader {0} is in maintenance, left DNS or unconfirmed too long")]
-    Held(SocketAddr),
+    #[error("leader {0} {1}")]
+    Held(SocketAddr, Hold),
     #[error("another node claims leader besides {0}; waiting for the claim to lapse or hold")]
     Contested(SocketAddr),
     #[error("leader {addr} unreachable: {error}")]
@@ -381,7 +398,12 @@ enum Drain {
 /// Waits for the client's first packet, connects it to what its listener serves, then hands
 /// the session to a task of its own; `permit` counts it against `max_connections` until it
 /// ends.
-async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Admitted) {
+async fn serve_client(
+    mut client: TcpStream,
+    plan: Arc<ListenerPlan>,
+    permit: Admitted,
+    opened: Opened,
+) {
     let settings = &plan.settings;
     // Clients speak first (rule 8): Postgres forks a process for every connection it accepts,
     // so a client that says nothing must never cost the leader one.
@@ -400,7 +422,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         Ok(packet) => packet,
         Err(silent) => {
             tracing::debug!(reason = %silent, "client closed before its first packet");
-            m::session_result(&plan.name, silent.result());
+            unserved(&plan, &opened, silent.result());
             return;
         }
     };
@@ -408,7 +430,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         (&plan.serves, pgwire::is_cancel_request(&first))
     {
         cancel(&first, fallback_to_leader, settings).await;
-        m::session_result(&plan.name, "closed");
+        unserved(&plan, &opened, "closed");
         return;
     }
     // Waiting for a leader counts from the client's request, not from its connect.
@@ -495,6 +517,7 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
                 drainer,
                 (_counted, permit),
                 Arc::clone(&plan),
+                opened,
             );
             settings
                 .base
@@ -503,9 +526,12 @@ async fn serve_client(mut client: TcpStream, plan: Arc<ListenerPlan>, permit: Ad
         }
         Err(Unserved::Client(silent)) => {
             tracing::debug!(reason = %silent, "client left during its startup");
-            m::session_result(&plan.name, silent.result());
+            unserved(&plan, &opened, silent.result());
         }
-        Err(reason) => refuse_client(client, &startup.unanswered(), reason, accepted, &plan).await,
+        Err(reason) => {
+            let first = startup.unanswered();
+            refuse_client(client, &first, reason, (accepted, &opened), &plan).await
+        }
     }
 }
 
@@ -593,7 +619,7 @@ async fn refuse_client(
     mut client: TcpStream,
     first: &[u8],
     reason: Unserved,
-    accepted: Instant,
+    (accepted, opened): (Instant, &Opened),
     plan: &ListenerPlan,
 ) {
     let settings = &plan.settings;
@@ -619,7 +645,7 @@ async fn refuse_client(
         }
         (_, Serves::Target(_)) => format!("cannot connect to {}: {reason}", plan.name),
     };
-    m::session_result(&plan.name, result);
+    unserved(plan, opened, result);
     if let Some(suppressed) = ratelimit::allow(warning::CLIENT_REFUSED, &plan.name) {
         tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, suppressed, "client refused");
     }
@@ -696,6 +722,7 @@ async fn run_session(
     mut drainer: Drainer,
     _counted: (SessionGuard, Admitted),
     plan: Arc<ListenerPlan>,
+    opened: Opened,
 ) {
     tune(&backend);
     m::session_started(&plan.name);
@@ -712,6 +739,23 @@ async fn run_session(
     .await;
     tracing::debug!(backend = %drainer.addr, result, bytes_up = up, bytes_down = down, "session ended");
     m::session_ended(&plan.name, result, up, down);
+    if plan.settings.config.access_log {
+        let ended = Ended {
+            backend: Some(drainer.addr),
+            result,
+            client_to_backend: up,
+            backend_to_client: down,
+        };
+        access::log(&plan.name, &opened, ended);
+    }
+}
+
+/// Counts a client that never became a session, and writes its access line.
+fn unserved(plan: &ListenerPlan, opened: &Opened, result: &'static str) {
+    m::session_result(&plan.name, result);
+    if plan.settings.config.access_log {
+        access::log(&plan.name, opened, Ended::unserved(result));
+    }
 }
 
 /// Sends a replica listener's client to the replica with the fewest sessions, trying the
@@ -1094,7 +1138,7 @@ fn no_leader_reason(route: &Route, last_error: Option<(SocketAddr, String)>) -> 
             addr: *addr,
             error: "no attempt succeeded in time".into(),
         },
-        (Target::Held(addr), _) => Unserved::Held(*addr),
+        (Target::Held(addr, why), _) => Unserved::Held(*addr, *why),
         (Target::Contested(addr), _) => Unserved::Contested(*addr),
         (Target::None(reason), _) => Unserved::NoRoute(reason.to_string()),
     }
@@ -1380,6 +1424,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_privileged_port_refused_names_the_capability() {
+        let denied = io::Error::from(io::ErrorKind::PermissionDenied);
+        let in_use = io::Error::from(io::ErrorKind::AddrInUse);
+        let rows: [(&str, &io::Error, bool); 4] = [
+            ("0.0.0.0:443", &denied, true),
+            ("[::]:1023", &denied, true),
+            ("0.0.0.0:5432", &denied, false),
+            ("0.0.0.0:443", &in_use, false),
+        ];
+        for (addr, error, hinted) in rows {
+            let hint = bind_hint(addr.parse().expect("address"), error);
+            assert_eq!(
+                hint.contains("CAP_NET_BIND_SERVICE"),
+                hinted,
+                "{addr} {error}"
+            );
+        }
+    }
+
+    #[test]
     fn the_session_limit_admits_up_to_max_and_a_lowered_one_is_reached_as_sessions_end() {
         let limit = SessionLimit::new(2);
         let mut open: Vec<Admitted> = (0..2)
@@ -1466,6 +1530,7 @@ mod tests {
             drainer,
             counted,
             plan,
+            Opened::now(addr, "127.0.0.1:5432".into()),
         );
         let size = std::mem::size_of_val(&session);
         assert!(size <= 2560, "an open session's task holds {size} bytes");

@@ -419,6 +419,33 @@ pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String
     }
 }
 
+/// Why a leader's route is held: its sessions stay, new clients wait. Carried by the route so a
+/// refused client is told the one that applies, as `/status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hold {
+    /// Its role endpoint answers 404.
+    Maintenance,
+    /// DNS no longer names it.
+    LeftDns,
+    /// Its checks have failed, while its Postgres answered, for longer than
+    /// `check.unconfirmed_limit`.
+    Unconfirmed,
+}
+
+/// Reads after the leader's address: "127.0.0.11:5433 is in maintenance".
+impl fmt::Display for Hold {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hold::Maintenance => "is in maintenance",
+            Hold::LeftDns => "has left DNS",
+            Hold::Unconfirmed => {
+                "has been unconfirmed (its checks fail) for longer than check.unconfirmed_limit"
+            }
+        })
+    }
+}
+
 /// Where sessions go.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", content = "detail", rename_all = "snake_case")]
@@ -426,8 +453,8 @@ pub enum Target {
     /// New sessions go to this leader.
     Leader(SocketAddr),
     /// The leader is in maintenance, left DNS, or has been unconfirmed for longer than
-    /// `check.unconfirmed_limit`: its sessions stay, new ones wait.
-    Held(SocketAddr),
+    /// `check.unconfirmed_limit` (which one: the [`Hold`]): its sessions stay, new ones wait.
+    Held(SocketAddr, Hold),
     /// The leader is confirmed, but another node has just claimed leader too (rule 10): new
     /// clients wait and the leader's sessions pause at their next transaction boundary, until
     /// the rival's claim lapses (the sessions resume) or holds past `check.contest_hold` (a
@@ -440,7 +467,7 @@ impl Target {
     /// The backend that current sessions belong to.
     pub fn backend(&self) -> Option<SocketAddr> {
         match self {
-            Target::Leader(a) | Target::Held(a) | Target::Contested(a) => Some(*a),
+            Target::Leader(a) | Target::Held(a, _) | Target::Contested(a) => Some(*a),
             Target::None(_) => None,
         }
     }
@@ -531,7 +558,7 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
 fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<SocketAddr> {
     let old = match previous.target {
         Target::Leader(addr)
-        | Target::Held(addr)
+        | Target::Held(addr, _)
         | Target::Contested(addr)
         | Target::None(NoRoute::SteppedDown(addr)) => addr,
         Target::None(_) => return None,
@@ -653,7 +680,12 @@ fn sole_claim(previous: &Route, one: &BackendView<'_>) -> Option<Target> {
     if one.present && one.claim.standing != Standing::Expired {
         Some(Target::Leader(one.addr))
     } else if previous.target.backend() == Some(one.addr) {
-        Some(Target::Held(one.addr))
+        let why = if one.present {
+            Hold::Unconfirmed
+        } else {
+            Hold::LeftDns
+        };
+        Some(Target::Held(one.addr, why))
     } else {
         None
     }
@@ -698,14 +730,16 @@ fn newest_timeline(claims: &mut Vec<&BackendView<'_>>) {
 fn held(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
     let addr = previous.target.backend()?;
     let view = backends.iter().find(|b| b.addr == addr)?;
-    (*view.role == Role::Maintenance).then_some(Target::Held(addr))
+    (*view.role == Role::Maintenance).then_some(Target::Held(addr, Hold::Maintenance))
 }
 
 /// A route in words, e.g. `generation 3: sessions go to 127.0.0.12:5433`.
 pub fn describe_route(route: &Route) -> String {
     let what = match &route.target {
         Target::Leader(addr) => format!("sessions go to {addr}"),
-        Target::Held(addr) => format!("held: {addr} keeps its sessions, new clients wait"),
+        Target::Held(addr, why) => {
+            format!("held: {addr} {why}; it keeps its sessions, new clients wait")
+        }
         Target::Contested(addr) => format!(
             "contested: another node claims leader; {addr}'s sessions pause at their next transaction boundary, new clients wait"
         ),
@@ -919,7 +953,8 @@ mod tests {
         use Role::*;
         let none = route(0, Target::None(NoRoute::NoBackends));
         let at_11 = route(4, Target::Leader(addr(11)));
-        let held_11 = route(4, Target::Held(addr(11)));
+        let held_11 = route(4, Target::Held(addr(11), Hold::Maintenance));
+        let left_11 = route(4, Target::Held(addr(11), Hold::LeftDns));
         let stepped_11 = route(5, Target::None(NoRoute::SteppedDown(addr(11))));
         let cases: Vec<(&str, Route, Vec<Row>, Route)> = vec![
             (
@@ -1019,10 +1054,10 @@ mod tests {
                 route(0, Target::None(NoRoute::NoLeader)),
             ),
             (
-                "leader left DNS: held",
+                "leader left DNS: held, saying so",
                 at_11.clone(),
                 vec![(11, true, false, Leader), (12, true, true, Replica)],
-                held_11.clone(),
+                left_11.clone(),
             ),
             (
                 "a departed leader still claiming leader counts toward split brain",
@@ -1139,7 +1174,7 @@ mod tests {
             ),
             (
                 "held (maintenance, left DNS)",
-                route(4, Target::Held(addr(11))),
+                route(4, Target::Held(addr(11), Hold::Maintenance)),
                 (4, 11),
                 Fate::Stay,
             ),
@@ -1778,7 +1813,7 @@ mod tests {
                 "an unconfirmed leader past the bound holds: sessions stay, new clients wait",
                 at_11.clone(),
                 vec![(11, true, Role::Leader, claim(1, 5, Expired))],
-                route(4, Target::Held(addr(11))),
+                route(4, Target::Held(addr(11), Hold::Unconfirmed)),
             ),
             (
                 "an expired claim that is not the route is no route",
@@ -1797,7 +1832,7 @@ mod tests {
             ),
             (
                 "a confirmed claim beats an expired one",
-                route(4, Target::Held(addr(11))),
+                route(4, Target::Held(addr(11), Hold::Unconfirmed)),
                 vec![
                     (11, true, Role::Leader, claim(1, 5, Expired)),
                     (12, true, Role::Leader, ok(7, 9)),
@@ -1874,7 +1909,7 @@ mod tests {
                     (11, false, Role::Leader, claim(1, 5, Unconfirmed)),
                     (12, true, Role::Replica, Claim::default()),
                 ],
-                route(4, Target::Held(addr(11))),
+                route(4, Target::Held(addr(11), Hold::LeftDns)),
             ),
         ];
         for (what, previous, backends, expected) in rows {
@@ -1942,7 +1977,7 @@ mod tests {
                     (2, true, true, Leader, Some(4)),
                 ],
                 SplitBrain::HighestTimeline,
-                Target::Held(addr(1)),
+                Target::Held(addr(1), Hold::LeftDns),
             ),
             // Three claims, one newest.
             (

@@ -11,7 +11,7 @@ const PAGE_REFRESH_SECS: u32 = 2;
 pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
     let state = match status.route.target {
         Target::Leader(_) => "leader",
-        Target::Held(_) => "held",
+        Target::Held(..) => "held",
         Target::Contested(_) => "contested",
         Target::None(_) => "none",
     };

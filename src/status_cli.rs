@@ -19,6 +19,9 @@ use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_
 pub enum StatusError {
     #[error("cannot reach the admin port {addr}: {error}")]
     Unreachable { addr: SocketAddr, error: String },
+    /// It answered, but not in HTTP: a Postgres port, say, given for the admin port.
+    #[error("{addr} is not a roleproxy admin port ({error})")]
+    NotAdmin { addr: SocketAddr, error: String },
     #[error("the admin port {addr} answered HTTP {status}")]
     Http { addr: SocketAddr, status: u16 },
     #[error("the admin port {addr} sent something that is not a status document: {error}")]
@@ -88,10 +91,17 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
             .header(hyper::header::HOST, addr.to_string())
             .body(Empty::new())
             .map_err(|e| unreachable(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|e| {
+            // Closed without an answer, as Postgres does, or answered in another protocol.
+            if e.is_incomplete_message() || e.is_parse() {
+                StatusError::NotAdmin {
+                    addr,
+                    error: e.to_string(),
+                }
+            } else {
+                unreachable(e.to_string())
+            }
+        })?;
         let status = response.status().as_u16();
         if status != 200 {
             return Err(StatusError::Http { addr, status });
@@ -195,6 +205,39 @@ mod tests {
     use super::*;
     use crate::route::{describe_route, Route};
     use crate::stats_page::render_page;
+
+    /// A port that reads the request and answers `reply` (nothing: closes, as Postgres does).
+    async fn not_http(reply: &'static [u8]) -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request).await;
+            let _ = stream.write_all(reply).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_port_that_does_not_speak_http_is_named_as_not_an_admin_port() {
+        for reply in [&b""[..], b"SSH-2.0-OpenSSH_9.2\r\n"] {
+            let addr = not_http(reply).await;
+            let error = fetch_status(addr).await.expect_err("no status");
+            assert!(
+                matches!(error, StatusError::NotAdmin { .. }),
+                "{reply:?}: {error:?}"
+            );
+            let text = error.to_string();
+            assert!(
+                text.starts_with(&format!("{addr} is not a roleproxy admin port (")),
+                "{text}"
+            );
+        }
+    }
 
     #[test]
     fn status_renders_as_a_table() {

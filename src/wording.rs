@@ -105,9 +105,44 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// Whether log lines on stderr get colour codes: only on a terminal, and never when
+/// `NO_COLOR` is set to anything but empty (no-color.org), so a log file, a pipe or a journal
+/// gets plain lines.
+pub fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
+}
+
+/// [`stderr_colours`]' rule. Pure.
+pub fn colours(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_without_no_color() {
+        let set = std::ffi::OsStr::new("1");
+        let empty = std::ffi::OsStr::new("");
+        for (terminal, no_color, expected) in [
+            (true, None, true),
+            (true, Some(empty), true),
+            (true, Some(set), false),
+            (false, None, false),
+            (false, Some(set), false),
+        ] {
+            assert_eq!(
+                colours(terminal, no_color),
+                expected,
+                "{terminal} {no_color:?}"
+            );
+        }
+    }
     use crate::status_cli::render_status;
 
     #[test]

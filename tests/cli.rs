@@ -594,3 +594,259 @@ fn a_role_body_cannot_forge_a_log_line_or_reach_a_terminal() {
     }
     let _ = std::fs::remove_file(path);
 }
+
+/// The fields of the first JSON log line from now on whose target is `target` and whose
+/// message is `message`.
+fn wait_for_event(proxy: &Running, target: &str, message: &str) -> serde_json::Value {
+    loop {
+        let line = proxy.wait_for(&format!("\"{message}\""));
+        let parsed: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if parsed["target"] == target && parsed["fields"]["message"] == message {
+            return parsed["fields"].clone();
+        }
+    }
+}
+
+/// The address a listener reports in its JSON `listening` line.
+fn listening_on(proxy: &Running, listener: &str) -> std::net::SocketAddr {
+    loop {
+        let fields = wait_for_event(proxy, "roleproxy::running", "listening");
+        if fields["listener"] == listener {
+            let address = fields["address"].as_str().expect("address");
+            return address.parse().expect("a socket address");
+        }
+    }
+}
+
+/// A Postgres message read whole: its type and body.
+fn read_message(stream: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut head = [0u8; 5];
+    stream.read_exact(&mut head).expect("message head");
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let mut body = vec![0u8; len - 4];
+    stream.read_exact(&mut body).expect("message body");
+    (head[0], body)
+}
+
+#[test]
+fn the_access_log_has_one_line_per_connection_with_its_bytes_and_result() {
+    use std::io::{Read, Write};
+    let node = std::net::Ipv4Addr::new(127, 87, 0, 11);
+    let pg = roleproxy_testkit::pg::PgCluster::start(&[node], 5433).expect("postgres starts");
+    // A fixed target straight to Postgres, and a leader listener with no leader to refuse.
+    let path = write_config(
+        "access",
+        "[listen]\naddresses = [\"127.87.0.1:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.87.0.1:1\"]\n[check]\nport = 1\n\
+         [proxy]\naccess_log = true\nleader_wait = \"100ms\"\n\
+         [[listeners]]\nname = \"direct\"\naddresses = [\"127.87.0.1:0\"]\n\
+         target = \"127.87.0.11:5433\"\n",
+    );
+    let proxy = Running::start_with(&path, &["--log-format", "json"]);
+    let leader = listening_on(&proxy, "leader");
+    let direct = listening_on(&proxy, "direct");
+
+    let before = std::time::SystemTime::now();
+    let began = Instant::now();
+    let mut client = std::net::TcpStream::connect(direct).expect("proxy accepts");
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut sent = 0u64;
+    let mut received = 0u64;
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0postgres\0database\0postgres\0\0");
+    let mut startup = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    startup.extend_from_slice(&body);
+    let mut query = b"Q".to_vec();
+    let sql = b"SELECT repeat('x', 1000)\0";
+    query.extend_from_slice(&((sql.len() + 4) as u32).to_be_bytes());
+    query.extend_from_slice(sql);
+    for packet in [startup, query] {
+        client.write_all(&packet).expect("send");
+        sent += packet.len() as u64;
+        // Until ReadyForQuery: the startup's answer, then the query's.
+        loop {
+            let (kind, body) = read_message(&mut client);
+            assert_ne!(kind, b'E', "{}", String::from_utf8_lossy(&body));
+            received += 5 + body.len() as u64;
+            if kind == b'Z' {
+                break;
+            }
+        }
+    }
+    let terminate = [b'X', 0, 0, 0, 4];
+    client.write_all(&terminate).expect("send Terminate");
+    sent += terminate.len() as u64;
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("closed by Postgres");
+    received += rest.len() as u64;
+    let client_addr = client.local_addr().expect("client address");
+    drop(client);
+
+    let line = wait_for_event(&proxy, "roleproxy::access", "connection");
+    let elapsed = began.elapsed();
+    assert_eq!(line["client"], client_addr.to_string(), "{line}");
+    assert_eq!(line["listener"], "direct", "{line}");
+    assert_eq!(line["listen"], direct.to_string(), "{line}");
+    assert_eq!(line["backend"], "127.87.0.11:5433", "{line}");
+    assert_eq!(line["bytes_client_to_backend"], sent, "{line}");
+    assert_eq!(line["bytes_backend_to_client"], received, "{line}");
+    assert_eq!(line["result"], "closed", "{line}");
+    let start = humantime::parse_rfc3339(line["start"].as_str().expect("start")).expect("RFC 3339");
+    // Whole milliseconds: the start is at most 1 ms before the client's clock read.
+    assert!(
+        start + Duration::from_millis(1) >= before && start <= before + elapsed,
+        "{line}"
+    );
+    let duration_ms = line["duration_ms"].as_u64().expect("duration_ms");
+    assert!(duration_ms as u128 <= elapsed.as_millis(), "{line}");
+
+    // Refused for want of a leader: no backend, no bytes, the metrics' result label.
+    let runtime = roleproxy_testkit::harness::runtime();
+    let (code, _) = runtime.block_on(roleproxy_testkit::harness::postgres_refusal(leader, false));
+    assert_eq!(code, "57P03");
+    let line = wait_for_event(&proxy, "roleproxy::access", "connection");
+    assert_eq!(line["listener"], "leader", "{line}");
+    assert_eq!(line["listen"], leader.to_string(), "{line}");
+    assert_eq!(line["backend"], "-", "{line}");
+    assert_eq!(line["result"], "no_leader", "{line}");
+    assert_eq!(line["bytes_client_to_backend"], 0, "{line}");
+    assert_eq!(line["bytes_backend_to_client"], 0, "{line}");
+    proxy.stop_running("the proxy died");
+    drop(pg);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn access_lines_are_off_unless_asked_for() {
+    let path = write_config(
+        "access-off",
+        "[listen]\naddresses = [\"127.87.0.2:0\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.87.0.2:1\"]\n[check]\nport = 1\n\
+         [proxy]\nleader_wait = \"100ms\"\n",
+    );
+    let proxy = Running::start_with(&path, &["--log-format", "json"]);
+    let leader = listening_on(&proxy, "leader");
+    let runtime = roleproxy_testkit::harness::runtime();
+    let (code, _) = runtime.block_on(roleproxy_testkit::harness::postgres_refusal(leader, false));
+    assert_eq!(code, "57P03");
+    // Every line up to the refusal's own warning, which comes after its access line would.
+    let mut lines = Vec::new();
+    while !lines
+        .last()
+        .is_some_and(|l: &String| l.contains("client refused"))
+    {
+        let line = proxy
+            .lines
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the refusal is logged");
+        lines.push(line);
+    }
+    assert!(
+        lines.iter().all(|l| !l.contains("roleproxy::access")),
+        "{lines:#?}"
+    );
+    proxy.stop_running("the proxy died");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    let output = Command::new(BIN).arg("--version").output().expect("runs");
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let expected = format!(
+        "roleproxy {} (commit {})",
+        roleproxy::VERSION,
+        roleproxy::COMMIT
+    );
+    assert_eq!(stdout.trim(), expected);
+    assert!(
+        !roleproxy::COMMIT.is_empty() && roleproxy::COMMIT != "unknown",
+        "built from a git checkout: {expected}"
+    );
+}
+
+#[test]
+fn build_info_is_1_with_the_version_and_commit_labels() {
+    let path = write_config(
+        "build-info",
+        "[listen]\naddresses = [\"127.87.0.3:0\"]\n[admin]\naddress = \"127.87.0.3:0\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.87.0.3:1\"]\n[check]\nport = 1\n",
+    );
+    let proxy = Running::start_with(&path, &["--log-format", "json"]);
+    let line = proxy.wait_for("admin listening");
+    let parsed: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    let admin: std::net::SocketAddr = parsed["fields"]["address"]
+        .as_str()
+        .expect("address")
+        .parse()
+        .expect("a socket address");
+    let runtime = roleproxy_testkit::harness::runtime();
+    let (status, metrics) =
+        runtime.block_on(roleproxy_testkit::harness::http_get(admin, "/metrics"));
+    assert_eq!(status, 200);
+    let build_info: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("roleproxy_build_info{"))
+        .collect();
+    assert_eq!(build_info.len(), 1, "{metrics}");
+    let version = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    let commit = format!("commit=\"{}\"", roleproxy::COMMIT);
+    assert!(build_info[0].contains(&version), "{}", build_info[0]);
+    assert!(build_info[0].contains(&commit), "{}", build_info[0]);
+    assert!(build_info[0].ends_with("} 1"), "{}", build_info[0]);
+    proxy.stop_running("the proxy died");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn a_privileged_port_without_the_capability_says_how_to_grant_it() {
+    let path = write_config(
+        "privileged",
+        "[listen]\naddresses = [\"127.87.0.4:80\"]\n[admin]\naddress = \"\"\n\
+         [backends]\ndns_names = []\nbackup = [\"127.87.0.4:1\"]\n[check]\nport = 1\n",
+    );
+    // Root may bind any port: the test runs the binary as nobody then.
+    // SAFETY: geteuid has no preconditions.
+    let mut command = if unsafe { libc::geteuid() } == 0 {
+        let mut runuser = Command::new("runuser");
+        runuser.args(["-u", "nobody", "--", BIN]);
+        runuser
+    } else {
+        Command::new(BIN)
+    };
+    let output = command
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("cannot listen on 127.87.0.4:80: Permission denied"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("CAP_NET_BIND_SERVICE"), "{stderr}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn status_against_a_postgres_port_says_it_is_not_an_admin_port() {
+    let node = std::net::Ipv4Addr::new(127, 87, 0, 21);
+    let pg = roleproxy_testkit::pg::PgCluster::start(&[node], 5433).expect("postgres starts");
+    let output = Command::new(BIN)
+        .args(["status", "--admin", "127.87.0.21:5433"])
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("127.87.0.21:5433 is not a roleproxy admin port ("),
+        "{stderr}"
+    );
+    drop(pg);
+}

@@ -303,8 +303,14 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
         .simple_query("SELECT 1")
         .await
         .expect("a held route keeps its sessions");
-    let (code, _) = postgres_refusal(short.addr, false).await;
+    let (code, message) = postgres_refusal(short.addr, false).await;
     assert_eq!(code, "57P03");
+    assert!(
+        message.contains(
+            "has been unconfirmed (its checks fail) for longer than check.unconfirmed_limit"
+        ),
+        "the refusal names the hold that applies: {message}"
+    );
 
     // The endpoint comes back: confirmed, routed again.
     let role = RoleEndpoint::start(SocketAddr::new(node_ip(62).into(), 5500)).await;

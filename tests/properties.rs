@@ -22,7 +22,7 @@ use roleproxy::pgwire::{
     MAX_STARTUP_LEN,
 };
 use roleproxy::route::{
-    decide, decide_with, least_loaded, BackendView, Claim, NoRoute, Role, RoleHistory, Route,
+    decide, decide_with, least_loaded, BackendView, Claim, Hold, NoRoute, Role, RoleHistory, Route,
     SplitBrain, Standing, Target,
 };
 
@@ -1662,7 +1662,8 @@ fn check_step(
         }
         // Held never moves sessions anywhere new, and only a leader in maintenance or a leader
         // that left DNS is held.
-        Target::Held(addr) => {
+        // The reason it gives is the one that applies.
+        Target::Held(addr, why) => {
             prop_assert_eq!(
                 previous.target.backend(),
                 Some(*addr),
@@ -1675,6 +1676,12 @@ fn check_step(
                 "held a backend that is neither leader nor in maintenance{}",
                 ctx()
             );
+            let applies = v.is_some_and(|v| match why {
+                Hold::Maintenance => *v.role == Role::Maintenance,
+                Hold::LeftDns => !v.present,
+                Hold::Unconfirmed => v.present && v.claim.standing == Standing::Expired,
+            });
+            prop_assert!(applies, "held for {:?}, which does not apply{}", why, ctx());
         }
         // A contested route keeps the leader it had, which is still a present leader.
         Target::Contested(addr) => {
@@ -1973,7 +1980,7 @@ fn any_route() -> impl Strategy<Value = Route> {
         generation,
         target: match kind {
             0 => Target::Leader(pool_addr(i)),
-            1 => Target::Held(pool_addr(i)),
+            1 => Target::Held(pool_addr(i), Hold::Maintenance),
             _ => Target::None(NoRoute::NoLeader),
         },
     })
@@ -2082,7 +2089,7 @@ proptest! {
             // (maintenance): the newest claim had left DNS, as if it were the only claim.
             if let Some(held) = chosen.filter(|b| *b.role != Role::Leader) {
                 prop_assert_eq!(Some(held.addr), previous.target.backend());
-                prop_assert!(matches!(next.target, Target::Held(_)), "{:?}", next);
+                prop_assert!(matches!(next.target, Target::Held(..)), "{:?}", next);
             }
             if let Some(chosen) = chosen.filter(|b| *b.role == Role::Leader) {
                 let rivals: Vec<&BackendView<'_>> = v

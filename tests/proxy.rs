@@ -261,7 +261,11 @@ async fn nodes_added_to_and_removed_from_dns() {
     assert!(proxy.wait_route(None, LONG).await);
     let (code, message) = postgres_refusal(proxy.addr, false).await;
     assert_eq!(code, "57P03");
-    assert!(message.contains("left DNS"), "{message}");
+    assert!(message.contains(" has left DNS"), "{message}");
+    assert!(
+        !message.contains("maintenance"),
+        "only the reason that applies: {message}"
+    );
     assert!(session.echo("still here").await);
     proxy.stop().await;
 }
@@ -362,7 +366,11 @@ async fn maintenance_keeps_sessions_but_takes_no_new_ones() {
     );
     let (code, message) = postgres_refusal(proxy.addr, false).await;
     assert_eq!(code, "57P03");
-    assert!(message.contains("maintenance"), "{message}");
+    assert!(message.contains(" is in maintenance"), "{message}");
+    assert!(
+        !message.contains("DNS"),
+        "only the reason that applies: {message}"
+    );
 
     cluster.nodes[0].role.set(RoleReply::leader());
     assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));

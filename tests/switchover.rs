@@ -156,6 +156,15 @@ async fn switchover_under_transactions_costs_no_transaction() {
             "row ({client}, {seq}) committed on {server} is on the new leader"
         );
     }
+    // The old leader is a read-only primary now: promoting it says to restore it first.
+    let refused = cluster
+        .promote(switch.old)
+        .await
+        .expect_err("only a replica can be promoted");
+    assert!(
+        refused.to_string().contains("run `restore` first"),
+        "{refused}"
+    );
     proxy.stop().await;
     cluster.shutdown().await;
 }

@@ -462,9 +462,18 @@ impl LocalCluster {
     pub async fn promote(&self, i: usize) -> Result<(), ClusterError> {
         let _ops = self.ops.lock().await;
         self.require_running(i)?;
-        if probe(&self.pg, i).await.in_recovery == Some(false) {
+        let status = probe(&self.pg, i).await;
+        if status.in_recovery == Some(false) {
+            // A switchover leaves the old leader a read-only primary, following nobody: only a
+            // replica can be promoted, and `restore` makes it one again.
+            let hint = if status.read_only == Some(true) {
+                " (read-only, as a switchover leaves the old leader): run `restore` first to \
+                 make it a streaming replica of the leader, then promote it"
+            } else {
+                ""
+            };
             return Err(ClusterError::State(format!(
-                "{} is already a primary",
+                "{} is already a primary{hint}",
                 self.pg_addr(i)
             )));
         }
