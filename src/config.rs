@@ -589,6 +589,13 @@ pub struct ProxyConfig {
         deserialize_with = "duration::or_blank"
     )]
     pub switchover_grace: Duration,
+    /// How long a leader session still in a transaction after `POST /pause` may take to end
+    /// it before it is cut.
+    #[serde(with = "duration")]
+    pub pause_grace: Duration,
+    /// How long a pause holds new clients before it lifts by itself.
+    #[serde(with = "duration")]
+    pub pause_limit: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -607,6 +614,12 @@ impl Default for ProxyConfig {
             threads: 0,
             switchover: Switchover::Transaction,
             switchover_grace: Duration::ZERO,
+            // As long as `shutdown_grace`: ordinary transactions commit well within it, and a
+            // stuck one must not hold up the switchover the pause is for.
+            pause_grace: Duration::from_secs(10),
+            // A Patroni or repmgr switchover (a checkpoint, a fast stop, a promotion) can
+            // take longer than `leader_wait`; a forgotten pause must still lift.
+            pause_limit: Duration::from_secs(60),
         }
     }
 }
@@ -634,6 +647,12 @@ pub struct AdminConfig {
     /// series of backends still known are kept fresh, so only departed ones go. Start-up only.
     #[serde(with = "duration")]
     pub metrics_expiry: Duration,
+    /// `""`: none. Else the requests that change state need `Authorization: Bearer` with
+    /// this file's content (trimmed).
+    pub token_file: String,
+    /// The token of `token_file`, read at load.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -642,7 +661,30 @@ impl Default for AdminConfig {
             address: Some((Ipv6Addr::UNSPECIFIED, 8404).into()),
             allow_changes: false,
             metrics_expiry: Duration::from_secs(120),
+            token_file: String::new(),
+            token: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// `admin.token_file` into `token`, at load: a file that cannot be read stops the start
+    /// (or the reload) rather than every change being refused later.
+    fn read_token_file(&mut self) -> Result<(), ConfigError> {
+        const KEY: &str = "admin.token_file";
+        if self.token_file.is_empty() {
+            self.token = None;
+            return Ok(());
+        }
+        let path = &self.token_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(KEY, format!("cannot read {path}: {e}")))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(invalid(KEY, format!("{path} is empty")));
+        }
+        self.token = Some(Secret(token.to_owned()));
+        Ok(())
     }
 }
 
@@ -1390,7 +1432,7 @@ impl File {
             backends,
             check,
             mut proxy,
-            admin,
+            mut admin,
             reload,
         } = self;
         if backends.dns_names.is_empty() && backends.backup.is_empty() {
@@ -1407,6 +1449,7 @@ impl File {
             proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }
         let listeners = validate_listeners(listeners, &listen)?;
+        admin.read_token_file()?;
         let config = Config {
             listen,
             listeners,

@@ -10,7 +10,10 @@ use hyper_util::rt::TokioIo;
 
 use crate::route::Role;
 use crate::status::Status;
-use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
+use crate::wording::{
+    backend_error_text, data_port_text, operator_text, pause_text, printable, unconfirmed_text,
+    when,
+};
 
 /// Why `roleproxy status` could not show the status.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +80,10 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
         clean(&status.route_text),
         when(now_unix_ms, Some(status.route_since_unix_ms))
     );
+    if let Some(pause) = &status.pause {
+        out.push_str(&pause_text(pause, now_unix_ms));
+        out.push('\n');
+    }
     let header = [
         "backend",
         "sources",
@@ -108,6 +115,7 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
         if !backend.present {
             role.push_str(", left DNS");
         }
+        role.push_str(operator_text(backend.operator));
         rows.push([
             backend.address.to_string(),
             clean(&backend.sources.join(",")),
@@ -231,6 +239,7 @@ mod tests {
             backends: Vec::new(),
             listeners: Vec::new(),
             history: Vec::new(),
+            pause: None,
         };
         let words = "no route (split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader)";
         assert!(render_status(&status, 0).contains(words));
