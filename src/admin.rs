@@ -119,7 +119,7 @@ async fn respond<B>(state: &AdminState, request: &Request<B>) -> Response<Full<B
                 format!("{path} changes state: use POST\n"),
             );
         }
-        if let Err(refused) = may_change(&state.settings.borrow(), request, &change) {
+        if let Some(refused) = refusal(&state.settings.borrow(), request, &change) {
             return refused;
         }
         return match change {
@@ -202,28 +202,25 @@ impl Change {
     }
 }
 
-/// 403 while `admin.allow_changes` is off; 401 when `admin.token_file` is set and the request
+/// Why a change is refused, if it is: 403 while `admin.allow_changes` is off; 401 when `admin.token_file` is set and the request
 /// does not carry its token. The token is compared in constant time and never written out.
-#[allow(clippy::result_large_err)]
-fn may_change<B>(
+fn refusal<B>(
     settings: &AdminSettings,
     request: &Request<B>,
     change: &Change,
-) -> Result<(), Response<Full<Bytes>>> {
+) -> Option<Response<Full<Bytes>>> {
     let what = change.request();
     if !settings.allow_changes {
         let also = match change {
             Change::Reload => " (or send SIGHUP)",
             _ => "",
         };
-        return Err(text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             format!("{what} is off: set admin.allow_changes = true to allow it{also}\n"),
         ));
     }
-    let Some(token) = &settings.token else {
-        return Ok(());
-    };
+    let token = settings.token.as_ref()?;
     let given = request
         .headers()
         .get(AUTHORIZATION)
@@ -231,7 +228,7 @@ fn may_change<B>(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let reason = match given {
-        Some(given) if same_token(given.as_bytes(), token.0.as_bytes()) => return Ok(()),
+        Some(given) if same_token(given.as_bytes(), token.0.as_bytes()) => return None,
         Some(_) => "the bearer token is not admin.token_file's",
         None => "it needs Authorization: Bearer with the token of admin.token_file",
     };
@@ -243,7 +240,7 @@ fn may_change<B>(
     if let Ok(value) = "Bearer".parse() {
         refused.headers_mut().insert(WWW_AUTHENTICATE, value);
     }
-    Err(refused)
+    Some(refused)
 }
 
 /// Whether two tokens are equal, in time that depends on their lengths only, not on where

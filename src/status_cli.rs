@@ -15,7 +15,7 @@ use crate::wording::{
     when,
 };
 
-/// Why `roleproxy status` could not show the status.
+/// Why `roleproxy status` could not show the status, or a change sent to an admin port failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("cannot reach the admin port {addr}: {error}")]
@@ -24,13 +24,35 @@ pub enum StatusError {
     Http { addr: SocketAddr, status: u16 },
     #[error("the admin port {addr} sent something that is not a status document: {error}")]
     Invalid { addr: SocketAddr, error: String },
+    #[error("the admin port {addr} answered HTTP {status}: {answer}")]
+    Refused {
+        addr: SocketAddr,
+        status: u16,
+        answer: String,
+    },
 }
 
 /// Largest `/status` document `roleproxy status` accepts.
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
 
-/// Fetches `/status` from a running proxy's admin port.
-pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
+/// How long one request to an admin port may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An admin address as written on the command line (`--admin`). The one place it is read, so
+/// that what it accepts can change in one place.
+pub fn parse_admin_address(text: &str) -> Result<SocketAddr, String> {
+    text.trim()
+        .parse()
+        .map_err(|e| format!("{text:?} is not an admin address (IP:PORT): {e}"))
+}
+
+/// One request to an admin port: its HTTP status and body (at most [`MAX_STATUS_BYTES`]).
+async fn exchange(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Bytes), StatusError> {
     use http_body_util::{BodyExt, Empty, Limited};
     let unreachable = |error: String| StatusError::Unreachable { addr, error };
     let exchange = async {
@@ -42,8 +64,14 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
         let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
-        let request = Request::get("/status")
-            .header(hyper::header::HOST, addr.to_string())
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string());
+        if let Some(token) = token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|e| unreachable(e.to_string()))?;
         let response = sender
@@ -51,22 +79,88 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let status = response.status().as_u16();
-        if status != 200 {
-            return Err(StatusError::Http { addr, status });
-        }
         let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
             .collect()
             .await
             .map_err(|e| unreachable(e.to_string()))?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
-            addr,
-            error: e.to_string(),
-        })
+        Ok((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(ADMIN_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
+        .unwrap_or_else(|_| Err(unreachable(format!("timed out after {ADMIN_TIMEOUT:?}"))))
+}
+
+/// Fetches `/status` from a running proxy's admin port.
+pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
+    let (status, body) = exchange(addr, hyper::Method::GET, "/status", None).await?;
+    if status != 200 {
+        return Err(StatusError::Http { addr, status });
+    }
+    serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
+        addr,
+        error: e.to_string(),
+    })
+}
+
+/// Sends a change (`POST path`, e.g. `/pause`) to one admin port, with `token` as a bearer
+/// token; returns the port's answer, or why it failed (its answer, if it gave one).
+pub async fn post_change(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<String, StatusError> {
+    let (status, body) = exchange(addr, hyper::Method::POST, path, token).await?;
+    let answer = printable(String::from_utf8_lossy(&body).trim()).into_owned();
+    if status == 200 {
+        Ok(answer)
+    } else {
+        Err(StatusError::Refused {
+            addr,
+            status,
+            answer,
+        })
+    }
+}
+
+/// Sends the same change to every admin port at once (each node runs its own proxy); the
+/// answers come back in the order of `addrs`.
+pub async fn post_change_to_all(
+    addrs: &[SocketAddr],
+    path: &str,
+    token: Option<&str>,
+) -> Vec<(SocketAddr, Result<String, StatusError>)> {
+    let mut sends = tokio::task::JoinSet::new();
+    for (i, &addr) in addrs.iter().enumerate() {
+        let (path, token) = (path.to_string(), token.map(str::to_string));
+        sends.spawn(async move { (i, addr, post_change(addr, &path, token.as_deref()).await) });
+    }
+    let mut answers: Vec<Option<Result<String, StatusError>>> =
+        addrs.iter().map(|_| None).collect();
+    while let Some(joined) = sends.join_next().await {
+        match joined {
+            Ok((i, _, answer)) => {
+                if let Some(slot) = answers.get_mut(i) {
+                    *slot = Some(answer);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a request to an admin port panicked"),
+        }
+    }
+    addrs
+        .iter()
+        .zip(answers)
+        .map(|(&addr, answer)| {
+            // A panicked request is an answer missing: its port is named as failed.
+            let answer = answer.unwrap_or_else(|| {
+                Err(StatusError::Unreachable {
+                    addr,
+                    error: "the request failed inside roleproxy".into(),
+                })
+            });
+            (addr, answer)
+        })
+        .collect()
 }
 
 /// `/status` as a table for a terminal, like `patronictl list`. Pure. Every string in it may
