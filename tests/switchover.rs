@@ -12,7 +12,7 @@ use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::fake_cluster::FakeCluster;
 use roleproxy_testkit::harness::{eventually, Client, RunningProxy};
 use roleproxy_testkit::role::RoleReply;
-use roleproxy_testkit::transactions::{Failure, Session, Transactions, CREATE_TABLE};
+use roleproxy_testkit::transactions::{create_table, Failure, Session, Transactions};
 use roleproxy_testkit::writer::connect;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_postgres::error::SqlState;
@@ -44,26 +44,7 @@ async fn start(spec: ClusterSpec, settings: &[(&str, &str)]) -> (LocalCluster, R
         proxy.wait_route(Some(&leader), WAIT).await,
         "routes to node 0"
     );
-    let client = connect(&conninfo(&proxy, "setup"))
-        .await
-        .expect("connects through roleproxy");
-    client
-        .batch_execute(CREATE_TABLE)
-        .await
-        .expect("create table");
-    for i in 1..cluster.len() {
-        let replicated = eventually(WAIT, || async {
-            match connect(&cluster.conninfo(i)).await {
-                Ok(replica) => replica
-                    .query_one("SELECT to_regclass('txs') IS NOT NULL", &[])
-                    .await
-                    .is_ok_and(|row| row.get::<_, bool>(0)),
-                Err(_) => false,
-            }
-        })
-        .await;
-        assert!(replicated, "node {i} has the table");
-    }
+    create_table(&cluster, &conninfo(&proxy, "setup"), WAIT).await;
     (cluster, proxy)
 }
 

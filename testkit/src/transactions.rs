@@ -21,6 +21,32 @@ pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS txs (
     PRIMARY KEY (client, seq)
 )";
 
+/// Creates the table through `conninfo` (a proxy) and waits, within `wait`, until every
+/// replica of `cluster` has it.
+pub async fn create_table(cluster: &crate::cluster::LocalCluster, conninfo: &str, wait: Duration) {
+    let client = crate::writer::connect(conninfo)
+        .await
+        .expect("connects through roleproxy");
+    client
+        .batch_execute(CREATE_TABLE)
+        .await
+        .expect("create table");
+    let leader = cluster.leader().await;
+    for i in (0..cluster.len()).filter(|i| Some(*i) != leader) {
+        let replicated = crate::harness::eventually(wait, || async {
+            match crate::writer::connect(&cluster.conninfo(i)).await {
+                Ok(replica) => replica
+                    .query_one("SELECT to_regclass('txs') IS NOT NULL", &[])
+                    .await
+                    .is_ok_and(|row| row.get::<_, bool>(0)),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(replicated, "node {i} has the table");
+    }
+}
+
 /// A session whose connection task is kept, to read how the server ended it.
 pub struct Session {
     pub client: tokio_postgres::Client,
