@@ -187,6 +187,7 @@ async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
     );
     let all_back_at = Instant::now();
     sampler.abort();
+    let _ = sampler.await;
     let clients = Arc::try_unwrap(clients).unwrap_or_else(|_| panic!("the sampler is stopped"));
     let outcome = clients.stop().await;
 
