@@ -251,6 +251,58 @@ async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_past_the_pause_grace_is_cut_and_counted() {
+    let spec = spec(228);
+    let listen = spec.dns_ip.to_string();
+    let cluster = LocalCluster::start(spec).await.expect("cluster starts");
+    let config = cluster
+        .proxy_config(&listen)
+        .set("admin.allow_changes", "true")
+        .set("proxy.pause_grace", "\"1s\"")
+        .config();
+    let proxy = RunningProxy::start(config).await;
+    let leader = cluster.pg_addr(0);
+    assert!(proxy.wait_route(Some(&leader.to_string()), WAIT).await);
+    create_table(&cluster, &conninfo(proxy.addr, "setup"), WAIT).await;
+    let open = Session::open(&conninfo(proxy.addr, "open-tx"))
+        .await
+        .expect("session");
+    open.client
+        .batch_execute("BEGIN; INSERT INTO txs VALUES (77, 1, 'open')")
+        .await
+        .expect("a transaction open on the leader");
+    let cut = "roleproxy_pause_cut_sessions_total";
+    let before = proxy.metric(cut).await;
+
+    let (code, body) = proxy.post("/pause").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("proxy.pause_grace = 1s"), "{body}");
+    let p = &proxy;
+    assert!(
+        eventually(WAIT, || async move { p.metric(cut).await == before + 1.0 }).await,
+        "the session still in its transaction is cut at the pause grace, and counted"
+    );
+    assert!(
+        open.client.batch_execute("COMMIT").await.is_err(),
+        "its COMMIT reaches nothing"
+    );
+    let node = connect(&cluster.conninfo(0)).await.expect("leader");
+    let row = node
+        .query_one("SELECT count(*) FROM txs WHERE client = 77", &[])
+        .await
+        .expect("count");
+    assert_eq!(
+        row.get::<_, i64>(0),
+        0,
+        "the cut transaction committed nothing"
+    );
+    let (code, body) = proxy.post("/resume").await;
+    assert_eq!(code, 200, "{body}");
+    proxy.stop().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pause_limit_lifts_the_pause_by_itself() {
     let cluster = FakeCluster::start(224, 1).await;
     let node = &cluster.nodes[0];
