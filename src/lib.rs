@@ -36,7 +36,8 @@
 //! - [`operator`]: what an operator asked for: a pause with its limit, and each backend's drain
 //!   or maintenance; kept across reloads and rediscovery.
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
-//!   page, `POST /reload`.
+//!   page, and the changes (`POST /reload`, `/pause`, `/resume`, `/backends/ADDR/STATE`),
+//!   behind `admin.allow_changes` and the token.
 //! - [`status`]: the `/status` document, one schema for the server, the page and the client, and
 //!   the parts of it that their owners publish.
 //! - [`stats_page`]: the stats page's HTML.

@@ -32,6 +32,11 @@
 //!     confirmed leader's route for its hold-down ([`Target::Contested`], sessions pause:
 //!     [`Fate::Hold`]) before it counts; a node whose Postgres port fails is not routed, and the
 //!     route says so ([`NoRoute::DataPortFailing`]).
+//!
+//! An operator's word comes on top of the rules: while the proxy is paused every leader session
+//! ends at its next transaction boundary and new clients wait ([`leader_session_fate`],
+//! [`admitted_leader`]); a replica set to drain or maintenance takes no new session, and a
+//! drained one's sessions end at their boundary ([`replica_session_fate`], [`open_replicas`]).
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -340,6 +340,40 @@ mod tests {
         assert!(render_page(&status, 0).contains(words));
     }
 
+    #[test]
+    fn a_pause_and_an_operator_state_show_in_the_terminal() {
+        let status = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}},
+            "route_since_unix_ms": 0,
+            "backends": [
+                {"address": "127.0.0.12:5433", "present": true, "role": {"role": "replica"},
+                 "last_check_unix_ms": 9_000, "last_check_latency_ms": 1.0, "last_error": null,
+                 "last_error_unix_ms": null, "unconfirmed": null, "postgres": null,
+                 "operator": "maintenance"}
+            ],
+            "pause": {"since_unix_ms": 4_000, "limit_ms": 60_000, "resumes_at_unix_ms": 64_000,
+                      "held_clients": 1}
+        });
+        let text = render_status(&document(status), 10_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "PAUSED since 6.0s ago: leader sessions end at their next transaction boundary; 1 new client held; resumes by itself in 54s (proxy.pause_limit 60s) unless POST /resume comes first",
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("replica, in maintenance by the operator"),
+            "{text}"
+        );
+        // A server without pauses sends neither: nothing is shown.
+        let quiet = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}}
+        });
+        assert!(!render_status(&document(quiet), 0).contains("PAUSED"));
+    }
+
     /// A JSON fixture read as `roleproxy status` reads what the server sends.
     fn document(json: serde_json::Value) -> Status {
         serde_json::from_value(json).expect("a /status document")

@@ -16,12 +16,16 @@ use roleproxy_testkit::harness::{
     eventually, http_request_with, postgres_refusal, Client, ConfigFile, RunningProxy,
 };
 use roleproxy_testkit::role::RoleReply;
-use roleproxy_testkit::transactions::{create_table, Failure, Session, Transactions};
+use roleproxy_testkit::transactions::{create_table, Session, Transactions};
 use roleproxy_testkit::writer::connect;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
 
 const WAIT: Duration = Duration::from_secs(60);
+
+/// The pause's metrics are the process's, and every test here pauses a proxy: they take turns,
+/// so each reads only its own proxy's changes.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn spec(net: u8) -> ClusterSpec {
     ClusterSpec {
@@ -53,6 +57,7 @@ async fn backend_status(proxy: &RunningProxy, addr: SocketAddr) -> serde_json::V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
+    let _turn = TURN.lock().await;
     let spec = spec(223);
     let listen = spec.dns_ip.to_string();
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
@@ -191,20 +196,14 @@ async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
     let clients = Arc::try_unwrap(clients).unwrap_or_else(|_| panic!("the sampler is stopped"));
     let outcome = clients.stop().await;
 
-    let part_way: Vec<&Failure> = outcome
-        .failures
-        .iter()
-        .filter(|f| !matches!(f, Failure::Between(..)))
-        .collect();
+    let part_way = outcome.not_between();
     assert!(
         part_way.is_empty(),
         "no transaction fails part-way, no client fails to connect: {part_way:#?}"
     );
-    let ended: Vec<&Failure> = outcome.failures.iter().collect();
+    let ended = outcome.between();
     assert!(
-        ended.iter().all(
-            |f| matches!(f, Failure::Between(Some(code), _) if *code == SqlState::ADMIN_SHUTDOWN)
-        ),
+        outcome.all_ended_with_57p01(),
         "sessions end between transactions with a clean 57P01: {ended:#?}"
     );
     assert_eq!(
@@ -216,23 +215,18 @@ async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
 
     // Every transaction that reported COMMIT is on the new leader, wherever it committed.
     let leader = connect(&cluster.conninfo(1)).await.expect("new leader");
-    for (client, seq, server) in &outcome.committed {
-        let row = leader
-            .query_opt(
-                "SELECT server FROM txs WHERE client = $1 AND seq = $2",
-                &[client, seq],
-            )
-            .await
-            .expect("query the new leader");
-        assert!(
-            row.is_some(),
-            "row ({client}, {seq}) committed on {server:?} is on the new leader"
-        );
-        assert!(
-            [old_ip.as_str(), new_ip.as_str(), ""].contains(&server.as_str()),
-            "committed on a leader: {server}"
-        );
-    }
+    let missing = outcome.missing_on(&leader).await;
+    assert!(
+        missing.is_empty(),
+        "rows committed but not on the new leader: {missing:?}"
+    );
+    assert!(
+        outcome
+            .committed
+            .iter()
+            .all(|(_, _, server)| [old_ip.as_str(), new_ip.as_str(), ""].contains(&server.as_str())),
+        "every commit was on a leader"
+    );
 
     let stamps = commits.lock().expect("lock").clone();
     let longest = stamps
@@ -252,6 +246,7 @@ async fn a_pause_around_a_patroni_style_switchover_cuts_no_transaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_open_past_the_pause_grace_is_cut_and_counted() {
+    let _turn = TURN.lock().await;
     let spec = spec(228);
     let listen = spec.dns_ip.to_string();
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
@@ -304,6 +299,7 @@ async fn a_transaction_open_past_the_pause_grace_is_cut_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pause_limit_lifts_the_pause_by_itself() {
+    let _turn = TURN.lock().await;
     let cluster = FakeCluster::start(224, 1).await;
     let node = &cluster.nodes[0];
     node.role.set(RoleReply::leader());
@@ -355,6 +351,7 @@ async fn the_pause_limit_lifts_the_pause_by_itself() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_need_allow_changes_and_the_token() {
+    let _turn = TURN.lock().await;
     let cluster = FakeCluster::start(225, 1).await;
     let node = &cluster.nodes[0];
     node.role.set(RoleReply::leader());
@@ -472,6 +469,7 @@ async fn new_sessions_land(replicas: SocketAddr, n: usize) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_and_maintenance_steer_a_replica_listener_and_outlive_reloads_and_rediscovery() {
+    let _turn = TURN.lock().await;
     let spec = spec(226);
     let listen = spec.dns_ip.to_string();
     let cluster = LocalCluster::start(spec).await.expect("cluster starts");
@@ -632,6 +630,7 @@ async fn roleproxy(args: &[String]) -> (bool, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_pauses_every_proxy_given_and_names_the_one_that_failed() {
+    let _turn = TURN.lock().await;
     let cluster = FakeCluster::start(227, 1).await;
     let node = &cluster.nodes[0];
     node.role.set(RoleReply::leader());
