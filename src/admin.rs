@@ -269,14 +269,16 @@ fn pause(state: &AdminState) -> Response<Full<Bytes>> {
             format!("{open} session(s) open on the leader {leader}")
         })
         .unwrap_or_else(|| "no leader".to_string());
-    let since = humantime::format_duration(Duration::from_millis(
-        pause.started.elapsed().as_millis() as u64,
-    ));
+    let state_now = if began {
+        "paused".to_string()
+    } else {
+        let since = Duration::from_millis(pause.started.elapsed().as_millis() as u64);
+        format!("already paused, for {}", humantime::format_duration(since))
+    };
     text(
         StatusCode::OK,
         format!(
-            "{}paused for {since}; {sessions}: each ends at its next transaction boundary (cut if still in a transaction after proxy.pause_grace = {}); new clients are held until POST /resume, or for proxy.pause_limit = {}\n",
-            if began { "" } else { "already " },
+            "{state_now}; {sessions}: each ends at its next transaction boundary (cut if still in a transaction after proxy.pause_grace = {}); new clients are held until POST /resume, or for proxy.pause_limit = {}\n",
             humantime::format_duration(settings.pause_grace),
             humantime::format_duration(pause.limit),
         ),

@@ -276,8 +276,6 @@ pub fn keep_alive(backends: impl IntoIterator<Item = SocketAddr>) {
         for label in Role::LABELS {
             gauge!(BACKEND_ROLE, "backend" => backend.clone(), "role" => label).increment(0.0);
         }
-        // At 0 (ready) for a new backend; an operator's drain or maintenance is kept.
-        gauge!(BACKEND_OPERATOR_STATE, "backend" => backend).increment(0.0);
     }
     if let Some(Some(handles)) = HANDLES.get() {
         handles.render_expiring();
@@ -592,7 +590,10 @@ pub fn backend_joined(backend: SocketAddr) {
     for result in Role::LABELS {
         counter!(CHECKS_TOTAL, "backend" => backend.clone(), "result" => result).increment(0);
     }
-    counter!(CONNECT_FAILURES_TOTAL, "backend" => backend).increment(0);
+    counter!(CONNECT_FAILURES_TOTAL, "backend" => backend.clone()).increment(0);
+    // Added to, not set: 0 (ready) for a new backend, and an operator's drain or maintenance
+    // is kept.
+    gauge!(BACKEND_OPERATOR_STATE, "backend" => backend).increment(0.0);
 }
 
 /// 1 while paused.

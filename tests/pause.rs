@@ -13,7 +13,7 @@ use std::time::Duration;
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::fake_cluster::FakeCluster;
 use roleproxy_testkit::harness::{
-    eventually, http_request_with, postgres_refusal, Client, ConfigFile, RunningProxy,
+    eventually, http_request_with, metric_value, postgres_refusal, Client, ConfigFile, RunningProxy,
 };
 use roleproxy_testkit::role::RoleReply;
 use roleproxy_testkit::transactions::{create_table, Session, Transactions};
@@ -422,6 +422,58 @@ async fn changes_need_allow_changes_and_the_token() {
     proxy.stop().await;
 }
 
+#[test]
+fn the_pause_keys_have_defaults_and_a_token_file_is_read_at_load() {
+    let base = "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n";
+    let config = roleproxy::Config::parse(base, &|_| None).expect("valid");
+    assert_eq!(config.proxy.pause_grace, Duration::from_secs(10));
+    assert_eq!(config.proxy.pause_limit, Duration::from_secs(60));
+    assert_eq!(config.admin.token, None);
+
+    let bad =
+        roleproxy::Config::parse(&format!("{base}[proxy]\npause_limit = \"soon\"\n"), &|_| {
+            None
+        })
+        .expect_err("not a duration");
+    assert!(bad.to_string().contains("proxy.pause_limit"), "{bad}");
+
+    let missing = roleproxy::Config::parse(
+        &format!("{base}[admin]\ntoken_file = \"/nonexistent/token\"\n"),
+        &|_| None,
+    )
+    .expect_err("an unreadable token file stops the start");
+    assert!(
+        missing.to_string().contains("admin.token_file")
+            && missing.to_string().contains("cannot read"),
+        "{missing}"
+    );
+    let empty = ConfigFile::new("pause-empty-token");
+    empty.write_text(" \n");
+    let text = format!("{base}[admin]\ntoken_file = {:?}\n", empty.0);
+    let refused = roleproxy::Config::parse(&text, &|_| None).expect_err("an empty token");
+    assert!(
+        refused.to_string().contains("admin.token_file") && refused.to_string().contains("empty"),
+        "{refused}"
+    );
+
+    empty.write_text("  the-token\r\n");
+    let config = roleproxy::Config::parse(&text, &|_| None).expect("valid");
+    assert_eq!(
+        config.admin.token.as_ref().map(|t| t.0.as_str()),
+        Some("the-token"),
+        "trimmed"
+    );
+    assert!(
+        !format!("{config:?}").contains("the-token"),
+        "never in Debug output"
+    );
+    let printed = toml::to_string(&config).expect("printable");
+    assert!(
+        !printed.contains("the-token"),
+        "never printed by roleproxy check: {printed}"
+    );
+}
+
 /// Which replica a session is on.
 async fn server_of(session: &Session) -> String {
     session
@@ -512,7 +564,12 @@ async fn drain_and_maintenance_steer_a_replica_listener_and_outlive_reloads_and_
     // Drain node 1.
     let gauge_one = format!("roleproxy_backend_operator_state{{backend=\"{one}\"}}");
     let gauge_two = format!("roleproxy_backend_operator_state{{backend=\"{two}\"}}");
-    assert_eq!(proxy.metric(&gauge_one).await, 0.0);
+    let registered = metric_value(&proxy.get("/metrics").await.1, &gauge_one);
+    assert_eq!(
+        registered,
+        Some(0.0),
+        "registered at 0 (ready) when it joined"
+    );
     let (code, body) = proxy.post(&format!("/backends/{one}/drain")).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(proxy.metric(&gauge_one).await, 1.0);
