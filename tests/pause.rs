@@ -349,6 +349,39 @@ async fn the_pause_limit_lifts_the_pause_by_itself() {
     proxy.stop().await;
 }
 
+/// A session that is not Postgres (as a TLS one is not, to the proxy) has no boundary to end
+/// at: a pause closes it at once, and counts it as cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_boundaries_cannot_be_seen_is_closed_at_once_by_a_pause() {
+    let _turn = TURN.lock().await;
+    let cluster = FakeCluster::start(229, 1).await;
+    let node = &cluster.nodes[0];
+    node.role.set(RoleReply::leader());
+    let proxy = RunningProxy::start(
+        cluster
+            .config()
+            .set("admin.allow_changes", "true")
+            .set("proxy.pause_grace", "\"10m\"")
+            .config(),
+    )
+    .await;
+    assert!(proxy.wait_route(Some(&node.addr()), WAIT).await);
+    let mut session = Client::connect(proxy.addr, WAIT).await.expect("served");
+    assert!(session.echo("before").await);
+    let cut = "roleproxy_pause_cut_sessions_total";
+    let before = proxy.metric(cut).await;
+    let (code, body) = proxy.post("/pause").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        session.closed_within(WAIT).await,
+        "closed at once, not after the 10 min grace"
+    );
+    assert_eq!(proxy.metric(cut).await, before + 1.0);
+    let (code, body) = proxy.post("/resume").await;
+    assert_eq!(code, 200, "{body}");
+    proxy.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_need_allow_changes_and_the_token() {
     let _turn = TURN.lock().await;
