@@ -704,6 +704,13 @@ pub struct ProxyConfig {
     /// One log line per client connection (HAProxy's `option tcplog`), on the tracing target
     /// `roleproxy::access`.
     pub access_log: bool,
+    /// How long a leader session still in a transaction after `POST /pause` may take to end
+    /// it before it is cut.
+    #[serde(with = "duration")]
+    pub pause_grace: Duration,
+    /// How long a pause holds new clients before it lifts by itself.
+    #[serde(with = "duration")]
+    pub pause_limit: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -723,6 +730,12 @@ impl Default for ProxyConfig {
             switchover: Switchover::Transaction,
             switchover_grace: Duration::ZERO,
             access_log: false,
+            // As long as `shutdown_grace`: ordinary transactions commit well within it, and a
+            // stuck one must not hold up the switchover the pause is for.
+            pause_grace: Duration::from_secs(10),
+            // A Patroni or repmgr switchover (a checkpoint, a fast stop, a promotion) can
+            // take longer than `leader_wait`; a forgotten pause must still lift.
+            pause_limit: Duration::from_secs(60),
         }
     }
 }
@@ -750,6 +763,12 @@ pub struct AdminConfig {
     /// series of backends still known are kept fresh, so only departed ones go. Start-up only.
     #[serde(with = "duration")]
     pub metrics_expiry: Duration,
+    /// `""`: none. Else the requests that change state need `Authorization: Bearer` with
+    /// this file's content (trimmed).
+    pub token_file: String,
+    /// The token of `token_file`, read at load.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 impl Default for AdminConfig {
@@ -758,7 +777,30 @@ impl Default for AdminConfig {
             address: Some((Ipv6Addr::UNSPECIFIED, 8404).into()),
             allow_changes: false,
             metrics_expiry: Duration::from_secs(120),
+            token_file: String::new(),
+            token: None,
         }
+    }
+}
+
+impl AdminConfig {
+    /// `admin.token_file` into `token`, at load: a file that cannot be read stops the start
+    /// (or the reload) rather than every change being refused later.
+    fn read_token_file(&mut self) -> Result<(), KeyError> {
+        const KEY: &str = "admin.token_file";
+        if self.token_file.is_empty() {
+            self.token = None;
+            return Ok(());
+        }
+        let path = &self.token_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid(KEY, format!("cannot read {path}: {e}")))?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(invalid(KEY, format!("{path} is empty")));
+        }
+        self.token = Some(Secret(token.to_owned()));
+        Ok(())
     }
 }
 
@@ -1661,7 +1703,7 @@ impl File {
             backends,
             check,
             mut proxy,
-            admin,
+            mut admin,
             reload,
         } = self;
         let mut errors = Vec::new();
@@ -1675,6 +1717,9 @@ impl File {
             .for_kind(&written.check, &backends)
             .map_err(|e| errors.push(e));
         let listeners = validate_listeners(listeners, &listen).map_err(|e| errors.push(e));
+        if let Err(e) = admin.read_token_file() {
+            errors.push(e);
+        }
         let (Ok(check), Ok(listeners), true) = (check, listeners, errors.is_empty()) else {
             return Err(ConfigError::Invalid(errors));
         };

@@ -157,14 +157,19 @@ impl BackendSet {
         SessionGuard { counters, addr }
     }
 
-    /// Picks the least loaded replica (see [`least_loaded`]) and counts a session against it at
+    /// Picks the least loaded of the `open` replicas (see [`least_loaded`]) and counts a session against it at
     /// once, so clients arriving together spread out. Nothing locks between reading the counts
     /// and adding one: clients picking at the same instant may read the same counts. Each has
     /// its own `turn`, so equal counts still spread; otherwise a pick is off by the few clients
     /// that raced, and the next picks read the real counts and even it out. The pick balances,
     /// it limits nothing, so that costs nothing worth a lock on every connect.
-    pub fn pick_replica(&self, exclude: &[SocketAddr], turn: usize) -> Option<SessionGuard> {
-        let addr = least_loaded(&self.replicas, |a| self.sessions(a), exclude, turn)?;
+    pub fn pick_replica(
+        &self,
+        open: &[SocketAddr],
+        exclude: &[SocketAddr],
+        turn: usize,
+    ) -> Option<SessionGuard> {
+        let addr = least_loaded(open, |a| self.sessions(a), exclude, turn)?;
         Some(self.count(addr))
     }
 }
@@ -857,6 +862,7 @@ impl LeaderView {
                         error: error.clone(),
                     }),
                 sessions: 0,
+                operator: Default::default(),
             })
             .collect();
         self.status_tx.send_replace(ViewStatus {
@@ -1285,7 +1291,7 @@ mod tests {
         };
         // The same turn every time: only counting at once spreads them.
         let picked: Vec<SessionGuard> = (0..6)
-            .map(|_| set.pick_replica(&[], 0).expect("a replica"))
+            .map(|_| set.pick_replica(&set.replicas, &[], 0).expect("a replica"))
             .collect();
         for a in [addr(1), addr(2), addr(3)] {
             assert_eq!(set.sessions(a), 2, "{a}");

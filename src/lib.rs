@@ -34,8 +34,11 @@
 //!   and reloading (SIGHUP, `POST /reload`).
 //! - [`preflight`]: a new configuration tried against the live cluster before a reload applies
 //!   it: refused if it would leave routing worse than now.
+//! - [`operator`]: what an operator asked for: a pause with its limit, and each backend's drain
+//!   or maintenance; kept across reloads and rediscovery.
 //! - [`admin`]: the admin port's requests: `/metrics`, `/status`, `/healthz`, `/ready`, the stats
-//!   page, `POST /reload`.
+//!   page, and the changes (`POST /reload`, `/pause`, `/resume`, `/backends/ADDR/STATE`),
+//!   behind `admin.allow_changes` and the token.
 //! - [`status`]: the `/status` document, one schema for the server, the page and the client, and
 //!   the parts of it that their owners publish.
 //! - [`stats_page`]: the stats page's HTML.
@@ -64,6 +67,7 @@ mod httpd;
 pub mod leader;
 pub mod loops;
 pub mod metrics;
+pub mod operator;
 pub mod pgclient;
 pub mod pgwire;
 pub mod preconnect;
@@ -197,7 +201,14 @@ impl Proxy {
         let own = Arc::new(loops::OwnAddrs::new());
         let (backends, backend_configs) = watch::channel(config.backends.clone());
         let stop_accepting = CancellationToken::new();
-        let (allow_changes, allow_changes_rx) = watch::channel(config.admin.allow_changes);
+        let (admin_settings, admin_settings_rx) =
+            watch::channel(operator::AdminSettings::from_config(&config));
+        let operator = operator::Operator::new();
+        supervisor.spawn(
+            "operator",
+            background.clone(),
+            Arc::clone(&operator).run(background.clone()),
+        );
         let (serving, serving_rx) = watch::channel(status::ServingStatus::default());
         let admin = self.admin.as_ref().and_then(|l| l.local_addr().ok());
         let admin_server = self.admin.map(|listener| {
@@ -206,7 +217,8 @@ impl Proxy {
                 serving: serving_rx,
                 supervisor: supervisor.clone(),
                 stopping: stop_accepting.clone(),
-                allow_changes: allow_changes_rx,
+                settings: admin_settings_rx,
+                operator: Arc::clone(&operator),
                 reloader: Some(self.reloader.clone()),
             });
             (listener, state)
@@ -225,7 +237,8 @@ impl Proxy {
                 supervisor: supervisor.clone(),
                 serving,
                 backends,
-                allow_changes,
+                admin_settings,
+                operator,
                 stop_accepting,
                 background: background.clone(),
                 hard_stop: hard_stop.clone(),

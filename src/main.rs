@@ -58,6 +58,29 @@ enum Command {
         #[arg(long)]
         admin: Option<String>,
     },
+    /// Pause the proxies: leader sessions end at their next transaction boundary, new clients
+    /// are held until `resume` (or `proxy.pause_limit`). Around a Patroni or repmgr
+    /// switchover, like PgBouncer's PAUSE; sessions end here, they are not kept.
+    Pause {
+        #[command(flatten)]
+        admins: Admins,
+    },
+    /// Resume paused proxies: held clients go on to whichever node leads now.
+    Resume {
+        #[command(flatten)]
+        admins: Admins,
+    },
+    /// Set a backend's state for replica listeners, like HAProxy's `set server ... state`:
+    /// `drain` (no new sessions; open ones end at their next transaction boundary),
+    /// `maintenance` (no new sessions; open ones stay) or `ready`.
+    Backend {
+        /// The backend's address, as `roleproxy status` shows it.
+        address: SocketAddr,
+        #[arg(value_parser = ["drain", "maintenance", "ready"])]
+        state: String,
+        #[command(flatten)]
+        admins: Admins,
+    },
     /// Serve a Fly-style role endpoint (`GET /flycheck/role`) for a Postgres node.
     Agent {
         /// libpq-style connection string of the local node, e.g.
@@ -81,6 +104,24 @@ enum Command {
         reuse_for: std::time::Duration,
     },
 }
+
+/// The admin ports a change goes to: every node runs its own proxy.
+#[derive(clap::Args)]
+struct Admins {
+    /// Admin address; repeat it or give a comma-separated list to act on several proxies
+    /// [default: `admin.address` of the config file, on loopback].
+    /// Each is HOST:PORT; a name is resolved with the system resolver.
+    #[arg(long, value_delimiter = ',')]
+    admin: Vec<String>,
+    /// A file with the token of `admin.token_file` [default: the ROLEPROXY_ADMIN_TOKEN
+    /// environment variable, when set].
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// Where `roleproxy pause` and friends read the bearer token from when no `--token-file` is
+/// given.
+const TOKEN_VAR: &str = "ROLEPROXY_ADMIN_TOKEN";
 
 fn main() -> ExitCode {
     ignore_sighup_until_handled();
@@ -107,6 +148,26 @@ fn main() -> ExitCode {
     match command {
         Command::Check { resolve } => runtime.block_on(check(&cli.config, resolve)),
         Command::Status { admin } => runtime.block_on(status(&cli.config, admin)),
+        Command::Pause { admins } => {
+            runtime.block_on(change(&cli.config, admins, "pause", "/pause".into()))
+        }
+        Command::Resume { admins } => {
+            runtime.block_on(change(&cli.config, admins, "resume", "/resume".into()))
+        }
+        Command::Backend {
+            address,
+            state,
+            admins,
+        } => runtime.block_on(change(
+            &cli.config,
+            admins,
+            "backend",
+            // An IPv6 address's brackets are not allowed in a request path as they are.
+            format!(
+                "/backends/{}/{state}",
+                address.to_string().replace('[', "%5B").replace(']', "%5D")
+            ),
+        )),
         Command::Run => match config {
             Some(config) => runtime.block_on(run(config, cli.config.clone())),
             None => ExitCode::FAILURE,
@@ -233,6 +294,59 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
     }
 }
 
+/// The admin address of the config file, reached on loopback when it is a wildcard.
+fn configured_admin(config: &std::path::Path) -> SocketAddr {
+    let configured = Config::load(config).ok().and_then(|c| c.admin.address);
+    let addr = configured.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8404)));
+    match addr.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv6() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
+        }
+        ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+        _ => addr,
+    }
+}
+
+/// Sends one change to every admin port given, prints each one's answer, and fails if any
+/// failed.
+async fn change(config: &std::path::Path, admins: Admins, name: &str, path: String) -> ExitCode {
+    let token = match &admins.token_file {
+        Some(file) => match std::fs::read_to_string(file) {
+            Ok(text) => Some(text.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "roleproxy {name}: cannot read --token-file {}: {e}",
+                    file.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => std::env::var(TOKEN_VAR).ok().map(|t| t.trim().to_string()),
+    };
+    let admins = if admins.admin.is_empty() {
+        vec![configured_admin(config).to_string()]
+    } else {
+        admins.admin
+    };
+    let answers = roleproxy::status_cli::post_change_to_all(&admins, &path, token.as_deref()).await;
+    let mut failed = Vec::new();
+    for (addr, answer) in answers {
+        match answer {
+            Ok(text) => println!("{addr}: {text}"),
+            Err(e) => {
+                eprintln!("roleproxy {name}: {addr}: {e}");
+                failed.push(addr.to_string());
+            }
+        }
+    }
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("roleproxy {name}: failed on {}", failed.join(", "));
+        ExitCode::FAILURE
+    }
+}
+
 async fn status(config: &std::path::Path, admin: Option<String>) -> ExitCode {
     let admin = match admin {
         Some(written) => match roleproxy::status_cli::admin_addresses(&written).await {
@@ -242,18 +356,7 @@ async fn status(config: &std::path::Path, admin: Option<String>) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        None => {
-            let configured = Config::load(config).ok().and_then(|c| c.admin.address);
-            let addr = configured.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8404)));
-            // A wildcard listener is reached on loopback.
-            vec![match addr.ip() {
-                ip if ip.is_unspecified() && ip.is_ipv6() => {
-                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, addr.port()))
-                }
-                ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
-                _ => addr,
-            }]
-        }
+        None => vec![configured_admin(config)],
     };
     match roleproxy::status_cli::fetch_status_from(&admin).await {
         Ok(status) => {

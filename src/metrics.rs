@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::{
 };
 use metrics_util::MetricKindMask;
 
-use crate::route::{Liveness, Role};
+use crate::route::{Liveness, Mode, Role};
 
 pub const SESSIONS_ACTIVE: &str = "roleproxy_sessions_active";
 pub const SESSIONS_TOTAL: &str = "roleproxy_sessions_total";
@@ -46,6 +46,14 @@ pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
 pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
 pub const CANCEL_REQUESTS_TOTAL: &str = "roleproxy_cancel_requests_total";
 pub const BUILD_INFO: &str = "roleproxy_build_info";
+pub const PAUSED: &str = "roleproxy_paused";
+pub const PAUSE_HELD_CLIENTS: &str = "roleproxy_pause_held_clients";
+pub const PAUSE_EVENTS_TOTAL: &str = "roleproxy_pause_events_total";
+pub const PAUSE_CUT_SESSIONS_TOTAL: &str = "roleproxy_pause_cut_sessions_total";
+pub const BACKEND_OPERATOR_STATE: &str = "roleproxy_backend_operator_state";
+
+/// What happened to the pause: `POST /pause`, `POST /resume`, or `proxy.pause_limit` ran out.
+pub const PAUSE_EVENTS: [&str; 3] = ["pause", "resume", "auto_resume"];
 
 /// A replica listener's CancelRequest, sent to the backend of the session whose key it
 /// carries ...
@@ -91,12 +99,13 @@ pub const DNS_RESULTS: [&str; 6] = [
 ];
 
 /// The metrics labelled by backend: they expire once a backend is gone.
-pub const PER_BACKEND: [&str; 5] = [
+pub const PER_BACKEND: [&str; 6] = [
     CHECKS_TOTAL,
     CHECK_DURATION,
     BACKEND_ROLE,
     CONNECT_FAILURES_TOTAL,
     POSTGRES_PROBES_TOTAL,
+    BACKEND_OPERATOR_STATE,
 ];
 
 /// What a rate-limited warning (the `ratelimit` module) is about: the `what` label of
@@ -343,6 +352,12 @@ fn process_series_at_zero() {
     for what in warning::ALL {
         counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(0);
     }
+    gauge!(PAUSED).set(0.0);
+    gauge!(PAUSE_HELD_CLIENTS).set(0.0);
+    for event in PAUSE_EVENTS {
+        counter!(PAUSE_EVENTS_TOTAL, "event" => event).increment(0);
+    }
+    counter!(PAUSE_CUT_SESSIONS_TOTAL).increment(0);
     // Registered, not recorded: an empty histogram until the first client waits.
     let _ = histogram!(LEADER_WAIT);
 }
@@ -445,6 +460,26 @@ fn describe() {
     describe_counter!(
         LOG_SUPPRESSED_TOTAL,
         "Warning lines left out of the log by the rate limit of one line per key every 10 s, by what they were about"
+    );
+    describe_gauge!(
+        PAUSED,
+        "1 while the proxy is paused (POST /pause): leader sessions end at their next transaction boundary, new clients are held"
+    );
+    describe_gauge!(
+        PAUSE_HELD_CLIENTS,
+        "New clients held by the pause, waiting for it to lift"
+    );
+    describe_counter!(
+        PAUSE_EVENTS_TOTAL,
+        "Pauses begun (pause), lifted by POST /resume (resume), or lifted when proxy.pause_limit ran out (auto_resume)"
+    );
+    describe_counter!(
+        PAUSE_CUT_SESSIONS_TOTAL,
+        "Leader sessions a pause closed part-way: still in a transaction when proxy.pause_grace ran out, or encrypted or not Postgres, so that their boundaries cannot be seen"
+    );
+    describe_gauge!(
+        BACKEND_OPERATOR_STATE,
+        "What an operator set for the backend: 0 ready, 1 drain (no new sessions, open ones end at their next transaction boundary), 2 maintenance (no new sessions, open ones stay)"
     );
     describe_counter!(
         LOCAL_SHORTAGES_TOTAL,
@@ -561,7 +596,34 @@ pub fn backend_joined(backend: SocketAddr) {
     for result in Role::LABELS {
         counter!(CHECKS_TOTAL, "backend" => backend.clone(), "result" => result).increment(0);
     }
-    counter!(CONNECT_FAILURES_TOTAL, "backend" => backend).increment(0);
+    counter!(CONNECT_FAILURES_TOTAL, "backend" => backend.clone()).increment(0);
+    // Added to, not set: 0 (ready) for a new backend, and an operator's drain or maintenance
+    // is kept.
+    gauge!(BACKEND_OPERATOR_STATE, "backend" => backend).increment(0.0);
+}
+
+/// 1 while paused.
+pub fn paused(paused: bool) {
+    gauge!(PAUSED).set(if paused { 1.0 } else { 0.0 });
+}
+
+pub fn pause_held_clients(held: u64) {
+    gauge!(PAUSE_HELD_CLIENTS).set(held as f64);
+}
+
+/// `event` is one of [`PAUSE_EVENTS`].
+pub fn pause_event(event: &'static str) {
+    counter!(PAUSE_EVENTS_TOTAL, "event" => event).increment(1);
+}
+
+/// A leader session the pause closed part-way.
+pub fn pause_cut_session() {
+    counter!(PAUSE_CUT_SESSIONS_TOTAL).increment(1);
+}
+
+/// What an operator set for `backend` ([`Mode::gauge`]).
+pub fn backend_operator_state(backend: SocketAddr, mode: Mode) {
+    gauge!(BACKEND_OPERATOR_STATE, "backend" => backend.to_string()).set(mode.gauge());
 }
 
 pub fn leader_unconfirmed(unconfirmed: bool) {

@@ -32,11 +32,15 @@ use crate::framing::{BackendKey, Framing};
 use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
 use crate::loops::OwnAddrs;
 use crate::metrics::{self as m, warning};
+use crate::operator::{Operator, OperatorState};
 use crate::pgwire;
 use crate::preconnect::Preconnect;
 use crate::ratelimit;
 use crate::reserve::{self, Reserve};
-use crate::route::{session_fate, Fate, Hold, Route, Target};
+use crate::route::{
+    admitted_leader, leader_session_fate, open_replicas, replica_session_fate, Fate, Hold, Route,
+    Target,
+};
 use crate::startup::{Attempt, Started, Startup};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
@@ -129,6 +133,8 @@ pub struct SessionBase {
     /// Stops sessions once the shutdown grace period is over.
     pub hard_stop: CancellationToken,
     pub tracker: TaskTracker,
+    /// The pause and each backend's drain or maintenance, kept across reloads.
+    pub operator: Arc<Operator>,
 }
 
 /// `proxy.max_connections`: one atomic count of open sessions, so admitting a session and
@@ -386,6 +392,7 @@ struct Connected {
     _counted: SessionGuard,
 }
 
+#[derive(Debug, Clone, Copy)]
 enum Drain {
     /// The route moved off this generation.
     Route(u64),
@@ -468,10 +475,11 @@ async fn serve_client(
             }
         };
         let mut connected = connected?;
-        // Only sessions routed to a leader are followed (and only those are held); a replica
-        // listener's, through their startup, for the cancel key.
+        // Sessions routed to a leader or a replica are followed, so a pause or a drain can
+        // end them between transactions; a replica listener's always through their startup,
+        // for the cancel key.
         let framing = match connected.drain {
-            Drain::Route(_) if follow => Some(Framing::new()),
+            Drain::Route(_) | Drain::Replica if follow => Some(Framing::new()),
             _ if matches!(plan.serves, Serves::Replica { .. }) => Some(Framing::startup_only()),
             _ => None,
         };
@@ -504,6 +512,7 @@ async fn serve_client(
                 drain,
                 route,
                 backends,
+                operator: settings.base.operator.subscribe(),
                 addr,
             };
             let keys = matches!(plan.serves, Serves::Replica { .. })
@@ -556,7 +565,12 @@ async fn start_on_leader(
             .attempt(
                 client,
                 &mut connected.stream,
-                route_left(route.clone(), addr, generation),
+                route_left(
+                    route.clone(),
+                    settings.base.operator.subscribe(),
+                    addr,
+                    generation,
+                ),
                 connects.deadline,
                 settings.config.silent_timeout,
                 follow,
@@ -662,54 +676,131 @@ async fn refuse_client(
     }
 }
 
-/// What ends a session besides its client: its node no longer being what the listener serves.
+/// What ends a session besides its client: its node no longer being what the listener serves,
+/// a pause, or its backend's drain.
 struct Drainer {
     drain: Drain,
     route: watch::Receiver<Route>,
     backends: watch::Receiver<BackendSet>,
+    operator: watch::Receiver<OperatorState>,
     addr: SocketAddr,
 }
 
+/// Why a session ends at its next transaction boundary: what it is told, and how long it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Its leader stepped down while alive (rule 9): within `proxy.switchover_grace`.
+    SteppedDown,
+    /// The proxy is paused: within `proxy.pause_grace`, then cut and counted.
+    Paused,
+    /// Its replica is drained: as long as its transaction takes.
+    Drained,
+}
+
+impl Ending {
+    fn grace(self, config: &ProxyConfig) -> Option<Duration> {
+        match self {
+            Ending::SteppedDown => Some(config.switchover_grace),
+            Ending::Paused => Some(config.pause_grace),
+            Ending::Drained => None,
+        }
+    }
+
+    fn farewell(self) -> &'static str {
+        match self {
+            Ending::SteppedDown => STEPPED_DOWN,
+            Ending::Paused => PAUSED,
+            Ending::Drained => DRAINED,
+        }
+    }
+}
+
 impl Drainer {
-    /// Waits until the session's fate differs from `now`, and returns it: the route holds again
-    /// ([`Fate::Stay`]), contests its leader ([`Fate::Hold`]), ends it at its next transaction
-    /// boundary ([`Fate::EndTransaction`]) or at once ([`Fate::Close`]).
-    async fn next_fate(&mut self, now: Fate) -> Fate {
+    /// The session's fate now, by the pure rules.
+    fn fate(&self) -> Fate {
         let addr = self.addr;
         match self.drain {
-            Drain::Route(generation) => {
-                let fate = match self
-                    .route
-                    .wait_for(|r| session_fate(r, generation, addr) != now)
-                    .await
-                {
-                    Ok(route) => session_fate(&route, generation, addr),
-                    Err(_) => Fate::Close,
-                };
-                match fate {
-                    Fate::Stay => tracing::info!(generation, "contest over, the leader kept the route; the session resumes"),
-                    Fate::Hold => tracing::info!(
-                        generation,
-                        "another node claims leader; pausing the session at its next transaction boundary"
-                    ),
-                    Fate::EndTransaction => tracing::info!(
-                        generation,
-                        "leader stepped down; ending the session at its next transaction boundary"
-                    ),
-                    Fate::Close => tracing::info!(generation, "route moved; closing session"),
-                }
-                fate
-            }
-            Drain::Replica if now == Fate::Stay => {
-                let _ = self
-                    .backends
-                    .wait_for(|set| !set.replicas.contains(&addr))
-                    .await;
-                tracing::info!(backend = %addr, "no longer a replica; closing session");
-                Fate::Close
-            }
-            Drain::Replica | Drain::Never => std::future::pending().await,
+            Drain::Route(generation) => leader_session_fate(
+                &self.route.borrow(),
+                generation,
+                addr,
+                self.operator.borrow().paused(),
+            ),
+            Drain::Replica => replica_session_fate(
+                self.backends.borrow().replicas.contains(&addr),
+                self.operator.borrow().mode(addr),
+            ),
+            Drain::Never => Fate::Stay,
         }
+    }
+
+    /// Why a session told to end at its boundary ends.
+    fn ending(&self) -> Ending {
+        match self.drain {
+            Drain::Route(_) if self.operator.borrow().paused() => Ending::Paused,
+            Drain::Route(_) | Drain::Never => Ending::SteppedDown,
+            Drain::Replica => Ending::Drained,
+        }
+    }
+
+    /// Waits until the session's fate differs from `now`, and returns it: the route holds again
+    /// ([`Fate::Stay`]), contests its leader ([`Fate::Hold`]), ends it at its next transaction
+    /// boundary ([`Fate::EndTransaction`]: a step-down, a pause, a drain) or at once
+    /// ([`Fate::Close`]).
+    async fn next_fate(&mut self, now: Fate) -> Fate {
+        if let Drain::Never = self.drain {
+            return std::future::pending().await;
+        }
+        let fate = loop {
+            let fate = self.fate();
+            if fate != now {
+                break fate;
+            }
+            // A closed channel means the view or the process is stopping.
+            let changed = tokio::select! {
+                c = self.route.changed() => c,
+                c = self.backends.changed() => c,
+                c = self.operator.changed() => c,
+            };
+            if changed.is_err() {
+                break Fate::Close;
+            }
+        };
+        let addr = self.addr;
+        match (self.drain, fate) {
+            (Drain::Route(generation), Fate::Stay) => tracing::info!(
+                generation,
+                "the route holds again and the proxy is not paused; the session resumes"
+            ),
+            (Drain::Route(generation), Fate::Hold) => tracing::info!(
+                generation,
+                "another node claims leader; pausing the session at its next transaction boundary"
+            ),
+            (Drain::Route(generation), Fate::EndTransaction) if self.ending() == Ending::Paused => {
+                tracing::info!(
+                    generation,
+                    "paused; ending the session at its next transaction boundary"
+                )
+            }
+            (Drain::Route(generation), Fate::EndTransaction) => tracing::info!(
+                generation,
+                "leader stepped down; ending the session at its next transaction boundary"
+            ),
+            (Drain::Route(generation), Fate::Close) => {
+                tracing::info!(generation, "route moved; closing session")
+            }
+            (_, Fate::Stay) => {
+                tracing::info!(backend = %addr, "backend ready again; the session carries on")
+            }
+            (_, Fate::EndTransaction) => {
+                tracing::info!(backend = %addr, "backend drained; ending the session at its next transaction boundary")
+            }
+            (_, Fate::Close) => {
+                tracing::info!(backend = %addr, "no longer a replica; closing session")
+            }
+            (_, Fate::Hold) => {}
+        }
+        fate
     }
 }
 
@@ -772,11 +863,17 @@ async fn connect_replica(
     let deadline = accepted + config.leader_wait;
     let mut failed: Vec<SocketAddr> = Vec::new();
     let mut last_error: Option<(SocketAddr, String)> = None;
+    let mut operator = settings.base.operator.subscribe();
     loop {
         let set = backends.borrow_and_update().clone();
         let turn = settings.turn.fetch_add(1, Ordering::Relaxed);
+        // Drained and in-maintenance replicas take no new session.
+        let open = {
+            let state = operator.borrow_and_update();
+            open_replicas(&set.replicas, |a| state.mode(a))
+        };
         // Counted before connecting, so a burst of clients spreads over the replicas.
-        if let Some(counted) = set.pick_replica(&failed, turn) {
+        if let Some(counted) = set.pick_replica(&open, &failed, turn) {
             let addr = counted.addr();
             settings.refuse_loop(addr)?;
             let attempt = tokio::time::timeout_at(
@@ -804,7 +901,7 @@ async fn connect_replica(
             failed.push(addr);
             continue;
         }
-        if fallback_to_leader && set.replicas.is_empty() && route.borrow().leader().is_some() {
+        if fallback_to_leader && open.is_empty() && route.borrow().leader().is_some() {
             return connect_leader(route, settings, accepted).await;
         }
         // Every replica failed, or none is up: wait for the set (or the leader) to change.
@@ -817,6 +914,7 @@ async fn connect_replica(
         let changed = tokio::select! {
             _ = tokio::time::sleep_until(retry.min(deadline)) => Ok(()),
             changed = backends.changed() => changed,
+            changed = operator.changed() => changed,
             changed = route.changed(), if fallback_to_leader => changed,
         };
         if changed.is_err() {
@@ -914,17 +1012,26 @@ async fn connect_leader(
     Ok(connected)
 }
 
-/// Whether `route` still sends new clients to `addr` under `generation`. A connect or a
-/// startup begun under it is abandoned the moment it does not: the leader stepped down, died,
-/// is held, or is contested by another node's claim (the generation stays the same then).
-fn sends_to(route: &Route, addr: SocketAddr, generation: u64) -> bool {
-    route.generation == generation && route.leader() == Some(addr)
+/// Whether `route` still sends new clients to `addr` under `generation`, the proxy `paused` or
+/// not. A connect or a startup begun under it is abandoned the moment it does not: the leader
+/// stepped down, died, is held, or is contested by another node's claim (the generation stays
+/// the same then), or the proxy was paused.
+fn sends_to(route: &Route, paused: bool, addr: SocketAddr, generation: u64) -> bool {
+    route.generation == generation && admitted_leader(route, paused) == Some(addr)
 }
 
-/// Ends once `route` no longer sends new clients to `addr` under `generation` (or the route
-/// channel closed).
-async fn route_left(mut route: watch::Receiver<Route>, addr: SocketAddr, generation: u64) {
-    let _ = route.wait_for(|r| !sends_to(r, addr, generation)).await;
+/// Ends once `route` no longer sends new clients to `addr` under `generation`, or the proxy
+/// is paused (or a channel closed).
+async fn route_left(
+    mut route: watch::Receiver<Route>,
+    mut operator: watch::Receiver<OperatorState>,
+    addr: SocketAddr,
+    generation: u64,
+) {
+    tokio::select! {
+        _ = route.wait_for(|r| !sends_to(r, false, addr, generation)) => {}
+        _ = operator.wait_for(OperatorState::paused) => {}
+    }
 }
 
 /// One client's way to the leader, within `leader_wait`: waits for a route with a leader,
@@ -960,6 +1067,31 @@ impl<'s> LeaderConnects<'s> {
         }
     }
 
+    fn paused(&self) -> bool {
+        self.settings.base.operator.paused()
+    }
+
+    /// Holds the client while the proxy is paused. Its `leader_wait` starts again when the
+    /// pause lifts (by `POST /resume` or `proxy.pause_limit`), so the new leader has as long
+    /// to appear as for any client.
+    async fn wait_out_pause(&mut self) -> Result<(), Unserved> {
+        let operator = &self.settings.base.operator;
+        let mut state = operator.subscribe();
+        if !state.borrow_and_update().paused() {
+            return Ok(());
+        }
+        let _held = operator.hold();
+        tracing::info!("paused; holding the client until the proxy resumes");
+        if state.wait_for(|s| !s.paused()).await.is_err() {
+            return Err(Unserved::Stopping);
+        }
+        self.deadline = self
+            .deadline
+            .max(Instant::now() + self.settings.config.leader_wait);
+        tracing::info!("resumed; the held client goes on to the leader");
+        Ok(())
+    }
+
     /// Why the client gives up now.
     fn gave_up(&mut self, route: &watch::Receiver<Route>) -> Unserved {
         no_leader_reason(&route.borrow(), self.last_error.take())
@@ -973,16 +1105,23 @@ impl<'s> LeaderConnects<'s> {
         let settings = self.settings;
         let config = &settings.config;
         loop {
-            let waited =
-                tokio::time::timeout_at(self.deadline, route.wait_for(|r| r.leader().is_some()))
-                    .await
-                    .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation))));
+            self.wait_out_pause().await?;
+            let mut operator = settings.base.operator.subscribe();
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(self.deadline, route.wait_for(|r| r.leader().is_some())) => waited
+                    .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation)))),
+                // Paused while waiting for a leader: held from now on.
+                _ = operator.wait_for(OperatorState::paused) => continue,
+            };
             let (addr, generation) = match waited {
                 Ok(Ok(Some(found))) => found,
                 Ok(Ok(None)) => continue,
                 Ok(Err(_)) => return Err(Unserved::Stopping),
                 Err(_) => return Err(self.gave_up(route)),
             };
+            if self.paused() {
+                continue;
+            }
             if self.failed_generation != Some(generation) {
                 self.failures = 0;
             }
@@ -994,7 +1133,7 @@ impl<'s> LeaderConnects<'s> {
             {
                 // The route may have moved since it was read: a warm connection to a leader
                 // it left is dropped, never handed out.
-                if sends_to(&route.borrow(), addr, generation) {
+                if sends_to(&route.borrow(), self.paused(), addr, generation) {
                     return Ok((self.connected(warm, addr, generation), generation));
                 }
                 continue;
@@ -1007,7 +1146,7 @@ impl<'s> LeaderConnects<'s> {
             let attempt_deadline = full_attempt.min(self.deadline);
             let attempt = tokio::select! {
                 a = tokio::time::timeout_at(attempt_deadline, settings.base.reserve.connect(addr)) => a,
-                _ = route_left(route.clone(), addr, generation) => {
+                _ = route_left(route.clone(), settings.base.operator.subscribe(), addr, generation) => {
                     tracing::info!(backend = %addr, "the route left the leader during the connect; connect abandoned");
                     continue;
                 }
@@ -1015,7 +1154,7 @@ impl<'s> LeaderConnects<'s> {
             let failed = match classify(attempt)? {
                 // The route may have moved while the handshake completed: never start a session
                 // on a leader the route has already left.
-                Ok(stream) if sends_to(&route.borrow(), addr, generation) => {
+                Ok(stream) if sends_to(&route.borrow(), self.paused(), addr, generation) => {
                     return Ok((self.connected(stream, addr, generation), generation))
                 }
                 Ok(_) => continue,
@@ -1194,6 +1333,12 @@ async fn relay(
             _ = settings.base.hard_stop.cancelled() => return counted("shutdown", activity),
         };
         if fate == Fate::Close || !copying.tracked() {
+            if fate != Fate::Close && drainer.ending() == Ending::Paused {
+                // Its boundaries cannot be seen (encrypted, or not Postgres): any moment may be
+                // part-way through a transaction, and waiting would only hold up the switchover.
+                tracing::info!("paused; a session whose transaction boundaries cannot be seen is closed at once");
+                m::pause_cut_session();
+            }
             return counted("drained", activity);
         }
         // Boxed: its timers and the goodbye would otherwise sit in every session's task for
@@ -1314,6 +1459,8 @@ async fn to_the_boundary(
     let mut idle = std::pin::pin!(idle_timeout(activity, config.idle_timeout));
     let mut grace = std::pin::pin!(tokio::time::sleep(config.switchover_grace));
     let mut grace_running = false;
+    // Why the session ends at its boundary: decided when it is first told to, as its grace.
+    let mut ending = drainer.ending();
     loop {
         match fate {
             Fate::Stay => {
@@ -1324,10 +1471,11 @@ async fn to_the_boundary(
             Fate::EndTransaction => {
                 copying.end_when_idle();
                 if !grace_running {
-                    grace
-                        .as_mut()
-                        .reset(Instant::now() + config.switchover_grace);
-                    grace_running = true;
+                    ending = drainer.ending();
+                    if let Some(within) = ending.grace(config) {
+                        grace.as_mut().reset(Instant::now() + within);
+                        grace_running = true;
+                    }
                 }
             }
             Fate::Close if copying.paused() => {
@@ -1339,14 +1487,19 @@ async fn to_the_boundary(
         fate = tokio::select! {
             copied = &mut *copying => return Some(match copied {
                 Ok(copy::Ended::Idle) => {
-                    say_goodbye(client, backend, STEPPED_DOWN).await;
+                    say_goodbye(client, backend, ending.farewell()).await;
                     "transaction_end"
                 }
                 other => ended(other, settings),
             }),
             next = drainer.next_fate(fate) => next,
             _ = &mut grace, if grace_running => {
-                tracing::info!(grace = %humantime::format_duration(config.switchover_grace), "still in a transaction when the switchover grace ran out; closing session");
+                if ending == Ending::Paused {
+                    tracing::info!(grace = %humantime::format_duration(config.pause_grace), "still in a transaction when the pause grace ran out; closing session");
+                    m::pause_cut_session();
+                } else {
+                    tracing::info!(grace = %humantime::format_duration(config.switchover_grace), "still in a transaction when the switchover grace ran out; closing session");
+                }
                 return Some("grace_over");
             }
             _ = &mut idle => return Some("idle_timeout"),
@@ -1383,6 +1536,11 @@ fn ended(copied: io::Result<copy::Ended>, settings: &SessionSettings) -> &'stati
 
 /// What a session ended at a transaction boundary because its leader stepped down is told.
 const STEPPED_DOWN: &str = "terminating connection: the leader moved (planned switchover); reconnect to reach the new leader";
+/// What a leader session ended at a transaction boundary because the proxy is paused is told.
+const PAUSED: &str = "terminating connection: roleproxy is paused for a switchover; reconnect, and the new session starts once it resumes";
+/// What a session ended at a transaction boundary because its replica is drained is told.
+const DRAINED: &str =
+    "terminating connection: this replica is being drained; reconnect to reach another";
 /// What a session paused by a contest is told when the route moved on from its leader.
 const CONTEST_LOST: &str =
     "terminating connection: another node became leader; reconnect to reach it";
@@ -1497,6 +1655,7 @@ mod tests {
             cancel_keys: crate::cancel::CancelKeys::new(),
             hard_stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            operator: Operator::new(),
         };
         let settings = SessionSettings::new(base, config.proxy.clone(), "c".into(), None);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1507,6 +1666,7 @@ mod tests {
             drain: Drain::Route(1),
             route: view.route.clone(),
             backends: view.backends.clone(),
+            operator: settings.base.operator.subscribe(),
             addr,
         };
         let plan = Arc::new(ListenerPlan {

@@ -32,6 +32,11 @@
 //!     confirmed leader's route for its hold-down ([`Target::Contested`], sessions pause:
 //!     [`Fate::Hold`]) before it counts; a node whose Postgres port fails is not routed, and the
 //!     route says so ([`NoRoute::DataPortFailing`]).
+//!
+//! An operator's word comes on top of the rules: while the proxy is paused every leader session
+//! ends at its next transaction boundary and new clients wait ([`leader_session_fate`],
+//! [`admitted_leader`]); a replica set to drain or maintenance takes no new session, and a
+//! drained one's sessions end at their boundary ([`replica_session_fate`], [`open_replicas`]).
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -638,6 +643,90 @@ pub fn session_fate(route: &Route, generation: u64, addr: SocketAddr) -> Fate {
     }
 }
 
+/// What an operator set for one backend, as HAProxy's `set server ... state` does. Separate
+/// from a role endpoint's 404 ([`Role::Maintenance`]): this is the proxy's own word, kept by
+/// address across rediscovery and reloads, and it applies to replica listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Takes new sessions.
+    #[default]
+    Ready,
+    /// No new sessions; open ones end at their next transaction boundary.
+    Drain,
+    /// No new sessions; open ones stay.
+    Maintenance,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 3] = [Mode::Ready, Mode::Drain, Mode::Maintenance];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::Ready => "ready",
+            Mode::Drain => "drain",
+            Mode::Maintenance => "maintenance",
+        }
+    }
+
+    /// The word an operator writes for it.
+    pub fn from_label(word: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.label() == word)
+    }
+
+    /// The gauge value of `roleproxy_backend_operator_state`: 0 ready, 1 drain, 2 maintenance.
+    pub fn gauge(self) -> f64 {
+        match self {
+            Mode::Ready => 0.0,
+            Mode::Drain => 1.0,
+            Mode::Maintenance => 2.0,
+        }
+    }
+}
+
+/// The fate of a session on a leader listener: [`session_fate`], and while the proxy is
+/// paused every session that would stay (or pause for a contest) ends at its next transaction
+/// boundary instead. A paused proxy hands no leader session on. Pure.
+pub fn leader_session_fate(route: &Route, generation: u64, addr: SocketAddr, paused: bool) -> Fate {
+    match session_fate(route, generation, addr) {
+        Fate::Stay | Fate::Hold if paused => Fate::EndTransaction,
+        fate => fate,
+    }
+}
+
+/// The leader a new client may start a session on now: none while the proxy is paused (the
+/// client is held), else the route's. Pure.
+pub fn admitted_leader(route: &Route, paused: bool) -> Option<SocketAddr> {
+    if paused {
+        None
+    } else {
+        route.leader()
+    }
+}
+
+/// The fate of a session on a replica: closed once its node is no longer a replica, ended at
+/// its next transaction boundary while drained, left alone otherwise (maintenance included).
+/// Pure.
+pub fn replica_session_fate(still_replica: bool, mode: Mode) -> Fate {
+    match (still_replica, mode) {
+        (false, _) => Fate::Close,
+        (true, Mode::Drain) => Fate::EndTransaction,
+        (true, Mode::Ready | Mode::Maintenance) => Fate::Stay,
+    }
+}
+
+/// The replicas new sessions may go to: those the operator left ready. Pure.
+pub fn open_replicas(
+    replicas: &[SocketAddr],
+    mode: impl Fn(SocketAddr) -> Mode,
+) -> Vec<SocketAddr> {
+    replicas
+        .iter()
+        .copied()
+        .filter(|&a| mode(a) == Mode::Ready)
+        .collect()
+}
+
 /// The replica a new read-only session goes to: the fewest open sessions, skipping `exclude`
 /// (replicas that just failed to connect); `turn` rotates among equally loaded ones so they
 /// share a burst. `sessions` gives a replica's open sessions and is asked once per replica, so
@@ -1233,6 +1322,143 @@ mod tests {
         for (what, now, (generation, node), fate) in cases {
             assert_eq!(session_fate(&now, generation, addr(node)), fate, "{what}");
         }
+    }
+
+    #[test]
+    fn a_paused_proxy_hands_no_session_on() {
+        let at_11 = route(4, Target::Leader(addr(11)));
+        let contested_11 = route(4, Target::Contested(addr(11)));
+        let stepped_11 = route(5, Target::None(NoRoute::SteppedDown(addr(11))));
+        let at_12 = route(5, Target::Leader(addr(12)));
+        // (what, route now, paused, fate of a session opened on 11 under generation 4)
+        let cases = [
+            ("not paused: stays", &at_11, false, Fate::Stay),
+            (
+                "paused: ends at its boundary",
+                &at_11,
+                true,
+                Fate::EndTransaction,
+            ),
+            (
+                "paused while contested: ends at its boundary",
+                &contested_11,
+                true,
+                Fate::EndTransaction,
+            ),
+            (
+                "not paused, contested: pauses",
+                &contested_11,
+                false,
+                Fate::Hold,
+            ),
+            (
+                "paused, stepped down: ends at its boundary",
+                &stepped_11,
+                true,
+                Fate::EndTransaction,
+            ),
+            (
+                "paused, another node leads: closed at once",
+                &at_12,
+                true,
+                Fate::Close,
+            ),
+            (
+                "not paused, another node leads: closed at once",
+                &at_12,
+                false,
+                Fate::Close,
+            ),
+        ];
+        for (what, now, paused, fate) in cases {
+            assert_eq!(
+                leader_session_fate(now, 4, addr(11), paused),
+                fate,
+                "{what}"
+            );
+        }
+        // (what, route, paused, where a new client goes)
+        let cases = [
+            ("a leader, not paused", &at_11, false, Some(addr(11))),
+            ("a leader, paused: held", &at_11, true, None),
+            ("no leader, not paused", &stepped_11, false, None),
+            ("no leader, paused", &stepped_11, true, None),
+        ];
+        for (what, now, paused, admitted) in cases {
+            assert_eq!(admitted_leader(now, paused), admitted, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_drained_replica_ends_its_sessions_at_their_boundary_and_takes_no_new_ones() {
+        // (what, still a replica, mode, fate)
+        let cases = [
+            ("ready", true, Mode::Ready, Fate::Stay),
+            (
+                "drain: end at the boundary",
+                true,
+                Mode::Drain,
+                Fate::EndTransaction,
+            ),
+            (
+                "maintenance: sessions stay",
+                true,
+                Mode::Maintenance,
+                Fate::Stay,
+            ),
+            ("no longer a replica", false, Mode::Ready, Fate::Close),
+            (
+                "no longer a replica, drained",
+                false,
+                Mode::Drain,
+                Fate::Close,
+            ),
+            (
+                "no longer a replica, in maintenance",
+                false,
+                Mode::Maintenance,
+                Fate::Close,
+            ),
+        ];
+        for (what, replica, mode, fate) in cases {
+            assert_eq!(replica_session_fate(replica, mode), fate, "{what}");
+        }
+        let replicas = [addr(11), addr(12), addr(13)];
+        let modes = |m11, m12, m13| {
+            move |a: SocketAddr| match a.ip().to_string().as_str() {
+                "127.0.0.11" => m11,
+                "127.0.0.12" => m12,
+                "127.0.0.13" => m13,
+                _ => Mode::Ready,
+            }
+        };
+        use Mode::*;
+        // (what, modes of 11, 12, 13, open replicas)
+        let cases = [
+            (
+                "all ready",
+                (Ready, Ready, Ready),
+                vec![addr(11), addr(12), addr(13)],
+            ),
+            (
+                "one drained",
+                (Drain, Ready, Ready),
+                vec![addr(12), addr(13)],
+            ),
+            (
+                "one in maintenance",
+                (Ready, Ready, Maintenance),
+                vec![addr(11), addr(12)],
+            ),
+            ("none ready", (Drain, Maintenance, Drain), vec![]),
+        ];
+        for (what, (a, b, c), open) in cases {
+            assert_eq!(open_replicas(&replicas, modes(a, b, c)), open, "{what}");
+        }
+        for mode in Mode::ALL {
+            assert_eq!(Mode::from_label(mode.label()), Some(mode));
+        }
+        assert_eq!(Mode::from_label("maint"), None);
     }
 
     /// Rule 10: another node's new claim contests a confirmed leader's route for its hold-down;

@@ -40,6 +40,7 @@ use crate::discovery::HostResolver;
 use crate::leader::{Event, ViewHandle, ViewSettings};
 use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
+use crate::operator::{AdminSettings, Operator};
 use crate::preconnect::Preconnect;
 use crate::preflight::{self, Live, Worse};
 use crate::proxy::{self, ListenerPlan, SessionBase, SessionLimit, SessionSettings};
@@ -164,8 +165,9 @@ pub(crate) struct Running {
     serving: watch::Sender<ServingStatus>,
     stop_accepting: CancellationToken,
     background: CancellationToken,
-    /// Whether the admin port serves `POST /reload`; read by the admin handlers.
-    pub allow_changes: watch::Sender<bool>,
+    /// What the admin port's changing requests read (`admin.allow_changes`, the token, the
+    /// pause limit).
+    pub admin_settings: watch::Sender<AdminSettings>,
     /// The bound admin address, which counts as the proxy's own.
     admin: Option<SocketAddr>,
 }
@@ -178,7 +180,9 @@ pub(crate) struct Fixed {
     pub supervisor: Supervisor,
     pub serving: watch::Sender<ServingStatus>,
     pub backends: watch::Sender<BackendsConfig>,
-    pub allow_changes: watch::Sender<bool>,
+    pub admin_settings: watch::Sender<AdminSettings>,
+    /// The pause and the backends' modes, kept across reloads.
+    pub operator: Arc<Operator>,
     pub stop_accepting: CancellationToken,
     pub background: CancellationToken,
     pub hard_stop: CancellationToken,
@@ -202,6 +206,7 @@ impl Running {
             cancel_keys: crate::cancel::CancelKeys::new(),
             hard_stop: fixed.hard_stop,
             tracker: fixed.tracker,
+            operator: fixed.operator,
         };
         let (settings, preconnect_stop) =
             new_settings(&config, &base, None, &fixed.background, &fixed.supervisor);
@@ -217,7 +222,7 @@ impl Running {
             serving: fixed.serving,
             stop_accepting: fixed.stop_accepting,
             background: fixed.background,
-            allow_changes: fixed.allow_changes,
+            admin_settings: fixed.admin_settings,
             admin: fixed.admin,
         };
         for (spec, addr, listener) in bound {
@@ -431,9 +436,18 @@ impl Running {
             ));
         }
         if new.admin.allow_changes != old.admin.allow_changes {
-            self.allow_changes.send_replace(new.admin.allow_changes);
             changes.push(format!("admin.allow_changes = {}", new.admin.allow_changes));
         }
+        if new.admin.token != old.admin.token || new.admin.token_file != old.admin.token_file {
+            // The token itself is never written anywhere.
+            changes.push(format!("admin.token_file = {:?}", new.admin.token_file));
+        }
+        self.admin_settings.send_if_modified(|settings| {
+            let fresh = AdminSettings::from_config(new);
+            let changed = *settings != fresh;
+            *settings = fresh;
+            changed
+        });
         if new.check != old.check {
             // Awaited, not tried: a queue full of connect failures must not lose it.
             let settings = ViewSettings::from_config(&new.check);

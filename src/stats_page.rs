@@ -2,7 +2,10 @@
 
 use crate::route::Target;
 use crate::status::Status;
-use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
+use crate::wording::{
+    backend_error_text, data_port_text, operator_text, pause_text, printable, unconfirmed_text,
+    when,
+};
 
 /// How often the stats page reloads itself.
 const PAGE_REFRESH_SECS: u32 = 2;
@@ -33,6 +36,7 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
         if !b.present {
             role.push_str(" (left DNS)");
         }
+        role.push_str(operator_text(b.operator));
         rows.push_str(&format!(
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
             b.role.label(),
@@ -57,6 +61,13 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
             escape(&l.serves)
         ));
     }
+    let paused = match &status.pause {
+        Some(pause) => format!(
+            "<p id=\"pause\">{}</p>\n",
+            escape(&pause_text(pause, now_unix_ms))
+        ),
+        None => String::new(),
+    };
     let mut changes = String::new();
     for change in status.history.iter().rev() {
         changes.push_str(&format!(
@@ -75,13 +86,13 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
 table {{ border-collapse: collapse; }} th, td {{ padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: left; }}
-#route {{ font-size: 1.2em; padding: .5em; }} #route.leader {{ background: #dfd; }} #route.held {{ background: #ffd; }} #route.none {{ background: #fdd; }}
+#route {{ font-size: 1.2em; padding: .5em; }} #route.leader {{ background: #dfd; }} #route.held {{ background: #ffd; }} #route.none {{ background: #fdd; }} #pause {{ font-size: 1.2em; padding: .5em; background: #fd9; }}
 tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-family: monospace; color: #666; }}
 </style></head>
 <body>
 <h1>roleproxy <small>{cluster}</small></h1>
 <p id="route" class="{state}">Route {route}, for {since}.</p>
-<table id="backends">
+{paused}<table id="backends">
 <tr><th>backend</th><th>sources</th><th>role</th><th>last check</th><th>latency</th><th>sessions</th><th>last error</th></tr>
 {rows}</table>
 <h2>Listeners</h2>
@@ -155,6 +166,7 @@ mod tests {
                 postgres: None,
                 data_port: None,
                 sessions: 2,
+                operator: crate::route::Mode::Drain,
             }],
             listeners: vec![ListenerStatus {
                 name: "<ro>".into(),
@@ -166,6 +178,12 @@ mod tests {
                 kind: "route".into(),
                 text: "generation 1: sessions go to a&b".into(),
             }],
+            pause: Some(crate::status::PauseStatus {
+                since_unix_ms: 1_000,
+                limit_ms: 60_000,
+                resumes_at_unix_ms: 61_000,
+                held_clients: 3,
+            }),
         };
         let page = render_page(&status, 2_000);
         assert!(!page.contains("<script>"), "{page}");
@@ -175,5 +193,10 @@ mod tests {
         assert!(page.contains("a&amp;b"));
         assert!(page.contains("http-equiv=\"refresh\""));
         assert!(page.contains("&lt;ro&gt;</td><td>127.0.0.1:5001</td><td>replica"));
+        assert!(page.contains("drained by the operator"), "{page}");
+        assert!(
+            page.contains("<p id=\"pause\">PAUSED since 1.0s ago: leader sessions end at their next transaction boundary; 3 new clients held; resumes by itself in 59s"),
+            "{page}"
+        );
     }
 }

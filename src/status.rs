@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::{Role, Route};
+use crate::route::{Mode, Role, Route};
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -39,6 +39,21 @@ pub struct Status {
     /// Recent role and route changes, oldest first.
     #[serde(default)]
     pub history: Vec<Change>,
+    /// Set while the proxy is paused (`POST /pause`).
+    #[serde(default)]
+    pub pause: Option<PauseStatus>,
+}
+
+/// A pause, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PauseStatus {
+    pub since_unix_ms: u64,
+    /// `proxy.pause_limit` when it began.
+    pub limit_ms: u64,
+    /// When it lifts by itself, unless resumed before.
+    pub resumes_at_unix_ms: u64,
+    /// New clients waiting for it to lift.
+    pub held_clients: u64,
 }
 
 /// What `/status` shows for one backend.
@@ -66,6 +81,9 @@ pub struct BackendStatus {
     pub data_port: Option<DataPortStatus>,
     #[serde(default)]
     pub sessions: u64,
+    /// What an operator set: `ready`, `drain` or `maintenance`.
+    #[serde(default)]
+    pub operator: Mode,
 }
 
 /// A node whose Postgres port fails, as `/status` shows it.

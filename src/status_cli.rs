@@ -12,9 +12,12 @@ use crate::config::Endpoint;
 use crate::discovery::DnsResolver;
 use crate::route::Role;
 use crate::status::Status;
-use crate::wording::{backend_error_text, data_port_text, printable, unconfirmed_text, when};
+use crate::wording::{
+    backend_error_text, data_port_text, operator_text, pause_text, printable, unconfirmed_text,
+    when,
+};
 
-/// Why `roleproxy status` could not show the status.
+/// Why `roleproxy status` could not show the status, or a change sent to an admin port failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
     #[error("cannot reach the admin port {addr}: {error}")]
@@ -26,6 +29,12 @@ pub enum StatusError {
     Http { addr: SocketAddr, status: u16 },
     #[error("the admin port {addr} sent something that is not a status document: {error}")]
     Invalid { addr: SocketAddr, error: String },
+    #[error("the admin port {addr} answered HTTP {status}: {answer}")]
+    Refused {
+        addr: SocketAddr,
+        status: u16,
+        answer: String,
+    },
     #[error("--admin: {0}")]
     BadAddress(String),
     #[error("--admin: cannot resolve {host}: {error}")]
@@ -74,8 +83,16 @@ pub async fn fetch_status_from(addrs: &[SocketAddr]) -> Result<Status, StatusErr
 /// Largest `/status` document `roleproxy status` accepts.
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
 
-/// Fetches `/status` from a running proxy's admin port.
-pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
+/// How long one request to an admin port may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request to an admin port: its HTTP status and body (at most [`MAX_STATUS_BYTES`]).
+async fn exchange(
+    addr: SocketAddr,
+    method: hyper::Method,
+    path: &str,
+    token: Option<&str>,
+) -> Result<(u16, Bytes), StatusError> {
     use http_body_util::{BodyExt, Empty, Limited};
     let unreachable = |error: String| StatusError::Unreachable { addr, error };
     let exchange = async {
@@ -87,8 +104,14 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
         let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
-        let request = Request::get("/status")
-            .header(hyper::header::HOST, addr.to_string())
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string());
+        if let Some(token) = token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|e| unreachable(e.to_string()))?;
         let response = sender.send_request(request).await.map_err(|e| {
@@ -103,22 +126,110 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
             }
         })?;
         let status = response.status().as_u16();
-        if status != 200 {
-            return Err(StatusError::Http { addr, status });
-        }
         let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
             .collect()
             .await
             .map_err(|e| unreachable(e.to_string()))?
             .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
-            addr,
-            error: e.to_string(),
-        })
+        Ok((status, body))
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(ADMIN_TIMEOUT, exchange)
         .await
-        .unwrap_or_else(|_| Err(unreachable("timed out after 10s".into())))
+        .unwrap_or_else(|_| Err(unreachable(format!("timed out after {ADMIN_TIMEOUT:?}"))))
+}
+
+/// Fetches `/status` from a running proxy's admin port.
+pub async fn fetch_status(addr: SocketAddr) -> Result<Status, StatusError> {
+    let (status, body) = exchange(addr, hyper::Method::GET, "/status", None).await?;
+    if status != 200 {
+        return Err(StatusError::Http { addr, status });
+    }
+    serde_json::from_slice(&body).map_err(|e| StatusError::Invalid {
+        addr,
+        error: e.to_string(),
+    })
+}
+
+/// Sends a change (`POST path`, e.g. `/pause`) to one admin port, with `token` as a bearer
+/// token; returns the port's answer, or why it failed (its answer, if it gave one).
+pub async fn post_change(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Result<String, StatusError> {
+    let (status, body) = exchange(addr, hyper::Method::POST, path, token).await?;
+    let answer = printable(String::from_utf8_lossy(&body).trim()).into_owned();
+    if status == 200 {
+        Ok(answer)
+    } else {
+        Err(StatusError::Refused {
+            addr,
+            status,
+            answer,
+        })
+    }
+}
+
+/// Sends a change to the first of `addrs` that can be reached (a name's addresses: the admin
+/// port may listen on only one family).
+async fn post_change_first(
+    addrs: &[SocketAddr],
+    path: &str,
+    token: Option<&str>,
+) -> Result<String, StatusError> {
+    let mut last = StatusError::BadAddress("no address".into());
+    for addr in addrs {
+        match post_change(*addr, path, token).await {
+            Err(e @ StatusError::Unreachable { .. }) => last = e,
+            answer => return answer,
+        }
+    }
+    Err(last)
+}
+
+/// Sends the same change to every admin port at once (each node runs its own proxy), each as
+/// written on the command line (`HOST:PORT`); the answers come back in the order given.
+pub async fn post_change_to_all(
+    admins: &[String],
+    path: &str,
+    token: Option<&str>,
+) -> Vec<(String, Result<String, StatusError>)> {
+    let mut sends = tokio::task::JoinSet::new();
+    for (i, written) in admins.iter().enumerate() {
+        let (written, path, token) = (written.clone(), path.to_string(), token.map(str::to_string));
+        sends.spawn(async move {
+            let answer = match admin_addresses(&written).await {
+                Ok(addrs) => post_change_first(&addrs, &path, token.as_deref()).await,
+                Err(e) => Err(e),
+            };
+            (i, answer)
+        });
+    }
+    let mut answers: Vec<Option<Result<String, StatusError>>> =
+        admins.iter().map(|_| None).collect();
+    while let Some(joined) = sends.join_next().await {
+        match joined {
+            Ok((i, answer)) => {
+                if let Some(slot) = answers.get_mut(i) {
+                    *slot = Some(answer);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a request to an admin port panicked"),
+        }
+    }
+    admins
+        .iter()
+        .zip(answers)
+        .map(|(written, answer)| {
+            // A panicked request is an answer missing: its port is named as failed.
+            let answer = answer.unwrap_or_else(|| {
+                Err(StatusError::BadAddress(format!(
+                    "{written}: the request failed inside roleproxy"
+                )))
+            });
+            (written.clone(), answer)
+        })
+        .collect()
 }
 
 /// `/status` as a table for a terminal, like `patronictl list`. Pure. Every string in it may
@@ -132,6 +243,10 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
         clean(&status.route_text),
         when(now_unix_ms, Some(status.route_since_unix_ms))
     );
+    if let Some(pause) = &status.pause {
+        out.push_str(&pause_text(pause, now_unix_ms));
+        out.push('\n');
+    }
     let header = [
         "backend",
         "sources",
@@ -163,6 +278,7 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
         if !backend.present {
             role.push_str(", left DNS");
         }
+        role.push_str(operator_text(backend.operator));
         rows.push([
             backend.address.to_string(),
             clean(&backend.sources.join(",")),
@@ -319,10 +435,45 @@ mod tests {
             backends: Vec::new(),
             listeners: Vec::new(),
             history: Vec::new(),
+            pause: None,
         };
         let words = "no route (split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader)";
         assert!(render_status(&status, 0).contains(words));
         assert!(render_page(&status, 0).contains(words));
+    }
+
+    #[test]
+    fn a_pause_and_an_operator_state_show_in_the_terminal() {
+        let status = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}},
+            "route_since_unix_ms": 0,
+            "backends": [
+                {"address": "127.0.0.12:5433", "present": true, "role": {"role": "replica"},
+                 "last_check_unix_ms": 9_000, "last_check_latency_ms": 1.0, "last_error": null,
+                 "last_error_unix_ms": null, "unconfirmed": null, "postgres": null,
+                 "operator": "maintenance"}
+            ],
+            "pause": {"since_unix_ms": 4_000, "limit_ms": 60_000, "resumes_at_unix_ms": 64_000,
+                      "held_clients": 1}
+        });
+        let text = render_status(&document(status), 10_000);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "PAUSED since 6.0s ago: leader sessions end at their next transaction boundary; 1 new client held; resumes by itself in 54s (proxy.pause_limit 60s) unless POST /resume comes first",
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("replica, in maintenance by the operator"),
+            "{text}"
+        );
+        // A server without pauses sends neither: nothing is shown.
+        let quiet = serde_json::json!({
+            "cluster": "c",
+            "route": {"generation": 2, "target": {"state": "leader", "detail": "127.0.0.11:5433"}}
+        });
+        assert!(!render_status(&document(quiet), 0).contains("PAUSED"));
     }
 
     /// A JSON fixture read as `roleproxy status` reads what the server sends.

@@ -18,6 +18,28 @@ pub fn when(now_unix_ms: u64, at: Option<u64>) -> String {
     at.map_or_else(|| "never".to_string(), |at| ago(now_unix_ms, at))
 }
 
+/// A pause in words, as the page and the terminal show it.
+pub fn pause_text(pause: &crate::status::PauseStatus, now_unix_ms: u64) -> String {
+    let left_ms = pause.resumes_at_unix_ms.saturating_sub(now_unix_ms);
+    format!(
+        "PAUSED since {}: leader sessions end at their next transaction boundary; {} new client{} held; resumes by itself in {:.0}s (proxy.pause_limit {:.0}s) unless POST /resume comes first",
+        ago(now_unix_ms, pause.since_unix_ms),
+        pause.held_clients,
+        if pause.held_clients == 1 { "" } else { "s" },
+        left_ms as f64 / 1000.0,
+        pause.limit_ms as f64 / 1000.0,
+    )
+}
+
+/// What an operator set for a backend, beside its role: nothing while it is ready.
+pub fn operator_text(mode: crate::route::Mode) -> &'static str {
+    match mode {
+        crate::route::Mode::Ready => "",
+        crate::route::Mode::Drain => ", drained by the operator",
+        crate::route::Mode::Maintenance => ", in maintenance by the operator",
+    }
+}
+
 /// A backend's last error with its time. While it is the outcome of the latest check (or the
 /// probe after it) it reads as current, `connection refused (4.0s ago)`; once a later check
 /// has answered, as history, `recovered; 3 min ago: connection refused`, so a healthy node

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::harness::{eventually, holds_for, RunningProxy};
+use roleproxy_testkit::transactions::wait_replicated;
 use roleproxy_testkit::writer::{connect, Attempt, Writer, CREATE_TABLE};
 use tokio_postgres::NoTls;
 
@@ -47,21 +48,7 @@ async fn start(spec: ClusterSpec, leader_wait: &str) -> (LocalCluster, RunningPr
         .batch_execute(CREATE_TABLE)
         .await
         .expect("create table");
-    // Replication is asynchronous: make sure every replica has the table before anything is
-    // promoted, or the new leader would not know it.
-    for i in 1..cluster.len() {
-        let replicated = eventually(WAIT, || async {
-            match connect(&cluster.conninfo(i)).await {
-                Ok(replica) => replica
-                    .query_one("SELECT to_regclass('writes') IS NOT NULL", &[])
-                    .await
-                    .is_ok_and(|row| row.get::<_, bool>(0)),
-                Err(_) => false,
-            }
-        })
-        .await;
-        assert!(replicated, "the table never reached node {i}");
-    }
+    wait_replicated(&cluster, "writes", WAIT).await;
     (cluster, proxy, conninfo)
 }
 

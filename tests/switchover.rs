@@ -12,7 +12,7 @@ use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::fake_cluster::FakeCluster;
 use roleproxy_testkit::harness::{eventually, Client, RunningProxy};
 use roleproxy_testkit::role::RoleReply;
-use roleproxy_testkit::transactions::{Failure, Session, Transactions, CREATE_TABLE};
+use roleproxy_testkit::transactions::{create_table, Session, Transactions};
 use roleproxy_testkit::writer::connect;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio_postgres::error::SqlState;
@@ -44,26 +44,7 @@ async fn start(spec: ClusterSpec, settings: &[(&str, &str)]) -> (LocalCluster, R
         proxy.wait_route(Some(&leader), WAIT).await,
         "routes to node 0"
     );
-    let client = connect(&conninfo(&proxy, "setup"))
-        .await
-        .expect("connects through roleproxy");
-    client
-        .batch_execute(CREATE_TABLE)
-        .await
-        .expect("create table");
-    for i in 1..cluster.len() {
-        let replicated = eventually(WAIT, || async {
-            match connect(&cluster.conninfo(i)).await {
-                Ok(replica) => replica
-                    .query_one("SELECT to_regclass('txs') IS NOT NULL", &[])
-                    .await
-                    .is_ok_and(|row| row.get::<_, bool>(0)),
-                Err(_) => false,
-            }
-        })
-        .await;
-        assert!(replicated, "node {i} has the table");
-    }
+    create_table(&cluster, &conninfo(&proxy, "setup"), WAIT).await;
     (cluster, proxy)
 }
 
@@ -107,24 +88,14 @@ async fn switchover_under_transactions_costs_no_transaction() {
     );
     let outcome = clients.stop().await;
 
-    let part_way: Vec<&Failure> = outcome
-        .failures
-        .iter()
-        .filter(|f| !matches!(f, Failure::Between(..)))
-        .collect();
+    let part_way = outcome.not_between();
     assert!(
         part_way.is_empty(),
         "no transaction fails part-way, no client fails to connect: {part_way:#?}"
     );
-    let ended: Vec<&Failure> = outcome
-        .failures
-        .iter()
-        .filter(|f| matches!(f, Failure::Between(..)))
-        .collect();
+    let ended = outcome.between();
     assert!(
-        ended.iter().all(
-            |f| matches!(f, Failure::Between(Some(code), _) if *code == SqlState::ADMIN_SHUTDOWN)
-        ),
+        outcome.all_ended_with_57p01(),
         "sessions end between transactions with a clean 57P01: {ended:#?}"
     );
     assert!(
@@ -142,20 +113,11 @@ async fn switchover_under_transactions_costs_no_transaction() {
     let leader = connect(&cluster.conninfo(switch.new))
         .await
         .expect("new leader");
-    for (client, seq, server) in &outcome.committed {
-        let row = leader
-            .query_opt(
-                "SELECT server FROM txs WHERE client = $1 AND seq = $2",
-                &[client, seq],
-            )
-            .await
-            .expect("query the new leader");
-        let found: Option<String> = row.map(|r| r.get(0));
-        assert!(
-            found.is_some(),
-            "row ({client}, {seq}) committed on {server} is on the new leader"
-        );
-    }
+    let missing = outcome.missing_on(&leader).await;
+    assert!(
+        missing.is_empty(),
+        "rows committed but not on the new leader: {missing:?}"
+    );
     // The old leader is a read-only primary now: promoting it says to restore it first.
     let refused = cluster
         .promote(switch.old)

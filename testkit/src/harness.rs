@@ -289,9 +289,23 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// A minimal HTTP/1.1 request without a body.
 pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_request_with(addr, method, path, &[]).await
+}
+
+/// [`http_request`] with more header lines (`("Authorization", "Bearer x")`).
+pub async fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).await.expect("admin port accepts");
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{extra}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     stream.write_all(request.as_bytes()).await.expect("send");
     let mut response = String::new();

@@ -21,6 +21,38 @@ pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS txs (
     PRIMARY KEY (client, seq)
 )";
 
+/// Creates the table through `conninfo` (a proxy) and waits, within `wait`, until every
+/// replica of `cluster` has it.
+pub async fn create_table(cluster: &crate::cluster::LocalCluster, conninfo: &str, wait: Duration) {
+    let client = crate::writer::connect(conninfo)
+        .await
+        .expect("connects through roleproxy");
+    client
+        .batch_execute(CREATE_TABLE)
+        .await
+        .expect("create table");
+    wait_replicated(cluster, "txs", wait).await;
+}
+
+/// Waits, within `wait`, until every node of `cluster` but the leader has `table`: replication
+/// is asynchronous, and a replica promoted before it has the table would not know it.
+pub async fn wait_replicated(cluster: &crate::cluster::LocalCluster, table: &str, wait: Duration) {
+    let leader = cluster.leader().await;
+    for i in (0..cluster.len()).filter(|i| Some(*i) != leader) {
+        let replicated = crate::harness::eventually(wait, || async {
+            match crate::writer::connect(&cluster.conninfo(i)).await {
+                Ok(replica) => replica
+                    .query_one("SELECT to_regclass($1::text) IS NOT NULL", &[&table])
+                    .await
+                    .is_ok_and(|row| row.get::<_, bool>(0)),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(replicated, "the table {table} never reached node {i}");
+    }
+}
+
 /// A session whose connection task is kept, to read how the server ended it.
 pub struct Session {
     pub client: tokio_postgres::Client,
@@ -85,6 +117,48 @@ impl Outcome {
             .iter()
             .filter(|f| matches!(f, Failure::PartWay(..)))
             .count()
+    }
+
+    /// Failures other than a session ending between transactions: transactions that failed
+    /// part-way, and connects that failed.
+    pub fn not_between(&self) -> Vec<&Failure> {
+        self.failures
+            .iter()
+            .filter(|f| !matches!(f, Failure::Between(..)))
+            .collect()
+    }
+
+    /// Sessions that ended between transactions.
+    pub fn between(&self) -> Vec<&Failure> {
+        self.failures
+            .iter()
+            .filter(|f| matches!(f, Failure::Between(..)))
+            .collect()
+    }
+
+    /// Whether every session that ended between transactions ended with a clean 57P01.
+    pub fn all_ended_with_57p01(&self) -> bool {
+        self.between().iter().all(
+            |f| matches!(f, Failure::Between(Some(code), _) if *code == SqlState::ADMIN_SHUTDOWN),
+        )
+    }
+
+    /// The committed rows `leader` does not have: (client, seq, server that committed it).
+    pub async fn missing_on(&self, leader: &tokio_postgres::Client) -> Vec<(i32, i32, String)> {
+        let mut missing = Vec::new();
+        for (client, seq, server) in &self.committed {
+            let row = leader
+                .query_opt(
+                    "SELECT server FROM txs WHERE client = $1 AND seq = $2",
+                    &[client, seq],
+                )
+                .await
+                .expect("query the leader");
+            if row.is_none() {
+                missing.push((*client, *seq, server.clone()));
+            }
+        }
+        missing
     }
 
     /// Rows committed on `server`.
