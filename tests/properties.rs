@@ -2009,6 +2009,7 @@ proptest! {
                 .iter()
                 .map(|a| v.iter().find(|b| b.addr == *a).expect("known").claim)
                 .collect();
+            prop_assert!(claims.len() >= 2, "split brain with {} claims", claims.len());
             for a in &claims {
                 for b in &claims {
                     prop_assert!(a.last >= b.first, "stale claim {:?} vs {:?} called split brain: {:?}", a, b, v);
