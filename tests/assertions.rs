@@ -55,7 +55,7 @@ fn presence_checks(text: &str) -> Vec<(usize, String)> {
             // Whitespace between a receiver and `.contains(` is the formatter's, not a change.
             let squeezed: String = args.lines().map(str::trim).collect::<Vec<_>>().join("\n");
             if PRESENCE.iter().any(|p| squeezed.contains(p)) {
-                let line = text[..at].lines().count() + 1;
+                let line = text[..at].matches('\n').count() + 1;
                 let first = args.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
                 found.push((line, first.trim().to_string()));
             }

@@ -44,14 +44,30 @@ fn ensure_fd_limit(need: u64) -> Result<(), String> {
     }
     let error = std::io::Error::last_os_error();
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open").unwrap_or_default();
+    let capability = match has_sys_resource() {
+        Some(true) => "which this process has",
+        Some(false) => "which this process lacks (root in a container may)",
+        None => "which this process may lack",
+    };
     Err(format!(
         "this test needs {need} file descriptors (two per session, both ends of each in this \
          process, and the proxy's two in its own) but has {} (hard limit {}), and raising it \
-         failed: {error}. Run it as root, or with `ulimit -n {need}`; fs.nr_open is {}",
+         failed: {error}. Raising the hard limit takes CAP_SYS_RESOURCE, {capability}, and \
+         goes no higher than fs.nr_open ({}); or start the test under `ulimit -n {need}`",
         limit.rlim_cur,
         limit.rlim_max,
         nr_open.trim()
     ))
+}
+
+/// Whether this process may raise its hard limits (CAP_SYS_RESOURCE among its effective
+/// capabilities); `None` if that cannot be read.
+fn has_sys_resource() -> Option<bool> {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let effective = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    let bits = u64::from_str_radix(effective.trim(), 16).ok()?;
+    Some(bits & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 #[test]
