@@ -1,5 +1,9 @@
-//! Scale: ten thousand concurrent sessions through one roleproxy process. In a file of its own
+//! Scale: nine thousand concurrent sessions through one roleproxy process. In a file of its own
 //! so no other test shares this process's descriptors.
+//!
+//! Nine thousand, not ten: the proxy holds two descriptors per session, and a hard limit of
+//! 20,000 (common in containers, where raising it takes `CAP_SYS_RESOURCE`) leaves room for
+//! 9,700 at most. The count is fixed: the test gets the descriptors it needs or fails.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -10,7 +14,7 @@ use support::harness::{metric_value, sessions_active, wait_served, Client, Proxy
 use support::role::RoleReply;
 
 const LONG: Duration = Duration::from_secs(20);
-const SESSIONS: usize = 10_000;
+const SESSIONS: usize = 9_000;
 /// Descriptors beyond two per session: the runtime, the fakes, the admin port, the log.
 const SPARE: u64 = 600;
 
@@ -71,7 +75,7 @@ fn has_sys_resource() -> Option<bool> {
 }
 
 #[test]
-fn ten_thousand_concurrent_sessions() {
+fn nine_thousand_concurrent_sessions() {
     // Both ends of every session live in this process, and the proxy process holds two
     // descriptors per session too.
     let need = 2 * SESSIONS as u64 + SPARE;
@@ -92,7 +96,7 @@ fn ten_thousand_concurrent_sessions() {
         let _proxy = ProxyProcess::start(
             env!("CARGO_BIN_EXE_roleproxy"),
             &config,
-            "10k",
+            "9k",
             "error",
             None,
         );
