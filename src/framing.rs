@@ -156,11 +156,15 @@ impl Framing {
         (self.status != 0).then_some(self.status)
     }
 
-    /// Between transactions with nothing in flight: the server said idle (`I`) in its last
-    /// ReadyForQuery, has answered everything the client sent, and neither direction is inside
-    /// a message. Closing the session here loses nothing.
+    /// Between transactions with nothing in flight: the client has finished its startup, the
+    /// server said idle (`I`) in its last ReadyForQuery, has answered everything the client
+    /// sent, and neither direction is inside a message. Closing the session here loses nothing.
+    /// A server that says ready before the client's startup is over (out of turn) does not
+    /// make the session idle: the client is still mid-startup, awaiting an answer.
     pub fn idle(&self) -> bool {
         self.on
+            && !self.client_startup
+            && !self.server_answers_encryption
             && self.status == b'I'
             && self.unanswered == 0
             && !self.open_batch
@@ -310,7 +314,12 @@ impl Framing {
             ..Cursor::new(8)
         };
         match code {
-            SSL_REQUEST | GSSENC_REQUEST if len == 8 => self.server_answers_encryption = true,
+            // The answer is the server's next byte, unless the server is part-way through
+            // something it sent out of turn: then no byte of it can be told for the answer.
+            SSL_REQUEST | GSSENC_REQUEST if len == 8 => {
+                self.server_answers_encryption = self.server.at_boundary();
+                self.on = self.server_answers_encryption;
+            }
             _ if code & 0xffff_0000 == PROTOCOL_3 => {
                 self.client_startup = false;
                 self.client.need = 5;
@@ -435,6 +444,20 @@ mod tests {
             (
                 "GSSENCRequest answered G: encrypted, not followed",
                 vec![(C, packet(GSSENC_REQUEST, b"")), (S, b"G".to_vec())],
+                false,
+                None,
+                false,
+            ),
+            (
+                "ready out of turn, then an SSLRequest awaiting its answer: not idle",
+                vec![(S, ready(b'I')), (C, packet(SSL_REQUEST, b""))],
+                true,
+                Some(b'I'),
+                false,
+            ),
+            (
+                "part of a message out of turn, then an SSLRequest: not followed",
+                vec![(S, b"N".to_vec()), (C, packet(SSL_REQUEST, b""))],
                 false,
                 None,
                 false,

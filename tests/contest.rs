@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use roleproxy_testkit as support;
 use support::dns::DnsServer;
-use support::harness::{eventually, holds_for, Client, ConfigBuilder, RunningProxy};
+use support::harness::{
+    eventually, holds_for, sessions_ended, Client, ConfigBuilder, RunningProxy,
+};
 use support::pg::PgCluster;
 use support::role::{RoleEndpoint, RoleReply};
 use support::transactions::Session;
@@ -52,8 +54,13 @@ impl Contest {
         rival.set(RoleReply::replica());
         let dns = DnsServer::start(ip(net, 1)).await;
         dns.set(NAME, vec![ip(net, 11), ip(net, 12)]);
-        // The test decides how each contest ends: the hold-down outlasts it.
+        // The test decides how each contest ends: the hold-down outlasts it. Sessions go
+        // through a listener of this test's own: they are counted per listener, per process.
         let config = ConfigBuilder::new(&format!("127.{net}.0.1"), dns.addr(), NAME)
+            .listener(&format!(
+                "name = \"{}\"\naddresses = [\"127.{net}.0.1:0\"]",
+                Self::listener_name(net)
+            ))
             .set("check.contest_hold", "\"10m\"")
             .set("proxy.leader_wait", "\"60s\"")
             .config();
@@ -81,11 +88,16 @@ impl Contest {
         format!("{}:5433", ip(self.net, 11))
     }
 
+    fn listener_name(net: u8) -> String {
+        format!("contest{net}")
+    }
+
     fn through_proxy(&self, application: &str) -> String {
+        let addr = self.proxy.listener(&Self::listener_name(self.net));
         format!(
             "host={} port={} user=postgres dbname=postgres connect_timeout=60 application_name={application}",
-            self.proxy.addr.ip(),
-            self.proxy.addr.port()
+            addr.ip(),
+            addr.port()
         )
     }
 
@@ -120,9 +132,7 @@ impl Contest {
 
     async fn sessions(&self, result: &str) -> f64 {
         self.proxy
-            .metric(&format!(
-                "roleproxy_sessions_total{{listener=\"leader\",result=\"{result}\"}}"
-            ))
+            .metric(&sessions_ended(&Self::listener_name(self.net), result))
             .await
     }
 

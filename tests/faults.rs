@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use roleproxy_testkit as support;
 use support::fake_cluster::{echo_session, echoes, served_by, FakeCluster, NAME};
-use support::harness::{postgres_refusal, wait_served, Client, ProxyProcess, RunningProxy};
+use support::harness::{
+    eventually, postgres_refusal, sessions_ended, wait_served, Client, ProxyProcess, RunningProxy,
+};
 use support::loopback;
 use support::role::RoleReply;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,11 +43,19 @@ async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
             drop(stream);
         }
     });
-    let config = support::harness::ConfigBuilder::new("127.40.0.1", dns.addr(), NAME).config();
+    // A listener of this test's own: session counts are per listener, for the whole process.
+    let config = support::harness::ConfigBuilder::new("127.40.0.1", dns.addr(), NAME)
+        .listener("name = \"reset\"\naddresses = [\"127.40.0.1:0\"]")
+        .config();
     let proxy = RunningProxy::start(config).await;
+    let ended = || async {
+        proxy.metric(&sessions_ended("reset", "error")).await
+            + proxy.metric(&sessions_ended("reset", "closed")).await
+    };
+    let before = ended().await;
 
     for _ in 0..3 {
-        let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+        let mut client = TcpStream::connect(proxy.listener("reset")).await.unwrap();
         client
             .write_all(&support::harness::startup_packet())
             .await
@@ -67,10 +77,10 @@ async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
         );
         assert_eq!(got, b"partial", "bytes before the reset were delivered");
     }
-    let (_, metrics) = proxy.get("/metrics").await;
     assert!(
-        metrics.contains("result=\"error\"") || metrics.contains("result=\"closed\""),
-        "{metrics}"
+        eventually(LONG, || async { ended().await == before + 3.0 }).await,
+        "each session ends as closed or error: {}",
+        ended().await
     );
     assert_eq!(proxy.get("/healthz").await.0, 200, "the proxy carries on");
     proxy.stop().await;
@@ -177,6 +187,8 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
     assert!(proxy.wait_route(Some(&leader), LONG).await);
     let mut session = echo_session(proxy.addr).await.expect("served");
     let before = generation(&proxy).await;
+    let alive = format!("roleproxy_postgres_probes_total{{backend=\"{leader}\",result=\"alive\"}}");
+    let alive_before = proxy.metric(&alive).await;
 
     let seen = role.requests();
     role.set(RoleReply::Cycle(vec![
@@ -190,12 +202,9 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
         "the route held through the flapping"
     );
     assert!(echoes(&mut session, b"still here").await);
-    let (_, metrics) = proxy.get("/metrics").await;
     assert!(
-        metrics.contains(&format!(
-            "roleproxy_postgres_probes_total{{backend=\"{leader}\",result=\"alive\"}}"
-        )),
-        "{metrics}"
+        proxy.metric(&alive).await > alive_before,
+        "the failed checks were followed by probes that found Postgres alive"
     );
 
     // A node flapping leader/replica is never routed when two leader answers are required.

@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use support::fake_cluster::{FakeCluster as Cluster, NAME};
-use support::harness::{eventually, postgres_refusal, ConfigFile, RunningProxy};
+use support::harness::{eventually, postgres_refusal, process_metric, ConfigFile, RunningProxy};
 use support::loopback;
 use support::role::{RoleEndpoint, RoleReply};
 
@@ -17,6 +17,10 @@ const LONG: Duration = Duration::from_secs(20);
 
 /// The session counters of these listeners that are not 0, as printed. Metrics are one per
 /// process, so each test names its listeners apart.
+/// Held by each test here: the count of dropped addresses has no label to tell proxies apart
+/// and is one per process, so these tests take turns.
+static DROPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn sessions_counted(proxy: &RunningProxy, listeners: &[&str]) -> Vec<String> {
     let (_, metrics) = proxy.get("/metrics").await;
     metrics
@@ -32,6 +36,7 @@ async fn sessions_counted(proxy: &RunningProxy, listeners: &[&str]) -> Vec<Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_at_the_proxys_own_listener_is_refused_at_load_and_reload() {
+    let _turn = DROPS.lock().await;
     let cluster = Cluster::start(72, 1).await;
     cluster.nodes[0].role.set(RoleReply::leader());
     let base = cluster
@@ -92,6 +97,7 @@ async fn a_backup_at_the_proxys_own_listener_is_refused_at_load_and_reload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dns_answer_at_the_proxys_own_wildcard_listener_is_dropped_with_odd_answers() {
+    let _turn = DROPS.lock().await;
     let cluster = Cluster::start(73, 0).await;
     // The name answers the proxy's own host (covered by its 0.0.0.0 listener, on the port it
     // sends clients to) and addresses no node can have. The own address even says leader.
@@ -114,13 +120,19 @@ async fn a_dns_answer_at_the_proxys_own_wildcard_listener_is_dropped_with_odd_an
         .set("backends.port", "25730")
         .set("proxy.leader_wait", "\"1s\"")
         .config();
+    let reasons = ["own_address", "unspecified", "multicast", "broadcast"];
+    let series = reasons.map(|r| format!("roleproxy_discovery_dropped_total{{reason=\"{r}\"}}"));
+    let before = series.clone().map(|s| process_metric(&s));
     let proxy = RunningProxy::start(config).await;
 
-    for reason in ["own_address", "unspecified", "multicast", "broadcast"] {
-        let series = format!("roleproxy_discovery_dropped_total{{reason=\"{reason}\"}}");
+    for (series, before) in series.iter().zip(before) {
         let (proxy, name) = (&proxy, series.as_str());
         assert!(
-            eventually(LONG, move || async move { proxy.metric(name).await > 0.0 }).await,
+            eventually(
+                LONG,
+                move || async move { proxy.metric(name).await > before }
+            )
+            .await,
             "{series} counts"
         );
     }
@@ -145,6 +157,7 @@ async fn a_dns_answer_at_the_proxys_own_wildcard_listener_is_dropped_with_odd_an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_became_the_proxys_own_address_is_refused_at_connect() {
+    let _turn = DROPS.lock().await;
     let cluster = Cluster::start(74, 0).await;
     // A node that says leader, whose Postgres port nothing listens on yet.
     let node = loopback(74, 0, 12);
@@ -195,6 +208,7 @@ async fn a_leader_that_became_the_proxys_own_address_is_refused_at_connect() {
 /// refused at connect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn names_that_resolve_to_the_proxys_own_listener_are_refused_once_resolved() {
+    let _turn = DROPS.lock().await;
     const SELF: &str = "self.loop.test";
     let cluster = Cluster::start(75, 0).await;
     let own = SocketAddr::new(loopback(75, 0, 11), 25750);
@@ -207,10 +221,10 @@ async fn names_that_resolve_to_the_proxys_own_listener_are_refused_once_resolved
         ))
         .set("backends.backup", &format!("[\"{SELF}:{}\"]", own.port()))
         .config();
+    let series = "roleproxy_discovery_dropped_total{reason=\"own_address\"}";
+    let dropped = process_metric(series);
     let proxy = RunningProxy::start(config).await;
 
-    let series = "roleproxy_discovery_dropped_total{reason=\"own_address\"}";
-    let dropped = proxy.metric(series).await;
     let proxy_ref = &proxy;
     assert!(
         eventually(LONG, move || async move {

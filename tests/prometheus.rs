@@ -147,6 +147,7 @@ fn metric_names(path: &str) -> Vec<String> {
         .collect();
     names.sort();
     names.dedup();
+    assert!(!names.is_empty(), "{path} names no roleproxy_ metric");
     names
 }
 

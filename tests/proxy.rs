@@ -13,7 +13,8 @@ use support::fake_cluster::{
     echo_session, echoes, served_by, FakeCluster as Cluster, FakeNode as Node, NAME,
 };
 use support::harness::{
-    eventually, holds_for, postgres_refusal, Client, ConfigBuilder, RunningProxy,
+    eventually, holds_for, metric_value, postgres_refusal, sessions_active as active,
+    sessions_ended as ended, Client, ConfigBuilder, RunningProxy,
 };
 use support::loopback;
 use support::role::{RoleEndpoint, RoleReply};
@@ -31,12 +32,14 @@ async fn all_judged(proxy: &RunningProxy, count: usize, role: &str) -> bool {
     backends.len() == count && backends.iter().all(|b| b["role"]["role"] == role)
 }
 
-/// The DNS lookups the proxy counted as failed, whatever the reason.
-async fn failed_lookups(proxy: &RunningProxy) -> f64 {
+/// The lookups of DNS name `name` the proxy counted as failed, whatever the reason. Metrics
+/// are one per process, so a test that counts lookups resolves a name of its own.
+async fn failed_lookups(proxy: &RunningProxy, name: &str) -> f64 {
     let (_, metrics) = proxy.get("/metrics").await;
+    let series = format!("roleproxy_dns_resolutions_total{{name=\"{name}\",");
     metrics
         .lines()
-        .filter(|line| line.starts_with("roleproxy_dns_resolutions_total{"))
+        .filter(|line| line.starts_with(&series))
         .filter(|line| !line.contains("result=\"ok\""))
         .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum()
@@ -80,8 +83,12 @@ async fn only_the_leader_gets_connections_and_nothing_before_a_positive_check() 
 async fn leader_flip_closes_old_sessions_and_moves_new_ones() {
     let cluster = Cluster::start(2, 3).await;
     cluster.nodes[0].role.set(RoleReply::leader());
-    let proxy = cluster.proxy().await;
-    let mut old = Client::connect(proxy.addr, LONG).await.expect("served");
+    let proxy = RunningProxy::start(own_listener(cluster.config(), 2, "flip").config()).await;
+    let drained = ended("flip", "drained");
+    let before = proxy.metric(&drained).await;
+    let mut old = Client::connect(proxy.listener("flip"), LONG)
+        .await
+        .expect("served");
     assert_eq!(old.tag, cluster.nodes[0].tag());
     assert!(old.echo("before the flip").await);
 
@@ -96,10 +103,9 @@ async fn leader_flip_closes_old_sessions_and_moves_new_ones() {
         "backend side closed too"
     );
     assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[1].tag()));
-    let (_, metrics) = proxy.get("/metrics").await;
     assert!(
-        metrics.contains("roleproxy_sessions_total{listener=\"leader\",result=\"drained\"}"),
-        "{metrics}"
+        proxy.metric_reaches(&drained, before + 1.0, LONG).await,
+        "the session is counted as drained"
     );
     proxy.stop().await;
 }
@@ -139,8 +145,8 @@ async fn split_brain_means_no_route_until_resolved() {
 
     cluster.nodes[0].role.set(RoleReply::word("zombie"));
     assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[1].tag()));
-    let (_, metrics) = proxy.get("/metrics").await;
-    assert!(metrics.contains("roleproxy_split_brain_total"), "{metrics}");
+    // Split brains are counted for the whole process, which other tests here share:
+    // tests/process_counters.rs checks the count.
     proxy.stop().await;
 }
 
@@ -165,7 +171,9 @@ async fn no_leader_gets_a_postgres_error_after_leader_wait() {
     }
 
     // psql itself prints the message.
-    if let Ok(output) = std::process::Command::new("psql")
+    let psql =
+        support::find_program("psql", "postgresql-client-15").unwrap_or_else(|e| panic!("{e}"));
+    let output = std::process::Command::new(psql)
         .arg(format!(
             "host={} port={} user=app dbname=app sslmode=prefer connect_timeout=30",
             proxy.addr.ip(),
@@ -175,14 +183,13 @@ async fn no_leader_gets_a_postgres_error_after_leader_wait() {
         .arg("select 1")
         .env("PGPASSWORD", "x")
         .output()
-    {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success());
-        assert!(
-            stderr.contains("no leader available for iad.test.internal"),
-            "psql prints the proxy's error: {stderr}"
-        );
-    }
+        .expect("psql runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("no leader available for iad.test.internal"),
+        "psql prints the proxy's error: {stderr}"
+    );
     let (code, body) = proxy.get("/ready").await;
     assert_eq!(code, 503, "{body}");
     proxy.stop().await;
@@ -192,8 +199,17 @@ async fn no_leader_gets_a_postgres_error_after_leader_wait() {
 async fn dns_down_at_start_then_up() {
     let cluster = Cluster::start(5, 2).await;
     cluster.nodes[0].role.set(RoleReply::leader());
+    // A name of this test's own: lookups are counted by name, for the whole process.
+    let name = "dns5.test.internal";
+    cluster
+        .dns
+        .set(name, cluster.nodes.iter().map(|n| n.ip).collect());
     cluster.dns.set_mode(DnsMode::Silent);
-    let proxy = cluster.proxy().await;
+    let config = cluster
+        .config()
+        .set("backends.dns_names", &format!("[\"{name}\"]"));
+    let proxy = RunningProxy::start(config.config()).await;
+    let timeouts = format!("roleproxy_dns_resolutions_total{{name=\"{name}\",result=\"timeout\"}}");
 
     let waiting = tokio::spawn({
         let addr = proxy.addr;
@@ -205,28 +221,26 @@ async fn dns_down_at_start_then_up() {
         proxy.status().await
     );
     assert!(!waiting.is_finished());
+    assert!(
+        eventually(LONG, || async { proxy.metric(&timeouts).await > 0.0 }).await,
+        "the silent lookups are counted as timeouts"
+    );
 
     cluster.dns.set_mode(DnsMode::Answer);
     assert_eq!(waiting.await.unwrap(), Some(cluster.nodes[0].tag()));
 
     // A later outage keeps the last good answer: the route stays.
-    let failed = failed_lookups(&proxy).await;
+    let failed = failed_lookups(&proxy, name).await;
     cluster.dns.set_mode(DnsMode::ServFail);
     assert!(
         eventually(LONG, || async {
-            failed_lookups(&proxy).await >= failed + 2.0
+            failed_lookups(&proxy, name).await >= failed + 2.0
         })
         .await,
         "the proxy met the outage"
     );
     assert_eq!(proxy.route_leader().await, Some(cluster.nodes[0].addr()));
     assert_eq!(served_by(&proxy, LONG).await, Some(cluster.nodes[0].tag()));
-    let (_, metrics) = proxy.get("/metrics").await;
-    assert!(
-        metrics.contains("roleproxy_dns_resolutions_total"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("result=\"timeout\""), "{metrics}");
     proxy.stop().await;
 }
 
@@ -455,13 +469,13 @@ async fn max_connections_refuses_with_53300() {
 async fn idle_sessions_are_closed() {
     let cluster = Cluster::start(11, 1).await;
     cluster.nodes[0].role.set(RoleReply::leader());
-    let config = cluster
-        .config()
-        .set("proxy.idle_timeout", "\"700ms\"")
-        .config();
-    let proxy = RunningProxy::start(config).await;
-    let mut busy = Client::connect(proxy.addr, LONG).await.expect("served");
-    let mut idle = Client::connect(proxy.addr, LONG).await.expect("served");
+    let config = cluster.config().set("proxy.idle_timeout", "\"700ms\"");
+    let proxy = RunningProxy::start(own_listener(config, 11, "idle").config()).await;
+    let timed_out = ended("idle", "idle_timeout");
+    let before = proxy.metric(&timed_out).await;
+    let addr = proxy.listener("idle");
+    let mut busy = Client::connect(addr, LONG).await.expect("served");
+    let mut idle = Client::connect(addr, LONG).await.expect("served");
     // The busy session keeps talking, a line at least every 200 ms (the wait for the idle
     // one to close paces it), until the idle one is closed; then it is still open.
     let deadline = tokio::time::Instant::now() + LONG;
@@ -481,8 +495,10 @@ async fn idle_sessions_are_closed() {
         );
     }
     assert!(busy.echo("after the idle one closed").await);
-    let (_, metrics) = proxy.get("/metrics").await;
-    assert!(metrics.contains("result=\"idle_timeout\""), "{metrics}");
+    assert!(
+        proxy.metric_reaches(&timed_out, before + 1.0, LONG).await,
+        "the idle session is counted as timed out"
+    );
     proxy.stop().await;
 }
 
@@ -560,13 +576,15 @@ async fn sixty_four_mib_each_way(net: u8, copy: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_endpoints_report_route_and_backends() {
     let cluster = Cluster::start(13, 2).await;
-    let proxy = cluster.proxy().await;
+    let proxy = RunningProxy::start(own_listener(cluster.config(), 13, "admin").config()).await;
     assert_eq!(proxy.get("/healthz").await.0, 200);
     assert_eq!(proxy.get("/ready").await.0, 503);
     cluster.nodes[0].role.set(RoleReply::leader());
     assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
     assert_eq!(proxy.get("/ready").await.0, 200);
-    let _session = Client::connect(proxy.addr, LONG).await.expect("served");
+    let _session = Client::connect(proxy.listener("admin"), LONG)
+        .await
+        .expect("served");
 
     let status = proxy.status().await;
     assert_eq!(status["cluster"], NAME);
@@ -581,19 +599,27 @@ async fn admin_endpoints_report_route_and_backends() {
     assert!(leader["last_check_unix_ms"].as_u64().is_some());
     assert!(leader["last_check_latency_ms"].as_f64().is_some());
 
+    // Metrics are one per process: only series labelled with this test's listener or
+    // backends are its own (tests/process_counters.rs checks the unlabelled ones).
     let (code, metrics) = proxy.get("/metrics").await;
-    assert_eq!(code, 200);
-    for name in [
-        "roleproxy_sessions_active",
-        "roleproxy_checks_total",
-        "roleproxy_check_duration_seconds_bucket",
-        "roleproxy_backend_role",
-        "roleproxy_leader_changes_total",
-        "roleproxy_route_generation",
-        "roleproxy_dns_resolutions_total",
-        "roleproxy_leader_wait_seconds_bucket",
-    ] {
-        assert!(metrics.contains(name), "/metrics has {name}");
+    assert_eq!(code, 200, "{metrics}");
+    let leader = cluster.nodes[0].addr();
+    let replica = cluster.nodes[1].addr();
+    let value = |series: String| metric_value(&metrics, &series);
+    assert_eq!(value(active("admin")), Some(1.0), "{metrics}");
+    for (backend, role) in [(&leader, "leader"), (&replica, "replica")] {
+        let checks = value(format!(
+            "roleproxy_checks_total{{backend=\"{backend}\",result=\"{role}\"}}"
+        ));
+        assert!(checks.is_some_and(|n| n > 0.0), "{backend}: {metrics}");
+        let timed = value(format!(
+            "roleproxy_check_duration_seconds_count{{backend=\"{backend}\"}}"
+        ));
+        assert!(timed.is_some_and(|n| n > 0.0), "{backend}: {metrics}");
+        let is_role = value(format!(
+            "roleproxy_backend_role{{backend=\"{backend}\",role=\"{role}\"}}"
+        ));
+        assert_eq!(is_role, Some(1.0), "{backend}: {metrics}");
     }
     assert_eq!(proxy.get("/nope").await.0, 404);
     proxy.stop().await;
@@ -749,15 +775,6 @@ fn own_listener(config: ConfigBuilder, net: u8, name: &str) -> ConfigBuilder {
     ))
 }
 
-/// A series of `roleproxy_sessions_total` for one listener and result.
-fn ended(listener: &str, result: &str) -> String {
-    format!("roleproxy_sessions_total{{listener=\"{listener}\",result=\"{result}\"}}")
-}
-
-fn active(listener: &str) -> String {
-    format!("roleproxy_sessions_active{{listener=\"{listener}\"}}")
-}
-
 /// A leader at `127.net.0.11` whose "Postgres" runs `backend` on each connection and then
 /// holds it open without a word, and a proxy in front of it with `max_connections = 1`,
 /// `half_close_timeout = 500ms` and a listener named `name`, whose address is returned.
@@ -837,8 +854,9 @@ async fn silent_clients_never_reach_a_backend_and_are_closed_after_silent_timeou
     let addr = proxy.listener("silent");
     let silent_series = ended("silent", "silent");
     let (_, metrics) = proxy.get("/metrics").await;
-    assert!(
-        metrics.contains(&format!("{silent_series} 0")),
+    assert_eq!(
+        metric_value(&metrics, &silent_series),
+        Some(0.0),
         "registered at 0 from the start: {metrics}"
     );
     let mut served = Client::connect(addr, LONG).await.expect("served");

@@ -112,11 +112,16 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Held by each test here that replays startups: the count of replays has no label to tell
+/// proxies apart and is one per process, so these tests take turns.
+static REPLAYS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The leader answers the client's startup with 57P03 (shutting down): the client, told `N`
 /// by it already, waits unanswered while the probe takes that leader down, then gets the next
 /// leader's welcome after its SSLRequest and StartupMessage were replayed there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_startup_refused_with_57p03_goes_to_the_next_leader() {
+    let _turn = REPLAYS.lock().await;
     let net = 185;
     let dns = DnsServer::start(ip(net, 1)).await;
     dns.set(NAME, vec![ip(net, 11), ip(net, 12)]);
@@ -185,6 +190,7 @@ async fn a_startup_refused_with_57p03_goes_to_the_next_leader() {
 /// leader's shutdown: no 57P03 from it, no connection closed under it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_reconnecting_through_a_clean_shutdown_never_meet_the_dying_leader() {
+    let _turn = REPLAYS.lock().await;
     let spec = ClusterSpec {
         name: "iad.net186.internal".into(),
         dns_ip: Ipv4Addr::new(127, 186, 0, 1).into(),

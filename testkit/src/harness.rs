@@ -230,6 +230,16 @@ impl RunningProxy {
         metric_value(&text, series).unwrap_or(0.0)
     }
 
+    /// Waits until one series reads `want` (see [`RunningProxy::metric`]); false, with the
+    /// value last read in the log, if it never does within `timeout`.
+    pub async fn metric_reaches(&self, series: &str, want: f64, timeout: Duration) -> bool {
+        let reached = eventually(timeout, || async { self.metric(series).await == want }).await;
+        if !reached {
+            eprintln!("{series} is {}, not {want}", self.metric(series).await);
+        }
+        reached
+    }
+
     /// The leader of the current route, as `/status` reports it.
     pub async fn route_leader(&self) -> Option<String> {
         let status = self.status().await;
@@ -272,6 +282,23 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .filter_map(|line| line.strip_prefix(series))
         .find_map(|rest| rest.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The value of one series in this process's recorder, read without a proxy (0 when absent,
+/// also before any proxy has started): what a count was before a test's proxy starts.
+pub fn process_metric(series: &str) -> f64 {
+    metric_value(&roleproxy::metrics::render(), series).unwrap_or(0.0)
+}
+
+/// The `roleproxy_sessions_total` series of one listener and result. Metrics are one per
+/// process, so a test that counts sessions names a listener of its own.
+pub fn sessions_ended(listener: &str, result: &str) -> String {
+    format!("roleproxy_sessions_total{{listener=\"{listener}\",result=\"{result}\"}}")
+}
+
+/// The `roleproxy_sessions_active` series of one listener.
+pub fn sessions_active(listener: &str) -> String {
+    format!("roleproxy_sessions_active{{listener=\"{listener}\"}}")
 }
 
 /// The series in Prometheus text: every line that is not a comment.

@@ -19,6 +19,7 @@ pub mod dns;
 pub mod fake_cluster;
 pub mod fake_postgres;
 pub mod fault;
+pub mod framing_model;
 pub mod haproxy;
 pub mod harness;
 pub mod patroni;
