@@ -1258,6 +1258,44 @@ mod tests {
         );
     }
 
+    /// Rule 10: a contest, once begun, is not ended by the leader's own 404 or failed check:
+    /// its paused sessions resume only once the rival's claim lapses.
+    #[tokio::test(start_paused = true)]
+    async fn a_contest_outlasts_the_leaders_own_404_and_failed_check() {
+        use crate::route::Hold;
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let generation = route(&handle).generation;
+        let contested = Route {
+            generation,
+            target: Target::Contested(addr(1)),
+        };
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle), contested);
+        view.observe(addr(1), Role::Down("timed out".into()), None);
+        view.publish();
+        assert_eq!(route(&handle), contested, "a failed check of its own");
+        view.observe(addr(1), Role::Maintenance, None);
+        view.publish();
+        assert_eq!(route(&handle), contested, "a 404 of its own");
+
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        assert_eq!(
+            route(&handle),
+            Route {
+                generation,
+                target: Target::Held(addr(1), Hold::Maintenance)
+            },
+            "the claim lapsed: its sessions stay, held by the 404"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_claim_that_outlasts_its_hold_down_is_a_split_brain() {
         let (mut view, handle) = view();

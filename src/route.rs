@@ -579,19 +579,23 @@ fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<Socket
 /// route instead of cutting it, while every rival's claim is within its hold-down and none
 /// shows a newer timeline than the leader's. One stray answer is not evidence; a claim that
 /// lasts, or a newer timeline, is a promotion or a split brain, judged by the other rules.
+/// Once begun, a contest outlasts the leader's own failed checks and 404s: they end no rival's
+/// claim, so its paused sessions must not resume on them while a rival may take writes.
 fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
-    let current = match previous.target {
-        Target::Leader(addr) | Target::Contested(addr) => addr,
+    let (current, ongoing) = match previous.target {
+        Target::Leader(addr) => (addr, false),
+        Target::Contested(addr) => (addr, true),
         _ => return None,
     };
     let leader = backends.iter().find(|b| b.addr == current)?;
+    let standing = if ongoing {
+        matches!(leader.role, Role::Leader | Role::Maintenance) && leader.data_error.is_none()
+    } else {
+        *leader.role == Role::Leader && leader.claim.standing == Standing::Confirmed
+    };
     // Rule 4: a backup leads only while no discovered node does; a discovered claim
     // replaces it at once instead of contesting it.
-    if !leader.present
-        || !leader.discovered
-        || *leader.role != Role::Leader
-        || leader.claim.standing != Standing::Confirmed
-    {
+    if !leader.present || !leader.discovered || !standing {
         return None;
     }
     let mut rivals = backends
@@ -1552,6 +1556,50 @@ mod tests {
                 vec![
                     (11, Role::Leader, leader(Unconfirmed), None),
                     (12, Role::Leader, rival(true), None),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "once contested, the leader's failed check ends no rival's claim",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Unconfirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "once contested, the leader's 404 ends no rival's claim",
+                contested_11.clone(),
+                vec![
+                    (
+                        11,
+                        Role::Maintenance,
+                        Claim {
+                            claiming: false,
+                            ..leader(Confirmed)
+                        },
+                        None,
+                    ),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "the claim lapses while the leader is in maintenance: held, same generation",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Maintenance, Claim::default(), None),
+                    (12, Role::Replica, Claim::default(), None),
+                ],
+                route(4, Target::Held(addr(11), Hold::Maintenance)),
+            ),
+            (
+                "an unconfirmed leader's contest ends with the hold-down: the confirmed rival leads",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Unconfirmed), None),
+                    (12, Role::Leader, rival(false), None),
                 ],
                 route(5, Target::Leader(addr(12))),
             ),
