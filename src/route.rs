@@ -526,7 +526,7 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         .collect();
     backups.sort_by_key(|b| b.addr);
     for claims in [&mut discovered, &mut backups] {
-        confirmed_first(claims);
+        confirmed_first(previous, claims);
         if policy == SplitBrain::HighestTimeline {
             newest_timeline(claims);
         }
@@ -756,13 +756,22 @@ pub fn least_loaded(
 }
 
 /// Rule 7: a confirmed claim beats an unconfirmed one. A leader whose checks fail keeps the route
-/// only while nobody else positively answers `leader`.
-fn confirmed_first(claims: &mut Vec<&BackendView<'_>>) {
+/// only while nobody else positively answers `leader`. When none is confirmed, a claim that has
+/// not answered `leader` since the route's leader began its own was beaten by it then: the
+/// leader's failed check is no evidence, and does not bring that claim back.
+fn confirmed_first(previous: &Route, claims: &mut Vec<&BackendView<'_>>) {
     if claims
         .iter()
         .any(|b| b.claim.standing == Standing::Confirmed)
     {
         claims.retain(|b| b.claim.standing == Standing::Confirmed);
+        return;
+    }
+    let leader = previous
+        .leader()
+        .and_then(|addr| claims.iter().find(|b| b.addr == addr).copied());
+    if let Some(leader) = leader {
+        claims.retain(|b| b.addr == leader.addr || b.claim.last >= leader.claim.first);
     }
 }
 
@@ -2170,6 +2179,27 @@ mod tests {
                 vec![
                     (11, true, Role::Leader, claim(1, 9, Unconfirmed)),
                     (12, true, Role::Leader, claim(2, 8, Unconfirmed)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "the route's unconfirmed leader keeps it against an unconfirmed claim it beat",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(7, 9, Unconfirmed)),
+                    (12, true, Role::Leader, claim(1, 5, Unconfirmed)),
+                ],
+                at_11.clone(),
+            ),
+            (
+                "a claim it beat that answers leader again is judged again: split brain",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(7, 9, Unconfirmed)),
+                    (12, true, Role::Leader, claim(1, 10, Unconfirmed)),
                 ],
                 route(
                     5,
