@@ -598,9 +598,12 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
     if !leader.present || !leader.discovered || !standing {
         return None;
     }
+    // A claim not risen to leader and not within a hold-down (its node's claims keep lapsing)
+    // contests nothing, and ends no other node's contest.
     let mut rivals = backends
         .iter()
         .filter(|b| b.addr != current && b.discovered && b.claiming())
+        .filter(|b| *b.role == Role::Leader || b.claim.held_down)
         .peekable();
     rivals.peek()?;
     let newer = |rival: &BackendView<'_>| match (rival.timeline, leader.timeline) {
@@ -1567,6 +1570,25 @@ mod tests {
                     (12, Role::Leader, rival(true), None),
                 ],
                 route(5, Target::Leader(addr(12))),
+            ),
+            (
+                "a liar's claim (no hold-down, not risen) ends no other node's contest",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                    (13, Role::Replica, rival(false), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "a liar's claim alone contests nothing",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (13, Role::Replica, rival(false), None),
+                ],
+                at_11.clone(),
             ),
             (
                 "once contested, the leader's failed check ends no rival's claim",
