@@ -20,7 +20,8 @@
 //! - a dead leader (port refusing, or black-holed with nothing heard since) stops being the
 //!   route's backend within [`dead_bound`];
 //! - a held (contested) session resumes only where its leader kept the route, in the same
-//!   generation, and once every rival's claim has lapsed;
+//!   generation, and once every rival's claim has lapsed, or counts for nothing (not risen to
+//!   leader and within no hold-down: a node whose claim lapsed lately gets none);
 //! - while paused, no client is handed to a leader and every leader session ends at its
 //!   boundary or closes.
 //!
@@ -276,7 +277,14 @@ struct Said {
     /// Since its latest definite answer that was not `leader`, `check.rise` of them came in a
     /// row: it has risen to leader.
     risen: bool,
+    /// Since when its definite answers have said `leader`.
+    claim_since: Option<Instant>,
+    /// When such a claim last lapsed within `check.contest_hold`.
+    lapsed_at: Option<Instant>,
 }
+
+/// How long a lapsed claim costs its node the hold-down of its next one (rule 10: 60 s).
+const LIAR_MEMORY: Duration = Duration::from_secs(60);
 
 /// What the schedules went through, summed over seeds: proof that they reach the rules.
 #[derive(Default, Debug)]
@@ -767,10 +775,21 @@ impl Sim {
                     } else {
                         0
                     };
+                    let now = Instant::now();
                     match role {
-                        Role::Leader => said.risen |= said.leaders >= self.view.settings.rise,
+                        Role::Leader => {
+                            said.risen |= said.leaders >= self.view.settings.rise;
+                            said.claim_since.get_or_insert(now);
+                        }
                         Role::Down(_) => {}
-                        _ => said.risen = false,
+                        _ => {
+                            said.risen = false;
+                            let hold = self.view.settings.contest_hold;
+                            if said.claim_since.is_some_and(|at| now - at < hold) {
+                                said.lapsed_at = Some(now);
+                            }
+                            said.claim_since = None;
+                        }
                     }
                     said.latest = Some(role.clone());
                 }
@@ -887,15 +906,28 @@ impl Sim {
     /// A node in DNS, other than `addr`, whose latest answer claims leader (a backup's claim
     /// rivals nobody: rule 4).
     fn rival_of(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        self.rivals_of(addr).next().map(|(b, _)| b)
+    }
+
+    fn rivals_of(&self, addr: SocketAddr) -> impl Iterator<Item = (SocketAddr, &Said)> {
         self.nodes
             .iter()
-            .filter(|n| n.addr != addr && n.in_dns)
-            .map(|n| n.addr)
-            .find(|b| {
-                self.said
-                    .get(b)
-                    .is_some_and(|s| s.latest == Some(Role::Leader))
+            .filter(move |n| n.addr != addr && n.in_dns)
+            .filter_map(|n| Some((n.addr, self.said.get(&n.addr)?)))
+            .filter(|(_, s)| s.latest == Some(Role::Leader))
+    }
+
+    /// A rival claim that keeps a contest up (rule 10): risen to leader, or within its
+    /// hold-down, which a node whose claim lapsed within the last minute does not get.
+    fn contesting_rival(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        let hold = self.view.settings.contest_hold;
+        self.rivals_of(addr)
+            .find(|(_, s)| {
+                let held_down = s.claim_since.is_some_and(|at| at.elapsed() < hold)
+                    && s.lapsed_at.is_none_or(|at| at.elapsed() >= LIAR_MEMORY);
+                s.risen || held_down
             })
+            .map(|(b, _)| b)
     }
 
     /// The invariants on one change of route.
@@ -1059,7 +1091,7 @@ impl Sim {
                 // A held session resumes only where its leader kept the route (same generation,
                 // checked above; held by a 404 of its own at most) and every rival's claim
                 // lapsed.
-                let rival = self.rival_of(s.addr);
+                let rival = self.contesting_rival(s.addr);
                 let kept =
                     matches!(route.target, Target::Leader(a) | Target::Held(a, _) if a == s.addr);
                 if !kept || rival.is_some() {
