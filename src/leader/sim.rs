@@ -16,7 +16,9 @@
 //!   stepped-down one last answered `replica` or another word (or a `leader` claim not yet
 //!   risen to `check.rise`); a node whose latest probe found its port refusing is not routed;
 //! - a leader whose sessions heard it within `check.liveness_window` is left only on its own
-//!   definite non-leader answer, a probe that found its port refusing, or a rival's claim;
+//!   definite non-leader answer, a probe that found its port refusing, or a rival's claim (its
+//!   latest answer `leader`, or, its checks failing since, a `leader` answer after this
+//!   leader's claim began: rule 7's split brain);
 //! - a dead leader (port refusing, or black-holed with nothing heard since) stops being the
 //!   route's backend within [`dead_bound`];
 //! - a held (contested) session resumes only where its leader kept the route, in the same
@@ -281,6 +283,8 @@ struct Said {
     claim_since: Option<Instant>,
     /// When such a claim last lapsed within `check.contest_hold`.
     lapsed_at: Option<Instant>,
+    /// When it last answered `leader`.
+    last_leader: Option<Instant>,
 }
 
 /// How long a lapsed claim costs its node the hold-down of its next one (rule 10: 60 s).
@@ -780,6 +784,7 @@ impl Sim {
                         Role::Leader => {
                             said.risen |= said.leaders >= self.view.settings.rise;
                             said.claim_since.get_or_insert(now);
+                            said.last_leader = Some(now);
                         }
                         Role::Down(_) => {}
                         _ => {
@@ -917,6 +922,24 @@ impl Sim {
             .filter(|(_, s)| s.latest == Some(Role::Leader))
     }
 
+    /// A node in DNS whose claim still stands against `addr`'s by rule 7, though its latest
+    /// check failed: it last answered `leader` after `addr`'s claim began, and no probe has
+    /// found its port refusing. Two such claims are a split brain, whatever their checks say.
+    fn standing_rival(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        let began = self.said.get(&addr)?.claim_since?;
+        self.nodes
+            .iter()
+            .filter(|n| n.addr != addr && n.in_dns)
+            .find(|n| {
+                self.said.get(&n.addr).is_some_and(|s| {
+                    s.definite == Some(Role::Leader)
+                        && s.last_leader.is_some_and(|at| at >= began)
+                        && !matches!(s.probe, Some(Liveness::Gone(_) | Liveness::Refusing(_)))
+                })
+            })
+            .map(|n| n.addr)
+    }
+
     /// A rival claim that keeps a contest up (rule 10): risen to leader, or within its
     /// hold-down, which a node whose claim lapsed within the last minute does not get.
     fn contesting_rival(&self, addr: SocketAddr) -> Option<SocketAddr> {
@@ -1016,7 +1039,7 @@ impl Sim {
                 let refused = said.is_some_and(|s| {
                     matches!(s.probe, Some(Liveness::Gone(_) | Liveness::Refusing(_)))
                 });
-                let rival = self.rival_of(a);
+                let rival = self.rival_of(a).or_else(|| self.standing_rival(a));
                 if lively && !denied && !refused && rival.is_none() {
                     return Err(format!(
                         "{a} was left ({before:?} → {route:?}) while its sessions heard it \
