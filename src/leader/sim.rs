@@ -193,6 +193,22 @@ struct Node {
 }
 
 impl Node {
+    /// A node at 127.0.0.`n` whose Postgres is up: a backup, or named by DNS.
+    fn new(n: u8, says: Says, backup: bool) -> Node {
+        Node {
+            addr: SocketAddr::from(([127, 0, 0, n], 5433)),
+            backup,
+            pg: Pg::Up,
+            says,
+            before_maintenance: says,
+            agent: Agent::Fine,
+            stray: false,
+            in_dns: !backup,
+            dead_since: None,
+            heard: None,
+        }
+    }
+
     /// A check's answer and how long it takes, decided when it starts.
     fn check(&mut self, s: &CheckSettings, rng: &mut Rng) -> (Role, Duration) {
         match (self.pg, self.agent) {
@@ -337,32 +353,13 @@ impl Sim {
         view.sources = Sources::Recorded(Vec::new());
         let count = 2 + rng.below(3);
         let mut nodes: Vec<Node> = (0..count)
-            .map(|i| Node {
-                addr: SocketAddr::from(([127, 0, 0, i as u8 + 1], 5433)),
-                backup: false,
-                pg: Pg::Up,
-                says: if i == 0 { Says::Primary } else { Says::Replica },
-                before_maintenance: Says::Replica,
-                agent: Agent::Fine,
-                stray: false,
-                in_dns: true,
-                dead_since: None,
-                heard: None,
+            .map(|i| {
+                let says = if i == 0 { Says::Primary } else { Says::Replica };
+                Node::new(i as u8 + 1, says, false)
             })
             .collect();
         if rng.percent(40) {
-            nodes.push(Node {
-                addr: SocketAddr::from(([127, 0, 0, 9], 5433)),
-                backup: true,
-                pg: Pg::Up,
-                says: Says::Replica,
-                before_maintenance: Says::Replica,
-                agent: Agent::Fine,
-                stray: false,
-                in_dns: false,
-                dead_since: None,
-                heard: None,
-            });
+            nodes.push(Node::new(9, Says::Replica, true));
         }
         Sim {
             rng,
