@@ -579,8 +579,9 @@ fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<Socket
 /// route instead of cutting it, while every rival's claim is within its hold-down and none
 /// shows a newer timeline than the leader's. One stray answer is not evidence; a claim that
 /// lasts, or a newer timeline, is a promotion or a split brain, judged by the other rules.
-/// Once begun, a contest outlasts the leader's own failed checks and 404s: they end no rival's
-/// claim, so its paused sessions must not resume on them while a rival may take writes.
+/// Once begun, a contest outlasts the leader's own failed checks, 404s and leaving DNS: they end
+/// no rival's claim, so its paused sessions must not resume on them while a rival may take
+/// writes.
 fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
     let (current, ongoing) = match previous.target {
         Target::Leader(addr) => (addr, false),
@@ -594,8 +595,9 @@ fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
         *leader.role == Role::Leader && leader.claim.standing == Standing::Confirmed
     };
     // Rule 4: a backup leads only while no discovered node does; a discovered claim
-    // replaces it at once instead of contesting it.
-    if !leader.present || !leader.discovered || !standing {
+    // replaces it at once instead of contesting it. A leader leaving DNS ends no contest, as
+    // its 404 does not.
+    if !(leader.present || ongoing) || !leader.discovered || !standing {
         return None;
     }
     // A claim not risen to leader and not within a hold-down (its node's claims keep lapsing)
@@ -1591,6 +1593,24 @@ mod tests {
                 at_11.clone(),
             ),
             (
+                "once contested, the leader leaving DNS ends no rival's claim",
+                route(4, Target::Contested(addr(19))),
+                vec![
+                    (19, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                route(4, Target::Contested(addr(19))),
+            ),
+            (
+                "a leader that left DNS is not contested: it is held",
+                route(4, Target::Leader(addr(19))),
+                vec![
+                    (19, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                route(4, Target::Held(addr(19), Hold::LeftDns)),
+            ),
+            (
                 "once contested, the leader's failed check ends no rival's claim",
                 contested_11.clone(),
                 vec![
@@ -1699,9 +1719,9 @@ mod tests {
                 .iter()
                 .map(|(n, role, claim, timeline)| BackendView {
                     addr: addr(*n),
-                    // Node 50 stands for a backup address.
+                    // Node 50 stands for a backup address, node 19 for a leader that left DNS.
                     discovered: *n != 50,
-                    present: true,
+                    present: *n != 19,
                     role,
                     timeline: *timeline,
                     claim: *claim,
