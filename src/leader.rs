@@ -285,6 +285,31 @@ pub struct LeaderView {
     /// Runs the check loops.
     supervisor: Supervisor,
     cancel: CancellationToken,
+    /// Where check loops and probes run.
+    sources: Sources,
+}
+
+/// Where the view's check loops and Postgres probes run: spawned as tasks doing real I/O, or,
+/// in the simulation, only asked for, so the simulation answers them as events on its own
+/// schedule and the view does no I/O at all.
+enum Sources {
+    Spawned,
+    #[cfg(test)]
+    Recorded(Vec<Request>),
+}
+
+/// What the view asked of [`Sources::Recorded`].
+#[cfg(test)]
+#[derive(Debug)]
+enum Request {
+    /// Start checking `addr`, reporting as `loop_id`, until `cancel` fires.
+    Checks {
+        addr: SocketAddr,
+        loop_id: u64,
+        cancel: CancellationToken,
+    },
+    /// Probe `addr`'s Postgres once.
+    Probe { addr: SocketAddr },
 }
 
 impl LeaderView {
@@ -330,6 +355,7 @@ impl LeaderView {
             events: events_tx,
             supervisor,
             cancel,
+            sources: Sources::Spawned,
         };
         (view, handle, events_rx)
     }
@@ -347,15 +373,21 @@ impl LeaderView {
                 },
                 _ = sleep_until_some(probe_due) => None,
             };
-            match event {
-                Some(event) => self.apply(event),
-                None => self.probe_postponed(),
-            }
-            self.publish();
+            self.step(event);
         }
         for state in self.backends.values_mut() {
             state.stop_checking();
         }
+    }
+
+    /// One turn of the view: applies an event, or with none runs the postponed probes that
+    /// are due; then publishes.
+    fn step(&mut self, event: Option<Event>) {
+        match event {
+            Some(event) => self.apply(event),
+            None => self.probe_postponed(),
+        }
+        self.publish();
     }
 
     fn apply(&mut self, event: Event) {
@@ -477,9 +509,18 @@ impl LeaderView {
         for addr in unchecked {
             let token = self.cancel.child_token();
             self.next_loop_id += 1;
-            self.spawn_check_loop(addr, self.next_loop_id, token.clone());
+            let loop_id = self.next_loop_id;
+            match &mut self.sources {
+                Sources::Spawned => self.spawn_check_loop(addr, loop_id, token.clone()),
+                #[cfg(test)]
+                Sources::Recorded(requests) => requests.push(Request::Checks {
+                    addr,
+                    loop_id,
+                    cancel: token.clone(),
+                }),
+            }
             if let Some(state) = self.backends.get_mut(&addr) {
-                state.checker = Some((self.next_loop_id, token));
+                state.checker = Some((loop_id, token));
             }
         }
     }
@@ -598,6 +639,11 @@ impl LeaderView {
         state.probing = true;
         state.last_probe = Some(now);
         state.probe_again_at = None;
+        #[cfg(test)]
+        if let Sources::Recorded(requests) = &mut self.sources {
+            requests.push(Request::Probe { addr });
+            return;
+        }
         let events = self.events.clone();
         let timeout = self.settings.probe_timeout;
         let cancel = self.cancel.clone();
@@ -1033,6 +1079,9 @@ fn log_route_change(previous: &Route, route: &Route) {
 }
 
 #[cfg(test)]
+mod sim;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1051,7 +1100,7 @@ mod tests {
         Event::Discovered(Discovered::Backends(set))
     }
 
-    /// A view whose check loops end as they start: these tests feed it events by hand.
+    /// A view that runs no check loop and no probe: these tests feed it events by hand.
     fn view() -> (LeaderView, ViewHandle) {
         let config = crate::config::Config::parse(
             "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]",
@@ -1061,14 +1110,14 @@ mod tests {
         let cancel = CancellationToken::new();
         cancel.cancel();
         let (supervisor, _ended) = Supervisor::new();
-        let (view, handle, _events) =
+        let (mut view, handle, _events) =
             LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
+        view.sources = Sources::Recorded(Vec::new());
         (view, handle)
     }
 
     fn step(view: &mut LeaderView, event: Event) {
-        view.apply(event);
-        view.publish();
+        view.step(Some(event));
     }
 
     #[tokio::test]
@@ -1255,6 +1304,44 @@ mod tests {
             matches!(route(&handle).target, Target::None(NoRoute::SplitBrain(_))),
             "{:?}",
             route(&handle)
+        );
+    }
+
+    /// Rule 10: a contest, once begun, is not ended by the leader's own 404 or failed check:
+    /// its paused sessions resume only once the rival's claim lapses.
+    #[tokio::test(start_paused = true)]
+    async fn a_contest_outlasts_the_leaders_own_404_and_failed_check() {
+        use crate::route::Hold;
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let generation = route(&handle).generation;
+        let contested = Route {
+            generation,
+            target: Target::Contested(addr(1)),
+        };
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle), contested);
+        view.observe(addr(1), Role::Down("timed out".into()), None);
+        view.publish();
+        assert_eq!(route(&handle), contested, "a failed check of its own");
+        view.observe(addr(1), Role::Maintenance, None);
+        view.publish();
+        assert_eq!(route(&handle), contested, "a 404 of its own");
+
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        assert_eq!(
+            route(&handle),
+            Route {
+                generation,
+                target: Target::Held(addr(1), Hold::Maintenance)
+            },
+            "the claim lapsed: its sessions stay, held by the 404"
         );
     }
 

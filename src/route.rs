@@ -526,7 +526,7 @@ pub fn decide_with(previous: &Route, backends: &[BackendView<'_>], policy: Split
         .collect();
     backups.sort_by_key(|b| b.addr);
     for claims in [&mut discovered, &mut backups] {
-        confirmed_first(claims);
+        confirmed_first(previous, claims);
         if policy == SplitBrain::HighestTimeline {
             newest_timeline(claims);
         }
@@ -579,24 +579,33 @@ fn stepped_down(previous: &Route, backends: &[BackendView<'_>]) -> Option<Socket
 /// route instead of cutting it, while every rival's claim is within its hold-down and none
 /// shows a newer timeline than the leader's. One stray answer is not evidence; a claim that
 /// lasts, or a newer timeline, is a promotion or a split brain, judged by the other rules.
+/// Once begun, a contest outlasts the leader's own failed checks, 404s and leaving DNS: they end
+/// no rival's claim, so its paused sessions must not resume on them while a rival may take
+/// writes.
 fn contested(previous: &Route, backends: &[BackendView<'_>]) -> Option<Target> {
-    let current = match previous.target {
-        Target::Leader(addr) | Target::Contested(addr) => addr,
+    let (current, ongoing) = match previous.target {
+        Target::Leader(addr) => (addr, false),
+        Target::Contested(addr) => (addr, true),
         _ => return None,
     };
     let leader = backends.iter().find(|b| b.addr == current)?;
+    let standing = if ongoing {
+        matches!(leader.role, Role::Leader | Role::Maintenance) && leader.data_error.is_none()
+    } else {
+        *leader.role == Role::Leader && leader.claim.standing == Standing::Confirmed
+    };
     // Rule 4: a backup leads only while no discovered node does; a discovered claim
-    // replaces it at once instead of contesting it.
-    if !leader.present
-        || !leader.discovered
-        || *leader.role != Role::Leader
-        || leader.claim.standing != Standing::Confirmed
-    {
+    // replaces it at once instead of contesting it. A leader leaving DNS ends no contest, as
+    // its 404 does not.
+    if !(leader.present || ongoing) || !leader.discovered || !standing {
         return None;
     }
+    // A claim not risen to leader and not within a hold-down (its node's claims keep lapsing)
+    // contests nothing, and ends no other node's contest.
     let mut rivals = backends
         .iter()
         .filter(|b| b.addr != current && b.discovered && b.claiming())
+        .filter(|b| *b.role == Role::Leader || b.claim.held_down)
         .peekable();
     rivals.peek()?;
     let newer = |rival: &BackendView<'_>| match (rival.timeline, leader.timeline) {
@@ -752,13 +761,22 @@ pub fn least_loaded(
 }
 
 /// Rule 7: a confirmed claim beats an unconfirmed one. A leader whose checks fail keeps the route
-/// only while nobody else positively answers `leader`.
-fn confirmed_first(claims: &mut Vec<&BackendView<'_>>) {
+/// only while nobody else positively answers `leader`. When none is confirmed, a claim that has
+/// not answered `leader` since the route's leader began its own was beaten by it then: the
+/// leader's failed check is no evidence, and does not bring that claim back.
+fn confirmed_first(previous: &Route, claims: &mut Vec<&BackendView<'_>>) {
     if claims
         .iter()
         .any(|b| b.claim.standing == Standing::Confirmed)
     {
         claims.retain(|b| b.claim.standing == Standing::Confirmed);
+        return;
+    }
+    let leader = previous
+        .leader()
+        .and_then(|addr| claims.iter().find(|b| b.addr == addr).copied());
+    if let Some(leader) = leader {
+        claims.retain(|b| b.addr == leader.addr || b.claim.last >= leader.claim.first);
     }
 }
 
@@ -1556,6 +1574,87 @@ mod tests {
                 route(5, Target::Leader(addr(12))),
             ),
             (
+                "a liar's claim (no hold-down, not risen) ends no other node's contest",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                    (13, Role::Replica, rival(false), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "a liar's claim alone contests nothing",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (13, Role::Replica, rival(false), None),
+                ],
+                at_11.clone(),
+            ),
+            (
+                "once contested, the leader leaving DNS ends no rival's claim",
+                route(4, Target::Contested(addr(19))),
+                vec![
+                    (19, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                route(4, Target::Contested(addr(19))),
+            ),
+            (
+                "a leader that left DNS is not contested: it is held",
+                route(4, Target::Leader(addr(19))),
+                vec![
+                    (19, Role::Leader, leader(Confirmed), None),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                route(4, Target::Held(addr(19), Hold::LeftDns)),
+            ),
+            (
+                "once contested, the leader's failed check ends no rival's claim",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Unconfirmed), None),
+                    (12, Role::Leader, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "once contested, the leader's 404 ends no rival's claim",
+                contested_11.clone(),
+                vec![
+                    (
+                        11,
+                        Role::Maintenance,
+                        Claim {
+                            claiming: false,
+                            ..leader(Confirmed)
+                        },
+                        None,
+                    ),
+                    (12, Role::Replica, rival(true), None),
+                ],
+                contested_11.clone(),
+            ),
+            (
+                "the claim lapses while the leader is in maintenance: held, same generation",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Maintenance, Claim::default(), None),
+                    (12, Role::Replica, Claim::default(), None),
+                ],
+                route(4, Target::Held(addr(11), Hold::Maintenance)),
+            ),
+            (
+                "an unconfirmed leader's contest ends with the hold-down: the confirmed rival leads",
+                contested_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Unconfirmed), None),
+                    (12, Role::Leader, rival(false), None),
+                ],
+                route(5, Target::Leader(addr(12))),
+            ),
+            (
                 "the leader steps down while contested: the rival leads",
                 contested_11.clone(),
                 vec![
@@ -1620,9 +1719,9 @@ mod tests {
                 .iter()
                 .map(|(n, role, claim, timeline)| BackendView {
                     addr: addr(*n),
-                    // Node 50 stands for a backup address.
+                    // Node 50 stands for a backup address, node 19 for a leader that left DNS.
                     discovered: *n != 50,
-                    present: true,
+                    present: *n != 19,
                     role,
                     timeline: *timeline,
                     claim: *claim,
@@ -2122,6 +2221,27 @@ mod tests {
                 vec![
                     (11, true, Role::Leader, claim(1, 9, Unconfirmed)),
                     (12, true, Role::Leader, claim(2, 8, Unconfirmed)),
+                ],
+                route(
+                    5,
+                    Target::None(NoRoute::SplitBrain(vec![addr(11), addr(12)])),
+                ),
+            ),
+            (
+                "the route's unconfirmed leader keeps it against an unconfirmed claim it beat",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(7, 9, Unconfirmed)),
+                    (12, true, Role::Leader, claim(1, 5, Unconfirmed)),
+                ],
+                at_11.clone(),
+            ),
+            (
+                "a claim it beat that answers leader again is judged again: split brain",
+                at_11.clone(),
+                vec![
+                    (11, true, Role::Leader, claim(7, 9, Unconfirmed)),
+                    (12, true, Role::Leader, claim(1, 10, Unconfirmed)),
                 ],
                 route(
                     5,
