@@ -143,6 +143,21 @@ impl Outcome {
         )
     }
 
+    /// Panics unless every failure was a session ending between transactions, each with a
+    /// clean `57P01`: no transaction cut part-way, no client that failed to connect.
+    pub fn assert_every_session_ended_between_transactions(&self) {
+        let part_way = self.not_between();
+        assert!(
+            part_way.is_empty(),
+            "no transaction fails part-way, no client fails to connect: {part_way:#?}"
+        );
+        let ended = self.between();
+        assert!(
+            self.all_ended_with_57p01(),
+            "sessions end between transactions with a clean 57P01: {ended:#?}"
+        );
+    }
+
     /// The committed rows `leader` does not have: (client, seq, server that committed it).
     pub async fn missing_on(&self, leader: &tokio_postgres::Client) -> Vec<(i32, i32, String)> {
         let mut missing = Vec::new();
