@@ -36,6 +36,21 @@ async fn replica_listener_balances_by_least_sessions_and_never_reaches_the_leade
         cluster.nodes[2].tag(),
     );
     assert!(proxy.wait_route(Some(&cluster.nodes[0].addr()), LONG).await);
+    // The route needs only the leader's answer; spreading needs both replicas' too.
+    let p = &proxy;
+    assert!(
+        eventually(LONG, || async move {
+            let status = p.status().await;
+            let backends = status["backends"].as_array().cloned().unwrap_or_default();
+            backends
+                .iter()
+                .filter(|b| b["role"]["role"] == "replica")
+                .count()
+                == 2
+        })
+        .await,
+        "both replicas checked"
+    );
 
     // Four sessions held open: two on each replica, none on the leader.
     let mut held = Vec::new();
