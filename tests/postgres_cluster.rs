@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use roleproxy_testkit::cluster::{ClusterSpec, LocalCluster};
 use roleproxy_testkit::harness::{eventually, holds_for, RunningProxy};
-use roleproxy_testkit::transactions::wait_replicated;
+use roleproxy_testkit::transactions::create_replicated;
 use roleproxy_testkit::writer::{connect, Attempt, Writer, CREATE_TABLE};
 use tokio_postgres::NoTls;
 
@@ -41,14 +41,7 @@ async fn start(spec: ClusterSpec, leader_wait: &str) -> (LocalCluster, RunningPr
         proxy.wait_route(Some(&leader), WAIT).await,
         "routes to node 0"
     );
-    let client = connect(&conninfo)
-        .await
-        .expect("connects through roleproxy");
-    client
-        .batch_execute(CREATE_TABLE)
-        .await
-        .expect("create table");
-    wait_replicated(&cluster, "writes", WAIT).await;
+    create_replicated(&cluster, &conninfo, CREATE_TABLE, "writes", WAIT).await;
     (cluster, proxy, conninfo)
 }
 

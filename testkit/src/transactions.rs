@@ -24,14 +24,23 @@ pub const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS txs (
 /// Creates the table through `conninfo` (a proxy) and waits, within `wait`, until every
 /// replica of `cluster` has it.
 pub async fn create_table(cluster: &crate::cluster::LocalCluster, conninfo: &str, wait: Duration) {
+    create_replicated(cluster, conninfo, CREATE_TABLE, "txs", wait).await;
+}
+
+/// Runs `sql`, which creates `table`, through `conninfo` (a proxy) and waits, within `wait`,
+/// until every replica of `cluster` has the table.
+pub async fn create_replicated(
+    cluster: &crate::cluster::LocalCluster,
+    conninfo: &str,
+    sql: &str,
+    table: &str,
+    wait: Duration,
+) {
     let client = crate::writer::connect(conninfo)
         .await
         .expect("connects through roleproxy");
-    client
-        .batch_execute(CREATE_TABLE)
-        .await
-        .expect("create table");
-    wait_replicated(cluster, "txs", wait).await;
+    client.batch_execute(sql).await.expect("create table");
+    wait_replicated(cluster, table, wait).await;
 }
 
 /// Waits, within `wait`, until every node of `cluster` but the leader has `table`: replication
