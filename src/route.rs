@@ -991,6 +991,40 @@ mod tests {
         decide(previous, &views(rows))
     }
 
+    /// What logs and the status page show for a role: the detail of a stray word or a failed
+    /// check is what tells an operator why a node is not routed.
+    #[test]
+    fn a_role_is_shown_with_its_detail() {
+        let cases = [
+            (Role::Leader, "leader"),
+            (Role::Replica, "replica"),
+            (Role::Maintenance, "maintenance"),
+            (Role::Unknown, "unknown"),
+            (Role::Other("readonly".into()), "other (readonly)"),
+            (Role::Down("timed out".into()), "down (timed out)"),
+        ];
+        for (role, shown) in cases {
+            assert_eq!(role.to_string(), shown, "{role:?}");
+        }
+    }
+
+    /// A client refused while the route is held is told why, after the leader's address.
+    #[test]
+    fn a_held_route_says_why() {
+        let cases = [
+            (Hold::Maintenance, "127.0.0.11:5433 is in maintenance"),
+            (Hold::LeftDns, "127.0.0.11:5433 has left DNS"),
+            (
+                Hold::Unconfirmed,
+                "127.0.0.11:5433 has been unconfirmed (its checks fail) for longer than \
+                 check.unconfirmed_limit",
+            ),
+        ];
+        for (hold, shown) in cases {
+            assert_eq!(format!("{} {hold}", addr(11)), shown);
+        }
+    }
+
     #[test]
     fn no_route_names_its_cause() {
         use Role::*;
@@ -1521,6 +1555,23 @@ mod tests {
                     (12, Role::Replica, rival(true), None),
                 ],
                 contested_11.clone(),
+            ),
+            (
+                "a claim whose latest check failed contests nothing, even within its hold-down",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), None),
+                    (
+                        12,
+                        Role::Replica,
+                        Claim {
+                            claiming: false,
+                            ..rival(true)
+                        },
+                        None,
+                    ),
+                ],
+                at_11.clone(),
             ),
             (
                 "the claim lapses: the route is the leader's again, same generation",
