@@ -370,7 +370,7 @@ mod tests {
                 {"address": "127.0.0.12:5433", "sources": ["dns:iad.app.internal", "backup"], "present": true,
                  "role": {"role": "leader"}, "last_check_unix_ms": 11_500,
                  "last_check_latency_ms": 1.25, "last_error": "connection refused",
-                 "last_error_unix_ms": 5_000, "sessions": 7}
+                 "last_error_unix_ms": 5_000, "sessions": 42}
             ]
         });
         let text = render_status(&document(status), 12_000);
@@ -390,7 +390,16 @@ mod tests {
             "{text}"
         );
         assert!(
-            lines[3].contains("leader") && lines[3].contains("1.2 ms") && lines[3].contains("7"),
+            lines[3].contains("leader") && lines[3].contains("1.2 ms"),
+            "{text}"
+        );
+        // The sessions column: a cell of its own, not a digit of a time.
+        assert!(
+            lines[3].split_whitespace().any(|cell| cell == "42"),
+            "{text}"
+        );
+        assert!(
+            lines[2].split_whitespace().any(|cell| cell == "0"),
             "{text}"
         );
         assert!(lines[3].contains("dns:iad.app.internal,backup"), "{text}");

@@ -6,7 +6,13 @@
 use std::path::Path;
 
 /// The assertion macros whose arguments are scanned.
-const ASSERTS: [&str; 4] = ["assert!(", "assert_eq!(", "prop_assert!(", "debug_assert!("];
+const ASSERTS: [&str; 5] = [
+    "assert!(",
+    "assert_eq!(",
+    "assert_ne!(",
+    "prop_assert!(",
+    "debug_assert!(",
+];
 
 /// Text inside an assertion that only asks whether `/metrics` shows a series or a label.
 const PRESENCE: [&str; 4] = [
@@ -17,13 +23,14 @@ const PRESENCE: [&str; 4] = [
 ];
 
 /// The arguments of `open` (the index just past an assertion's opening parenthesis) up to its
-/// closing parenthesis, string literals skipped over.
+/// closing parenthesis, string literals (and a `'"'` character) skipped over.
 fn arguments(text: &str, open: usize) -> &str {
     let bytes = text.as_bytes();
     let (mut depth, mut i, mut in_string) = (1usize, open, false);
     while i < bytes.len() {
         match bytes[i] {
             b'\\' if in_string => i += 1,
+            b'\'' if !in_string && bytes.get(i + 1..i + 3) == Some(b"\"'") => i += 2,
             b'"' => in_string = !in_string,
             b'(' if !in_string => depth += 1,
             b')' if !in_string => {
@@ -65,29 +72,41 @@ fn presence_checks(text: &str) -> Vec<(usize, String)> {
     found
 }
 
-#[test]
-fn no_metric_assertion_only_checks_that_a_series_exists() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
-    let mut scanned = 0;
-    let mut offenders = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("tests/ is readable") {
+/// The Rust files of `dir` and of its subdirectories.
+fn rust_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).expect("a readable directory") {
         let path = entry.expect("a directory entry").path();
-        if path.extension().and_then(|e| e.to_str()) != Some("rs")
-            || path.ends_with("assertions.rs")
-        {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).expect("a readable test file");
-        scanned += 1;
-        for (line, what) in presence_checks(&text) {
-            offenders.push(format!("{}:{line}: {what}", path.display()));
+        if path.is_dir() {
+            files.extend(rust_files(&path));
+        } else if path.extension().and_then(|e| e.to_str()) == Some("rs") {
+            files.push(path);
         }
     }
-    assert!(
-        scanned >= 20,
-        "only {scanned} test files found in {}",
-        dir.display()
-    );
+    files
+}
+
+#[test]
+fn no_metric_assertion_only_checks_that_a_series_exists() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The integration tests, the testkit's helpers and the unit tests beside the code.
+    let mut scanned = 0;
+    let mut offenders = Vec::new();
+    for dir in ["tests", "testkit/src", "src"] {
+        let files = rust_files(&root.join(dir));
+        assert!(files.len() >= 10, "only {} files in {dir}", files.len());
+        for path in files {
+            if path.ends_with("tests/assertions.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("a readable source file");
+            scanned += 1;
+            for (line, what) in presence_checks(&text) {
+                offenders.push(format!("{}:{line}: {what}", path.display()));
+            }
+        }
+    }
+    assert!(scanned >= 60, "only {scanned} files scanned");
     assert!(
         offenders.is_empty(),
         "assertions that hold whether or not anything happened (every series exists from \
@@ -109,6 +128,8 @@ fn the_scan_reports_the_forms_that_were_in_the_suite() {
         "assert!(metrics.contains(\"roleproxy_leader_changes_total\"));",
         "for name in names {\n        assert!(metrics.contains(name), \"/metrics has {name}\");\n    }",
         "assert!(text.contains(&format!(\"roleproxy_checks_total{{backend=\\\"{b}\\\"\")));",
+        "assert_ne!(metrics.contains(\"roleproxy_split_brain_total\"), false);",
+        "assert!(line.split('\"').count() > 1 && metrics.contains(\"roleproxy_paused\"));",
     ];
     for snippet in caught {
         assert_eq!(

@@ -67,6 +67,7 @@ async fn trickle(proxy: &RunningProxy, via: &str, port: LocalPort) -> Trickle {
         eventually(WAIT, || async { sessions.moving_since(opened) }).await,
         "every session writes"
     );
+    assert_eq!(sessions.cut(), 0, "and none was cut");
     sessions
 }
 
@@ -227,6 +228,10 @@ fn a_black_holed_leader_is_left_and_its_sessions_closed() {
              {} cut, {} hung",
             log.cuts.len(),
             log.hung
+        );
+        assert!(
+            log.cuts.iter().all(|c| c.at >= holed),
+            "no session was cut before the fault"
         );
         proxy.stop().await;
         cluster.shutdown().await;

@@ -221,12 +221,19 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
         .config();
     let proxy = RunningProxy::start(config).await;
     let seen = cluster.nodes[1].role.requests();
-    assert!(cluster.nodes[1].role.wait_requests(seen + 20, LONG).await);
-    assert_eq!(
-        proxy.route_leader().await,
-        None,
-        "never two leader answers in a row"
+    let window = Duration::from_secs(3);
+    let client = tokio::spawn(Client::connect(proxy.addr, window));
+    assert!(
+        support::harness::holds_for(window, || async { proxy.route_leader().await.is_none() })
+            .await,
+        "never two leader answers in a row, so never routed"
     );
+    assert!(
+        cluster.nodes[1].role.requests() >= seen + 20,
+        "the node flapped through at least 20 checks"
+    );
+    let served = client.await.expect("the client task").map(|c| c.tag);
+    assert_eq!(served, None, "the waiting client was never served");
     assert_eq!(cluster.nodes[1].backend.connections(), 0);
     proxy.stop().await;
 }
@@ -274,12 +281,20 @@ async fn dns_answers_that_change_on_every_query_never_drain_the_leader() {
         .dns
         .set_rotating(NAME, cluster.nodes.iter().map(|n| n.ip).collect());
     let queries = cluster.dns.queries();
-    support::harness::eventually(LONG, || async { cluster.dns.queries() > queries + 60 }).await;
+    assert!(
+        support::harness::eventually(LONG, || async { cluster.dns.queries() > queries + 60 }).await,
+        "DNS was asked 60 more times, each answer a different set"
+    );
     // The leader came and went from the answers; its sessions held and nothing else was routed.
     assert_eq!(generation(&proxy).await, before);
     assert!(session.echo("through the churn").await);
+    assert_eq!(
+        served_by(&proxy, LONG).await,
+        Some(cluster.nodes[0].tag()),
+        "a new client still reaches the leader"
+    );
     for node in &cluster.nodes[1..] {
-        assert_eq!(node.backend.connections(), 0);
+        assert_eq!(node.backend.connections(), 0, "nothing reached a replica");
     }
     proxy.stop().await;
 }

@@ -408,6 +408,8 @@ async fn a_silent_flood_forks_no_postgres_process_and_is_closed_after_the_deadli
         .parse()
         .expect("a number");
     let before = accepted(&cluster, 0);
+    let silent_series = "roleproxy_sessions_total{listener=\"leader\",result=\"silent\"}";
+    let silent_before = proxy.metric(silent_series).await;
 
     // Twice as many clients as the leader has process slots, none of them saying a word.
     let mut silent = Vec::new();
@@ -439,10 +441,8 @@ async fn a_silent_flood_forks_no_postgres_process_and_is_closed_after_the_deadli
             .expect("a silent client is closed after the deadline");
         assert!(matches!(read, Ok(0)), "closed without an answer: {read:?}");
     }
-    let silent_total = proxy
-        .metric("roleproxy_sessions_total{listener=\"leader\",result=\"silent\"}")
-        .await;
-    assert_eq!(silent_total as usize, 2 * max_connections);
+    let closed_silent = proxy.metric(silent_series).await - silent_before;
+    assert_eq!(closed_silent as usize, 2 * max_connections);
     open.simple_query("SELECT 1")
         .await
         .expect("the open session still works");

@@ -1,12 +1,12 @@
 //! The metrics with no label to tell proxies apart (split brains, leader changes, the route
-//! gauges) counted through one route's life. A test binary of its own with a single test: the
+//! gauges, the unconfirmed leader) counted through one route's life. A test binary of its own with a single test: the
 //! metrics recorder is one per process, so any other proxy in the process would count too.
 
 use roleproxy_testkit as support;
 
 use std::time::Duration;
 
-use support::fake_cluster::{served_by, FakeCluster as Cluster};
+use support::fake_cluster::{served_by, FakeCluster as Cluster, NAME};
 use support::harness::RunningProxy;
 use support::role::RoleReply;
 
@@ -66,5 +66,24 @@ async fn split_brains_and_leader_changes_are_counted_once_each() {
         "each move of the route is counted once"
     );
     assert_eq!(proxy.metric(up).await, 1.0);
+
+    // A leader whose checks fail while its Postgres answers (full): unconfirmed, and the gauge
+    // says so until its next leader answer.
+    let unconfirmed = "roleproxy_leader_unconfirmed";
+    let full = cluster.full_node(13).await;
+    cluster.nodes[1].role.set(RoleReply::replica());
+    cluster.dns.set(NAME, vec![full.ip, cluster.nodes[1].ip]);
+    assert!(proxy.wait_route(Some(&full.addr()), LONG).await);
+    assert_eq!(proxy.metric(unconfirmed).await, 0.0, "a confirmed leader");
+    full.role
+        .set(RoleReply::error(500, "sorry, too many clients already"));
+    assert!(proxy.metric_reaches(unconfirmed, 1.0, LONG).await);
+    assert_eq!(
+        proxy.route_leader().await,
+        Some(full.addr()),
+        "still the route"
+    );
+    full.role.set(RoleReply::leader());
+    assert!(proxy.metric_reaches(unconfirmed, 0.0, LONG).await);
     proxy.stop().await;
 }

@@ -224,18 +224,29 @@ impl RunningProxy {
     }
 
     /// The value of one series on `/metrics`, written as Prometheus prints it (e.g.
-    /// `roleproxy_sessions_total{listener="leader",result="silent"}`); 0 when absent.
+    /// `roleproxy_sessions_total{listener="leader",result="silent"}`). Panics when the series
+    /// is absent: every series is registered when the proxy starts (a backend's, when it is
+    /// discovered), so a missing one is a misspelt name or label, which read as 0 would pass
+    /// any "unchanged" check.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, text) = self.get("/metrics").await;
-        metric_value(&text, series).unwrap_or(0.0)
+        metric_value(&text, series).unwrap_or_else(|| {
+            let name = series.split('{').next().unwrap_or(series);
+            let same_name: Vec<&str> = text.lines().filter(|l| l.starts_with(name)).collect();
+            panic!(
+                "{series} is not on /metrics; the series named {name}:\n{}",
+                same_name.join("\n")
+            )
+        })
     }
 
-    /// Waits until one series reads `want` (see [`RunningProxy::metric`]); false, with the
-    /// value last read in the log, if it never does within `timeout`.
+    /// Waits until one series reads `want`; false, with the value last read in the log, if
+    /// it never does within `timeout` (an absent series never reads anything).
     pub async fn metric_reaches(&self, series: &str, want: f64, timeout: Duration) -> bool {
-        let reached = eventually(timeout, || async { self.metric(series).await == want }).await;
+        let read = || async { metric_value(&self.get("/metrics").await.1, series) };
+        let reached = eventually(timeout, || async { read().await == Some(want) }).await;
         if !reached {
-            eprintln!("{series} is {}, not {want}", self.metric(series).await);
+            eprintln!("{series} is {:?}, not {want}", read().await);
         }
         reached
     }

@@ -423,8 +423,8 @@ impl Trickle {
         lock(&self.log).acks.len()
     }
 
-    /// Whether every session still open has had a write acknowledged since `since`: the
-    /// sessions are moving.
+    /// Whether every session still open, and at least one, has had a write acknowledged
+    /// since `since`: the sessions are moving (none open is not moving).
     pub fn moving_since(&self, since: Instant) -> bool {
         let log = lock(&self.log);
         let open = self.tasks.len() - log.cuts.len();
@@ -436,7 +436,7 @@ impl Trickle {
             .collect();
         fresh.sort_unstable();
         fresh.dedup();
-        fresh.len() >= open
+        open > 0 && fresh.len() >= open
     }
 
     /// Stops the sessions after their write in flight; one still stuck after `grace` is
