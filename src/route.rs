@@ -1607,6 +1607,15 @@ mod tests {
                 ),
             ),
             (
+                "a rival on the leader's own timeline still contests: no promotion made it",
+                at_11.clone(),
+                vec![
+                    (11, Role::Leader, leader(Confirmed), Some(3)),
+                    (12, Role::Leader, rival(true), Some(3)),
+                ],
+                contested_11.clone(),
+            ),
+            (
                 "a rival on an older timeline still contests",
                 at_11.clone(),
                 vec![
