@@ -1025,6 +1025,22 @@ mod tests {
         }
     }
 
+    /// Operators write the word; dashboards and alerts read the number.
+    #[test]
+    fn an_operator_mode_reads_as_its_word_and_its_gauge_value() {
+        let modes = [
+            (Mode::Ready, "ready", 0.0),
+            (Mode::Drain, "drain", 1.0),
+            (Mode::Maintenance, "maintenance", 2.0),
+        ];
+        for (mode, word, gauge) in modes {
+            assert_eq!(mode.label(), word);
+            assert_eq!(Mode::from_label(word), Some(mode));
+            assert_eq!(mode.gauge(), gauge, "{word}");
+        }
+        assert_eq!(Mode::from_label("drained"), None);
+    }
+
     #[test]
     fn no_route_names_its_cause() {
         use Role::*;
