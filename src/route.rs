@@ -1041,6 +1041,44 @@ mod tests {
         assert_eq!(Mode::from_label("drained"), None);
     }
 
+    /// A probe's result: its metric label (one of the registered ones) and what `/status`
+    /// and the logs say of it.
+    #[test]
+    fn a_probe_result_reads_as_its_label_and_its_words() {
+        let cases = [
+            (
+                Liveness::Alive("53300".into()),
+                "alive",
+                "Postgres answers (53300)",
+            ),
+            (
+                Liveness::Refusing("connection refused".into()),
+                "refusing",
+                "Postgres refuses connections (connection refused)",
+            ),
+            (
+                Liveness::Gone("57P03".into()),
+                "gone",
+                "Postgres does not answer (57P03)",
+            ),
+            (
+                Liveness::Stalled("in 1s".into()),
+                "stalled",
+                "Postgres takes connections but does not answer (handshake done, no answer in 1s)",
+            ),
+            (
+                Liveness::Silent("in 1s".into()),
+                "silent",
+                "Postgres does not answer (no TCP handshake in 1s)",
+            ),
+        ];
+        for (liveness, label, words) in cases {
+            assert_eq!(liveness.label(), label);
+            assert!(Liveness::LABELS.contains(&label), "{label} is registered");
+            assert_eq!(liveness.to_string(), words);
+        }
+    }
+
     #[test]
     fn no_route_names_its_cause() {
         use Role::*;
