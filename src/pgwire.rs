@@ -769,6 +769,47 @@ mod tests {
         }
     }
 
+    /// A CancelRequest is passed on at once, never held for a leader: it must be told from
+    /// every other first packet, whole packets with their length as the proxy reads them.
+    #[test]
+    fn cancel_requests_are_told_from_other_first_packets() {
+        let whole = |code: u32, rest: &[u8]| {
+            let body = packet(code, rest);
+            let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+            out.extend_from_slice(&body);
+            out
+        };
+        let key = [7u8; 8];
+        let rows = [
+            ("a CancelRequest", whole(CANCEL_REQUEST, &key), true),
+            (
+                "a CancelRequest with a protocol 3.2 key (longer)",
+                whole(CANCEL_REQUEST, &[7u8; 36]),
+                true,
+            ),
+            (
+                "the cancel code in a packet too short to carry a key",
+                whole(CANCEL_REQUEST, &[]),
+                false,
+            ),
+            ("an SSLRequest", whole(SSL_REQUEST, &[]), false),
+            ("a GSSENCRequest", whole(GSSENC_REQUEST, &[]), false),
+            (
+                "a StartupMessage",
+                whole(PROTOCOL_3, b"user\0app\0database\0app\0\0"),
+                false,
+            ),
+            (
+                "a StartupMessage whose parameters hold the cancel code",
+                whole(PROTOCOL_3, &packet(CANCEL_REQUEST, b"\0\0\0\0\0\0\0")),
+                false,
+            ),
+        ];
+        for (what, first, cancel) in rows {
+            assert_eq!(is_cancel_request(&first), cancel, "{what}");
+        }
+    }
+
     #[tokio::test]
     async fn the_first_packet_is_read_whole_across_writes_and_nothing_after_it() {
         let (mut client, mut server) = tokio::io::duplex(64);

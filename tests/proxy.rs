@@ -600,7 +600,9 @@ async fn admin_endpoints_report_route_and_backends() {
     assert!(leader["last_check_latency_ms"].as_f64().is_some());
 
     // Metrics are one per process: only series labelled with this test's listener or
-    // backends are its own (tests/process_counters.rs checks the unlabelled ones).
+    // backends are its own (tests/process_counters.rs checks the unlabelled ones). The client
+    // may have its first answer a moment before its session is counted as active.
+    assert!(proxy.metric_reaches(&active("admin"), 1.0, LONG).await);
     let (code, metrics) = proxy.get("/metrics").await;
     assert_eq!(code, 200, "{metrics}");
     let leader = cluster.nodes[0].addr();

@@ -225,10 +225,14 @@ impl RunningProxy {
 
     /// The value of one series on `/metrics`, written as Prometheus prints it (e.g.
     /// `roleproxy_sessions_total{listener="leader",result="silent"}`). Panics when the series
-    /// is absent: every series is registered when the proxy starts (a backend's, when it is
-    /// discovered), so a missing one is a misspelt name or label, which read as 0 would pass
-    /// any "unchanged" check.
+    /// stays absent: every series is registered when the proxy starts (a backend's when it is
+    /// discovered, which this waits a few seconds for), so a missing one is a misspelt name or
+    /// label, which read as 0 would pass any "unchanged" check.
     pub async fn metric(&self, series: &str) -> f64 {
+        let read = || async { metric_value(&self.get("/metrics").await.1, series) };
+        if let Some(value) = eventually(Duration::from_secs(10), read).await {
+            return value;
+        }
         let (_, text) = self.get("/metrics").await;
         metric_value(&text, series).unwrap_or_else(|| {
             let name = series.split('{').next().unwrap_or(series);
