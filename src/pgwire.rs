@@ -810,6 +810,27 @@ mod tests {
         }
     }
 
+    /// A refusal written through [`Prefixed`] must reach the client whole and end with its
+    /// EOF, whatever buffering the stream beneath has.
+    #[tokio::test]
+    async fn a_prefixed_stream_passes_flush_and_shutdown_through() {
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut buffered = tokio::io::BufWriter::new(near);
+        let mut prefixed = Prefixed::new(b"", &mut buffered);
+        prefixed.write_all(b"answer").await.unwrap();
+        prefixed.flush().await.unwrap();
+        let mut got = [0u8; 6];
+        let read = tokio::time::timeout(Duration::from_secs(5), far.read_exact(&mut got)).await;
+        assert!(read.is_ok(), "flushed through to the client");
+        assert_eq!(&got, b"answer");
+        prefixed.write_all(b"bye").await.unwrap();
+        prefixed.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), far.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "shut down: the client reads EOF");
+        assert_eq!(rest, b"bye");
+    }
+
     #[tokio::test]
     async fn the_first_packet_is_read_whole_across_writes_and_nothing_after_it() {
         let (mut client, mut server) = tokio::io::duplex(64);
