@@ -566,6 +566,32 @@ mod tests {
         }
     }
 
+    /// A probe reads until the whole first message is in: any part of an ErrorResponse
+    /// short of its last byte is no answer yet, whichever error it will turn out to be.
+    #[test]
+    fn an_error_response_is_read_only_once_whole() {
+        let whole = error("57P03", "the database system is starting up");
+        for cut in 5..whole.len() {
+            assert_eq!(
+                read_liveness(&whole[..cut]),
+                None,
+                "{cut} of {}",
+                whole.len()
+            );
+        }
+        assert_eq!(
+            read_liveness(&whole),
+            Some(Liveness::Refusing("57P03 (cannot connect now)".into()))
+        );
+    }
+
+    /// A check ends its connection with a Terminate, as a client would, so Postgres logs no
+    /// "unexpected EOF" for every check.
+    #[test]
+    fn terminate_is_the_terminate_message() {
+        assert_eq!(terminate(), b"X\0\0\0\x04");
+    }
+
     #[test]
     fn server_errors_are_named_by_their_class_in_our_words() {
         assert_eq!(server_error("57P03"), "57P03 (cannot connect now)");
