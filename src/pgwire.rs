@@ -594,10 +594,27 @@ mod tests {
 
     #[test]
     fn server_errors_are_named_by_their_class_in_our_words() {
-        assert_eq!(server_error("57P03"), "57P03 (cannot connect now)");
-        assert_eq!(server_error("28P01"), "28P01 (password refused)");
-        assert_eq!(server_error("53400"), "53400 (out of resources)");
-        assert_eq!(server_error("22012"), "22012 (server error)");
+        // Every code with words of its own, then every class, then the rest.
+        let rows = [
+            ("57P03", "57P03 (cannot connect now)"),
+            ("53300", "53300 (too many connections)"),
+            ("57P01", "57P01 (terminated by an administrator)"),
+            ("57P02", "57P02 (crash shutdown)"),
+            ("28000", "28000 (login refused)"),
+            ("28P01", "28P01 (password refused)"),
+            ("3D000", "3D000 (no such database)"),
+            ("0A000", "0A000 (feature not supported)"),
+            ("08006", "08006 (connection exception)"),
+            ("28001", "28001 (authorization failed)"),
+            ("53400", "53400 (out of resources)"),
+            ("57014", "57014 (operator intervention)"),
+            ("58030", "58030 (system error)"),
+            ("XX001", "XX001 (internal error)"),
+            ("22012", "22012 (server error)"),
+        ];
+        for (code, words) in rows {
+            assert_eq!(server_error(code), words);
+        }
         assert_eq!(server_error("5\u{1b}[2J"), "an error without a SQLSTATE");
         assert_eq!(server_error(""), "an error without a SQLSTATE");
     }
