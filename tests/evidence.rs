@@ -75,12 +75,6 @@ async fn cluster_and_proxy(net: u8) -> (LocalCluster, RunningProxy) {
     (cluster, RunningProxy::start(config).await)
 }
 
-async fn generation(proxy: &RunningProxy) -> u64 {
-    proxy.status().await["route"]["generation"]
-        .as_u64()
-        .expect("generation")
-}
-
 /// This proxy's route changes, as its `/status` keeps them (the split-brain counter is one per
 /// process, which the other tests' proxies share).
 async fn route_changes(proxy: &RunningProxy) -> Vec<String> {
@@ -170,11 +164,11 @@ async fn a_full_leader_keeps_its_sessions_and_new_clients_get_its_own_53300() {
     assert!(proxy.wait_route(Some(&leader), WAIT).await);
     let through_proxy = conninfo(proxy.addr);
     let session = connect(&through_proxy).await.expect("served");
-    let before = generation(&proxy).await;
+    let before = proxy.generation().await;
 
     let fillers = fill(&cluster.conninfo(0), &through_proxy).await;
     keeps_working(&session).await;
-    assert_eq!(generation(&proxy).await, before, "the route never moved");
+    assert_eq!(proxy.generation().await, before, "the route never moved");
     never_split(&proxy, &leader).await;
 
     drop(fillers);
@@ -183,7 +177,7 @@ async fn a_full_leader_keeps_its_sessions_and_new_clients_get_its_own_53300() {
         "new clients are served once slots free up"
     );
     session.simple_query("SELECT 1").await.expect("still open");
-    assert_eq!(generation(&proxy).await, before);
+    assert_eq!(proxy.generation().await, before);
     proxy.stop().await;
     cluster.shutdown().await;
 }
@@ -195,7 +189,7 @@ async fn a_full_leader_whose_role_endpoint_fails_keeps_its_sessions() {
     assert!(proxy.wait_route(Some(&node.leader()), WAIT).await);
     let through_proxy = conninfo(proxy.addr);
     let session = connect(&through_proxy).await.expect("served");
-    let before = generation(&proxy).await;
+    let before = proxy.generation().await;
 
     // As Fly's role endpoint does when Postgres is full.
     let fillers = fill(&node.pg.conninfo(0), &through_proxy).await;
@@ -217,7 +211,7 @@ async fn a_full_leader_whose_role_endpoint_fails_keeps_its_sessions() {
         backend(&proxy, &node.leader()).await
     );
     keeps_working(&session).await;
-    assert_eq!(generation(&proxy).await, before, "the route never moved");
+    assert_eq!(proxy.generation().await, before, "the route never moved");
     assert_eq!(proxy.route_leader().await, Some(node.leader()));
 
     drop(fillers);
@@ -257,8 +251,8 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
     }
     let session = connect(&conninfo(proxy.addr)).await.expect("served");
     let short_session = connect(&conninfo(short.addr)).await.expect("served");
-    let before = generation(&proxy).await;
-    let short_before = generation(&short).await;
+    let before = proxy.generation().await;
+    let short_before = short.generation().await;
     assert_eq!(
         backend(&proxy, &leader).await["postgres"],
         serde_json::Value::Null,
@@ -277,7 +271,7 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
         "the leader is shown unconfirmed"
     );
     // Held: same generation, the session alive, new clients served.
-    assert_eq!(generation(&proxy).await, before);
+    assert_eq!(proxy.generation().await, before);
     session
         .simple_query("SELECT 1")
         .await
@@ -319,7 +313,7 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
         .await,
         "past check.unconfirmed_limit the route is held"
     );
-    assert_eq!(generation(&short).await, short_before);
+    assert_eq!(short.generation().await, short_before);
     short_session
         .simple_query("SELECT 1")
         .await
@@ -338,8 +332,8 @@ async fn a_role_endpoint_down_with_postgres_up_holds_the_route_until_the_bound()
     role.set(RoleReply::leader());
     assert!(short.wait_route(Some(&leader), WAIT).await);
     assert!(eventually(WAIT, || async { !unconfirmed(&proxy, &leader).await }).await);
-    assert_eq!(generation(&proxy).await, before);
-    assert_eq!(generation(&short).await, short_before);
+    assert_eq!(proxy.generation().await, before);
+    assert_eq!(short.generation().await, short_before);
     session
         .simple_query("SELECT 1")
         .await

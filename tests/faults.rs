@@ -17,12 +17,6 @@ use tokio::net::{TcpListener, TcpStream};
 
 const LONG: Duration = Duration::from_secs(20);
 
-async fn generation(proxy: &RunningProxy) -> u64 {
-    proxy.status().await["route"]["generation"]
-        .as_u64()
-        .expect("generation")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_resets_mid_stream_ends_only_its_session() {
     // A node whose "Postgres" sends a few bytes and then resets the connection.
@@ -186,7 +180,7 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
     let leader = node.addr();
     assert!(proxy.wait_route(Some(&leader), LONG).await);
     let mut session = echo_session(proxy.addr).await.expect("served");
-    let before = generation(&proxy).await;
+    let before = proxy.generation().await;
     let alive = format!("roleproxy_postgres_probes_total{{backend=\"{leader}\",result=\"alive\"}}");
     let alive_before = proxy.metric(&alive).await;
 
@@ -197,7 +191,7 @@ async fn a_flapping_role_endpoint_does_not_move_the_route() {
     ]));
     assert!(role.wait_requests(seen + 20, LONG).await);
     assert_eq!(
-        generation(&proxy).await,
+        proxy.generation().await,
         before,
         "the route held through the flapping"
     );
@@ -275,7 +269,7 @@ async fn dns_answers_that_change_on_every_query_never_drain_the_leader() {
         .config();
     let proxy = RunningProxy::start(config).await;
     let mut session = Client::connect(proxy.addr, LONG).await.expect("served");
-    let before = generation(&proxy).await;
+    let before = proxy.generation().await;
 
     cluster
         .dns
@@ -286,7 +280,7 @@ async fn dns_answers_that_change_on_every_query_never_drain_the_leader() {
         "DNS was asked 60 more times, each answer a different set"
     );
     // The leader came and went from the answers; its sessions held and nothing else was routed.
-    assert_eq!(generation(&proxy).await, before);
+    assert_eq!(proxy.generation().await, before);
     assert!(session.echo("through the churn").await);
     assert_eq!(
         served_by(&proxy, LONG).await,

@@ -7,16 +7,9 @@ use roleproxy_testkit as support;
 use std::time::Duration;
 
 use support::fake_cluster::{served_by, FakeCluster as Cluster, NAME};
-use support::harness::RunningProxy;
 use support::role::RoleReply;
 
 const LONG: Duration = Duration::from_secs(20);
-
-async fn generation(proxy: &RunningProxy) -> f64 {
-    proxy.status().await["route"]["generation"]
-        .as_f64()
-        .expect("generation")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn split_brains_and_leader_changes_are_counted_once_each() {
@@ -29,7 +22,7 @@ async fn split_brains_and_leader_changes_are_counted_once_each() {
     );
     let split_before = proxy.metric(split).await;
     let changes_before = proxy.metric(changes).await;
-    let generation_before = generation(&proxy).await;
+    let generation_before = proxy.generation().await as f64;
     assert_eq!(proxy.metric(up).await, 0.0, "no route while nobody leads");
 
     cluster.nodes[0].role.set(RoleReply::leader());
@@ -38,7 +31,7 @@ async fn split_brains_and_leader_changes_are_counted_once_each() {
     assert_eq!(proxy.metric(up).await, 1.0);
     assert_eq!(
         proxy.metric("roleproxy_route_generation").await,
-        generation(&proxy).await
+        proxy.generation().await as f64
     );
 
     cluster.nodes[1].role.set(RoleReply::leader());
@@ -58,7 +51,7 @@ async fn split_brains_and_leader_changes_are_counted_once_each() {
         split_before + 1.0,
         "one split brain, counted once however long it lasted"
     );
-    let moved = generation(&proxy).await - generation_before;
+    let moved = proxy.generation().await as f64 - generation_before;
     assert!(moved >= 3.0, "to node 0, to none, to node 1: {moved}");
     assert_eq!(
         proxy.metric(changes).await - changes_before,

@@ -229,7 +229,7 @@ impl RunningProxy {
     /// discovered, which this waits a few seconds for), so a missing one is a misspelt name or
     /// label, which read as 0 would pass any "unchanged" check.
     pub async fn metric(&self, series: &str) -> f64 {
-        let read = || async { metric_value(&self.get("/metrics").await.1, series) };
+        let read = || self.series(series);
         if let Some(value) = eventually(Duration::from_secs(10), read).await {
             return value;
         }
@@ -247,12 +247,26 @@ impl RunningProxy {
     /// Waits until one series reads `want`; false, with the value last read in the log, if
     /// it never does within `timeout` (an absent series never reads anything).
     pub async fn metric_reaches(&self, series: &str, want: f64, timeout: Duration) -> bool {
-        let read = || async { metric_value(&self.get("/metrics").await.1, series) };
-        let reached = eventually(timeout, || async { read().await == Some(want) }).await;
+        let reached = eventually(timeout, || async {
+            self.series(series).await == Some(want)
+        })
+        .await;
         if !reached {
-            eprintln!("{series} is {:?}, not {want}", read().await);
+            eprintln!("{series} is {:?}, not {want}", self.series(series).await);
         }
         reached
+    }
+
+    /// One series' value now, if it is on `/metrics`.
+    async fn series(&self, series: &str) -> Option<f64> {
+        metric_value(&self.get("/metrics").await.1, series)
+    }
+
+    /// The route's generation, as `/status` reports it.
+    pub async fn generation(&self) -> u64 {
+        self.status().await["route"]["generation"]
+            .as_u64()
+            .expect("/status has the route's generation")
     }
 
     /// The leader of the current route, as `/status` reports it.
