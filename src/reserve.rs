@@ -23,8 +23,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 pub struct Reserve {
     file: Mutex<Option<File>>,
-    /// Even while the descriptor is held, odd while it is not; bumped on every change, so a
-    /// connect can tell the reserve was given up while it made its socket.
+    /// Bumped whenever the descriptor is taken or given up, so a connect can tell the reserve
+    /// was given up while it made its socket.
     turn: AtomicU64,
 }
 
@@ -32,7 +32,7 @@ impl Reserve {
     pub fn open() -> Arc<Reserve> {
         let reserve = Reserve {
             file: Mutex::new(None),
-            turn: AtomicU64::new(1),
+            turn: AtomicU64::new(0),
         };
         reserve.refill();
         Arc::new(reserve)
@@ -40,16 +40,18 @@ impl Reserve {
 
     /// Takes a descriptor into reserve if none is held; whether one is held now.
     pub fn refill(&self) -> bool {
-        let Ok(mut slot) = self.file.lock() else {
-            return false;
-        };
+        self.held_turn().is_some()
+    }
+
+    /// Takes a descriptor into reserve if none is held, and reads the turn under the same lock:
+    /// `None` if none could be taken.
+    fn held_turn(&self) -> Option<u64> {
+        let mut slot = self.file.lock().ok()?;
         if slot.is_none() {
-            *slot = File::open("/dev/null").ok();
-            if slot.is_some() {
-                self.turn.fetch_add(1, SeqCst);
-            }
+            *slot = Some(File::open("/dev/null").ok()?);
+            self.turn.fetch_add(1, SeqCst);
         }
-        slot.is_some()
+        Some(self.turn.load(SeqCst))
     }
 
     /// Gives the reserved descriptor to the client waiting on `listener`: `None` if none is
@@ -67,18 +69,12 @@ impl Reserve {
     /// not held, or was given up while the socket was made, the connect fails as if this
     /// process were out of descriptors (it is, or nearly).
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        let mut turn = self.turn.load(SeqCst);
-        if turn % 2 == 1 {
-            if !self.refill() {
-                return Err(out_of_descriptors());
-            }
-            turn = self.turn.load(SeqCst);
-        }
+        let turn = self.held_turn().ok_or_else(out_of_descriptors)?;
         let socket = match addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
         };
-        if turn % 2 == 1 || self.turn.load(SeqCst) != turn {
+        if self.turn.load(SeqCst) != turn {
             // Dropping the socket frees what may be the reserve's descriptor.
             return Err(out_of_descriptors());
         }
@@ -159,5 +155,94 @@ mod tests {
         let _backend = reserve.connect(addr).await.unwrap();
         assert!(client_waiting(&listener));
         assert!(reserve.accept(&listener).is_some(), "held again");
+    }
+
+    #[tokio::test]
+    async fn the_reserve_comes_back_after_every_client_it_is_given_to() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let reserve = Reserve::open();
+        let mut kept = Vec::new();
+        for round in 0..5 {
+            kept.push(TcpStream::connect(addr).await.unwrap());
+            let given = reserve.accept(&listener).expect("a descriptor was held");
+            kept.push(given.unwrap_or_else(|e| panic!("round {round}: {e}")));
+            kept.push(
+                reserve
+                    .connect(addr)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: {e}")),
+            );
+        }
+        assert!(
+            reserve.accept(&listener).is_some(),
+            "held after the last connect"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_accepted_client_is_non_blocking_and_closed_on_exec() {
+        use std::os::fd::AsRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let accepted = accept_now(&listener).unwrap();
+        let fd = accepted.as_raw_fd();
+        // SAFETY: fcntl reads the flags of a descriptor `accepted` keeps open.
+        let (status, descriptor) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GETFD),
+            )
+        };
+        assert_ne!(
+            status & libc::O_NONBLOCK,
+            0,
+            "a blocking socket would stall a worker"
+        );
+        assert_ne!(
+            descriptor & libc::FD_CLOEXEC,
+            0,
+            "a child process would inherit the client"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_nobody_waiting_an_accept_would_block() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let e = accept_now(&listener).expect_err("nobody is waiting");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn this_hosts_shortages_are_told_from_a_peers_failures() {
+        let shortage = [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ];
+        for code in shortage {
+            assert!(
+                is_local_shortage(&io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+        let peer = [
+            libc::ECONNREFUSED,
+            libc::ECONNRESET,
+            libc::ETIMEDOUT,
+            libc::EHOSTUNREACH,
+        ];
+        for code in peer {
+            assert!(
+                !is_local_shortage(&io::Error::from_raw_os_error(code)),
+                "{code}"
+            );
+        }
+        assert!(!is_local_shortage(&io::Error::other("no code")));
+        assert!(is_local_shortage(&out_of_descriptors()));
     }
 }
