@@ -115,22 +115,10 @@ pub fn client_waiting(listener: &TcpListener) -> bool {
 /// Accepts a pending connection at once, with no await between: right after the reserve is
 /// released, any yield could let a check or a lookup take the descriptor first.
 fn accept_now(listener: &TcpListener) -> io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: accept4 on the listener's open descriptor, with null address pointers (allowed).
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    TcpStream::from_std(stream)
+    // socket2 accepts with close-on-exec set atomically.
+    let (client, _) = socket2::SockRef::from(listener).accept()?;
+    client.set_nonblocking(true)?;
+    TcpStream::from_std(client.into())
 }
 
 #[cfg(test)]
