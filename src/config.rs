@@ -1197,14 +1197,12 @@ fn read(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(File, Writt
     }
     let mut unexpanded = Vec::new();
     expand_all(tree.get_mut(), "", env, &mut unexpanded);
-    // A value that cannot be expanded is not read: its own error says why.
-    for (e, _) in &unexpanded {
+    // A value that cannot be expanded is not read: its own error says why. `locate` gives
+    // each its line.
+    for e in &unexpanded {
         remove_key(tree.get_mut(), &e.key);
     }
-    errors.extend(unexpanded.into_iter().map(|(e, span)| KeyError {
-        at: position(text, span.start),
-        ..e
-    }));
+    errors.extend(unexpanded);
     // Serde stops at the first error: each key found wrong is taken out and the rest read
     // again, so one run names them all. Every round removes a key, so this ends.
     let mut removed: Vec<String> = errors.iter().map(|e| e.key.clone()).collect();
@@ -1377,7 +1375,7 @@ fn expand_all(
     table: &mut DeTable<'_>,
     path: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<(KeyError, Range<usize>)>,
+    errors: &mut Vec<KeyError>,
 ) {
     for (key, value) in table.iter_mut() {
         let key = match path {
@@ -1392,15 +1390,14 @@ fn expand_value(
     value: &mut Spanned<DeValue<'_>>,
     key: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<(KeyError, Range<usize>)>,
+    errors: &mut Vec<KeyError>,
 ) {
-    let span = value.span();
     match value.get_mut() {
         DeValue::String(text) => match expand(text, env) {
             Ok(expanded) => *text = Cow::Owned(expanded),
             // The password's error never quotes it.
-            Err(e) if key == "check.password" => errors.push((invalid(key, e.to_string()), span)),
-            Err(e) => errors.push((invalid(key, format!("{e} in {text:?}")), span)),
+            Err(e) if key == "check.password" => errors.push(invalid(key, e.to_string())),
+            Err(e) => errors.push(invalid(key, format!("{e} in {text:?}"))),
         },
         DeValue::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
