@@ -775,6 +775,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
+    /// A copy that never ends, or never pauses, fails its test within 20 s instead of hanging
+    /// it: a broken framing shows that way.
+    async fn bounded<T>(test: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(20), test)
+            .await
+            .expect("the copy's test did not finish within 20 s")
+    }
+
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -812,7 +820,7 @@ mod tests {
             };
             tokio::join!(send, echo)
         };
-        let (copied, (back, echoed)) = tokio::join!(copier, peers);
+        let (copied, (back, echoed)) = bounded(async { tokio::join!(copier, peers) }).await;
         assert_eq!(copied.unwrap(), Ended::Closed);
         assert_eq!(echoed, expected.len());
         assert_eq!(back, expected, "{mode:?}: bytes intact and in order");
@@ -884,7 +892,7 @@ mod tests {
             };
             tokio::join!(sender, receiver).1
         };
-        let (_, _, got) = tokio::join!(copier, server, client_side);
+        let (_, _, got) = bounded(async { tokio::join!(copier, server, client_side) }).await;
         assert_eq!(got, b"FATAL: terminating connection");
     }
 
@@ -912,7 +920,7 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             (got, backend)
         };
-        let (ended, (got, _backend)) = tokio::join!(copier, peers);
+        let (ended, (got, _backend)) = bounded(async { tokio::join!(copier, peers) }).await;
         assert_eq!(ended.unwrap(), Ended::HalfOpen);
         assert_eq!(
             got,
@@ -1033,7 +1041,7 @@ mod tests {
             read_n(&mut client, answer.len()).await;
             client.write_all(&pg_query("BEGIN")).await.unwrap();
         };
-        let ((ended, c, b), ()) = tokio::join!(copier, peers);
+        let ((ended, c, b), ()) = bounded(async { tokio::join!(copier, peers) }).await;
         assert_eq!(ended, Ended::Idle);
         c.send_all(b"bye").await.unwrap();
         drop((c, b));
@@ -1130,7 +1138,7 @@ mod tests {
             client.shutdown().await.unwrap();
             backend.shutdown().await.unwrap();
         };
-        let (ended, ()) = tokio::join!(copier, peers);
+        let (ended, ()) = bounded(async { tokio::join!(copier, peers) }).await;
         assert_eq!(ended, Ended::Closed);
     }
 
@@ -1184,7 +1192,7 @@ mod tests {
                 };
                 tokio::join!(send, serve).0
             };
-            let (copied, back) = tokio::join!(copier, peers);
+            let (copied, back) = bounded(async { tokio::join!(copier, peers) }).await;
             assert_eq!(copied.unwrap(), Ended::Closed);
             assert!(back == expected, "{mode:?}: bytes intact");
             assert!(framing.tracked(), "{mode:?}: still followed");
