@@ -178,9 +178,10 @@ impl Framing {
         if !self.on {
             return usize::MAX;
         }
+        // While the server is to answer an SSLRequest its cursor is at a boundary (0 left), so
+        // the answer byte is always seen.
         match side {
             Side::Client => self.client.left as usize,
-            Side::Server if self.server_answers_encryption => 0,
             Side::Server => self.server.left as usize,
         }
     }
