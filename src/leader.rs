@@ -1102,18 +1102,24 @@ mod tests {
 
     /// A view that runs no check loop and no probe: these tests feed it events by hand.
     fn view() -> (LeaderView, ViewHandle) {
+        let (view, handle, _events) = view_cancelled_by(CancellationToken::new());
+        (view, handle)
+    }
+
+    /// A view that records what it asks for, with the receiver of its handle's events.
+    fn view_cancelled_by(
+        cancel: CancellationToken,
+    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
         let config = crate::config::Config::parse(
             "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]",
             &|_| None,
         )
         .expect("valid");
-        let cancel = CancellationToken::new();
-        cancel.cancel();
         let (supervisor, _ended) = Supervisor::new();
-        let (mut view, handle, _events) =
+        let (mut view, handle, events) =
             LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
         view.sources = Sources::Recorded(Vec::new());
-        (view, handle)
+        (view, handle, events)
     }
 
     fn step(view: &mut LeaderView, event: Event) {
@@ -1156,6 +1162,180 @@ mod tests {
             "a departed backend with no sessions is forgotten"
         );
         assert!(view.counters.contains_key(&addr(2)));
+    }
+
+    /// What the view asked for since the last call: the addresses it started check loops for
+    /// (with their tokens) and the addresses it probed.
+    fn requests(view: &mut LeaderView) -> (Vec<(SocketAddr, CancellationToken)>, Vec<SocketAddr>) {
+        let Sources::Recorded(requests) = &mut view.sources else {
+            panic!("the test view records its requests");
+        };
+        let (mut checks, mut probes) = (Vec::new(), Vec::new());
+        for request in std::mem::take(requests) {
+            match request {
+                Request::Checks { addr, cancel, .. } => checks.push((addr, cancel)),
+                Request::Probe { addr } => probes.push(addr),
+            }
+        }
+        (checks, probes)
+    }
+
+    /// A backend that joins is checked; one that leaves stops being checked, unless it is the
+    /// route's leader, whose answers still count until another leader appears.
+    #[tokio::test]
+    async fn backends_are_checked_while_they_are_in_the_set_or_hold_the_route() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2), addr(3)]));
+        let (checks, _) = requests(&mut view);
+        let checked: Vec<SocketAddr> = checks.iter().map(|(a, _)| *a).collect();
+        assert_eq!(checked, [addr(1), addr(2), addr(3)]);
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).leader(), Some(addr(1)));
+
+        step(&mut view, discovered(&[addr(2)]));
+        let cancelled: Vec<bool> = checks.iter().map(|(_, c)| c.is_cancelled()).collect();
+        assert_eq!(
+            cancelled,
+            [false, false, true],
+            "the departed replica's loop ends; the leader's goes on"
+        );
+        step(&mut view, discovered(&[addr(2), addr(3)]));
+        let (again, _) = requests(&mut view);
+        let again: Vec<SocketAddr> = again.iter().map(|(a, _)| *a).collect();
+        assert_eq!(again, [addr(3)], "a backend that returns is checked again");
+    }
+
+    /// The view runs as a task: events sent to its handle move the route, and cancelling it
+    /// ends the task and every check loop.
+    #[tokio::test]
+    async fn the_view_task_follows_its_events_until_cancelled() {
+        let cancel = CancellationToken::new();
+        let (view, handle, events) = view_cancelled_by(cancel.clone());
+        let task = tokio::spawn(view.run(events));
+        handle.events.send(discovered(&[addr(1)])).await.unwrap();
+        let checked = Event::Checked {
+            addr: addr(1),
+            loop_id: 1,
+            role: Role::Leader,
+            timeline: None,
+            latency: Duration::from_millis(1),
+        };
+        handle.events.send(checked).await.unwrap();
+        let mut route = handle.route.clone();
+        let routed = route.wait_for(|r| r.leader() == Some(addr(1)));
+        tokio::time::timeout(Duration::from_secs(10), routed)
+            .await
+            .expect("the task routed the leader its check found")
+            .unwrap();
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("cancelled, the task ends")
+            .unwrap();
+    }
+
+    /// A failed connect or startup on the leader makes the view ask at once (a probe of its
+    /// Postgres, every backend rechecked); the same failure on any other backend is no evidence
+    /// about the route and changes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_connect_is_evidence_only_about_the_leader() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        requests(&mut view);
+        let error = || "Connection refused".to_string();
+        let status = |handle: &ViewHandle| handle.status.borrow().clone();
+        let shown = |handle: &ViewHandle| format!("{:?}", status(handle));
+        let quiet = (route(&handle), shown(&handle), *view.recheck_tx.borrow());
+
+        step(
+            &mut view,
+            Event::ConnectFailed {
+                addr: addr(2),
+                error: error(),
+            },
+        );
+        step(
+            &mut view,
+            Event::StartupFailed {
+                addr: addr(2),
+                error: error(),
+            },
+        );
+        assert_eq!(requests(&mut view).1, [], "no probe of a replica");
+        assert_eq!(
+            (route(&handle), shown(&handle), *view.recheck_tx.borrow()),
+            quiet,
+            "nothing changed"
+        );
+
+        step(
+            &mut view,
+            Event::ConnectFailed {
+                addr: addr(1),
+                error: error(),
+            },
+        );
+        assert_eq!(requests(&mut view).1, [addr(1)], "its Postgres is probed");
+        assert_ne!(*view.recheck_tx.borrow(), quiet.2, "everyone is rechecked");
+        let leader = &status(&handle).backends[0];
+        assert!(
+            leader
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("Connection refused")),
+            "{leader:?}"
+        );
+
+        tokio::time::advance(view.check.fast_interval).await;
+        step(
+            &mut view,
+            Event::Probed {
+                addr: addr(1),
+                liveness: Some(Liveness::Stalled("within 1s".into())),
+            },
+        );
+        tokio::time::advance(view.check.fast_interval).await;
+        let rechecks = *view.recheck_tx.borrow();
+        step(
+            &mut view,
+            Event::StartupFailed {
+                addr: addr(1),
+                error: "57P03".into(),
+            },
+        );
+        assert_eq!(
+            requests(&mut view).1,
+            [addr(1)],
+            "its Postgres is probed again"
+        );
+        assert_ne!(
+            *view.recheck_tx.borrow(),
+            rechecks,
+            "everyone is rechecked again"
+        );
+    }
+
+    /// A failed check's error reaches `/status` with its time, and a node's control characters
+    /// in it are written out, not passed to a terminal.
+    #[tokio::test]
+    async fn a_failed_check_is_shown_with_its_error_written_out() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Down("HTTP 500: \u{1b}[2Jboom".into()), None);
+        view.publish();
+        let status = handle.status.borrow().clone();
+        let backend = &status.backends[0];
+        let error = backend.last_error.as_deref().expect("the error is kept");
+        assert!(
+            error.contains("HTTP 500") && error.contains("boom"),
+            "{error:?}"
+        );
+        assert!(!error.contains('\u{1b}'), "{error:?}");
+        assert!(backend.last_error_unix_ms.is_some_and(|ms| ms > 0));
     }
 
     fn route(handle: &ViewHandle) -> Route {

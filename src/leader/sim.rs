@@ -1186,19 +1186,22 @@ async fn seeded_schedules_keep_the_routing_invariants() {
         "{count} seeds of {steps} steps in {:?}: {seen:?}",
         started.elapsed()
     );
-    if count >= 1000 {
-        // The schedules reach every rule the invariants are about.
-        for (what, n) in [
-            ("route changes", seen.routes),
-            ("contested routes", seen.contested),
-            ("resumed sessions", seen.resumed),
-            ("split brains", seen.split_brain),
-            ("verifying", seen.verifying),
-            ("stepped-down leaders", seen.stepped_down),
-            ("held routes", seen.held),
-            ("dead leaders left", seen.dead_left),
-            ("postponed probes", seen.postponed),
-        ] {
+    // The schedules reach every rule the invariants are about: a view that never routes, or
+    // never leaves a leader, keeps every other invariant. A hundred seeds reach all of them but
+    // a postponed probe, which takes about a thousand.
+    let reached = [
+        ("route changes", seen.routes, 100),
+        ("contested routes", seen.contested, 100),
+        ("resumed sessions", seen.resumed, 100),
+        ("split brains", seen.split_brain, 100),
+        ("verifying", seen.verifying, 100),
+        ("stepped-down leaders", seen.stepped_down, 100),
+        ("held routes", seen.held, 100),
+        ("dead leaders left", seen.dead_left, 100),
+        ("postponed probes", seen.postponed, 1000),
+    ];
+    for (what, n, seeds) in reached {
+        if count >= seeds {
             assert!(n > 0, "no seed reached {what}: {seen:?}");
         }
     }
