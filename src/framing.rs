@@ -464,6 +464,20 @@ mod tests {
                 false,
             ),
             (
+                "SSLRequest with a body, as no client sends it: not followed",
+                vec![(C, packet(SSL_REQUEST, &[0, 0, 0, 0]))],
+                false,
+                None,
+                false,
+            ),
+            (
+                "GSSENCRequest with a body: not followed",
+                vec![(C, packet(GSSENC_REQUEST, b"x"))],
+                false,
+                None,
+                false,
+            ),
+            (
                 "CancelRequest: not followed",
                 vec![(C, packet(80_877_102, &[0, 0, 0, 7, 1, 2, 3, 4]))],
                 false,

@@ -1319,6 +1319,55 @@ mod tests {
         );
     }
 
+    /// A reload keeps the route and its sessions. Check loops restart only when what they ask
+    /// changed; other settings take effect in place; the same settings change nothing.
+    #[tokio::test]
+    async fn a_reload_restarts_checks_only_when_what_they_ask_changed() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        let routed = route(&handle);
+        let (first, _) = requests(&mut view);
+        let settings = |extra: &str| {
+            let text = format!("[backends]\nbackup = [\"127.0.0.1:9\"]\n[check]\n{extra}");
+            let config = crate::config::Config::parse(&text, &|_| None).expect("valid");
+            ViewSettings::from_config(&config.check)
+        };
+        let cancelled = |loops: &[(SocketAddr, CancellationToken)]| {
+            loops
+                .iter()
+                .map(|(_, c)| c.is_cancelled())
+                .collect::<Vec<_>>()
+        };
+
+        step(&mut view, Event::Reconfigure(settings("")));
+        assert!(
+            requests(&mut view).0.is_empty(),
+            "the same settings: no new loop"
+        );
+        assert_eq!(cancelled(&first), [false, false]);
+
+        step(
+            &mut view,
+            Event::Reconfigure(settings("contest_hold = \"9s\"")),
+        );
+        assert_eq!(view.settings.contest_hold, Duration::from_secs(9));
+        assert!(requests(&mut view).0.is_empty(), "the checks ask the same");
+        assert_eq!(cancelled(&first), [false, false]);
+
+        step(&mut view, Event::Reconfigure(settings("interval = \"3s\"")));
+        assert_eq!(view.check.interval, Duration::from_secs(3));
+        assert_eq!(cancelled(&first), [true, true], "the old loops end");
+        let again: Vec<SocketAddr> = requests(&mut view).0.iter().map(|(a, _)| *a).collect();
+        assert_eq!(again, [addr(1), addr(2)], "and new ones ask the new way");
+        assert_eq!(
+            route(&handle),
+            routed,
+            "the leader keeps its route and generation"
+        );
+    }
+
     /// A failed check's error reaches `/status` with its time, and a node's control characters
     /// in it are written out, not passed to a terminal.
     #[tokio::test]
