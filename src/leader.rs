@@ -1536,6 +1536,36 @@ mod tests {
         );
     }
 
+    /// A claim that stood for its whole hold-down was judged, not a brief stray answer: the
+    /// node's next claim is held down again.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_that_stood_its_hold_down_does_not_count_as_lapsed() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let at_1 = route(&handle);
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).target, Target::Contested(addr(1)));
+        tokio::time::advance(view.settings.contest_hold).await;
+        view.observe(addr(2), Role::Replica, None);
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle), at_1);
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(
+            route(&handle).target,
+            Target::Contested(addr(1)),
+            "held down again, not a split brain at once"
+        );
+    }
+
     /// Rule 10: a contest, once begun, is not ended by the leader's own 404 or failed check:
     /// its paused sessions resume only once the rival's claim lapses.
     #[tokio::test(start_paused = true)]
