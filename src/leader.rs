@@ -1368,6 +1368,66 @@ mod tests {
         );
     }
 
+    /// A leader whose checks fail while its Postgres answers stays the route until
+    /// `check.unconfirmed_limit`, counted from its first failed check; then its sessions are
+    /// held and new clients wait, in the same generation.
+    #[tokio::test(start_paused = true)]
+    async fn an_unconfirmed_leader_is_routed_until_its_limit_from_the_first_failure() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        let generation = route(&handle).generation;
+        let limit = view.settings.unconfirmed_limit;
+        let unconfirmed =
+            |handle: &ViewHandle| handle.status.borrow().backends[0].unconfirmed.clone();
+
+        let mut failed_for = Duration::ZERO;
+        let mut since = None;
+        while failed_for < limit {
+            view.observe(addr(1), Role::Down("HTTP 500".into()), None);
+            probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+            assert_eq!(
+                route(&handle).target,
+                Target::Leader(addr(1)),
+                "after {failed_for:?}"
+            );
+            let shown = unconfirmed(&handle).expect("shown as unconfirmed");
+            assert!(!shown.expired);
+            assert_eq!(
+                *since.get_or_insert(shown.since_unix_ms),
+                shown.since_unix_ms
+            );
+            tokio::time::advance(view.check.interval).await;
+            failed_for += view.check.interval;
+        }
+        view.observe(addr(1), Role::Down("HTTP 500".into()), None);
+        view.publish();
+        assert_eq!(
+            route(&handle),
+            Route {
+                generation,
+                target: Target::Held(addr(1), crate::route::Hold::Unconfirmed)
+            }
+        );
+        assert!(unconfirmed(&handle).is_some_and(|u| u.expired));
+    }
+
+    /// A healthy leader's checks never probe its Postgres: a probe is a login's worth of
+    /// work on the node, asked for only on evidence.
+    #[tokio::test(start_paused = true)]
+    async fn a_healthy_leaders_checks_never_probe_its_postgres() {
+        let (mut view, _handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        for _ in 0..5 {
+            view.observe(addr(1), Role::Leader, None);
+            view.observe(addr(2), Role::Replica, None);
+            view.publish();
+            tokio::time::advance(view.check.interval).await;
+        }
+        assert_eq!(requests(&mut view).1, []);
+    }
+
     /// A failed check's error reaches `/status` with its time, and a node's control characters
     /// in it are written out, not passed to a terminal.
     #[tokio::test]
