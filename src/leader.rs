@@ -1544,9 +1544,16 @@ mod tests {
             matches!(failing.target, Target::None(NoRoute::DataPortFailing(a, _)) if a == addr(1)),
             "{failing:?}"
         );
+        requests(&mut view);
         for _ in 0..3 {
+            tokio::time::advance(view.check.fast_interval).await;
             view.observe(addr(1), Role::Leader, None);
             view.publish();
+            assert_eq!(
+                requests(&mut view).1,
+                [addr(1)],
+                "its `leader` answer asks a probe whether the port answers again"
+            );
             probed(
                 &mut view,
                 addr(1),
