@@ -1413,6 +1413,52 @@ mod tests {
         assert!(unconfirmed(&handle).is_some_and(|u| u.expired));
     }
 
+    /// What the view logs while `during` runs on this thread.
+    fn logged(during: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, during);
+        let bytes = lines.0.lock().unwrap().clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// An unconfirmed leader is logged once for each new answer of its Postgres, not on every
+    /// probe: a long outage of the role endpoint does not flood the log.
+    #[tokio::test]
+    async fn an_unconfirmed_leader_is_logged_once_per_probe_answer() {
+        let (mut view, _handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        let mut probe = |liveness: Liveness| {
+            logged(|| {
+                view.observe(addr(1), Role::Down("HTTP 500".into()), None);
+                probed(&mut view, addr(1), liveness);
+            })
+            .matches("leader, unconfirmed")
+            .count()
+        };
+        let alive = || Liveness::Alive("authentication".into());
+        assert_eq!(probe(alive()), 1);
+        assert_eq!(probe(alive()), 0, "the same answer again");
+        assert_eq!(probe(Liveness::Stalled("within 1s".into())), 1);
+    }
+
     /// A healthy leader's checks never probe its Postgres: a probe is a login's worth of
     /// work on the node, asked for only on evidence.
     #[tokio::test(start_paused = true)]
