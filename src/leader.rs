@@ -1110,11 +1110,17 @@ mod tests {
     fn view_cancelled_by(
         cancel: CancellationToken,
     ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
-        let config = crate::config::Config::parse(
-            "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]",
-            &|_| None,
-        )
-        .expect("valid");
+        view_checking("", cancel)
+    }
+
+    /// A recording view whose `[check]` table is `check`.
+    fn view_checking(
+        check: &str,
+        cancel: CancellationToken,
+    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
+        let text =
+            format!("[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n[check]\n{check}");
+        let config = crate::config::Config::parse(&text, &|_| None).expect("valid");
         let (supervisor, _ended) = Supervisor::new();
         let (mut view, handle, events) =
             LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
@@ -1536,6 +1542,12 @@ mod tests {
         );
         let due = view.next_probe_due().expect("a probe is due later");
         assert!(due > Instant::now() && due <= Instant::now() + view.settings.liveness_window);
+        requests(&mut view);
+        view.step(None);
+        assert_eq!(requests(&mut view).1, [], "not before it is due");
+        tokio::time::advance(due - Instant::now()).await;
+        view.step(None);
+        assert_eq!(requests(&mut view).1, [addr(1)], "probed again when due");
 
         // A window later, nothing more heard: the same answer is death.
         tokio::time::advance(view.settings.liveness_window).await;
@@ -1736,6 +1748,372 @@ mod tests {
             "{:?}",
             route(&handle)
         );
+    }
+
+    /// Once an unconfirmed leader's check answers again, `/status`'s timeline says so, once; a
+    /// healthy leader's answers add nothing to it.
+    #[tokio::test]
+    async fn a_leader_confirmed_again_is_told_once() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        let confirmed = |handle: &ViewHandle| {
+            let status = handle.status.borrow();
+            let history = status.history.iter();
+            history
+                .filter(|c| c.text.ends_with("leader, confirmed"))
+                .count()
+        };
+        let answers = |view: &mut LeaderView| {
+            for _ in 0..3 {
+                view.observe(addr(1), Role::Leader, None);
+                view.publish();
+            }
+        };
+        answers(&mut view);
+        assert_eq!(confirmed(&handle), 0, "never unconfirmed");
+        view.observe(addr(1), Role::Down("HTTP 500".into()), None);
+        probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+        answers(&mut view);
+        assert_eq!(confirmed(&handle), 1);
+    }
+
+    /// `/status`'s timeline holds the latest changes, oldest first.
+    #[test]
+    fn the_timeline_keeps_the_latest_changes() {
+        let mut history = Arc::new(VecDeque::new());
+        for n in 0..HISTORY_LEN + 3 {
+            remember(&mut history, "role", n.to_string());
+        }
+        let texts: Vec<String> = history.iter().map(|c| c.text.clone()).collect();
+        let latest: Vec<String> = (3..HISTORY_LEN + 3).map(|n| n.to_string()).collect();
+        assert_eq!(texts, latest);
+    }
+
+    fn rechecks(view: &LeaderView) -> u64 {
+        *view.recheck_tx.borrow()
+    }
+
+    /// Everyone is checked at once only on evidence about the route's leader (its failed
+    /// check, a probe that finds it gone), and at most once per fast interval however much
+    /// evidence comes: a replica's failure, a healthy answer, or a probe that finds the leader
+    /// alive ask nothing more of the nodes.
+    #[tokio::test(start_paused = true)]
+    async fn everyone_is_rechecked_only_on_evidence_about_the_leader() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2), addr(3)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.observe(addr(3), Role::Replica, None);
+        view.publish();
+        let fast = view.check.fast_interval;
+        let failed = || Role::Down("HTTP 500".into());
+        tokio::time::advance(fast).await;
+        let quiet = rechecks(&view);
+        view.observe(addr(2), failed(), None);
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        assert_eq!(
+            rechecks(&view),
+            quiet,
+            "a replica's failure, the leader's health"
+        );
+
+        view.observe(addr(1), failed(), None);
+        assert_eq!(rechecks(&view), quiet + 1, "the leader's failed check");
+        view.observe(addr(1), failed(), None);
+        assert_eq!(
+            rechecks(&view),
+            quiet + 1,
+            "again at once: no second recheck"
+        );
+        tokio::time::advance(fast).await;
+        view.observe(addr(1), failed(), None);
+        assert_eq!(rechecks(&view), quiet + 2, "a fast interval later");
+
+        tokio::time::advance(fast).await;
+        probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+        assert_eq!(route(&handle).leader(), Some(addr(1)));
+        assert_eq!(
+            rechecks(&view),
+            quiet + 2,
+            "its Postgres answers: nothing to ask"
+        );
+        probed(&mut view, addr(1), Liveness::Refusing("refused".into()));
+        assert_eq!(route(&handle).leader(), None);
+        assert_eq!(rechecks(&view), quiet + 3, "its Postgres is gone");
+    }
+
+    /// A leader that steps down leaves no route, and everyone is checked at once, so the
+    /// promoted node is found within a fast interval. A rival found dead ends its contest and
+    /// asks nothing more.
+    #[tokio::test(start_paused = true)]
+    async fn losing_the_leader_rechecks_everyone_and_a_dead_rival_does_not() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let at_1 = route(&handle);
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).target, Target::Contested(addr(1)));
+
+        tokio::time::advance(view.check.fast_interval).await;
+        let before = rechecks(&view);
+        view.observe(addr(2), Role::Down("timed out".into()), None);
+        view.publish();
+        probed(&mut view, addr(2), Liveness::Refusing("refused".into()));
+        assert_eq!(route(&handle), at_1, "the contest ends; the leader resumes");
+        assert_eq!(rechecks(&view), before, "nothing to ask about the route");
+
+        view.observe(addr(1), Role::Replica, None);
+        view.publish();
+        assert_eq!(route(&handle).leader(), None);
+        assert_eq!(rechecks(&view), before + 1, "the leader stepped down");
+    }
+
+    /// A flood of failed connects costs the leader's node one probe per fast interval, even
+    /// when the first probe has already answered.
+    #[tokio::test(start_paused = true)]
+    async fn failed_connects_cost_the_leader_one_probe_per_fast_interval() {
+        let (mut view, _handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.publish();
+        let flood = |view: &mut LeaderView| {
+            for _ in 0..3 {
+                let error = "Connection refused".to_string();
+                step(
+                    view,
+                    Event::ConnectFailed {
+                        addr: addr(1),
+                        error,
+                    },
+                );
+            }
+            requests(view).1
+        };
+        assert_eq!(flood(&mut view), [addr(1)]);
+        probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+        assert_eq!(
+            flood(&mut view),
+            [],
+            "answered, but within the fast interval"
+        );
+        tokio::time::advance(view.check.fast_interval).await;
+        assert_eq!(flood(&mut view), [addr(1)]);
+    }
+
+    /// What dashboards alert on: each new generation counted once (a contest keeps the
+    /// generation and counts nothing), each split brain once, when it begins.
+    #[tokio::test(start_paused = true)]
+    async fn new_leaders_and_split_brains_are_counted_once_each() {
+        use crate::metrics::{LEADER_CHANGES_TOTAL, SPLIT_BRAIN_TOTAL};
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let rendered = recorder.handle();
+        let value = |series| {
+            roleproxy_testkit::harness::metric_value(&rendered.render(), series).unwrap_or_default()
+        };
+        let (mut view, handle) = view();
+        let answers = |view: &mut LeaderView, roles: [Role; 2]| {
+            metrics::with_local_recorder(&recorder, || {
+                for (n, role) in (1..).zip(roles) {
+                    view.observe(addr(n), role, None);
+                }
+                view.publish();
+            });
+            route(&handle)
+        };
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        let routed = answers(&mut view, [Role::Leader, Role::Replica]);
+        assert_eq!(routed.leader(), Some(addr(1)));
+        assert_eq!(value(LEADER_CHANGES_TOTAL), 1.0);
+        let contested = answers(&mut view, [Role::Leader, Role::Leader]);
+        assert_eq!(contested.target, Target::Contested(addr(1)));
+        assert_eq!(
+            value(LEADER_CHANGES_TOTAL),
+            1.0,
+            "a contest keeps the generation"
+        );
+
+        tokio::time::advance(view.settings.contest_hold).await;
+        for _ in 0..3 {
+            let split = answers(&mut view, [Role::Leader, Role::Leader]);
+            assert!(
+                matches!(split.target, Target::None(NoRoute::SplitBrain(_))),
+                "{split:?}"
+            );
+        }
+        assert_eq!(value(SPLIT_BRAIN_TOTAL), 1.0);
+    }
+
+    /// Replica sessions are offered the present replicas only, and a session waiting for one
+    /// is woken when they change. A departed backend with no sessions leaves the set.
+    #[tokio::test]
+    async fn the_replicas_offered_are_the_present_ones_and_waiters_are_woken() {
+        let (mut view, handle) = view();
+        let mut backends = handle.backends.clone();
+        step(&mut view, discovered(&[addr(1), addr(2), addr(3)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.observe(addr(3), Role::Replica, None);
+        backends.borrow_and_update();
+        view.publish();
+        assert!(backends.has_changed().unwrap(), "a waiter is woken");
+        assert_eq!(backends.borrow_and_update().replicas, [addr(2), addr(3)]);
+
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        assert!(backends.has_changed().unwrap(), "a waiter is woken");
+        assert_eq!(backends.borrow_and_update().replicas, [addr(2)]);
+        view.publish();
+        assert!(!backends.borrow().counters.contains_key(&addr(3)));
+    }
+
+    /// A check's latency reaches `/status` in milliseconds.
+    #[tokio::test]
+    async fn a_checks_latency_is_shown_in_milliseconds() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1)]));
+        view.observe(addr(1), Role::Replica, Some(Duration::from_millis(25)));
+        view.publish();
+        let status = handle.status.borrow().clone();
+        assert_eq!(status.backends[0].last_check_latency_ms, Some(25.0));
+    }
+
+    /// Rule 7 in the view: once the leader's checks fail, a node that answers `leader` is
+    /// routed at once, with no hold-down, whatever the old leader's Postgres still says.
+    #[tokio::test(start_paused = true)]
+    async fn a_promoted_node_takes_over_from_a_leader_whose_checks_fail() {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        let at_1 = route(&handle);
+        view.observe(addr(1), Role::Down("timed out".into()), None);
+        probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
+        assert_eq!(
+            route(&handle).leader(),
+            Some(addr(1)),
+            "unconfirmed, still routed"
+        );
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(
+            route(&handle),
+            Route {
+                generation: at_1.generation + 1,
+                target: Target::Leader(addr(2))
+            }
+        );
+    }
+
+    /// With `check.rise` above 1, a rival's first `leader` answer already stops new sessions
+    /// (the route is contested); its next answer failing withdraws the claim, and the route
+    /// resumes.
+    #[tokio::test(start_paused = true)]
+    async fn a_rivals_claim_contests_only_while_its_checks_answer() {
+        let (mut view, handle, _events) = view_checking("rise = 2", CancellationToken::new());
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        for _ in 0..2 {
+            view.observe(addr(1), Role::Leader, None);
+            view.observe(addr(2), Role::Replica, None);
+        }
+        view.publish();
+        let at_1 = route(&handle);
+        assert_eq!(at_1.leader(), Some(addr(1)));
+
+        view.observe(addr(2), Role::Leader, None);
+        view.publish();
+        assert_eq!(route(&handle).target, Target::Contested(addr(1)));
+        view.observe(addr(2), Role::Down("timed out".into()), None);
+        view.publish();
+        assert_eq!(route(&handle), at_1);
+    }
+
+    /// The pause between checks: `check.interval` while routed; without a route, the fast
+    /// interval for the first 30 s, then four of them (never beyond the interval); never
+    /// shorter than the check took.
+    #[tokio::test(start_paused = true)]
+    async fn checks_pause_by_whether_there_is_a_route_and_since_when() {
+        let config = crate::config::Config::parse(
+            "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n\
+             [check]\ninterval = \"2s\"\nfast_interval = \"100ms\"",
+            &|_| None,
+        )
+        .expect("valid");
+        let settings = CheckSettings::from_config(&config.check);
+        let ms = Duration::from_millis;
+        let mut unrouted_since = None;
+        let mut pause =
+            |routed, latency| check_pause(&settings, routed, &mut unrouted_since, latency);
+
+        assert_eq!(pause(true, ms(5)), ms(2000));
+        assert_eq!(pause(false, ms(5)), ms(100), "the route just lost");
+        assert_eq!(pause(false, ms(300)), ms(300), "a slow node");
+        tokio::time::advance(FAST_CHECKS_FOR - ms(1)).await;
+        assert_eq!(pause(false, ms(5)), ms(100));
+        tokio::time::advance(ms(1)).await;
+        assert_eq!(pause(false, ms(5)), ms(400), "30 s without a route");
+        assert_eq!(pause(true, ms(5)), ms(2000));
+        assert_eq!(pause(false, ms(5)), ms(100), "a new loss starts over");
+        assert_eq!(pause(true, ms(2500)), ms(2500), "a slow node");
+    }
+
+    /// The view checks what it discovers at its role endpoint, over real HTTP, and routes the
+    /// node that answers `leader`.
+    #[tokio::test]
+    async fn a_discovered_node_is_checked_at_its_role_endpoint() {
+        use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
+        let endpoint = RoleEndpoint::start("127.0.0.1:0".parse().unwrap()).await;
+        let port = endpoint.addr().port();
+        let cancel = CancellationToken::new();
+        let check = format!("port = {port}\ninterval = \"100ms\"");
+        let (mut view, handle, events) = view_checking(&check, cancel.clone());
+        view.sources = Sources::Spawned;
+        let task = tokio::spawn(view.run(events));
+        let node = SocketAddr::from(([127, 0, 0, 1], 5433));
+        handle.events.send(discovered(&[node])).await.unwrap();
+        let mut backends = handle.backends.clone();
+        let replica = backends.wait_for(|b| b.replicas == [node]);
+        tokio::time::timeout(Duration::from_secs(10), replica)
+            .await
+            .expect("checked as a replica")
+            .unwrap();
+        endpoint.set(RoleReply::leader());
+        let mut route = handle.route.clone();
+        let routed = route.wait_for(|r| r.leader() == Some(node));
+        tokio::time::timeout(Duration::from_secs(10), routed)
+            .await
+            .expect("routed once it answers leader")
+            .unwrap();
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    /// The route's changes are logged with what they mean for sessions.
+    #[tokio::test(start_paused = true)]
+    async fn route_changes_are_logged_with_their_meaning() {
+        let (mut view, _handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        let mut answers = |roles: [Role; 2]| {
+            logged(|| {
+                for (n, role) in (1..).zip(roles) {
+                    view.observe(addr(n), role, None);
+                }
+                view.publish();
+            })
+        };
+        let routed = answers([Role::Leader, Role::Replica]);
+        assert!(
+            routed.contains("route: sessions go to leader") && routed.contains("127.0.0.1:5433"),
+            "{routed}"
+        );
+        let same = answers([Role::Leader, Role::Replica]);
+        assert!(!same.contains("route"), "{same}");
+        let contested = answers([Role::Leader, Role::Leader]);
+        assert!(contested.contains("route contested"), "{contested}");
     }
 
     #[test]
