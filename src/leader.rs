@@ -1965,7 +1965,6 @@ mod tests {
         step(&mut view, discovered(&[addr(1), addr(2)]));
         assert!(backends.has_changed().unwrap(), "a waiter is woken");
         assert_eq!(backends.borrow_and_update().replicas, [addr(2)]);
-        view.publish();
         assert!(!backends.borrow().counters.contains_key(&addr(3)));
     }
 
