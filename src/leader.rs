@@ -1128,6 +1128,16 @@ mod tests {
         (view, handle, events)
     }
 
+    /// A view of two nodes, the first routed as leader, the second a replica.
+    fn leader_and_replica() -> (LeaderView, ViewHandle) {
+        let (mut view, handle) = view();
+        step(&mut view, discovered(&[addr(1), addr(2)]));
+        view.observe(addr(1), Role::Leader, None);
+        view.observe(addr(2), Role::Replica, None);
+        view.publish();
+        (view, handle)
+    }
+
     fn step(view: &mut LeaderView, event: Event) {
         view.step(Some(event));
     }
@@ -1228,16 +1238,27 @@ mod tests {
             latency: Duration::from_millis(1),
         };
         handle.events.send(checked).await.unwrap();
+        routed_then_cancelled(&handle, addr(1), cancel, task).await;
+    }
+
+    /// Waits for the running view to route `leader`, then cancels it and waits for it, and
+    /// every loop it started, to end.
+    async fn routed_then_cancelled(
+        handle: &ViewHandle,
+        leader: SocketAddr,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+    ) {
         let mut route = handle.route.clone();
-        let routed = route.wait_for(|r| r.leader() == Some(addr(1)));
+        let routed = route.wait_for(|r| r.leader() == Some(leader));
         tokio::time::timeout(Duration::from_secs(10), routed)
             .await
-            .expect("the task routed the leader its check found")
+            .expect("the view routed the leader its checks found")
             .unwrap();
         cancel.cancel();
         tokio::time::timeout(Duration::from_secs(10), task)
             .await
-            .expect("cancelled, the task ends")
+            .expect("cancelled, the view ends")
             .unwrap();
     }
 
@@ -1246,11 +1267,7 @@ mod tests {
     /// about the route and changes nothing.
     #[tokio::test(start_paused = true)]
     async fn a_failed_connect_is_evidence_only_about_the_leader() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         requests(&mut view);
         let error = || "Connection refused".to_string();
         let status = |handle: &ViewHandle| handle.status.borrow().clone();
@@ -1629,11 +1646,7 @@ mod tests {
     /// resumes it; a claimant that lapsed lately gets no second hold-down.
     #[tokio::test(start_paused = true)]
     async fn a_rival_claim_is_held_down_once_then_judged_at_once() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         let at_1 = route(&handle);
         assert_eq!(at_1.leader(), Some(addr(1)));
 
@@ -1665,11 +1678,7 @@ mod tests {
     /// node's next claim is held down again.
     #[tokio::test(start_paused = true)]
     async fn a_claim_that_stood_its_hold_down_does_not_count_as_lapsed() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         let at_1 = route(&handle);
 
         view.observe(addr(2), Role::Leader, None);
@@ -1696,11 +1705,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_contest_outlasts_the_leaders_own_404_and_failed_check() {
         use crate::route::Hold;
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         let generation = route(&handle).generation;
         let contested = Route {
             generation,
@@ -1731,11 +1736,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_claim_that_outlasts_its_hold_down_is_a_split_brain() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         view.observe(addr(2), Role::Leader, None);
         view.publish();
         assert_eq!(route(&handle).target, Target::Contested(addr(1)));
@@ -1848,11 +1849,7 @@ mod tests {
     /// asks nothing more.
     #[tokio::test(start_paused = true)]
     async fn losing_the_leader_rechecks_everyone_and_a_dead_rival_does_not() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         let at_1 = route(&handle);
         view.observe(addr(2), Role::Leader, None);
         view.publish();
@@ -1983,11 +1980,7 @@ mod tests {
     /// routed at once, with no hold-down, whatever the old leader's Postgres still says.
     #[tokio::test(start_paused = true)]
     async fn a_promoted_node_takes_over_from_a_leader_whose_checks_fail() {
-        let (mut view, handle) = view();
-        step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        let (mut view, handle) = leader_and_replica();
         let at_1 = route(&handle);
         view.observe(addr(1), Role::Down("timed out".into()), None);
         probed(&mut view, addr(1), Liveness::Alive("authentication".into()));
@@ -2081,14 +2074,7 @@ mod tests {
             .expect("checked as a replica")
             .unwrap();
         endpoint.set(RoleReply::leader());
-        let mut route = handle.route.clone();
-        let routed = route.wait_for(|r| r.leader() == Some(node));
-        tokio::time::timeout(Duration::from_secs(10), routed)
-            .await
-            .expect("routed once it answers leader")
-            .unwrap();
-        cancel.cancel();
-        task.await.unwrap();
+        routed_then_cancelled(&handle, node, cancel, task).await;
     }
 
     /// The route's changes are logged with what they mean for sessions.
