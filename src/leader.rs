@@ -1118,14 +1118,19 @@ mod tests {
         check: &str,
         cancel: CancellationToken,
     ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
-        let text =
-            format!("[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n[check]\n{check}");
-        let config = crate::config::Config::parse(&text, &|_| None).expect("valid");
+        let config = config_checking(check);
         let (supervisor, _ended) = Supervisor::new();
         let (mut view, handle, events) =
             LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
         view.sources = Sources::Recorded(Vec::new());
         (view, handle, events)
+    }
+
+    /// A valid config whose `[check]` table is `check`.
+    fn config_checking(check: &str) -> crate::config::Config {
+        let text =
+            format!("[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n[check]\n{check}");
+        crate::config::Config::parse(&text, &|_| None).expect("valid")
     }
 
     /// A view of two nodes, the first routed as leader, the second a replica.
@@ -1352,11 +1357,7 @@ mod tests {
         view.publish();
         let routed = route(&handle);
         let (first, _) = requests(&mut view);
-        let settings = |extra: &str| {
-            let text = format!("[backends]\nbackup = [\"127.0.0.1:9\"]\n[check]\n{extra}");
-            let config = crate::config::Config::parse(&text, &|_| None).expect("valid");
-            ViewSettings::from_config(&config.check)
-        };
+        let settings = |extra: &str| ViewSettings::from_config(&config_checking(extra).check);
         let cancelled = |loops: &[(SocketAddr, CancellationToken)]| {
             loops
                 .iter()
@@ -2029,12 +2030,7 @@ mod tests {
     /// shorter than the check took.
     #[tokio::test(start_paused = true)]
     async fn checks_pause_by_whether_there_is_a_route_and_since_when() {
-        let config = crate::config::Config::parse(
-            "[backends]\ndns_names = []\nbackup = [\"127.0.0.1:9\"]\n\
-             [check]\ninterval = \"2s\"\nfast_interval = \"100ms\"",
-            &|_| None,
-        )
-        .expect("valid");
+        let config = config_checking("interval = \"2s\"\nfast_interval = \"100ms\"");
         let settings = CheckSettings::from_config(&config.check);
         let ms = Duration::from_millis;
         let mut unrouted_since = None;
