@@ -18,13 +18,14 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream as StdTcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard, TryIoError};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -144,10 +145,6 @@ impl Socket {
         Ok(Socket(fd))
     }
 
-    fn fd(&self) -> RawFd {
-        self.0.get_ref().as_raw_fd()
-    }
-
     fn shutdown_write(&self) {
         // The peer may already be gone; there is nothing left to tell it.
         let _ = self.0.get_ref().shutdown(Shutdown::Write);
@@ -157,7 +154,7 @@ impl Socket {
     pub async fn send_all(&self, mut bytes: &[u8]) -> io::Result<()> {
         while !bytes.is_empty() {
             let mut ready = self.0.writable().await?;
-            match ready.try_io(|s| send(s.get_ref().as_raw_fd(), bytes)) {
+            match ready.try_io(|s| send(s.get_ref(), bytes)) {
                 Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(Ok(n)) => bytes = &bytes[n..],
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -488,7 +485,10 @@ impl<'a> Pump<'a> {
             };
             let (n, chunk) = match read {
                 Ok(Ok(read)) => read,
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) && splice => {
+                Ok(Err(e))
+                    if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error())
+                        && splice =>
+                {
                     // This pair of sockets cannot splice; the buffered path always works.
                     self.mode = Mode::Buffered;
                     continue;
@@ -542,10 +542,10 @@ impl<'a> Pump<'a> {
                 return Poll::Ready(Ok(()));
             }
             // Optimistic: a socket usually has room, so write before asking for readiness.
-            let written = match write_chunk(to.fd(), chunk) {
+            let written = match write_chunk(to.0.get_ref(), chunk) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     let mut ready = ready!(to.0.poll_write_ready(cx))?;
-                    match ready.try_io(|s| write_chunk(s.get_ref().as_raw_fd(), chunk)) {
+                    match ready.try_io(|s| write_chunk(s.get_ref(), chunk)) {
                         Ok(result) => result,
                         Err(_would_block) => continue,
                     }
@@ -609,7 +609,7 @@ fn read_spliced(
     limit: usize,
 ) -> Result<io::Result<(usize, Chunk)>, TryIoError> {
     let len = pipe.capacity.min(limit);
-    match ready.try_io(|s| splice(s.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), len)) {
+    match ready.try_io(|s| splice(s.get_ref(), &pipe.write, len)) {
         Ok(Ok(n)) => Ok(Ok((n, Chunk::Pipe { pipe, left: n }))),
         Ok(Err(e)) => {
             pipe.give();
@@ -622,24 +622,21 @@ fn read_spliced(
     }
 }
 
-/// One write of a chunk's pending bytes to `fd`.
-fn write_chunk(fd: RawFd, chunk: &Chunk) -> io::Result<usize> {
+/// One write of a chunk's pending bytes to `to`.
+fn write_chunk(to: impl AsFd, chunk: &Chunk) -> io::Result<usize> {
     match chunk {
-        Chunk::Buffer { buffer, start, end } => send(fd, &buffer[*start..*end]),
-        Chunk::Pipe { pipe, left } => splice(pipe.read.as_raw_fd(), fd, *left),
+        Chunk::Buffer { buffer, start, end } => send(to, &buffer[*start..*end]),
+        Chunk::Pipe { pipe, left } => splice(&pipe.read, to, *left),
     }
 }
 
 /// One `send(2)`, without SIGPIPE when the peer has gone.
-fn send(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `fd` is a live socket borrowed from its owner for this call, and `bytes` is a
-    // valid slice for its length.
-    let n = unsafe { libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+fn send(to: impl AsFd, bytes: &[u8]) -> io::Result<usize> {
+    Ok(rustix::net::send(
+        to,
+        bytes,
+        rustix::net::SendFlags::NOSIGNAL,
+    )?)
 }
 
 impl Chunk {
@@ -698,28 +695,10 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill in.
-        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
         // A bigger pipe moves more per pair of syscalls; the kernel may grant less.
-        // SAFETY: F_SETPIPE_SZ on an open pipe descriptor; it returns the size granted.
-        let granted = unsafe {
-            libc::fcntl(
-                write.as_raw_fd(),
-                libc::F_SETPIPE_SZ,
-                PIPE_SIZE as libc::c_int,
-            )
-        };
-        let capacity = if granted > 0 {
-            granted as usize
-        } else {
-            DEFAULT_PIPE_SIZE
-        };
+        let capacity =
+            rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
         Ok(Pipe {
             read,
             write,
@@ -745,26 +724,12 @@ impl Pipe {
 }
 
 /// One `splice(2)` call between descriptors, non-blocking.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
-        // SAFETY: both descriptors are open for the duration of the call (borrowed from live
-        // owners), and null offsets are valid for sockets and pipes.
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match rustix::pipe::splice(&from, None, &to, None, len, flags) {
+            Err(rustix::io::Errno::INTR) => {}
+            moved => return Ok(moved?),
         }
     }
 }

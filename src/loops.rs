@@ -20,8 +20,8 @@ pub struct Listening {
     pub dual_stack: bool,
 }
 
-/// An address of a local interface. On a loopback device the whole prefix is local (Linux
-/// answers all of `127.0.0.0/8` on `lo`); elsewhere only the address itself.
+/// An address of a local interface. For a loopback address the whole prefix is local (Linux
+/// answers all of `127.0.0.0/8` on `lo`); for any other, only the address itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalNet {
     pub ip: IpAddr,
@@ -96,55 +96,24 @@ pub fn covering(
 /// The host's interface addresses; empty when they cannot be read (then only exact and
 /// loopback matches are found).
 pub fn local_interfaces() -> Vec<LocalNet> {
-    let mut found = Vec::new();
-    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs writes a list head into `list`, freed below with freeifaddrs.
-    if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return found;
-    }
-    let mut entry = list;
-    while !entry.is_null() {
-        // SAFETY: `entry` is a node of the list getifaddrs returned, not yet freed.
-        let ifa = unsafe { &*entry };
-        // SAFETY: the address pointers are null or point to a sockaddr of the family they say.
-        let (ip, mask) = unsafe { (sockaddr_ip(ifa.ifa_addr), sockaddr_ip(ifa.ifa_netmask)) };
-        if let Some(ip) = ip {
-            let prefix = match mask {
-                Some(IpAddr::V4(m)) => u32::from(m).count_ones() as u8,
-                Some(IpAddr::V6(m)) => u128::from(m).count_ones() as u8,
-                None if ip.is_ipv4() => 32,
-                None => 128,
+    let Ok(interfaces) = if_addrs::get_if_addrs() else {
+        return Vec::new();
+    };
+    interfaces
+        .iter()
+        .map(|interface| {
+            let (ip, prefix, host) = match &interface.addr {
+                if_addrs::IfAddr::V4(a) => (IpAddr::V4(a.ip), a.prefixlen, 32),
+                if_addrs::IfAddr::V6(a) => (IpAddr::V6(a.ip), a.prefixlen, 128),
             };
-            found.push(LocalNet {
+            LocalNet {
                 ip,
-                prefix,
-                loopback: ifa.ifa_flags & (libc::IFF_LOOPBACK as libc::c_uint) != 0,
-            });
-        }
-        entry = ifa.ifa_next;
-    }
-    // SAFETY: `list` came from a successful getifaddrs and is freed once.
-    unsafe { libc::freeifaddrs(list) };
-    found
-}
-
-/// # Safety
-/// `addr` is null or points to a valid `sockaddr` whose length matches its family.
-unsafe fn sockaddr_ip(addr: *const libc::sockaddr) -> Option<IpAddr> {
-    if addr.is_null() {
-        return None;
-    }
-    match i32::from((*addr).sa_family) {
-        libc::AF_INET => {
-            let v4 = &*(addr as *const libc::sockaddr_in);
-            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
-        }
-        libc::AF_INET6 => {
-            let v6 = &*(addr as *const libc::sockaddr_in6);
-            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
-        }
-        _ => None,
-    }
+                // No netmask reads as a prefix of 0, which would make every address local.
+                prefix: if prefix == 0 { host } else { prefix },
+                loopback: interface.is_loopback(),
+            }
+        })
+        .collect()
 }
 
 /// What the proxy listens on and which addresses are local, as last seen.

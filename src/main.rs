@@ -436,25 +436,24 @@ fn ignore_sighup() {
 /// Each session holds two sockets: raise the soft descriptor limit as far as allowed, as
 /// HAProxy does, so `max_connections` is not cut short by a default of 1024.
 fn raise_fd_limit() {
-    const WANTED: libc::rlim_t = 1 << 20;
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    const WANTED: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is no limit at all, which is never raised.
+    let raise = |value: Option<u64>| value.map(|v| v.max(WANTED));
+    let raised = Rlimit {
+        current: raise(limit.current),
+        maximum: raise(limit.maximum),
     };
-    // SAFETY: `limit` is a valid rlimit for getrlimit to fill in.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return;
-    }
-    let raised = libc::rlimit {
-        rlim_cur: WANTED.max(limit.rlim_cur),
-        rlim_max: WANTED.max(limit.rlim_max),
-    };
-    // SAFETY: a valid rlimit is passed; raising the hard limit needs privileges, and failing is
-    // handled by the fallback below.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        limit.rlim_cur = limit.rlim_max;
-        // SAFETY: as above, the soft limit may always be raised up to the hard one.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    // Raising the hard limit needs privileges; the soft one may always go up to the hard one.
+    if setrlimit(Resource::Nofile, raised).is_err() {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
     }
 }
 

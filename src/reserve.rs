@@ -15,7 +15,6 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
@@ -101,15 +100,10 @@ fn out_of_descriptors() -> io::Error {
 /// descriptor, the listener's readiness no longer says so: accept fails before it looks at
 /// the queue, so it fails the same with nobody waiting.
 pub fn client_waiting(listener: &TcpListener) -> bool {
-    let mut poll = libc::pollfd {
-        fd: listener.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd that outlives the call; a zero timeout never blocks.
-    let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-    // An error says nothing either way: try to accept.
-    ready != 0
+    use rustix::event::{poll, PollFd, PollFlags};
+    let mut fds = [PollFd::new(listener, PollFlags::IN)];
+    // A zero timeout never blocks. An error says nothing either way: try to accept.
+    poll(&mut fds, Some(&rustix::event::Timespec::default())) != Ok(0)
 }
 
 /// Accepts a pending connection at once, with no await between: right after the reserve is
@@ -170,28 +164,19 @@ mod tests {
 
     #[tokio::test]
     async fn an_accepted_client_is_non_blocking_and_closed_on_exec() {
-        use std::os::fd::AsRawFd;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
             .await
             .unwrap();
         let accepted = accept_now(&listener).unwrap();
-        let fd = accepted.as_raw_fd();
-        // SAFETY: fcntl reads the flags of a descriptor `accepted` keeps open.
-        let (status, descriptor) = unsafe {
-            (
-                libc::fcntl(fd, libc::F_GETFL),
-                libc::fcntl(fd, libc::F_GETFD),
-            )
-        };
-        assert_ne!(
-            status & libc::O_NONBLOCK,
-            0,
+        let status = rustix::fs::fcntl_getfl(&accepted).unwrap();
+        let descriptor = rustix::io::fcntl_getfd(&accepted).unwrap();
+        assert!(
+            status.contains(rustix::fs::OFlags::NONBLOCK),
             "a blocking socket would stall a worker"
         );
-        assert_ne!(
-            descriptor & libc::FD_CLOEXEC,
-            0,
+        assert!(
+            descriptor.contains(rustix::io::FdFlags::CLOEXEC),
             "a child process would inherit the client"
         );
     }
