@@ -16,15 +16,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::header::{CONNECTION, HOST, USER_AGENT};
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_util::task::AbortOnDropHandle;
 
 use crate::config::{CheckConfig, CheckKind, CheckTls};
+use crate::http_client::{self, HttpError};
 use crate::metrics::warning;
 use crate::pgclient::{self, PgClientError, Tls};
 use crate::pgwire;
@@ -176,14 +172,8 @@ enum CheckError {
     Connect(std::io::Error),
     #[error("no TCP handshake within {0:?}")]
     ConnectTimeout(Duration),
-    #[error("HTTP: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("bad request: {0}")]
-    Request(#[from] hyper::http::Error),
-    #[error("answer larger than {MAX_BODY} bytes")]
-    TooLarge,
-    #[error("reading answer: {0}")]
-    Body(String),
+    #[error(transparent)]
+    Http(#[from] HttpError),
     #[error(transparent)]
     Postgres(PgClientError),
     /// The node answered but is out of resources (Postgres SQLSTATE class 53, e.g. too many
@@ -412,7 +402,7 @@ async fn ask_postmaster(stream: &mut TcpStream) -> Liveness {
             Err(e) => break Liveness::Gone(format!("reading the answer: {e}")),
         }
     };
-    let _ = stream.write_all(pgwire::terminate()).await;
+    let _ = stream.write_all(&pgwire::TERMINATE).await;
     let _ = stream.shutdown().await;
     answer
 }
@@ -422,33 +412,19 @@ async fn fetch(
     endpoint: SocketAddr,
     path: &str,
 ) -> Result<(u16, Bytes), CheckError> {
-    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
-        .max_buf_size(MAX_HEAD)
-        .max_header_size(MAX_HEAD)
-        .max_headers(MAX_HEADERS)
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-        .await?;
-    // The connection is driven by its own task, dropped (aborted) with this check.
-    let _connection = AbortOnDropHandle::new(tokio::spawn(connection));
-    let request = Request::get(path)
-        .header(HOST, endpoint.ip().to_string())
-        .header(USER_AGENT, concat!("roleproxy/", env!("CARGO_PKG_VERSION")))
-        .header(CONNECTION, "close")
-        .body(Empty::new())?;
-    let response = sender.send_request(request).await?;
-    let status = response.status().as_u16();
-    let body = Limited::new(response.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                CheckError::TooLarge
-            } else {
-                CheckError::Body(e.to_string())
-            }
-        })?
-        .to_bytes();
-    Ok((status, body))
+    let host = endpoint.ip().to_string();
+    let ask = http_client::Ask {
+        method: hyper::Method::GET,
+        path,
+        host: &host,
+        bearer: None,
+    };
+    let limits = http_client::Limits {
+        head: MAX_HEAD,
+        headers: MAX_HEADERS,
+        body: MAX_BODY,
+    };
+    Ok(http_client::exchange(stream, ask, limits).await?)
 }
 
 #[cfg(test)]

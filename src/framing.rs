@@ -17,14 +17,13 @@
 //!
 //! Pure: no I/O, no clocks, no allocation.
 
+use crate::pgwire::{GSSENC_REQUEST, PROTOCOL_3, SSL_REQUEST};
+
 /// Postgres refuses larger messages (`MaxAllocSize`); a longer length means the stream is not
 /// Postgres, or is out of step.
 const MAX_MESSAGE: u32 = 1 << 30;
 /// Postgres refuses startup packets larger than this.
 const MAX_STARTUP: u32 = crate::pgwire::MAX_STARTUP_LEN as u32;
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
-const PROTOCOL_3: u32 = 3 << 16;
 
 /// Message types a client sends once started (protocol 3).
 const CLIENT_TYPES: &[u8] = b"BCdcDEHFfpPQSX";

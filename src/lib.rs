@@ -63,6 +63,7 @@ pub mod config;
 pub mod copy;
 pub mod discovery;
 pub mod framing;
+pub mod http_client;
 mod httpd;
 pub mod leader;
 pub mod loops;

@@ -17,10 +17,12 @@ use crate::wording::printable;
 
 /// Postgres itself refuses startup packets larger than this.
 pub const MAX_STARTUP_LEN: usize = 10_000;
-const SSL_REQUEST: u32 = 80_877_103;
-const GSSENC_REQUEST: u32 = 80_877_104;
+/// The codes a first packet starts with, after its length.
+pub const SSL_REQUEST: u32 = 80_877_103;
+pub const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
-const PROTOCOL_3: u32 = 3 << 16;
+/// Protocol 3.0, the major version in the high 16 bits.
+pub const PROTOCOL_3: u32 = 3 << 16;
 
 /// SQLSTATE `cannot_connect_now`: no leader to send the client to.
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
@@ -313,7 +315,7 @@ pub const PROBE_USER: &str = "roleproxy_probe";
 const MAX_FIRST_MESSAGE: usize = 8192;
 
 /// Terminate (`X`), sent before closing so the server logs no "unexpected EOF".
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// The StartupMessage a liveness probe sends: protocol 3.0, no credentials.
 pub fn probe_startup() -> Vec<u8> {
@@ -332,11 +334,6 @@ pub fn probe_startup() -> Vec<u8> {
     let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     out.extend_from_slice(&body);
     out
-}
-
-/// The bytes of a Terminate message.
-pub fn terminate() -> &'static [u8] {
-    &TERMINATE
 }
 
 /// Reads the server's first message from the bytes received so far. Pure.
@@ -589,7 +586,7 @@ mod tests {
     /// "unexpected EOF" for every check.
     #[test]
     fn terminate_is_the_terminate_message() {
-        assert_eq!(terminate(), b"X\0\0\0\x04");
+        assert_eq!(&TERMINATE, b"X\0\0\0\x04");
     }
 
     #[test]

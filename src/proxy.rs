@@ -55,9 +55,6 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// How long a session ended between transactions waits for its client to close after the
 /// FATAL, so the close does not reset the connection before the client has read it.
 const GOODBYE_WAIT: Duration = Duration::from_secs(1);
-/// Postgres' Terminate message: the backend logs a clean disconnect.
-const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
-
 /// Binds one listening socket. Client listeners on IPv6 are IPv6-only so `0.0.0.0` and `[::]`
 /// on the same port can coexist, as in the Fly HAProxy config; the admin port is dual-stack.
 pub fn bind(addr: SocketAddr, ipv6_only: bool) -> io::Result<TcpListener> {
@@ -1557,7 +1554,7 @@ async fn say_goodbye(client: &copy::Socket, backend: &copy::Socket, message: &st
         client.finish(GOODBYE_WAIT).await;
     };
     let terminate = async {
-        if let Err(e) = backend.send_all(&TERMINATE).await {
+        if let Err(e) = backend.send_all(&pgwire::TERMINATE).await {
             tracing::debug!(error = %e, "backend gone before Terminate");
         }
     };

@@ -5,11 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 
 use crate::config::Endpoint;
 use crate::discovery::DnsResolver;
+use crate::http_client::{self, HttpError};
 use crate::route::Role;
 use crate::status::Status;
 use crate::wording::{
@@ -93,45 +92,36 @@ async fn exchange(
     path: &str,
     token: Option<&str>,
 ) -> Result<(u16, Bytes), StatusError> {
-    use http_body_util::{BodyExt, Empty, Limited};
     let unreachable = |error: String| StatusError::Unreachable { addr, error };
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-        let _connection = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(connection));
-        let mut request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, addr.to_string());
-        if let Some(token) = token {
-            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = request
-            .body(Empty::new())
-            .map_err(|e| unreachable(e.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|e| {
-            // Closed without an answer, as Postgres does, or answered in another protocol.
-            if e.is_incomplete_message() || e.is_parse() {
-                StatusError::NotAdmin {
-                    addr,
-                    error: e.to_string(),
-                }
-            } else {
-                unreachable(e.to_string())
-            }
-        })?;
-        let status = response.status().as_u16();
-        let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
-            .collect()
+        let host = addr.to_string();
+        let ask = http_client::Ask {
+            method,
+            path,
+            host: &host,
+            bearer: token,
+        };
+        let limits = http_client::Limits {
+            head: 64 * 1024,
+            headers: 64,
+            body: MAX_STATUS_BYTES,
+        };
+        http_client::exchange(stream, ask, limits)
             .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        Ok((status, body))
+            .map_err(|e| match e {
+                // Closed without an answer, as Postgres does, or answered in another protocol.
+                HttpError::Http(e) if e.is_incomplete_message() || e.is_parse() => {
+                    StatusError::NotAdmin {
+                        addr,
+                        error: e.to_string(),
+                    }
+                }
+                HttpError::Http(e) => unreachable(e.to_string()),
+                other => unreachable(other.to_string()),
+            })
     };
     tokio::time::timeout(ADMIN_TIMEOUT, exchange)
         .await
