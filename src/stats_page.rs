@@ -2,10 +2,7 @@
 
 use crate::route::Target;
 use crate::status::Status;
-use crate::wording::{
-    backend_error_text, data_port_text, operator_text, pause_text, printable, unconfirmed_text,
-    when,
-};
+use crate::wording::{backend_row, pause_text, printable, when, BACKEND_COLUMNS};
 
 /// How often the stats page reloads itself.
 const PAGE_REFRESH_SECS: u32 = 2;
@@ -20,36 +17,11 @@ pub fn render_page(status: &Status, now_unix_ms: u64) -> String {
     };
     let mut rows = String::new();
     for b in &status.backends {
-        let mut role = match &b.unconfirmed {
-            Some(u) => unconfirmed_text(
-                u.since_unix_ms,
-                &u.check_error,
-                b.postgres.as_deref(),
-                u.expired,
-                now_unix_ms,
-            ),
-            None => b.role.to_string(),
-        };
-        if let Some(d) = &b.data_port {
-            role.push_str(&data_port_text(d.since_unix_ms, &d.error, now_unix_ms));
-        }
-        if !b.present {
-            role.push_str(" (left DNS)");
-        }
-        role.push_str(operator_text(b.operator));
-        rows.push_str(&format!(
-            "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
-            b.role.label(),
-            escape(&b.address.to_string()),
-            escape(&b.sources.join(", ")),
-            escape(&role),
-            when(now_unix_ms, b.last_check_unix_ms),
-            b.last_check_latency_ms
-                .map(|ms| format!("{ms:.1} ms"))
-                .unwrap_or_else(|| "-".into()),
-            b.sessions,
-            escape(&backend_error_text(b, now_unix_ms)),
-        ));
+        let cells: String = backend_row(b, now_unix_ms)
+            .iter()
+            .map(|cell| format!("<td>{}</td>", escape(cell)))
+            .collect();
+        rows.push_str(&format!("<tr class=\"{}\">{cells}</tr>\n", b.role.label()));
     }
     let mut listeners = String::new();
     for l in &status.listeners {
@@ -93,7 +65,7 @@ tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-f
 <h1>roleproxy <small>{cluster}</small></h1>
 <p id="route" class="{state}">Route {route}, for {since}.</p>
 {paused}<table id="backends">
-<tr><th>backend</th><th>sources</th><th>role</th><th>last check</th><th>latency</th><th>sessions</th><th>last error</th></tr>
+<tr>{columns}</tr>
 {rows}</table>
 <h2>Listeners</h2>
 <table id="listeners">
@@ -106,6 +78,7 @@ tr.leader {{ background: #efe; }} tr.down {{ background: #fee; }} time {{ font-f
 </body></html>
 "#,
         cluster = escape(&status.cluster),
+        columns = BACKEND_COLUMNS.map(|c| format!("<th>{c}</th>")).concat(),
         route = escape(&status.route_text),
         since = when(now_unix_ms, Some(status.route_since_unix_ms)).replace(" ago", ""),
     )

@@ -9,12 +9,8 @@ use bytes::Bytes;
 use crate::config::Endpoint;
 use crate::discovery::DnsResolver;
 use crate::http_client::{self, HttpError};
-use crate::route::Role;
 use crate::status::Status;
-use crate::wording::{
-    backend_error_text, data_port_text, operator_text, pause_text, printable, unconfirmed_text,
-    when,
-};
+use crate::wording::{backend_row, pause_text, printable, when, BACKEND_COLUMNS};
 
 /// Why `roleproxy status` could not show the status, or a change sent to an admin port failed.
 #[derive(Debug, thiserror::Error)]
@@ -237,50 +233,9 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
         out.push_str(&pause_text(pause, now_unix_ms));
         out.push('\n');
     }
-    let header = [
-        "backend",
-        "sources",
-        "role",
-        "last check",
-        "latency",
-        "sessions",
-        "last error",
-    ];
-    let mut rows: Vec<[String; 7]> = vec![header.map(str::to_string)];
+    let mut rows: Vec<[String; 7]> = vec![BACKEND_COLUMNS.map(str::to_string)];
     for backend in &status.backends {
-        // The error is in its own column; only another word is shown beside its role.
-        let mut role = match &backend.role {
-            Role::Other(_) => backend.role.to_string(),
-            role => role.label().to_string(),
-        };
-        if let Some(u) = &backend.unconfirmed {
-            role = unconfirmed_text(
-                u.since_unix_ms,
-                &u.check_error,
-                backend.postgres.as_deref(),
-                u.expired,
-                now_unix_ms,
-            );
-        }
-        if let Some(d) = &backend.data_port {
-            role.push_str(&data_port_text(d.since_unix_ms, &d.error, now_unix_ms));
-        }
-        if !backend.present {
-            role.push_str(", left DNS");
-        }
-        role.push_str(operator_text(backend.operator));
-        rows.push([
-            backend.address.to_string(),
-            clean(&backend.sources.join(",")),
-            clean(&role),
-            when(now_unix_ms, backend.last_check_unix_ms),
-            backend
-                .last_check_latency_ms
-                .map(|ms| format!("{ms:.1} ms"))
-                .unwrap_or_else(|| "-".into()),
-            backend.sessions.to_string(),
-            clean(&backend_error_text(backend, now_unix_ms)),
-        ]);
+        rows.push(backend_row(backend, now_unix_ms).map(|cell| clean(&cell)));
     }
     let widths: Vec<usize> = (0..7)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

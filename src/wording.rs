@@ -76,6 +76,53 @@ pub fn backend_error_text(backend: &crate::status::BackendStatus, now_unix_ms: u
     )
 }
 
+/// The columns of the backends table, the same on the stats page and in `roleproxy status`.
+pub const BACKEND_COLUMNS: [&str; 7] = [
+    "backend",
+    "sources",
+    "role",
+    "last check",
+    "latency",
+    "sessions",
+    "last error",
+];
+
+/// One row of the backends table, in plain text that each renderer escapes its own way. The
+/// role cell adds why a leader is unconfirmed, a failing Postgres port, a node that left DNS
+/// and an operator's state; a failed check's error is in its own cell, not beside the role.
+pub fn backend_row(backend: &crate::status::BackendStatus, now_unix_ms: u64) -> [String; 7] {
+    use crate::route::Role;
+    let mut role = match (&backend.unconfirmed, &backend.role) {
+        (Some(u), _) => unconfirmed_text(
+            u.since_unix_ms,
+            &u.check_error,
+            backend.postgres.as_deref(),
+            u.expired,
+            now_unix_ms,
+        ),
+        (None, other @ Role::Other(_)) => other.to_string(),
+        (None, role) => role.label().to_string(),
+    };
+    if let Some(d) = &backend.data_port {
+        role.push_str(&data_port_text(d.since_unix_ms, &d.error, now_unix_ms));
+    }
+    if !backend.present {
+        role.push_str(", left DNS");
+    }
+    role.push_str(operator_text(backend.operator));
+    [
+        backend.address.to_string(),
+        backend.sources.join(","),
+        role,
+        when(now_unix_ms, backend.last_check_unix_ms),
+        backend
+            .last_check_latency_ms
+            .map_or_else(|| "-".into(), |ms| format!("{ms:.1} ms")),
+        backend.sessions.to_string(),
+        backend_error_text(backend, now_unix_ms),
+    ]
+}
+
 /// "leader, unconfirmed (since …, check failing: …; Postgres answers (…))", for people (rule 7).
 pub fn unconfirmed_text(
     since_unix_ms: u64,
