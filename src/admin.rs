@@ -19,7 +19,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::httpd::{self, Limits};
-use crate::leader::ViewHandle;
 use crate::metrics;
 use crate::operator::{AdminSettings, Operator};
 use crate::route::{describe_route, Mode};
@@ -27,6 +26,7 @@ use crate::running::Reloader;
 use crate::stats_page::render_page;
 use crate::status::{unix_ms, PauseStatus, ServingStatus, Status};
 use crate::supervise::Supervisor;
+use crate::view::ViewHandle;
 
 /// The admin port is reachable from the whole private network, and a platform health check
 /// restarts the machine when `/healthz` does not answer: a neighbour holding connections open

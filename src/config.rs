@@ -1735,7 +1735,7 @@ impl File {
             admin,
             reload,
         };
-        refuse_loops(&config, &crate::loops::local_interfaces())?;
+        refuse_loops(&config, &crate::own_addresses::local_interfaces())?;
         Ok(config)
     }
 }
@@ -1743,9 +1743,12 @@ impl File {
 /// Refuses an address to connect to that is one of the proxy's own listening sockets (given
 /// exactly, or covered by a wildcard on a local interface): every client sent there would come
 /// back in and connect again. Listeners on port 0 are checked once bound, at connect.
-fn refuse_loops(config: &Config, locals: &[crate::loops::LocalNet]) -> Result<(), ConfigError> {
+fn refuse_loops(
+    config: &Config,
+    locals: &[crate::own_addresses::LocalNet],
+) -> Result<(), ConfigError> {
     let mut errors = Vec::new();
-    use crate::loops::{covering, Listening};
+    use crate::own_addresses::{covering, Listening};
     let mut own: Vec<(Listening, String)> = Vec::new();
     for (i, spec) in config.all_listeners().iter().enumerate() {
         for (j, addr) in spec.addresses.iter().enumerate() {

@@ -10,7 +10,7 @@
 //! once; changing ones, and failed lookups, at most once per name and reason every 10 s
 //! ([`ratelimit`]), so a DNS server rotating bad answers cannot flood the log. Loopback stays allowed: a proxy may
 //! front a node on its own host, and the tests' nodes are loopback addresses. An address that
-//! is one of the proxy's own listeners is dropped too ([`crate::loops`]).
+//! is one of the proxy's own listeners is dropped too ([`crate::own_addresses`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackendsConfig, Config, Endpoint, IpFamily};
-use crate::loops::OwnAddrs;
 use crate::metrics::{self as m, warning};
+use crate::own_addresses::OwnAddrs;
 use crate::ratelimit;
 use crate::route::Source;
 

@@ -65,24 +65,24 @@ pub mod discovery;
 pub mod framing;
 pub mod http_client;
 mod httpd;
-pub mod leader;
-pub mod loops;
 pub mod metrics;
 pub mod operator;
+pub mod own_addresses;
 pub mod pgclient;
 pub mod pgwire;
 pub mod preconnect;
 pub mod preflight;
-pub mod proxy;
 pub mod ratelimit;
 pub mod reserve;
 pub mod route;
 pub mod running;
+pub mod sessions;
 pub mod startup;
 pub mod stats_page;
 pub mod status;
 pub mod status_cli;
 pub mod supervise;
+pub mod view;
 pub mod wording;
 
 use std::future::Future;
@@ -107,7 +107,7 @@ pub const COMMIT: &str = env!("ROLEPROXY_COMMIT");
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot listen on {addr}: {source}{}", proxy::bind_hint(*addr, source))]
+    #[error("cannot listen on {addr}: {source}{}", sessions::bind_hint(*addr, source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -131,7 +131,7 @@ impl Proxy {
     /// Binds every listener and the admin port, so that a bad address fails before anything runs.
     pub async fn bind(config: Config) -> Result<Proxy, Error> {
         let bind = |addr: SocketAddr, ipv6_only| {
-            proxy::bind(addr, ipv6_only).map_err(|source| Error::Bind { addr, source })
+            sessions::bind(addr, ipv6_only).map_err(|source| Error::Bind { addr, source })
         };
         let mut listeners = Vec::new();
         for spec in config.all_listeners() {
@@ -193,13 +193,13 @@ impl Proxy {
         let background = CancellationToken::new();
         let (supervisor, mut ended) = supervise::Supervisor::new();
 
-        let (view, handle, events) = leader::LeaderView::new(
-            leader::ViewSettings::from_config(&config.check),
+        let (view, handle, events) = view::LeaderView::new(
+            view::ViewSettings::from_config(&config.check),
             background.clone(),
             supervisor.clone(),
         );
         supervisor.spawn("leader_view", background.clone(), view.run(events));
-        let own = Arc::new(loops::OwnAddrs::new());
+        let own = Arc::new(own_addresses::OwnAddrs::new());
         let (backends, backend_configs) = watch::channel(config.backends.clone());
         let stop_accepting = CancellationToken::new();
         let (admin_settings, admin_settings_rx) =
@@ -232,7 +232,7 @@ impl Proxy {
             config,
             self.source,
             self.listeners,
-            running::Fixed {
+            running::ProcessParts {
                 view: handle,
                 own: Arc::clone(&own),
                 supervisor: supervisor.clone(),

@@ -392,7 +392,7 @@ async fn agent(
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            let hint = roleproxy::proxy::bind_hint(listen, &e);
+            let hint = roleproxy::sessions::bind_hint(listen, &e);
             eprintln!("roleproxy agent: cannot listen on {listen}: {e}{hint}");
             return ExitCode::FAILURE;
         }

@@ -546,7 +546,7 @@ pub fn dns_resolution(name: &str, result: &'static str) {
     counter!(DNS_RESOLUTIONS_TOTAL, "name" => name.to_string(), "result" => result).increment(1);
 }
 
-pub fn leader_wait(waited: Duration) {
+pub fn backend_wait(waited: Duration) {
     histogram!(LEADER_WAIT).record(waited.as_secs_f64());
 }
 

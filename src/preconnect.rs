@@ -87,7 +87,7 @@ impl Preconnect {
         self: Arc<Self>,
         mut route: watch::Receiver<Route>,
         connect_timeout: Duration,
-        own: Arc<crate::loops::OwnAddrs>,
+        own: Arc<crate::own_addresses::OwnAddrs>,
         reserve: Arc<Reserve>,
         cancel: CancellationToken,
     ) {
@@ -164,7 +164,7 @@ mod tests {
         let (tx, rx) = watch::channel(route);
         let pool = Preconnect::new(2);
         let cancel = CancellationToken::new();
-        let own = Arc::new(crate::loops::OwnAddrs::new());
+        let own = Arc::new(crate::own_addresses::OwnAddrs::new());
         let filler = AbortOnDropHandle::new(tokio::spawn(Arc::clone(&pool).run(
             rx,
             Duration::from_secs(1),

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, CheckConfig, Config};
 use crate::discovery::{self, Backend, DnsResolver};
-use crate::loops::OwnAddrs;
+use crate::own_addresses::OwnAddrs;
 use crate::route::{
     self, BackendView, Claim, Liveness, NoRoute, Role, Route, Source, SplitBrain, Standing, Target,
 };

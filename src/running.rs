@@ -37,16 +37,16 @@ use crate::config::{
     BackendsConfig, Config, ConfigError, Endpoint, ListenerConfig, ProxyConfig, Serves,
 };
 use crate::discovery::HostResolver;
-use crate::leader::{Event, ViewHandle, ViewSettings};
-use crate::loops::{Listening, OwnAddrs};
 use crate::metrics as m;
 use crate::operator::{AdminSettings, Operator};
+use crate::own_addresses::{Listening, OwnAddrs};
 use crate::preconnect::Preconnect;
 use crate::preflight::{self, Live, Worse};
-use crate::proxy::{self, ListenerPlan, SessionBase, SessionLimit, SessionSettings};
 use crate::reserve::Reserve;
+use crate::sessions::{self, ListenerPlan, SessionBase, SessionLimit, SessionSettings};
 use crate::status::{BackendStatus, ListenerStatus, ServingStatus};
 use crate::supervise::Supervisor;
+use crate::view::{Event, ViewHandle, ViewSettings};
 
 /// Why a reload was refused. The old configuration stays in force.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -173,7 +173,7 @@ pub(crate) struct Running {
 }
 
 /// Parts that outlive every reload.
-pub(crate) struct Fixed {
+pub(crate) struct ProcessParts {
     pub view: ViewHandle,
     /// The proxy's own addresses, which this publishes.
     pub own: Arc<OwnAddrs>,
@@ -196,7 +196,7 @@ impl Running {
         config: Config,
         source: Option<PathBuf>,
         bound: Vec<Bound>,
-        fixed: Fixed,
+        fixed: ProcessParts,
     ) -> Running {
         let base = SessionBase {
             view: fixed.view,
@@ -261,7 +261,7 @@ impl Running {
         let task = self.supervisor.spawn(
             "listener",
             stop.clone(),
-            proxy::accept_loop(listener, plans, stop.clone()),
+            sessions::accept_loop(listener, plans, stop.clone()),
         );
         let key = (spec.name.clone(), addr);
         let running = RunningListener {
@@ -401,7 +401,7 @@ impl Running {
             if running || moving.iter().any(|(_, to)| to.1 == *addr) {
                 continue;
             }
-            let listener = proxy::bind(*addr, true).map_err(|source| ReloadError::Bind {
+            let listener = sessions::bind(*addr, true).map_err(|source| ReloadError::Bind {
                 addr: *addr,
                 source: Arc::new(source),
             })?;

@@ -531,7 +531,7 @@ fn a_sighup_at_start_up_does_not_kill_the_agent() {
 #[test]
 fn a_role_body_cannot_forge_a_log_line_or_reach_a_terminal() {
     use roleproxy_testkit::role::{RoleEndpoint, RoleReply};
-    const FORGED: &str = "2026-01-01T00:00:00.000000Z ERROR roleproxy::leader: forged";
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z ERROR roleproxy::view: forged";
     let runtime = roleproxy_testkit::harness::runtime();
     let endpoint = runtime.block_on(RoleEndpoint::start(
         "127.162.0.11:5500".parse().expect("address"),

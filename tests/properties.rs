@@ -437,7 +437,7 @@ impl ValidFile {
     /// A backup that is one of the proxy's own listeners is refused (rightly), so such files
     /// are not valid ones.
     fn backup_loops(&self) -> bool {
-        use roleproxy::loops::{covering, local_interfaces, Listening};
+        use roleproxy::own_addresses::{covering, local_interfaces, Listening};
         let d = defaults();
         let listen = self
             .listen

@@ -1164,7 +1164,7 @@ async fn seeded_schedules_keep_the_routing_invariants() {
         let result = sim.run(steps).await;
         if let Err(violation) = result {
             panic!(
-                "seed {seed}: {violation}\nschedule:\n{}\nreplay: SIM_SEED={seed} cargo test --lib leader::sim",
+                "seed {seed}: {violation}\nschedule:\n{}\nreplay: SIM_SEED={seed} cargo test --lib view::sim",
                 sim.log.join("\n")
             );
         }

@@ -29,10 +29,9 @@ use crate::config::{Endpoint, ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::discovery::HostResolver;
 use crate::framing::{BackendKey, Framing};
-use crate::leader::{BackendSet, Event, SessionGuard, ViewHandle};
-use crate::loops::OwnAddrs;
 use crate::metrics::{self as m, warning};
 use crate::operator::{Operator, OperatorState};
+use crate::own_addresses::OwnAddrs;
 use crate::pgwire;
 use crate::preconnect::Preconnect;
 use crate::ratelimit;
@@ -42,6 +41,7 @@ use crate::route::{
     Target,
 };
 use crate::startup::{Attempt, Started, Startup};
+use crate::view::{BackendSet, Event, SessionGuard, ViewHandle};
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
@@ -492,7 +492,7 @@ async fn serve_client(
         _ = settings.base.hard_stop.cancelled() => Err(Unserved::Shutdown),
         c = connecting => c,
     };
-    m::leader_wait(accepted.elapsed());
+    m::backend_wait(accepted.elapsed());
     match connected {
         // Its own function, so an open session's task holds only what copying needs, not
         // what connecting or refusing needed (idle sessions are most sessions).
@@ -1639,8 +1639,8 @@ mod tests {
         )
         .expect("valid");
         let (supervisor, _ended) = crate::supervise::Supervisor::new();
-        let (_view, view, _events) = crate::leader::LeaderView::new(
-            crate::leader::ViewSettings::from_config(&config.check),
+        let (_view, view, _events) = crate::view::LeaderView::new(
+            crate::view::ViewSettings::from_config(&config.check),
             CancellationToken::new(),
             supervisor,
         );
