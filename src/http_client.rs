@@ -1,6 +1,6 @@
 //! The one HTTP/1 client: one request on a connected stream, its answer's head and body read
 //! within bounds, so an endpoint that answers too much costs no more memory than it is allowed.
-//! Role checks ([`crate::check`]) and the admin commands ([`crate::status_cli`]) both use it.
+//! Role checks (`check.rs`) and the admin commands (`status_cli.rs`) both use it.
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Limited};
