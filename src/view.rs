@@ -1137,9 +1137,7 @@ mod tests {
     fn leader_and_replica() -> (LeaderView, ViewHandle) {
         let (mut view, handle) = view();
         step(&mut view, discovered(&[addr(1), addr(2)]));
-        view.observe(addr(1), Role::Leader, None);
-        view.observe(addr(2), Role::Replica, None);
-        view.publish();
+        answer(&mut view, [Role::Leader, Role::Replica]);
         (view, handle)
     }
 
@@ -1791,6 +1789,14 @@ mod tests {
         assert_eq!(texts, latest);
     }
 
+    /// One check answer from each node, the first `roles` from `addr(1)`, then a publish.
+    fn answer<const N: usize>(view: &mut LeaderView, roles: [Role; N]) {
+        for (n, role) in (1..).zip(roles) {
+            view.observe(addr(n), role, None);
+        }
+        view.publish();
+    }
+
     fn rechecks(view: &LeaderView) -> u64 {
         *view.recheck_tx.borrow()
     }
@@ -1914,12 +1920,7 @@ mod tests {
         };
         let (mut view, handle) = view();
         let answers = |view: &mut LeaderView, roles: [Role; 2]| {
-            metrics::with_local_recorder(&recorder, || {
-                for (n, role) in (1..).zip(roles) {
-                    view.observe(addr(n), role, None);
-                }
-                view.publish();
-            });
+            metrics::with_local_recorder(&recorder, || answer(view, roles));
             route(&handle)
         };
         step(&mut view, discovered(&[addr(1), addr(2)]));
@@ -2078,14 +2079,7 @@ mod tests {
     async fn route_changes_are_logged_with_their_meaning() {
         let (mut view, _handle) = view();
         step(&mut view, discovered(&[addr(1), addr(2)]));
-        let mut answers = |roles: [Role; 2]| {
-            logged(|| {
-                for (n, role) in (1..).zip(roles) {
-                    view.observe(addr(n), role, None);
-                }
-                view.publish();
-            })
-        };
+        let mut answers = |roles: [Role; 2]| logged(|| answer(&mut view, roles));
         let routed = answers([Role::Leader, Role::Replica]);
         assert!(
             routed.contains("route: sessions go to leader") && routed.contains("127.0.0.1:5433"),
