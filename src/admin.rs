@@ -18,10 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use roleproxy_core::route::{describe_route, Mode};
+
 use crate::httpd::{self, Limits};
 use crate::metrics;
 use crate::operator::{AdminSettings, Operator};
-use crate::route::{describe_route, Mode};
 use crate::running::Reloader;
 use crate::stats_page::render_page;
 use crate::status::{unix_ms, PauseStatus, ServingStatus, Status};

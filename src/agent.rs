@@ -133,7 +133,7 @@ impl From<tokio_postgres::Error> for QueryError {
     fn from(error: tokio_postgres::Error) -> Self {
         QueryError::Postgres {
             summary: summarise(&error),
-            detail: crate::wording::printable(&crate::error_chain(&error)).into_owned(),
+            detail: roleproxy_core::printable(&crate::error_chain(&error)).into_owned(),
         }
     }
 }
@@ -263,7 +263,7 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
                 "unexpected transaction_read_only value {:?}",
-                crate::wording::printable(value)
+                roleproxy_core::printable(value)
             ),
         ),
         // The fence cannot be read: whether the node takes writes is unknown, not failed.

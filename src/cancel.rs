@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::framing::BackendKey;
+use roleproxy_core::framing::BackendKey;
 
 /// Keys kept at most: more than `proxy.max_connections` sessions open at once by default.
 pub const MAX_KEYS: usize = 10_000;

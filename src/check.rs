@@ -19,15 +19,16 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use roleproxy_core::pgwire;
+use roleproxy_core::printable;
+use roleproxy_core::route::{Liveness, Role};
+
 use crate::config::{CheckConfig, CheckKind, CheckTls};
 use crate::http_client::{self, HttpError};
 use crate::metrics::warning;
 use crate::pgclient::{self, PgClientError, Tls};
-use crate::pgwire;
 use crate::ratelimit;
 use crate::reserve::is_local_shortage;
-use crate::route::{Liveness, Role};
-use crate::wording::printable;
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;

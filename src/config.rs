@@ -18,7 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::route::SplitBrain;
+use roleproxy_core::route::SplitBrain;
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]

@@ -31,7 +31,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::framing::{Framing, Side};
+use roleproxy_core::framing::{Framing, Side};
 
 /// Bytes moved per read; also the size of a pooled buffer.
 const CHUNK: usize = 64 * 1024;
@@ -268,7 +268,7 @@ impl Bidirectional<'_> {
     }
 
     /// The backend's cancel key, once the framing has seen it.
-    pub fn backend_key(&self) -> Option<crate::framing::BackendKey> {
+    pub fn backend_key(&self) -> Option<roleproxy_core::framing::BackendKey> {
         self.framing.as_deref().and_then(Framing::backend_key)
     }
 

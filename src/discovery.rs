@@ -28,11 +28,12 @@ use hickory_resolver::{Hosts, TokioResolver};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use roleproxy_core::route::Source;
+
 use crate::config::{BackendsConfig, Config, Endpoint, IpFamily};
 use crate::metrics::{self as m, warning};
 use crate::own_addresses::OwnAddrs;
 use crate::ratelimit;
-use crate::route::Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {
@@ -148,7 +149,7 @@ impl DnsResolver {
             Err(e) if e.is_no_records_found() => Err(DiscoveryError::NoRecords),
             Err(NetError::Timeout) => Err(DiscoveryError::Timeout),
             Err(e) => Err(DiscoveryError::Lookup(
-                crate::wording::printable(&e.to_string()).into_owned(),
+                roleproxy_core::printable(&e.to_string()).into_owned(),
             )),
         }
     }

@@ -7,24 +7,26 @@
 //!
 //! Data flows one way: names → addresses → roles → one route → sessions.
 //!
-//! - [`route`]: **the routing rules** ([`route::decide`]) and their vocabulary; pure, imports
-//!   nothing from the crate. Start reading here.
+//! The routing rules, the Postgres wire and the framing are pure, and live in their own crate,
+//! [`roleproxy_core`]: start reading there, at [`roleproxy_core::route`]. This crate does the
+//! sockets, the clock and the tasks around them.
+//!
 //! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming every bad key.
 //! - [`discovery`]: DNS names and backup addresses (or names) → the backend set; the resolver.
-//! - [`check`]: one role check of one node (HTTP GET → [`route::Role`]) and the probe of its Postgres.
-//! - [`leader`]: the view: the task that owns every backend's state and check loop, runs the
+//! - [`check`]: one role check of one node (HTTP GET → [`roleproxy_core::route::Role`]) and the probe of its Postgres.
+//! - [`view`]: the view: the task that owns every backend's state and check loop, runs the
 //!   rules and publishes the route, the backend set with its session counters, and its part of
 //!   `/status`.
-//! - [`loops`]: the proxy's own addresses, which it never connects to.
-//! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
+//! - [`own_addresses`]: the proxy's own addresses, which it never connects to.
+//! - [`sessions`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
 //! - [`cancel`]: where a CancelRequest goes: each plaintext replica session's key and backend.
-//! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`pgwire_io`]: a client's first packet read off its socket, and a client refused as
+//!   Postgres would.
 //! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
 //!   read bounded.
 //! - [`access`]: the access log, one line per client connection (`proxy.access_log`).
 //! - [`copy`]: moving a session's bytes (splice or pooled buffers; nothing held while idle).
-//! - [`framing`]: where a session stands in the Postgres protocol (between transactions or not).
 //! - [`startup`]: a client's startup, held until the backend answers it and replayed on the
 //!   next leader when a dying one fails it (rule 11).
 //! - [`preconnect`]: connections to the leader opened ahead of demand (optional).
@@ -62,19 +64,17 @@ pub mod check;
 pub mod config;
 pub mod copy;
 pub mod discovery;
-pub mod framing;
 pub mod http_client;
 mod httpd;
 pub mod metrics;
 pub mod operator;
 pub mod own_addresses;
 pub mod pgclient;
-pub mod pgwire;
+pub mod pgwire_io;
 pub mod preconnect;
 pub mod preflight;
 pub mod ratelimit;
 pub mod reserve;
-pub mod route;
 pub mod running;
 pub mod sessions;
 pub mod startup;
@@ -325,9 +325,4 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         source = cause.source();
     }
     text
-}
-
-/// Binds and runs a proxy until `shutdown` resolves.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    Proxy::bind(config).await?.run(shutdown).await
 }

@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::{
 };
 use metrics_util::MetricKindMask;
 
-use crate::route::{Liveness, Mode, Role};
+use roleproxy_core::route::{Liveness, Mode, Role};
 
 pub const SESSIONS_ACTIVE: &str = "roleproxy_sessions_active";
 pub const SESSIONS_TOTAL: &str = "roleproxy_sessions_total";

@@ -4,7 +4,7 @@
 //!
 //! It is one value on a watch channel, kept for the life of the process: across reloads and
 //! rediscovery (modes are keyed by address), not across a restart. Sessions and new clients
-//! read it through the pure rules in `route` ([`crate::route::leader_session_fate`] and its
+//! read it through the pure rules in `route` ([`roleproxy_core::route::leader_session_fate`] and its
 //! neighbours); nothing scans sessions to end them.
 
 use std::collections::BTreeMap;
@@ -17,9 +17,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use roleproxy_core::route::Mode;
+
 use crate::config::Secret;
 use crate::metrics as m;
-use crate::route::Mode;
 
 /// What the operator set, as sessions and the admin port read it.
 #[derive(Debug, Clone, Default, PartialEq)]

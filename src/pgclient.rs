@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-use crate::pgwire;
+use roleproxy_core::pgwire;
 
 /// The largest message the check reads. Postgres' answers to it are far smaller: an
 /// authentication request is under 100 bytes, a ParameterStatus or an ErrorResponse a few

@@ -18,8 +18,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use roleproxy_core::route::Route;
+
 use crate::reserve::Reserve;
-use crate::route::Route;
 
 /// A warm connection is replaced after this long, well inside Postgres's default
 /// `authentication_timeout` of 60 s.
@@ -159,7 +160,7 @@ mod tests {
         }));
         let route = Route {
             generation: 3,
-            target: crate::route::Target::Leader(addr),
+            target: roleproxy_core::route::Target::Leader(addr),
         };
         let (tx, rx) = watch::channel(route);
         let pool = Preconnect::new(2);
@@ -187,7 +188,7 @@ mod tests {
         // The route moves: warm connections to the old leader are dropped.
         tx.send_replace(Route {
             generation: 4,
-            target: crate::route::Target::None(crate::route::NoRoute::NoLeader),
+            target: roleproxy_core::route::Target::None(roleproxy_core::route::NoRoute::NoLeader),
         });
         for _ in 0..100 {
             if pool.len() == 0 {

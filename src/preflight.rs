@@ -22,13 +22,14 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use roleproxy_core::route::{
+    self, BackendView, Claim, Liveness, NoRoute, Role, Route, Source, SplitBrain, Standing, Target,
+};
+
 use crate::check::{self, CheckSettings, Observation};
 use crate::config::{BackendsConfig, CheckConfig, Config};
 use crate::discovery::{self, Backend, DnsResolver};
 use crate::own_addresses::OwnAddrs;
-use crate::route::{
-    self, BackendView, Claim, Liveness, NoRoute, Role, Route, Source, SplitBrain, Standing, Target,
-};
 
 /// How a refused reload is applied anyway; every refusal ends with it.
 pub const FORCE_HINT: &str =

@@ -23,23 +23,25 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use roleproxy_core::framing::{BackendKey, Framing};
+use roleproxy_core::pgwire;
+use roleproxy_core::route::{
+    admitted_leader, leader_session_fate, open_replicas, replica_session_fate, Fate, Hold, Route,
+    Target,
+};
+
 use crate::access::{self, Ended, Opened};
 use crate::cancel::{CancelKeys, KeyRecorder};
 use crate::config::{Endpoint, ProxyConfig, Serves, Switchover};
 use crate::copy;
 use crate::discovery::HostResolver;
-use crate::framing::{BackendKey, Framing};
 use crate::metrics::{self as m, warning};
 use crate::operator::{Operator, OperatorState};
 use crate::own_addresses::OwnAddrs;
-use crate::pgwire;
+use crate::pgwire_io;
 use crate::preconnect::Preconnect;
 use crate::ratelimit;
 use crate::reserve::{self, Reserve};
-use crate::route::{
-    admitted_leader, leader_session_fate, open_replicas, replica_session_fate, Fate, Hold, Route,
-    Target,
-};
 use crate::startup::{Attempt, Started, Startup};
 use crate::view::{BackendSet, Event, SessionGuard, ViewHandle};
 
@@ -312,7 +314,7 @@ fn tune(stream: &TcpStream) {
 }
 
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, code: &str, message: &str) {
-    match pgwire::refuse(stream, code, message, REFUSAL_DEADLINE).await {
+    match pgwire_io::refuse(stream, code, message, REFUSAL_DEADLINE).await {
         Ok(packet) => {
             tracing::debug!(packet = %packet.describe(), code, message, "client refused")
         }
@@ -415,7 +417,7 @@ async fn serve_client(
         _ = settings.base.hard_stop.cancelled() => Err(Silent::Shutdown),
         read = tokio::time::timeout(
             settings.config.silent_timeout,
-            pgwire::read_first_packet(&mut client),
+            pgwire_io::read_first_packet(&mut client),
         ) => match read {
             Ok(Ok(packet)) => Ok(packet),
             Ok(Err(e)) => Err(Silent::Gone(e)),
@@ -661,7 +663,7 @@ async fn refuse_client(
         tracing::warn!(waited_s = accepted.elapsed().as_secs_f64(), reason = %reason, suppressed, "client refused");
     }
     refuse(
-        &mut pgwire::Prefixed::new(first, &mut client),
+        &mut pgwire_io::Prefixed::new(first, &mut client),
         code,
         &message,
     )
@@ -1675,7 +1677,7 @@ mod tests {
         let permit = SessionLimit::new(1).try_admit().expect("a place");
         let counted = (view.backends.borrow().count(addr), permit);
         let started = Started {
-            framing: Some(crate::framing::Framing::new()),
+            framing: Some(roleproxy_core::framing::Framing::new()),
             up: 0,
             down: 0,
         };

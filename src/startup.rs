@@ -23,9 +23,11 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::framing::{Framing, Side};
-use crate::pgwire::{self, StartupPacket};
-use crate::route::Liveness;
+use roleproxy_core::framing::{Framing, Side};
+use roleproxy_core::pgwire::{self, StartupPacket};
+use roleproxy_core::route::Liveness;
+
+use crate::pgwire_io;
 
 /// A client asks for GSS and SSL encryption at most once each, then starts up.
 const MAX_PACKETS: usize = 3;
@@ -166,7 +168,8 @@ impl Startup {
                 if self.packets.len() == MAX_PACKETS {
                     return Attempt::Started(self.started(follow.then(Framing::new)));
                 }
-                let packet = tokio::time::timeout(silent, pgwire::read_first_packet(client)).await;
+                let packet =
+                    tokio::time::timeout(silent, pgwire_io::read_first_packet(client)).await;
                 match packet {
                     Ok(Ok(packet)) => self.packets.push(packet),
                     Ok(Err(e)) => return Attempt::ClientGone(e),

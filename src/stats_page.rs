@@ -1,8 +1,10 @@
 //! The stats page at `/`, for people, like HAProxy's `/stats`.
 
-use crate::route::Target;
+use roleproxy_core::printable;
+use roleproxy_core::route::Target;
+
 use crate::status::Status;
-use crate::wording::{backend_row, pause_text, printable, when, BACKEND_COLUMNS};
+use crate::wording::{backend_row, pause_text, when, BACKEND_COLUMNS};
 
 /// How often the stats page reloads itself.
 const PAGE_REFRESH_SECS: u32 = 2;
@@ -116,8 +118,8 @@ fn escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::Route;
     use crate::status::{BackendStatus, Change, ListenerStatus};
+    use roleproxy_core::route::Route;
 
     #[test]
     fn page_escapes_what_came_from_the_network() {
@@ -130,7 +132,7 @@ mod tests {
                 address: "127.0.0.1:5433".parse().unwrap(),
                 sources: vec!["backup".into()],
                 present: true,
-                role: crate::route::Role::Down("<script>x</script>".into()),
+                role: roleproxy_core::route::Role::Down("<script>x</script>".into()),
                 last_check_unix_ms: Some(1_000),
                 last_check_latency_ms: Some(1.0),
                 last_error: Some("<script>x</script>".into()),
@@ -139,7 +141,7 @@ mod tests {
                 postgres: None,
                 data_port: None,
                 sessions: 2,
-                operator: crate::route::Mode::Drain,
+                operator: roleproxy_core::route::Mode::Drain,
             }],
             listeners: vec![ListenerStatus {
                 name: "<ro>".into(),

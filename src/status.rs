@@ -12,7 +12,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::route::{Mode, Role, Route};
+use roleproxy_core::route::{Mode, Role, Route};
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn unix_ms(t: SystemTime) -> u64 {

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use roleproxy_core::printable;
+
 use crate::config::Endpoint;
 use crate::discovery::DnsResolver;
 use crate::http_client::{self, HttpError};
 use crate::status::Status;
-use crate::wording::{backend_row, pause_text, printable, when, BACKEND_COLUMNS};
+use crate::wording::{backend_row, pause_text, when, BACKEND_COLUMNS};
 
 /// Why `roleproxy status` could not show the status, or a change sent to an admin port failed.
 #[derive(Debug, thiserror::Error)]
@@ -264,8 +266,8 @@ pub fn render_status(status: &Status, now_unix_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::route::{describe_route, Route};
     use crate::stats_page::render_page;
+    use roleproxy_core::route::{describe_route, Route};
 
     /// A port that reads the request and answers `reply` (nothing: closes, as Postgres does).
     async fn not_http(reply: &'static [u8]) -> SocketAddr {
@@ -376,10 +378,9 @@ mod tests {
         let addr = |n| SocketAddr::from(([127, 0, 0, n], 5433));
         let route = Route {
             generation: 4,
-            target: crate::route::Target::None(crate::route::NoRoute::SplitBrain(vec![
-                addr(11),
-                addr(12),
-            ])),
+            target: roleproxy_core::route::Target::None(
+                roleproxy_core::route::NoRoute::SplitBrain(vec![addr(11), addr(12)]),
+            ),
         };
         let status = Status {
             cluster: "c".into(),

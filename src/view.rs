@@ -1,5 +1,5 @@
 //! The leader view: the one task that owns every backend's state, feeds check results through
-//! the rules of [`crate::route`] and publishes, each on a `tokio::sync::watch` channel, what the
+//! the rules of [`roleproxy_core::route`] and publishes, each on a `tokio::sync::watch` channel, what the
 //! rest of the proxy reads: the route every session listens to, the backend set with its session
 //! counters, and its part of `/status` ([`ViewHandle`]).
 
@@ -13,17 +13,18 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use roleproxy_core::route::{
+    decide_with, describe_route, explain, least_loaded, probe_verdict, BackendView, Claim,
+    Liveness, NoRoute, Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
+    Verdict,
+};
+
 use crate::check::{self, CheckSettings};
 use crate::config::CheckConfig;
 use crate::copy;
 use crate::discovery::{Backend, Discovered};
 use crate::metrics::{self as m, warning};
 use crate::ratelimit;
-use crate::route::{
-    decide_with, describe_route, explain, least_loaded, probe_verdict, BackendView, Claim,
-    Liveness, NoRoute, Observed, Role, RoleHistory, Route, Source, SplitBrain, Standing, Target,
-    Verdict,
-};
 use crate::status::{
     unix_ms, BackendStatus, Change, DataPortStatus, UnconfirmedStatus, ViewStatus, HISTORY_LEN,
 };
@@ -246,7 +247,7 @@ impl BackendState {
     /// Keeps `error` for `/status` and the stats page; it may quote a node (a role body, a
     /// server's error), so its control characters are written out here, once for every reader.
     fn failed(&mut self, error: String) {
-        self.last_error = Some(crate::wording::printable(&error).into_owned());
+        self.last_error = Some(roleproxy_core::printable(&error).into_owned());
         self.last_error_at = Some(SystemTime::now());
     }
 
@@ -975,7 +976,7 @@ impl LeaderView {
     }
 }
 
-/// The evidence behind a backend's leader claim, for [`crate::route::decide`].
+/// The evidence behind a backend's leader claim, for [`roleproxy_core::route::decide_with`].
 fn claim_of(state: &BackendState, settings: &ViewSettings) -> Claim {
     let (first, last) = state.history.claim();
     let standing = match state.failing_since {
@@ -1429,7 +1430,7 @@ mod tests {
             route(&handle),
             Route {
                 generation,
-                target: Target::Held(addr(1), crate::route::Hold::Unconfirmed)
+                target: Target::Held(addr(1), roleproxy_core::route::Hold::Unconfirmed)
             }
         );
         assert!(unconfirmed(&handle).is_some_and(|u| u.expired));
@@ -1703,7 +1704,7 @@ mod tests {
     /// its paused sessions resume only once the rival's claim lapses.
     #[tokio::test(start_paused = true)]
     async fn a_contest_outlasts_the_leaders_own_404_and_failed_check() {
-        use crate::route::Hold;
+        use roleproxy_core::route::Hold;
         let (mut view, handle) = leader_and_replica();
         let generation = route(&handle).generation;
         let contested = Route {

@@ -32,11 +32,11 @@ pub fn pause_text(pause: &crate::status::PauseStatus, now_unix_ms: u64) -> Strin
 }
 
 /// What an operator set for a backend, beside its role: nothing while it is ready.
-pub fn operator_text(mode: crate::route::Mode) -> &'static str {
+pub fn operator_text(mode: roleproxy_core::route::Mode) -> &'static str {
     match mode {
-        crate::route::Mode::Ready => "",
-        crate::route::Mode::Drain => ", drained by the operator",
-        crate::route::Mode::Maintenance => ", in maintenance by the operator",
+        roleproxy_core::route::Mode::Ready => "",
+        roleproxy_core::route::Mode::Drain => ", drained by the operator",
+        roleproxy_core::route::Mode::Maintenance => ", in maintenance by the operator",
     }
 }
 
@@ -91,7 +91,7 @@ pub const BACKEND_COLUMNS: [&str; 7] = [
 /// role cell adds why a leader is unconfirmed, a failing Postgres port, a node that left DNS
 /// and an operator's state; a failed check's error is in its own cell, not beside the role.
 pub fn backend_row(backend: &crate::status::BackendStatus, now_unix_ms: u64) -> [String; 7] {
-    use crate::route::Role;
+    use roleproxy_core::route::Role;
     let mut role = match (&backend.unconfirmed, &backend.role) {
         (Some(u), _) => unconfirmed_text(
             u.since_unix_ms,
@@ -152,28 +152,6 @@ pub fn data_port_text(since_unix_ms: u64, error: &str, now_unix_ms: u64) -> Stri
     )
 }
 
-/// Text from the network with its control characters written out (`\u{1b}`), so an error body
-/// cannot move a terminal's cursor, clear its screen or set its title, nor reorder a line with
-/// bidirectional overrides.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        // C0, DEL and C1; then the bidirectional embeddings, overrides and isolates.
-        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if unsafe_char(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
-
 /// Whether log lines on stderr get colour codes: only on a terminal, and never when
 /// `NO_COLOR` is set to anything but empty (no-color.org), so a log file, a pipe or a journal
 /// gets plain lines.
@@ -215,12 +193,7 @@ mod tests {
     use crate::status_cli::render_status;
 
     #[test]
-    fn control_characters_are_written_out() {
-        assert_eq!(printable("HTTP 500: plain"), "HTTP 500: plain");
-        assert_eq!(
-            printable("a\u{1b}]0;title\u{7}b\u{7f}c\u{9b}2Jd\u{202e}e\nf"),
-            "a\\u{1b}]0;title\\u{7}b\\u{7f}c\\u{9b}2Jd\\u{202e}e\\u{a}f"
-        );
+    fn a_status_renders_with_its_control_characters_written_out() {
         let status = serde_json::json!({
             "cluster": "c\u{1b}[2J",
             "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader"}}},

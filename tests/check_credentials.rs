@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use roleproxy::check::{check_role, CheckSettings, Observation};
-use roleproxy::route::Role;
 use roleproxy::Config;
+use roleproxy_core::route::Role;
 use support::cluster::{ClusterSpec, LocalCluster};
 use support::fake_postgres::{Answer, FakePostgres, ENDLESS_LENGTH};
 use support::harness::{eventually, ConfigBuilder, ProxyProcess, RunningProxy};

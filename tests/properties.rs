@@ -17,14 +17,19 @@ use proptest::test_runner::TestCaseError;
 
 use roleproxy::check::role_from_answer;
 use roleproxy::config::{Config, IpFamily};
-use roleproxy::pgwire::{
-    check_length, error_response, parse_startup, read_startup, PgWireError, StartupPacket,
-    MAX_STARTUP_LEN,
+use roleproxy::pgwire_io::read_startup;
+use roleproxy_core::pgwire::{
+    check_length, error_response, parse_startup, PgWireError, StartupPacket, MAX_STARTUP_LEN,
 };
-use roleproxy::route::{
-    decide, decide_with, least_loaded, BackendView, Claim, Hold, NoRoute, Role, RoleHistory, Route,
+use roleproxy_core::route::{
+    decide_with, least_loaded, BackendView, Claim, Hold, NoRoute, Role, RoleHistory, Route,
     SplitBrain, Standing, Target,
 };
+
+/// The routing rules with the default split-brain policy: several leaders mean no route.
+fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
+    decide_with(previous, backends, SplitBrain::None)
+}
 
 /// Cases per property; cheap pure functions get more.
 const CASES_FAST: u32 = 1024;
@@ -1549,7 +1554,7 @@ proptest! {
 }
 
 // =============================================================================================
-// Routing rules: `route::{decide, RoleHistory}`
+// Routing rules: `route::{decide_with, RoleHistory}`
 // =============================================================================================
 
 const POOL: usize = 5;
@@ -1620,7 +1625,7 @@ fn describe(views: &[BackendView<'_>]) -> String {
     rows.join("; ")
 }
 
-/// The invariants of one `decide` step.
+/// The invariants of one `decide_with` step.
 fn check_step(
     previous: &Route,
     views: &[BackendView<'_>],
@@ -2155,72 +2160,4 @@ proptest! {
             }
         }
     }
-}
-
-// =============================================================================================
-// Framing: `roleproxy::framing::Framing` against the reference reader in the test kit
-// =============================================================================================
-
-/// A session's byte program (see `framing_model::events`): mostly well-formed messages in a
-/// plausible order, started or not, with some ops that may be anything.
-fn framing_program() -> impl Strategy<Value = Vec<u8>> {
-    // Client ops (high bit clear) and server ops (high bit set) that frame as Postgres.
-    let well_formed = prop_oneof![
-        Just(4u8),
-        Just(5),
-        Just(6),
-        Just(7),
-        Just(8),
-        Just(13),
-        Just(14),
-        (2u8..11).prop_map(|op| op | 0x80),
-        Just(13 | 0x80),
-        Just(14 | 0x80),
-        Just(5 | 0x80),
-    ];
-    let op = prop_oneof![8 => well_formed, 1 => any::<u8>()];
-    let opening = prop_oneof![
-        Just(vec![0u8, 0x82, 0x83, 0x84, 0x85]),
-        Just(vec![1u8, 0x80, 0, 0x82, 0x84, 0x85]),
-        Just(vec![1u8, 0x81]),
-        Just(vec![]),
-    ];
-    (opening, vec(op, 0..40)).prop_map(|(mut program, rest)| {
-        program.extend(rest);
-        program
-    })
-}
-
-/// The framing never panics, never says "between transactions" inside a message or where the
-/// reference reader disagrees, and gives the same answer however the bytes are split and
-/// whichever body bytes pass unseen; enough cases reach idle for that to mean something.
-#[test]
-fn framing_agrees_with_the_reference_for_every_split() {
-    use proptest::test_runner::TestRunner;
-    use roleproxy_testkit::framing_model::{check, events};
-
-    let mut runner = TestRunner::new(config(CASES_FAST));
-    let idle_cases = std::cell::Cell::new(0u32);
-    let cases = std::cell::Cell::new(0u32);
-    runner
-        .run(
-            &(
-                prop_oneof![4 => framing_program(), 1 => vec(any::<u8>(), 0..200)],
-                vec(any::<u8>(), 0..64),
-            ),
-            |(program, cuts)| {
-                let events = events(&program);
-                let idle = check(&events, &cuts).map_err(TestCaseError::fail)?;
-                cases.set(cases.get() + 1);
-                idle_cases.set(idle_cases.get() + u32::from(idle > 0));
-                Ok(())
-            },
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        idle_cases.get() * 10 >= cases.get(),
-        "only {} of {} sessions ever reached idle: the inputs miss the interesting states",
-        idle_cases.get(),
-        cases.get()
-    );
 }

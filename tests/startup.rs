@@ -79,8 +79,10 @@ async fn serve(
             continue;
         }
         if refusing.load(Ordering::SeqCst) {
-            let refusal =
-                roleproxy::pgwire::error_response("57P03", "the database system is shutting down");
+            let refusal = roleproxy_core::pgwire::error_response(
+                "57P03",
+                "the database system is shutting down",
+            );
             return stream.write_all(&refusal).await;
         }
         let mut answer = message(b'R', &[0, 0, 0, 0]);

@@ -6,9 +6,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-#[path = "../../testkit/src/framing_model.rs"]
-mod framing_model;
+use roleproxy_core::framing_model;
 
 fuzz_target!(|data: &[u8]| {
     // The first byte says how much of the rest is the program; what follows it is the cuts.

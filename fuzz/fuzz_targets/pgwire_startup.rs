@@ -4,7 +4,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use roleproxy::pgwire::{check_length, parse_startup, read_startup, StartupPacket};
+use roleproxy::pgwire_io::read_startup;
+use roleproxy_core::pgwire::{check_length, parse_startup, StartupPacket};
 
 fuzz_target!(|data: &[u8]| {
     match parse_startup(data) {

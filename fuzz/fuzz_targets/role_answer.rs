@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use roleproxy::check::role_from_answer;
-use roleproxy::route::Role;
+use roleproxy_core::route::Role;
 
 fuzz_target!(|data: &[u8]| {
     let Some((status, body)) = data.split_first_chunk::<2>() else {

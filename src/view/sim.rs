@@ -43,15 +43,17 @@ use tokio_util::sync::CancellationToken;
 use super::{
     check_pause, Event, LeaderView, Request, SessionGuard, Sources, ViewHandle, ViewSettings,
 };
+
+use roleproxy_core::route::{
+    admitted_leader, describe_route, leader_session_fate, Fate, Hold, Liveness, NoRoute, Role,
+    Route, Source, Target,
+};
+
 use crate::check::CheckSettings;
 use crate::config::CheckConfig;
 use crate::copy;
 use crate::discovery::{Backend, Discovered};
 use crate::operator::Operator;
-use crate::route::{
-    admitted_leader, describe_route, leader_session_fate, Fate, Hold, Liveness, NoRoute, Role,
-    Route, Source, Target,
-};
 use crate::supervise::Supervisor;
 
 const STEPS: usize = 120;

@@ -350,8 +350,8 @@ impl FullPostgres {
             }
             let version = u32::from_be_bytes([first[4], first[5], first[6], first[7]]);
             if version >> 16 == 3 {
-                let answer = roleproxy::pgwire::error_response(
-                    roleproxy::pgwire::TOO_MANY_CONNECTIONS,
+                let answer = roleproxy_core::pgwire::error_response(
+                    roleproxy_core::pgwire::TOO_MANY_CONNECTIONS,
                     "sorry, too many clients already",
                 );
                 let _ = stream.write_all(&answer).await;

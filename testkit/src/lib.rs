@@ -19,7 +19,6 @@ pub mod dns;
 pub mod fake_cluster;
 pub mod fake_postgres;
 pub mod fault;
-pub mod framing_model;
 pub mod haproxy;
 pub mod harness;
 pub mod patroni;

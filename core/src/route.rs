@@ -1,8 +1,8 @@
 //! The route core: the vocabulary of routing and the pure rules that turn what each node said
-//! into one route. It imports nothing from the rest of the crate, so it is the place to start
-//! reading; `tests/module_graph.rs` keeps it that way.
+//! into one route. It is the place to start reading: it stands on its own, and sits in a
+//! crate that cannot import the proxy.
 //!
-//! The routing rules, numbered as in `docs/how-it-works.md`, each decided by [`decide`], [`RoleHistory`] or
+//! The routing rules, numbered as in `docs/how-it-works.md`, each decided by [`decide_with`], [`RoleHistory`] or
 //! [`session_fate`] and table-tested below:
 //!
 //! 1. **Positive evidence to enter.** A node is leader only after its role endpoint said one of
@@ -22,7 +22,8 @@
 //!    route is held). Two claims are a split brain only when each has answered `leader` again
 //!    since the other's began; until then the route is *verifying*.
 //!
-//! (Rule 8, clients speak first, is about sessions, not the route: it lives in `proxy`.)
+//! (Rule 8, clients speak first, is about sessions, not the route: it lives in the proxy's
+//! `sessions`.)
 //!
 //! 9. **Stepping down lets transactions finish.** A leader that stops claiming leader while
 //!    alive has its sessions closed at their next transaction boundary; once another node leads,
@@ -286,7 +287,7 @@ impl BackendView<'_> {
 }
 
 /// The evidence behind one leader claim, as plain data: the view numbers check results, and
-/// `decide` compares the numbers, never clocks.
+/// `decide_with` compares the numbers, never clocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Claim {
     /// The sequence number of the first `leader` answer of this claim.
@@ -386,7 +387,7 @@ impl fmt::Display for NoRoute {
 }
 
 /// Names the cause when nothing can be routed for want of a leader: DNS failing, no node
-/// reachable, every node a replica. [`decide`] says *that* there is no leader; this says *why*,
+/// reachable, every node a replica. [`decide_with`] says *that* there is no leader; this says *why*,
 /// in the words clients, `/status`, the stats page and `roleproxy status` all show. Pure.
 pub fn explain(route: Route, backends: &[BackendView<'_>], dns_failing: &[String]) -> Route {
     if !matches!(
@@ -500,12 +501,6 @@ impl Route {
             _ => None,
         }
     }
-}
-
-/// The routing rules (rules 1–5 and 7 in the module doc and `docs/how-it-works.md`), with the default
-/// split-brain policy: several leaders mean no route.
-pub fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
-    decide_with(previous, backends, SplitBrain::None)
 }
 
 /// The routing rules with a split-brain policy. Pure, so every case is a table row.
@@ -957,6 +952,11 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::time::Duration;
+
+    /// The rules with the default split-brain policy: several leaders mean no route.
+    fn decide(previous: &Route, backends: &[BackendView<'_>]) -> Route {
+        decide_with(previous, backends, SplitBrain::None)
+    }
 
     fn addr(n: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, n], 5433))

@@ -151,6 +151,7 @@ impl Framing {
     }
 
     /// Status byte of the last ReadyForQuery seen (`I`, `T`, `E`), if any.
+    #[cfg(any(test, fuzzing))]
     pub fn status(&self) -> Option<u8> {
         (self.status != 0).then_some(self.status)
     }
