@@ -152,27 +152,8 @@ pub fn data_port_text(since_unix_ms: u64, error: &str, now_unix_ms: u64) -> Stri
     )
 }
 
-/// Text from the network with its control characters written out (`\u{1b}`), so an error body
-/// cannot move a terminal's cursor, clear its screen or set its title, nor reorder a line with
-/// bidirectional overrides.
-pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
-    let unsafe_char = |c: char| {
-        // C0, DEL and C1; then the bidirectional embeddings, overrides and isolates.
-        c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
-    if !text.chars().any(unsafe_char) {
-        return std::borrow::Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if unsafe_char(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    std::borrow::Cow::Owned(out)
-}
+/// Shared with the agent, which answers with text from its Postgres.
+pub use roleproxy_common::printable;
 
 /// Whether log lines on stderr get colour codes: only on a terminal, and never when
 /// `NO_COLOR` is set to anything but empty (no-color.org), so a log file, a pipe or a journal
@@ -214,13 +195,9 @@ mod tests {
     }
     use crate::status_cli::render_status;
 
+    /// `printable` itself is tested where it lives; here, that the terminal's table uses it.
     #[test]
     fn control_characters_are_written_out() {
-        assert_eq!(printable("HTTP 500: plain"), "HTTP 500: plain");
-        assert_eq!(
-            printable("a\u{1b}]0;title\u{7}b\u{7f}c\u{9b}2Jd\u{202e}e\nf"),
-            "a\\u{1b}]0;title\\u{7}b\\u{7f}c\\u{9b}2Jd\\u{202e}e\\u{a}f"
-        );
         let status = serde_json::json!({
             "cluster": "c\u{1b}[2J",
             "route": {"generation": 1, "target": {"state": "none", "detail": {"reason": "no_leader"}}},
