@@ -12,14 +12,16 @@
 //! - [`config`]: `proxy.toml` schema, `${VAR}` expansion, validation naming every bad key.
 //! - [`discovery`]: DNS names and backup addresses (or names) → the backend set; the resolver.
 //! - [`check`]: one role check of one node (HTTP GET → [`route::Role`]) and the probe of its Postgres.
-//! - [`leader`]: the view: the task that owns every backend's state and check loop, runs the
+//! - [`view`]: the view: the task that owns every backend's state and check loop, runs the
 //!   rules and publishes the route, the backend set with its session counters, and its part of
 //!   `/status`.
-//! - [`loops`]: the proxy's own addresses, which it never connects to.
-//! - [`proxy`]: listeners (leader, replica, fixed target), connection limit, wait for a
+//! - [`own_addresses`]: the proxy's own addresses, which it never connects to.
+//! - [`sessions`]: listeners (leader, replica, fixed target), connection limit, wait for a
 //!   backend, connect, copy, drain.
 //! - [`cancel`]: where a CancelRequest goes: each plaintext replica session's key and backend.
 //! - [`pgwire`]: the Postgres messages the proxy answers itself (refusals).
+//! - [`http_client`]: the one HTTP/1 client, for role checks and the admin commands: one
+//!   request, its answer's head and body read within bounds.
 //! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
 //!   read bounded.
 //! - [`access`]: the access log, one line per client connection (`proxy.access_log`).
