@@ -14,13 +14,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
+use roleproxy_common::httpd::{self, Limits};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use roleproxy_core::route::{describe_route, Mode};
 
-use crate::httpd::{self, Limits};
 use crate::metrics;
 use crate::operator::{AdminSettings, Operator};
 use crate::running::Reloader;

@@ -640,28 +640,8 @@ fn name_of<T: Serialize>(value: &T) -> String {
     }
 }
 
-/// A password: kept out of `Debug` output, logs and `roleproxy check`.
-#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl Secret {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.is_empty() { "\"\"" } else { "(hidden)" })
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if self.is_empty() { "" } else { "(hidden)" })
-    }
-}
+/// A password: kept out of `Debug` output, logs and `roleproxy check`. Shared with the agent.
+pub use roleproxy_common::Secret;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -23,6 +23,8 @@
 //! - [`cancel`]: where a CancelRequest goes: each plaintext replica session's key and backend.
 //! - [`pgwire_io`]: a client's first packet read off its socket, and a client refused as
 //!   Postgres would.
+//! - [`http_client`]: the one HTTP/1 client, for role checks and the admin commands: one
+//!   request, its answer's head and body read within bounds.
 //! - [`pgclient`]: the Postgres check's own client: TLS, SCRAM-SHA-256 only, one query, every
 //!   read bounded.
 //! - [`access`]: the access log, one line per client connection (`proxy.access_log`).
@@ -48,24 +50,29 @@
 //! - [`wording`]: how times, errors and network text read for people, on the page and in the
 //!   terminal.
 //! - [`metrics`]: metric names and descriptions.
-//! - [`ratelimit`]: repeated warnings, one line per key every 10 s with the count left out.
 //! - [`supervise`]: the core tasks, watched; one that ends unexpectedly stops the process.
-//! - [`agent`]: a role endpoint for nodes that have none (`roleproxy agent`).
-//! - `httpd`: the admin port's and the agent's HTTP server, bounded against idle and slow
-//!   clients and against request heads of any size.
+//!
+//! Three crates of the workspace stand beside this one:
+//!
+//! - `roleproxy-core` (`core/`): the routing rules, the Postgres wire and the framing, pure
+//!   (above).
+//! - `roleproxy-agent` (`agent/`): a role endpoint for nodes that have none, run as
+//!   `roleproxy agent`; it does not depend on this crate.
+//! - `roleproxy-common` (`common/`): what the proxy and the agent share: the HTTP server under
+//!   the admin port and the agent, bounded against idle and slow clients and against request
+//!   heads of any size; repeated warnings, one line per key every 10 s with the count left out
+//!   ([`ratelimit`]); and [`error_chain`] and [`config::Secret`].
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
 pub mod access;
 pub mod admin;
-pub mod agent;
 pub mod cancel;
 pub mod check;
 pub mod config;
 pub mod copy;
 pub mod discovery;
 pub mod http_client;
-mod httpd;
 pub mod metrics;
 pub mod operator;
 pub mod own_addresses;
@@ -73,7 +80,6 @@ pub mod pgclient;
 pub mod pgwire_io;
 pub mod preconnect;
 pub mod preflight;
-pub mod ratelimit;
 pub mod reserve;
 pub mod running;
 pub mod sessions;
@@ -96,6 +102,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
+/// Shared with the agent, and used by the tests and the test kit as `roleproxy::error_chain`.
+pub use roleproxy_common::error_chain;
+/// Shared with the agent; `crate::ratelimit` is where the proxy's modules have always found it.
+pub use roleproxy_common::ratelimit;
 pub use running::{ReloadError, Reloader};
 
 /// The crate version, as released.
@@ -312,17 +322,4 @@ impl Proxy {
             }
         }
     }
-}
-
-/// An error and all its sources on one line. Libraries such as tokio-postgres keep the useful
-/// part ("connection refused", the server's FATAL message) in the source, not in `Display`.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

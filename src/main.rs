@@ -179,12 +179,12 @@ fn main() -> ExitCode {
             passfile,
             reuse_for,
         } => {
-            let options = roleproxy::agent::AgentOptions {
+            let options = roleproxy_agent::AgentOptions {
                 fence_file,
                 reuse_for,
                 password: std::env::var("PGPASSWORD")
                     .ok()
-                    .map(roleproxy::config::Secret),
+                    .map(roleproxy_agent::Secret),
                 passfile: passfile
                     .or_else(|| std::env::var_os("PGPASSFILE").map(PathBuf::from))
                     .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgpass"))),
@@ -379,11 +379,11 @@ async fn status(config: &std::path::Path, admin: Option<String>) -> ExitCode {
 async fn agent(
     postgres: String,
     listen: Option<SocketAddr>,
-    options: roleproxy::agent::AgentOptions,
+    options: roleproxy_agent::AgentOptions,
 ) -> ExitCode {
     let listen = listen.unwrap_or_else(|| {
         let pg_listen = std::env::var("PG_LISTEN_ADDRESS").ok();
-        let addr = roleproxy::agent::default_listen(pg_listen.as_deref());
+        let addr = roleproxy_agent::default_listen(pg_listen.as_deref());
         if addr.ip().is_loopback() {
             tracing::warn!(%addr, "PG_LISTEN_ADDRESS is unset: serving on loopback, where other nodes' proxies cannot check this node (set --listen)");
         }
@@ -399,7 +399,7 @@ async fn agent(
     };
     let shutdown = shutdown_signal();
     ignore_sighup();
-    match roleproxy::agent::serve_with(listener, postgres, options, shutdown).await {
+    match roleproxy_agent::serve_with(listener, postgres, options, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("roleproxy agent: {e}");

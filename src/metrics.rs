@@ -43,7 +43,8 @@ pub const MAX_CONNECTIONS: &str = "roleproxy_max_connections";
 pub const DISCOVERY_DROPPED_TOTAL: &str = "roleproxy_discovery_dropped_total";
 pub const LOCAL_SHORTAGES_TOTAL: &str = "roleproxy_local_shortages_total";
 pub const STARTUP_RETRIES_TOTAL: &str = "roleproxy_startup_retries_total";
-pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
+/// Counted where warnings are rate-limited, which the agent shares.
+pub use roleproxy_common::ratelimit::LOG_SUPPRESSED_TOTAL;
 pub const CANCEL_REQUESTS_TOTAL: &str = "roleproxy_cancel_requests_total";
 pub const BUILD_INFO: &str = "roleproxy_build_info";
 pub const PAUSED: &str = "roleproxy_paused";
@@ -108,33 +109,9 @@ pub const PER_BACKEND: [&str; 6] = [
     BACKEND_OPERATOR_STATE,
 ];
 
-/// What a rate-limited warning (the `ratelimit` module) is about: the `what` label of
+/// What a rate-limited warning is about, with the agent's own: the `what` label of
 /// `roleproxy_log_suppressed_total`.
-pub mod warning {
-    /// A DNS answer dropped: no node can have that address (or it is the proxy's own).
-    pub const DNS_DROPPED: &str = "dns_dropped";
-    /// A DNS lookup failed, and the last good answer is kept.
-    pub const DNS_FAILED: &str = "dns_failed";
-    /// A check could not tell: this host or the node is out of resources.
-    pub const CHECK_SKIPPED: &str = "check_skipped";
-    /// A probe of a node's Postgres skipped or postponed.
-    pub const PROBE: &str = "probe";
-    /// A connect to a backend, or a client's startup on it, failed.
-    pub const CONNECT_FAILED: &str = "connect_failed";
-    /// A client was refused: no route, no replica, or the backend unreachable.
-    pub const CLIENT_REFUSED: &str = "client_refused";
-    /// The agent could not tell whether its fence file exists.
-    pub const FENCE: &str = "fence";
-    pub const ALL: [&str; 7] = [
-        DNS_DROPPED,
-        DNS_FAILED,
-        CHECK_SKIPPED,
-        PROBE,
-        CONNECT_FAILED,
-        CLIENT_REFUSED,
-        FENCE,
-    ];
-}
+pub use roleproxy_common::ratelimit::warning;
 
 /// Reasons a discovered or configured backend address is dropped.
 pub const DROP_REASONS: [&str; 4] = ["unspecified", "multicast", "broadcast", "own_address"];
@@ -568,11 +545,6 @@ pub fn startup_retried(reason: &'static str) {
 /// A replica listener's CancelRequest, by where it was sent (`CANCEL_TO_*`).
 pub fn cancel_request(sent_to: &'static str) {
     counter!(CANCEL_REQUESTS_TOTAL, "sent_to" => sent_to).increment(1);
-}
-
-/// A warning about `what` (one of [`warning::ALL`]) left out of the log.
-pub fn log_suppressed(what: &'static str) {
-    counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(1);
 }
 
 pub fn connect_failed(backend: SocketAddr) {

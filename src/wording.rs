@@ -192,6 +192,7 @@ mod tests {
     }
     use crate::status_cli::render_status;
 
+    /// `printable` itself is tested where it lives; here, that the terminal's table uses it.
     #[test]
     fn a_status_renders_with_its_control_characters_written_out() {
         let status = serde_json::json!({

@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use roleproxy::agent::{serve_with, AgentError, AgentOptions, APPLICATION_NAME};
+use roleproxy_agent::{serve_with, AgentError, AgentOptions, APPLICATION_NAME};
 use support::exit_status;
 use support::harness::{eventually, holds_for};
 use support::pg::PgCluster;

@@ -47,7 +47,7 @@ async fn writes_resume_on_the_promoted_replica() {
         let mut stopped = agents_stopped.clone();
         let conninfo = cluster.conninfo(i);
         tokio::spawn(async move {
-            roleproxy::agent::serve(listener, conninfo, async move {
+            roleproxy_agent::serve(listener, conninfo, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             })
             .await

@@ -3,7 +3,7 @@
 //! benchmarks all drive this one fixture.
 //!
 //! It runs real Postgres 15 nodes in streaming replication ([`PgCluster`]), one role agent
-//! per node (`roleproxy::agent::serve` on `ip:agent_port`, answering `GET /flycheck/role`
+//! per node (`roleproxy_agent::serve` on `ip:agent_port`, answering `GET /flycheck/role`
 //! like a Fly node), and a DNS server answering the cluster name with the nodes' addresses.
 //! Node indexes are 0-based here; messages name nodes by address so that a program with its
 //! own numbering (the example counts from 1) can show them as they are.
@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use roleproxy::agent::AgentError;
+use roleproxy_agent::AgentError;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
@@ -276,11 +276,11 @@ impl LocalCluster {
                     })?,
             );
             let mut stopped = stopped.clone();
-            let options = roleproxy::agent::AgentOptions {
+            let options = roleproxy_agent::AgentOptions {
                 fence_file: Some(fence_file(&pg, i)),
-                ..roleproxy::agent::AgentOptions::default()
+                ..roleproxy_agent::AgentOptions::default()
             };
-            agent_tasks.push(tokio::spawn(roleproxy::agent::serve_with(
+            agent_tasks.push(tokio::spawn(roleproxy_agent::serve_with(
                 listener,
                 pg.conninfo(i),
                 options,
@@ -409,7 +409,7 @@ impl LocalCluster {
             probes.spawn(async move {
                 let (mut status, answer) = tokio::join!(
                     probe(&pg, i),
-                    try_http_get(agent, roleproxy::agent::ROLE_PATH, AGENT_TIMEOUT)
+                    try_http_get(agent, roleproxy_agent::ROLE_PATH, AGENT_TIMEOUT)
                 );
                 status.agent = answer;
                 status

@@ -208,7 +208,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Shared>) {
             }
         }
         RoleReply::Relay(agent) => {
-            let path = roleproxy::agent::ROLE_PATH;
+            let path = roleproxy_agent::ROLE_PATH;
             if let Ok((status, body)) =
                 crate::try_http(agent, "GET", path, None, RELAY_TIMEOUT).await
             {

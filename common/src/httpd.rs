@@ -38,16 +38,20 @@ use tokio_util::task::TaskTracker;
 
 /// The largest request head (request line and headers) read. Health checks, scrapers and
 /// proxies send a few hundred bytes; hyper cannot read with less than 8 KiB of buffer anyway.
-pub(crate) const MAX_HEAD: usize = 8 * 1024;
+pub const MAX_HEAD: usize = 8 * 1024;
 /// The most headers one request may have; curl sends three, Prometheus five.
-pub(crate) const MAX_HEADERS: usize = 32;
+pub const MAX_HEADERS: usize = 32;
+
+/// The log target these servers always had, before they left the proxy's crate: filters such
+/// as `RUST_LOG=roleproxy::httpd=debug` keep working.
+const LOG: &str = "roleproxy::httpd";
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// How one server holds up against its clients.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// Connections held at once.
     pub max_connections: usize,
     /// Requests handled at once.
@@ -62,7 +66,7 @@ pub(crate) struct Limits {
 
 /// Serves `handler` on `listener` until `shutdown` fires, then lets requests being handled
 /// finish within [`Limits::shutdown_grace`].
-pub(crate) async fn serve<H, F>(
+pub async fn serve<H, F>(
     listener: TcpListener,
     limits: Limits,
     shutdown: CancellationToken,
@@ -80,7 +84,7 @@ pub(crate) async fn serve<H, F>(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
-                    tracing::warn!(%error, "HTTP accept failed");
+                    tracing::warn!(target: LOG, %error, "HTTP accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
@@ -93,7 +97,7 @@ pub(crate) async fn serve<H, F>(
             admitted = lock(&held).admit(limits.max_connections);
         }
         let Some(connection) = admitted else {
-            tracing::debug!(%peer, "no HTTP connection can make room; closing the new one");
+            tracing::debug!(target: LOG, %peer, "no HTTP connection can make room; closing the new one");
             continue;
         };
         tracker.spawn(serve_connection(
@@ -113,7 +117,7 @@ pub(crate) async fn serve<H, F>(
         .await
         .is_err()
     {
-        tracing::warn!("HTTP connections still open at shutdown");
+        tracing::warn!(target: LOG, "HTTP connections still open at shutdown");
     }
 }
 
@@ -229,7 +233,7 @@ async fn serve_connection<H, F>(
     let outcome = tokio::select! {
         outcome = serving.as_mut() => Some(outcome),
         () = connection.close.cancelled() => {
-            tracing::debug!(%peer, "HTTP connection closed to make room for a newer one");
+            tracing::debug!(target: LOG, %peer, "HTTP connection closed to make room for a newer one");
             None
         }
         () = tokio::time::sleep(limits.connection_timeout) => None,
@@ -248,11 +252,11 @@ fn finish(
     outcome: Option<Result<(), hyper::Error>>,
 ) {
     if let Some(Err(error)) = outcome {
-        tracing::debug!(%peer, %error, "HTTP connection ended with an error");
+        tracing::debug!(target: LOG, %peer, %error, "HTTP connection ended with an error");
     }
     let mut held = lock(held);
     held.open.remove(&connection.id);
-    tracing::trace!(open = held.len(), "HTTP connection closed");
+    tracing::trace!(target: LOG, open = held.len(), "HTTP connection closed");
 }
 
 /// Nothing panics while holding the lock, but a poisoned one is still usable: the map is

@@ -2,6 +2,10 @@
 //! Postgres images do, so the proxy's checks work against plain Postgres (Patroni, repmgr,
 //! hand-made replicas and the test clusters).
 //!
+//! It runs on the database nodes as `roleproxy agent`, the proxy's binary calling
+//! [`serve_with`]. It depends on nothing of the proxy: what the two share (the bounded HTTP
+//! server, rate-limited warnings) is in `roleproxy-common`.
+//!
 //! Wire format: HTTP 200 with the bare word `leader` (read-write) or `replica` (read-only),
 //! HTTP 500 with what failed when the node cannot tell, HTTP 404 for any other path.
 //!
@@ -38,10 +42,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::Secret;
-use crate::httpd::{self, Limits};
-use crate::metrics::warning;
-use crate::ratelimit;
+use roleproxy_common::error_chain;
+use roleproxy_common::httpd::{self, Limits};
+use roleproxy_common::ratelimit::{self, warning};
+use roleproxy_core::printable;
+
+/// [`AgentOptions::password`]'s type, kept out of `Debug` output and logs.
+pub use roleproxy_common::Secret;
+
+/// The log target the agent always had, as a module of the proxy's crate: filters such as
+/// `RUST_LOG=roleproxy::agent=debug` and the log lines themselves read as before.
+const LOG: &str = "roleproxy::agent";
 
 /// The only path the agent answers.
 pub const ROLE_PATH: &str = "/flycheck/role";
@@ -133,7 +144,7 @@ impl From<tokio_postgres::Error> for QueryError {
     fn from(error: tokio_postgres::Error) -> Self {
         QueryError::Postgres {
             summary: summarise(&error),
-            detail: roleproxy_core::printable(&crate::error_chain(&error)).into_owned(),
+            detail: printable(&error_chain(&error)).into_owned(),
         }
     }
 }
@@ -214,12 +225,12 @@ pub async fn serve_with(
 ) -> Result<(), AgentError> {
     let mut config: Config = postgres
         .parse()
-        .map_err(|e: tokio_postgres::Error| AgentError::Conninfo(crate::error_chain(&e)))?;
+        .map_err(|e: tokio_postgres::Error| AgentError::Conninfo(error_chain(&e)))?;
     if config.get_application_name().is_none() {
         config.application_name(APPLICATION_NAME);
     }
     if config.get_password().is_some() {
-        warn!("the conninfo holds a password, which other users can read in the process list; use PGPASSWORD or a passfile");
+        warn!(target: LOG, "the conninfo holds a password, which other users can read in the process list; use PGPASSWORD or a passfile");
     } else if let Some(Secret(password)) = options.password.filter(|p| !p.0.is_empty()) {
         config.password(password);
     } else if let Some(path) = &options.passfile {
@@ -234,7 +245,7 @@ pub async fn serve_with(
         asked: tokio::sync::Mutex::new(Asked::default()),
     });
     let local = listener.local_addr().map_err(AgentError::LocalAddr)?;
-    info!(%local, "role agent listening");
+    info!(target: LOG, %local, "role agent listening");
 
     let cancel = CancellationToken::new();
     let handler = move |request: Request<Incoming>| {
@@ -250,7 +261,7 @@ pub async fn serve_with(
             server.await;
         }
     }
-    info!(%local, "role agent stopped");
+    info!(target: LOG, %local, "role agent stopped");
     Ok(())
 }
 
@@ -263,7 +274,7 @@ pub fn role_reply(outcome: Result<&str, &QueryError>) -> (StatusCode, String) {
             StatusCode::INTERNAL_SERVER_ERROR,
             format!(
                 "unexpected transaction_read_only value {:?}",
-                roleproxy_core::printable(value)
+                printable(value)
             ),
         ),
         // The fence cannot be read: whether the node takes writes is unknown, not failed.
@@ -318,7 +329,7 @@ async fn handle(request: &Request<Incoming>, node: &Node) -> Response<Full<Bytes
     };
     let outcome = match fenced {
         Ok(true) => {
-            debug!("fenced: answering replica");
+            debug!(target: LOG, "fenced: answering replica");
             return text_response(StatusCode::OK, "replica".to_owned());
         }
         Ok(false) => role(node).await,
@@ -400,7 +411,7 @@ impl Fence {
             };
         outcome.map_err(|(error, unknown)| {
             if let Some(suppressed) = ratelimit::allow(warning::FENCE, self.path.display()) {
-                warn!(fence = %self.path.display(), %error, suppressed, "cannot check the fence file; answering 503");
+                warn!(target: LOG, fence = %self.path.display(), %error, suppressed, "cannot check the fence file; answering 503");
             }
             unknown
         })
@@ -433,13 +444,13 @@ async fn role(node: &Node) -> Result<String, QueryError> {
     match &outcome {
         Ok(value) => {
             if asked.logged_failure.take().is_some() {
-                info!(transaction_read_only = %value, "postgres answers again");
+                info!(target: LOG, transaction_read_only = %value, "postgres answers again");
             }
         }
         Err(error) => {
             let detail = error.detail();
             if asked.logged_failure.as_ref() != Some(&detail) {
-                warn!(error = %detail, "role query failed");
+                warn!(target: LOG, error = %detail, "role query failed");
                 asked.logged_failure = Some(detail);
             }
         }
@@ -459,7 +470,7 @@ async fn ask(config: &Config, kept: &mut Option<Held>) -> Result<String, QueryEr
             let Some(held) = kept.as_ref().filter(|h| !h.client.is_closed()) else {
                 return Err(error.into());
             };
-            debug!("postgres has no slot left; asking over the kept connection");
+            debug!(target: LOG, "postgres has no slot left; asking over the kept connection");
             let outcome = show_read_only(&held.client).await;
             if outcome.is_err() {
                 *kept = None;
@@ -484,7 +495,7 @@ async fn connect(config: &Config) -> Result<Held, tokio_postgres::Error> {
     let (client, connection) = config.connect(NoTls).await?;
     let driver = AbortOnDropHandle::new(tokio::spawn(async move {
         if let Err(error) = connection.await {
-            debug!(error = %crate::error_chain(&error), "postgres connection ended");
+            debug!(target: LOG, error = %error_chain(&error), "postgres connection ended");
         }
     }));
     Ok(Held {
@@ -534,7 +545,7 @@ fn read_passfile(path: &Path, config: &Config) -> Result<Option<String>, AgentEr
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            warn!(passfile = %path.display(), "the passfile may be read by group or others; ignored, as libpq does (chmod 0600 it)");
+            warn!(target: LOG, passfile = %path.display(), "the passfile may be read by group or others; ignored, as libpq does (chmod 0600 it)");
             return Ok(None);
         }
     }

@@ -13,9 +13,40 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::metrics;
 #[cfg(test)]
-use crate::metrics::warning::{CONNECT_FAILED, DNS_DROPPED};
+use warning::{CONNECT_FAILED, DNS_DROPPED};
+
+/// Warning lines left out by [`allow`], by [`warning`]. Its description is the proxy's, with
+/// every other metric of its `/metrics`; the agent serves no metrics, and counts into nothing.
+pub const LOG_SUPPRESSED_TOTAL: &str = "roleproxy_log_suppressed_total";
+
+/// What a rate-limited warning is about: the `what` label of `roleproxy_log_suppressed_total`.
+/// One list for the proxy's and the agent's, so the proxy can start each at 0.
+pub mod warning {
+    /// A DNS answer dropped: no node can have that address (or it is the proxy's own).
+    pub const DNS_DROPPED: &str = "dns_dropped";
+    /// A DNS lookup failed, and the last good answer is kept.
+    pub const DNS_FAILED: &str = "dns_failed";
+    /// A check could not tell: this host or the node is out of resources.
+    pub const CHECK_SKIPPED: &str = "check_skipped";
+    /// A probe of a node's Postgres skipped or postponed.
+    pub const PROBE: &str = "probe";
+    /// A connect to a backend, or a client's startup on it, failed.
+    pub const CONNECT_FAILED: &str = "connect_failed";
+    /// A client was refused: no route, no replica, or the backend unreachable.
+    pub const CLIENT_REFUSED: &str = "client_refused";
+    /// The agent could not tell whether its fence file exists.
+    pub const FENCE: &str = "fence";
+    pub const ALL: [&str; 7] = [
+        DNS_DROPPED,
+        DNS_FAILED,
+        CHECK_SKIPPED,
+        PROBE,
+        CONNECT_FAILED,
+        CLIENT_REFUSED,
+        FENCE,
+    ];
+}
 
 /// One line per key per this long.
 pub const EVERY: Duration = Duration::from_secs(10);
@@ -75,7 +106,7 @@ impl Limiter {
 /// The process's limiter.
 static LIMITER: OnceLock<Mutex<Limiter>> = OnceLock::new();
 
-/// Whether the warning `what` (one of [`metrics::warning`]) about `key` is logged now:
+/// Whether the warning `what` (one of [`warning::ALL`]) about `key` is logged now:
 /// `Some(suppressed)` when it is, with how many were left out since the last one logged
 /// (`None` when none were), for the line's `suppressed` field; `None` when it is left out,
 /// and counted in `roleproxy_log_suppressed_total{what}`.
@@ -88,7 +119,7 @@ pub fn allow(what: &'static str, key: impl std::fmt::Display) -> Option<Option<u
     match allowed {
         Some(suppressed) => Some((suppressed > 0).then_some(suppressed)),
         None => {
-            metrics::log_suppressed(what);
+            metrics::counter!(LOG_SUPPRESSED_TOTAL, "what" => what).increment(1);
             None
         }
     }
