@@ -685,7 +685,7 @@ pub struct ProxyConfig {
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     #[serde(deserialize_with = "word")]
-    pub copy: crate::copy::Mode,
+    pub copy: CopyMode,
     #[serde(deserialize_with = "preconnect")]
     pub preconnect: usize,
     /// Worker threads; 0: one per CPU. Read at start-up only.
@@ -724,7 +724,7 @@ impl Default for ProxyConfig {
             max_connections: 1000,
             leader_wait: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
-            copy: crate::copy::Mode::Auto,
+            copy: CopyMode::Auto,
             preconnect: 0,
             threads: 0,
             switchover: Switchover::Transaction,
@@ -738,6 +738,19 @@ impl Default for ProxyConfig {
             pause_limit: Duration::from_secs(60),
         }
     }
+}
+
+/// How a session's bytes are moved (`proxy.copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMode {
+    /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
+    /// direction is moving bulk data (a read brought half a buffer or more).
+    Auto,
+    /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
+    Splice,
+    /// `read` into a pooled buffer, `write` out of it.
+    Buffered,
 }
 
 /// How the sessions of a leader that stepped down while alive (fenced or demoted) end.
