@@ -1098,11 +1098,23 @@ fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 impl Config {
     /// Reads and validates a file, expanding variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, |_| Ok(()))
+    }
+
+    /// [`Config::load`], then `applied`: the rules of the host the configuration is applied on
+    /// (its interfaces), which no file can say. Their errors name keys and lines as the file's
+    /// own do.
+    pub fn load_with(
+        path: &Path,
+        applied: impl FnOnce(&Config) -> Result<(), ConfigError>,
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &|name| std::env::var(name).ok())
+        let config = Self::parse(&text, &|name| std::env::var(name).ok())?;
+        applied(&config).map_err(|e| locate(&text, e))?;
+        Ok(config)
     }
 
     /// Parses TOML text; `env` looks up variables so tests need not touch the process environment.
@@ -1739,7 +1751,7 @@ impl File {
             // so ordinary transactions finish however short the interval.
             proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }
-        let config = Config {
+        Ok(Config {
             listen,
             listeners,
             backends,
@@ -1747,75 +1759,7 @@ impl File {
             proxy,
             admin,
             reload,
-        };
-        refuse_loops(&config, &crate::own_addresses::local_interfaces())?;
-        Ok(config)
-    }
-}
-
-/// Refuses an address to connect to that is one of the proxy's own listening sockets (given
-/// exactly, or covered by a wildcard on a local interface): every client sent there would come
-/// back in and connect again. Listeners on port 0 are checked once bound, at connect.
-fn refuse_loops(
-    config: &Config,
-    locals: &[crate::own_addresses::LocalNet],
-) -> Result<(), ConfigError> {
-    let mut errors = Vec::new();
-    use crate::own_addresses::{covering, Listening};
-    let mut own: Vec<(Listening, String)> = Vec::new();
-    for (i, spec) in config.all_listeners().iter().enumerate() {
-        for (j, addr) in spec.addresses.iter().enumerate() {
-            let key = if i == 0 {
-                format!("listen.addresses[{j}]")
-            } else {
-                format!("listeners[{}].addresses[{j}]", i - 1)
-            };
-            let listening = Listening {
-                addr: *addr,
-                dual_stack: false,
-            };
-            own.push((listening, key));
-        }
-    }
-    if let Some(addr) = config.admin.address {
-        let listening = Listening {
-            addr,
-            dual_stack: addr.is_ipv6(),
-        };
-        own.push((listening, "admin.address".to_string()));
-    }
-    let listening: Vec<Listening> = own.iter().map(|(l, _)| *l).collect();
-    // A name is checked when it is resolved: discovery drops a backend at the proxy's own
-    // address, and a fixed target's session refuses it.
-    let mut targets: Vec<(String, SocketAddr)> = config
-        .backends
-        .backup
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| Some((format!("backends.backup[{i}]"), e.addr()?)))
-        .collect();
-    for (i, spec) in config.listeners.iter().enumerate() {
-        if let Serves::Target(Endpoint::Addr(addr)) = spec.serves {
-            targets.push((format!("listeners[{i}].target"), addr));
-        }
-    }
-    for (key, target) in targets {
-        if let Some(listen) = covering(target, &listening, locals) {
-            let owner = own
-                .iter()
-                .find(|(l, _)| l.addr == listen)
-                .map_or("", |(_, key)| key.as_str());
-            errors.push(invalid(
-                &key,
-                format!(
-                    "{target} is this proxy's own listening address ({owner} = {listen} covers it): clients would loop back into the proxy"
-                ),
-            ));
-        }
-    }
-    match errors.is_empty() {
-        true => Ok(()),
-        false => Err(ConfigError::Invalid(errors)),
+        })
     }
 }
 
@@ -2393,10 +2337,6 @@ mod tests {
                 &["proxy.max_connections", "at most 1000000"],
             ),
             (
-                "[[listeners]]\naddresses = [\"127.0.0.1:5434\"]\ntarget = \"127.0.0.1:5434\"",
-                &["listeners[0].target", "loop"],
-            ),
-            (
                 "[admin]\nallow_changes = \"yes\"",
                 &["admin.allow_changes", "true or false"],
             ),
@@ -2405,34 +2345,6 @@ mod tests {
                 &["admin.metrics_expiry", "bad duration"],
             ),
             ("[reload]\nforce = \"yes\"", &["reload.force", "true or false"]),
-            (
-                "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]",
-                &[
-                    "backends.backup[0]",
-                    "listen.addresses[0] = 127.0.0.1:6432",
-                    "loop",
-                ],
-            ),
-            (
-                "[backends]\nbackup = [\"127.0.0.1:5433\", \"127.3.2.1:5432\"]",
-                &["backends.backup[1]", "listen.addresses[0] = 0.0.0.0:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"0.0.0.0:5432\"]",
-                &["backends.backup[0]", "0.0.0.0:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"[::1]:5432\"]",
-                &["backends.backup[0]", "listen.addresses[1] = [::]:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"127.0.0.1:8404\"]",
-                &["backends.backup[0]", "admin.address = [::]:8404", "loop"],
-            ),
-            (
-                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\n[[listeners]]\naddresses = [\"127.0.0.1:6000\"]\ntarget = \"127.0.0.1:5434\"",
-                &["listeners[1].target", "listeners[0].addresses[0] = 0.0.0.0:5434", "loop"],
-            ),
             (
                 "[[listeners]]\nname = \"r\"",
                 &["listeners[0]", "missing its key `addresses`"],
