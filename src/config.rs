@@ -12,7 +12,8 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::de::{Error as _, IntoDeserializer};
+use serde::de::value::{MapDeserializer, SeqDeserializer};
+use serde::de::{Error as _, Expected, IntoDeserializer, Unexpected, Visitor};
 use serde::ser::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use toml::de::{DeTable, DeValue};
@@ -665,7 +666,7 @@ pub struct ProxyConfig {
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
     #[serde(deserialize_with = "word")]
-    pub copy: crate::copy::Mode,
+    pub copy: CopyMode,
     #[serde(deserialize_with = "preconnect")]
     pub preconnect: usize,
     /// Worker threads; 0: one per CPU. Read at start-up only.
@@ -704,7 +705,7 @@ impl Default for ProxyConfig {
             max_connections: 1000,
             leader_wait: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
-            copy: crate::copy::Mode::Auto,
+            copy: CopyMode::Auto,
             preconnect: 0,
             threads: 0,
             switchover: Switchover::Transaction,
@@ -718,6 +719,19 @@ impl Default for ProxyConfig {
             pause_limit: Duration::from_secs(60),
         }
     }
+}
+
+/// How a session's bytes are moved (`proxy.copy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyMode {
+    /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
+    /// direction is moving bulk data (a read brought half a buffer or more).
+    Auto,
+    /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
+    Splice,
+    /// `read` into a pooled buffer, `write` out of it.
+    Buffered,
 }
 
 /// How the sessions of a leader that stepped down while alive (fenced or demoted) end.
@@ -1065,22 +1079,34 @@ fn threads<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 impl Config {
     /// Reads and validates a file, expanding variables from the process environment.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(path, |_| Ok(()))
+    }
+
+    /// [`Config::load`], then `applied`: the rules of the host the configuration is applied on
+    /// (its interfaces), which no file can say. Their errors name keys and lines as the file's
+    /// own do.
+    pub fn load_with(
+        path: &Path,
+        applied: impl FnOnce(&Config) -> Result<(), ConfigError>,
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, &|name| std::env::var(name).ok())
+        let config = Self::parse(&text, &|name| std::env::var(name).ok())?;
+        applied(&config).map_err(|e| locate(&text, e))?;
+        Ok(config)
     }
 
     /// Parses TOML text; `env` looks up variables so tests need not touch the process environment.
     ///
-    /// No error repeats `check.password`: errors reach logs, `roleproxy check` and the answer
-    /// to `POST /reload`, which every node of the private network can send.
+    /// No error quotes `check.password` (errors reach logs, `roleproxy check` and the answer to
+    /// `POST /reload`, which every node of the private network can send): a password written
+    /// in the file is refused before anything reads its value, a TOML error gives no source
+    /// line, and an error of `${VAR}` expansion quotes no value.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        let secrets = Secrets::written_in(text);
-        secrets.check_type()?;
         let parsed = read(text, env).and_then(|(file, written)| file.validate(&written));
-        parsed.map_err(|e| secrets.hide_in(locate(text, e)))
+        parsed.map_err(|e| locate(text, e))
     }
 
     /// Every listener: `[listen]` first, named `leader`, then `[[listeners]]`.
@@ -1187,29 +1213,31 @@ fn read(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<(File, Writt
     // again, so one run names them all. Every round removes a key, so this ends.
     let mut removed: Vec<String> = errors.iter().map(|e| e.key.clone()).collect();
     loop {
-        let file = serde_path_to_error::deserialize(toml::Deserializer::from(tree.clone()));
+        let file = serde_path_to_error::deserialize(Node(DeValue::Table(tree.get_ref().clone())));
         let e = match file {
             Ok(file) if errors.is_empty() => return Ok((file, written)),
             Ok(_) => return Err(ConfigError::Invalid(errors)),
             Err(e) => e,
         };
         let key = e.path().to_string();
-        let error = e.into_inner();
-        let message = error.message();
+        let wrong = e.into_inner();
         // A required key taken out for its own error is not missing a second time.
-        let taken_out = message
-            .strip_prefix("missing field `")
-            .map(|field| format!("{key}.{}", field.trim_end_matches('`')))
-            .is_some_and(|missing| {
+        let taken_out = match wrong {
+            Wrong::Missing(field) => {
+                let missing = format!("{key}.{field}");
                 let inside = format!("{missing}[");
                 removed
                     .iter()
                     .any(|r| *r == missing || r.starts_with(&inside))
-            });
+            }
+            _ => false,
+        };
         if !taken_out {
+            // An unknown key is shown where it is written, any other error at its value.
+            let name = matches!(wrong, Wrong::UnknownKey(_));
             errors.push(KeyError {
-                reason: in_user_terms(&key, message),
-                at: error.span().and_then(|span| position(text, span.start)),
+                reason: wrong.reason(&key),
+                at: span_of(tree.get_ref(), &key, name).and_then(|span| position(text, span.start)),
                 key: key.clone(),
             });
         }
@@ -1284,7 +1312,8 @@ fn locate(text: &str, error: ConfigError) -> ConfigError {
     };
     if let Ok(tree) = DeTable::parse(text) {
         for e in errors.iter_mut().filter(|e| e.at.is_none()) {
-            e.at = span_of(tree.get_ref(), &e.key).and_then(|span| position(text, span.start));
+            e.at =
+                span_of(tree.get_ref(), &e.key, false).and_then(|span| position(text, span.start));
         }
     }
     // Keys not written (no line) last.
@@ -1293,39 +1322,37 @@ fn locate(text: &str, error: ConfigError) -> ConfigError {
     ConfigError::Invalid(errors)
 }
 
-/// Where the file writes the value of `key`, if it does.
-fn span_of(root: &DeTable<'_>, key: &str) -> Option<Range<usize>> {
-    let mut value: Option<&Spanned<DeValue<'_>>> = None;
+/// Where the file writes the value of `key`, or with `name` the key itself, if it does.
+fn span_of(root: &DeTable<'_>, key: &str, name: bool) -> Option<Range<usize>> {
+    let mut at: Option<(Range<usize>, &Spanned<DeValue<'_>>)> = None;
     for step in key_path(key) {
-        let next = match (step, value.map(Spanned::get_ref)) {
-            (Ok(name), None) => root.get(name),
-            (Ok(name), Some(DeValue::Table(t))) => t.get(name),
-            (Err(i), Some(DeValue::Array(items))) => items.get(i),
+        let next = match (step, at.as_ref().map(|(_, value)| value.get_ref())) {
+            (Ok(k), None) => root.get_key_value(k).map(|(k, v)| (k.span(), v)),
+            (Ok(k), Some(DeValue::Table(t))) => t.get_key_value(k).map(|(k, v)| (k.span(), v)),
+            (Err(i), Some(DeValue::Array(items))) => items.get(i).map(|v| (v.span(), v)),
             _ => None,
         };
-        value = Some(next?);
+        at = Some(next?);
     }
-    value.map(Spanned::span)
+    at.map(|(key, value)| if name { key } else { value.span() })
 }
 
 /// Refuses a `check.password` written in the file: the file is copied, backed up, diffed and
 /// shown, and a password in it goes everywhere it goes. The value must come from the
 /// environment, as `${VAR}` references and nothing else (an empty default, `${VAR:-}`, is
 /// allowed; any other default is written in the file), or from `check.password_file`.
+/// Any other value is refused too, before serde could quote it back (`password = 12345678`).
 fn refuse_written_password(tree: &DeTable<'_>) -> Result<(), KeyError> {
     let Some(DeValue::Table(check)) = tree.get("check").map(Spanned::get_ref) else {
         return Ok(());
     };
-    let Some(DeValue::String(written)) = check.get("password").map(Spanned::get_ref) else {
-        return Ok(());
+    let reason = match check.get("password").map(Spanned::get_ref) {
+        None => return Ok(()),
+        Some(DeValue::String(written)) if only_variables(written) => return Ok(()),
+        Some(DeValue::String(_)) => "a password written in the file is refused: write password = \"${VAR}\" to take it from the environment variable VAR, or set check.password_file to a file that holds it",
+        Some(_) => "must be a quoted string, e.g. password = \"${PGPASSWORD}\"",
     };
-    if only_variables(written) {
-        return Ok(());
-    }
-    Err(invalid(
-        "check.password",
-        "a password written in the file is refused: write password = \"${VAR}\" to take it from the environment variable VAR, or set check.password_file to a file that holds it",
-    ))
+    Err(invalid("check.password", reason))
 }
 
 /// Whether `text` is only `${VAR}` (or `${VAR:-}`) references, or empty. Pure.
@@ -1375,9 +1402,9 @@ fn expand_value(
     match value.get_mut() {
         DeValue::String(text) => match expand(text, env) {
             Ok(expanded) => *text = Cow::Owned(expanded),
-            // The password's error never quotes it.
-            Err(e) if key == "check.password" => errors.push(invalid(key, e.to_string())),
-            Err(e) => errors.push(invalid(key, format!("{e} in {text:?}"))),
+            // The value is not quoted: its line and column say where it is, and it may be a
+            // password, also under a misspelt key.
+            Err(e) => errors.push(invalid(key, e.to_string())),
         },
         DeValue::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
@@ -1409,84 +1436,6 @@ fn position(text: &str, offset: usize) -> Option<Position> {
     Some(Position { line, column })
 }
 
-/// Serde's messages name Rust types (`expected usize`, `struct CheckConfig`); these say what
-/// to write instead. A message of another form is kept as it is.
-fn in_user_terms(key: &str, message: &str) -> String {
-    let name = key.rsplit(['.', ']']).next().unwrap_or(key);
-    if let Some(rest) = message.strip_prefix("unknown field `") {
-        let (unknown, known) = rest.split_once('`').unwrap_or((rest, ""));
-        let known: Vec<&str> = known.split('`').skip(1).step_by(2).collect();
-        return unknown_key(unknown, &known);
-    }
-    if let Some(rest) = message.strip_prefix("unknown variant `") {
-        let (got, known) = rest.rsplit_once("`, expected ").unwrap_or((rest, ""));
-        let known: Vec<String> = known
-            .split('`')
-            .skip(1)
-            .step_by(2)
-            .map(|k| format!("{k:?}"))
-            .collect();
-        let last = known.last().cloned().unwrap_or_default();
-        let all = match known.split_last() {
-            Some((_, [])) | None => last,
-            Some((_, rest)) => format!("{} or {last}", rest.join(", ")),
-        };
-        // `serves` has a third answer that is not one of its words: a fixed `target`.
-        let hint = if name == "serves" {
-            " (or set target)"
-        } else {
-            ""
-        };
-        return format!("expected {all}{hint}, got {got:?}");
-    }
-    if let Some(missing) = message.strip_prefix("missing field `") {
-        return format!("is missing its key `{}`", missing.trim_end_matches('`'));
-    }
-    let found_wanted = message
-        .strip_prefix("invalid type: ")
-        .or_else(|| message.strip_prefix("invalid value: "))
-        .and_then(|rest| rest.rsplit_once(", expected "));
-    let Some((found, wanted)) = found_wanted else {
-        return message.to_owned();
-    };
-    let found_text = found
-        .strip_prefix("string ")
-        .map(|s| s.trim_matches('"').to_owned());
-    let found = match found.split_once(' ') {
-        Some(("integer" | "floating", value)) => {
-            format!(
-                "the number {}",
-                value.trim_start_matches("point ").trim_matches('`')
-            )
-        }
-        Some(("boolean", value)) => value.trim_matches('`').to_owned(),
-        Some(("string", value)) => format!("the text {value}"),
-        _ if found == "sequence" => "a list".to_owned(),
-        _ if found == "map" => "a table".to_owned(),
-        _ => found.to_owned(),
-    };
-    let wanted = match wanted {
-        "a string" => "text in quotes".to_owned(),
-        "a boolean" => "true or false, without quotes".to_owned(),
-        "u8" | "u16" => {
-            format!(
-                "a whole number from 0 to {}",
-                if wanted == "u8" { 255 } else { 65535 }
-            )
-        }
-        "u32" | "u64" | "usize" => "a whole number, 0 or more".to_owned(),
-        "a sequence" => match found_text {
-            Some(text) => format!("a list in brackets: write {name} = [\"{text}\"]"),
-            None => "a list in brackets, like [\"a\", \"b\"]".to_owned(),
-        },
-        _ if wanted.starts_with("struct ") || wanted == "a map" => {
-            format!("a table: write [{key}] on a line of its own, with its keys below it")
-        }
-        _ => wanted.to_owned(),
-    };
-    format!("found {found}; expected {wanted}")
-}
-
 /// The unknown key, and the known key it is most likely a misspelling of.
 fn unknown_key(unknown: &str, known: &[&str]) -> String {
     let closest = known
@@ -1503,109 +1452,183 @@ fn unknown_key(unknown: &str, known: &[&str]) -> String {
     }
 }
 
-/// Shorter values are not hidden: they turn up in ordinary words and numbers of a message.
-const MIN_HIDDEN_LEN: usize = 4;
+// ---- errors in the file's words ---------------------------------------------------------------
 
-/// `check.password` in every form a message could show it in, read from the file even when it
-/// has errors elsewhere.
-struct Secrets {
-    /// Whether the value is written as something other than a string (`password = 12345678`).
-    not_a_string: bool,
-    forms: Vec<String>,
+/// What serde found wrong with a value, as it reports it (not as English text), so that
+/// [`Wrong::reason`] can say it in the words of the file for the key it is about.
+#[derive(Debug)]
+enum Wrong {
+    /// The reason a reading function gives.
+    Said(String),
+    /// A value of another kind than the key takes: `found` already in the file's words, and
+    /// `text` when it is text.
+    Type {
+        found: String,
+        text: Option<String>,
+        expected: String,
+    },
+    /// A key that is not one of its table's, with the reason.
+    UnknownKey(String),
+    /// A word that is not one of the key's.
+    UnknownWord {
+        got: String,
+        known: &'static [&'static str],
+    },
+    /// A required key left out.
+    Missing(&'static str),
 }
 
-impl Secrets {
-    fn written_in(text: &str) -> Secrets {
-        let mut values = Vec::new();
-        let mut not_a_string = false;
-        let (document, _) = toml::de::DeTable::parse_recoverable(text);
-        let check = document
-            .get_ref()
-            .iter()
-            .find(|(key, _)| key.get_ref().as_ref() == "check");
-        if let Some((_, check)) = check {
-            if let toml::de::DeValue::Table(check) = check.get_ref() {
-                if let Some((_, value)) = check
-                    .iter()
-                    .find(|(key, _)| key.get_ref().as_ref() == "password")
-                {
-                    values.extend(text.get(value.span()).map(str::to_owned));
-                    match value.get_ref() {
-                        toml::de::DeValue::String(s) => values.push(s.to_string()),
-                        toml::de::DeValue::Integer(i) => {
-                            not_a_string = true;
-                            values.push(i.as_str().to_owned());
-                            values.push(i.to_string());
-                        }
-                        toml::de::DeValue::Float(f) => {
-                            not_a_string = true;
-                            values.push(f.to_string());
-                        }
-                        _ => not_a_string = true,
-                    }
-                }
-            }
-        }
-        // A line the parser could not read (a bad escape inside the password itself).
-        for line in text.lines() {
-            let line = line.trim_start();
-            let rest = line
-                .strip_prefix("check.password")
-                .or_else(|| line.strip_prefix("password"));
-            if let Some(value) = rest.and_then(|r| r.trim_start().strip_prefix('=')) {
-                let value = value.trim();
-                values.push(value.to_owned());
-                values.push(value.trim_matches(|c| c == '"' || c == '\'').to_owned());
-            }
-        }
-        let mut forms = Vec::new();
-        for value in values {
-            let debug = format!("{value:?}");
-            forms.push(debug.trim_matches('"').to_owned());
-            forms.push(value.escape_default().to_string());
-            forms.push(value);
-        }
-        forms.retain(|f| f.chars().count() >= MIN_HIDDEN_LEN);
-        // Longest first, so a form inside another does not leave the rest of the longer one.
-        forms.sort_by_key(|f| std::cmp::Reverse(f.len()));
-        forms.dedup();
-        Secrets {
-            not_a_string,
-            forms,
-        }
+impl serde::de::Error for Wrong {
+    fn custom<T: std::fmt::Display>(reason: T) -> Self {
+        Wrong::Said(reason.to_string())
     }
 
-    /// A bare number would be echoed by the deserializer's "invalid type" message.
-    fn check_type(&self) -> Result<(), KeyError> {
-        if self.not_a_string {
-            return Err(invalid(
-                "check.password",
-                "must be a quoted string, e.g. password = \"${PGPASSWORD}\"",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The error with every form of the password replaced.
-    fn hide_in(&self, error: ConfigError) -> ConfigError {
-        let hide = |text: String| {
-            self.forms
-                .iter()
-                .fold(text, |text, form| text.replace(form.as_str(), "(hidden)"))
+    fn invalid_type(found: Unexpected<'_>, expected: &dyn Expected) -> Self {
+        let text = match found {
+            Unexpected::Str(text) => Some(text.to_owned()),
+            _ => None,
         };
-        match error {
-            ConfigError::Parse(message) => ConfigError::Parse(hide(message)),
-            ConfigError::Invalid(errors) => ConfigError::Invalid(
-                errors
-                    .into_iter()
-                    .map(|e| KeyError {
-                        reason: hide(e.reason),
-                        ..e
-                    })
-                    .collect(),
-            ),
-            read @ ConfigError::Read { .. } => read,
+        let found = match found {
+            Unexpected::Signed(n) => format!("the number {n}"),
+            Unexpected::Unsigned(n) => format!("the number {n}"),
+            Unexpected::Float(n) => format!("the number {n}"),
+            Unexpected::Bool(b) => b.to_string(),
+            Unexpected::Str(text) => format!("the text {text:?}"),
+            Unexpected::Seq => "a list".to_owned(),
+            Unexpected::Map => "a table".to_owned(),
+            other => other.to_string(),
+        };
+        Wrong::Type {
+            found,
+            text,
+            expected: expected.to_string(),
         }
+    }
+
+    fn invalid_value(found: Unexpected<'_>, expected: &dyn Expected) -> Self {
+        Self::invalid_type(found, expected)
+    }
+
+    fn unknown_field(key: &str, known: &'static [&'static str]) -> Self {
+        Wrong::UnknownKey(unknown_key(key, known))
+    }
+
+    fn unknown_variant(got: &str, known: &'static [&'static str]) -> Self {
+        Wrong::UnknownWord {
+            got: got.to_owned(),
+            known,
+        }
+    }
+
+    fn missing_field(key: &'static str) -> Self {
+        Wrong::Missing(key)
+    }
+}
+
+impl std::fmt::Display for Wrong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason(""))
+    }
+}
+
+impl std::error::Error for Wrong {}
+
+impl Wrong {
+    /// Why the value of `key` is refused, saying what to write rather than naming Rust types
+    /// (`u16`, `struct CheckConfig`). Pure.
+    fn reason(&self, key: &str) -> String {
+        let name = key.rsplit(['.', ']']).next().unwrap_or(key);
+        match self {
+            Wrong::Said(reason) | Wrong::UnknownKey(reason) => reason.clone(),
+            Wrong::Missing(field) => format!("is missing its key `{field}`"),
+            Wrong::UnknownWord { got, known } => {
+                let known: Vec<String> = known.iter().map(|k| format!("{k:?}")).collect();
+                let all = match known.split_last() {
+                    Some((last, [])) => last.clone(),
+                    Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+                    None => String::new(),
+                };
+                // `serves` has a third answer that is not one of its words: a fixed `target`.
+                let hint = if name == "serves" {
+                    " (or set target)"
+                } else {
+                    ""
+                };
+                format!("expected {all}{hint}, got {got:?}")
+            }
+            Wrong::Type {
+                found,
+                text,
+                expected,
+            } => {
+                let expected = match expected.as_str() {
+                    "a string" => "text in quotes".to_owned(),
+                    "a boolean" => "true or false, without quotes".to_owned(),
+                    "u16" => "a whole number from 0 to 65535".to_owned(),
+                    "u32" | "u64" | "usize" => "a whole number, 0 or more".to_owned(),
+                    "a sequence" => match text {
+                        Some(text) => format!("a list in brackets: write {name} = [\"{text}\"]"),
+                        None => "a list in brackets, like [\"a\", \"b\"]".to_owned(),
+                    },
+                    table if table.starts_with("struct ") || table == "a map" => {
+                        format!(
+                            "a table: write [{key}] on a line of its own, with its keys below it"
+                        )
+                    }
+                    other => other.to_owned(),
+                };
+                format!("found {found}; expected {expected}")
+            }
+        }
+    }
+}
+
+/// A value of the file, read by serde with [`Wrong`] as its error.
+struct Node<'i>(DeValue<'i>);
+
+impl<'de> Deserializer<'de> for Node<'_> {
+    type Error = Wrong;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Wrong> {
+        match self.0 {
+            DeValue::String(text) => visitor.visit_str(&text),
+            DeValue::Integer(n) => match i64::from_str_radix(n.as_str(), n.radix()) {
+                Ok(n) => visitor.visit_i64(n),
+                Err(_) => visitor
+                    .visit_u64(u64::from_str_radix(n.as_str(), n.radix()).map_err(Wrong::custom)?),
+            },
+            DeValue::Float(n) => visitor.visit_f64(n.as_str().parse().map_err(Wrong::custom)?),
+            DeValue::Boolean(b) => visitor.visit_bool(b),
+            DeValue::Datetime(_) => Err(Wrong::invalid_type(Unexpected::Other("a date"), &visitor)),
+            DeValue::Array(items) => {
+                let items = items.into_iter().map(|item| Node(item.into_inner()));
+                SeqDeserializer::new(items).deserialize_any(visitor)
+            }
+            DeValue::Table(table) => {
+                let entries = table
+                    .into_iter()
+                    .map(|(key, value)| (key.into_inner(), Node(value.into_inner())));
+                MapDeserializer::new(entries).deserialize_any(visitor)
+            }
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Wrong> {
+        visitor.visit_some(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct newtype_struct seq tuple tuple_struct map struct enum identifier
+        ignored_any
+    }
+}
+
+impl<'de, 'i> IntoDeserializer<'de, Wrong> for Node<'i> {
+    type Deserializer = Self;
+
+    fn into_deserializer(self) -> Self {
+        self
     }
 }
 
@@ -1706,7 +1729,7 @@ impl File {
             // so ordinary transactions finish however short the interval.
             proxy.switchover_grace = (check.interval / 2).max(MIN_SWITCHOVER_GRACE);
         }
-        let config = Config {
+        Ok(Config {
             listen,
             listeners,
             backends,
@@ -1714,75 +1737,7 @@ impl File {
             proxy,
             admin,
             reload,
-        };
-        refuse_loops(&config, &crate::own_addresses::local_interfaces())?;
-        Ok(config)
-    }
-}
-
-/// Refuses an address to connect to that is one of the proxy's own listening sockets (given
-/// exactly, or covered by a wildcard on a local interface): every client sent there would come
-/// back in and connect again. Listeners on port 0 are checked once bound, at connect.
-fn refuse_loops(
-    config: &Config,
-    locals: &[crate::own_addresses::LocalNet],
-) -> Result<(), ConfigError> {
-    let mut errors = Vec::new();
-    use crate::own_addresses::{covering, Listening};
-    let mut own: Vec<(Listening, String)> = Vec::new();
-    for (i, spec) in config.all_listeners().iter().enumerate() {
-        for (j, addr) in spec.addresses.iter().enumerate() {
-            let key = if i == 0 {
-                format!("listen.addresses[{j}]")
-            } else {
-                format!("listeners[{}].addresses[{j}]", i - 1)
-            };
-            let listening = Listening {
-                addr: *addr,
-                dual_stack: false,
-            };
-            own.push((listening, key));
-        }
-    }
-    if let Some(addr) = config.admin.address {
-        let listening = Listening {
-            addr,
-            dual_stack: addr.is_ipv6(),
-        };
-        own.push((listening, "admin.address".to_string()));
-    }
-    let listening: Vec<Listening> = own.iter().map(|(l, _)| *l).collect();
-    // A name is checked when it is resolved: discovery drops a backend at the proxy's own
-    // address, and a fixed target's session refuses it.
-    let mut targets: Vec<(String, SocketAddr)> = config
-        .backends
-        .backup
-        .iter()
-        .enumerate()
-        .filter_map(|(i, e)| Some((format!("backends.backup[{i}]"), e.addr()?)))
-        .collect();
-    for (i, spec) in config.listeners.iter().enumerate() {
-        if let Serves::Target(Endpoint::Addr(addr)) = spec.serves {
-            targets.push((format!("listeners[{i}].target"), addr));
-        }
-    }
-    for (key, target) in targets {
-        if let Some(listen) = covering(target, &listening, locals) {
-            let owner = own
-                .iter()
-                .find(|(l, _)| l.addr == listen)
-                .map_or("", |(_, key)| key.as_str());
-            errors.push(invalid(
-                &key,
-                format!(
-                    "{target} is this proxy's own listening address ({owner} = {listen} covers it): clients would loop back into the proxy"
-                ),
-            ));
-        }
-    }
-    match errors.is_empty() {
-        true => Ok(()),
-        false => Err(ConfigError::Invalid(errors)),
+        })
     }
 }
 
@@ -2360,10 +2315,6 @@ mod tests {
                 &["proxy.max_connections", "at most 1000000"],
             ),
             (
-                "[[listeners]]\naddresses = [\"127.0.0.1:5434\"]\ntarget = \"127.0.0.1:5434\"",
-                &["listeners[0].target", "loop"],
-            ),
-            (
                 "[admin]\nallow_changes = \"yes\"",
                 &["admin.allow_changes", "true or false"],
             ),
@@ -2372,34 +2323,6 @@ mod tests {
                 &["admin.metrics_expiry", "bad duration"],
             ),
             ("[reload]\nforce = \"yes\"", &["reload.force", "true or false"]),
-            (
-                "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]",
-                &[
-                    "backends.backup[0]",
-                    "listen.addresses[0] = 127.0.0.1:6432",
-                    "loop",
-                ],
-            ),
-            (
-                "[backends]\nbackup = [\"127.0.0.1:5433\", \"127.3.2.1:5432\"]",
-                &["backends.backup[1]", "listen.addresses[0] = 0.0.0.0:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"0.0.0.0:5432\"]",
-                &["backends.backup[0]", "0.0.0.0:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"[::1]:5432\"]",
-                &["backends.backup[0]", "listen.addresses[1] = [::]:5432", "loop"],
-            ),
-            (
-                "[backends]\nbackup = [\"127.0.0.1:8404\"]",
-                &["backends.backup[0]", "admin.address = [::]:8404", "loop"],
-            ),
-            (
-                "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\n[[listeners]]\naddresses = [\"127.0.0.1:6000\"]\ntarget = \"127.0.0.1:5434\"",
-                &["listeners[1].target", "listeners[0].addresses[0] = 0.0.0.0:5434", "loop"],
-            ),
             (
                 "[[listeners]]\nname = \"r\"",
                 &["listeners[0]", "missing its key `addresses`"],

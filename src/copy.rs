@@ -5,7 +5,7 @@
 //! than their sockets. And a read that returns less than was asked for drained the socket, so
 //! readiness is cleared right there instead of by one more `read` that would only say EAGAIN.
 //!
-//! On Linux, [`Mode::Splice`] moves bytes socket → pipe → socket with `splice(2)` and never copies
+//! On Linux, [`CopyMode::Splice`] moves bytes socket → pipe → socket with `splice(2)` and never copies
 //! them through user space; when a pipe cannot be made it falls back to the buffered path.
 //!
 //! A session may be followed by a [`Framing`]: every buffered read is shown to it, and a splice
@@ -33,11 +33,13 @@ use tokio::time::{Instant, Sleep};
 
 use roleproxy_core::framing::{Framing, Side};
 
+use crate::config::CopyMode;
+
 /// Bytes moved per read; also the size of a pooled buffer.
 const CHUNK: usize = 64 * 1024;
-/// In [`Mode::Auto`], a read of at least this many bytes starts splicing its direction.
+/// In [`CopyMode::Auto`], a read of at least this many bytes starts splicing its direction.
 const BULK_STARTS_AT: usize = CHUNK / 2;
-/// In [`Mode::Auto`], a splice of fewer bytes stops splicing its direction. The messages of
+/// In [`CopyMode::Auto`], a splice of fewer bytes stops splicing its direction. The messages of
 /// an interactive Postgres session are far smaller than both thresholds.
 const BULK_STOPS_BELOW: usize = 16 * 1024;
 /// Pipe size asked for; pipes are only held while bytes move, so this costs nothing idle.
@@ -49,19 +51,6 @@ const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 const BUFFER_POOL_CAP: usize = 16;
 /// Pipes (two descriptors each) kept per thread for reuse; more are closed.
 pub const PIPE_POOL_CAP: usize = 4;
-
-/// How bytes are moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Buffered for small messages (one `read` + one `send` is cheapest), `splice(2)` while a
-    /// direction is moving bulk data (a read brought half a buffer or more).
-    Auto,
-    /// `splice(2)` through a pooled pipe (Linux), falling back to buffered.
-    Splice,
-    /// `read` into a pooled buffer, `write` out of it.
-    Buffered,
-}
 
 /// The instant [`clock_ms`] counts from: its first use.
 fn epoch() -> Instant {
@@ -195,7 +184,7 @@ impl Socket {
 pub fn bidirectional<'a>(
     client: &'a Socket,
     backend: &'a Socket,
-    mode: Mode,
+    mode: CopyMode,
     activity: &'a Activity,
     half_close_timeout: Duration,
     framing: Option<&'a mut Framing>,
@@ -409,11 +398,11 @@ enum Chunk {
 struct Pump<'a> {
     from: &'a Socket,
     to: &'a Socket,
-    mode: Mode,
+    mode: CopyMode,
     counter: &'a AtomicU64,
     activity: &'a Activity,
     chunk: Option<Chunk>,
-    /// In [`Mode::Auto`]: this direction is moving bulk data, so it splices.
+    /// In [`CopyMode::Auto`]: this direction is moving bulk data, so it splices.
     bulk: bool,
     done: bool,
     /// It ended because writing to its destination failed.
@@ -425,7 +414,7 @@ impl<'a> Pump<'a> {
     fn new(
         from: &'a Socket,
         to: &'a Socket,
-        mode: Mode,
+        mode: CopyMode,
         counter: &'a AtomicU64,
         activity: &'a Activity,
         side: Side,
@@ -474,9 +463,9 @@ impl<'a> Pump<'a> {
                 .as_deref()
                 .map_or(usize::MAX, |f| f.skippable(self.side));
             let splice = match self.mode {
-                Mode::Splice => unseen > 0,
-                Mode::Buffered => false,
-                Mode::Auto => self.bulk && unseen >= BULK_STOPS_BELOW,
+                CopyMode::Splice => unseen > 0,
+                CopyMode::Buffered => false,
+                CopyMode::Auto => self.bulk && unseen >= BULK_STOPS_BELOW,
             };
             let read = match splice.then(Pipe::take) {
                 Some(Ok(pipe)) => read_spliced(&mut ready, pipe, unseen),
@@ -490,7 +479,7 @@ impl<'a> Pump<'a> {
                         && splice =>
                 {
                     // This pair of sockets cannot splice; the buffered path always works.
-                    self.mode = Mode::Buffered;
+                    self.mode = CopyMode::Buffered;
                     continue;
                 }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -756,7 +745,7 @@ mod tests {
     }
 
     /// client ⇄ [proxy_client | proxy_backend] ⇄ backend, copied by `bidirectional`.
-    async fn round_trip(mode: Mode) {
+    async fn round_trip(mode: CopyMode) {
         let (mut client, proxy_client) = pair().await;
         let (proxy_backend, mut backend) = pair().await;
         let activity = Activity::new();
@@ -802,12 +791,12 @@ mod tests {
 
     #[tokio::test]
     async fn buffered_copies_both_ways_with_half_close() {
-        round_trip(Mode::Buffered).await;
+        round_trip(CopyMode::Buffered).await;
     }
 
     #[tokio::test]
     async fn splice_copies_both_ways_with_half_close() {
-        round_trip(Mode::Splice).await;
+        round_trip(CopyMode::Splice).await;
     }
 
     /// A server that answers with an error and resets while the client is still sending (as
@@ -820,7 +809,15 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, Mode::Auto, &activity, Duration::from_secs(60), None).await
+            bidirectional(
+                &c,
+                &b,
+                CopyMode::Auto,
+                &activity,
+                Duration::from_secs(60),
+                None,
+            )
+            .await
         };
         let server = async move {
             let mut first = [0u8; 1024];
@@ -873,7 +870,7 @@ mod tests {
         let copier = async {
             let c = Socket::new(proxy_client).unwrap();
             let b = Socket::new(proxy_backend).unwrap();
-            bidirectional(&c, &b, Mode::Auto, &activity, timeout, None).await
+            bidirectional(&c, &b, CopyMode::Auto, &activity, timeout, None).await
         };
         let peers = async move {
             client.shutdown().await.unwrap();
@@ -945,7 +942,7 @@ mod tests {
         framing: &'a mut Framing,
     ) -> Bidirectional<'a> {
         let half_close = Duration::from_secs(60);
-        bidirectional(c, b, Mode::Auto, activity, half_close, Some(framing))
+        bidirectional(c, b, CopyMode::Auto, activity, half_close, Some(framing))
     }
 
     /// Reads from `stream` until `expected` bytes came, and returns them.
@@ -1111,7 +1108,7 @@ mod tests {
     /// large result of messages of every size, and the bytes are intact.
     #[tokio::test]
     async fn splicing_a_followed_session_keeps_count() {
-        for mode in [Mode::Splice, Mode::Auto] {
+        for mode in [CopyMode::Splice, CopyMode::Auto] {
             let (mut client, proxy_client) = pair().await;
             let (proxy_backend, mut backend) = pair().await;
             let activity = Activity::new();
@@ -1167,6 +1164,6 @@ mod tests {
 
     #[tokio::test]
     async fn auto_copies_both_ways_with_half_close() {
-        round_trip(Mode::Auto).await;
+        round_trip(CopyMode::Auto).await;
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use roleproxy::own_addresses::refuse_loops_here;
 use roleproxy::Config;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -131,7 +132,7 @@ fn main() -> ExitCode {
     let command = cli.command.unwrap_or(Command::Run);
     // The proxy's thread count comes from its configuration; other commands use the default.
     let config = match command {
-        Command::Run => match Config::load(&cli.config) {
+        Command::Run => match Config::load_with(&cli.config, refuse_loops_here) {
             Ok(config) => Some(config),
             Err(e) => return config_error(&cli.config, &e),
         },
@@ -242,7 +243,7 @@ fn config_error(path: &std::path::Path, e: &roleproxy::config::ConfigError) -> E
 }
 
 async fn check(path: &std::path::Path, resolve: bool) -> ExitCode {
-    let config = match Config::load(path) {
+    let config = match Config::load_with(path, refuse_loops_here) {
         Ok(c) => c,
         Err(e) => return config_error(path, &e),
     };

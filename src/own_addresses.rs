@@ -3,14 +3,18 @@
 //! A backend address that is one of the proxy's listeners (given exactly, or covered by a
 //! wildcard such as `0.0.0.0:5432` on a local interface) would send each client back into the
 //! proxy, which would connect again: one client could chain sessions until `max_connections`
-//! and the leader's own limit are spent. The configuration refuses such addresses, discovery
-//! drops them, and a session refuses to connect to one as a last line of defence.
+//! and the leader's own limit are spent. A configuration with such an address is not applied
+//! (at start-up or reload), discovery drops them, and a session refuses to connect to one as a
+//! last line of defence.
 //!
-//! [`covering`] is pure; [`local_interfaces`] reads the host's addresses (`getifaddrs`).
+//! [`covering`] and [`refuse_loops`] are pure; [`local_interfaces`] reads the host's addresses
+//! (`getifaddrs`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tokio::sync::watch;
+
+use crate::config::{Config, ConfigError, Endpoint, KeyError, Serves};
 
 /// One of the proxy's listening sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +118,76 @@ pub fn local_interfaces() -> Vec<LocalNet> {
             }
         })
         .collect()
+}
+
+/// Refuses an address to connect to that is one of the proxy's own listening sockets (given
+/// exactly, or covered by a wildcard on a local interface): every client sent there would come
+/// back in and connect again. Listeners on port 0 are checked once bound, at connect.
+/// Pure.
+pub fn refuse_loops(config: &Config, locals: &[LocalNet]) -> Result<(), ConfigError> {
+    let mut errors = Vec::new();
+    let mut own: Vec<(Listening, String)> = Vec::new();
+    for (i, spec) in config.all_listeners().iter().enumerate() {
+        for (j, addr) in spec.addresses.iter().enumerate() {
+            let key = if i == 0 {
+                format!("listen.addresses[{j}]")
+            } else {
+                format!("listeners[{}].addresses[{j}]", i - 1)
+            };
+            let listening = Listening {
+                addr: *addr,
+                dual_stack: false,
+            };
+            own.push((listening, key));
+        }
+    }
+    if let Some(addr) = config.admin.address {
+        let listening = Listening {
+            addr,
+            dual_stack: addr.is_ipv6(),
+        };
+        own.push((listening, "admin.address".to_string()));
+    }
+    let listening: Vec<Listening> = own.iter().map(|(l, _)| *l).collect();
+    // A name is checked when it is resolved: discovery drops a backend at the proxy's own
+    // address, and a fixed target's session refuses it.
+    let mut targets: Vec<(String, SocketAddr)> = config
+        .backends
+        .backup
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| Some((format!("backends.backup[{i}]"), e.addr()?)))
+        .collect();
+    for (i, spec) in config.listeners.iter().enumerate() {
+        if let Serves::Target(Endpoint::Addr(addr)) = spec.serves {
+            targets.push((format!("listeners[{i}].target"), addr));
+        }
+    }
+    for (key, target) in targets {
+        if let Some(listen) = covering(target, &listening, locals) {
+            let owner = own
+                .iter()
+                .find(|(l, _)| l.addr == listen)
+                .map_or("", |(_, key)| key.as_str());
+            errors.push(KeyError {
+                key,
+                reason: format!(
+                    "{target} is this proxy's own listening address ({owner} = {listen} covers it): clients would loop back into the proxy"
+                ),
+                at: None,
+            });
+        }
+    }
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(ConfigError::Invalid(errors)),
+    }
+}
+
+/// [`refuse_loops`] with this host's interfaces as they are now: for a configuration about to
+/// be applied (at start-up and reload, and by `roleproxy check`).
+pub fn refuse_loops_here(config: &Config) -> Result<(), ConfigError> {
+    refuse_loops(config, &local_interfaces())
 }
 
 /// What the proxy listens on and which addresses are local, as last seen.
@@ -309,6 +383,85 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    /// Each row: a configuration fragment and words its error must contain: the key, the
+    /// listener it loops into, and why. Loopback alone is local here, so no row depends on the
+    /// host's interfaces.
+    #[test]
+    fn a_configuration_that_loops_into_the_proxy_is_refused() {
+        let rows: &[(&str, &[&str])] = &[
+                (
+                    "[[listeners]]\naddresses = [\"127.0.0.1:5434\"]\ntarget = \"127.0.0.1:5434\"",
+                    &["listeners[0].target", "loop"],
+                ),
+                (
+                    "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]",
+                    &[
+                        "backends.backup[0]",
+                        "listen.addresses[0] = 127.0.0.1:6432",
+                        "loop",
+                    ],
+                ),
+                (
+                    "[backends]\nbackup = [\"127.0.0.1:5433\", \"127.3.2.1:5432\"]",
+                    &["backends.backup[1]", "listen.addresses[0] = 0.0.0.0:5432", "loop"],
+                ),
+                (
+                    "[backends]\nbackup = [\"0.0.0.0:5432\"]",
+                    &["backends.backup[0]", "0.0.0.0:5432", "loop"],
+                ),
+                (
+                    "[backends]\nbackup = [\"[::1]:5432\"]",
+                    &["backends.backup[0]", "listen.addresses[1] = [::]:5432", "loop"],
+                ),
+                (
+                    "[backends]\nbackup = [\"127.0.0.1:8404\"]",
+                    &["backends.backup[0]", "admin.address = [::]:8404", "loop"],
+                ),
+                (
+                    "[[listeners]]\naddresses = [\"0.0.0.0:5434\"]\n[[listeners]]\naddresses = [\"127.0.0.1:6000\"]\ntarget = \"127.0.0.1:5434\"",
+                    &["listeners[1].target", "listeners[0].addresses[0] = 0.0.0.0:5434", "loop"],
+                ),
+        ];
+        for (text, words) in rows {
+            let text = match text.contains("[backends]") {
+                true => text.to_string(),
+                false => format!("{text}\n[backends]\ndns_names = [\"iad.app.internal\"]"),
+            };
+            let config = Config::parse(&text, &|_| None).expect("valid as a file");
+            let message = match refuse_loops(&config, &[]) {
+                Ok(()) => panic!("{text:?} loops"),
+                Err(e) => e.to_string(),
+            };
+            for word in *words {
+                assert!(
+                    message.contains(word),
+                    "{text:?} should say {word:?}: {message}"
+                );
+            }
+        }
+        let fine = Config::parse("[backends]\nbackup = [\"127.0.0.1:5433\"]", &|_| None);
+        assert!(refuse_loops(&fine.expect("valid"), &[]).is_ok());
+    }
+
+    /// Where the configuration is applied, the error has the line of the key, as the file's own
+    /// errors do.
+    #[test]
+    fn a_loop_is_refused_at_load_with_its_line() {
+        let path =
+            std::env::temp_dir().join(format!("roleproxy-loops-{}.toml", std::process::id()));
+        let text = "[listen]\naddresses = [\"127.0.0.1:6432\"]\n[backends]\nbackup = [\"127.0.0.1:6432\"]\n";
+        std::fs::write(&path, text).expect("write the file");
+        let loaded = Config::load_with(&path, refuse_loops_here).map(|_| ());
+        let _ = std::fs::remove_file(&path);
+        let message = loaded.expect_err("loops").to_string();
+        assert!(
+            message.starts_with(
+                "backends.backup[0]: 127.0.0.1:6432 is this proxy's own listening address"
+            ) && message.ends_with("(line 4, column 11)"),
+            "{message}"
+        );
     }
 
     #[test]

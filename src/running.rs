@@ -39,7 +39,7 @@ use crate::config::{
 use crate::discovery::HostResolver;
 use crate::metrics as m;
 use crate::operator::{AdminSettings, Operator};
-use crate::own_addresses::{Listening, OwnAddrs};
+use crate::own_addresses::{self, Listening, OwnAddrs};
 use crate::preconnect::Preconnect;
 use crate::preflight::{self, Live, Worse};
 use crate::reserve::Reserve;
@@ -638,7 +638,9 @@ impl Reloads {
         let replies = std::mem::take(&mut self.waiting);
         let force = std::mem::take(&mut self.force);
         let loaded = running.source.as_deref().ok_or(ReloadError::NoSource);
-        let config = match loaded.and_then(|path| Ok(Config::load(path)?)) {
+        let applied =
+            loaded.and_then(|path| Ok(Config::load_with(path, own_addresses::refuse_loops_here)?));
+        let config = match applied {
             Ok(config) => config,
             Err(e) => return answer(replies, Err(e)),
         };

@@ -66,8 +66,8 @@ async fn a_backup_at_the_proxys_own_listener_is_refused_at_load_and_reload() {
             .clone_with("backends.backup", &format!("[\"{backup}\"]"))
             .set("listen.addresses", listen)
             .toml();
-        let error = roleproxy::Config::parse(&text, &|_| None)
-            .map(|_| ())
+        let config = roleproxy::Config::parse(&text, &|_| None).expect("valid as a file");
+        let error = roleproxy::own_addresses::refuse_loops_here(&config)
             .expect_err("a backup at the proxy's own listener is refused")
             .to_string();
         for words in ["backends.backup[0]", owner, "loop"] {
