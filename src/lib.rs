@@ -122,6 +122,10 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The configuration sends clients back to this proxy (read against this host's
+    /// interfaces, so checked here and not when the file is parsed).
+    #[error("{0}")]
+    Loops(#[from] config::ConfigError),
     /// A core task ended while the proxy ran: the process should exit and be restarted.
     #[error("stopped because the {0}")]
     TaskEnded(supervise::TaskEnded),
@@ -138,8 +142,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Binds every listener and the admin port, so that a bad address fails before anything runs.
+    /// Binds every listener and the admin port, so that a bad address fails before anything runs;
+    /// first refuses a configuration that would send clients back to this proxy.
     pub async fn bind(config: Config) -> Result<Proxy, Error> {
+        own_addresses::refuse_loops_here(&config)?;
         let bind = |addr: SocketAddr, ipv6_only| {
             sessions::bind(addr, ipv6_only).map_err(|source| Error::Bind { addr, source })
         };
