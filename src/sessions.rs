@@ -48,7 +48,7 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// Refusals answered at once; beyond this, excess clients are closed without a message so a
 /// flood cannot grow memory.
 const MAX_REFUSALS_IN_FLIGHT: usize = 256;
-/// Pause between connect attempts to the same leader, cut short by a route change.
+/// Pause before a backend that failed is tried again; a leader's is cut short by a route change.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -902,6 +902,7 @@ async fn route_left(
 /// and reported once, then a retry by the pick's rules.
 struct Connects<'s, 'r> {
     settings: &'s SessionSettings,
+    /// Followed to the leader, by a leader listener's client or a replica listener's fallback.
     route: &'r mut watch::Receiver<Route>,
     pick: Pick<'r>,
     /// When the client stops waiting: `leader_wait` after its request, restarted after a
