@@ -50,7 +50,7 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// Refusals answered at once; beyond this, excess clients are closed without a message so a
 /// flood cannot grow memory.
 const MAX_REFUSALS_IN_FLIGHT: usize = 256;
-/// Pause between connect attempts to the same leader, cut short by a route change.
+/// Pause before a backend that failed is tried again; a leader's is cut short by a route change.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
@@ -446,7 +446,7 @@ async fn serve_client(
     let mut startup = Startup::new(first);
     let follow = settings.config.switchover == Switchover::Transaction;
     let connecting = async {
-        let connected = match &plan.serves {
+        let pick = match &plan.serves {
             Serves::Leader => {
                 return start_on_leader(
                     &mut client,
@@ -458,22 +458,19 @@ async fn serve_client(
                 )
                 .await
             }
-            &Serves::Replica { fallback_to_leader } => {
-                connect_replica(
-                    &mut backends,
-                    &mut route,
-                    fallback_to_leader,
-                    settings,
-                    accepted,
-                )
-                .await
-            }
+            &Serves::Replica { fallback_to_leader } => Pick::Replica {
+                backends: &mut backends,
+                operator: settings.base.operator.subscribe(),
+                fallback_to_leader,
+                failed: Vec::new(),
+            },
             Serves::Target(target) => {
-                let addr = resolve_target(target, plan.resolver.as_deref()).await?;
-                connect_target(addr, settings).await
+                Pick::Target(resolve_target(target, plan.resolver.as_deref()).await?)
             }
         };
-        let mut connected = connected?;
+        let mut connected = Connects::new(settings, &mut route, accepted, pick)
+            .connect()
+            .await?;
         // Sessions routed to a leader or a replica are followed, so a pause or a drain can
         // end them between transactions; a replica listener's always through their startup,
         // for the cancel key.
@@ -556,19 +553,19 @@ async fn start_on_leader(
     accepted: Instant,
     follow: bool,
 ) -> Result<(Connected, Started), Unserved> {
-    let mut connects = LeaderConnects::new(settings, accepted);
+    let mut connects = Connects::new(settings, route, accepted, Pick::Leader);
     loop {
-        let (mut connected, generation) = connects.connect(route).await?;
+        let mut connected = connects.connect().await?;
         let addr = connected.addr;
         let attempt = startup
             .attempt(
                 client,
                 &mut connected.stream,
                 route_left(
-                    route.clone(),
+                    connects.route.clone(),
                     settings.base.operator.subscribe(),
                     addr,
-                    generation,
+                    connects.generation,
                 ),
                 connects.deadline,
                 settings.config.silent_timeout,
@@ -600,7 +597,7 @@ async fn start_on_leader(
             addr,
             error: error.clone(),
         });
-        connects.failed(route, addr, generation, error).await?;
+        connects.failed(addr, error).await?;
     }
 }
 
@@ -848,92 +845,6 @@ fn unserved(plan: &ListenerPlan, opened: &Opened, result: &'static str) {
     }
 }
 
-/// Sends a replica listener's client to the replica with the fewest sessions, trying the
-/// others when one cannot be reached; with `fallback_to_leader`, to the leader while no
-/// replica is up. Waits within `leader_wait` for one to appear.
-async fn connect_replica(
-    backends: &mut watch::Receiver<BackendSet>,
-    route: &mut watch::Receiver<Route>,
-    fallback_to_leader: bool,
-    settings: &SessionSettings,
-    accepted: Instant,
-) -> Result<Connected, Unserved> {
-    let config = &settings.config;
-    let deadline = accepted + config.leader_wait;
-    let mut failed: Vec<SocketAddr> = Vec::new();
-    let mut last_error: Option<(SocketAddr, String)> = None;
-    let mut operator = settings.base.operator.subscribe();
-    loop {
-        let set = backends.borrow_and_update().clone();
-        let turn = settings.turn.fetch_add(1, Ordering::Relaxed);
-        // Drained and in-maintenance replicas take no new session.
-        let open = {
-            let state = operator.borrow_and_update();
-            open_replicas(&set.replicas, |a| state.mode(a))
-        };
-        // Counted before connecting, so a burst of clients spreads over the replicas.
-        if let Some(counted) = set.pick_replica(&open, &failed, turn) {
-            let addr = counted.addr();
-            settings.refuse_loop(addr)?;
-            let attempt = tokio::time::timeout_at(
-                deadline.min(Instant::now() + config.connect_timeout),
-                settings.base.reserve.connect(addr),
-            )
-            .await;
-            let error = match classify(attempt)? {
-                Ok(stream) => {
-                    return Ok(Connected {
-                        stream,
-                        addr,
-                        drain: Drain::Replica,
-                        _counted: counted,
-                    })
-                }
-                // The attempt's timer may be the client's deadline: no duration is named.
-                Err(failed) => failed.describe(None),
-            };
-            if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
-                tracing::warn!(backend = %addr, %error, suppressed, "connect to replica failed");
-            }
-            m::connect_failed(addr);
-            last_error = Some((addr, error));
-            failed.push(addr);
-            continue;
-        }
-        if fallback_to_leader && open.is_empty() && route.borrow().leader().is_some() {
-            return connect_leader(route, settings, accepted).await;
-        }
-        // Every replica failed, or none is up: wait for the set (or the leader) to change.
-        let retry = if failed.is_empty() {
-            deadline
-        } else {
-            Instant::now() + RETRY_PAUSE
-        };
-        // A closed channel means the leader view ended: say so at once, never spin on it.
-        let changed = tokio::select! {
-            _ = tokio::time::sleep_until(retry.min(deadline)) => Ok(()),
-            changed = backends.changed() => changed,
-            changed = operator.changed() => changed,
-            changed = route.changed(), if fallback_to_leader => changed,
-        };
-        if changed.is_err() {
-            return Err(Unserved::Stopping);
-        }
-        failed.clear();
-        if Instant::now() >= deadline {
-            return Err(match last_error {
-                Some((addr, error)) => Unserved::BackendUnreachable { addr, error },
-                None if fallback_to_leader => {
-                    let leader = no_leader_reason(&route.borrow(), None);
-                    Unserved::NoReplica(format!(" and {leader}"))
-                }
-                None => Unserved::NoReplica(String::new()),
-            });
-        }
-    }
-}
-
-/// Connects a fixed-target listener's client, with the same timeout and retries as a leader.
 /// The address of a fixed target. A name is resolved at each connect, with the resolver of
 /// `backends.dns_names`: the simplest way that follows a target that moves (a node replaced,
 /// an address reassigned) without a reload, and a client that connects is the only one
@@ -966,51 +877,6 @@ async fn resolve_target(
     }
 }
 
-async fn connect_target(
-    addr: SocketAddr,
-    settings: &SessionSettings,
-) -> Result<Connected, Unserved> {
-    let config = &settings.config;
-    settings.refuse_loop(addr)?;
-    let mut attempt = 0;
-    loop {
-        let connect =
-            tokio::time::timeout(config.connect_timeout, settings.base.reserve.connect(addr));
-        let error = match classify(connect.await)? {
-            Ok(stream) => {
-                return Ok(Connected {
-                    stream,
-                    addr,
-                    drain: Drain::Never,
-                    _counted: settings.base.view.backends.borrow().count(addr),
-                })
-            }
-            Err(failed) => failed.describe(Some(config.connect_timeout)),
-        };
-        if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
-            tracing::warn!(target = %addr, %error, suppressed, "connect failed");
-        }
-        m::connect_failed(addr);
-        attempt += 1;
-        if attempt > config.connect_retries {
-            return Err(Unserved::BackendUnreachable { addr, error });
-        }
-        tokio::time::sleep(RETRY_PAUSE).await;
-    }
-}
-
-/// Waits for a route with a leader and connects to it (see [`LeaderConnects`]).
-async fn connect_leader(
-    route: &mut watch::Receiver<Route>,
-    settings: &SessionSettings,
-    accepted: Instant,
-) -> Result<Connected, Unserved> {
-    let (connected, _generation) = LeaderConnects::new(settings, accepted)
-        .connect(route)
-        .await?;
-    Ok(connected)
-}
-
 /// Whether `route` still sends new clients to `addr` under `generation`, the proxy `paused` or
 /// not. A connect or a startup begun under it is abandoned the moment it does not: the leader
 /// stepped down, died, is held, or is contested by another node's claim (the generation stays
@@ -1033,41 +899,211 @@ async fn route_left(
     }
 }
 
-/// One client's way to the leader, within `leader_wait`: waits for a route with a leader,
-/// connects, and retries. Failures (a connect's, or a startup's: rule 11) are counted per
-/// leader; once `connect_retries` are spent on one, the client waits for the route to move.
-/// Connect failures are reported to the leader view, which counts them against the leader and
-/// re-checks every backend.
-struct LeaderConnects<'s> {
+/// One client's connect, whatever its listener serves. [`Pick`] chooses the backend to try;
+/// the rest is the same for all: a timed connect, its failure sorted out once ([`classify`])
+/// and reported once, then a retry by the pick's rules.
+struct Connects<'s, 'r> {
     settings: &'s SessionSettings,
+    /// Followed to the leader, by a leader listener's client or a replica listener's fallback.
+    route: &'r mut watch::Receiver<Route>,
+    pick: Pick<'r>,
+    /// When the client stops waiting: `leader_wait` after its request, restarted after a
+    /// pause. A fixed target's client is bounded by its retries instead.
     deadline: Instant,
+    /// The route generation the leader was last picked under.
+    generation: u64,
+    /// Failed attempts on the backend picked now: a leader's under `generation`, a fixed
+    /// target's in all.
     failures: u32,
-    failed_generation: Option<u64>,
     last_error: Option<(SocketAddr, String)>,
 }
 
-impl<'s> LeaderConnects<'s> {
-    fn new(settings: &'s SessionSettings, accepted: Instant) -> Self {
-        LeaderConnects {
+/// What a listener's clients connect to: the one part of connecting that differs by listener.
+enum Pick<'r> {
+    /// The route's leader. Once `connect_retries` are spent on it under one route generation,
+    /// only a new route helps. Its failures are reported to the view, which counts them against
+    /// the leader and re-checks every backend.
+    Leader,
+    /// The open replica with the fewest sessions; one that failed is passed over until the set
+    /// changes. With `fallback_to_leader`, the leader while no replica is open.
+    Replica {
+        backends: &'r mut watch::Receiver<BackendSet>,
+        operator: watch::Receiver<OperatorState>,
+        fallback_to_leader: bool,
+        failed: Vec<SocketAddr>,
+    },
+    /// A fixed target's address, tried once and `connect_retries` more times.
+    Target(SocketAddr),
+}
+
+impl<'s, 'r> Connects<'s, 'r> {
+    fn new(
+        settings: &'s SessionSettings,
+        route: &'r mut watch::Receiver<Route>,
+        accepted: Instant,
+        pick: Pick<'r>,
+    ) -> Self {
+        Connects {
             settings,
+            route,
+            pick,
             deadline: accepted + settings.config.leader_wait,
+            generation: 0,
             failures: 0,
-            failed_generation: None,
             last_error: None,
         }
     }
 
-    fn connected(&self, stream: TcpStream, addr: SocketAddr, generation: u64) -> Connected {
-        Connected {
-            stream,
-            addr,
-            drain: Drain::Route(generation),
-            _counted: self.settings.base.view.backends.borrow().count(addr),
+    /// A connected backend: the one loop of picking, connecting and retrying.
+    async fn connect(&mut self) -> Result<Connected, Unserved> {
+        let settings = self.settings;
+        loop {
+            let (addr, counted) = self.next().await?;
+            settings.refuse_loop(addr)?;
+            let full = Instant::now() + settings.config.connect_timeout;
+            let (drain, until) = match self.pick {
+                Pick::Leader => (Drain::Route(self.generation), full.min(self.deadline)),
+                Pick::Replica { .. } => (Drain::Replica, full.min(self.deadline)),
+                Pick::Target(_) => (Drain::Never, full),
+            };
+            let connect = tokio::time::timeout_at(until, settings.base.reserve.connect(addr));
+            let attempt = match drain {
+                Drain::Route(generation) => {
+                    let preconnect = settings.preconnect.as_ref();
+                    match preconnect.and_then(|p| p.take(generation, addr)) {
+                        // Opened ahead to this leader under this route.
+                        Some(warm) => Ok(Ok(warm)),
+                        None if Instant::now() >= self.deadline => return Err(self.gave_up()),
+                        // A connect that outlives its route, or the client's patience, is
+                        // abandoned.
+                        None => tokio::select! {
+                            a = connect => a,
+                            _ = route_left(self.route.clone(), settings.base.operator.subscribe(), addr, generation) => {
+                                tracing::info!(backend = %addr, "the route left the leader during the connect; connect abandoned");
+                                continue;
+                            }
+                        },
+                    }
+                }
+                _ => connect.await,
+            };
+            let failed = match classify(attempt)? {
+                Ok(stream) if self.still_sends(addr, drain) => {
+                    let counted =
+                        counted.unwrap_or_else(|| settings.base.view.backends.borrow().count(addr));
+                    return Ok(Connected {
+                        stream,
+                        addr,
+                        drain,
+                        _counted: counted,
+                    });
+                }
+                Ok(_) => continue,
+                // Cut short by the client's own deadline: that says nothing about the leader.
+                Err(ConnectFailed::TimedOut)
+                    if until < full && matches!(self.pick, Pick::Leader) =>
+                {
+                    return Err(self.gave_up())
+                }
+                Err(failed) => failed,
+            };
+            let error = self.report(addr, &failed);
+            self.failed(addr, error).await?;
         }
     }
 
-    fn paused(&self) -> bool {
-        self.settings.base.operator.paused()
+    /// Whether a connect to `addr` may become a session. The route may have moved since it was
+    /// read, or while the handshake completed: never start one on a leader it has left.
+    fn still_sends(&self, addr: SocketAddr, drain: Drain) -> bool {
+        let paused = || self.settings.base.operator.paused();
+        match drain {
+            Drain::Route(generation) => sends_to(&self.route.borrow(), paused(), addr, generation),
+            Drain::Replica | Drain::Never => true,
+        }
+    }
+
+    /// The backend to try next, counted against it already for a replica. Waits, within the
+    /// client's deadline, for one to try.
+    async fn next(&mut self) -> Result<(SocketAddr, Option<SessionGuard>), Unserved> {
+        let settings = self.settings;
+        let (backends, operator, failed, fallback_to_leader) = match &mut self.pick {
+            Pick::Leader => return Ok((self.next_leader().await?, None)),
+            Pick::Target(addr) => return Ok((*addr, None)),
+            Pick::Replica {
+                backends,
+                operator,
+                failed,
+                fallback_to_leader,
+            } => (backends, operator, failed, *fallback_to_leader),
+        };
+        loop {
+            let set = backends.borrow_and_update().clone();
+            let turn = settings.turn.fetch_add(1, Ordering::Relaxed);
+            // Drained and in-maintenance replicas take no new session.
+            let open = {
+                let state = operator.borrow_and_update();
+                open_replicas(&set.replicas, |a| state.mode(a))
+            };
+            // Counted before connecting, so a burst of clients spreads over the replicas.
+            if let Some(counted) = set.pick_replica(&open, failed, turn) {
+                return Ok((counted.addr(), Some(counted)));
+            }
+            if fallback_to_leader && open.is_empty() && self.route.borrow().leader().is_some() {
+                // No replica is open: the client goes to the leader, as a leader listener's.
+                self.pick = Pick::Leader;
+                self.failures = 0;
+                self.last_error = None;
+                return Ok((self.next_leader().await?, None));
+            }
+            // Every replica failed, or none is up: wait for the set (or the leader) to change.
+            let retry = if failed.is_empty() {
+                self.deadline
+            } else {
+                Instant::now() + RETRY_PAUSE
+            };
+            // A closed channel means the leader view ended: say so at once, never spin on it.
+            let changed = tokio::select! {
+                _ = tokio::time::sleep_until(retry.min(self.deadline)) => Ok(()),
+                changed = backends.changed() => changed,
+                changed = operator.changed() => changed,
+                changed = self.route.changed(), if fallback_to_leader => changed,
+            };
+            if changed.is_err() {
+                return Err(Unserved::Stopping);
+            }
+            failed.clear();
+            if Instant::now() >= self.deadline {
+                return Err(self.gave_up());
+            }
+        }
+    }
+
+    /// Waits for a route with a leader, the proxy not paused, within the client's deadline.
+    async fn next_leader(&mut self) -> Result<SocketAddr, Unserved> {
+        loop {
+            self.wait_out_pause().await?;
+            let mut operator = self.settings.base.operator.subscribe();
+            let waited = tokio::select! {
+                waited = tokio::time::timeout_at(self.deadline, self.route.wait_for(|r| r.leader().is_some())) => waited
+                    .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation)))),
+                // Paused while waiting for a leader: held from now on.
+                _ = operator.wait_for(OperatorState::paused) => continue,
+            };
+            let (addr, generation) = match waited {
+                Ok(Ok(Some(found))) => found,
+                Ok(Ok(None)) => continue,
+                Ok(Err(_)) => return Err(Unserved::Stopping),
+                Err(_) => return Err(self.gave_up()),
+            };
+            if self.settings.base.operator.paused() {
+                continue;
+            }
+            if generation != self.generation {
+                self.generation = generation;
+                self.failures = 0;
+            }
+            return Ok(addr);
+        }
     }
 
     /// Holds the client while the proxy is paused. Its `leader_wait` starts again when the
@@ -1091,123 +1127,91 @@ impl<'s> LeaderConnects<'s> {
         Ok(())
     }
 
-    /// Why the client gives up now.
-    fn gave_up(&mut self, route: &watch::Receiver<Route>) -> Unserved {
-        no_leader_reason(&route.borrow(), self.last_error.take())
-    }
-
-    /// A connected leader, and the route generation it was connected under.
-    async fn connect(
-        &mut self,
-        route: &mut watch::Receiver<Route>,
-    ) -> Result<(Connected, u64), Unserved> {
-        let settings = self.settings;
-        let config = &settings.config;
-        loop {
-            self.wait_out_pause().await?;
-            let mut operator = settings.base.operator.subscribe();
-            let waited = tokio::select! {
-                waited = tokio::time::timeout_at(self.deadline, route.wait_for(|r| r.leader().is_some())) => waited
-                    .map(|found| found.map(|r| r.leader().map(|addr| (addr, r.generation)))),
-                // Paused while waiting for a leader: held from now on.
-                _ = operator.wait_for(OperatorState::paused) => continue,
-            };
-            let (addr, generation) = match waited {
-                Ok(Ok(Some(found))) => found,
-                Ok(Ok(None)) => continue,
-                Ok(Err(_)) => return Err(Unserved::Stopping),
-                Err(_) => return Err(self.gave_up(route)),
-            };
-            if self.paused() {
-                continue;
-            }
-            if self.failed_generation != Some(generation) {
-                self.failures = 0;
-            }
-            settings.refuse_loop(addr)?;
-            if let Some(warm) = settings
-                .preconnect
-                .as_ref()
-                .and_then(|p| p.take(generation, addr))
-            {
-                // The route may have moved since it was read: a warm connection to a leader
-                // it left is dropped, never handed out.
-                if sends_to(&route.borrow(), self.paused(), addr, generation) {
-                    return Ok((self.connected(warm, addr, generation), generation));
+    /// Reports a failed connect to `addr` once, and returns it in words. Only a leader's own
+    /// failures go to the view: this host's say nothing about it.
+    fn report(&self, addr: SocketAddr, failed: &ConnectFailed) -> String {
+        // A replica attempt's timer may be the client's deadline: no duration is named.
+        let timeout = match self.pick {
+            Pick::Replica { .. } => None,
+            _ => Some(self.settings.config.connect_timeout),
+        };
+        let error = failed.describe(timeout);
+        if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
+            match self.pick {
+                Pick::Leader => {
+                    tracing::warn!(backend = %addr, %error, suppressed, "connect to leader failed")
                 }
-                continue;
-            }
-            if Instant::now() >= self.deadline {
-                return Err(self.gave_up(route));
-            }
-            // A connect that outlives its route, or the client's patience, is abandoned.
-            let full_attempt = Instant::now() + config.connect_timeout;
-            let attempt_deadline = full_attempt.min(self.deadline);
-            let attempt = tokio::select! {
-                a = tokio::time::timeout_at(attempt_deadline, settings.base.reserve.connect(addr)) => a,
-                _ = route_left(route.clone(), settings.base.operator.subscribe(), addr, generation) => {
-                    tracing::info!(backend = %addr, "the route left the leader during the connect; connect abandoned");
-                    continue;
+                Pick::Replica { .. } => {
+                    tracing::warn!(backend = %addr, %error, suppressed, "connect to replica failed")
                 }
-            };
-            let failed = match classify(attempt)? {
-                // The route may have moved while the handshake completed: never start a session
-                // on a leader the route has already left.
-                Ok(stream) if sends_to(&route.borrow(), self.paused(), addr, generation) => {
-                    return Ok((self.connected(stream, addr, generation), generation))
+                Pick::Target(_) => {
+                    tracing::warn!(target = %addr, %error, suppressed, "connect failed")
                 }
-                Ok(_) => continue,
-                // Cut short by the client's own deadline: that says nothing about the leader.
-                Err(ConnectFailed::TimedOut) if attempt_deadline < full_attempt => {
-                    return Err(self.gave_up(route))
-                }
-                Err(failed) => failed,
-            };
-            let error = failed.describe(Some(config.connect_timeout));
-            if let Some(suppressed) = ratelimit::allow(warning::CONNECT_FAILED, addr) {
-                tracing::warn!(backend = %addr, %error, suppressed, "connect to leader failed");
             }
-            m::connect_failed(addr);
-            // Only the leader's failures are evidence; this host's own say nothing about it.
-            if failed.blames_backend() {
-                let _ = settings.base.view.events.try_send(Event::ConnectFailed {
-                    addr,
-                    error: error.clone(),
-                });
-            }
-            self.failed(route, addr, generation, error).await?;
         }
+        m::connect_failed(addr);
+        if matches!(self.pick, Pick::Leader) && failed.blames_backend() {
+            let events = &self.settings.base.view.events;
+            let _ = events.try_send(Event::ConnectFailed {
+                addr,
+                error: error.clone(),
+            });
+        }
+        error
     }
 
-    /// Counts a failed attempt on `addr` and waits before the next: a short pause while that
-    /// leader has retries left, else until the route moves; either cut short by a new route.
-    /// Errs once the client's time is up.
-    async fn failed(
-        &mut self,
-        route: &mut watch::Receiver<Route>,
-        addr: SocketAddr,
-        generation: u64,
-        error: String,
-    ) -> Result<(), Unserved> {
+    /// Counts a failed attempt on `addr` (a connect's, or a leader's startup: rule 11) and
+    /// waits before the next as the pick's rules say. Errs once the client's time is up.
+    async fn failed(&mut self, addr: SocketAddr, error: String) -> Result<(), Unserved> {
         self.last_error = Some((addr, error));
         self.failures += 1;
-        self.failed_generation = Some(generation);
-        // Once this leader's retries are spent, only a new route helps.
-        let pause_until = if self.failures > self.settings.config.connect_retries {
-            self.deadline
-        } else {
-            Instant::now() + RETRY_PAUSE
-        };
-        let moved = tokio::time::timeout_at(
-            pause_until.min(self.deadline),
-            route.wait_for(|r| r.generation != generation),
-        )
-        .await
-        .is_ok();
-        if !moved && Instant::now() >= self.deadline {
-            return Err(self.gave_up(route));
+        let spent = self.failures > self.settings.config.connect_retries;
+        match &mut self.pick {
+            // The other replicas are tried at once.
+            Pick::Replica { failed, .. } => failed.push(addr),
+            Pick::Target(_) if spent => return Err(self.gave_up()),
+            Pick::Target(_) => tokio::time::sleep(RETRY_PAUSE).await,
+            // A short pause while this leader has retries left, else until the route moves;
+            // either cut short by a new route.
+            Pick::Leader => {
+                let generation = self.generation;
+                let pause_until = if spent {
+                    self.deadline
+                } else {
+                    Instant::now() + RETRY_PAUSE
+                };
+                let moved = tokio::time::timeout_at(
+                    pause_until.min(self.deadline),
+                    self.route.wait_for(|r| r.generation != generation),
+                )
+                .await
+                .is_ok();
+                if !moved && Instant::now() >= self.deadline {
+                    return Err(self.gave_up());
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Why the client gives up now: for a leader, what the route says; else the last failure,
+    /// or that no replica is up.
+    fn gave_up(&mut self) -> Unserved {
+        let route = self.route.borrow();
+        match (&self.pick, self.last_error.take()) {
+            (Pick::Leader, last_error) => no_leader_reason(&route, last_error),
+            (_, Some((addr, error))) => Unserved::BackendUnreachable { addr, error },
+            (
+                Pick::Replica {
+                    fallback_to_leader, ..
+                },
+                None,
+            ) if *fallback_to_leader => {
+                let leader = no_leader_reason(&route, None);
+                Unserved::NoReplica(format!(" and {leader}"))
+            }
+            (_, None) => Unserved::NoReplica(String::new()),
+        }
     }
 }
 
