@@ -1137,7 +1137,7 @@ async fn new_client_outcome(a: SocketAddr) -> String {
     match tokio::time::timeout(Duration::from_secs(20), attempt).await {
         Ok(Ok(_)) => format!("served after {:.1} s", started.elapsed().as_secs_f64()),
         Ok(Err(e)) => {
-            let text = roleproxy::error_chain(&e);
+            let text = roleproxy_common::error_chain(&e);
             match e.code() {
                 Some(code) => format!(
                     "{}: {}",

@@ -27,8 +27,8 @@ use crate::config::{CheckConfig, CheckKind, CheckTls};
 use crate::http_client::{self, HttpError};
 use crate::metrics::warning;
 use crate::pgclient::{self, PgClientError, Tls};
-use crate::ratelimit;
 use crate::reserve::is_local_shortage;
+use roleproxy_common::ratelimit;
 
 /// A role answer larger than this is not a role; it is an error.
 pub const MAX_BODY: usize = 1024;

@@ -33,7 +33,7 @@ use roleproxy_core::route::Source;
 use crate::config::{BackendsConfig, Config, Endpoint, IpFamily};
 use crate::metrics::{self as m, warning};
 use crate::own_addresses::OwnAddrs;
-use crate::ratelimit;
+use roleproxy_common::ratelimit;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiscoveryError {

@@ -61,7 +61,8 @@
 //! - `roleproxy-common` (`common/`): what the proxy and the agent share: the HTTP server under
 //!   the admin port and the agent, bounded against idle and slow clients and against request
 //!   heads of any size; repeated warnings, one line per key every 10 s with the count left out
-//!   ([`ratelimit`]); and [`error_chain`] and [`config::Secret`].
+//!   ([`roleproxy_common::ratelimit`]); and [`roleproxy_common::error_chain`] and
+//!   [`config::Secret`].
 //!
 //! [`Proxy::bind`] then [`Proxy::run`] start it in-process, which is how the tests run it.
 
@@ -102,10 +103,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::Config;
-/// Shared with the agent, and used by the tests and the test kit as `roleproxy::error_chain`.
-pub use roleproxy_common::error_chain;
-/// Shared with the agent; `crate::ratelimit` is where the proxy's modules have always found it.
-pub use roleproxy_common::ratelimit;
 pub use running::{ReloadError, Reloader};
 
 /// The crate version, as released.

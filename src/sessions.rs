@@ -40,10 +40,10 @@ use crate::operator::{Operator, OperatorState};
 use crate::own_addresses::OwnAddrs;
 use crate::pgwire_io;
 use crate::preconnect::Preconnect;
-use crate::ratelimit;
 use crate::reserve::{self, Reserve};
 use crate::startup::{Attempt, Started, Startup};
 use crate::view::{BackendSet, Event, SessionGuard, ViewHandle};
+use roleproxy_common::ratelimit;
 
 /// How long a refused client gets to send its StartupMessage before it is simply closed.
 const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);

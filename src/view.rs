@@ -24,11 +24,11 @@ use crate::config::CheckConfig;
 use crate::copy;
 use crate::discovery::{Backend, Discovered};
 use crate::metrics::{self as m, warning};
-use crate::ratelimit;
 use crate::status::{
     unix_ms, BackendStatus, Change, DataPortStatus, UnconfirmedStatus, ViewStatus, HISTORY_LEN,
 };
 use crate::supervise::Supervisor;
+use roleproxy_common::ratelimit;
 
 /// Input to the leader view.
 #[derive(Debug)]

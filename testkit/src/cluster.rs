@@ -847,7 +847,7 @@ async fn probe(pg: &PgCluster, i: usize) -> NodeStatus {
             status.upstream = row.5;
             status.configured_upstream = conninfo_host(&row.6);
         }
-        Ok(Err(error)) => status.error = Some(roleproxy::error_chain(&error)),
+        Ok(Err(error)) => status.error = Some(roleproxy_common::error_chain(&error)),
         Err(_) => status.error = Some(format!("no answer within {PROBE_TIMEOUT:?}")),
     }
     status

@@ -60,7 +60,7 @@ pub async fn connect_with(
     conninfo: &str,
     port: LocalPort,
 ) -> Result<tokio_postgres::Client, String> {
-    let error = |e: tokio_postgres::Error| roleproxy::error_chain(&e);
+    let error = |e: tokio_postgres::Error| roleproxy_common::error_chain(&e);
     if port == LocalPort::Ephemeral {
         return connect(conninfo).await.map_err(error);
     }
@@ -238,7 +238,7 @@ async fn insert(client: &tokio_postgres::Client, via: &str, seq: i64) -> Result<
         .query_one(INSERT, &[&via, &seq])
         .await
         .map(|row| row.get(0))
-        .map_err(|e| format!("insert: {}", roleproxy::error_chain(&e)))
+        .map_err(|e| format!("insert: {}", roleproxy_common::error_chain(&e)))
 }
 
 /// What one failover looked like to a writer.
@@ -293,11 +293,11 @@ pub fn longest_pause(
 pub async fn served(conninfo: &str) -> Result<(String, bool), String> {
     let client = connect(conninfo)
         .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
+        .map_err(|e| roleproxy_common::error_chain(&e))?;
     let row = client
         .query_one("SELECT host(inet_server_addr()), pg_is_in_recovery()", &[])
         .await
-        .map_err(|e| roleproxy::error_chain(&e))?;
+        .map_err(|e| roleproxy_common::error_chain(&e))?;
     Ok((row.get(0), row.get(1)))
 }
 
