@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use rustix::pipe::{PipeFlags, SpliceFlags};
 use tokio::io::unix::{AsyncFd, AsyncFdReadyGuard, TryIoError};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -42,10 +41,6 @@ const BULK_STARTS_AT: usize = CHUNK / 2;
 /// In [`CopyMode::Auto`], a splice of fewer bytes stops splicing its direction. The messages of
 /// an interactive Postgres session are far smaller than both thresholds.
 const BULK_STOPS_BELOW: usize = 16 * 1024;
-/// Pipe size asked for; pipes are only held while bytes move, so this costs nothing idle.
-const PIPE_SIZE: usize = 1024 * 1024;
-/// Linux's default pipe size.
-const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
 /// Buffers kept per thread for reuse; more are freed. Tasks move between threads, so a pool
 /// can fill with what other threads allocated: the caps bound what stays after a burst.
 const BUFFER_POOL_CAP: usize = 16;
@@ -469,7 +464,7 @@ impl<'a> Pump<'a> {
             };
             let read = match splice.then(Pipe::take) {
                 Some(Ok(pipe)) => read_spliced(&mut ready, pipe, unseen),
-                // Out of descriptors: this chunk goes the buffered way.
+                // Out of descriptors, or no splice(2) here: this chunk goes the buffered way.
                 Some(Err(_)) | None => read_buffered(&mut ready),
             };
             let (n, chunk) = match read {
@@ -619,13 +614,14 @@ fn write_chunk(to: impl AsFd, chunk: &Chunk) -> io::Result<usize> {
     }
 }
 
-/// One `send(2)`, without SIGPIPE when the peer has gone.
+/// One `send(2)`, without SIGPIPE when the peer has gone. (Where `MSG_NOSIGNAL` does not
+/// exist, Rust's runtime has already set SIGPIPE to be ignored.)
 fn send(to: impl AsFd, bytes: &[u8]) -> io::Result<usize> {
-    Ok(rustix::net::send(
-        to,
-        bytes,
-        rustix::net::SendFlags::NOSIGNAL,
-    )?)
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let flags = rustix::net::SendFlags::NOSIGNAL;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let flags = rustix::net::SendFlags::empty();
+    Ok(rustix::net::send(to, bytes, flags)?)
 }
 
 impl Chunk {
@@ -684,10 +680,7 @@ struct Pipe {
 
 impl Pipe {
     fn new() -> io::Result<Pipe> {
-        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
-        // A bigger pipe moves more per pair of syscalls; the kernel may grant less.
-        let capacity =
-            rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
+        let (read, write, capacity) = kernel::pipe()?;
         Ok(Pipe {
             read,
             write,
@@ -714,12 +707,55 @@ impl Pipe {
 
 /// One `splice(2)` call between descriptors, non-blocking.
 fn splice(from: impl AsFd, to: impl AsFd, len: usize) -> io::Result<usize> {
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    loop {
-        match rustix::pipe::splice(&from, None, &to, None, len, flags) {
-            Err(rustix::io::Errno::INTR) => {}
-            moved => return Ok(moved?),
+    kernel::splice(from.as_fd(), to.as_fd(), len)
+}
+
+/// `splice(2)` and the pipes it moves bytes through: Linux's own calls.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod kernel {
+    use std::io;
+    use std::os::fd::{BorrowedFd, OwnedFd};
+
+    use rustix::pipe::{PipeFlags, SpliceFlags};
+
+    /// Pipe size asked for; pipes are only held while bytes move, so this costs nothing idle.
+    const PIPE_SIZE: usize = 1024 * 1024;
+    /// Linux's default pipe size.
+    const DEFAULT_PIPE_SIZE: usize = 64 * 1024;
+
+    /// A non-blocking pipe (read end, write end) and the bytes one splice may move into it.
+    pub fn pipe() -> io::Result<(OwnedFd, OwnedFd, usize)> {
+        let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+        // A bigger pipe moves more per pair of syscalls; the kernel may grant less.
+        let capacity =
+            rustix::pipe::fcntl_setpipe_size(&write, PIPE_SIZE).unwrap_or(DEFAULT_PIPE_SIZE);
+        Ok((read, write, capacity))
+    }
+
+    pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        loop {
+            match rustix::pipe::splice(from, None, to, None, len, flags) {
+                Err(rustix::io::Errno::INTR) => {}
+                moved => return Ok(moved?),
+            }
         }
+    }
+}
+
+/// Elsewhere there is no `splice(2)`: no pipe is ever made, so every chunk goes the buffered
+/// way, whatever `proxy.copy` says.
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+mod kernel {
+    use std::io;
+    use std::os::fd::{BorrowedFd, OwnedFd};
+
+    pub fn pipe() -> io::Result<(OwnedFd, OwnedFd, usize)> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    pub fn splice(_: BorrowedFd<'_>, _: BorrowedFd<'_>, _: usize) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 }
 

@@ -18,6 +18,8 @@ pub mod cluster;
 pub mod dns;
 pub mod fake_cluster;
 pub mod fake_postgres;
+/// Network namespaces and iptables: Linux only.
+#[cfg(target_os = "linux")]
 pub mod fault;
 pub mod haproxy;
 pub mod harness;
