@@ -140,7 +140,7 @@ impl CheckSettings {
 /// (it never is) would leave the node's address to be verified instead, never less.
 fn tls_of(c: &CheckConfig) -> Option<Tls> {
     let name = (!c.tls_server_name.is_empty())
-        .then(|| pgclient::server_name(&c.tls_server_name).ok())
+        .then(|| crate::config::server_name(&c.tls_server_name).ok())
         .flatten();
     match c.tls {
         CheckTls::Disable => None,

@@ -12,6 +12,9 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::RootCertStore;
 use serde::de::value::{MapDeserializer, SeqDeserializer};
 use serde::de::{Error as _, Expected, IntoDeserializer, Unexpected, Visitor};
 use serde::ser::Error as _;
@@ -598,8 +601,7 @@ impl CheckConfig {
             }
         }
         if !self.tls_server_name.is_empty() {
-            crate::pgclient::server_name(&self.tls_server_name)
-                .map_err(|e| invalid("check.tls_server_name", e))?;
+            server_name(&self.tls_server_name).map_err(|e| invalid("check.tls_server_name", e))?;
         }
         if self.tls == CheckTls::VerifyFull {
             if self.tls_server_name.is_empty() {
@@ -614,7 +616,7 @@ impl CheckConfig {
                     format!("needed with check.tls = {verify_full:?}: a PEM file with the certificate that signed the nodes' certificates"),
                 ));
             }
-            self.tls_roots = crate::pgclient::read_root_certs(&self.tls_root_cert)
+            self.tls_roots = read_root_certs(&self.tls_root_cert)
                 .map_err(|e| invalid("check.tls_root_cert", e))?;
         }
         Ok(())
@@ -1807,6 +1809,33 @@ fn validate_listeners(
     Ok(listeners)
 }
 
+/// Reads the PEM certificates in `path` that a node's chain must end in. The error says why
+/// in words for a configuration error.
+pub fn read_root_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{path} is not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path} holds no PEM certificate"));
+    }
+    let mut store = RootCertStore::empty();
+    for cert in &certs {
+        store
+            .add(cert.clone())
+            .map_err(|e| format!("{path}: a certificate that cannot be a root: {e}"))?;
+    }
+    Ok(certs)
+}
+
+/// Whether `name` can be verified in a certificate: a DNS name or an IP address.
+pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    if let Ok(ip) = name.parse::<IpAddr>() {
+        return Ok(ServerName::IpAddress(ip.into()));
+    }
+    ServerName::try_from(name.to_owned()).map_err(|_| format!("{name:?} is not a DNS name"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2663,5 +2692,19 @@ mod tests {
         let text = toml::to_string(&c).expect("serializes");
         assert!(text.contains("interval = \"1s\""), "{text}");
         assert!(text.contains("idle_timeout = \"30m\""), "{text}");
+    }
+
+    #[test]
+    fn server_names() {
+        assert!(matches!(
+            server_name("127.0.0.1"),
+            Ok(ServerName::IpAddress(_))
+        ));
+        assert!(matches!(server_name("::1"), Ok(ServerName::IpAddress(_))));
+        assert!(matches!(
+            server_name("iad.app.internal"),
+            Ok(ServerName::DnsName(_))
+        ));
+        assert!(server_name("not a name").is_err());
     }
 }

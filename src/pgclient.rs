@@ -13,7 +13,6 @@
 //!   more memory than that.
 
 use std::io;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
@@ -23,7 +22,6 @@ use postgres_protocol::message::backend::{ErrorResponseBody, Message};
 use postgres_protocol::message::frontend;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
@@ -442,33 +440,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Reads the PEM certificates in `path` that a node's chain must end in. The error says why
-/// in words for a configuration error.
-pub fn read_root_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{path} is not a PEM certificate file: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!("{path} holds no PEM certificate"));
-    }
-    let mut store = RootCertStore::empty();
-    for cert in &certs {
-        store
-            .add(cert.clone())
-            .map_err(|e| format!("{path}: a certificate that cannot be a root: {e}"))?;
-    }
-    Ok(certs)
-}
-
-/// Whether `name` can be verified in a certificate: a DNS name or an IP address.
-pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
-    if let Ok(ip) = name.parse::<IpAddr>() {
-        return Ok(ServerName::IpAddress(ip.into()));
-    }
-    ServerName::try_from(name.to_owned()).map_err(|_| format!("{name:?} is not a DNS name"))
-}
-
 /// `check.tls = "require"`: any certificate is taken, but the handshake's signatures are still
 /// checked, so the session key is the certificate holder's.
 #[derive(Debug)]
@@ -541,19 +512,5 @@ mod tests {
                 String::from_utf8_lossy(challenge)
             );
         }
-    }
-
-    #[test]
-    fn server_names() {
-        assert!(matches!(
-            server_name("127.0.0.1"),
-            Ok(ServerName::IpAddress(_))
-        ));
-        assert!(matches!(server_name("::1"), Ok(ServerName::IpAddress(_))));
-        assert!(matches!(
-            server_name("iad.app.internal"),
-            Ok(ServerName::DnsName(_))
-        ));
-        assert!(server_name("not a name").is_err());
     }
 }
