@@ -206,7 +206,7 @@ impl Proxy {
         let background = CancellationToken::new();
         let (supervisor, mut ended) = supervise::Supervisor::new();
 
-        let (view, handle, events) = view::LeaderView::new(
+        let (view, handle, events) = view::ClusterView::new(
             view::ViewSettings::from_config(&config.check),
             background.clone(),
             supervisor.clone(),

@@ -1645,7 +1645,7 @@ mod tests {
         )
         .expect("valid");
         let (supervisor, _ended) = crate::supervise::Supervisor::new();
-        let (_view, view, _events) = crate::view::LeaderView::new(
+        let (_view, view, _events) = crate::view::ClusterView::new(
             crate::view::ViewSettings::from_config(&config.check),
             CancellationToken::new(),
             supervisor,

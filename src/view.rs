@@ -259,7 +259,7 @@ impl BackendState {
 }
 
 /// Owns every backend's state; the only place where check results become a route.
-pub struct LeaderView {
+pub struct ClusterView {
     settings: ViewSettings,
     /// The check settings the loops run with, shared so a loop need not copy them.
     check: Arc<CheckSettings>,
@@ -313,14 +313,14 @@ enum Request {
     Probe { addr: SocketAddr },
 }
 
-impl LeaderView {
+impl ClusterView {
     /// Creates the view and the handle the rest of the proxy reads it by; call
-    /// [`LeaderView::run`] to start it.
+    /// [`ClusterView::run`] to start it.
     pub fn new(
         settings: ViewSettings,
         cancel: CancellationToken,
         supervisor: Supervisor,
-    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
+    ) -> (ClusterView, ViewHandle, mpsc::Receiver<Event>) {
         let (route_tx, route_rx) = watch::channel(Route::initial());
         let (backends_tx, backends_rx) = watch::channel(BackendSet::default());
         let now = SystemTime::now();
@@ -338,7 +338,7 @@ impl LeaderView {
             status: status_rx,
             events: events_tx.clone(),
         };
-        let view = LeaderView {
+        let view = ClusterView {
             check: Arc::new(settings.check.clone()),
             settings,
             backends: BTreeMap::new(),
@@ -1102,7 +1102,7 @@ mod tests {
     }
 
     /// A view that runs no check loop and no probe: these tests feed it events by hand.
-    fn view() -> (LeaderView, ViewHandle) {
+    fn view() -> (ClusterView, ViewHandle) {
         let (view, handle, _events) = view_cancelled_by(CancellationToken::new());
         (view, handle)
     }
@@ -1110,7 +1110,7 @@ mod tests {
     /// A view that records what it asks for, with the receiver of its handle's events.
     fn view_cancelled_by(
         cancel: CancellationToken,
-    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
+    ) -> (ClusterView, ViewHandle, mpsc::Receiver<Event>) {
         view_checking("", cancel)
     }
 
@@ -1118,11 +1118,11 @@ mod tests {
     fn view_checking(
         check: &str,
         cancel: CancellationToken,
-    ) -> (LeaderView, ViewHandle, mpsc::Receiver<Event>) {
+    ) -> (ClusterView, ViewHandle, mpsc::Receiver<Event>) {
         let config = config_checking(check);
         let (supervisor, _ended) = Supervisor::new();
         let (mut view, handle, events) =
-            LeaderView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
+            ClusterView::new(ViewSettings::from_config(&config.check), cancel, supervisor);
         view.sources = Sources::Recorded(Vec::new());
         (view, handle, events)
     }
@@ -1135,14 +1135,14 @@ mod tests {
     }
 
     /// A view of two nodes, the first routed as leader, the second a replica.
-    fn leader_and_replica() -> (LeaderView, ViewHandle) {
+    fn leader_and_replica() -> (ClusterView, ViewHandle) {
         let (mut view, handle) = view();
         step(&mut view, discovered(&[addr(1), addr(2)]));
         answer(&mut view, [Role::Leader, Role::Replica]);
         (view, handle)
     }
 
-    fn step(view: &mut LeaderView, event: Event) {
+    fn step(view: &mut ClusterView, event: Event) {
         view.step(Some(event));
     }
 
@@ -1186,7 +1186,7 @@ mod tests {
 
     /// What the view asked for since the last call: the addresses it started check loops for
     /// (with their tokens) and the addresses it probed.
-    fn requests(view: &mut LeaderView) -> (Vec<(SocketAddr, CancellationToken)>, Vec<SocketAddr>) {
+    fn requests(view: &mut ClusterView) -> (Vec<(SocketAddr, CancellationToken)>, Vec<SocketAddr>) {
         let Sources::Recorded(requests) = &mut view.sources else {
             panic!("the test view records its requests");
         };
@@ -1520,7 +1520,7 @@ mod tests {
         handle.route.borrow().clone()
     }
 
-    fn probed(view: &mut LeaderView, addr: SocketAddr, liveness: Liveness) {
+    fn probed(view: &mut ClusterView, addr: SocketAddr, liveness: Liveness) {
         step(
             view,
             Event::Probed {
@@ -1764,7 +1764,7 @@ mod tests {
                 .filter(|c| c.text.ends_with("leader, confirmed"))
                 .count()
         };
-        let answers = |view: &mut LeaderView| {
+        let answers = |view: &mut ClusterView| {
             for _ in 0..3 {
                 view.observe(addr(1), Role::Leader, None);
                 view.publish();
@@ -1791,14 +1791,14 @@ mod tests {
     }
 
     /// One check answer from each node, the first `roles` from `addr(1)`, then a publish.
-    fn answer<const N: usize>(view: &mut LeaderView, roles: [Role; N]) {
+    fn answer<const N: usize>(view: &mut ClusterView, roles: [Role; N]) {
         for (n, role) in (1..).zip(roles) {
             view.observe(addr(n), role, None);
         }
         view.publish();
     }
 
-    fn rechecks(view: &LeaderView) -> u64 {
+    fn rechecks(view: &ClusterView) -> u64 {
         *view.recheck_tx.borrow()
     }
 
@@ -1885,7 +1885,7 @@ mod tests {
         step(&mut view, discovered(&[addr(1)]));
         view.observe(addr(1), Role::Leader, None);
         view.publish();
-        let flood = |view: &mut LeaderView| {
+        let flood = |view: &mut ClusterView| {
             for _ in 0..3 {
                 let error = "Connection refused".to_string();
                 step(
@@ -1920,7 +1920,7 @@ mod tests {
             roleproxy_testkit::harness::metric_value(&rendered.render(), series).unwrap_or_default()
         };
         let (mut view, handle) = view();
-        let answers = |view: &mut LeaderView, roles: [Role; 2]| {
+        let answers = |view: &mut ClusterView, roles: [Role; 2]| {
             metrics::with_local_recorder(&recorder, || answer(view, roles));
             route(&handle)
         };

@@ -1,4 +1,4 @@
-//! The leader view, simulated: seeded random schedules drive one [`LeaderView`] under tokio's
+//! The cluster view, simulated: seeded random schedules drive one [`ClusterView`] under tokio's
 //! paused clock, with no socket, no DNS and no task of its own. The view records what it asks
 //! for ([`Sources::Recorded`]); this module runs its check loops as the real ones run (the same
 //! pauses and rechecks), answers its checks and probes from a "truth" that random faults
@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    check_pause, Event, LeaderView, Request, SessionGuard, Sources, ViewHandle, ViewSettings,
+    check_pause, ClusterView, Event, Request, SessionGuard, Sources, ViewHandle, ViewSettings,
 };
 
 use roleproxy_core::route::{
@@ -246,7 +246,7 @@ impl Node {
     }
 }
 
-/// One check loop, run as [`LeaderView::spawn_check_loop`] runs it.
+/// One check loop, run as [`ClusterView::spawn_check_loop`] runs it.
 struct Loop {
     addr: SocketAddr,
     cancel: CancellationToken,
@@ -324,7 +324,7 @@ struct Seen {
 
 struct Sim {
     rng: Rng,
-    view: LeaderView,
+    view: ClusterView,
     handle: ViewHandle,
     _events: mpsc::Receiver<Event>,
     operator: Arc<Operator>,
@@ -347,7 +347,7 @@ impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
         let (supervisor, _ended) = Supervisor::new();
-        let (mut view, handle, events) = LeaderView::new(
+        let (mut view, handle, events) = ClusterView::new(
             settings(rng.below(VARIANTS)),
             CancellationToken::new(),
             supervisor,
