@@ -139,15 +139,7 @@ pub async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use roleproxy_core::pgwire::{PROTOCOL_3, SSL_REQUEST};
-
-    /// A whole packet: its length, `code`, then `rest`.
-    fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
-        let mut out = ((rest.len() + 8) as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&code.to_be_bytes());
-        out.extend_from_slice(rest);
-        out
-    }
+    use roleproxy_core::pgwire::{packet, PROTOCOL_3, SSL_REQUEST};
 
     /// The client side of a refusal: SSLRequest (expecting `N`), StartupMessage for user `u`,
     /// then everything the proxy sends until it closes.

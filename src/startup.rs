@@ -288,14 +288,8 @@ async fn first_answer<B: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use roleproxy_core::pgwire::{message, packet};
     use tokio::io::duplex;
-
-    fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
-        let mut out = ((rest.len() + 8) as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&code.to_be_bytes());
-        out.extend_from_slice(rest);
-        out
-    }
 
     fn ssl() -> Vec<u8> {
         packet(80_877_103, b"")
@@ -307,13 +301,6 @@ mod tests {
 
     fn cancel() -> Vec<u8> {
         packet(80_877_102, &[0, 0, 0, 1, 0, 0, 0, 2])
-    }
-
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
     }
 
     fn welcome() -> Vec<u8> {

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use roleproxy_core::pgwire::message;
 use roleproxy_testkit as support;
 use support::cluster::{ClusterSpec, LocalCluster};
 use support::dns::DnsServer;
@@ -105,13 +106,6 @@ async fn startups_replayed(proxy: &RunningProxy) -> f64 {
             .await;
     }
     total
-}
-
-fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
 }
 
 /// Held by each test here that replays startups: the count of replays has no label to tell

@@ -335,19 +335,7 @@ impl Framing {
 mod tests {
     use super::*;
 
-    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![kind];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
-    }
-
-    fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
-        let mut out = ((rest.len() + 8) as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&code.to_be_bytes());
-        out.extend_from_slice(rest);
-        out
-    }
+    use crate::pgwire::{message as msg, packet};
 
     fn startup() -> Vec<u8> {
         packet(PROTOCOL_3, b"user\0app\0database\0app\0\0")

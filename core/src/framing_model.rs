@@ -5,6 +5,7 @@
 //! Built for the tests and the `framing` fuzz target only.
 
 use crate::framing::{Framing, Side};
+use crate::pgwire::{message, packet};
 
 /// Message types a client sends once started; a server sends. Written out again here rather
 /// than shared, so a wrong list in one is not a wrong list in both.
@@ -248,20 +249,6 @@ fn server_event(op: u8, arg: &mut impl Iterator<Item = u8>) -> Vec<u8> {
         14 => message(b'K', &[0, 0, 0, 7, 1, 2, 3, 4, 5, 6, 7, 8]),
         _ => message(b'Z', &body(3)),
     }
-}
-
-fn message(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![kind];
-    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
-    let mut out = ((rest.len() + 8) as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&code.to_be_bytes());
-    out.extend_from_slice(rest);
-    out
 }
 
 /// A session's bytes, in the order they arrive, read from a byte program: each op byte picks a

@@ -135,13 +135,13 @@ fn cstr(bytes: &[u8]) -> Result<(String, &[u8]), PgWireError> {
 }
 
 /// A FATAL ErrorResponse ('E') with severity, SQLSTATE and message.
-pub fn error_response(code: &str, message: &str) -> Vec<u8> {
-    let mut fields = Vec::with_capacity(message.len() + 32);
+pub fn error_response(code: &str, text: &str) -> Vec<u8> {
+    let mut fields = Vec::with_capacity(text.len() + 32);
     for (tag, value) in [
         (b'S', "FATAL"),
         (b'V', "FATAL"),
         (b'C', code),
-        (b'M', message),
+        (b'M', text),
     ] {
         fields.push(tag);
         // A NUL inside a field would end it early; the client must see the whole message.
@@ -149,10 +149,24 @@ pub fn error_response(code: &str, message: &str) -> Vec<u8> {
         fields.push(0);
     }
     fields.push(0);
-    let mut out = Vec::with_capacity(fields.len() + 5);
-    out.push(b'E');
-    out.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
-    out.extend_from_slice(&fields);
+    message(b'E', &fields)
+}
+
+/// A message as either side sends it once started: its type, its length, its body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(tag);
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A packet a client sends before it is started: its length, its code, the rest.
+pub fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rest.len() + 8);
+    out.extend_from_slice(&((rest.len() + 8) as u32).to_be_bytes());
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(rest);
     out
 }
 
@@ -190,21 +204,19 @@ pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
 
 /// The StartupMessage a liveness probe sends: protocol 3.0, no credentials.
 pub fn probe_startup() -> Vec<u8> {
-    let mut body = PROTOCOL_3.to_be_bytes().to_vec();
+    let mut params = Vec::new();
     for (name, value) in [
         ("user", PROBE_USER),
         ("database", PROBE_USER),
         ("application_name", "roleproxy-probe"),
     ] {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-        body.extend_from_slice(value.as_bytes());
-        body.push(0);
+        params.extend_from_slice(name.as_bytes());
+        params.push(0);
+        params.extend_from_slice(value.as_bytes());
+        params.push(0);
     }
-    body.push(0);
-    let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&body);
-    out
+    params.push(0);
+    packet(PROTOCOL_3, &params)
 }
 
 /// Reads the server's first message from the bytes received so far. Pure.
@@ -303,17 +315,9 @@ pub fn sqlstate_reason(code: &str) -> &'static str {
 mod tests {
     use super::*;
 
-    fn packet(code: u32, rest: &[u8]) -> Vec<u8> {
-        let mut body = code.to_be_bytes().to_vec();
-        body.extend_from_slice(rest);
-        body
-    }
-
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-        out.extend_from_slice(body);
-        out
+    /// A startup packet's body: what follows its length.
+    fn body(code: u32, rest: &[u8]) -> Vec<u8> {
+        packet(code, rest)[4..].to_vec()
     }
 
     fn error(code: &str, text: &str) -> Vec<u8> {
@@ -520,19 +524,15 @@ mod tests {
     #[test]
     fn startup_packets() {
         let rows: Vec<(&str, Vec<u8>, Result<StartupPacket, PgWireError>)> = vec![
-            (
-                "ssl",
-                packet(SSL_REQUEST, b""),
-                Ok(StartupPacket::SslRequest),
-            ),
+            ("ssl", body(SSL_REQUEST, b""), Ok(StartupPacket::SslRequest)),
             (
                 "gss",
-                packet(GSSENC_REQUEST, b""),
+                body(GSSENC_REQUEST, b""),
                 Ok(StartupPacket::GssEncRequest),
             ),
             (
                 "cancel",
-                packet(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9]),
+                body(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9]),
                 Ok(StartupPacket::Cancel {
                     process_id: 7,
                     secret_key: 9,
@@ -540,7 +540,7 @@ mod tests {
             ),
             (
                 "startup",
-                packet(PROTOCOL_3, b"user\0app\0database\0db\0\0"),
+                body(PROTOCOL_3, b"user\0app\0database\0db\0\0"),
                 Ok(StartupPacket::Startup {
                     params: vec![
                         ("user".into(), "app".into()),
@@ -550,37 +550,37 @@ mod tests {
             ),
             (
                 "startup 3.2",
-                packet(PROTOCOL_3 | 2, b"\0"),
+                body(PROTOCOL_3 | 2, b"\0"),
                 Ok(StartupPacket::Startup { params: vec![] }),
             ),
             (
                 "ssl with extra bytes",
-                packet(SSL_REQUEST, b"x"),
+                body(SSL_REQUEST, b"x"),
                 Err(PgWireError::Malformed),
             ),
             (
                 "cancel too short",
-                packet(CANCEL_REQUEST, &[0, 0]),
+                body(CANCEL_REQUEST, &[0, 0]),
                 Err(PgWireError::Malformed),
             ),
             (
                 "params unterminated",
-                packet(PROTOCOL_3, b"user\0app"),
+                body(PROTOCOL_3, b"user\0app"),
                 Err(PgWireError::Malformed),
             ),
             (
                 "params missing final nul",
-                packet(PROTOCOL_3, b"user\0app\0"),
+                body(PROTOCOL_3, b"user\0app\0"),
                 Err(PgWireError::Malformed),
             ),
             (
                 "bytes after final nul",
-                packet(PROTOCOL_3, b"\0junk"),
+                body(PROTOCOL_3, b"\0junk"),
                 Err(PgWireError::Malformed),
             ),
             (
                 "protocol 2",
-                packet(2 << 16, b""),
+                body(2 << 16, b""),
                 Err(PgWireError::UnsupportedProtocol { major: 2, minor: 0 }),
             ),
             (
@@ -640,7 +640,7 @@ mod tests {
     #[test]
     fn cancel_requests_are_told_from_other_first_packets() {
         let whole = |code: u32, rest: &[u8]| {
-            let body = packet(code, rest);
+            let body = body(code, rest);
             let mut out = ((body.len() + 4) as u32).to_be_bytes().to_vec();
             out.extend_from_slice(&body);
             out
@@ -667,7 +667,7 @@ mod tests {
             ),
             (
                 "a StartupMessage whose parameters hold the cancel code",
-                whole(PROTOCOL_3, &packet(CANCEL_REQUEST, b"\0\0\0\0\0\0\0")),
+                whole(PROTOCOL_3, &body(CANCEL_REQUEST, b"\0\0\0\0\0\0\0")),
                 false,
             ),
         ];
