@@ -137,12 +137,7 @@ fn cstr(bytes: &[u8]) -> Result<(String, &[u8]), PgWireError> {
 /// A FATAL ErrorResponse ('E') with severity, SQLSTATE and message.
 pub fn error_response(code: &str, text: &str) -> Vec<u8> {
     let mut fields = Vec::with_capacity(text.len() + 32);
-    for (tag, value) in [
-        (b'S', "FATAL"),
-        (b'V', "FATAL"),
-        (b'C', code),
-        (b'M', text),
-    ] {
+    for (tag, value) in [(b'S', "FATAL"), (b'V', "FATAL"), (b'C', code), (b'M', text)] {
         fields.push(tag);
         // A NUL inside a field would end it early; the client must see the whole message.
         fields.extend(value.bytes().filter(|&b| b != 0));
