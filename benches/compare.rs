@@ -12,7 +12,8 @@
 //! Every section runs the targets in interleaved rounds (the order rotates each round), so drift
 //! of this noisy machine hits all of them alike, and reports medians and the median over rounds
 //! of the per-round ratios roleproxy/HAProxy and roleproxy/direct. Both proxies run as separate
-//! processes so their memory can be read from `/proc`.
+//! processes so their memory, and their CPU time per `pgbench -S` transaction, can be read
+//! from `/proc`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -49,8 +50,10 @@ struct Args {
     failovers: usize,
     /// Extra targets: another `proxy.copy` mode (`buffered`, `splice`), `preconnectN`,
     /// `threadsN` (pgbench section), `immediate` (`proxy.switchover = "immediate"`: no session
-    /// is followed, as before transaction boundaries were), or `tokio-copy` (the calibration
-    /// proxy, pgbench and bulk).
+    /// is followed, as before transaction boundaries were), `tokio-copy` (the calibration
+    /// proxy, pgbench and bulk), or `uring-relay` (`examples/uring_relay.rs` with 2 workers,
+    /// `uring-relayN` with N; built first with `cargo build --release --example uring_relay`;
+    /// pgbench section).
     variants: Vec<String>,
     /// Faults section: the targets (`roleproxy`, `haproxy`, `haproxy-tuned`).
     targets: Vec<String>,
@@ -171,12 +174,7 @@ impl Results {
     }
 
     fn median(&self, metric: &str, target: &str) -> Option<f64> {
-        let mut v = self.samples.get(metric)?.get(target)?.clone();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(|a, b| a.total_cmp(b));
-        Some(v[v.len() / 2])
+        median_of(self.samples.get(metric)?.get(target)?.clone())
     }
 
     /// The median over rounds of `target`'s sample divided by `base`'s sample of the same round
@@ -189,17 +187,13 @@ impl Results {
             let b = self.median(metric, base)?;
             return (b != 0.0).then(|| self.median(metric, target).map(|t| t / b))?;
         }
-        let mut ratios: Vec<f64> = t
-            .iter()
-            .zip(b)
-            .filter(|(_, b)| **b != 0.0)
-            .map(|(t, b)| t / b)
-            .collect();
-        if ratios.is_empty() {
-            return None;
-        }
-        ratios.sort_by(|a, b| a.total_cmp(b));
-        Some(ratios[ratios.len() / 2])
+        median_of(
+            t.iter()
+                .zip(b)
+                .filter(|(_, b)| **b != 0.0)
+                .map(|(t, b)| t / b)
+                .collect(),
+        )
     }
 
     /// One row per metric and roleproxy configuration: medians, and median ratios.
@@ -517,7 +511,42 @@ struct PgBench {
     relays: Option<CheckRelays>,
     _roleproxies: Vec<ProxyProcess>,
     _haproxies: Vec<Haproxy>,
+    _uring_relays: Vec<ChildGuard>,
     targets: Vec<(String, SocketAddr)>,
+    /// The process behind each target that is one, whose CPU time per transaction is read.
+    pids: Vec<(String, u32)>,
+}
+
+/// The median; of an even count, the mean of the two middle values (the upper one alone would
+/// flatter whichever side won the closer round).
+fn median_of(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let middle = values.len() / 2;
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[middle]),
+        _ => Some((values[middle - 1] + values[middle]) / 2.0),
+    }
+}
+
+/// A child process killed when dropped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU time (user and system) a process has used so far, in microseconds.
+fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which may hold spaces, closed by the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let per_second = rustix::param::clock_ticks_per_second() as f64;
+    Some(ticks * 1e6 / per_second)
 }
 
 impl PgBench {
@@ -618,6 +647,8 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         .map_or(cluster.spec().agent_port, CheckRelays::port);
     let mut targets = Vec::new();
     let mut roleproxies = Vec::new();
+    let mut pids = Vec::new();
+    let mut uring_relays = Vec::new();
     for (i, mode) in std::iter::once("auto")
         .chain(args.variants.iter().map(String::as_str))
         .enumerate()
@@ -625,6 +656,24 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         let listen = pg_addr(26480 + i as u16);
         if mode == "tokio-copy" {
             tokio_copy_proxy(listen, local);
+            targets.push((mode.to_string(), listen));
+            continue;
+        }
+        if let Some(workers) = mode.strip_prefix("uring-relay") {
+            let binary = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("target/release/examples/uring_relay");
+            let workers = if workers.is_empty() { "2" } else { workers };
+            let child = Command::new(&binary)
+                .args([listen.to_string(), local.to_string(), workers.to_string()])
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{}: {e}; build it first: cargo build --release --example uring_relay",
+                        binary.display()
+                    )
+                });
+            pids.push((mode.to_string(), child.id()));
+            uring_relays.push(ChildGuard(child));
             targets.push((mode.to_string(), listen));
             continue;
         }
@@ -638,6 +687,9 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         } else {
             format!("roleproxy-{mode}")
         };
+        if let Some(process) = roleproxies.last() {
+            pids.push((name.clone(), process.pid()));
+        }
         targets.push((name, listen));
     }
     let mut haproxies = Vec::new();
@@ -654,7 +706,9 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
             check_port,
             tuned,
         );
-        haproxies.push(Haproxy::start(&config).await.expect("start haproxy"));
+        let haproxy = Haproxy::start(&config).await.expect("start haproxy");
+        pids.push((name.to_string(), haproxy.pid()));
+        haproxies.push(haproxy);
         targets.push((name.to_string(), pg_addr(port)));
     }
     let client = connect(&conninfo(local)).await.expect("leader");
@@ -675,7 +729,9 @@ async fn pg_bench_setup(args: &Args) -> PgBench {
         relays,
         _roleproxies: roleproxies,
         _haproxies: haproxies,
+        _uring_relays: uring_relays,
         targets,
+        pids,
     }
 }
 
@@ -794,13 +850,26 @@ async fn pgbench_section(args: &Args, results: &mut Results, bench: &PgBench) {
         targets.rotate_left(usize::from(round > 0));
         for (name, a) in &targets {
             let a = *a;
+            let pid = bench.pids.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+            let cpu_before = pid.and_then(cpu_us);
             let select = tokio::task::spawn_blocking(move || {
                 pgbench(a, &["-S", "-c", "8", "-j", "2"], secs)
             })
             .await
             .ok()
             .flatten();
+            let cpu = cpu_before.zip(pid.and_then(cpu_us)).map(|(b, a)| a - b);
             if let Some((tps, mean, p99)) = select {
+                if let Some(cpu) = cpu.filter(|_| tps > 0.0) {
+                    let per_tx = cpu / (tps * secs as f64);
+                    results.add(
+                        "pgbench -S -c8 proxy CPU per transaction",
+                        "µs",
+                        name,
+                        per_tx,
+                    );
+                    eprintln!("round {round} {name}: proxy CPU {per_tx:.1} µs per transaction");
+                }
                 results.add("pgbench -S -c8 TPS", "tx/s", name, tps);
                 results.add("pgbench -S -c8 mean latency", "ms", name, mean);
                 results.add("pgbench -S -c8 p99 latency", "ms", name, p99);
