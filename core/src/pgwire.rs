@@ -554,8 +554,18 @@ mod tests {
                 Err(PgWireError::Malformed),
             ),
             (
+                "gssenc with extra bytes",
+                body(GSSENC_REQUEST, b"x"),
+                Err(PgWireError::Malformed),
+            ),
+            (
                 "cancel too short",
                 body(CANCEL_REQUEST, &[0, 0]),
+                Err(PgWireError::Malformed),
+            ),
+            (
+                "cancel too long",
+                body(CANCEL_REQUEST, &[0, 0, 0, 7, 0, 0, 0, 9, 0]),
                 Err(PgWireError::Malformed),
             ),
             (
