@@ -1008,6 +1008,64 @@ mod tests {
         }
     }
 
+    /// What `/status`, the logs and a refused client read for a route, where a node came from
+    /// and why there is no route: the words an operator acts on.
+    #[test]
+    fn a_route_its_sources_and_its_absence_read_as_words() {
+        let cases = [
+            (
+                describe_route(&route(3, Target::Leader(addr(12)))),
+                "generation 3: sessions go to 127.0.0.12:5433",
+            ),
+            (
+                describe_route(&route(4, Target::None(NoRoute::NoLeader))),
+                "generation 4: no route (no node reports leader)",
+            ),
+            (
+                Source::Dns("iad.app.internal.".into()).to_string(),
+                "dns:iad.app.internal",
+            ),
+            (Source::Backup.to_string(), "backup"),
+            (
+                NoRoute::NoBackends.to_string(),
+                "no nodes: DNS answered no usable address, and there is no backup",
+            ),
+            (
+                NoRoute::SplitBrain(vec![addr(11), addr(12)]).to_string(),
+                "split brain: 127.0.0.11:5433, 127.0.0.12:5433 all report leader",
+            ),
+        ];
+        for (shown, expected) in cases {
+            assert_eq!(shown, expected);
+        }
+    }
+
+    /// A stray word is its own kind: `readonly` then `starting` is a change an operator sees,
+    /// the same word twice is not.
+    #[test]
+    fn other_words_are_the_same_kind_only_when_they_are_the_same_word() {
+        let mut history = RoleHistory::default();
+        let word = |w: &str| Role::Other(w.into());
+        assert!(history.observe(word("readonly"), 2, 2));
+        assert!(!history.observe(word("readonly"), 2, 2));
+        assert!(history.observe(word("starting"), 2, 2));
+        assert_eq!(history.role(), &word("starting"));
+    }
+
+    /// `claims_leader` follows the latest definite answer: a failed check leaves it as it
+    /// was, a `replica` answer ends it.
+    #[test]
+    fn a_leader_claim_lasts_through_failed_checks_and_ends_at_another_answer() {
+        let mut history = RoleHistory::default();
+        assert!(!history.claims_leader());
+        history.observe(Role::Leader, 1, 2);
+        assert!(history.claims_leader());
+        history.observe(down(), 1, 2);
+        assert!(history.claims_leader());
+        history.observe(Role::Replica, 1, 2);
+        assert!(!history.claims_leader());
+    }
+
     /// A client refused while the route is held is told why, after the leader's address.
     #[test]
     fn a_held_route_says_why() {
