@@ -100,9 +100,10 @@ enum Command {
         /// PGPASSWORD, when set, comes first.
         #[arg(long)]
         passfile: Option<PathBuf>,
-        /// How long one answer from Postgres is reused for every request.
-        #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
-        reuse_for: std::time::Duration,
+        /// How long one answer from Postgres is reused for every request [default: 50ms, half
+        /// the proxy's check.fast_interval].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        reuse_for: Option<std::time::Duration>,
     },
 }
 
@@ -182,7 +183,7 @@ fn main() -> ExitCode {
         } => {
             let options = roleproxy_agent::AgentOptions {
                 fence_file,
-                reuse_for,
+                reuse_for: reuse_for.unwrap_or(roleproxy_agent::DEFAULT_REUSE_FOR),
                 password: std::env::var("PGPASSWORD")
                     .ok()
                     .map(roleproxy_agent::Secret),
