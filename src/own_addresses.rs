@@ -277,6 +277,17 @@ mod tests {
                 prefix: 24,
                 loopback: false,
             },
+            // An anycast range on `lo`: Linux answers every address of it locally.
+            LocalNet {
+                ip: "10.9.9.1".parse().unwrap(),
+                prefix: 24,
+                loopback: true,
+            },
+            LocalNet {
+                ip: "fd00:1::1".parse().unwrap(),
+                prefix: 64,
+                loopback: true,
+            },
         ];
         let admin = Listening {
             addr: at("[::]:8404"),
@@ -373,6 +384,42 @@ mod tests {
                 &[listen("[::]:5432"), listen("0.0.0.0:5432")],
                 "127.0.0.1:5432",
                 Some("0.0.0.0:5432"),
+            ),
+            (
+                "0.0.0.0 covers all of a range on lo",
+                &[listen("0.0.0.0:5432")],
+                "10.9.9.77:5432",
+                Some("0.0.0.0:5432"),
+            ),
+            (
+                "but not the next range",
+                &[listen("0.0.0.0:5432")],
+                "10.9.10.77:5432",
+                None,
+            ),
+            (
+                "[::] covers all of an IPv6 range on lo",
+                &[listen("[::]:5432")],
+                "[fd00:1::99:1]:5432",
+                Some("[::]:5432"),
+            ),
+            (
+                "but not the next one",
+                &[listen("[::]:5432")],
+                "[fd00:2::1]:5432",
+                None,
+            ),
+            (
+                "an IPv4 range on lo is not IPv6",
+                &[listen("[::]:5432")],
+                "[::ffff:10.9.9.77]:5432",
+                None,
+            ),
+            (
+                "[::] as a target is ::1",
+                &[listen("[::1]:5432")],
+                "[::]:5432",
+                Some("[::1]:5432"),
             ),
             ("nothing listening", &[], "127.0.0.1:5432", None),
         ];
