@@ -511,12 +511,27 @@ mod tests {
         );
     }
 
+    /// The host's loopback interface is read with its netmask: `lo` holds all of 127.0.0.0/8,
+    /// not only 127.0.0.1.
     #[test]
     fn this_host_has_a_loopback_interface() {
         let locals = local_interfaces();
         assert!(
-            locals.iter().any(|l| l.loopback && l.ip.is_loopback()),
+            locals
+                .iter()
+                .any(|l| l.loopback && l.ip == Ipv4Addr::LOCALHOST && l.prefix == 8),
             "{locals:?}"
         );
+    }
+
+    /// What the listeners set is what a session's connect is checked against.
+    #[test]
+    fn the_shared_addresses_cover_what_the_listeners_set() {
+        let own = OwnAddrs::new();
+        assert_eq!(own.covering(at("127.0.0.1:5432")), None);
+        own.set_listening(vec![listen("0.0.0.0:5432")]);
+        own.refresh_interfaces();
+        assert_eq!(own.covering(at("127.0.0.1:5432")), Some(at("0.0.0.0:5432")));
+        assert_eq!(own.covering(at("127.0.0.1:5433")), None);
     }
 }
